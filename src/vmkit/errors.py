@@ -1,0 +1,132 @@
+"""The one root exception of vmkit and its families.
+
+Every error vmkit raises derives from :class:`VmkitError`. Each family carries the
+context a caller needs (field, state, path) and a process exit code that the CLI uses,
+so scripts can tell "bad input" from "not found" from "wrong state" from "QEMU failed".
+Messages say what went wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of the ``vmkit`` command, one per error family."""
+
+    OK = 0
+    ERROR = 1
+    BAD_INPUT = 2
+    NOT_FOUND = 3
+    WRONG_STATE = 4
+    QEMU_FAILED = 5
+    HOST_MISSING = 6
+    IMAGE_FAILED = 7
+    TIMEOUT = 8
+    CONFLICT = 9
+    STATE_FILE = 10
+    INTERRUPTED = 130
+
+
+class VmkitError(Exception):
+    """Root of every error raised by vmkit."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found while validating input: where it is and what to do."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class ConfigError(VmkitError):
+    """Bad input: one or more problems, each naming its field path."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, problems: Iterable[Problem], *, context: str = "configuration") -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"invalid {context} ({n} problem{'s' if n != 1 else ''}):\n{lines}")
+
+    @classmethod
+    def single(cls, field: str, message: str) -> ConfigError:
+        return cls([Problem(field, message)])
+
+
+class NotFoundError(VmkitError):
+    """A named thing (instance, image, file) does not exist."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+    def __init__(self, kind: str, name: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{kind} {name!r} not found", hint=hint)
+        self.kind = kind
+        self.name = name
+
+
+class AlreadyExistsError(VmkitError):
+    exit_code = ExitCode.CONFLICT
+
+    def __init__(self, kind: str, name: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{kind} {name!r} already exists", hint=hint)
+        self.kind = kind
+        self.name = name
+
+
+class StateError(VmkitError):
+    """An operation was asked for in a lifecycle state that does not allow it."""
+
+    exit_code = ExitCode.WRONG_STATE
+
+    def __init__(self, operation: str, current: str, required: Sequence[str]) -> None:
+        need = " or ".join(required)
+        super().__init__(
+            f"cannot {operation}: the machine is {current}, it must be {need}",
+        )
+        self.operation = operation
+        self.current = current
+        self.required = tuple(required)
+
+
+class QemuError(VmkitError):
+    """QEMU refused a command, failed to start, or died."""
+
+    exit_code = ExitCode.QEMU_FAILED
+
+
+class HostError(VmkitError):
+    """The host lacks a tool or capability vmkit needs."""
+
+    exit_code = ExitCode.HOST_MISSING
+
+
+class ImageError(VmkitError):
+    """Building, pulling or verifying a guest image failed."""
+
+    exit_code = ExitCode.IMAGE_FAILED
+
+
+class VmTimeoutError(VmkitError):
+    """Something did not happen in the time allowed."""
+
+    exit_code = ExitCode.TIMEOUT
