@@ -130,3 +130,27 @@ class VmTimeoutError(VmkitError):
     """Something did not happen in the time allowed."""
 
     exit_code = ExitCode.TIMEOUT
+
+
+_BY_CODE: dict[int, type[VmkitError]] = {
+    ExitCode.BAD_INPUT: ConfigError,
+    ExitCode.NOT_FOUND: NotFoundError,
+    ExitCode.WRONG_STATE: StateError,
+    ExitCode.QEMU_FAILED: QemuError,
+    ExitCode.HOST_MISSING: HostError,
+    ExitCode.IMAGE_FAILED: ImageError,
+    ExitCode.TIMEOUT: VmTimeoutError,
+    ExitCode.CONFLICT: AlreadyExistsError,
+}
+
+
+def error_from_code(code: int, message: str, hint: str | None = None) -> VmkitError:
+    """Rebuild an error of the right family from its exit code (errors crossing a process boundary)."""
+    cls = _BY_CODE.get(code, VmkitError)
+    exc = cls.__new__(cls)
+    VmkitError.__init__(exc, message, hint=hint)
+    if isinstance(exc, ConfigError):
+        exc.problems = ()
+    if cls is VmkitError and code in ExitCode._value2member_map_:
+        exc.exit_code = ExitCode(code)
+    return exc

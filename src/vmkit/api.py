@@ -1,0 +1,78 @@
+"""Client for the supervisor's HTTP API on the instance's unix socket.
+
+Errors come back as the same exception families the supervisor raised (by exit code), so a
+caller catches :class:`~vmkit.errors.StateError` whether it used the library directly or
+went through a supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vmkit.errors import ExitCode, VmkitError, VmTimeoutError, error_from_code
+
+
+def _raise_from(body: dict[str, Any]) -> None:
+    err = body.get("error") or {}
+    raise error_from_code(int(err.get("exit_code", ExitCode.ERROR)),
+                          str(err.get("message", "the supervisor reported an error")), err.get("hint"))
+
+
+class SupervisorClient:
+    def __init__(self, socket_path: Path, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _session(self, timeout: float | None = None) -> aiohttp.ClientSession:
+        conn = aiohttp.UnixConnector(path=str(self.socket_path))
+        t = aiohttp.ClientTimeout(total=timeout if timeout is not None else self.timeout)
+        return aiohttp.ClientSession(connector=conn, timeout=t)
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> dict[str, Any]:
+        try:
+            async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
+                data: dict[str, Any] = await r.json(content_type=None)
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
+                             hint="see `vmkit list`; the VM may have just stopped") from exc
+        except TimeoutError as exc:
+            raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+        if r.status >= 400:
+            _raise_from(data)
+        return data
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        return asyncio.run(self.request(method, path, body, timeout))
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        async with self._session(timeout=0) as s, s.get("http://vmkit/v1/events") as r:
+            async for line in r.content:
+                if line.strip():
+                    yield json.loads(line)
+
+    async def console(self, on_output: Callable[[bytes], None], input_queue: asyncio.Queue[bytes | None]) -> None:
+        """Bridge the serial console: output to ``on_output``; bytes from ``input_queue`` to the guest."""
+        async with self._session(timeout=0) as s, s.ws_connect("http://vmkit/v1/console") as ws:
+
+            async def send() -> None:
+                while (data := await input_queue.get()) is not None:
+                    await ws.send_bytes(data)
+                await ws.close()
+
+            sender = asyncio.create_task(send())
+            try:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        on_output(msg.data)
+                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                        break
+            finally:
+                sender.cancel()

@@ -1,0 +1,373 @@
+"""The virtual machine configuration: frozen, typed, validated, round-tripped through YAML.
+
+Two levels of checking:
+
+* **Structure** (pydantic): types, ranges, sizes, enum values. :func:`parse_config` turns
+  every structural problem into a :class:`~vmkit.errors.Problem` naming its field path.
+* **Meaning and host** (:meth:`MachineConfig.validate`): files that must exist, two devices
+  on one file, duplicate or taken host ports. Every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vmkit.errors import ConfigError, Problem
+from vmkit.fsutil import atomic_write
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def parse_size(value: object) -> int:
+    """``512M``, ``2G``, ``1.5G``, ``4096`` (bytes) -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean: use a number with an optional K, M, G or T suffix")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise ValueError(f"{value!r} is not a size: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")
+
+
+def format_size(n: int) -> str:
+    """Bytes -> the shortest exact ``512M``/``2G`` form (falls back to bytes)."""
+    for unit in ("T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+
+
+def validate_name(name: str, *, field: str = "name") -> str:
+    if not NAME_RE.match(name or ""):
+        raise ConfigError.single(
+            field,
+            f"{name!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..')",
+        )
+    return name
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Accelerator(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class LinuxBoot(_Model):
+    """Direct Linux kernel boot: kernel, optional initrd, command line."""
+
+    kind: Literal["linux"] = "linux"
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+CacheMode = Literal["writeback", "none", "writethrough", "directsync", "unsafe"]
+
+
+class DiskImage(_Model):
+    """A disk image file attached to a storage device."""
+
+    type: Literal["disk-image"] = "disk-image"
+    path: Path
+    format: Literal["raw", "qcow2"] = "raw"
+    read_only: bool = False
+    cache: CacheMode = "writeback"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_format(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "format" not in data and "path" in data:
+            data = {**data, "format": "qcow2" if str(data["path"]).endswith(".qcow2") else "raw"}
+        return data
+
+
+Attachment = Annotated[DiskImage, Field(discriminator="type")]
+
+
+class StorageDevice(_Model):
+    kind: Literal["virtio-blk"] = "virtio-blk"
+    attachment: Attachment
+    serial: str | None = Field(default=None, max_length=20, description="serial number the guest sees")
+
+
+class PortForward(_Model):
+    """Host ``host_addr:host_port`` forwarded to guest ``guest_port`` (user-mode NAT)."""
+
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_addr: str = "127.0.0.1"
+    host_port: int = Field(ge=1, le=65535)
+    guest_port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, spec: str) -> PortForward:
+        """``8080:80``, ``127.0.0.1:8080:80``, ``5353:53/udp``."""
+        proto = "tcp"
+        body = spec
+        if "/" in spec:
+            body, proto = spec.rsplit("/", 1)
+        parts = body.split(":")
+        if len(parts) == 2:
+            addr, host, guest = "127.0.0.1", parts[0], parts[1]
+        elif len(parts) == 3:
+            addr, host, guest = parts
+        else:
+            raise ValueError(f"{spec!r} is not a port forward: use HOST:GUEST, ADDR:HOST:GUEST, or add /udp")
+        try:
+            return cls.model_validate(
+                {"protocol": proto, "host_addr": addr, "host_port": int(host), "guest_port": int(guest)}
+            )
+        except (ValueError, ValidationError) as exc:
+            raise ValueError(f"{spec!r} is not a port forward: use HOST:GUEST with ports 1-65535") from exc
+
+    def __str__(self) -> str:
+        return f"{self.host_addr}:{self.host_port}->{self.guest_port}/{self.protocol}"
+
+
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class Network(_Model):
+    """User-mode NAT networking (QEMU's slirp) with port forwards."""
+
+    mode: Literal["user"] = "user"
+    mac: str | None = None
+    forwards: tuple[PortForward, ...] = ()
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is not None:
+            v = v.lower()
+            if not _MAC_RE.match(v):
+                raise ValueError(f"{v!r} is not a MAC address: use six hex pairs, e.g. 52:54:00:12:34:56")
+            if int(v[:2], 16) & 1:
+                raise ValueError(f"{v!r} is a multicast MAC address: the first byte must be even")
+        return v
+
+
+class Serial(_Model):
+    """The serial console: always logged to ``serial.log``; optionally attachable."""
+
+    log: bool = True
+    console: bool = True
+
+
+class Readiness(_Model):
+    """How ``start`` knows the guest is up: a line on the serial console, within a timeout."""
+
+    serial_marker: str | None = None
+    timeout: float = Field(default=120.0, gt=0)
+
+
+class MachineConfig(_Model):
+    """Everything that defines one virtual machine."""
+
+    name: str
+    cpus: int = Field(default=1, ge=1, le=64)
+    memory: Size = 512 << 20
+    arch: Literal["x86_64"] = "x86_64"
+    accel: Accelerator = Accelerator.AUTO
+    machine: Literal["q35", "pc"] = "q35"
+    cpu_model: str | None = Field(default=None, description="QEMU -cpu model; default: host under KVM, max under TCG")
+    boot: LinuxBoot
+    storage: tuple[StorageDevice, ...] = ()
+    network: Network | None = Network()
+    serial: Serial = Serial()
+    entropy: bool = True
+    readiness: Readiness = Readiness()
+    image: str | None = Field(default=None, description="the image this machine was created from")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (no '/', no '..')"
+            )
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        if v < 32 << 20:
+            raise ValueError(f"{format_size(v)} is too little memory: give at least 32M")
+        if v % (1 << 20):
+            raise ValueError(f"{v} bytes is not a whole number of MiB: use e.g. 512M")
+        return v
+
+    # -- checks beyond structure -------------------------------------------------------------
+    def validate(self, *, host: bool = True) -> list[Problem]:  # type: ignore[override]
+        """Every problem with this configuration, each naming its field path.
+
+        ``host=True`` also checks the host: files exist, host ports are free.
+        """
+        problems: list[Problem] = []
+        if host:
+            problems += _check_file("boot.kernel", self.boot.kernel, "the kernel image")
+            if self.boot.initrd is not None:
+                problems += _check_file("boot.initrd", self.boot.initrd, "the initrd")
+        seen: dict[Path, str] = {}
+        for i, dev in enumerate(self.storage):
+            field = f"storage[{i}].attachment.path"
+            path = dev.attachment.path
+            if not path.is_absolute():
+                problems.append(Problem(field, f"{path} is relative: give an absolute path"))
+            key = path.resolve()
+            if key in seen:
+                problems.append(Problem(field, f"{path} is already used by {seen[key]}: "
+                                        "attach each file to one device only"))
+            else:
+                seen[key] = f"storage[{i}]"
+            if host:
+                problems += _check_file(field, path, "the disk image", writable=not dev.attachment.read_only)
+        if self.network is not None:
+            ports: dict[tuple[str, int], str] = {}
+            for i, fwd in enumerate(self.network.forwards):
+                field = f"network.forwards[{i}]"
+                key2 = (fwd.protocol, fwd.host_port)
+                if key2 in ports:
+                    problems.append(Problem(field, f"host port {fwd.host_port}/{fwd.protocol} is already "
+                                            f"forwarded by {ports[key2]}: pick another host port"))
+                    continue
+                ports[key2] = field
+                if host and not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
+                    problems.append(Problem(field, f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
+                                            "is already taken on this host: pick a free port"))
+        return problems
+
+    def ensure_valid(self, *, host: bool = True) -> MachineConfig:
+        problems = self.validate(host=host)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, self.to_yaml(), 0o600)
+
+
+def parse_config(data: object, *, source: str = "configuration") -> MachineConfig:
+    """Build a :class:`MachineConfig`, turning every structural error into a named problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("<root>", f"expected a mapping of settings, got {type(data).__name__}")],
+                          context=source)
+    try:
+        return MachineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation(exc), context=source) from None
+
+
+def problems_from_validation(exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = _field_path(err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting: remove it or check its spelling (see `vmkit schema`)"
+        elif err["type"] == "missing":
+            msg = "required: give a value"
+        out.append(Problem(loc or "<root>", msg))
+    return out
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    s = ""
+    for part in loc:
+        if isinstance(part, int):
+            s += f"[{part}]"
+        elif part in ("disk-image",):  # discriminated-union tags are noise in a path
+            continue
+        else:
+            s += f".{part}" if s else str(part)
+    return s
+
+
+def load_config(path: Path) -> MachineConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError.single(str(path), "file not found: give the path of a vm.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError.single(str(path), f"not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def config_from_yaml(text: str) -> MachineConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError.single("<yaml>", f"not valid YAML: {exc}") from None
+    return parse_config(data)
+
+
+def json_schema() -> dict[str, Any]:
+    return MachineConfig.model_json_schema(mode="validation")
+
+
+def _check_file(field: str, path: Path, what: str, *, writable: bool = False) -> list[Problem]:
+    if not path.exists():
+        return [Problem(field, f"{what} {path} does not exist: check the path")]
+    if not path.is_file():
+        return [Problem(field, f"{what} {path} is not a regular file")]
+    try:
+        with path.open("r+b" if writable else "rb"):
+            pass
+    except PermissionError:
+        mode = "read and write" if writable else "read"
+        return [Problem(field, f"{what} {path} cannot be opened to {mode}: fix its permissions")]
+    return []
+
+
+def port_is_free(addr: str, port: int, protocol: str = "tcp") -> bool:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU's hostfwd does
+        try:
+            s.bind((addr, port))
+        except OSError as exc:
+            return exc.errno not in (errno.EADDRINUSE, errno.EACCES)
+    return True

@@ -1,0 +1,236 @@
+"""Operations on instances, as the CLI and scripts use them.
+
+Each function is the whole of one user-level action (create, start, stop, ...): it checks
+input and state, talks to the instance's supervisor, and returns plain data. The CLI only
+parses arguments, calls these, and renders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkit.api import SupervisorClient
+from vmkit.config import MachineConfig, format_size
+from vmkit.errors import QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.instance import LIVE, Instance, Status
+from vmkit.qemu import accel as accel_mod
+from vmkit.qemu.cmdline import Runtime, build_argv
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """One row of ``vmkit list``."""
+
+    name: str
+    state: str
+    cpus: int
+    memory: str
+    accel: str | None
+    uptime: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def create(config: MachineConfig) -> Instance:
+    """Validate ``config`` (every problem at once) and create its instance directory."""
+    config.ensure_valid(host=True)
+    return Instance.create(config)
+
+
+def get(name: str) -> Instance:
+    return Instance(name).require()
+
+
+def dry_run_argv(name: str) -> list[str]:
+    """The QEMU command line ``start`` would run (fds shown as the supervisor passes them)."""
+    inst = get(name)
+    config = inst.load_config()
+    accel = accel_mod.choose(config.accel.value)
+    return build_argv(config, accel, Runtime(qmp_fd=3, serial_fd=4, pidfile=inst.qemu_pidfile))
+
+
+def start(name: str, *, progress: Progress | None = None, timeout: float | None = None) -> Status:
+    """Start ``name`` under a new supervisor; return once the guest is ready (or raise why not)."""
+    inst = get(name)
+    status = inst.reconcile()
+    if inst.is_supervised():
+        raise StateError("start", status.state, ["stopped", "error"])
+    config = inst.load_config()
+    config.ensure_valid(host=True)
+    accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
+    if inst.serial_log.exists():
+        inst.serial_log.replace(inst.dir / "serial.log.prev")
+    limit = timeout if timeout is not None else config.readiness.timeout + 30
+    read_fd, write_fd = os.pipe()
+    with inst.supervisor_log.open("ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    try:
+        line = _read_report(read_fd, limit, inst, progress)
+    except BaseException:
+        # interrupted or timed out: take the half-started VM down with its supervisor
+        _terminate(proc)
+        raise
+    finally:
+        os.close(read_fd)
+    if not line:
+        proc.wait(5)
+        tail = _tail(inst.supervisor_log, 8)
+        raise QemuError(f"{name}: the supervisor exited without reporting (status {proc.returncode})",
+                        hint=f"see {inst.supervisor_log}:\n{tail}")
+    report = json.loads(line)
+    if not report.get("ok"):
+        err = report.get("error", {})
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        raise error_from_code(int(err.get("exit_code", 1)), str(err.get("message")), err.get("hint"))
+    return inst.read_status()
+
+
+def _read_report(fd: int, limit: float, inst: Instance, progress: Progress | None) -> str:
+    deadline = time.monotonic() + limit
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VmTimeoutError(f"{inst.name}: not ready after {limit:.0f} s",
+                                 hint=f"last console lines:\n{_tail(inst.serial_log, 10)}")
+        ready, _, _ = select.select([fd], [], [], min(left, 0.25))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        elif progress is not None:
+            progress(last_console_line(inst))
+    return buf.decode().strip()
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its QEMU dies with it (parent-death signal)
+        proc.wait(5)
+
+
+def last_console_line(inst: Instance) -> str:
+    """The last non-empty line the guest printed (a boot-stage hint for spinners)."""
+    try:
+        with inst.serial_log.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            data = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    lines = [ln.strip() for ln in data.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:120] if lines else ""
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").replace("\r", "").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(none)"
+
+
+def client(name: str) -> SupervisorClient:
+    inst = get(name)
+    status = inst.reconcile()
+    if not inst.is_supervised():
+        raise StateError("reach the supervisor", status.state, ["running", "paused"])
+    return SupervisorClient(inst.api_socket)
+
+
+def pause(name: str) -> Status:
+    return Status.from_dict(client(name).call("POST", "/v1/pause"))
+
+
+def resume(name: str) -> Status:
+    return Status.from_dict(client(name).call("POST", "/v1/resume"))
+
+
+def stop(name: str, *, force: bool = False, timeout: float = 30.0) -> Status:
+    """Stop ``name``: ACPI power button and wait ``timeout`` s, then hard stop; ``force``: hard now."""
+    inst = get(name)
+    status = inst.reconcile()
+    if not inst.is_supervised():
+        raise StateError("stop", status.state, list(LIVE))
+    api = SupervisorClient(inst.api_socket, timeout=timeout + 15)
+    try:
+        if force or status.state != "running":
+            api.call("POST", "/v1/stop")
+        else:
+            try:
+                api.call("POST", "/v1/request-stop", {"timeout": timeout})
+            except (VmTimeoutError, StateError, QemuError):
+                api.call("POST", "/v1/stop")
+    except VmkitError:
+        if inst.is_supervised():
+            raise
+    _wait_unsupervised(inst, 15.0)
+    return inst.reconcile()
+
+
+def _wait_unsupervised(inst: Instance, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while inst.is_supervised():
+        if time.monotonic() > deadline:
+            raise VmTimeoutError(f"{inst.name}: the supervisor did not exit within {timeout:.0f} s",
+                                 hint=f"see {inst.supervisor_log}")
+        time.sleep(0.05)
+
+
+def view(inst: Instance) -> InstanceView:
+    status = inst.reconcile()
+    config = inst.load_config()
+    live = status.state in LIVE and inst.is_supervised()
+    return InstanceView(
+        name=inst.name, state=status.state, cpus=config.cpus, memory=format_size(config.memory),
+        accel=status.accel if live else None,
+        uptime=(time.time() - status.started_at) if live and status.started_at else None,
+        reason=status.reason,
+    )
+
+
+def list_instances() -> list[InstanceView]:
+    return [view(i) for i in Instance.all()]
+
+
+def inspect(name: str) -> dict[str, Any]:
+    inst = get(name)
+    status = inst.reconcile()
+    config = inst.load_config()
+    return {
+        "name": name,
+        "directory": str(inst.dir),
+        "config": config.to_dict(),
+        "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
+    }
+
+
+def delete(name: str, *, force: bool = False) -> None:
+    inst = get(name)
+    if force and inst.is_supervised():
+        stop(name, force=True)
+    inst.delete()

@@ -1,0 +1,223 @@
+"""The instance directory: everything vmkit keeps about one VM.
+
+Layout (directory mode 0700, files 0600)::
+
+    <instances_dir>/<name>/
+        vm.yaml          the configuration
+        state.json       runtime status written by the supervisor (atomic)
+        lock             flock'ed by the supervisor for its whole life: held <=> supervised
+        api.sock         the supervisor's JSON HTTP API
+        serial.log       everything the guest printed on its console
+        qemu.pid         QEMU's pid (written by QEMU, removed when it exits)
+        qemu.log         QEMU's stderr and the argv it ran with
+        supervisor.log   the supervisor's own log
+
+A lock held by a live supervisor is the one source of truth for "running"; a state file
+that says otherwise is stale (the supervisor was killed) and :meth:`Instance.reconcile`
+cleans up after it: kills a leftover QEMU, removes sockets, records why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmkit import paths
+from vmkit.config import MachineConfig, load_config, validate_name
+from vmkit.errors import AlreadyExistsError, NotFoundError, StateError
+from vmkit.fsutil import atomic_write
+
+LIVE = ("starting", "running", "pausing", "paused", "resuming", "stopping")
+
+
+@dataclass
+class Status:
+    """Runtime status of an instance as recorded in ``state.json``."""
+
+    state: str = "stopped"
+    reason: str = ""
+    supervisor_pid: int | None = None
+    qemu_pid: int | None = None
+    started_at: float | None = None
+    accel: str | None = None
+    accel_reason: str | None = None
+    qemu_version: str | None = None
+    updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Status:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Instance:
+    def __init__(self, name: str, root: Path | None = None) -> None:
+        self.name = validate_name(name)
+        self.root = root if root is not None else paths.instances_dir()
+        self.dir = self.root / name
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "vm.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir / "lock"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.dir / "api.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def qemu_pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.dir / "supervisor.log"
+
+    # -- existence ----------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> Instance:
+        if not self.exists():
+            raise NotFoundError("instance", self.name, hint="see `vmkit list`, or create it with `vmkit create`")
+        return self
+
+    @classmethod
+    def create(cls, config: MachineConfig, root: Path | None = None) -> Instance:
+        """Make the instance directory with its vm.yaml (all or nothing)."""
+        inst = cls(config.name, root)
+        if inst.dir.exists():
+            raise AlreadyExistsError("instance", config.name, hint=f"delete it first: vmkit delete {config.name}")
+        paths.ensure_private_dir(inst.root)
+        staging = Path(tempfile.mkdtemp(dir=inst.root, prefix=f".{config.name}.creating."))
+        try:
+            staging.chmod(0o700)
+            config.save(staging / "vm.yaml")
+            staging.rename(inst.dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return inst
+
+    @classmethod
+    def all(cls, root: Path | None = None) -> list[Instance]:
+        base = root if root is not None else paths.instances_dir()
+        if not base.is_dir():
+            return []
+        out = []
+        for d in sorted(base.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and (d / "vm.yaml").is_file():
+                with contextlib.suppress(Exception):
+                    out.append(cls(d.name, base))
+        return out
+
+    def load_config(self) -> MachineConfig:
+        self.require()
+        return load_config(self.config_path)
+
+    def save_config(self, config: MachineConfig) -> None:
+        config.save(self.config_path)
+
+    def delete(self) -> None:
+        self.require()
+        status = self.reconcile()
+        if status.state in LIVE:
+            raise StateError("delete", status.state, ["stopped"])
+        shutil.rmtree(self.dir)
+
+    # -- runtime status -----------------------------------------------------------------------------
+    def read_status(self) -> Status:
+        try:
+            return Status.from_dict(json.loads(self.state_path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return Status()
+
+    def write_status(self, status: Status) -> None:
+        status.updated_at = time.time()
+        atomic_write(self.state_path, json.dumps(status.to_dict(), indent=2), 0o600)
+
+    def is_supervised(self) -> bool:
+        """True while a supervisor holds the instance lock."""
+        if not self.lock_path.exists():
+            return False
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
+    def reconcile(self) -> Status:
+        """The true status; if the supervisor died, clean up after it first."""
+        status = self.read_status()
+        if self.is_supervised():
+            return status
+        leftover = self._leftover_qemu_pid()
+        if status.state not in LIVE and leftover is None:
+            return status
+        if leftover is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
+            _wait_gone(leftover, 5.0)
+        for p in (self.api_socket, self.qemu_pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if status.state in LIVE:
+            status = Status(state="error", reason="the supervisor died unexpectedly; vmkit cleaned up"
+                            + (f" (killed leftover QEMU pid {leftover})" if leftover else ""))
+            self.write_status(status)
+        return status
+
+    def _leftover_qemu_pid(self) -> int | None:
+        try:
+            pid = int(self.qemu_pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        # only a process that is really this instance's QEMU (pid files can go stale)
+        return pid if str(self.qemu_pidfile).encode() in cmdline else None
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if ") Z" in stat:  # a zombie of someone else's: gone for our purposes
+            return
+        time.sleep(0.05)

@@ -1,0 +1,480 @@
+"""The virtual machine object: one QEMU process, its QMP session and serial console.
+
+Lifecycle (an explicit state enum with guarded transitions)::
+
+    stopped --start()--> starting --> running --pause()--> pausing --> paused
+    paused --resume()--> resuming --> running
+    running --request_stop()--> stopping --(guest powers off)--> stopped
+    any live state --stop()--> stopping --> stopped
+    QEMU dies unexpectedly / guest panics --> error
+
+Calling an operation in the wrong state raises :class:`~vmkit.errors.StateError` naming the
+current and the required states. State changes come from QMP events (STOP, RESUME,
+SHUTDOWN, GUEST_PANICKED...) and from the process exiting, never from polling.
+
+The object is an async context manager: leaving the block stops the guest (ACPI power
+button with a timeout, then ``quit``, then SIGKILL), and no QEMU process outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vmkit.config import MachineConfig
+from vmkit.errors import QemuError, StateError, VmTimeoutError
+from vmkit.qemu import accel as accel_mod
+from vmkit.qemu.cmdline import Runtime, build_argv
+from vmkit.qemu.monitor import Monitor
+from vmkit.serial import SerialConsole
+
+log = logging.getLogger(__name__)
+
+
+class VmState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    STOPPING = "stopping"
+    ERROR = "error"
+
+
+LIVE_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.PAUSING, VmState.PAUSED,
+                         VmState.RESUMING, VmState.STOPPING})
+
+
+@dataclass(frozen=True)
+class VmEvent:
+    """Something that happened to the machine.
+
+    ``kind`` is one of: ``state-changed``, ``guest-stopped`` (clean power-off or quit),
+    ``stopped-with-error`` (QEMU died, guest panicked), ``qmp`` (any other QMP event, its
+    name in ``detail['event']``).
+    """
+
+    kind: str
+    state: VmState
+    detail: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "state": self.state.value, "detail": self.detail,
+                "timestamp": self.timestamp}
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How the QEMU process ended."""
+
+    returncode: int | None
+    clean: bool
+    reason: str
+
+
+_live_pids: weakref.WeakValueDictionary[int, VirtualMachine] = weakref.WeakValueDictionary()
+
+
+def _kill_leftovers() -> None:  # pragma: no cover - exercised only when the interpreter dies dirty
+    for pid in list(_live_pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+atexit.register(_kill_leftovers)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    os.setsid()  # a terminal's Ctrl-C reaches the owner, which stops QEMU properly
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the owner died: QEMU dies with it
+
+
+class VirtualMachine:
+    def __init__(
+        self,
+        config: MachineConfig,
+        workdir: Path,
+        *,
+        accel: accel_mod.AccelChoice | None = None,
+        qemu_binary: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.accel = accel or accel_mod.choose(config.accel.value)
+        self.qemu_binary = qemu_binary
+        self.extra_args = list(extra_args or [])
+        self.serial = SerialConsole(workdir / "serial.log" if config.serial.log else None)
+        self.qmp: Monitor | None = None
+        self.exit_info: ExitInfo | None = None
+        self.started_at: float | None = None
+        self._state = VmState.STOPPED
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribers: list[asyncio.Queue[VmEvent]] = []
+        self._callbacks: list[Callable[[VmEvent], None]] = []
+        self._state_changed = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._shutdown_event: dict[str, Any] | None = None
+        self._panicked = False
+        self._stop_requested = False
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    def argv(self, runtime: Runtime) -> list[str]:
+        return build_argv(self.config, self.accel, runtime, binary=self.qemu_binary) + self.extra_args
+
+    # -- events ---------------------------------------------------------------------------------
+    def add_listener(self, callback: Callable[[VmEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` for every event; returns a function that removes it."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[VmEvent]]:
+        """A queue receiving every event from now on, for the life of the block."""
+        q: asyncio.Queue[VmEvent] = asyncio.Queue()
+        self._subscribers.append(q)
+        try:
+            yield q
+        finally:
+            self._subscribers.remove(q)
+
+    def _emit(self, kind: str, **detail: Any) -> None:
+        ev = VmEvent(kind, self._state, detail)
+        for q in self._subscribers:
+            q.put_nowait(ev)
+        for cb in list(self._callbacks):
+            try:
+                cb(ev)
+            except Exception:  # a listener's bug must not break the machine
+                log.exception("event listener failed")
+
+    def _set_state(self, new: VmState, **detail: Any) -> None:
+        if new == self._state:
+            return
+        old = self._state
+        self._state = new
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+        self._emit("state-changed", previous=old.value, **detail)
+
+    def _require(self, operation: str, *allowed: VmState) -> None:
+        if self._state not in allowed:
+            raise StateError(operation, self._state.value, [s.value for s in allowed])
+
+    async def wait_for_state(self, *states: VmState, timeout: float | None = None) -> VmState:
+        async def _wait() -> VmState:
+            while self._state not in states:
+                await self._state_changed.wait()
+            return self._state
+
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            raise VmTimeoutError(
+                f"{self.config.name}: still {self._state.value} after {timeout} s, "
+                f"expected {' or '.join(s.value for s in states)}"
+            ) from None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+        """Launch QEMU, open QMP, subscribe to events, and (unless ``paused``) run the guest.
+
+        ``incoming=True`` starts QEMU waiting for a migration stream (``-incoming defer``).
+        """
+        self._require("start", VmState.STOPPED, VmState.ERROR)
+        self._set_state(VmState.STARTING)
+        self.exit_info = None
+        self._shutdown_event = None
+        self._panicked = False
+        self._stop_requested = False
+        self._exited = asyncio.Event()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
+                          pidfile=self.workdir / "qemu.pid")
+        argv = self.argv(runtime)
+        if incoming:
+            argv += ["-incoming", "defer"]
+        try:
+            with self.stderr_path.open("ab") as errlog:
+                errlog.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+                errlog.flush()
+                try:
+                    self._proc = await asyncio.create_subprocess_exec(
+                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), preexec_fn=_child_setup,
+                    )
+                except FileNotFoundError:
+                    raise QemuError(f"{argv[0]} is not installed",
+                                    hint="install it: apt-get install qemu-system-x86 (see `vmkit doctor`)") from None
+        except BaseException:
+            qmp_parent.close()
+            ser_parent.close()
+            self._set_state(VmState.ERROR, reason="QEMU could not be launched")
+            raise
+        finally:
+            qmp_child.close()
+            ser_child.close()
+        _live_pids[self._proc.pid] = self
+        self.started_at = time.time()
+        self._tasks.append(asyncio.create_task(self._watch_process(), name="vmkit-process"))
+        self.serial.attach(ser_parent)
+        try:
+            self.qmp = Monitor(self.config.name)
+            await self._connect_qmp(qmp_parent)
+            self._tasks.append(asyncio.create_task(self._watch_events(), name="vmkit-events"))
+            if incoming or paused:
+                self._set_state(VmState.PAUSED)
+            else:
+                await self.qmp.execute("cont")
+                self._set_state(VmState.RUNNING)
+        except BaseException as exc:
+            await self._kill()
+            reason = self._qemu_failure_reason()
+            self._set_state(VmState.ERROR, reason=reason)
+            if isinstance(exc, QemuError | OSError):
+                raise QemuError(f"{self.config.name}: QEMU failed to start: {reason}",
+                                hint=f"see {self.stderr_path}") from exc
+            raise
+
+    async def _connect_qmp(self, sock: socket.socket) -> None:
+        assert self.qmp is not None
+        connect = asyncio.ensure_future(self.qmp.connect(sock))
+        died = asyncio.ensure_future(self._exited.wait())
+        done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        if connect not in done:
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise QemuError("QEMU exited before its monitor answered")
+        died.cancel()
+        connect.result()
+
+    async def pause(self) -> None:
+        self._require("pause", VmState.RUNNING)
+        assert self.qmp is not None
+        self._set_state(VmState.PAUSING)
+        try:
+            await self.qmp.execute("stop")
+        except QemuError:
+            self._set_state(VmState.RUNNING)
+            raise
+        self._set_state(VmState.PAUSED)
+
+    async def resume(self) -> None:
+        self._require("resume", VmState.PAUSED)
+        assert self.qmp is not None
+        self._set_state(VmState.RESUMING)
+        try:
+            await self.qmp.execute("cont")
+        except QemuError:
+            self._set_state(VmState.PAUSED)
+            raise
+        self._set_state(VmState.RUNNING)
+
+    async def request_stop(self, timeout: float | None = None) -> None:
+        """Press the ACPI power button; the guest shuts itself down cleanly.
+
+        With ``timeout``, wait that long for QEMU to exit (else :class:`VmTimeoutError`).
+        """
+        self._require("request a stop", VmState.RUNNING)
+        assert self.qmp is not None
+        self._stop_requested = True
+        await self.qmp.execute("system_powerdown")
+        self._set_state(VmState.STOPPING, reason="power button pressed")
+        if timeout is not None:
+            await self.wait(timeout)
+
+    async def stop(self, timeout: float = 5.0) -> ExitInfo:
+        """Hard stop: tell QEMU to quit (the guest gets no say); SIGKILL if it does not."""
+        self._require("stop", *LIVE_STATES)
+        self._stop_requested = True
+        self._set_state(VmState.STOPPING, reason="stop requested")
+        if self.qmp is not None:
+            with contextlib.suppress(QemuError):
+                await self.qmp.execute("quit", timeout=timeout)
+        try:
+            return await self.wait(timeout)
+        except VmTimeoutError:
+            await self._kill()
+            return await self.wait(timeout)
+
+    async def wait(self, timeout: float | None = None) -> ExitInfo:
+        """Wait until QEMU has exited; how it ended."""
+        if self._proc is None:
+            if self.exit_info is not None:
+                return self.exit_info
+            raise StateError("wait", self._state.value, ["started"])
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            raise VmTimeoutError(f"{self.config.name}: QEMU still running after {timeout} s") from None
+        assert self.exit_info is not None
+        return self.exit_info
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the configured readiness signal (a serial console marker)."""
+        marker = self.config.readiness.serial_marker
+        if marker is None:
+            return
+        limit = timeout if timeout is not None else self.config.readiness.timeout
+        found = asyncio.ensure_future(self.serial.wait_for(marker))
+        died = asyncio.ensure_future(self._exited.wait())
+        done, _ = await asyncio.wait({found, died}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        found.cancel()
+        died.cancel()
+        if found in done and not found.cancelled():
+            return
+        tail = self.serial.tail_text(lines=15)
+        if died in done:
+            raise QemuError(f"{self.config.name}: QEMU exited before the guest was ready "
+                            f"({self.exit_info.reason if self.exit_info else 'unknown'}). Last console lines:\n{tail}")
+        raise VmTimeoutError(f"{self.config.name}: no {marker!r} on the serial console within {limit:.0f} s. "
+                             f"Last console lines:\n{tail}")
+
+    async def shutdown(self, timeout: float = 10.0) -> ExitInfo | None:
+        """Graceful if possible (power button, ``timeout``), then hard. Always reaps QEMU."""
+        if self._proc is None or self._exited.is_set():
+            await self._cleanup()
+            return self.exit_info
+        try:
+            if self._state == VmState.RUNNING:
+                with contextlib.suppress(QemuError, VmTimeoutError):
+                    await self.request_stop(timeout=timeout)
+            if not self._exited.is_set() and self._state in LIVE_STATES:
+                with contextlib.suppress(QemuError, VmTimeoutError):
+                    await self.stop(timeout=min(timeout, 5.0))
+        finally:
+            if not self._exited.is_set():
+                await self._kill()
+            await self._cleanup()
+        return self.exit_info
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        """Run a raw QMP command (for features vmkit does not wrap yet)."""
+        self._require(f"run QMP {command}", *(LIVE_STATES - {VmState.STARTING}))
+        assert self.qmp is not None
+        return await self.qmp.execute(command, arguments, timeout=timeout)
+
+    # -- context manager ------------------------------------------------------------------------
+    async def __aenter__(self) -> VirtualMachine:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.shield(self.shutdown())
+
+    # -- internals --------------------------------------------------------------------------------
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), 10)
+
+    async def _cleanup(self) -> None:
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        self.serial.close()
+
+    async def _watch_events(self) -> None:
+        assert self.qmp is not None
+        async for ev in self.qmp.events():
+            name = ev.get("event", "")
+            data = ev.get("data", {})
+            if name == "STOP" and self._state == VmState.RUNNING:
+                self._set_state(VmState.PAUSED, reason=data.get("reason", "stopped by QEMU"))
+            elif name == "RESUME" and self._state == VmState.PAUSED:
+                self._set_state(VmState.RUNNING)
+            elif name == "SHUTDOWN":
+                self._shutdown_event = data
+                self._set_state(VmState.STOPPING, reason=data.get("reason", "shutdown"))
+            elif name == "GUEST_PANICKED":
+                self._panicked = True
+            self._emit("qmp", event=name, data=data)
+
+    async def _watch_process(self) -> None:
+        assert self._proc is not None
+        proc = self._proc
+        rc = await proc.wait()
+        _live_pids.pop(proc.pid, None)
+        # let the QMP reader deliver the SHUTDOWN event that preceded the exit
+        await asyncio.sleep(0)
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / "qemu.pid").unlink()
+        self.exit_info = self._classify_exit(rc)
+        self._exited.set()
+        await self.serial.drain()
+        if self.exit_info.clean:
+            self._set_state(VmState.STOPPED, reason=self.exit_info.reason)
+            self._emit("guest-stopped", reason=self.exit_info.reason, returncode=rc)
+        else:
+            self._set_state(VmState.ERROR, reason=self.exit_info.reason)
+            self._emit("stopped-with-error", reason=self.exit_info.reason, returncode=rc)
+
+    def _classify_exit(self, rc: int) -> ExitInfo:
+        if self._panicked:
+            return ExitInfo(rc, False, "the guest kernel panicked")
+        if rc == 0 and self._shutdown_event is not None:
+            reason = str(self._shutdown_event.get("reason", "shutdown"))
+            who = "guest" if self._shutdown_event.get("guest") else "host"
+            return ExitInfo(rc, True, f"{who} shutdown ({reason})")
+        if rc < 0 and self._stop_requested:
+            return ExitInfo(rc, True, f"killed by vmkit (signal {-rc})")
+        if rc < 0:
+            return ExitInfo(rc, False, f"QEMU was killed by signal {-rc} ({signal.Signals(-rc).name})")
+        if rc == 0:
+            return ExitInfo(rc, self._stop_requested, "QEMU exited")
+        return ExitInfo(rc, False, f"QEMU exited with status {rc}: {self._qemu_failure_reason()}")
+
+    def _qemu_failure_reason(self) -> str:
+        try:
+            lines = self.stderr_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no output"
+        tail = [ln for ln in lines[-10:] if ln and not ln.startswith("--- ")]
+        return "; ".join(tail[-3:]) or "no output"

@@ -1,0 +1,1 @@
+"""Driving QEMU: which accelerator, what command line, the QMP monitor."""

@@ -1,0 +1,148 @@
+"""Pure functions from a configuration to QEMU's argv.
+
+One small builder per device kind; :func:`build_argv` concatenates them. Nothing here
+touches the host: paths and file descriptors come in through :class:`Runtime`, so the
+output is golden-testable and ``vmkit start --dry-run`` shows exactly what will run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.config import DiskImage, MachineConfig, Network, StorageDevice
+from vmkit.qemu.accel import AccelChoice
+
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Host-side endpoints the command line refers to.
+
+    ``qmp_fd`` and ``serial_fd`` are connected sockets the parent passes to QEMU (one
+    end of a socketpair each), so nothing races on socket paths.
+    """
+
+    qmp_fd: int
+    serial_fd: int
+    pidfile: Path | None = None
+
+
+def opt_escape(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax (commas are doubled)."""
+    return value.replace(",", ",,")
+
+
+def base_args(config: MachineConfig, accel: AccelChoice) -> list[str]:
+    cpu = config.cpu_model or accel.default_cpu
+    return [
+        "-name", f"{opt_escape(config.name)},debug-threads=on",
+        "-machine", config.machine,
+        *accel.argv,
+        "-cpu", cpu,
+        "-smp", str(config.cpus),
+        "-m", f"{config.memory >> 20}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-S",  # start paused: vmkit connects QMP and subscribes to events, then sends 'cont'
+    ]
+
+
+def boot_args(config: MachineConfig) -> list[str]:
+    boot = config.boot
+    out = ["-kernel", str(boot.kernel)]
+    if boot.initrd is not None:
+        out += ["-initrd", str(boot.initrd)]
+    if boot.cmdline:
+        out += ["-append", boot.cmdline]
+    return out
+
+
+def monitor_args(runtime: Runtime) -> list[str]:
+    return [
+        "-chardev", f"socket,id=qmp,fd={runtime.qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+
+
+def serial_args(runtime: Runtime) -> list[str]:
+    return [
+        "-chardev", f"socket,id=serial0,fd={runtime.serial_fd}",
+        "-serial", "chardev:serial0",
+    ]
+
+
+def blockdev_json(node: str, att: DiskImage) -> str:
+    cache_direct = att.cache in ("none", "directsync")
+    cache_no_flush = att.cache == "unsafe"
+    proto: dict[str, object] = {
+        "driver": "file",
+        "filename": str(att.path),
+        "node-name": f"{node}-file",
+        "cache": {"direct": cache_direct, "no-flush": cache_no_flush},
+        "read-only": att.read_only,
+    }
+    if not att.read_only:
+        proto["locking"] = "on"
+    spec = {
+        "driver": att.format,
+        "node-name": node,
+        "file": proto,
+        "read-only": att.read_only,
+        "cache": {"direct": cache_direct, "no-flush": cache_no_flush},
+    }
+    return json.dumps(spec, separators=(",", ":"))
+
+
+def storage_args(index: int, dev: StorageDevice) -> list[str]:
+    node = f"disk{index}"
+    device = f"virtio-blk-pci,drive={node},id={node}-dev"
+    if dev.attachment.cache in ("writethrough", "directsync"):
+        device += ",write-cache=off"
+    if dev.serial:
+        device += f",serial={opt_escape(dev.serial)}"
+    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device]
+
+
+def network_args(net: Network) -> list[str]:
+    netdev = "user,id=net0"
+    for fwd in net.forwards:
+        netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
+    device = "virtio-net-pci,netdev=net0,id=net0-dev"
+    if net.mac:
+        device += f",mac={net.mac}"
+    return ["-netdev", netdev, "-device", device]
+
+
+def entropy_args() -> list[str]:
+    return [
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+    ]
+
+
+def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
+               *, binary: str | None = None) -> list[str]:
+    """The full QEMU argv for ``config``."""
+    argv = [binary or QEMU_BINARY[config.arch]]
+    argv += base_args(config, accel)
+    argv += boot_args(config)
+    argv += monitor_args(runtime)
+    argv += serial_args(runtime)
+    for i, dev in enumerate(config.storage):
+        argv += storage_args(i, dev)
+    if config.network is not None:
+        argv += network_args(config.network)
+    if config.entropy:
+        argv += entropy_args()
+    if runtime.pidfile is not None:
+        argv += ["-pidfile", str(runtime.pidfile)]
+    return argv
+
+
+def render(argv: list[str]) -> str:
+    return shlex.join(argv)

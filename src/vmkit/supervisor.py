@@ -1,0 +1,263 @@
+"""The per-instance supervisor: owns QEMU and serves a JSON HTTP API on ``api.sock``.
+
+Started detached by :func:`vmkit.control.start` as ``python -m vmkit.supervisor DIR``. It
+holds the instance lock for its whole life, starts the machine, reports the outcome on a
+pipe (so ``vmkit start`` returns exactly when the guest is running or has failed), then
+serves until QEMU exits, records why in ``state.json`` and exits itself.
+
+API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}``)::
+
+    GET  /v1/state            runtime status
+    GET  /v1/info             configuration + runtime status
+    POST /v1/pause | /v1/resume
+    POST /v1/request-stop     {"timeout": s}  ACPI power button, wait up to timeout
+    POST /v1/stop             hard stop
+    GET  /v1/events           newline-delimited JSON events as they happen
+    GET  /v1/console          websocket: binary frames both ways (the serial console)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from vmkit.errors import ConfigError, VmkitError
+from vmkit.instance import Instance, Status
+from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
+
+log = logging.getLogger("vmkit.supervisor")
+
+
+def error_body(exc: VmkitError) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
+                      "exit_code": int(exc.exit_code)}}
+
+
+class Supervisor:
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+        self.config = instance.load_config()
+        self.vm = VirtualMachine(self.config, instance.dir)
+        self.status = Status()
+        self._done = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    # -- status bookkeeping -------------------------------------------------------------------------
+    def _record(self, ev: VmEvent) -> None:
+        if ev.kind not in ("state-changed", "guest-stopped", "stopped-with-error"):
+            return
+        self.status.state = ev.state.value
+        if "reason" in ev.detail:
+            self.status.reason = str(ev.detail["reason"])
+        self.status.qemu_pid = self.vm.pid if ev.state in LIVE_STATES else None
+        self.instance.write_status(self.status)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.config.name, "config": self.config.to_dict(), "runtime": self.status.to_dict()}
+
+    # -- run ------------------------------------------------------------------------------------------
+    async def run(self, ready_fd: int | None) -> int:
+        self.status = Status(state="starting", supervisor_pid=os.getpid(), accel=self.vm.accel.name,
+                             accel_reason=self.vm.accel.reason)
+        self.instance.write_status(self.status)
+        self.vm.add_listener(self._record)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
+        try:
+            await self.vm.start()
+            self.status.qemu_pid = self.vm.pid
+            self.status.started_at = self.vm.started_at
+            self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
+            self.instance.write_status(self.status)
+            await self._serve_api()
+            await self.vm.wait_ready()
+        except VmkitError as exc:
+            log.error("start failed: %s", exc)
+            _report(ready_fd, {"ok": False, **error_body(exc)})
+            await self.vm.shutdown(timeout=2)
+            self.status.state = "error"
+            self.status.reason = exc.message.splitlines()[0]
+            self.status.qemu_pid = None
+            self.instance.write_status(self.status)
+            await self._stop_api()
+            return int(exc.exit_code)
+        _report(ready_fd, {"ok": True, "state": self.vm.state.value})
+        exit_info = await self.vm.wait()
+        log.info("QEMU exited: %s", exit_info.reason)
+        await self.vm.shutdown()
+        self.status.state = "stopped" if exit_info.clean else "error"
+        self.status.reason = exit_info.reason
+        self.status.qemu_pid = None
+        self.instance.write_status(self.status)
+        await self._stop_api()
+        return 0 if exit_info.clean else 5
+
+    async def _graceful_exit(self) -> None:
+        if self.vm.state in LIVE_STATES:
+            await self.vm.shutdown(timeout=10)
+
+    # -- HTTP API -------------------------------------------------------------------------------------
+    async def _serve_api(self) -> None:
+        app = web.Application(middlewares=[_errors_middleware])
+        app.add_routes([
+            web.get("/v1/state", self._h_state),
+            web.get("/v1/info", self._h_info),
+            web.post("/v1/pause", self._h_pause),
+            web.post("/v1/resume", self._h_resume),
+            web.post("/v1/request-stop", self._h_request_stop),
+            web.post("/v1/stop", self._h_stop),
+            web.get("/v1/events", self._h_events),
+            web.get("/v1/console", self._h_console),
+        ])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        sock = self.instance.api_socket
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        site = web.UnixSite(self._runner, str(sock))
+        await site.start()
+        sock.chmod(0o600)
+
+    async def _stop_api(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            self.instance.api_socket.unlink()
+
+    async def _h_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status.to_dict())
+
+    async def _h_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.info())
+
+    async def _h_pause(self, request: web.Request) -> web.Response:
+        await self.vm.pause()
+        return web.json_response(self.status.to_dict())
+
+    async def _h_resume(self, request: web.Request) -> web.Response:
+        await self.vm.resume()
+        return web.json_response(self.status.to_dict())
+
+    async def _h_request_stop(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        timeout = body.get("timeout")
+        if timeout is not None and not isinstance(timeout, int | float):
+            raise ConfigError.single("timeout", "must be a number of seconds")
+        await self.vm.request_stop(timeout=timeout)
+        return web.json_response(self.status.to_dict())
+
+    async def _h_stop(self, request: web.Request) -> web.Response:
+        info = await self.vm.stop()
+        return web.json_response({**self.status.to_dict(), "exit": info.reason})
+
+    async def _h_events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        async with self.vm.subscribe() as q:
+            await resp.write((json.dumps({"kind": "hello", "state": self.vm.state.value}) + "\n").encode())
+            while True:
+                ev = await q.get()
+                await resp.write((json.dumps(ev.to_dict()) + "\n").encode())
+                if ev.state in (VmState.STOPPED, VmState.ERROR) and ev.kind != "state-changed":
+                    break
+        return resp
+
+    async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        remove = self.vm.serial.add_listener(out.put_nowait)
+
+        async def pump() -> None:
+            while (data := await out.get()) is not None:
+                await ws.send_bytes(data)
+
+        task = asyncio.create_task(pump())
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self.vm.serial.write(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await self.vm.serial.write(msg.data.encode())
+        except EOFError:
+            pass
+        finally:
+            remove()
+            task.cancel()
+        return ws
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ConfigError.single("<body>", "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ConfigError.single("<body>", "the request body must be a JSON object")
+    return body
+
+
+_HTTP_STATUS = {2: 400, 3: 404, 4: 409, 8: 504, 9: 409}
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except VmkitError as exc:
+        return web.json_response(error_body(exc), status=_HTTP_STATUS.get(int(exc.exit_code), 500))
+
+
+def _report(fd: int | None, payload: dict[str, Any]) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(payload) + "\n").encode())
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmkit-supervisor")
+    parser.add_argument("instance_dir", type=Path)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    inst_dir: Path = args.instance_dir.resolve()
+    instance = Instance(inst_dir.name, inst_dir.parent)
+    lock_fd = os.open(instance.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _report(args.ready_fd, {"ok": False, "error": {"type": "StateError", "message":
+                f"{instance.name} already has a supervisor", "hint": None, "exit_code": 4}})
+        return 4
+    try:
+        sup = Supervisor(instance)
+        return asyncio.run(sup.run(args.ready_fd))
+    except VmkitError as exc:
+        _report(args.ready_fd, {"ok": False, **error_body(exc)})
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    finally:
+        os.close(lock_fd)  # releases the lock: the instance is no longer supervised
+
+
+if __name__ == "__main__":
+    sys.exit(main())
