@@ -1,0 +1,153 @@
+"""From what a user asks for (``vmkit create`` options, a YAML file, an image) to a configuration.
+
+All problems in the options are collected and reported together, each naming the option.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vmkit.config import MachineConfig, PortForward, parse_config, parse_size
+from vmkit.errors import ConfigError, NotFoundError, Problem
+from vmkit.images import micro
+from vmkit.images.store import ImageStore
+
+
+@dataclass
+class CreateOptions:
+    name: str
+    cpus: int | None = None
+    memory: str | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+    disks: list[str] = field(default_factory=list)
+    ports: list[str] = field(default_factory=list)
+    image: str | None = None
+    run: str | None = None
+    accel: str | None = None
+    from_file: Path | None = None
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range."""
+    tail = secrets.token_bytes(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+def parse_disk(spec: str) -> dict[str, Any]:
+    """``PATH``, ``PATH:ro``, ``PATH:format=qcow2``, ``PATH:ro:format=raw``."""
+    path, *flags = spec.split(":")
+    att: dict[str, Any] = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
+    for flag in flags:
+        if flag == "ro":
+            att["read_only"] = True
+        elif flag.startswith("format="):
+            att["format"] = flag.split("=", 1)[1]
+        elif flag.startswith("cache="):
+            att["cache"] = flag.split("=", 1)[1]
+        else:
+            raise ValueError(f"unknown disk flag {flag!r}: use PATH[:ro][:format=raw|qcow2][:cache=MODE]")
+    return {"kind": "virtio-blk", "attachment": att}
+
+
+def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:
+    problems: list[Problem] = []
+    data: dict[str, Any] = {}
+    if opts.from_file is not None:
+        try:
+            loaded = yaml.safe_load(opts.from_file.read_text())
+        except FileNotFoundError:
+            raise ConfigError.single("--from", f"{opts.from_file} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError.single("--from", f"{opts.from_file} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError.single("--from", f"{opts.from_file} must hold a mapping of settings")
+        data = loaded
+    data["name"] = opts.name
+    if opts.cpus is not None:
+        data["cpus"] = opts.cpus
+    if opts.memory is not None:
+        try:
+            data["memory"] = parse_size(opts.memory)
+        except ValueError as exc:
+            problems.append(Problem("--memory", str(exc)))
+    if opts.accel is not None:
+        data["accel"] = opts.accel
+
+    boot: dict[str, Any] = dict(data.get("boot") or {})
+    extra_cmdline = [opts.cmdline] if opts.cmdline else []
+    if opts.image is not None:
+        if opts.kernel is not None:
+            problems.append(Problem("--kernel", "give either --image or --kernel, not both"))
+        try:
+            image = (store or ImageStore()).get(opts.image)
+        except NotFoundError as exc:
+            problems.append(Problem("--image", f"{exc.message}: {exc.hint}"))
+        else:
+            if image.kernel is None:
+                problems.append(Problem("--image", f"image {opts.image!r} has no kernel for direct boot"))
+            elif image.manifest.kind != "initramfs":
+                problems.append(Problem("--image", f"image {opts.image!r} is a {image.manifest.kind} image; "
+                                        "this vmkit version boots initramfs images (e.g. micro)"))
+            else:
+                boot = {"kind": "linux", "kernel": str(image.kernel),
+                        "initrd": str(image.initrd) if image.initrd else None, "cmdline": image.manifest.cmdline}
+                data["image"] = opts.image
+                if image.manifest.ready_marker:
+                    data["readiness"] = {**(data.get("readiness") or {}),
+                                         "serial_marker": image.manifest.ready_marker}
+    if opts.kernel is not None:
+        boot["kernel"] = str(opts.kernel.expanduser().resolve())
+    if opts.initrd is not None:
+        boot["initrd"] = str(opts.initrd.expanduser().resolve())
+    if opts.run is not None:
+        if opts.image != micro.NAME:
+            problems.append(Problem("--run", f"--run needs --image {micro.NAME} (its init runs the command)"))
+        else:
+            try:
+                extra_cmdline.append(micro.run_parameter(opts.run))
+            except ConfigError as exc:
+                problems += [Problem("--run", p.message) for p in exc.problems]
+    if extra_cmdline:
+        boot["cmdline"] = " ".join(filter(None, [boot.get("cmdline", ""), *extra_cmdline]))
+    if not boot.get("kernel"):
+        problems.append(Problem("--kernel", "no kernel: give --kernel PATH or --image NAME "
+                                "(build one with `vmkit image build micro`)"))
+    data["boot"] = boot
+
+    storage = list(data.get("storage") or [])
+    for spec in opts.disks:
+        try:
+            storage.append(parse_disk(spec))
+        except ValueError as exc:
+            problems.append(Problem("--disk", str(exc)))
+    data["storage"] = storage
+
+    network = dict(data.get("network") or {"mode": "user"}) if data.get("network", {}) is not None else None
+    if network is not None:
+        forwards = list(network.get("forwards") or [])
+        for spec in opts.ports:
+            try:
+                forwards.append(PortForward.parse(spec).model_dump(mode="json"))
+            except ValueError as exc:
+                problems.append(Problem("--port", str(exc)))
+        network["forwards"] = forwards
+        network.setdefault("mac", random_mac())
+        data["network"] = network
+    elif opts.ports:
+        problems.append(Problem("--port", "the configuration has no network: port forwards need one"))
+
+    if problems:
+        # also report what the structure check finds, so the user sees everything at once
+        try:
+            parse_config(data)
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p.field not in ("boot.kernel", "boot")]
+        raise ConfigError(problems, context="options")
+    return parse_config(data)

@@ -1,0 +1,1 @@
+"""The ``vmkit`` command line: parses arguments, calls the library, renders results."""

@@ -1,0 +1,56 @@
+"""``vmkit image ...``: build, list and remove guest images."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.table import Table
+
+from vmkit.cli.output import out, print_json, spinner
+from vmkit.errors import ConfigError
+from vmkit.images import micro
+from vmkit.images.store import ImageStore
+
+app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
+
+BUILDERS = {micro.NAME: micro.build_micro}
+
+
+@app.command()
+def build(
+    name: str = typer.Argument(..., help=f"image to build: {', '.join(BUILDERS)}"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if the image exists"),
+) -> None:
+    """Build a guest image from Debian packages into the image cache."""
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise ConfigError.single("NAME", f"no builder for {name!r}: choose one of {', '.join(BUILDERS)}")
+    started = time.monotonic()
+    with spinner(f"building image {name}") as update:
+        image = builder(ImageStore(), force=force, progress=update)
+    out.print(f"image [bold]{image.name}[/] ready in {image.directory} ({time.monotonic() - started:.1f} s)")
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List images in the cache."""
+    images = ImageStore().list()
+    if as_json:
+        print_json([{"name": i.name, "kind": i.manifest.kind, "directory": str(i.directory),
+                     "kernel": str(i.kernel) if i.kernel else None, "initrd": str(i.initrd) if i.initrd else None,
+                     "disk": str(i.disk) if i.disk else None, "created": i.manifest.created} for i in images])
+        return
+    table = Table("name", "kind", "kernel", "size", "created")
+    for i in images:
+        size = sum(f.size for f in i.manifest.files.values())
+        table.add_row(i.name, i.manifest.kind, i.manifest.kernel_version or "-", f"{size / 2**20:.1f} MiB",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.manifest.created)))
+    out.print(table)
+
+
+@app.command("rm")
+def rm(name: str) -> None:
+    """Remove an image from the cache."""
+    ImageStore().remove(name)
+    out.print(f"removed image {name}")

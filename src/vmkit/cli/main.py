@@ -1,0 +1,44 @@
+"""Entry point: builds the typer app and maps errors to messages and exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vmkit.cli import image, system, vm
+from vmkit.cli.output import err
+from vmkit.errors import ExitCode, VmkitError
+
+app = typer.Typer(
+    name="vmkit",
+    help="Create, run and manage Linux virtual machines on QEMU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+vm.register(app)
+system.register(app)
+app.add_typer(image.app, name="image")
+# nbd registered below when present
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
+
+    Usage errors exit 2 (bad input), like every other bad-input error.
+    """
+    try:
+        app(args=argv)
+    except VmkitError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared rendering helpers for the CLI (rich consoles, spinners, JSON)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+@contextlib.contextmanager
+def spinner(message: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr; yields a function that updates its detail line."""
+    with err.status(message) as status:
+
+        def update(detail: str) -> None:
+            status.update(f"{message} [dim]{detail}[/dim]" if detail else message)
+
+        yield update
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

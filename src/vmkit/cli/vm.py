@@ -1,0 +1,180 @@
+"""Instance lifecycle commands: create, start, stop, pause, resume, list, inspect, console, events, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import termios
+import tty
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from vmkit import control
+from vmkit.builder import CreateOptions, config_from_options
+from vmkit.cli.output import err, human_duration, out, print_json, spinner
+from vmkit.qemu.cmdline import render
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (create, start, stop, pause, resume, list_, inspect, console, events, delete):
+        name = fn.__name__.rstrip("_")
+        app.command(name)(fn)
+
+
+def create(
+    name: str = typer.Argument(..., help="instance name (letters, digits, '.', '_', '-')"),
+    cpus: int | None = typer.Option(None, "--cpus", help="number of virtual CPUs"),
+    memory: str | None = typer.Option(None, "--memory", help="guest RAM, e.g. 512M or 2G"),
+    image: str | None = typer.Option(None, "--image", help="boot an image from the cache (e.g. micro)"),
+    kernel: Path | None = typer.Option(None, "--kernel", help="Linux kernel to boot directly"),
+    initrd: Path | None = typer.Option(None, "--initrd", help="initrd for --kernel"),
+    cmdline: str | None = typer.Option(None, "--cmdline", help="kernel command line (added to the image's)"),
+    disk: list[str] = typer.Option([], "--disk", help="disk image PATH[:ro][:format=raw|qcow2] (repeatable)"),
+    port: list[str] = typer.Option([], "--port", help="forward [ADDR:]HOST:GUEST[/udp] (repeatable)"),
+    run: str | None = typer.Option(None, "--run", help="micro image: shell command the guest runs at boot"),
+    accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),
+    from_file: Path | None = typer.Option(None, "--from", help="start from this vm.yaml"),
+) -> None:
+    """Create a virtual machine (does not start it)."""
+    config = config_from_options(CreateOptions(
+        name=name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline, disks=disk,
+        ports=port, image=image, run=run, accel=accel, from_file=from_file,
+    ))
+    inst = control.create(config)
+    out.print(f"created [bold]{name}[/] in {inst.dir}")
+
+
+def start(
+    name: str,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the QEMU command line and exit"),
+    timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the guest to be ready"),
+) -> None:
+    """Start a virtual machine; returns when the guest is ready. It keeps running after this exits."""
+    if dry_run:
+        out.print(render(control.dry_run_argv(name)), highlight=False, soft_wrap=True)
+        return
+    with spinner(f"starting {name}") as update:
+        status = control.start(name, progress=update, timeout=timeout)
+    out.print(f"[bold]{name}[/] is {status.state} ({status.accel}; QEMU pid {status.qemu_pid})")
+
+
+def stop(
+    name: str,
+    force: bool = typer.Option(False, "--force", "-f", help="hard stop now, without asking the guest"),
+    timeout: float = typer.Option(30.0, "--timeout", help="seconds the guest gets to power off"),
+) -> None:
+    """Stop a virtual machine: ACPI power button, then a hard stop after --timeout."""
+    with spinner(f"stopping {name}"):
+        status = control.stop(name, force=force, timeout=timeout)
+    out.print(f"[bold]{name}[/] is {status.state}" + (f" ({status.reason})" if status.reason else ""))
+
+
+def pause(name: str) -> None:
+    """Pause a running virtual machine (its vCPUs stop; memory stays)."""
+    control.pause(name)
+    out.print(f"[bold]{name}[/] is paused")
+
+
+def resume(name: str) -> None:
+    """Resume a paused virtual machine."""
+    control.resume(name)
+    out.print(f"[bold]{name}[/] is running")
+
+
+def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List virtual machines."""
+    rows = control.list_instances()
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
+    colors = {"running": "green", "paused": "yellow", "error": "red"}
+    for r in rows:
+        c = colors.get(r.state)
+        table.add_row(r.name, f"[{c}]{r.state}[/]" if c else r.state, str(r.cpus), r.memory,
+                      r.accel or "-", human_duration(r.uptime))
+    out.print(table)
+
+
+def inspect(name: str) -> None:
+    """Configuration and runtime state of a virtual machine, as JSON."""
+    print_json(control.inspect(name))
+
+
+def console(
+    name: str,
+    log: bool = typer.Option(False, "--log", help="print the console log instead of attaching"),
+) -> None:
+    """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed."""
+    inst = control.get(name)
+    if log:
+        with contextlib.suppress(FileNotFoundError):
+            sys.stdout.buffer.write(inst.serial_log.read_bytes())
+            sys.stdout.buffer.flush()
+        return
+    api = control.client(name)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"attached to {name}'s console; detach with Ctrl-]")
+
+    async def attach() -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        fd = sys.stdin.fileno()
+
+        def on_input() -> None:
+            data = os.read(fd, 1024)
+            if not data or DETACH in data:
+                loop.remove_reader(fd)
+                q.put_nowait(data.split(DETACH)[0] or None)
+                q.put_nowait(None)
+                return
+            q.put_nowait(data)
+
+        loop.add_reader(fd, on_input)
+
+        def on_output(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+        try:
+            await api.console(on_output, q)
+        finally:
+            loop.remove_reader(fd)
+
+    saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
+    try:
+        if interactive:
+            tty.setraw(sys.stdin.fileno())
+        asyncio.run(attach())
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    if interactive:
+        err.print("\ndetached")
+
+
+def events(name: str) -> None:
+    """Print the machine's events as they happen (JSON lines) until it stops."""
+    api = control.client(name)
+
+    async def follow() -> None:
+        async for ev in api.events():
+            print_json(ev)
+
+    asyncio.run(follow())
+
+
+def delete(
+    name: str,
+    force: bool = typer.Option(False, "--force", "-f", help="stop it first if it is running"),
+) -> None:
+    """Delete a virtual machine and its directory (disks, logs, state)."""
+    control.delete(name, force=force)
+    out.print(f"deleted [bold]{name}[/]")
