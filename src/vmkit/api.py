@@ -58,9 +58,15 @@ class SupervisorClient:
                 if line.strip():
                     yield json.loads(line)
 
-    async def console(self, on_output: Callable[[bytes], None], input_queue: asyncio.Queue[bytes | None]) -> None:
-        """Bridge the serial console: output to ``on_output``; bytes from ``input_queue`` to the guest."""
+    async def console(self, on_output: Callable[[bytes], None], input_queue: asyncio.Queue[bytes | None],
+                      on_connected: Callable[[], None] | None = None) -> None:
+        """Bridge the serial console: output to ``on_output``; bytes from ``input_queue`` to the guest.
+
+        ``on_connected`` runs once the stream is subscribed (no output after that is missed).
+        """
         async with self._session(timeout=0) as s, s.ws_connect("http://vmkit/v1/console") as ws:
+            if on_connected is not None:
+                on_connected()
 
             async def send() -> None:
                 while (data := await input_queue.get()) is not None:

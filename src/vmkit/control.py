@@ -7,9 +7,11 @@ parses arguments, calls these, and renders.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -234,3 +236,48 @@ def delete(name: str, *, force: bool = False) -> None:
     if force and inst.is_supervised():
         stop(name, force=True)
     inst.delete()
+
+
+def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
+    """Wait until the console log matches ``pattern`` (a multiline regex); return the log so far.
+
+    Follows the live console stream (no polling); a stopped machine's log is checked once.
+    """
+    inst = get(name)
+    rx = re.compile(pattern, re.MULTILINE)
+
+    def log_text() -> str:
+        try:
+            return inst.serial_log.read_bytes().decode("utf-8", errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    if not inst.is_supervised():
+        text = log_text()
+        if rx.search(text):
+            return text
+        raise StateError(f"wait for /{pattern}/ on the console", inst.reconcile().state, ["running"])
+    api = SupervisorClient(inst.api_socket)
+
+    async def follow() -> str:
+        matched = asyncio.Event()
+
+        def check(_: bytes = b"") -> None:
+            if rx.search(log_text()):  # the supervisor logs a chunk before it streams it
+                matched.set()
+
+        stream = asyncio.create_task(api.console(check, asyncio.Queue(), on_connected=check))
+        waiter = asyncio.create_task(matched.wait())
+        try:
+            done, _ = await asyncio.wait({stream, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stream.cancel()
+            waiter.cancel()
+        if matched.is_set() or rx.search(log_text()):
+            return log_text()
+        if stream in done:
+            raise StateError(f"wait for /{pattern}/ on the console", inst.reconcile().state, ["running"])
+        raise VmTimeoutError(f"{name}: /{pattern}/ did not appear on the console within {timeout:.0f} s",
+                             hint=f"last console lines:\n{_tail(inst.serial_log, 10)}")
+
+    return asyncio.run(follow())

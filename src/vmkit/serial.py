@@ -112,6 +112,12 @@ class SerialConsole:
                 raise EOFError(f"the console closed before /{regex}/ matched")
             await self._changed.wait()
 
+    async def changed(self) -> None:
+        """Wait for the next chunk of output (or the end of the stream)."""
+        if self._eof:
+            raise EOFError("the console is closed")
+        await self._changed.wait()
+
     def add_listener(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None

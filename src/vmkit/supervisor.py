@@ -177,9 +177,9 @@ class Supervisor:
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
-        await ws.prepare(request)
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        remove = self.vm.serial.add_listener(out.put_nowait)
+        remove = self.vm.serial.add_listener(out.put_nowait)  # before the handshake: nothing is missed
+        await ws.prepare(request)
 
         async def pump() -> None:
             while (data := await out.get()) is not None:

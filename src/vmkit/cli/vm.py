@@ -57,7 +57,7 @@ def start(
 ) -> None:
     """Start a virtual machine; returns when the guest is ready. It keeps running after this exits."""
     if dry_run:
-        out.print(render(control.dry_run_argv(name)), highlight=False, soft_wrap=True)
+        out.print(render(control.dry_run_argv(name)), markup=False, highlight=False, soft_wrap=True)
         return
     with spinner(f"starting {name}") as update:
         status = control.start(name, progress=update, timeout=timeout)
@@ -110,9 +110,15 @@ def inspect(name: str) -> None:
 def console(
     name: str,
     log: bool = typer.Option(False, "--log", help="print the console log instead of attaching"),
+    until: str | None = typer.Option(None, "--until", help="with --log: first wait for a line matching this regex"),
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds --until waits"),
 ) -> None:
     """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed."""
     inst = control.get(name)
+    if until is not None:
+        sys.stdout.write(control.wait_console(name, until, timeout))
+        sys.stdout.flush()
+        return
     if log:
         with contextlib.suppress(FileNotFoundError):
             sys.stdout.buffer.write(inst.serial_log.read_bytes())

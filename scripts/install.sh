@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install everything vmkit needs on Debian 12: host packages (apt) and the Python package
+# with its development tools in ./.venv. Idempotent and quick when everything is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
+  busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
+  python3 python3-venv python3-pip                # vmkit itself
+  ca-certificates
+)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# apt-get download (used to build guest images) needs package lists, even when nothing is missing
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
+  echo "==> apt-get update"
+  as_root apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.vmkit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing vmkit and its development tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+echo "==> vmkit installed: $(.venv/bin/vmkit --help >/dev/null && echo ok) (.venv/bin/vmkit)"

@@ -1,0 +1,86 @@
+"""Shared fixtures: the micro guest image (built once, cached), throw-away vmkit homes, and a
+finaliser that kills every QEMU a test left behind and shows its serial log on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmkit.images.micro import build_micro
+from vmkit.images.store import Image, ImageStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_cache_dir() -> Path:
+    return Path(os.environ.get("VMKIT_IMAGE_CACHE") or REPO / ".cache" / "images")
+
+
+@pytest.fixture(scope="session")
+def micro_image() -> Image:
+    """The micro guest, built through apt once and reused across test runs (.cache/ is gitignored)."""
+    return build_micro(ImageStore(image_cache_dir()))
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return ") Z" not in stat
+
+
+def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(interval)
+    return bool(callable(predicate) and predicate())
+
+
+@pytest.fixture
+def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh VMKIT_HOME; afterwards no process that mentions it may survive."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("VMKIT_HOME", str(home))
+    monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
+    yield home
+    leftovers = processes_mentioning(str(home))
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for log in sorted(home.glob("instances/*/*.log")):
+            print(f"\n===== {log} (last 40 lines) =====")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    assert not leftovers, f"processes outlived the test: {leftovers}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
