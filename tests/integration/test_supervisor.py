@@ -49,6 +49,12 @@ def test_cli_lifecycle_survives_cli_exit(vmkit_home: Path, micro_image: Image) -
     out = vmkit("console", "web", "--log", "--until", r"^VMKIT-RUN-END rc=0", "--timeout", "60").stdout
     assert "guest-says-42" in out
 
+    # typing into the console reaches the guest's shell
+    typed = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "console", "web"],
+                           input="echo typed-$((40+2))\n", capture_output=True, text=True, timeout=60)
+    assert typed.returncode == 0, typed.stderr
+    assert "typed-42" in vmkit("console", "web", "--log", "--until", r"^typed-42", "--timeout", "30").stdout
+
     vmkit("pause", "web")
     assert listed("web")["state"] == "paused"
     wrong = vmkit("pause", "web", check=False)
