@@ -11,6 +11,7 @@ Two levels of checking:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import re
 import socket
 from enum import StrEnum
@@ -129,6 +130,17 @@ class PortForward(_Model):
     host_port: int = Field(ge=1, le=65535)
     guest_port: int = Field(ge=1, le=65535)
 
+    @field_validator("host_addr")
+    @classmethod
+    def _host_addr(cls, v: str) -> str:
+        # QEMU's hostfwd takes a numeric IPv4 address; anything else fails at start, and a comma
+        # would even inject options into -netdev.
+        try:
+            return str(ipaddress.IPv4Address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv4 address: use e.g. 127.0.0.1 (this host only) "
+                             "or 0.0.0.0 (all interfaces)") from None
+
     @classmethod
     def parse(cls, spec: str) -> PortForward:
         """``8080:80``, ``127.0.0.1:8080:80``, ``5353:53/udp``."""
@@ -144,11 +156,17 @@ class PortForward(_Model):
         else:
             raise ValueError(f"{spec!r} is not a port forward: use HOST:GUEST, ADDR:HOST:GUEST, or add /udp")
         try:
+            host_port, guest_port = int(host), int(guest)
+        except ValueError:
+            raise ValueError(f"{spec!r} is not a port forward: use HOST:GUEST with ports 1-65535") from None
+        try:
             return cls.model_validate(
-                {"protocol": proto, "host_addr": addr, "host_port": int(host), "guest_port": int(guest)}
+                {"protocol": proto, "host_addr": addr, "host_port": host_port, "guest_port": guest_port}
             )
-        except (ValueError, ValidationError) as exc:
-            raise ValueError(f"{spec!r} is not a port forward: use HOST:GUEST with ports 1-65535") from exc
+        except ValidationError as exc:
+            detail = "; ".join(str(p) for p in problems_from_validation(exc))
+            raise ValueError(f"{spec!r} is not a port forward ({detail}): "
+                             "use [ADDR:]HOST:GUEST[/udp] with ports 1-65535") from None
 
     def __str__(self) -> str:
         return f"{self.host_addr}:{self.host_port}->{self.guest_port}/{self.protocol}"
@@ -306,6 +324,9 @@ def problems_from_validation(exc: ValidationError) -> list[Problem]:
             msg = "unknown setting: remove it or check its spelling (see `vmkit schema`)"
         elif err["type"] == "missing":
             msg = "required: give a value"
+        elif err["type"] == "union_tag_not_found":
+            key = str(err.get("ctx", {}).get("discriminator", "type")).strip("'")
+            msg = f"say which kind this is with `{key}:` (e.g. {key}: disk-image; see `vmkit schema`)"
         out.append(Problem(loc or "<root>", msg))
     return out
 

@@ -56,8 +56,8 @@ class VmState(StrEnum):
     ERROR = "error"
 
 
-LIVE_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.PAUSING, VmState.PAUSED,
-                         VmState.RESUMING, VmState.STOPPING})
+LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.PAUSING, VmState.PAUSED,
+               VmState.RESUMING, VmState.STOPPING)
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ class VirtualMachine:
         if self._proc is None:
             if self.exit_info is not None:
                 return self.exit_info
-            raise StateError("wait", self._state.value, ["started"])
+            raise StateError("wait", self._state.value, [s.value for s in LIVE_STATES])
         try:
             await asyncio.wait_for(self._exited.wait(), timeout)
         except TimeoutError:
@@ -386,7 +386,7 @@ class VirtualMachine:
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> Any:
         """Run a raw QMP command (for features vmkit does not wrap yet)."""
-        self._require(f"run QMP {command}", *(LIVE_STATES - {VmState.STARTING}))
+        self._require(f"run QMP {command}", *(s for s in LIVE_STATES if s != VmState.STARTING))
         assert self.qmp is not None
         return await self.qmp.execute(command, arguments, timeout=timeout)
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pid_alive
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import QemuError, StateError
 from vmkit.images import micro
 from vmkit.images.store import Image
 from vmkit.machine import VirtualMachine, VmEvent, VmState
-
-from conftest import pid_alive
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import pid_alive, processes_mentioning, wait_until
 
+from conftest import pid_alive, processes_mentioning, wait_until
 from vmkit.images.store import Image
 from vmkit.instance import Instance
 

@@ -32,4 +32,4 @@ def doctor() -> None:
 
 def schema() -> None:
     """Print the JSON schema of vm.yaml (for editors and validation)."""
-    out.print(json.dumps(config.json_schema(), indent=2), highlight=False, soft_wrap=True)
+    out.print(json.dumps(config.json_schema(), indent=2), markup=False, highlight=False, soft_wrap=True)

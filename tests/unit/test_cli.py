@@ -1,0 +1,215 @@
+"""Unit tests: the real `vmkit` command in a subprocess (exit codes, messages, JSON output, --dry-run).
+
+No VM is started. Each test gets its own VMKIT_HOME; the "created" tests share one home with an
+instance made by `vmkit create` (created but never started).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VMKIT = Path(sys.executable).with_name("vmkit")
+ENTRY = [str(VMKIT)] if VMKIT.exists() else [sys.executable, "-m", "vmkit.cli.main"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def vmkit_many(home: Path, *commands: list[str]) -> list[Result]:
+    """Run independent ``vmkit`` commands side by side (each starts a fresh interpreter: ~0.5 s)."""
+    env = {**os.environ, "VMKIT_HOME": str(home), "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("VMKIT_IMAGE_CACHE", None)
+    procs = [subprocess.Popen([*ENTRY, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            results.append(Result(proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def vmkit(home: Path, *args: str) -> Result:
+    return vmkit_many(home, list(args))[0]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def created(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with instance 'web' (created, never started)."""
+    home = tmp_path_factory.mktemp("home")
+    kernel = home / "vmlinuz"
+    kernel.write_bytes(b"fake kernel")
+    disk = home / "data.img"
+    disk.write_bytes(b"\0" * 4096)
+    r = vmkit(home, "create", "web", "--kernel", str(kernel), "--cmdline", "console=ttyS0 x=[a,b]",
+              "--memory", "256M", "--cpus", "2", "--disk", f"{disk}:ro", "--port", f"{PORT}:22")
+    assert r.code == 0, r.err
+    assert "created" in r.out and "web" in r.out
+    return home
+
+
+# --------------------------------------------------------------------------- bad input: exit 2
+
+
+def test_bad_memory_is_bad_input(tmp_path: Path) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    r = vmkit(tmp_path, "create", "vm1", "--kernel", str(kernel), "--memory", "lots", "--port", "99999:22")
+    assert r.code == 2
+    err = one_line(r.err)
+    assert "--memory" in err and "'lots' is not a size" in err
+    assert "--port" in err and "99999" in err  # both problems, in one run
+    assert r.out == ""
+    assert not (tmp_path / "instances" / "vm1").exists()
+
+
+def test_unknown_option_is_bad_input(tmp_path: Path) -> None:
+    r = vmkit(tmp_path, "create", "vm1", "--colour", "blue")
+    assert r.code == 2
+    assert "--colour" in r.err and "No such option" in r.err
+    assert r.out == ""
+
+
+def test_create_with_a_bad_name_is_bad_input(tmp_path: Path) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    r = vmkit(tmp_path, "create", "../evil", "--kernel", str(kernel))
+    assert r.code == 2
+    assert "name" in r.err and "not a valid name" in one_line(r.err)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_missing_kernel_file_names_the_field(tmp_path: Path) -> None:
+    r = vmkit(tmp_path, "create", "vm1", "--kernel", str(tmp_path / "[odd] name"))
+    assert r.code == 2
+    assert "boot.kernel" in r.err and "[odd] name" in r.err and "does not exist" in r.err
+
+
+# --------------------------------------------------------------------------- not found: exit 3
+
+
+def test_missing_instance_is_not_found(tmp_path: Path) -> None:
+    commands = ["start", "inspect", "delete"]
+    for command, r in zip(commands, vmkit_many(tmp_path, *[[c, "ghost"] for c in commands]), strict=True):
+        assert r.code == 3, (command, r)
+        assert "'ghost' not found" in r.err, command
+        assert r.out == "", command
+
+
+# --------------------------------------------------------------------------- a created instance
+
+
+def test_create_twice_is_a_conflict(created: Path) -> None:
+    kernel = created / "vmlinuz"
+    r = vmkit(created, "create", "web", "--kernel", str(kernel))
+    assert r.code == 9
+    assert "'web' already exists" in r.err and "vmkit delete web" in r.err
+
+
+def test_stop_or_pause_of_a_stopped_instance_is_wrong_state(created: Path) -> None:
+    commands = ["stop", "pause"]
+    for command, r in zip(commands, vmkit_many(created, *[[c, "web"] for c in commands]), strict=True):
+        assert r.code == 4, (command, r)
+        err = one_line(r.err)
+        assert "the machine is stopped" in err, command
+        assert "running" in err.split("must be", 1)[1], command
+        assert r.out == "", command
+
+
+def test_list_json_shows_the_instance(created: Path, tmp_path: Path) -> None:
+    empty = vmkit(tmp_path, "list", "--json")
+    assert empty.code == 0 and json.loads(empty.out) == []
+    r = vmkit(created, "list", "--json")
+    assert r.code == 0
+    rows = json.loads(r.out)
+    assert [(row["name"], row["state"], row["cpus"], row["memory"]) for row in rows] == [("web", "stopped", 2, "256M")]
+
+
+def test_inspect_prints_config_and_runtime(created: Path) -> None:
+    r = vmkit(created, "inspect", "web")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    assert data["name"] == "web"
+    assert data["config"]["memory"] == "256M" and data["config"]["cpus"] == 2
+    assert data["config"]["boot"]["cmdline"] == "console=ttyS0 x=[a,b]"
+    assert data["config"]["storage"][0]["attachment"]["read_only"] is True
+    assert data["runtime"]["state"] == "stopped" and data["runtime"]["supervised"] is False
+
+
+def test_start_dry_run_prints_the_qemu_argv(created: Path) -> None:
+    r = vmkit(created, "start", "--dry-run", "web")
+    assert r.code == 0, r.err
+    lines = r.out.strip().splitlines()
+    assert len(lines) == 1  # one shell line, never wrapped
+    argv = shlex.split(lines[0])
+    assert argv[0].startswith("qemu-system-")
+    assert argv[argv.index("-kernel") + 1] == str(created / "vmlinuz")
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 x=[a,b]"  # printed exactly, brackets and all
+    assert "socket,id=serial0,fd=4" in argv and "chardev:serial0" in argv
+    assert argv[argv.index("-m") + 1] == "256M" and argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-accel") + 1] in ("kvm", "tcg,thread=multi")
+    blockdev = json.loads(argv[argv.index("-blockdev") + 1])
+    assert blockdev["read-only"] is True and blockdev["file"]["filename"] == str(created / "data.img")
+    assert any(f"hostfwd=tcp:127.0.0.1:{PORT}-:22" in a for a in argv)
+    # a dry run starts nothing
+    assert not (created / "instances" / "web" / "qemu.pid").exists()
+
+
+def test_delete_then_gone(tmp_path: Path) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert vmkit(tmp_path, "create", "tmp1", "--kernel", str(kernel)).code == 0
+    r = vmkit(tmp_path, "delete", "tmp1")
+    assert r.code == 0 and "deleted" in r.out
+    assert not (tmp_path / "instances" / "tmp1").exists()
+    assert json.loads(vmkit(tmp_path, "list", "--json").out) == []
+
+
+# --------------------------------------------------------------------------- schema and doctor
+
+
+def test_schema_prints_valid_json(tmp_path: Path) -> None:
+    r = vmkit(tmp_path, "schema")
+    assert r.code == 0
+    schema = json.loads(r.out)
+    assert {"name", "cpus", "memory", "boot", "storage", "network"} <= set(schema["properties"])
+
+
+@pytest.mark.skipif(not Path("/sys/module/kvm_pvm").exists(), reason="checks this nested-PVM host")
+def test_doctor_on_this_host(tmp_path: Path) -> None:
+    r = vmkit(tmp_path, "doctor")
+    assert r.code == 0, r.out + r.err
+    out = one_line(r.out)
+    assert "accelerator" in out and "tcg" in out and "kvm_pvm" in out
+    assert "qemu-system-x86_64" in out and "qemu-img" in out
