@@ -7,6 +7,7 @@ Layout (directory mode 0700, files 0600)::
         state.json       runtime status written by the supervisor (atomic)
         lock             flock'ed by the supervisor for its whole life: held <=> supervised
         api.sock         the supervisor's JSON HTTP API
+        console.sock     the raw serial console (e.g. `socat -,raw,echo=0 UNIX:console.sock`)
         serial.log       everything the guest printed on its console
         qemu.pid         QEMU's pid (written by QEMU, removed when it exits)
         qemu.log         QEMU's stderr and the argv it ran with
@@ -84,6 +85,10 @@ class Instance:
     @property
     def api_socket(self) -> Path:
         return self.dir / "api.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.dir / "console.sock"
 
     @property
     def serial_log(self) -> Path:
@@ -187,7 +192,7 @@ class Instance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leftover, signal.SIGKILL)
             _wait_gone(leftover, 5.0)
-        for p in (self.api_socket, self.qemu_pidfile):
+        for p in (self.api_socket, self.console_socket, self.qemu_pidfile):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if status.state in LIVE:

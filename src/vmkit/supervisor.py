@@ -14,6 +14,8 @@ API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}`
     POST /v1/stop             hard stop
     GET  /v1/events           newline-delimited JSON events as they happen
     GET  /v1/console          websocket: binary frames both ways (the serial console)
+
+Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Supervisor:
         self.status = Status()
         self._done = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._console_server: asyncio.Server | None = None
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -129,8 +132,30 @@ class Supervisor:
         site = web.UnixSite(self._runner, str(sock))
         await site.start()
         sock.chmod(0o600)
+        console = self.instance.console_socket
+        with contextlib.suppress(FileNotFoundError):
+            console.unlink()
+        self._console_server = await asyncio.start_unix_server(self._raw_console, path=str(console))
+        console.chmod(0o600)
+
+    async def _raw_console(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``console.sock``: the serial console as a plain byte stream, both ways."""
+        remove = self.vm.serial.add_listener(writer.write)
+        try:
+            while data := await reader.read(4096):
+                await self.vm.serial.write(data)
+        except (EOFError, ConnectionError):
+            pass
+        finally:
+            remove()
+            writer.close()
 
     async def _stop_api(self) -> None:
+        if self._console_server is not None:
+            self._console_server.close()
+            self._console_server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.instance.console_socket.unlink()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,19 @@ def test_cli_lifecycle_survives_cli_exit(vmkit_home: Path, micro_image: Image) -
     assert typed.returncode == 0, typed.stderr
     assert "typed-42" in vmkit("console", "web", "--log", "--until", r"^typed-42", "--timeout", "30").stdout
 
+    # the raw console socket works for plain tools too
+    con = vmkit_home / "instances" / "web" / "console.sock"
+    assert con.stat().st_mode & 0o777 == 0o600
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(con))
+        s.sendall(b"echo raw-$((50+5))\n")
+        seen = b""
+        while b"raw-55\r" not in seen and b"raw-55\n" not in seen:
+            chunk = s.recv(4096)
+            assert chunk, "console.sock closed"
+            seen += chunk
+
     vmkit("pause", "web")
     assert listed("web")["state"] == "paused"
     wrong = vmkit("pause", "web", check=False)
@@ -72,6 +86,7 @@ def test_cli_lifecycle_survives_cli_exit(vmkit_home: Path, micro_image: Image) -
     assert listed("web")["state"] == "stopped"
     assert processes_mentioning(str(vmkit_home)) == []
     assert not (vmkit_home / "instances" / "web" / "api.sock").exists()
+    assert not con.exists()
     again = vmkit("stop", "web", check=False)
     assert again.returncode == 4
     vmkit("delete", "web")
@@ -145,8 +160,6 @@ def test_killed_supervisor_leaves_no_orphan(vmkit_home: Path, micro_image: Image
 
 
 def test_start_rejects_a_taken_port_and_reports_every_problem(vmkit_home: Path, micro_image: Image) -> None:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
