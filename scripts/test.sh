@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 echo "==> ruff"
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
