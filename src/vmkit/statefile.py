@@ -1,0 +1,1191 @@
+"""Save files: a versioned header, then QEMU's migration stream, encrypted and authenticated.
+
+File layout (format version 1; all integers big-endian)::
+
+    offset      size  field
+    0           12    magic  b"\\x89VMKITSTATE\\n"
+    12          4     format version (u32) = 1
+    16          4     header length N (u32, at most 1 MiB)
+    20          N     header: UTF-8 JSON object (StateHeader fields + "encryption" parameters)
+    20+N        16    header tag: AES-256-GCM tag over an empty plaintext,
+                      nonce = prefix || 0xFFFFFFFFFFFFFFFF, AAD = H || 0x02
+    36+N        ...   records: record i = ciphertext of payload chunk i || 16-byte tag,
+                      nonce_i = prefix || i (u64), AAD_i = H || final flag (0x00 or 0x01)
+
+``H`` is SHA-256 of bytes ``[0, 20+N)`` (magic, version, length and header JSON), so every
+record and the header tag authenticate the whole header. Every chunk but the last holds
+exactly ``chunk_size`` plaintext bytes; the last one holds fewer (possibly zero) and carries
+the final flag, so a file cut anywhere (even exactly between two records, or right after
+the header) fails authentication. Data after the final record is refused too.
+
+The AES key of each file is derived with HKDF-SHA256 from the user's key (:mod:`vmkit.keys`)
+and a random 32-byte salt stored in the header, and the 4-byte nonce prefix is random: nonces
+never repeat across files or within one. The header also records a fingerprint of the user's
+key so that "written with another key" can be told apart from "modified".
+
+The header can be read without the key for display (:func:`read_header`, unauthenticated);
+:class:`StateFileReader` authenticates it before returning it. Files are written 0600 to a
+hidden temporary file in the same directory, fsynced and renamed over the final name, so a
+crash or a full disk leaves any earlier save file untouched.
+
+The payload is QEMU's migration stream. :func:`save_from_fd` pumps the pipe QEMU migrates into
+and :func:`restore_to_fd` feeds a pipe QEMU reads its incoming migration from, both in a worker
+thread so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import queue
+import re
+import secrets
+import select
+import stat
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vmkit import __version__
+from vmkit.errors import ExitCode, VmkitError
+from vmkit.fsutil import fsync_dir
+from vmkit.keys import KEY_SIZE, key_id
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "AuthenticationFailed",
+    "ConfigMismatch",
+    "DiskIdentity",
+    "DisksChanged",
+    "IncompatibleQemu",
+    "NoSpace",
+    "NotAStateFile",
+    "ProgressCallback",
+    "RestoreInfo",
+    "SaveInfo",
+    "StateFileError",
+    "StateFileInfo",
+    "StateFileReader",
+    "StateFileWriteError",
+    "StateFileWriter",
+    "StateHeader",
+    "UnsupportedFormatVersion",
+    "check_compatible",
+    "disk_identity",
+    "iter_payload",
+    "read_header",
+    "read_info",
+    "restore_to_fd",
+    "save_from_fd",
+]
+
+MAGIC = b"\x89VMKITSTATE\n"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_CHUNK_SIZE = 4 << 20
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 64 << 20
+MAX_HEADER_LEN = 1 << 20
+TAG_SIZE = 16
+SALT_SIZE = 32
+NONCE_PREFIX_SIZE = 4
+DISK_HEAD_BYTES = 64 << 10
+
+_PREAMBLE = struct.Struct(">12sII")
+_HEADER_COUNTER = (1 << 64) - 1
+_FLAG_MORE = b"\x00"
+_FLAG_FINAL = b"\x01"
+_FLAG_HEADER = b"\x02"
+_HKDF_INFO = b"vmkit state file v1 AES-256-GCM"
+_POLL_SECONDS = 0.2
+_PIPE_SIZE = 1 << 20
+_WRITEBACK_WINDOW = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+ProgressCallback = Callable[[int, int | None], None]
+"""Called with (payload bytes done, payload bytes in total or None if not known yet)."""
+
+_T = TypeVar("_T")
+
+DISCARD_HINT = "discard the state file and cold-boot the machine"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _file_label(path: Path | None) -> str:
+    return f"state file {path}" if path is not None else "the state file"
+
+
+class StateFileError(VmkitError):
+    """A save file cannot be written, read or used. Base of every state-file error."""
+
+    exit_code = ExitCode.STATE_FILE
+
+    def __init__(self, message: str, *, path: Path | None = None, hint: str | None = DISCARD_HINT) -> None:
+        if hint == DISCARD_HINT and path is not None:
+            hint = f"discard the state file ({path}) and cold-boot the machine"
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class NotAStateFile(StateFileError):
+    """The file does not start with the state-file magic (or is too short to)."""
+
+    def __init__(self, path: Path | None, reason: str) -> None:
+        super().__init__(f"{path if path is not None else 'file'} is not a vmkit state file: {reason}", path=path)
+        self.reason = reason
+
+
+class UnsupportedFormatVersion(StateFileError):
+    """The file uses a format version this vmkit cannot read."""
+
+    def __init__(self, path: Path | None, found: int, supported: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+        newer = found > max(supported)
+        why = "written by a newer vmkit" if newer else "written by an older vmkit"
+        super().__init__(
+            f"{_file_label(path)} uses format version {found} ({why}); "
+            f"this vmkit ({__version__}) reads version {', '.join(map(str, supported))}",
+            path=path,
+            hint=("restore it with the vmkit that wrote it, or " if newer else "")
+            + f"discard it{f' ({path})' if path is not None else ''} and cold-boot the machine",
+        )
+        self.found = found
+        self.supported = supported
+
+
+class IncompatibleQemu(StateFileError):
+    """The QEMU version or machine type differs from the one that wrote the file."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        saved_version: str,
+        saved_machine: str,
+        current_version: str,
+        current_machine: str,
+        reason: str,
+    ) -> None:
+        super().__init__(
+            f"{_file_label(path)} was written by QEMU {saved_version} with machine type "
+            f"{saved_machine!r}, this machine runs QEMU {current_version} with {current_machine!r}: {reason}",
+            path=path,
+        )
+        self.saved_version = saved_version
+        self.saved_machine = saved_machine
+        self.current_version = current_version
+        self.current_machine = current_machine
+        self.reason = reason
+
+
+class ConfigMismatch(StateFileError):
+    """The machine's configuration (or its RAM size) changed since the save."""
+
+    def __init__(self, path: Path | None, *, field: str, saved: str, current: str) -> None:
+        super().__init__(
+            f"{_file_label(path)} was saved from a different configuration: {field} was {saved}, it is now {current}",
+            path=path,
+            hint=(
+                f"discard the state file{f' ({path})' if path is not None else ''} and cold-boot the machine "
+                "(or put the configuration back as it was to restore)"
+            ),
+        )
+        self.field = field
+        self.saved = saved
+        self.current = current
+
+
+class AuthenticationFailed(StateFileError):
+    """The file was modified, damaged or truncated, or was written with another user's key."""
+
+    def __init__(self, path: Path | None, reason: str) -> None:
+        super().__init__(f"{_file_label(path)} cannot be trusted: {reason}", path=path)
+        self.reason = reason
+
+
+class DisksChanged(StateFileError):
+    """A disk image differs from the one the machine was saved with."""
+
+    def __init__(self, path: Path | None, changes: tuple[str, ...]) -> None:
+        lines = "\n".join(f"  - {c}" for c in changes)
+        super().__init__(
+            f"the disks changed since {_file_label(path)} was written:\n{lines}",
+            path=path,
+            hint=(
+                f"discard the state file{f' ({path})' if path is not None else ''} and cold-boot the machine; "
+                "restore anyway (--force) only if the disks are copies taken together with this save"
+            ),
+        )
+        self.changes = changes
+
+
+class StateFileWriteError(StateFileError):
+    """Writing a save file failed; any earlier file under the same name is unchanged."""
+
+    def __init__(self, path: Path, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(
+            f"cannot write {_file_label(path)}: {reason}",
+            path=path,
+            hint=hint or "fix the cause and save again; an earlier save file of that name is unchanged",
+        )
+        self.reason = reason
+
+
+class NoSpace(StateFileWriteError):
+    """The file system filled up (or the quota was reached) while saving."""
+
+    def __init__(self, path: Path, written: int) -> None:
+        super().__init__(
+            path,
+            f"no space left on the file system of {path.parent} after {written} bytes",
+            hint=(
+                "free space (a save needs about as much as the guest's used RAM) or save to another "
+                "directory, then save again; an earlier save file of that name is unchanged"
+            ),
+        )
+        self.written = written
+
+
+# --------------------------------------------------------------------------- header model
+
+
+class DiskIdentity(BaseModel):
+    """A cheap identity of a disk image: size, mtime and a digest of its first 64 KiB.
+
+    A copy made with ``cp -a`` / ``cp --preserve=timestamps`` (or ``rsync -t``) keeps the
+    identity; any write by a guest or by ``qemu-img`` changes the mtime.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    path: str
+    format: str
+    size: int = Field(ge=0)
+    mtime_ns: int
+    head_sha256: str
+
+    def same_content(self, other: DiskIdentity) -> bool:
+        return (self.format, self.size, self.mtime_ns, self.head_sha256) == (
+            other.format,
+            other.size,
+            other.mtime_ns,
+            other.head_sha256,
+        )
+
+
+def disk_identity(path: Path) -> DiskIdentity:
+    """Identify the disk image at ``path`` (reads at most 64 KiB)."""
+    with open(path, "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        head = fh.read(DISK_HEAD_BYTES)
+    fmt = "qcow2" if head[:4] == b"QFI\xfb" else "raw"
+    return DiskIdentity(
+        path=str(Path(path).absolute()),
+        format=fmt,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        head_sha256=hashlib.sha256(head).hexdigest(),
+    )
+
+
+def _vmkit_version() -> str:
+    return __version__
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StateHeader(BaseModel):
+    """What a save file says about the machine it was taken from.
+
+    Build one for the running machine when saving, and one for the machine about to be
+    restored as the ``expected`` side of :func:`check_compatible` (its ``vmkit_version`` and
+    ``created_at`` are not compared).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    qemu_version: str
+    machine_type: str
+    config_digest: str
+    ram_bytes: int = Field(gt=0)
+    disks: tuple[DiskIdentity, ...] = ()
+    vmkit_version: str = Field(default_factory=_vmkit_version)
+    created_at: datetime = Field(default_factory=_now)
+
+
+class _Encryption(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cipher: Literal["AES-256-GCM"] = "AES-256-GCM"
+    kdf: Literal["HKDF-SHA256"] = "HKDF-SHA256"
+    key_id: str
+    salt: str = Field(pattern=rf"^[0-9a-f]{{{2 * SALT_SIZE}}}$")
+    nonce_prefix: str = Field(pattern=rf"^[0-9a-f]{{{2 * NONCE_PREFIX_SIZE}}}$")
+    chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+
+
+@dataclass(frozen=True)
+class StateFileInfo:
+    """Everything :func:`read_info` can tell about a file without the key (unauthenticated)."""
+
+    path: Path
+    format_version: int
+    header: StateHeader
+    key_id: str
+    chunk_size: int
+    file_bytes: int
+    payload_bytes: int | None
+    """Payload size implied by the file size, or None if the file size is inconsistent (truncated)."""
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    path: Path
+    header: StateHeader
+    payload_bytes: int
+    file_bytes: int
+    chunks: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    path: Path
+    header: StateHeader
+    payload_bytes: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------- crypto helpers
+
+
+def _derive(key: bytes, salt: bytes) -> AESGCM:
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"a state-file key is {KEY_SIZE} bytes, got {len(key)}")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_HKDF_INFO)
+    return AESGCM(hkdf.derive(key))
+
+
+def _nonce(prefix: bytes, counter: int) -> bytes:
+    return prefix + counter.to_bytes(8, "big")
+
+
+def _record_bytes(body: int, chunk_size: int) -> int | None:
+    """Payload bytes implied by ``body`` bytes of records, or None if that is not a valid length."""
+    full, rest = divmod(body, chunk_size + TAG_SIZE)
+    return full * chunk_size + rest - TAG_SIZE if rest >= TAG_SIZE else None
+
+
+# --------------------------------------------------------------------------- header parsing
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    version: int
+    header_bytes: bytes  # magic .. end of JSON: what H covers
+    header: StateHeader | None  # None if the JSON is a valid object but not a valid StateHeader
+    header_problem: str
+    encryption: _Encryption
+    header_tag: bytes
+
+    @property
+    def data_offset(self) -> int:
+        return len(self.header_bytes) + TAG_SIZE
+
+
+def _read_exact(fh: io.FileIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = fh.read(n - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def _parse(fh: io.FileIO, path: Path | None) -> _Parsed:
+    pre = _read_exact(fh, _PREAMBLE.size)
+    if len(pre) < len(MAGIC) or pre[: len(MAGIC)] != MAGIC:
+        if len(pre) < len(MAGIC) and MAGIC.startswith(pre) and pre:
+            raise AuthenticationFailed(path, "the file is truncated inside its header")
+        raise NotAStateFile(path, "it does not start with the state-file signature")
+    if len(pre) < _PREAMBLE.size:
+        raise AuthenticationFailed(path, "the file is truncated inside its header")
+    _, version, header_len = _PREAMBLE.unpack(pre)
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedFormatVersion(path, version)
+    if header_len > MAX_HEADER_LEN:
+        raise AuthenticationFailed(path, f"its header length ({header_len} bytes) is implausible: damaged")
+    raw = _read_exact(fh, header_len)
+    tag = _read_exact(fh, TAG_SIZE)
+    if len(raw) < header_len or len(tag) < TAG_SIZE:
+        raise AuthenticationFailed(path, "the file is truncated inside its header")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+        enc = _Encryption.model_validate(obj.pop("encryption"))
+    except (ValueError, TypeError, KeyError, ValidationError):
+        raise AuthenticationFailed(path, "its header is damaged (it was modified or corrupted)") from None
+    header: StateHeader | None
+    try:
+        header, problem = StateHeader.model_validate(obj), ""
+    except ValidationError as exc:
+        header, problem = None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return _Parsed(version, pre + raw, header, problem, enc, tag)
+
+
+def _require_header(parsed: _Parsed, path: Path | None, authenticated: bool) -> StateHeader:
+    if parsed.header is not None:
+        return parsed.header
+    if authenticated:
+        raise NotAStateFile(path, f"its header does not describe a saved machine ({parsed.header_problem})")
+    raise AuthenticationFailed(path, "its header is damaged (it was modified or corrupted)")
+
+
+def read_info(path: Path) -> StateFileInfo:
+    """Read the header without the key, for display. Nothing here is authenticated."""
+    path = Path(path)
+    with _open_for_reading(path) as fh:
+        parsed = _parse(fh, path)
+        size = os.fstat(fh.fileno()).st_size
+    return StateFileInfo(
+        path=path,
+        format_version=parsed.version,
+        header=_require_header(parsed, path, authenticated=False),
+        key_id=parsed.encryption.key_id,
+        chunk_size=parsed.encryption.chunk_size,
+        file_bytes=size,
+        payload_bytes=_record_bytes(size - parsed.data_offset, parsed.encryption.chunk_size),
+    )
+
+
+def read_header(path: Path) -> StateHeader:
+    """The file's header, read without the key, for display only: it is NOT authenticated.
+
+    Use :class:`StateFileReader` (or :func:`restore_to_fd`) before trusting it.
+    """
+    return read_info(path).header
+
+
+def _open_for_reading(path: Path) -> io.FileIO:
+    try:
+        # O_NONBLOCK: a FIFO given as the file must not hang the open (it is refused below)
+        fh = io.FileIO(path, "r", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
+    except FileNotFoundError:
+        raise NotAStateFile(path, "it does not exist") from None
+    except IsADirectoryError:
+        raise NotAStateFile(path, "it is a directory") from None
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        fh.close()
+        raise NotAStateFile(path, "it is not a regular file")
+    return fh
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+_VERSION_RE = re.compile(r"^\s*v?(\d+(?:\.\d+)*)")
+
+
+def _version_tuple(text: str) -> tuple[int, ...] | None:
+    m = _VERSION_RE.match(text)
+    if not m:
+        return None
+    parts = tuple(int(p) for p in m.group(1).split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+def check_compatible(
+    header: StateHeader,
+    expected: StateHeader,
+    *,
+    check_disks: bool = True,
+    path: Path | None = None,
+) -> None:
+    """Raise the specific error if a machine described by ``expected`` cannot restore ``header``.
+
+    Checked in this order: machine type and QEMU version (:class:`IncompatibleQemu`: the
+    machine type must be identical, the QEMU version equal or newer, as QEMU supports
+    migration only forwards), configuration digest and RAM size (:class:`ConfigMismatch`),
+    then the disks, slot by slot (:class:`DisksChanged`; skipped with ``check_disks=False``,
+    the ``--force`` case). A disk that moved but kept its content is not a change.
+    """
+
+    def qemu_error(reason: str) -> IncompatibleQemu:
+        return IncompatibleQemu(
+            path,
+            saved_version=header.qemu_version,
+            saved_machine=header.machine_type,
+            current_version=expected.qemu_version,
+            current_machine=expected.machine_type,
+            reason=reason,
+        )
+
+    if header.machine_type != expected.machine_type:
+        raise qemu_error("the machine type must be the same")
+    if header.qemu_version != expected.qemu_version:
+        saved, current = _version_tuple(header.qemu_version), _version_tuple(expected.qemu_version)
+        if saved is None or current is None:
+            raise qemu_error("the QEMU versions differ and cannot be compared")
+        if current < saved:
+            raise qemu_error("an older QEMU cannot load the state of a newer one")
+    if header.config_digest != expected.config_digest:
+        raise ConfigMismatch(
+            path, field="the configuration digest", saved=header.config_digest, current=expected.config_digest
+        )
+    if header.ram_bytes != expected.ram_bytes:
+        raise ConfigMismatch(
+            path, field="the RAM size", saved=_size(header.ram_bytes), current=_size(expected.ram_bytes)
+        )
+    if check_disks:
+        changes = _disk_changes(header.disks, expected.disks)
+        if changes:
+            raise DisksChanged(path, changes)
+
+
+def _disk_changes(saved: tuple[DiskIdentity, ...], current: tuple[DiskIdentity, ...]) -> tuple[str, ...]:
+    changes: list[str] = []
+    if len(saved) != len(current):
+        changes.append(f"the machine had {len(saved)} disk(s) when saved, it has {len(current)} now")
+    for i, (old, new) in enumerate(zip(saved, current, strict=False)):
+        if old.same_content(new):
+            continue
+        what = []
+        if old.format != new.format:
+            what.append(f"format {old.format} -> {new.format}")
+        if old.size != new.size:
+            what.append(f"size {old.size} -> {new.size} bytes")
+        if old.mtime_ns != new.mtime_ns:
+            what.append("modified since (mtime changed)")
+        if old.head_sha256 != new.head_sha256:
+            what.append("its header/first 64 KiB changed")
+        where = old.path if old.path == new.path else f"{old.path} (now {new.path})"
+        changes.append(f"disk {i} {where}: {', '.join(what)}")
+    return tuple(changes)
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _Flusher:
+    """Starts writeback of what the writer wrote, from its own thread.
+
+    The disk then works while QEMU is still producing, so the fsync in ``commit`` finds
+    little left to do (a plain ``exec:cat > file`` never fsyncs; this keeps the guarantee
+    nearly free). ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` does not wait for the I/O but
+    may block on a congested device queue, hence the thread: the writer never waits.
+    """
+
+    def __init__(self, fd: int, sync_file_range: Callable[[int, int, int, int], int]) -> None:
+        self._fd = fd
+        self._sync = sync_file_range
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vmkit-statefile-flush", daemon=True)
+        self._thread.start()
+
+    def submit(self, start: int, end: int) -> None:
+        self._queue.put((start, end))
+
+    def close(self, *, discard: bool = False) -> None:
+        """Stop after the queued ranges, or dropping them (the fd must stay open until this returns)."""
+        while discard:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                return
+            start, end = item
+            while True:  # merge the ranges that queued up meanwhile
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                end = nxt[1]
+            self._sync(self._fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
+
+
+class _Cancelled(Exception):
+    """The worker thread was asked to stop."""
+
+
+def _create_temp(path: Path, *, unnamed: bool = True) -> tuple[int, str | None]:
+    """An fd for the new file's content: unnamed (O_TMPFILE) if possible, else a hidden temp file.
+
+    An unnamed file vanishes by itself if the process dies mid-save.
+    """
+    o_tmpfile = getattr(os, "O_TMPFILE", 0)
+    if unnamed and o_tmpfile and Path("/proc/self/fd").is_dir():
+        try:
+            fd = os.open(path.parent, o_tmpfile | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+        else:
+            return fd, None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return fd, tmp
+
+
+class StateFileWriter:
+    """Write one state file: feed the payload with :meth:`write`, then :meth:`commit`.
+
+    The file only appears under ``path`` (atomically replacing an earlier one) when
+    :meth:`commit` succeeds. As a context manager, a normal exit commits and an exception
+    aborts (the temporary file is removed, ``path`` is left as it was).
+    Write errors raise :class:`NoSpace` or :class:`StateFileWriteError`, after aborting.
+    """
+
+    _unnamed_temp = True  # O_TMPFILE where the file system has it (a subclass can turn it off)
+    _fd: int | None = None
+    _tmp: str | None = None
+    _done = False
+    _flusher: _Flusher | None = None
+
+    def __init__(self, path: Path, header: StateHeader, key: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be within {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        self.path = Path(path)
+        self.header = header
+        self.chunk_size = chunk_size
+        salt = secrets.token_bytes(SALT_SIZE)
+        self._prefix = secrets.token_bytes(NONCE_PREFIX_SIZE)
+        self._aead = _derive(key, salt)
+        enc = _Encryption(key_id=key_id(key), salt=salt.hex(), nonce_prefix=self._prefix.hex(), chunk_size=chunk_size)
+        doc = header.model_dump(mode="json")
+        doc["encryption"] = enc.model_dump(mode="json")
+        body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+        self._digest = hashlib.sha256(head).digest()
+        self._buf = bytearray(chunk_size)
+        self._view = memoryview(self._buf)
+        self._out = memoryview(bytearray(chunk_size + TAG_SIZE))
+        self._filled = 0
+        self._counter = 0
+        self.payload_bytes = 0
+        self.file_bytes = 0
+        self._writeback_from = 0
+        self._flusher: _Flusher | None = None
+        self._started = time.monotonic()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd, self._tmp = _create_temp(self.path, unnamed=self._unnamed_temp)
+            os.fchmod(self._fd, 0o600)
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+        header_tag = self._aead.encrypt(_nonce(self._prefix, _HEADER_COUNTER), b"", self._digest + _FLAG_HEADER)
+        self._write_out(memoryview(head + header_tag))
+
+    # -- feeding
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append payload bytes; full chunks are encrypted and written as they fill up."""
+        self._check_open()
+        view = memoryview(data).cast("B")
+        size = len(view)
+        cs = self.chunk_size
+        while view:
+            if self._filled == 0 and len(view) >= cs:
+                self._seal(view[:cs], final=False)  # straight from the caller's buffer, no copy
+                view = view[cs:]
+                continue
+            n = min(cs - self._filled, len(view))
+            self._view[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == cs:
+                self._seal(self._view, final=False)
+                self._filled = 0
+        self.payload_bytes += size
+        return size
+
+    def fill_from_fd(
+        self,
+        fd: int,
+        *,
+        cancel: threading.Event | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> int:
+        """Read ``fd`` until EOF straight into the chunk buffer; return the bytes read.
+
+        Works with blocking and non-blocking fds (pipes, sockets, files). With ``cancel`` the fd
+        should be non-blocking: waits are then short polls and :class:`_Cancelled` is raised once
+        it is set.
+        """
+        self._check_open()
+        total = 0
+        cs = self.chunk_size
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            try:
+                n = os.readv(fd, [self._view[self._filled :]])
+            except (BlockingIOError, InterruptedError):  # wait only when there is nothing to read
+                poller.poll(-1 if cancel is None else _POLL_SECONDS * 1000)
+                continue
+            if n == 0:
+                break
+            self._filled += n
+            total += n
+            self.payload_bytes += n
+            if self._filled == cs:
+                self._seal(self._view, final=False)
+                self._filled = 0
+                if on_chunk is not None:
+                    on_chunk(self.payload_bytes)
+        return total
+
+    def _seal(self, plain: memoryview, *, final: bool) -> None:
+        n = len(plain)
+        nonce = _nonce(self._prefix, self._counter)
+        aad = self._digest + (_FLAG_FINAL if final else _FLAG_MORE)
+        self._counter += 1
+        if hasattr(self._aead, "encrypt_into"):
+            out = self._out[: n + TAG_SIZE]
+            self._aead.encrypt_into(nonce, plain, aad, out)
+            self._write_out(out)
+        else:  # cryptography < 46
+            self._write_out(memoryview(self._aead.encrypt(nonce, bytes(plain), aad)))
+
+    def _write_out(self, view: memoryview) -> None:
+        assert self._fd is not None
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                self.file_bytes += n
+                view = view[n:]
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+        if self.file_bytes - self._writeback_from >= _WRITEBACK_WINDOW and _sync_file_range is not None:
+            if self._flusher is None:
+                self._flusher = _Flusher(self._fd, _sync_file_range)
+            self._flusher.submit(self._writeback_from, self.file_bytes)
+            self._writeback_from = self.file_bytes
+
+    def _stop_flusher(self, *, discard: bool = False) -> None:
+        if self._flusher is not None:
+            self._flusher.close(discard=discard)
+            self._flusher = None
+
+    def _error(self, exc: OSError) -> StateFileWriteError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(self.path, self.file_bytes)
+        return StateFileWriteError(self.path, exc.strerror or str(exc))
+
+    def _check_open(self) -> None:
+        if self._done or self._fd is None:
+            raise ValueError("the state file writer is already committed or aborted")
+
+    # -- finishing
+
+    def commit(self) -> SaveInfo:
+        """Write the final chunk, fsync, and rename the file into place (then fsync the directory)."""
+        self._check_open()
+        assert self._fd is not None
+        self._seal(self._view[: self._filled], final=True)
+        self._filled = 0
+        try:
+            self._stop_flusher()
+            os.fsync(self._fd)
+            if self._tmp is None:  # unnamed O_TMPFILE: give it a temporary name first
+                name = f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+                dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:  # a dir fd makes os.link use linkat(AT_SYMLINK_FOLLOW), which links the open file
+                    os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                finally:
+                    os.close(dir_fd)
+                self._tmp = str(self.path.parent / name)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+        self._done = True
+        return SaveInfo(
+            path=self.path,
+            header=self.header,
+            payload_bytes=self.payload_bytes,
+            file_bytes=self.file_bytes,
+            chunks=self._counter,
+            seconds=time.monotonic() - self._started,
+        )
+
+    def abort(self) -> None:
+        """Drop the temporary file; ``path`` keeps whatever it held before. Idempotent."""
+        self._done = True
+        self._stop_flusher(discard=True)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.commit()
+
+    def __del__(self) -> None:
+        if not self._done:  # dropped without commit or abort: never leak the fd or the temp file
+            self.abort()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class StateFileReader:
+    """Open a state file with the user's key; the header is authenticated on open.
+
+    :meth:`chunks` then yields the payload chunk by chunk, each authenticated before it is
+    yielded; a damaged, truncated or extended file raises :class:`AuthenticationFailed` at the
+    first bad chunk (so a consumer may have received the authentic chunks before it).
+    """
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path = Path(path)
+        self._fh = _open_for_reading(self.path)
+        try:
+            with contextlib.suppress(OSError):  # larger readahead
+                os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            parsed = _parse(self._fh, self.path)
+            enc = parsed.encryption
+            self._aead = _derive(key, bytes.fromhex(enc.salt))
+            self._prefix = bytes.fromhex(enc.nonce_prefix)
+            self._digest = hashlib.sha256(parsed.header_bytes).digest()
+            try:
+                self._aead.decrypt(
+                    _nonce(self._prefix, _HEADER_COUNTER), parsed.header_tag, self._digest + _FLAG_HEADER
+                )
+            except InvalidTag:
+                if enc.key_id != key_id(key):
+                    raise AuthenticationFailed(
+                        self.path,
+                        "it was written with a different key (another user's, or a key that has since been re-created)",
+                    ) from None
+                raise AuthenticationFailed(self.path, "its header was modified or damaged") from None
+            self.header = _require_header(parsed, self.path, authenticated=True)
+            self.format_version = parsed.version
+            self.chunk_size = enc.chunk_size
+            self.file_bytes = os.fstat(self._fh.fileno()).st_size
+            # payload size implied by the file size (None if that is inconsistent: truncated)
+            self.payload_bytes = _record_bytes(self.file_bytes - parsed.data_offset, enc.chunk_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def chunks(self) -> Iterator[memoryview]:
+        """Authenticated payload chunks, in order.
+
+        Each view is only valid until the next one is requested (the buffer is reused);
+        copy it (``bytes(view)``) to keep it. Can be iterated once.
+        """
+        cs = self.chunk_size
+        record = memoryview(bytearray(cs + TAG_SIZE))
+        plain = memoryview(bytearray(cs))
+        into = hasattr(self._aead, "decrypt_into")
+        index = 0
+        while True:
+            got = self._fill(record)
+            if got == 0:
+                raise AuthenticationFailed(
+                    self.path, f"it is truncated: it ends after chunk {index} without the final chunk"
+                )
+            if got < TAG_SIZE:
+                raise AuthenticationFailed(self.path, f"it is truncated inside chunk {index}")
+            final = got < cs + TAG_SIZE
+            nonce = _nonce(self._prefix, index)
+            aad = self._digest + (_FLAG_FINAL if final else _FLAG_MORE)
+            try:
+                if into:
+                    out = plain[: got - TAG_SIZE]
+                    self._aead.decrypt_into(nonce, record[:got], aad, out)
+                else:
+                    out = memoryview(self._aead.decrypt(nonce, bytes(record[:got]), aad))
+            except InvalidTag:
+                raise AuthenticationFailed(
+                    self.path,
+                    f"chunk {index} does not authenticate: the file was modified, damaged or truncated",
+                ) from None
+            if final and self._fh.read(1):
+                raise AuthenticationFailed(self.path, "there is data after the final chunk")
+            yield out
+            if final:
+                return
+            index += 1
+
+    def _fill(self, buf: memoryview) -> int:
+        got = 0
+        while got < len(buf):
+            n = self._fh.readinto(buf[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def pump_to_fd(
+        self,
+        fd: int,
+        *,
+        cancel: threading.Event | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write the authenticated payload to ``fd``; return the bytes written.
+
+        With ``cancel`` the fd should be non-blocking (waits are then short polls).
+        """
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        total = 0
+        for chunk in self.chunks():
+            view = chunk
+            while view:
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled
+                try:
+                    n = os.write(fd, view)
+                except (BlockingIOError, InterruptedError):
+                    poller.poll(_POLL_SECONDS * 1000)
+                    continue
+                view = view[n:]
+                total += n
+            if on_chunk is not None:
+                on_chunk(total)
+        return total
+
+
+def iter_payload(path: Path, key: bytes) -> Iterator[bytes]:
+    """The authenticated payload of ``path``, chunk by chunk (raises as :meth:`StateFileReader.chunks`)."""
+    with StateFileReader(path, key) as reader:
+        for chunk in reader.chunks():
+            yield bytes(chunk)
+
+
+# --------------------------------------------------------------------------- async pumps
+
+
+async def _in_thread(fn: Callable[[threading.Event], _T], discard: Callable[[_T], None] | None = None) -> _T:
+    """Run ``fn(cancel)`` in a worker thread; on cancellation, set ``cancel`` and wait for it to stop.
+
+    If the worker finished anyway, its result is handed to ``discard`` before the cancellation propagates.
+    """
+    cancel = threading.Event()
+    cf: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def target() -> None:
+        if not cf.set_running_or_notify_cancel():
+            return
+        try:
+            cf.set_result(fn(cancel))
+        except BaseException as exc:
+            cf.set_exception(exc)
+
+    threading.Thread(target=target, name="vmkit-statefile", daemon=True).start()
+    fut = asyncio.wrap_future(cf)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not fut.done():  # the worker notices within _POLL_SECONDS and cleans up
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({fut})
+        if not fut.cancelled() and fut.exception() is None and discard is not None:
+            discard(fut.result())
+        raise
+
+
+def _threadsafe_progress(progress: ProgressCallback | None, total: int | None) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def report(done: int) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(progress, done, total)
+
+    return report
+
+
+@contextlib.contextmanager
+def _nonblocking(fd: int, *, grow_pipe: bool) -> Iterator[None]:
+    was_blocking = os.get_blocking(fd)
+    if grow_pipe and stat.S_ISFIFO(os.fstat(fd).st_mode):
+        with contextlib.suppress(OSError):  # a bigger pipe lets QEMU run ahead while a chunk is sealed
+            if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < _PIPE_SIZE:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    os.set_blocking(fd, False)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, was_blocking)
+
+
+async def save_from_fd(
+    path: Path,
+    header: StateHeader,
+    read_fd: int,
+    key: bytes,
+    progress: ProgressCallback | None = None,
+    *,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SaveInfo:
+    """Pump ``read_fd`` (the read end of the pipe QEMU migrates into) into a new state file.
+
+    Reads until EOF, so close every other copy of the pipe's write end once QEMU has its
+    own. ``before_commit`` is awaited after EOF and before the file is renamed into place:
+    make it raise if QEMU reports the migration as failed, and the file is discarded (a
+    failed migration can also end in EOF). ``read_fd`` is not closed; it is switched to
+    non-blocking mode while in use (and the pipe enlarged to 1 MiB where allowed).
+    Cancelling the task aborts the save and leaves any earlier file in place.
+    """
+    path = Path(path)
+    report = _threadsafe_progress(progress, None)
+
+    def pump(cancel: threading.Event) -> StateFileWriter:
+        writer = StateFileWriter(path, header, key, chunk_size=chunk_size)
+        try:
+            with _nonblocking(read_fd, grow_pipe=True):
+                writer.fill_from_fd(read_fd, cancel=cancel, on_chunk=report)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    try:
+        writer = await _in_thread(pump, discard=StateFileWriter.abort)
+    except _Cancelled:  # pragma: no cover - only raised after the task was cancelled
+        raise asyncio.CancelledError from None
+    try:
+        if before_commit is not None:
+            await before_commit()
+        # not abandoned half-way if the task is cancelled: _in_thread waits for it to finish
+        info = await _in_thread(lambda _cancel: writer.commit())
+    except BaseException:
+        writer.abort()
+        raise
+    if progress is not None:
+        progress(info.payload_bytes, info.payload_bytes)
+    return info
+
+
+async def restore_to_fd(
+    path: Path,
+    key: bytes,
+    write_fd: int,
+    progress: ProgressCallback | None = None,
+    *,
+    expected: StateHeader | None = None,
+    check_disks: bool = True,
+) -> RestoreInfo:
+    """Authenticate ``path`` and write its payload to ``write_fd`` (the pipe QEMU restores from).
+
+    With ``expected``, :func:`check_compatible` runs on the authenticated header before a
+    single payload byte is written. Chunks are authenticated one by one before they are
+    written, so on :class:`AuthenticationFailed` QEMU may have received the authentic part
+    of the stream: the caller must then kill that QEMU. ``write_fd`` is not closed (close it
+    afterwards so QEMU sees EOF); it is non-blocking while in use.
+    """
+    path = Path(path)
+    started = time.monotonic()
+    reader = await asyncio.to_thread(StateFileReader, path, key)
+    try:
+        if expected is not None:
+            check_compatible(reader.header, expected, check_disks=check_disks, path=path)
+        report = _threadsafe_progress(progress, reader.payload_bytes)
+
+        def pump(cancel: threading.Event) -> int:
+            with _nonblocking(write_fd, grow_pipe=True):
+                return reader.pump_to_fd(write_fd, cancel=cancel, on_chunk=report)
+
+        try:
+            done = await _in_thread(pump)
+        except _Cancelled:  # pragma: no cover
+            raise asyncio.CancelledError from None
+    finally:
+        reader.close()
+    return RestoreInfo(path=path, header=reader.header, payload_bytes=done, seconds=time.monotonic() - started)
