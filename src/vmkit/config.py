@@ -49,7 +49,10 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+            if value != int(value):
+                raise ValueError(f"{value!r} is not a whole number of bytes: use e.g. 512M or 1536K")
+            return int(value)
     raise ValueError(f"{value!r} is not a size: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")
 
 

@@ -65,7 +65,7 @@ def free_port() -> int:
         ({"memory": True}, "memory", ["not a boolean"]),
         ({"memory": "16M"}, "memory", ["too little memory", "at least 32M"]),
         ({"memory": 600_000_001}, "memory", ["not a whole number of MiB", "512M"]),
-        ({"memory": "1.1G"}, "memory", ["not a whole number of MiB"]),
+        ({"memory": "1.1G"}, "memory", ["not a whole number of bytes"]),
         ({"cpus": 0}, "cpus", ["greater than or equal to 1"]),
         ({"cpus": 65}, "cpus", ["less than or equal to 64"]),
         ({"cpus": "many"}, "cpus", ["integer"]),

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from vmkit.cli import image, system, vm
+from vmkit.cli import image, nbd, system, vm
 from vmkit.cli.output import err
 from vmkit.errors import ExitCode, VmkitError
 
@@ -21,7 +21,7 @@ app = typer.Typer(
 vm.register(app)
 system.register(app)
 app.add_typer(image.app, name="image")
-# nbd registered below when present
+app.add_typer(nbd.app, name="nbd")
 
 
 def main(argv: list[str] | None = None) -> None:

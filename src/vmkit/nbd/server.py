@@ -1,0 +1,1337 @@
+"""vmkit's NBD server: asyncio, fixed newstyle handshake, several exports and clients.
+
+Embedding::
+
+    server = NbdServer([Export("disk", FileBackend("disk.raw"))])
+    address = await server.start(unix_path=run_dir / "nbd.sock")
+    ...                                   # QEMU connects to address.uri("disk")
+    await server.close()
+
+Design of the transmission phase (the hot path):
+
+* The handshake is an ordinary coroutine on non-blocking sockets. After it, each connection is
+  driven by ``loop.add_reader``/``add_writer`` callbacks on its raw socket: no transports, no
+  per-request coroutines or futures.
+* Requests are received with ``recv_into`` into one large per-connection buffer and parsed in
+  place; a WRITE payload goes from that buffer straight to the backend (``pwritev``).
+* Replies are packed into one per-connection output arena and sent with a single ``send`` per
+  batch; READ data is ``preadv``-ed into the arena right behind its header, or, for file-backed
+  exports and large reads, sent by ``os.sendfile`` straight from the page cache.
+* Backends flagged ``inline`` (files, memory, the chunk store) are called directly on the loop.
+  Calls that may block for long (FLUSH and FUA on durable backends, every call on non-inline
+  backends) run in a small thread pool and reply when done (replies may come out of order, as
+  the protocol allows).
+* Back-pressure: when the client stops reading replies, the connection stops reading requests.
+
+Anything a client sends is validated before it reaches a backend; protocol violations close
+that connection only; an unexpected exception is logged and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from vmkit.errors import ConfigError
+from vmkit.nbd import protocol as p
+from vmkit.nbd.backends import Backend, Extent
+from vmkit.nbd.errors import BackendError, NbdAddressInUseError, nbd_errno_for
+
+log = logging.getLogger("vmkit.nbd")
+
+META_CONTEXT_ID = 1  # the id we hand out for base:allocation
+DEFAULT_PORT = 10809
+_MAX_DISCARD = 16 * 1024 * 1024  # an option longer than this is a DoS: hard disconnect
+_MAX_PENDING = 64  # deferred (threaded) requests per connection before we stop reading
+_IN_INITIAL = 256 * 1024
+_OUT_INITIAL = 256 * 1024
+_SOCK_BUFFER = 2 * 1024 * 1024
+
+_REQ = p.REQUEST
+_REQ_UNPACK = p.REQUEST.unpack_from
+_SIMPLE_PACK = p.SIMPLE_REPLY.pack_into
+_SDATA_PACK = p.STRUCTURED_DATA.pack_into
+_REQUEST_MAGIC = p.REQUEST_MAGIC
+_SIMPLE_MAGIC = p.SIMPLE_REPLY_MAGIC
+_STRUCT_MAGIC = p.STRUCTURED_REPLY_MAGIC
+_CMD_READ = p.CMD_READ
+_CMD_WRITE = p.CMD_WRITE
+_FUA = p.CMD_FLAG_FUA
+
+
+class _Disconnect(Exception):
+    """Close this connection (protocol violation, peer gone); not an error of ours."""
+
+
+@dataclass(frozen=True)
+class Export:
+    """One named export: a backend, optionally read-only, with a human description."""
+
+    name: str
+    backend: Backend
+    read_only: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        raw = self.name.encode()
+        if len(raw) > p.MAX_STRING or "\0" in self.name:
+            raise ConfigError.single("export", "names are at most 4096 bytes of UTF-8 without NUL")
+        if len(self.description.encode()) > p.MAX_STRING:
+            raise ConfigError.single("description", "at most 4096 bytes")
+
+    @property
+    def writable(self) -> bool:
+        return not (self.read_only or self.backend.capabilities.read_only)
+
+
+@dataclass(frozen=True)
+class NbdAddress:
+    """Where a server listens: a unix socket path, or a TCP host and port."""
+
+    unix_path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def uri(self, export: str = "") -> str:
+        """The NBD URI (as QEMU, libnbd and nbdinfo take it) of one export."""
+        name = quote(export, safe="")
+        if self.unix_path is not None:
+            return f"nbd+unix:///{name}?socket={quote(str(self.unix_path), safe='/')}"
+        host = self.host or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"nbd://{host}:{self.port}/{name}"
+
+    def __str__(self) -> str:
+        return str(self.unix_path) if self.unix_path is not None else f"{self.host}:{self.port}"
+
+
+@dataclass
+class ServerStats:
+    connections_total: int = 0
+    connections_active: int = 0
+    protocol_errors: int = 0
+    internal_errors: int = 0
+    exports_opened: dict[str, int] = field(default_factory=dict)
+
+
+def _as_exports(exports: Export | Backend | Iterable[Export] | Mapping[str, Backend]) -> list[Export]:
+    if isinstance(exports, Export):
+        return [exports]
+    if isinstance(exports, Backend):
+        return [Export("", exports)]
+    if isinstance(exports, Mapping):
+        return [Export(name, b) for name, b in exports.items()]
+    return list(exports)
+
+
+class NbdServer:
+    """An NBD server for several exports and several clients at once.
+
+    ``default_export`` is what the empty export name selects; if None and there is exactly
+    one export, that one. ``io_threads`` is the size of the pool for blocking calls.
+    ``sendfile_min``: reads of at least this many bytes from file-backed exports are sent
+    with ``sendfile`` (0 disables it).
+    """
+
+    def __init__(
+        self,
+        exports: Export | Backend | Iterable[Export] | Mapping[str, Backend] = (),
+        *,
+        default_export: str | None = None,
+        handshake_timeout: float | None = 30.0,
+        io_threads: int = 4,
+        sendfile_min: int = 128 * 1024,
+        max_connections: int = 512,
+    ) -> None:
+        self._exports: dict[str, Export] = {}
+        for export in _as_exports(exports):
+            self.add_export(export)
+        self.default_export = default_export
+        self.handshake_timeout = handshake_timeout
+        self.sendfile_min = sendfile_min if sendfile_min > 0 else 1 << 62
+        self.max_connections = max_connections
+        self._io_threads = max(1, io_threads)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._listener: socket.socket | None = None
+        self._unix_path: Path | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[_Connection] = set()
+        self._closing = False
+        self.address: NbdAddress | None = None
+        self.stats = ServerStats()
+
+    # --- exports --------------------------------------------------------------------------
+    @property
+    def exports(self) -> Mapping[str, Export]:
+        return dict(self._exports)
+
+    def add_export(self, export: Export) -> None:
+        """Add an export; new connections can use it at once."""
+        if export.name in self._exports:
+            raise ConfigError.single("export", f"an export named {export.name!r} already exists")
+        self._exports[export.name] = export
+
+    def remove_export(self, name: str) -> Export:
+        """Stop offering an export (connections already using it keep it)."""
+        return self._exports.pop(name)
+
+    def lookup(self, name: str) -> Export | None:
+        export = self._exports.get(name)
+        if export is None and name == "":
+            if self.default_export is not None:
+                export = self._exports.get(self.default_export)
+            elif len(self._exports) == 1:
+                export = next(iter(self._exports.values()))
+        return export
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(
+        self,
+        *,
+        unix_path: str | os.PathLike[str] | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        sock: socket.socket | None = None,
+        backlog: int = 128,
+    ) -> NbdAddress:
+        """Listen on a unix socket, a TCP address (port 0: any free port) or a given socket.
+
+        Returns the bound address. Connections are served in the background until close().
+        """
+        if self._listener is not None:
+            raise ConfigError.single("server", "already started")
+        given = sum(x is not None for x in (unix_path, sock)) + (host is not None or port is not None)
+        if given != 1:
+            raise ConfigError.single("address", "give exactly one of a unix socket path, a TCP port, or a socket")
+        if sock is not None:
+            lsock = sock
+            if lsock.family == socket.AF_UNIX:
+                name = lsock.getsockname()
+                addr = NbdAddress(unix_path=Path(name) if name else None)
+            else:
+                h, prt = lsock.getsockname()[:2]
+                addr = NbdAddress(host=h, port=prt)
+        elif unix_path is not None:
+            path = Path(unix_path)
+            lsock = _bind_unix(path)
+            self._unix_path = path
+            addr = NbdAddress(unix_path=path)
+        else:
+            lsock = _bind_tcp(host or "127.0.0.1", DEFAULT_PORT if port is None else port)
+            h, prt = lsock.getsockname()[:2]
+            addr = NbdAddress(host=h, port=prt)
+        lsock.setblocking(False)
+        if not lsock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            lsock.listen(backlog)
+        self._listener = lsock
+        self.address = addr
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(lsock))
+        log.info("NBD server listening on %s (exports: %s)", addr, ", ".join(map(repr, self._exports)))
+        return addr
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed."""
+        if self._accept_task is None:
+            raise ConfigError.single("server", "start() it first")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._accept_task)
+
+    async def __aenter__(self) -> NbdServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop listening, let connections finish their in-flight requests, then drop them."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._accept_task
+        if self._listener is not None:
+            self._listener.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                self._unix_path.unlink()
+        for conn in list(self._conns):
+            conn.shutdown()
+        tasks = list(self._tasks)
+        if tasks:
+            _done, still = await asyncio.wait(tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        log.info("NBD server on %s closed", self.address)
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._io_threads, thread_name_prefix="vmkit-nbd-io"
+            )
+        return self._executor
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # listener closed
+                log.warning("NBD accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._conns) >= self.max_connections:
+                log.warning("NBD: too many connections (%d); refusing one", len(self._conns))
+                conn.close()
+                continue
+            self._spawn(conn)
+
+    def _spawn(self, sock: socket.socket) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self.handle_connection(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def handle_connection(self, sock: socket.socket) -> None:
+        """Serve one already-connected socket (e.g. one end of a socketpair) until it ends.
+
+        Never raises for anything the peer does.
+        """
+        if self._closing:
+            sock.close()
+            return
+        conn = _Connection(self, sock)
+        self._conns.add(conn)
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+            self.stats.connections_active -= 1
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise NbdAddressInUseError(f"{path} exists and is not a socket", hint="choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale socket of a dead server
+        else:
+            raise NbdAddressInUseError(f"another server is listening on {path}", hint="stop it or choose another path")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+    except OSError as exc:
+        s.close()
+        raise NbdAddressInUseError(f"cannot bind {path}: {exc.strerror}") from exc
+    return s
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError.single("host", f"cannot resolve {host!r}: {exc}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(sockaddr)
+    except OSError as exc:
+        s.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise NbdAddressInUseError(
+                f"TCP port {port} on {host} is in use", hint="choose another --port (0 picks a free one)"
+            ) from exc
+        raise ConfigError.single("address", f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+class _Connection:
+    """One client: the handshake coroutine, then callback-driven transmission."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.fileno()
+        self.peer = _peer_name(sock)
+        self.structured = False
+        self.no_zeroes = False
+        self.meta_export: str | None = None  # export the meta contexts were set for
+        self.meta_selected = False
+        self.export: Export | None = None
+        self._closed = False
+        self._done: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        sock = self.sock
+        self._task = asyncio.current_task()
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUFFER)
+            timeout = self.server.handshake_timeout
+            async with asyncio.timeout(timeout):
+                export = await self._handshake()
+            if export is None:
+                return
+            self.export = export
+            opened = self.server.stats.exports_opened
+            opened[export.name] = opened.get(export.name, 0) + 1
+            log.debug("NBD %s: transmission on export %r", self.peer, export.name)
+            self._start_transmission(export)
+            assert self._done is not None
+            await self._done
+        except _Disconnect as exc:
+            self.server.stats.protocol_errors += 1
+            log.debug("NBD %s: disconnecting: %s", self.peer, exc)
+        except TimeoutError:
+            log.debug("NBD %s: handshake timed out", self.peer)
+        except (ConnectionError, BrokenPipeError):
+            log.debug("NBD %s: connection lost", self.peer)
+        except OSError as exc:
+            log.debug("NBD %s: socket error: %s", self.peer, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.server.stats.internal_errors += 1
+            log.exception("NBD %s: internal error; closing this connection", self.peer)
+        finally:
+            self._close()
+
+    def shutdown(self) -> None:
+        """Server shutdown: finish in-flight requests, then close (handshakes just close)."""
+        self._stopping = True
+        if self._done is None:  # negotiating: stop the handshake coroutine (it closes the socket)
+            if self._task is not None:
+                self._task.cancel()
+            else:
+                self._close()
+        else:
+            self._set_reading(False)
+            self._eof = True
+            self._maybe_finish()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._done is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.fd)
+                self.loop.remove_writer(self.fd)
+            if not self._done.done():
+                self._done.set_result(None)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    # --- handshake ------------------------------------------------------------------------
+    async def _recv_exact(self, n: int) -> bytes:
+        if n == 0:
+            return b""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = await self.loop.sock_recv_into(self.sock, view[got:])
+            if k == 0:
+                raise _Disconnect("client closed the connection during the handshake")
+            got += k
+        return bytes(buf)
+
+    async def _send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def _reply(self, opt: int, rep: int, data: bytes | str = b"") -> None:
+        raw = data.encode()[: p.MAX_STRING] if isinstance(data, str) else data
+        await self._send(p.option_reply(opt, rep, raw))
+
+    async def _discard(self, n: int) -> None:
+        buf = bytearray(min(n, 1 << 16))
+        view = memoryview(buf)
+        while n:
+            k = await self.loop.sock_recv_into(self.sock, view[: min(n, len(buf))])
+            if k == 0:
+                raise _Disconnect("client closed the connection during the handshake")
+            n -= k
+
+    async def _handshake(self) -> Export | None:
+        await self._send(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        (cflags,) = p.CLIENT_FLAGS.unpack(await self._recv_exact(4))
+        if cflags & ~p.CLIENT_FLAGS_KNOWN:
+            raise _Disconnect(f"unknown client flags {cflags:#x}")
+        self.no_zeroes = bool(cflags & p.FLAG_C_NO_ZEROES)
+        while True:
+            magic, opt, length = p.OPTION_HEADER.unpack(await self._recv_exact(p.OPTION_HEADER.size))
+            if magic != p.IHAVEOPT:
+                raise _Disconnect(f"bad option magic {magic:#x}")
+            if length > p.MAX_OPTION_DATA:
+                if opt == p.OPT_EXPORT_NAME or length > _MAX_DISCARD:
+                    raise _Disconnect(f"option {opt} with {length} bytes of data")
+                await self._discard(length)
+                await self._reply(opt, p.REP_ERR_TOO_BIG, "option data too long")
+                continue
+            data = await self._recv_exact(length)
+            if self._stopping and opt != p.OPT_ABORT:
+                await self._reply(opt, p.REP_ERR_SHUTDOWN, "server is shutting down")
+                continue
+            result = await self._option(opt, data)
+            if result is not None:
+                return result if isinstance(result, Export) else None
+
+    async def _option(self, opt: int, data: bytes) -> Export | bool | None:
+        """Handle one option; an Export means 'enter transmission', False means 'close'."""
+        if opt == p.OPT_GO or opt == p.OPT_INFO:
+            return await self._opt_info_go(opt, data)
+        if opt == p.OPT_EXPORT_NAME:
+            return await self._opt_export_name(data)
+        if opt == p.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._reply(opt, p.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            else:
+                self.structured = True
+                await self._reply(opt, p.REP_ACK)
+            return None
+        if opt == p.OPT_LIST_META_CONTEXT or opt == p.OPT_SET_META_CONTEXT:
+            await self._opt_meta_context(opt, data)
+            return None
+        if opt == p.OPT_LIST:
+            if data:
+                await self._reply(opt, p.REP_ERR_INVALID, "LIST takes no data")
+                return None
+            for export in self.server.exports.values():
+                name = export.name.encode()
+                await self._reply(opt, p.REP_SERVER, p.U32.pack(len(name)) + name + export.description.encode())
+            await self._reply(opt, p.REP_ACK)
+            return None
+        if opt == p.OPT_ABORT:
+            with contextlib.suppress(OSError):
+                await self._reply(opt, p.REP_ACK)
+            return False
+        if opt == p.OPT_STARTTLS:
+            await self._reply(opt, p.REP_ERR_UNSUP, "TLS is not supported by this server")
+            return None
+        await self._reply(opt, p.REP_ERR_UNSUP, f"option {opt} is not supported")
+        return None
+
+    async def _opt_export_name(self, data: bytes) -> Export:
+        try:
+            name = data.decode()
+        except UnicodeDecodeError:
+            raise _Disconnect("export name is not UTF-8") from None
+        export = self.server.lookup(name)
+        if export is None:
+            raise _Disconnect(f"no export named {name!r} (EXPORT_NAME cannot return an error)")
+        self._check_meta(export)
+        flags = self._transmission_flags(export)
+        msg = p.EXPORT_NAME_REPLY.pack(export.backend.size, flags)
+        if not self.no_zeroes:
+            msg += bytes(p.EXPORT_NAME_ZEROES)
+        await self._send(msg)
+        return export
+
+    async def _opt_info_go(self, opt: int, data: bytes) -> Export | None:
+        n = len(data)
+        if n < 6:
+            await self._reply(opt, p.REP_ERR_INVALID, "option data too short")
+            return None
+        (namelen,) = p.U32.unpack_from(data, 0)
+        if namelen > n - 6:
+            await self._reply(opt, p.REP_ERR_INVALID, "export name length exceeds the option")
+            return None
+        (nreq,) = p.U16.unpack_from(data, 4 + namelen)
+        if n != 4 + namelen + 2 + 2 * nreq:
+            await self._reply(opt, p.REP_ERR_INVALID, "option length does not match its contents")
+            return None
+        requests = struct.unpack_from(f">{nreq}H", data, 6 + namelen)
+        try:
+            name = data[4 : 4 + namelen].decode()
+        except UnicodeDecodeError:
+            await self._reply(opt, p.REP_ERR_INVALID, "export name is not UTF-8")
+            return None
+        export = self.server.lookup(name)
+        if export is None:
+            await self._reply(opt, p.REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        backend = export.backend
+        caps = backend.capabilities
+        flags = self._transmission_flags(export)
+        await self._reply(opt, p.REP_INFO, p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, backend.size, flags))
+        if p.INFO_NAME in requests:
+            await self._reply(opt, p.REP_INFO, p.U16.pack(p.INFO_NAME) + export.name.encode())
+        if p.INFO_DESCRIPTION in requests and export.description:
+            await self._reply(opt, p.REP_INFO, p.U16.pack(p.INFO_DESCRIPTION) + export.description.encode())
+        min_block = caps.min_block
+        preferred = max(caps.preferred_block, min_block, 512)
+        await self._reply(
+            opt,
+            p.REP_INFO,
+            p.INFO_BLOCK_SIZE_PAYLOAD.pack(p.INFO_BLOCK_SIZE, min_block, preferred, p.MAX_PAYLOAD),
+        )
+        await self._reply(opt, p.REP_ACK)
+        if opt == p.OPT_GO:
+            self._check_meta(export)
+            return export
+        return None
+
+    def _check_meta(self, export: Export) -> None:
+        if self.meta_export != export.name:
+            self.meta_selected = False
+
+    async def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        setting = opt == p.OPT_SET_META_CONTEXT
+        if setting:
+            self.meta_selected = False
+            self.meta_export = None
+        if not self.structured:
+            await self._reply(opt, p.REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            await self._reply(opt, p.REP_ERR_INVALID, "malformed meta context request")
+            return
+        name, queries = parsed
+        export = self.server.lookup(name)
+        if export is None:
+            await self._reply(opt, p.REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        available = export.backend.capabilities.block_status
+        if any(":" not in q for q in queries):
+            await self._reply(opt, p.REP_ERR_INVALID, "a query must start with a namespace and a colon")
+            return
+        base = p.META_BASE_ALLOCATION
+        if setting:
+            chosen = available and base in queries
+            if chosen:
+                await self._reply(opt, p.REP_META_CONTEXT, p.U32.pack(META_CONTEXT_ID) + base.encode())
+            await self._reply(opt, p.REP_ACK)
+            self.meta_selected = chosen
+            self.meta_export = export.name
+            return
+        if available and (not queries or any(q in ("base:", base) for q in queries)):
+            await self._reply(opt, p.REP_META_CONTEXT, p.U32.pack(0) + base.encode())
+        await self._reply(opt, p.REP_ACK)
+
+    def _transmission_flags(self, export: Export) -> int:
+        caps = export.backend.capabilities
+        flags = p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE
+        if not export.writable:
+            flags |= p.FLAG_READ_ONLY
+        else:
+            if caps.trim:
+                flags |= p.FLAG_SEND_TRIM
+            if caps.zero:
+                flags |= p.FLAG_SEND_WRITE_ZEROES
+                if caps.fast_zero:
+                    flags |= p.FLAG_SEND_FAST_ZERO
+        if self.structured:
+            flags |= p.FLAG_SEND_DF
+        if caps.multi_conn:
+            flags |= p.FLAG_CAN_MULTI_CONN
+        if caps.rotational:
+            flags |= p.FLAG_ROTATIONAL
+        return flags
+
+    # --- transmission: state --------------------------------------------------------------
+    def _start_transmission(self, export: Export) -> None:
+        backend = export.backend
+        caps = backend.capabilities
+        self.backend = backend
+        self.size = backend.size
+        self.writable = export.writable
+        self.inline = caps.inline
+        self.volatile = caps.volatile
+        self.min_block = caps.min_block
+        self.flags = self._transmission_flags(export)
+        self.has_block_status = self.meta_selected and caps.block_status
+        self.sendfile_min = self.server.sendfile_min
+        self.sendfile_ok = backend.file_extents(0, min(self.size, 1)) is not None
+        fua = p.CMD_FLAG_FUA
+        self.read_flags = fua | (p.CMD_FLAG_DF if self.structured else 0)
+        self.zero_flags = fua | p.CMD_FLAG_NO_HOLE
+        if self.flags & p.FLAG_SEND_FAST_ZERO:
+            self.zero_flags |= p.CMD_FLAG_FAST_ZERO
+        # input: one buffer, requests parsed in place
+        self.ibuf = bytearray(_IN_INITIAL)
+        self.imv = memoryview(self.ibuf)
+        self.istart = 0
+        self.iend = 0
+        # output: one arena of packed replies, plus sendfile segments and late replies
+        self.obuf = bytearray(_OUT_INITIAL)
+        self.omv = memoryview(self.obuf)
+        self.opos = 0
+        self.osent = 0
+        self.fsegs: collections.deque[list[int]] = collections.deque()
+        self.late: collections.deque[memoryview] = collections.deque()
+        self.pending = 0
+        self.blocked = False
+        self._eof = False
+        self._disc = False
+        self._reading = False
+        self._writing = False
+        self._done = self.loop.create_future()
+        self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self._reading or self._closed:
+            return
+        self._reading = on
+        if on:
+            self.loop.add_reader(self.fd, self._on_readable)
+        else:
+            self.loop.remove_reader(self.fd)
+
+    def _set_writing(self, on: bool) -> None:
+        if on == self._writing or self._closed:
+            return
+        self._writing = on
+        if on:
+            self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def _fatal(self, why: str) -> None:
+        self.server.stats.protocol_errors += 1
+        log.debug("NBD %s: disconnecting: %s", self.peer, why)
+        self._close()
+
+    def _bug(self) -> None:
+        self.server.stats.internal_errors += 1
+        log.exception("NBD %s: internal error; closing this connection", self.peer)
+        self._close()
+
+    # --- transmission: input ----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            if self.iend == len(self.ibuf):  # never hand recv an empty buffer (0 means EOF)
+                self._compact_input()
+                if self.iend == len(self.ibuf):
+                    self._set_reading(False)
+                    return
+            try:
+                n = self.sock.recv_into(self.imv[self.iend :])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fatal(f"receive failed: {exc}")
+                return
+            if n == 0:
+                self._eof = True
+                self._set_reading(False)
+            else:
+                self.iend += n
+            self._process()
+        except Exception:
+            self._bug()
+
+    def _process(self) -> None:
+        """Serve every complete request in the input buffer (unless output is backed up)."""
+        if self._closed:
+            return
+        buf = self.ibuf
+        pos = self.istart
+        end = self.iend
+        unpack = _REQ_UNPACK
+        while not self.blocked and not self._disc:
+            avail = end - pos
+            if avail < 28:
+                break
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != _REQUEST_MAGIC:
+                self._fatal(f"bad request magic {magic:#x}")
+                return
+            if cmd == _CMD_WRITE:
+                if length > p.MAX_PAYLOAD:
+                    self._fatal(f"WRITE of {length} bytes exceeds the {p.MAX_PAYLOAD} byte limit")
+                    return
+                total = 28 + length
+                if avail < total:
+                    self.istart = pos
+                    self._need_input(total)
+                    buf = self.ibuf
+                    pos = self.istart
+                    end = self.iend
+                    break
+            else:
+                total = 28
+            # room for the reply (inline READ data goes into the arena)
+            if (
+                cmd == _CMD_READ
+                and length <= p.MAX_PAYLOAD
+                and offset + length <= self.size
+                and (length < self.sendfile_min or not self.sendfile_ok)
+            ):
+                need = 28 + length
+            else:
+                need = 4096 + 64
+            if (self.late or len(self.obuf) - self.opos < need) and not self._make_room(need):
+                self.blocked = True
+                self._set_reading(False)
+                break
+            pos += total
+            self.istart = pos
+            if cmd == _CMD_READ:
+                self._cmd_read(flags, cookie, offset, length)
+            elif cmd == _CMD_WRITE:
+                self._cmd_write(flags, cookie, offset, length, pos - length)
+            else:
+                self._cmd_other(cmd, flags, cookie, offset, length)
+            if self._closed:
+                return
+            if self.pending >= _MAX_PENDING:
+                self.blocked = True
+                self._set_reading(False)
+        self.istart = pos
+        if pos == self.iend:
+            self.istart = self.iend = 0
+        elif len(self.ibuf) - self.iend < (len(self.ibuf) >> 2):
+            self._compact_input()
+        if not self._flush():
+            return
+        self._maybe_finish()
+
+    def _compact_input(self) -> None:
+        n = self.iend - self.istart
+        if self.istart:
+            self.imv[:n] = self.imv[self.istart : self.iend]  # memoryview copy handles overlap
+            self.istart = 0
+            self.iend = n
+
+    def _need_input(self, total: int) -> None:
+        """Make room for a request of ``total`` bytes starting at istart."""
+        if len(self.ibuf) >= total:
+            if len(self.ibuf) - self.istart < total:
+                self._compact_input()
+            return
+        size = len(self.ibuf)
+        while size < total:
+            size *= 2
+        size = min(size, p.MAX_PAYLOAD + 64 * 1024)
+        n = self.iend - self.istart
+        new = bytearray(size)
+        new[:n] = self.imv[self.istart : self.iend]
+        self.imv.release()
+        self.ibuf = new
+        self.imv = memoryview(new)
+        self.istart = 0
+        self.iend = n
+
+    # --- transmission: output ---------------------------------------------------------------
+    def _make_room(self, need: int) -> bool:
+        """True if the arena has ``need`` free bytes (after sending / growing if possible)."""
+        if not self._flush():
+            return False
+        if len(self.obuf) - self.opos >= need:
+            return True
+        # drained, so opos == 0 and the arena may be replaced
+        size = len(self.obuf)
+        while size < need:
+            size *= 2
+        self.omv.release()
+        self.obuf = bytearray(size)
+        self.omv = memoryview(self.obuf)
+        return True
+
+    def _emit(self, data: bytes) -> None:
+        """Queue one complete reply (for the cold paths)."""
+        n = len(data)
+        if not self.late and len(self.obuf) - self.opos >= n:
+            self.obuf[self.opos : self.opos + n] = data
+            self.opos += n
+        else:
+            self.late.append(memoryview(data))
+
+    def _flush(self) -> bool:
+        """Send what is queued; True when everything went out. Registers for writability."""
+        if self._closed:
+            return False
+        sock = self.sock
+        try:
+            while True:
+                fsegs = self.fsegs
+                limit = fsegs[0][0] if fsegs else self.opos
+                if self.osent < limit:
+                    n = sock.send(self.omv[self.osent : limit])
+                    self.osent += n
+                    if self.osent < limit:
+                        break
+                elif fsegs:
+                    seg = fsegs[0]
+                    n = os.sendfile(self.fd, seg[1], seg[2], seg[3])
+                    if n == 0:
+                        self._fatal("export file shrank under a read (sendfile hit end of file)")
+                        return False
+                    if n < seg[3]:
+                        seg[2] += n
+                        seg[3] -= n
+                        break
+                    fsegs.popleft()
+                elif self.late:
+                    data = self.late[0]
+                    n = sock.send(data)
+                    if n < len(data):
+                        self.late[0] = data[n:]
+                        break
+                    self.late.popleft()
+                else:
+                    self.opos = self.osent = 0
+                    self._set_writing(False)
+                    return True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._fatal(f"send failed: {exc}")
+            return False
+        self._set_writing(True)
+        return False
+
+    def _on_writable(self) -> None:
+        try:
+            if self._flush() and self.blocked:
+                self._unblock()
+            else:
+                self._maybe_finish()
+        except Exception:
+            self._bug()
+
+    def _unblock(self) -> None:
+        if self.pending >= _MAX_PENDING:
+            return
+        self.blocked = False
+        if not self._eof and not self._disc:
+            self._set_reading(True)
+        self._process()
+
+    def _maybe_finish(self) -> None:
+        if (
+            (self._eof or self._disc)
+            and not self.blocked
+            and self.pending == 0
+            and not self._closed
+            and self.opos == self.osent == 0
+            and not self.late
+        ):
+            self._close()
+
+    # --- replies ----------------------------------------------------------------------------
+    def _ok(self, cookie: int) -> None:
+        # a simple reply is allowed for any successful non-READ command, even when structured
+        _SIMPLE_PACK(self.obuf, self.opos, _SIMPLE_MAGIC, 0, cookie)
+        self.opos += 16
+
+    def _error(self, cookie: int, error: int, message: str) -> None:
+        if self.structured:
+            self._emit(p.structured_error(cookie, error, message))
+        else:
+            self._emit(p.SIMPLE_REPLY.pack(_SIMPLE_MAGIC, error, cookie))
+
+    def _error_from(self, cookie: int, exc: BaseException, what: str) -> None:
+        if isinstance(exc, BackendError | OSError):
+            log.debug("NBD %s: %s failed: %s", self.peer, what, exc)
+            message = exc.message if isinstance(exc, BackendError) else (exc.strerror or str(exc))
+        else:  # a bug in a backend: say so loudly, answer EIO, keep serving
+            self.server.stats.internal_errors += 1
+            log.error("NBD %s: %s failed unexpectedly", self.peer, what, exc_info=exc)
+            message = type(exc).__name__
+        self._error(cookie, nbd_errno_for(exc), f"{what} failed: {message}")
+
+    def _read_reply(self, cookie: int, offset: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self.structured:
+            if n == 0:
+                hdr = p.STRUCTURED_REPLY.pack(_STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0)
+            else:
+                hdr = p.STRUCTURED_DATA.pack(
+                    _STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, cookie, n + 8, offset
+                )
+        else:
+            hdr = p.SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie)
+        self._emit(hdr + bytes(data))
+
+    # --- commands ---------------------------------------------------------------------------
+    def _cmd_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        if flags & ~self.read_flags:
+            self._error(cookie, p.EINVAL, f"unsupported READ flags {flags:#x}")
+            return
+        if length > p.MAX_PAYLOAD:
+            self._error(cookie, p.EINVAL, f"READ of {length} bytes exceeds the {p.MAX_PAYLOAD} byte limit")
+            return
+        if offset + length > self.size:
+            self._error(cookie, p.EINVAL, "read beyond the end of the export")
+            return
+        if offset % self.min_block or length % self.min_block:
+            self._error(cookie, p.EINVAL, "read not aligned to the minimum block size")
+            return
+        if length == 0:
+            self._read_reply(cookie, offset, b"")
+            return
+        if not self.inline:
+            self._defer(cookie, "READ", self.backend.read, offset, length, kind=_CMD_READ, arg=offset)
+            return
+        obuf = self.obuf
+        opos = self.opos
+        hdr = 28 if self.structured else 16
+        if length >= self.sendfile_min:
+            extents = self.backend.file_extents(offset, length)
+            if extents is not None:
+                if self.structured:
+                    _SDATA_PACK(
+                        obuf, opos, _STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
+                        cookie, length + 8, offset,
+                    )  # fmt: skip
+                else:
+                    _SIMPLE_PACK(obuf, opos, _SIMPLE_MAGIC, 0, cookie)
+                opos += hdr
+                self.opos = opos
+                for fd, off, n in extents:
+                    self.fsegs.append([opos, fd, off, n])
+                return
+            if len(obuf) - opos < hdr + length and not self._make_room(hdr + length):
+                # cannot happen after the room check in _process, but never overrun the arena
+                self._read_reply_late(cookie, offset, length)
+                return
+            obuf = self.obuf
+            opos = self.opos
+        try:
+            self.backend.read_into(offset, self.omv[opos + hdr : opos + hdr + length])
+        except Exception as exc:
+            self._error_from(cookie, exc, "READ")
+            return
+        if self.structured:
+            _SDATA_PACK(
+                obuf, opos, _STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
+                cookie, length + 8, offset,
+            )  # fmt: skip
+        else:
+            _SIMPLE_PACK(obuf, opos, _SIMPLE_MAGIC, 0, cookie)
+        self.opos = opos + hdr + length
+
+    def _read_reply_late(self, cookie: int, offset: int, length: int) -> None:
+        try:
+            data = self.backend.read(offset, length)
+        except Exception as exc:
+            self._error_from(cookie, exc, "READ")
+            return
+        self._read_reply(cookie, offset, data)
+
+    def _cmd_write(self, flags: int, cookie: int, offset: int, length: int, dpos: int) -> None:
+        if flags & ~_FUA:
+            self._error(cookie, p.EINVAL, f"unsupported WRITE flags {flags:#x}")
+            return
+        if not self.writable:
+            self._error(cookie, p.EPERM, "the export is read-only")
+            return
+        if offset + length > self.size:
+            self._error(cookie, p.ENOSPC, "write beyond the end of the export")
+            return
+        if offset % self.min_block or length % self.min_block:
+            self._error(cookie, p.EINVAL, "write not aligned to the minimum block size")
+            return
+        fua = bool(flags & _FUA)
+        if not self.inline or (fua and not self.volatile):
+            data = bytes(self.imv[dpos : dpos + length])  # the input buffer is reused meanwhile
+            self._defer(cookie, "WRITE", functools.partial(self.backend.write, fua=fua), offset, data)
+            return
+        try:
+            self.backend.write(offset, self.imv[dpos : dpos + length], fua=fua)
+        except Exception as exc:
+            self._error_from(cookie, exc, "WRITE")
+            return
+        self._ok(cookie)
+
+    def _cmd_other(self, cmd: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        name = p.CMD_NAMES.get(cmd, str(cmd))
+        if cmd == p.CMD_DISC:
+            self._disc = True
+            self._set_reading(False)
+            return
+        if cmd == p.CMD_FLUSH:
+            if flags & ~_FUA:
+                self._error(cookie, p.EINVAL, f"unsupported FLUSH flags {flags:#x}")
+            elif self.volatile:
+                self._ok(cookie)
+            else:
+                self._defer(cookie, name, self.backend.flush)
+            return
+        if cmd == p.CMD_BLOCK_STATUS:
+            self._cmd_block_status(flags, cookie, offset, length)
+            return
+        if cmd not in (p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_CACHE):
+            self._error(cookie, p.EINVAL, f"unknown command {cmd}")
+            return
+        allowed = self.zero_flags if cmd == p.CMD_WRITE_ZEROES else _FUA
+        if flags & ~allowed:
+            self._error(cookie, p.EINVAL, f"unsupported {name} flags {flags:#x}")
+            return
+        if offset + length > self.size:
+            error = p.ENOSPC if cmd == p.CMD_WRITE_ZEROES else p.EINVAL
+            self._error(cookie, error, f"{name} beyond the end of the export")
+            return
+        if offset % self.min_block or length % self.min_block:
+            self._error(cookie, p.EINVAL, f"{name} not aligned to the minimum block size")
+            return
+        fua = bool(flags & _FUA)
+        call: Callable[[], object]
+        if cmd == p.CMD_CACHE:
+            call = functools.partial(self.backend.cache, offset, length)
+        elif not self.writable:
+            self._error(cookie, p.EPERM, "the export is read-only")
+            return
+        elif cmd == p.CMD_TRIM:
+            if not self.flags & p.FLAG_SEND_TRIM:
+                self._error(cookie, p.EINVAL, "TRIM is not supported by this export")
+                return
+            call = functools.partial(self.backend.trim, offset, length, fua=fua)
+        else:
+            if not self.flags & p.FLAG_SEND_WRITE_ZEROES:
+                self._error(cookie, p.EINVAL, "WRITE_ZEROES is not supported by this export")
+                return
+            call = functools.partial(
+                self.backend.zero,
+                offset,
+                length,
+                may_trim=not flags & p.CMD_FLAG_NO_HOLE,
+                fast=bool(flags & p.CMD_FLAG_FAST_ZERO),
+                fua=fua,
+            )
+        if length == 0:
+            self._ok(cookie)
+        elif not self.inline or (fua and not self.volatile):
+            self._defer(cookie, name, call)
+        else:
+            try:
+                call()
+            except Exception as exc:
+                self._error_from(cookie, exc, name)
+                return
+            self._ok(cookie)
+
+    def _cmd_block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        if not self.has_block_status:
+            self._error(cookie, p.EINVAL, "no metadata context was negotiated")
+            return
+        if flags & ~(_FUA | p.CMD_FLAG_REQ_ONE):
+            self._error(cookie, p.EINVAL, f"unsupported BLOCK_STATUS flags {flags:#x}")
+            return
+        if length == 0 or offset + length > self.size:
+            self._error(cookie, p.EINVAL, "block status range is empty or beyond the end of the export")
+            return
+        req_one = bool(flags & p.CMD_FLAG_REQ_ONE)
+        if not self.inline:
+            self._defer(
+                cookie, "BLOCK_STATUS", self.backend.block_status, offset, length,
+                kind=p.CMD_BLOCK_STATUS, arg=length, req_one=req_one,
+            )  # fmt: skip
+            return
+        try:
+            extents = self.backend.block_status(offset, length)
+        except Exception as exc:
+            self._error_from(cookie, exc, "BLOCK_STATUS")
+            return
+        self._block_status_reply(cookie, length, extents, req_one)
+
+    def _block_status_reply(self, cookie: int, length: int, extents: Sequence[Extent], req_one: bool) -> None:
+        words: list[int] = []
+        total = 0
+        for ext_len, state in extents:
+            ext_len = min(ext_len, length - total)
+            if ext_len <= 0:
+                break
+            words += (ext_len, state & 0xFFFFFFFF)
+            total += ext_len
+            if req_one or len(words) >= 2 * (1 << 20):
+                break
+        if not words:
+            self._error(cookie, p.EIO, "the backend reported no extents")
+            return
+        payload = p.U32.pack(META_CONTEXT_ID) + struct.pack(f">{len(words)}I", *words)
+        hdr = p.STRUCTURED_REPLY.pack(_STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_BLOCK_STATUS, cookie, len(payload))
+        self._emit(hdr + payload)
+
+    # --- deferred (threaded) requests -------------------------------------------------------
+    def _defer(
+        self,
+        cookie: int,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        kind: int = -1,
+        arg: int = 0,
+        req_one: bool = False,
+    ) -> None:
+        """Run ``fn(*args)`` in the I/O threads; reply when it is done.
+
+        ``kind``/``arg`` say how to turn the result into a reply: READ (arg: offset),
+        BLOCK_STATUS (arg: requested length), anything else: a plain success.
+        """
+        self.pending += 1
+        fut = self.loop.run_in_executor(self.server.executor, fn, *args)
+        fut.add_done_callback(functools.partial(self._deferred_done, cookie, what, kind, arg, req_one))
+
+    def _deferred_done(
+        self, cookie: int, what: str, kind: int, arg: int, req_one: bool, fut: asyncio.Future[Any]
+    ) -> None:
+        self.pending -= 1
+        if self._closed:
+            return
+        try:
+            if fut.cancelled():
+                self._error(cookie, p.ESHUTDOWN, "the server is shutting down")
+            elif (exc := fut.exception()) is not None:
+                self._error_from(cookie, exc, what)
+            elif kind == _CMD_READ:
+                self._read_reply(cookie, arg, fut.result())
+            elif kind == p.CMD_BLOCK_STATUS:
+                self._block_status_reply(cookie, arg, fut.result(), req_one)
+            else:
+                self._emit(p.SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie))
+            if self._flush() and self.blocked:
+                self._unblock()
+            else:
+                self._maybe_finish()
+        except Exception:
+            self._bug()
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    try:
+        n = len(data)
+        (namelen,) = p.U32.unpack_from(data, 0)
+        pos = 4 + namelen
+        if pos + 4 > n or namelen > p.MAX_STRING:
+            return None
+        name = data[4:pos].decode()
+        (count,) = p.U32.unpack_from(data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            if pos + 4 > n:
+                return None
+            (qlen,) = p.U32.unpack_from(data, pos)
+            pos += 4
+            if qlen > p.MAX_STRING or pos + qlen > n:
+                return None
+            queries.append(data[pos : pos + qlen].decode())
+            pos += qlen
+        if pos != n:
+            return None
+        return name, queries
+    except (struct.error, UnicodeDecodeError):
+        return None
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return f"unix:{sock.fileno()}"
+
+
+# --- top level ---------------------------------------------------------------------------------
+async def serve_async(
+    exports: Export | Backend | Iterable[Export] | Mapping[str, Backend],
+    *,
+    unix_path: str | os.PathLike[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    on_ready: Callable[[NbdAddress], None] | None = None,
+    stop: asyncio.Event | None = None,
+    **options: Any,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM in the main thread), then close."""
+    server = NbdServer(exports, **options)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+    try:
+        address = await server.start(unix_path=unix_path, host=host, port=port)
+        if on_ready is not None:
+            on_ready(address)
+        await stop.wait()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        await server.close()
+
+
+def serve(
+    exports: Export | Backend | Iterable[Export] | Mapping[str, Backend],
+    *,
+    unix_path: str | os.PathLike[str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    on_ready: Callable[[NbdAddress], None] | None = None,
+    use_uvloop: bool = False,
+    **options: Any,
+) -> None:
+    """Blocking: serve ``exports`` until SIGINT/SIGTERM (optionally on uvloop, if installed)."""
+    coro = serve_async(exports, unix_path=unix_path, host=host, port=port, on_ready=on_ready, **options)
+    loop_factory = _uvloop_factory() if use_uvloop else None
+    if use_uvloop and loop_factory is None:
+        raise ConfigError.single("use_uvloop", "uvloop is not installed")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coro)
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
