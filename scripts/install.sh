@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
-  libnbd-bin nbdkit                               # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit for the benchmark
+  libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
   python3 python3-venv python3-pip                # vmkit itself
   ca-certificates
 )

@@ -579,3 +579,106 @@ async def test_serve_forever_returns_after_close(sockdir: Path) -> None:
     await asyncio.wait_for(waiter, 2)
     with contextlib.suppress(Exception):
         await server.close()  # idempotent
+
+
+def _sync_client_reads(path: Path, structured: bool, expect: bytes, count: int, depth: int) -> int:
+    """A blocking client in another thread: ``depth`` 1 MiB reads in flight, ``count`` in all."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(path))
+    f = s.makefile("rb")
+
+    def opt(code: int, data: bytes = b"") -> None:
+        s.sendall(p.option_request(code, data))
+        while True:
+            _, _, kind, length = p.OPTION_REPLY.unpack(f.read(20))
+            f.read(length)
+            if kind == p.REP_ACK:
+                return
+            assert not p.rep_is_error(kind)
+
+    f.read(18)
+    s.sendall(p.CLIENT_FLAGS.pack(3))
+    if structured:
+        opt(p.OPT_STRUCTURED_REPLY)
+    opt(p.OPT_GO, p.info_request_data(""))
+    offsets = [(i * 7919 * 4096) % (len(expect) - MiB) for i in range(count)]
+    sent = done = 0
+    while done < count:
+        while sent < count and sent - done < depth:
+            s.sendall(p.request(p.CMD_READ, offsets[sent], MiB, cookie=sent))
+            sent += 1
+        hdr = f.read(28 if structured else 16)
+        cookie = struct.unpack_from(">Q", hdr, 8)[0]
+        data = f.read(MiB)
+        assert data == expect[offsets[cookie] : offsets[cookie] + MiB], cookie
+        done += 1
+    s.sendall(p.request(p.CMD_DISC))
+    s.close()
+    return done
+
+
+@pytest.mark.parametrize("sendfile_min", [0, 4096])
+@pytest.mark.parametrize("structured", [False, True])
+async def test_pipelined_large_reads_from_a_thread(sockdir: Path, sendfile_min: int, structured: bool) -> None:
+    """Replies bigger than the output arena, with the client reading concurrently (back-pressure)."""
+    mem = MemoryBackend(8 * MiB)
+    expect = bytes(range(251)) * (8 * MiB // 251) + bytes(8 * MiB % 251)
+    mem.write(0, expect)
+    server = NbdServer(mem, sendfile_min=sendfile_min)
+    await server.start(unix_path=sockdir / "s")
+    done = await asyncio.wait_for(asyncio.to_thread(_sync_client_reads, sockdir / "s", structured, expect, 400, 8), 60)
+    assert done == 400
+    await server.close()
+    mem.close()
+
+
+async def test_serve_async_until_stopped(sockdir: Path) -> None:
+    from vmkit.nbd import serve_async
+
+    stop = asyncio.Event()
+    ready: list[NbdAddress] = []
+    mem = MemoryBackend(MiB)
+    task = asyncio.create_task(serve_async(Export("m", mem), unix_path=sockdir / "s", on_ready=ready.append, stop=stop))
+    while not ready:
+        await asyncio.sleep(0.01)
+    assert ready[0].uri("m") == f"nbd+unix:///m?socket={sockdir / 's'}"
+    async with await NbdClient.connect(unix_path=sockdir / "s", export="m") as c:
+        await c.write(0, b"hi")
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert not (sockdir / "s").exists()
+    assert mem.read(0, 2) == b"hi"
+    mem.close()
+
+
+class CountingFile(FileBackend):
+    flushes = 0
+
+    def flush(self) -> None:
+        type(self).flushes += 1
+        super().flush()
+
+
+async def test_fua_and_flush_reach_durable_backends_only(sockdir: Path, tmp_path: Path) -> None:
+    image = tmp_path / "d.raw"
+    image.write_bytes(bytes(MiB))
+    durable = CountingFile(image)
+    server = NbdServer([Export("file", durable), Export("mem", MemoryBackend(MiB))])
+    await server.start(unix_path=sockdir / "s")
+    async with await NbdClient.connect(unix_path=sockdir / "s", export="file") as c:
+        await c.write(0, b"a")
+        assert CountingFile.flushes == 0
+        await c.write(0, b"b", fua=True)  # replied only after a flush
+        assert CountingFile.flushes == 1
+        assert (await c.request(p.CMD_WRITE_ZEROES, 0, 10, flags=p.CMD_FLAG_FUA)).error == 0
+        assert (await c.request(p.CMD_TRIM, 4096, 4096, flags=p.CMD_FLAG_FUA)).error == 0
+        assert CountingFile.flushes == 3
+        await c.flush()
+        assert CountingFile.flushes == 4
+    async with await NbdClient.connect(unix_path=sockdir / "s", export="mem") as c:
+        await c.write(0, b"x", fua=True)
+        await c.flush()
+    assert CountingFile.flushes == 4  # the RAM disk is volatile: nothing to flush
+    await server.close()
+    durable.close()

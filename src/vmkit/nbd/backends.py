@@ -54,8 +54,10 @@ class Capabilities:
     """What a backend supports; the server turns this into NBD transmission flags.
 
     ``inline``: every call is cheap and does not block for long (page-cache file I/O, memory), so
-    the server calls it directly on the event loop. Backends that block (network, slow devices)
-    set it to False and are called from worker threads; they must then be thread-safe.
+    the server calls it directly on the event loop; only :meth:`~Backend.flush` (for FLUSH, and
+    after a FUA write) runs in a worker thread, possibly while other calls run on the loop.
+    Backends that block (network, slow devices) set it to False and are called from worker
+    threads for everything; they must then be thread-safe.
     ``volatile``: nothing survives the process anyway (memory), so FLUSH and FUA are no-ops and
     the server answers them at once.
     ``multi_conn``: all connections see one shared state and a flush on one covers writes done

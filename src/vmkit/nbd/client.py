@@ -68,6 +68,7 @@ class NbdClient:
         self.contexts: dict[int, str] = {}
         self.export: ExportInfo | None = None
         self._cookie = 0
+        self._no_zeroes = False
 
     # --- connecting -----------------------------------------------------------------------
     @classmethod

@@ -60,6 +60,7 @@ DEFAULT_PORT = 10809
 _MAX_DISCARD = 16 * 1024 * 1024  # an option longer than this is a DoS: hard disconnect
 _MAX_PENDING = 64  # deferred (threaded) requests per connection before we stop reading
 _IN_INITIAL = 256 * 1024
+_IN_MAX = p.MAX_PAYLOAD + 64 * 1024  # a whole maximal WRITE fits
 _OUT_INITIAL = 256 * 1024
 _SOCK_BUFFER = 2 * 1024 * 1024
 
@@ -284,7 +285,8 @@ class NbdServer:
             if still:
                 await asyncio.wait(still, timeout=1.0)
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # after close() returns, no backend call is running or will run
+            await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
             self._executor = None
         log.info("NBD server on %s closed", self.address)
 
@@ -751,10 +753,10 @@ class _Connection:
     def _on_readable(self) -> None:
         try:
             if self.iend == len(self.ibuf):  # never hand recv an empty buffer (0 means EOF)
-                self._compact_input()
-                if self.iend == len(self.ibuf):
-                    self._set_reading(False)
+                if self.istart == 0 and len(self.ibuf) >= _IN_MAX:
+                    self._fatal("input buffer full")  # cannot happen: requests are bounded
                     return
+                self._need_input(self.iend - self.istart + 1)
             try:
                 n = self.sock.recv_into(self.imv[self.iend :])
             except (BlockingIOError, InterruptedError):
@@ -773,8 +775,19 @@ class _Connection:
 
     def _process(self) -> None:
         """Serve every complete request in the input buffer (unless output is backed up)."""
-        if self._closed:
-            return
+        while not self._closed:
+            self._process_batch()
+            if not self._flush():
+                return  # waiting for the socket: _on_writable carries on
+            if not self.blocked or self.pending >= _MAX_PENDING:
+                break
+            # the output drained while we were blocked: carry on with the buffered requests
+            self.blocked = False
+            if not self._eof and not self._disc:
+                self._set_reading(True)
+        self._maybe_finish()
+
+    def _process_batch(self) -> None:
         buf = self.ibuf
         pos = self.istart
         end = self.iend
@@ -833,9 +846,6 @@ class _Connection:
             self.istart = self.iend = 0
         elif len(self.ibuf) - self.iend < (len(self.ibuf) >> 2):
             self._compact_input()
-        if not self._flush():
-            return
-        self._maybe_finish()
 
     def _compact_input(self) -> None:
         n = self.iend - self.istart
@@ -850,10 +860,11 @@ class _Connection:
             if len(self.ibuf) - self.istart < total:
                 self._compact_input()
             return
+        # room for a few such requests, so big writes are rarely moved to the front
         size = len(self.ibuf)
-        while size < total:
+        while size < 4 * total and size < _IN_MAX:
             size *= 2
-        size = min(size, p.MAX_PAYLOAD + 64 * 1024)
+        size = min(size, _IN_MAX)
         n = self.iend - self.istart
         new = bytearray(size)
         new[:n] = self.imv[self.istart : self.iend]
@@ -1019,8 +1030,12 @@ class _Connection:
         opos = self.opos
         hdr = 28 if self.structured else 16
         if length >= self.sendfile_min:
-            extents = self.backend.file_extents(offset, length)
-            if extents is not None:
+            try:
+                extents = self.backend.file_extents(offset, length)
+            except Exception as exc:
+                self._error_from(cookie, exc, "READ")
+                return
+            if extents is not None and sum(e[2] for e in extents) == length and all(e[2] > 0 for e in extents):
                 if self.structured:
                     _SDATA_PACK(
                         obuf, opos, _STRUCT_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
@@ -1075,16 +1090,23 @@ class _Connection:
             self._error(cookie, p.EINVAL, "write not aligned to the minimum block size")
             return
         fua = bool(flags & _FUA)
-        if not self.inline or (fua and not self.volatile):
+        if not self.inline:
             data = bytes(self.imv[dpos : dpos + length])  # the input buffer is reused meanwhile
             self._defer(cookie, "WRITE", functools.partial(self.backend.write, fua=fua), offset, data)
             return
         try:
-            self.backend.write(offset, self.imv[dpos : dpos + length], fua=fua)
+            self.backend.write(offset, self.imv[dpos : dpos + length])
         except Exception as exc:
             self._error_from(cookie, exc, "WRITE")
             return
-        self._ok(cookie)
+        self._done_maybe_durable(cookie, "WRITE", fua)
+
+    def _done_maybe_durable(self, cookie: int, name: str, fua: bool) -> None:
+        """Reply to a completed inline write; with FUA, only after a flush (run in a thread)."""
+        if fua and not self.volatile:
+            self._defer(cookie, name, self.backend.flush)
+        else:
+            self._ok(cookie)
 
     def _cmd_other(self, cmd: int, flags: int, cookie: int, offset: int, length: int) -> None:
         name = p.CMD_NAMES.get(cmd, str(cmd))
@@ -1128,7 +1150,7 @@ class _Connection:
             if not self.flags & p.FLAG_SEND_TRIM:
                 self._error(cookie, p.EINVAL, "TRIM is not supported by this export")
                 return
-            call = functools.partial(self.backend.trim, offset, length, fua=fua)
+            call = functools.partial(self.backend.trim, offset, length, fua=fua and not self.inline)
         else:
             if not self.flags & p.FLAG_SEND_WRITE_ZEROES:
                 self._error(cookie, p.EINVAL, "WRITE_ZEROES is not supported by this export")
@@ -1139,11 +1161,11 @@ class _Connection:
                 length,
                 may_trim=not flags & p.CMD_FLAG_NO_HOLE,
                 fast=bool(flags & p.CMD_FLAG_FAST_ZERO),
-                fua=fua,
+                fua=fua and not self.inline,
             )
         if length == 0:
             self._ok(cookie)
-        elif not self.inline or (fua and not self.volatile):
+        elif not self.inline:
             self._defer(cookie, name, call)
         else:
             try:
@@ -1151,7 +1173,7 @@ class _Connection:
             except Exception as exc:
                 self._error_from(cookie, exc, name)
                 return
-            self._ok(cookie)
+            self._done_maybe_durable(cookie, name, fua and cmd != p.CMD_CACHE)
 
     def _cmd_block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
         if not self.has_block_status:
