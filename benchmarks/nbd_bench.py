@@ -8,6 +8,7 @@ server on a unix socket and driven by the same client, fio's ``nbd`` engine (lib
 * random 4 KiB reads, queue depth 32 per connection;
 * each with 1 and with 4 connections (fio jobs; each job opens its own NBD connection).
 
+Before timing, each server's export is read whole with nbdcopy and compared with the file.
 Optionally (``--nbdcopy``) also ``nbdcopy URI null:`` (whole-file sequential read, 1 and 4
 connections). Prints MB/s, IOPS and the ratio to qemu-nbd. Every server process is killed at the
 end, whatever happens.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -155,6 +157,25 @@ def run_nbdcopy(uri: str, conns: int, size: int) -> tuple[float, float]:
     return size / elapsed / 1e6, size / (1 << 20) / elapsed
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_contents(uri: str, image: Path) -> None:
+    """Read the whole export with nbdcopy and compare it with the file: fast must also be right."""
+    h = hashlib.sha256()
+    with subprocess.Popen(["nbdcopy", uri, "-"], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(1 << 22):
+            h.update(chunk)
+    if proc.returncode != 0 or h.hexdigest() != sha256_file(image):
+        raise RuntimeError(f"{uri}: the export's contents differ from the file")
+
+
 def make_image(path: Path, size: int) -> None:
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as fh:
@@ -180,6 +201,7 @@ def main() -> int:
         print(f"missing tools: {', '.join(missing)} (apt-get install fio qemu-utils nbdkit)", file=sys.stderr)
         return 2
     size = args.size_mib << 20
+    load_before = os.getloadavg()[0]
     workloads = [w for w in WORKLOADS if args.only in w.name]
     results: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="nbd-bench-", dir=args.dir) as tmp:
@@ -196,6 +218,7 @@ def main() -> int:
             for kind in servers:
                 extra = args.vmkit_arg if kind == "vmkit" else []
                 with running_server(kind, image, work, extra) as uri:
+                    check_contents(uri, image)
                     for name, conns, fn in cells:
                         value = fn(uri)
                         results.setdefault((name, conns, kind), []).append(value)
@@ -206,7 +229,7 @@ def main() -> int:
     print(
         f"NBD servers, file of {args.size_mib} MiB in {args.dir or tempfile.gettempdir()}, unix socket, "
         f"client fio {fio_version()} (nbd engine), {args.runtime:g} s per run, median of {args.repeat}, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after"
     )
     header = f"{'workload':18} {'conns':>5} {'server':9} {'MB/s':>9} {'IOPS':>10} {'vs qemu-nbd':>11}"
     print(header)

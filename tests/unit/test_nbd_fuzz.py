@@ -12,12 +12,14 @@ client that runs alongside.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,7 @@ from vmkit.nbd import (
     CowBackend,
     DedupBackend,
     Export,
+    FileBackend,
     MemoryBackend,
     NbdClient,
     NbdServer,
@@ -95,7 +98,15 @@ class Guard(Backend):
         self.inner.close()
 
 
-NAMES = ["a", "ro", "dedup", "cow", "", "nope", "a" * 300, "\u00e9x"]
+class Threaded(Guard):
+    """The same, but declared blocking: every call goes through the server's worker threads."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.inner.capabilities, inline=False)
+
+
+NAMES = ["a", "ro", "dedup", "cow", "slow", "file", "", "nope", "a" * 300, "\u00e9x"]
 U32_EDGES = [0, 1, 2, 6, 7, 8, 0xFF, 0x1000, 0x7FFFFFFF, 0xFFFFFFFF]
 
 
@@ -156,7 +167,7 @@ def random_option(rng: random.Random) -> bytes:
 
 
 def enter_transmission(rng: random.Random) -> bytes:
-    name = rng.choice(["a", "a", "ro", "dedup", "cow", "", "nope"])
+    name = rng.choice(["a", "a", "ro", "dedup", "cow", "slow", "file", "", "nope"])
     parts = []
     if rng.random() < 0.7:
         parts.append(p.option_request(p.OPT_STRUCTURED_REPLY))
@@ -261,17 +272,21 @@ async def run_case(server: NbdServer, payload: bytes) -> int:
 
 
 @pytest.fixture
-def backends() -> dict[str, Guard]:
+def backends(tmp_path: Path) -> Iterator[dict[str, Guard]]:
     base = MemoryBackend(EXPORT_SIZE)
     base.write(0, random.Random(1).randbytes(EXPORT_SIZE))
+    file = tmp_path / "fuzz.raw"
+    file.write_bytes(bytes(EXPORT_SIZE))
     made = {
         "a": Guard(MemoryBackend(EXPORT_SIZE)),
         "ro": Guard(MemoryBackend(EXPORT_SIZE)),
         "dedup": Guard(DedupBackend(EXPORT_SIZE, chunk_size=4096)),
         "cow": Guard(CowBackend(base, cluster_size=4096)),
+        "slow": Threaded(MemoryBackend(EXPORT_SIZE)),
+        "file": Guard(FileBackend(file)),  # durable: FLUSH and FUA go through a thread
         "keep": Guard(MemoryBackend(EXPORT_SIZE)),  # only the well-behaved client uses this one
     }
-    yield made  # type: ignore[misc]
+    yield made
     for b in made.values():
         b.close()
 
@@ -311,7 +326,8 @@ async def test_random_malformed_input_never_hurts_the_server(
     for name, b in backends.items():
         assert not b.violations, f"{name}: {b.violations[:5]}"
         assert b.size == EXPORT_SIZE
-    assert backends["a"].calls > 100 and backends["dedup"].calls > 20  # the fuzz reached the backends
+    for name in ("a", "dedup", "cow", "slow", "file"):  # the fuzz reached the backends
+        assert backends[name].calls > 20, name
     assert backends["ro"].inner.read(0, EXPORT_SIZE) == bytes(EXPORT_SIZE)  # read-only never written
     assert server.stats.protocol_errors > 100
     await good.disconnect()

@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+
 def parse_size(text: str, field: str = "--memory") -> int:
     """``"512M"``, ``"1G"``, ``"1GiB"``, ``"4096"`` -> bytes (binary units), as in vm.yaml."""
     try:
