@@ -41,19 +41,35 @@ def random_mac() -> str:
 
 
 def parse_disk(spec: str) -> dict[str, Any]:
-    """``PATH``, ``PATH:ro``, ``PATH:format=qcow2``, ``PATH:ro:format=raw``."""
-    path, *flags = spec.split(":")
-    att: dict[str, Any] = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
+    """A ``--disk`` value.
+
+    Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND]``.
+    NBD: ``URL[,ro][,kind=KIND][,on-error=pause|report][,reconnect-delay=S]`` with URL
+    ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
+    KIND is virtio-blk (default), nvme or usb-storage.
+    """
+    device: dict[str, Any] = {"kind": "virtio-blk"}
+    if spec.startswith(("nbd://", "nbd+unix://")):
+        url, *flags = spec.split(",")
+        att: dict[str, Any] = {"type": "nbd", "url": url}
+        keys = {"on-error": "on_error", "reconnect-delay": "reconnect_delay"}
+        usage = "use URL[,ro][,kind=KIND][,on-error=pause|report][,reconnect-delay=S]"
+    else:
+        path, *flags = spec.split(":")
+        att = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
+        keys = {"format": "format", "cache": "cache"}
+        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage]"
     for flag in flags:
+        key, _, value = flag.partition("=")
         if flag == "ro":
             att["read_only"] = True
-        elif flag.startswith("format="):
-            att["format"] = flag.split("=", 1)[1]
-        elif flag.startswith("cache="):
-            att["cache"] = flag.split("=", 1)[1]
+        elif key == "kind" and value:
+            device["kind"] = value
+        elif key in keys and value:
+            att[keys[key]] = value
         else:
-            raise ValueError(f"unknown disk flag {flag!r}: use PATH[:ro][:format=raw|qcow2][:cache=MODE]")
-    return {"kind": "virtio-blk", "attachment": att}
+            raise ValueError(f"unknown disk flag {flag!r}: {usage}")
+    return {**device, "attachment": att}
 
 
 def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:

@@ -14,9 +14,11 @@ import errno
 import ipaddress
 import re
 import socket
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -116,13 +118,70 @@ class DiskImage(_Model):
         return data
 
 
-Attachment = Annotated[DiskImage, Field(discriminator="type")]
+class NbdAttachment(_Model):
+    """A disk served by a Network Block Device server (QEMU is the client).
+
+    ``url`` is ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
+    ``on_error``: ``pause`` stops the guest when the server goes away (QEMU's
+    ``werror=stop,rerror=stop``) and vmkit resumes it once the server is back;
+    ``report`` passes I/O errors to the guest. ``reconnect_delay``: seconds QEMU keeps
+    retrying (stalling I/O) before it declares an error.
+    """
+
+    type: Literal["nbd"] = "nbd"
+    url: str
+    read_only: bool = False
+    on_error: Literal["pause", "report"] = "pause"
+    reconnect_delay: int = Field(default=5, ge=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parse_nbd_url(v)  # raises ValueError with what to do
+        return v
+
+
+@dataclass(frozen=True)
+class NbdServerAddress:
+    export: str
+    unix_path: str | None = None
+    host: str | None = None
+    port: int = 10809
+
+
+def parse_nbd_url(url: str) -> NbdServerAddress:
+    """``nbd://host:port/export`` or ``nbd+unix:///export?socket=/path`` -> address parts."""
+    parts = urlsplit(url)
+    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if parts.scheme == "nbd":
+        if not parts.hostname:
+            raise ValueError(f"{url!r} has no host: use nbd://HOST[:PORT]/EXPORT")
+        try:
+            port = parts.port or 10809
+        except ValueError:
+            raise ValueError(f"{url!r} has a bad port: use nbd://HOST:PORT/EXPORT") from None
+        return NbdServerAddress(export=export, host=parts.hostname, port=port)
+    if parts.scheme == "nbd+unix":
+        sock = parse_qs(parts.query).get("socket", [""])[0]
+        if not sock.startswith("/"):
+            raise ValueError(f"{url!r} needs an absolute socket path: use nbd+unix:///EXPORT?socket=/PATH")
+        return NbdServerAddress(export=export, unix_path=sock)
+    raise ValueError(f"{url!r} is not an NBD URL: use nbd://HOST[:PORT]/EXPORT or "
+                     "nbd+unix:///EXPORT?socket=/PATH")
+
+
+Attachment = Annotated[DiskImage | NbdAttachment, Field(discriminator="type")]
 
 
 class StorageDevice(_Model):
-    kind: Literal["virtio-blk"] = "virtio-blk"
+    """A disk the guest sees: ``virtio-blk`` (/dev/vdX), ``nvme`` (/dev/nvmeXnY) or
+    ``usb-storage`` (/dev/sdX on an xHCI controller)."""
+
+    kind: Literal["virtio-blk", "nvme", "usb-storage"] = "virtio-blk"
     attachment: Attachment
     serial: str | None = Field(default=None, max_length=20, description="serial number the guest sees")
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$",
+                           description="device id for hot detach; default diskN")
 
 
 class PortForward(_Model):
@@ -223,6 +282,9 @@ class MachineConfig(_Model):
     cpu_model: str | None = Field(default=None, description="QEMU -cpu model; default: host under KVM, max under TCG")
     boot: LinuxBoot
     storage: tuple[StorageDevice, ...] = ()
+    hotplug_slots: int = Field(default=2, ge=0, le=16,
+                               description="q35: empty PCIe root ports for attaching disks to a running VM")
+    usb: bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
     network: Network | None = Network()
     serial: Serial = Serial()
     entropy: bool = True
@@ -260,9 +322,22 @@ class MachineConfig(_Model):
             if self.boot.initrd is not None:
                 problems += _check_file("boot.initrd", self.boot.initrd, "the initrd")
         seen: dict[Path, str] = {}
+        ids: dict[str, str] = {}
         for i, dev in enumerate(self.storage):
+            dev_id = dev.id or f"disk{i}"
+            if dev_id in ids:
+                problems.append(Problem(f"storage[{i}].id", f"{dev_id!r} is already the id of {ids[dev_id]}: "
+                                        "give each device its own id"))
+            ids[dev_id] = f"storage[{i}]"
+            att = dev.attachment
+            if isinstance(att, NbdAttachment):
+                if att.on_error == "pause" and dev.kind == "nvme":
+                    problems.append(Problem(f"storage[{i}].attachment.on_error",
+                                            "QEMU's nvme device cannot pause the guest on I/O errors: "
+                                            "use on_error: report, or kind virtio-blk or usb-storage"))
+                continue
             field = f"storage[{i}].attachment.path"
-            path = dev.attachment.path
+            path = att.path
             if not path.is_absolute():
                 problems.append(Problem(field, f"{path} is relative: give an absolute path"))
             key = path.resolve()
@@ -272,7 +347,7 @@ class MachineConfig(_Model):
             else:
                 seen[key] = f"storage[{i}]"
             if host:
-                problems += _check_file(field, path, "the disk image", writable=not dev.attachment.read_only)
+                problems += _check_file(field, path, "the disk image", writable=not att.read_only)
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
             for i, fwd in enumerate(self.network.forwards):
@@ -339,7 +414,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             s += f"[{part}]"
-        elif part in ("disk-image",):  # discriminated-union tags are noise in a path
+        elif part in ("disk-image", "nbd"):  # discriminated-union tags are noise in a path
             continue
         else:
             s += f".{part}" if s else str(part)

@@ -35,7 +35,8 @@ def create(
     kernel: Path | None = typer.Option(None, "--kernel", help="Linux kernel to boot directly"),
     initrd: Path | None = typer.Option(None, "--initrd", help="initrd for --kernel"),
     cmdline: str | None = typer.Option(None, "--cmdline", help="kernel command line (added to the image's)"),
-    disk: list[str] = typer.Option([], "--disk", help="disk image PATH[:ro][:format=raw|qcow2] (repeatable)"),
+    disk: list[str] = typer.Option(
+        [], "--disk", help="PATH[:ro][:format=F][:kind=K] or nbd://HOST:PORT/EXPORT[,ro][,kind=K] (repeatable)"),
     port: list[str] = typer.Option([], "--port", help="forward [ADDR:]HOST:GUEST[/udp] (repeatable)"),
     run: str | None = typer.Option(None, "--run", help="micro image: shell command the guest runs at boot"),
     accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),

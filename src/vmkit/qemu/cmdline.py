@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmkit.config import DiskImage, MachineConfig, Network, StorageDevice
+from vmkit.config import Attachment, DiskImage, MachineConfig, NbdAttachment, Network, StorageDevice, parse_nbd_url
 from vmkit.qemu.accel import AccelChoice
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
@@ -76,7 +76,16 @@ def serial_args(runtime: Runtime) -> list[str]:
     ]
 
 
-def blockdev_json(node: str, att: DiskImage) -> str:
+def blockdev_spec(node: str, att: Attachment) -> dict[str, object]:
+    """The ``-blockdev`` / QMP ``blockdev-add`` argument for one attachment."""
+    if isinstance(att, NbdAttachment):
+        addr = parse_nbd_url(att.url)
+        server: dict[str, object] = (
+            {"type": "unix", "path": addr.unix_path} if addr.unix_path
+            else {"type": "inet", "host": addr.host, "port": str(addr.port)}
+        )
+        return {"driver": "nbd", "node-name": node, "server": server, "export": addr.export,
+                "reconnect-delay": att.reconnect_delay, "read-only": att.read_only}
     cache_direct = att.cache in ("none", "directsync")
     cache_no_flush = att.cache == "unsafe"
     proto: dict[str, object] = {
@@ -88,24 +97,65 @@ def blockdev_json(node: str, att: DiskImage) -> str:
     }
     if not att.read_only:
         proto["locking"] = "on"
-    spec = {
+    return {
         "driver": att.format,
         "node-name": node,
         "file": proto,
         "read-only": att.read_only,
         "cache": {"direct": cache_direct, "no-flush": cache_no_flush},
     }
-    return json.dumps(spec, separators=(",", ":"))
+
+
+def blockdev_json(node: str, att: Attachment) -> str:
+    return json.dumps(blockdev_spec(node, att), separators=(",", ":"))
+
+
+def device_id(index: int, dev: StorageDevice) -> str:
+    """The node name of a storage device's backend (its guest device is ``<id>-dev``)."""
+    return dev.id or f"disk{index}"
+
+
+def device_spec(node: str, dev: StorageDevice) -> dict[str, object]:
+    """The ``-device`` / QMP ``device_add`` properties of one storage device."""
+    spec: dict[str, object] = {"driver": _DEVICE_DRIVER[dev.kind], "drive": node, "id": f"{node}-dev"}
+    if dev.kind == "usb-storage":
+        spec["bus"] = "xhci.0"
+    if dev.kind == "nvme":
+        spec["serial"] = dev.serial or node  # QEMU's nvme requires a serial
+    elif dev.serial:
+        spec["serial"] = dev.serial
+    att = dev.attachment
+    if isinstance(att, DiskImage) and att.cache in ("writethrough", "directsync") and dev.kind == "virtio-blk":
+        spec["write-cache"] = "off"
+    if isinstance(att, NbdAttachment) and dev.kind != "nvme":
+        policy = "stop" if att.on_error == "pause" else "report"
+        spec["werror"] = policy
+        spec["rerror"] = policy
+    return spec
+
+
+_DEVICE_DRIVER = {"virtio-blk": "virtio-blk-pci", "nvme": "nvme", "usb-storage": "usb-storage"}
+
+
+def device_arg(spec: dict[str, object]) -> str:
+    rest = ",".join(f"{k}={opt_escape(str(v))}" for k, v in spec.items() if k != "driver")
+    return f"{spec['driver']},{rest}"
 
 
 def storage_args(index: int, dev: StorageDevice) -> list[str]:
-    node = f"disk{index}"
-    device = f"virtio-blk-pci,drive={node},id={node}-dev"
-    if dev.attachment.cache in ("writethrough", "directsync"):
-        device += ",write-cache=off"
-    if dev.serial:
-        device += f",serial={opt_escape(dev.serial)}"
-    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device]
+    node = device_id(index, dev)
+    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device_arg(device_spec(node, dev))]
+
+
+def controller_args(config: MachineConfig) -> list[str]:
+    """Buses the devices need: PCIe root ports for hot-plug (q35), xHCI for USB storage."""
+    out: list[str] = []
+    if config.machine == "q35":
+        for i in range(config.hotplug_slots):
+            out += ["-device", f"pcie-root-port,id=hotplug{i},chassis={i + 1},bus=pcie.0"]
+    if any(d.kind == "usb-storage" for d in config.storage) or config.usb:
+        out += ["-device", "qemu-xhci,id=xhci"]
+    return out
 
 
 def network_args(net: Network) -> list[str]:
@@ -133,6 +183,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
+    argv += controller_args(config)
     for i, dev in enumerate(config.storage):
         argv += storage_args(i, dev)
     if config.network is not None:

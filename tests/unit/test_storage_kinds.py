@@ -1,0 +1,90 @@
+"""Unit tests: storage device kinds (virtio-blk, nvme, usb-storage) and NBD attachments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cmdline import check_golden
+
+from vmkit.config import MachineConfig, parse_config, parse_nbd_url
+from vmkit.errors import ConfigError
+from vmkit.qemu import cmdline
+
+
+def cfg(tmp_path: Path, storage: list[dict[str, Any]], **extra: Any) -> MachineConfig:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    return parse_config({"name": "s", "boot": {"kernel": str(kernel)}, "network": None, "storage": storage,
+                         **extra})
+
+
+def storage_argv(config: MachineConfig) -> list[str]:
+    out = cmdline.controller_args(config)
+    for i, dev in enumerate(config.storage):
+        out += cmdline.storage_args(i, dev)
+    return out
+
+
+def test_golden_device_kinds_and_nbd(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [
+        {"kind": "nvme", "attachment": {"type": "nbd", "url": "nbd://127.0.0.1:10809/data", "on_error": "report"}},
+        {"kind": "usb-storage", "id": "stick",
+         "attachment": {"type": "nbd", "url": "nbd+unix:///root?socket=/run/n.sock", "reconnect_delay": 3}},
+        {"kind": "virtio-blk", "serial": "abc",
+         "attachment": {"type": "nbd", "url": "nbd://example.test/ro%20disk", "read_only": True}},
+    ], hotplug_slots=0)
+    check_golden("storage_kinds", storage_argv(c).copy())
+
+
+def test_pause_policy_sets_werror_and_rerror_stop(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [{"attachment": {"type": "nbd", "url": "nbd://127.0.0.1/x"}}])
+    dev = cmdline.device_spec("disk0", c.storage[0])
+    assert dev["werror"] == "stop" and dev["rerror"] == "stop"
+    spec = cmdline.blockdev_spec("disk0", c.storage[0].attachment)
+    assert spec["reconnect-delay"] == 5 and spec["server"] == {"type": "inet", "host": "127.0.0.1", "port": "10809"}
+
+
+def test_usb_controller_only_when_needed(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(b"\0" * 4096)
+    plain = cfg(tmp_path, [{"attachment": {"type": "disk-image", "path": str(img)}}])
+    assert not any("qemu-xhci" in a for a in cmdline.controller_args(plain))
+    usb = cfg(tmp_path, [{"kind": "usb-storage", "attachment": {"type": "disk-image", "path": str(img)}}])
+    assert "qemu-xhci,id=xhci" in cmdline.controller_args(usb)
+    assert "bus=xhci.0" in cmdline.storage_args(0, usb.storage[0])[3]
+    assert cmdline.controller_args(cfg(tmp_path, [], usb=True)).count("qemu-xhci,id=xhci") == 1
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://x/y", "not an NBD URL"),
+    ("nbd:///export", "no host"),
+    ("nbd+unix:///e?socket=rel.sock", "absolute socket path"),
+    ("nbd://h:99999/e", "bad port"),
+])
+def test_bad_nbd_urls_name_the_field(tmp_path: Path, url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        cfg(tmp_path, [{"attachment": {"type": "nbd", "url": url}}])
+    (problem,) = exc.value.problems
+    assert problem.field == "storage[0].attachment.url" and message in problem.message
+
+
+def test_nvme_cannot_pause_on_errors(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [{"kind": "nvme", "attachment": {"type": "nbd", "url": "nbd://127.0.0.1/x"}}])
+    problems = c.validate(host=False)
+    assert [p.field for p in problems] == ["storage[0].attachment.on_error"]
+    assert "on_error: report" in problems[0].message
+
+
+def test_duplicate_device_ids_are_a_problem(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [{"id": "a", "attachment": {"type": "nbd", "url": "nbd://127.0.0.1/x"}},
+                       {"id": "a", "attachment": {"type": "nbd", "url": "nbd://127.0.0.1/y"}}])
+    assert [p.field for p in c.validate(host=False)] == ["storage[1].id"]
+
+
+def test_parse_nbd_url_parts() -> None:
+    a = parse_nbd_url("nbd+unix:///exp?socket=/tmp/s.sock")
+    assert (a.export, a.unix_path, a.host) == ("exp", "/tmp/s.sock", None)
+    b = parse_nbd_url("nbd://h:1234/a%2Fb")
+    assert (b.export, b.host, b.port) == ("a/b", "h", 1234)
