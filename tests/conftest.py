@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.images.micro import build_micro
+from vmkit.images.micro import build_micro, build_micro_full
 from vmkit.images.store import Image, ImageStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +26,12 @@ def image_cache_dir() -> Path:
 def micro_image() -> Image:
     """The micro guest, built through apt once and reused across test runs (.cache/ is gitignored)."""
     return build_micro(ImageStore(image_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def micro_full_image() -> Image:
+    """The micro guest on Debian's generic kernel (USB storage, 9p)."""
+    return build_micro_full(ImageStore(image_cache_dir()))
 
 
 def processes_mentioning(needle: str) -> list[int]:

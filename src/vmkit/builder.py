@@ -123,8 +123,9 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
     if opts.initrd is not None:
         boot["initrd"] = str(opts.initrd.expanduser().resolve())
     if opts.run is not None:
-        if opts.image != micro.NAME:
-            problems.append(Problem("--run", f"--run needs --image {micro.NAME} (its init runs the command)"))
+        if opts.image not in (micro.NAME, micro.FULL_NAME):
+            problems.append(Problem("--run", f"--run needs --image {micro.NAME} or {micro.FULL_NAME} "
+                                    "(their init runs the command)"))
         else:
             try:
                 extra_cmdline.append(micro.run_parameter(opts.run))

@@ -37,6 +37,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
+from vmkit.nbdwatch import NbdWatcher
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
 from vmkit.qemu.monitor import Monitor
@@ -137,6 +138,7 @@ class VirtualMachine:
         self._shutdown_event: dict[str, Any] | None = None
         self._panicked = False
         self._stop_requested = False
+        self.nbd = NbdWatcher(self, self._emit)
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -261,6 +263,7 @@ class VirtualMachine:
             else:
                 await self.qmp.execute("cont")
                 self._set_state(VmState.RUNNING)
+            self.nbd.started()
         except BaseException as exc:
             await self._kill()
             reason = self._qemu_failure_reason()
@@ -409,6 +412,7 @@ class VirtualMachine:
             await asyncio.wait_for(self._exited.wait(), 10)
 
     async def _cleanup(self) -> None:
+        self.nbd.close()
         for t in self._tasks:
             if not t.done():
                 t.cancel()
@@ -435,6 +439,8 @@ class VirtualMachine:
                 self._set_state(VmState.STOPPING, reason=data.get("reason", "shutdown"))
             elif name == "GUEST_PANICKED":
                 self._panicked = True
+            if not self.nbd.on_qmp_event(name, data):
+                continue  # coalesced I/O-error flood
             self._emit("qmp", event=name, data=data)
 
     async def _watch_process(self) -> None:

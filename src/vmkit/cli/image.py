@@ -14,7 +14,7 @@ from vmkit.images.store import ImageStore
 
 app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 
-BUILDERS = {micro.NAME: micro.build_micro}
+BUILDERS = {micro.NAME: micro.build_micro, micro.FULL_NAME: micro.build_micro_full}
 
 
 @app.command()

@@ -598,3 +598,14 @@ def build_micro(
                 )
                 say(f"storing image {name}")
                 return store.commit(staging, manifest)
+
+
+FULL_NAME = "micro-full"
+FULL_KERNEL_PACKAGE = "linux-image-amd64"
+
+
+def build_micro_full(store: ImageStore | None = None, *, force: bool = False,
+                     progress: Callable[[str], None] | None = None) -> Image:
+    """The micro guest on Debian's generic kernel: USB storage and 9p, which the cloud
+    kernel lacks, at the cost of a slower boot (~4 s of guest time under TCG)."""
+    return build_micro(store, force=force, progress=progress, kernel_package=FULL_KERNEL_PACKAGE, name=FULL_NAME)
