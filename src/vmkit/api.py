@@ -35,10 +35,10 @@ class SupervisorClient:
         return aiohttp.ClientSession(connector=conn, timeout=t)
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> dict[str, Any]:
+                      timeout: float | None = None) -> Any:
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
-                data: dict[str, Any] = await r.json(content_type=None)
+                data: Any = await r.json(content_type=None)
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
                              hint="see `vmkit list`; the VM may have just stopped") from exc
@@ -49,7 +49,7 @@ class SupervisorClient:
         return data
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+             timeout: float | None = None) -> Any:
         return asyncio.run(self.request(method, path, body, timeout))
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.api import SupervisorClient
+from vmkit.builder import parse_disk
 from vmkit.config import MachineConfig, format_size
-from vmkit.errors import QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.errors import ConfigError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
@@ -281,3 +282,24 @@ def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
                              hint=f"last console lines:\n{_tail(inst.serial_log, 10)}")
 
     return asyncio.run(follow())
+
+
+def list_disks(name: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = client(name).call("GET", "/v1/disks")
+    return rows
+
+
+def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str, Any]:
+    """Attach a disk (a ``--disk`` style SPEC) to a running instance; returns its id."""
+    try:
+        device = parse_disk(spec)
+    except ValueError as exc:
+        raise ConfigError.single("SPEC", str(exc)) from None
+    if disk_id is not None:
+        device["id"] = disk_id
+    result: dict[str, Any] = client(name).call("POST", "/v1/disks", device)
+    return result
+
+
+def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
+    client(name).call("DELETE", f"/v1/disks/{disk_id}", {"timeout": timeout}, timeout=timeout + 15)

@@ -37,6 +37,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
+from vmkit.hotplug import HotDisk
 from vmkit.nbdwatch import NbdWatcher
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
@@ -139,6 +140,7 @@ class VirtualMachine:
         self._panicked = False
         self._stop_requested = False
         self.nbd = NbdWatcher(self, self._emit)
+        self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.hotplug
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -222,6 +224,7 @@ class VirtualMachine:
         self._panicked = False
         self._stop_requested = False
         self._exited = asyncio.Event()
+        self.hot_disks.clear()
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -89,6 +89,14 @@ class NbdWatcher:
                 self.disks[node] = _Disk(node, dev.attachment, parse_nbd_url(dev.attachment.url))
         self._recovery: asyncio.Task[None] | None = None
 
+    def watch(self, node: str, attachment: NbdAttachment) -> None:
+        """Follow a disk attached while running."""
+        self.disks[node] = _Disk(node, attachment, parse_nbd_url(attachment.url))
+        self._emit("nbd", device=node, state="connected", url=attachment.url)
+
+    def unwatch(self, node: str) -> None:
+        self.disks.pop(node, None)
+
     def __bool__(self) -> bool:
         return bool(self.disks)
 

@@ -14,6 +14,9 @@ API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}`
     POST /v1/stop             hard stop
     GET  /v1/events           newline-delimited JSON events as they happen
     GET  /v1/console          websocket: binary frames both ways (the serial console)
+    GET  /v1/disks            disks: boot and hot-plugged, with NBD connection state
+    POST /v1/disks            attach a disk (a StorageDevice as JSON)
+    DELETE /v1/disks/ID       detach a hot-plugged disk
 
 Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
 """
@@ -33,8 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from pydantic import ValidationError
 
+from vmkit import hotplug
+from vmkit.config import StorageDevice, problems_from_validation
 from vmkit.errors import ConfigError, VmkitError
+from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
 
@@ -123,6 +130,9 @@ class Supervisor:
             web.post("/v1/stop", self._h_stop),
             web.get("/v1/events", self._h_events),
             web.get("/v1/console", self._h_console),
+            web.get("/v1/disks", self._h_disks),
+            web.post("/v1/disks", self._h_disk_attach),
+            web.delete("/v1/disks/{id}", self._h_disk_detach),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -199,6 +209,23 @@ class Supervisor:
                 if ev.state in (VmState.STOPPED, VmState.ERROR) and ev.kind != "state-changed":
                     break
         return resp
+
+    async def _h_disks(self, request: web.Request) -> web.Response:
+        return web.json_response(disk_table(self.vm))
+
+    async def _h_disk_attach(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            dev = StorageDevice.model_validate(body)
+        except ValidationError as exc:
+            raise ConfigError(problems_from_validation(exc), context="disk") from None
+        disk = await hotplug.attach_disk(self.vm, dev)
+        return web.json_response({"id": disk.id, "port": disk.port})
+
+    async def _h_disk_detach(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        await hotplug.detach_disk(self.vm, request.match_info["id"], timeout=float(body.get("timeout", 30)))
+        return web.json_response({"id": request.match_info["id"], "detached": True})
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()

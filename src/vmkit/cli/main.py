@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from vmkit.cli import image, nbd, system, vm
+from vmkit.cli import disk, image, nbd, system, vm
 from vmkit.cli.output import err
 from vmkit.errors import ExitCode, VmkitError
 
@@ -22,6 +22,7 @@ vm.register(app)
 system.register(app)
 app.add_typer(image.app, name="image")
 app.add_typer(nbd.app, name="nbd")
+app.add_typer(disk.app, name="disk")
 
 
 def main(argv: list[str] | None = None) -> None:
