@@ -172,3 +172,32 @@ async def test_vm_pauses_and_resumes_when_the_nbd_server_dies(micro_image: Image
     assert all(data[i * BLOCK:(i + 1) * BLOCK] == expected_block(i) for i in range(BLOCKS))
     nbd_states = [e.detail["state"] for e in events if e.kind == "nbd"]
     assert nbd_states[0] == "connected" and "disconnected" in nbd_states and nbd_states[-1] == "reconnected"
+
+
+async def test_report_policy_passes_the_error_to_the_guest(micro_image: Image, tmp_path: Path) -> None:
+    img = disk(tmp_path / "nbd.raw", b"", size=4 * MiB)
+    server = NbdServerProcess(img, tmp_path / "nbd.sock")
+    server.start()
+    reader = ("dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null && echo first-read-ok; "
+              "i=0; while [ $i -lt 300 ]; do "
+              "dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$((i % 900)) iflag=direct 2>/dev/null "
+              "|| { echo read-failed; break; }; i=$((i+1)); sleep 0.2; done")
+    cfg = config(micro_image, [{"attachment": {"type": "nbd", "url": server.url, "on_error": "report",
+                                               "reconnect_delay": 1}}], reader)
+    events: list[VmEvent] = []
+    try:
+        async with VirtualMachine(cfg, tmp_path) as vm:
+            vm.add_listener(events.append)
+            await vm.start()
+            await vm.serial.wait_for_regex(r"^first-read-ok")
+            server.kill()
+            info = await vm.wait(120)
+            assert info.clean
+            assert vm.state == VmState.STOPPED  # never paused: the guest saw the error itself
+    finally:
+        server.kill()
+    result = micro.parse_run_output(vm.serial.text())
+    assert result is not None and "read-failed" in result.output
+    assert not any(e.kind == "state-changed" and e.state == VmState.PAUSED for e in events)
+    states = [e.detail["state"] for e in events if e.kind == "nbd"]
+    assert states[:1] == ["connected"] and "disconnected" in states and states[-1] == "failed"
