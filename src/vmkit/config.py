@@ -256,6 +256,34 @@ class Network(_Model):
         return v
 
 
+class Share(_Model):
+    """A host folder shared into the guest.
+
+    ``virtiofs`` (a virtiofsd per share, guest RAM in shared memory), ``9p`` (QEMU's own
+    virtio-9p server; needs a guest kernel with 9p, not Debian's cloud kernel) or ``sshfs``
+    (the guest mounts the folder over its SSH connection back to the host; needs a guest
+    with SSH). ``read_only`` is enforced on the host side.
+    """
+
+    type: Literal["virtiofs", "9p", "sshfs"] = "virtiofs"
+    host_path: Path
+    guest_path: str | None = Field(default=None, description="where the guest mounts it; default: host_path")
+    tag: str | None = Field(default=None, max_length=36, pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="mount tag the guest uses; default share<N>")
+    read_only: bool = False
+    cache: Literal["auto", "always", "none"] = Field(default="auto", description="virtiofs cache mode")
+
+    @field_validator("guest_path")
+    @classmethod
+    def _guest_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute guest path: use e.g. /mnt/src")
+        return v
+
+    def mount_point(self) -> str:
+        return self.guest_path or str(self.host_path)
+
+
 class Serial(_Model):
     """The serial console: always logged to ``serial.log``; optionally attachable."""
 
@@ -285,6 +313,7 @@ class MachineConfig(_Model):
     hotplug_slots: int = Field(default=2, ge=0, le=16,
                                description="q35: empty PCIe root ports for attaching disks to a running VM")
     usb: bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
+    shares: tuple[Share, ...] = ()
     network: Network | None = Network()
     serial: Serial = Serial()
     entropy: bool = True
@@ -348,6 +377,7 @@ class MachineConfig(_Model):
                 seen[key] = f"storage[{i}]"
             if host:
                 problems += _check_file(field, path, "the disk image", writable=not att.read_only)
+        problems += self._share_problems(host)
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
             for i, fwd in enumerate(self.network.forwards):
@@ -361,6 +391,45 @@ class MachineConfig(_Model):
                 if host and not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
                     problems.append(Problem(field, f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
                                             "is already taken on this host: pick a free port"))
+        return problems
+
+    @property
+    def needs_shared_memory(self) -> bool:
+        """virtiofsd maps guest RAM: it must live in shared memory (a memfd)."""
+        return any(s.type == "virtiofs" for s in self.shares)
+
+    def share_tag(self, index: int) -> str:
+        return self.shares[index].tag or f"share{index}"
+
+    def _share_problems(self, host: bool) -> list[Problem]:
+        problems: list[Problem] = []
+        tags: dict[str, int] = {}
+        writable: dict[Path, int] = {}
+        mounts: dict[str, int] = {}
+        for i, share in enumerate(self.shares):
+            field = f"shares[{i}]"
+            tag = self.share_tag(i)
+            if tag in tags:
+                problems.append(Problem(f"{field}.tag", f"tag {tag!r} is already used by shares[{tags[tag]}]: "
+                                        "give each share its own tag"))
+            tags[tag] = i
+            mount = share.mount_point()
+            if mount in mounts:
+                problems.append(Problem(f"{field}.guest_path", f"{mount} is already the mount point of "
+                                        f"shares[{mounts[mount]}]: pick another guest_path"))
+            mounts[mount] = i
+            if not share.host_path.is_absolute():
+                problems.append(Problem(f"{field}.host_path", f"{share.host_path} is relative: give an absolute path"))
+                continue
+            key = share.host_path.resolve()
+            if not share.read_only:
+                if key in writable:
+                    problems.append(Problem(f"{field}.host_path", f"{share.host_path} is already shared read-write "
+                                            f"by shares[{writable[key]}]: share a folder read-write only once"))
+                writable[key] = i
+            if host and not share.host_path.is_dir():
+                what = "does not exist" if not share.host_path.exists() else "is not a directory"
+                problems.append(Problem(f"{field}.host_path", f"{share.host_path} {what}: share an existing folder"))
         return problems
 
     def ensure_valid(self, *, host: bool = True) -> MachineConfig:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -39,10 +38,12 @@ from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
 from vmkit.hotplug import HotDisk
 from vmkit.nbdwatch import NbdWatcher
+from vmkit.proc import child_setup
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
 from vmkit.qemu.monitor import Monitor
 from vmkit.serial import SerialConsole
+from vmkit.shares import ShareDaemons
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,6 @@ def _kill_leftovers() -> None:  # pragma: no cover - exercised only when the int
 
 atexit.register(_kill_leftovers)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:  # runs in the child between fork and exec
-    os.setsid()  # a terminal's Ctrl-C reaches the owner, which stops QEMU properly
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the owner died: QEMU dies with it
-
-
 class VirtualMachine:
     def __init__(
         self,
@@ -141,6 +133,7 @@ class VirtualMachine:
         self._stop_requested = False
         self.nbd = NbdWatcher(self, self._emit)
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.hotplug
+        self.shares = ShareDaemons(config, workdir, self._emit)
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -229,18 +222,19 @@ class VirtualMachine:
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
-                          pidfile=self.workdir / "qemu.pid")
+                          pidfile=self.workdir / "qemu.pid", share_dir=self.workdir)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]
         try:
+            await self.shares.start(runtime)
             with self.stderr_path.open("ab") as errlog:
                 errlog.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
                 errlog.flush()
                 try:
                     self._proc = await asyncio.create_subprocess_exec(
                         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), preexec_fn=_child_setup,
+                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), preexec_fn=child_setup,
                     )
                 except FileNotFoundError:
                     raise QemuError(f"{argv[0]} is not installed",
@@ -248,6 +242,7 @@ class VirtualMachine:
         except BaseException:
             qmp_parent.close()
             ser_parent.close()
+            await self.shares.stop()
             self._set_state(VmState.ERROR, reason="QEMU could not be launched")
             raise
         finally:
@@ -416,6 +411,7 @@ class VirtualMachine:
 
     async def _cleanup(self) -> None:
         self.nbd.close()
+        await self.shares.stop()
         for t in self._tasks:
             if not t.done():
                 t.cancel()

@@ -29,6 +29,10 @@ class Runtime:
     qmp_fd: int
     serial_fd: int
     pidfile: Path | None = None
+    share_dir: Path | None = None  # where the virtiofs vhost-user sockets live (the instance dir)
+
+    def virtiofs_socket(self, tag: str) -> Path:
+        return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
 
 
 def opt_escape(value: str) -> str:
@@ -40,7 +44,7 @@ def base_args(config: MachineConfig, accel: AccelChoice) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     return [
         "-name", f"{opt_escape(config.name)},debug-threads=on",
-        "-machine", config.machine,
+        "-machine", f"{config.machine},memory-backend=mem" if config.needs_shared_memory else config.machine,
         *accel.argv,
         "-cpu", cpu,
         "-smp", str(config.cpus),
@@ -158,6 +162,33 @@ def controller_args(config: MachineConfig) -> list[str]:
     return out
 
 
+def shared_memory_args(config: MachineConfig) -> list[str]:
+    if not config.needs_shared_memory:
+        return []
+    return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on"]
+
+
+def share_args(config: MachineConfig, runtime: Runtime) -> list[str]:
+    """virtiofs: a vhost-user-fs device per share (virtiofsd serves it); 9p: QEMU's -virtfs.
+
+    9p uses ``security_model=none`` (as Lima does): files the guest creates belong to the
+    user running QEMU, and the guest sees host ownership and modes as they are.
+    sshfs shares need nothing on the QEMU command line.
+    """
+    out: list[str] = []
+    for i, share in enumerate(config.shares):
+        tag = config.share_tag(i)
+        if share.type == "virtiofs":
+            sock = opt_escape(str(runtime.virtiofs_socket(tag)))
+            out += ["-chardev", f"socket,id=fs{i},path={sock}",
+                    "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag},queue-size=1024"]
+        elif share.type == "9p":
+            ro = ",readonly=on" if share.read_only else ""
+            out += ["-virtfs", f"local,id=fs{i},path={opt_escape(str(share.host_path))},mount_tag={tag},"
+                               f"security_model=none{ro}"]
+    return out
+
+
 def network_args(net: Network) -> list[str]:
     netdev = "user,id=net0"
     for fwd in net.forwards:
@@ -183,9 +214,11 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
+    argv += shared_memory_args(config)
     argv += controller_args(config)
     for i, dev in enumerate(config.storage):
         argv += storage_args(i, dev)
+    argv += share_args(config, runtime)
     if config.network is not None:
         argv += network_args(config.network)
     if config.entropy:

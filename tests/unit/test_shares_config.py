@@ -1,0 +1,89 @@
+"""Unit tests: share configuration checks, QEMU arguments and virtiofsd argv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cmdline import check_golden
+
+from vmkit.config import MachineConfig, parse_config
+from vmkit.errors import ConfigError
+from vmkit.qemu import cmdline
+from vmkit.shares import virtiofsd_argv
+
+
+def cfg(tmp_path: Path, shares: list[dict[str, Any]], **extra: Any) -> MachineConfig:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    return parse_config({"name": "s", "memory": "1G", "boot": {"kernel": str(kernel)}, "network": None,
+                         "shares": shares, **extra})
+
+
+def test_golden_share_args(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    c = cfg(tmp_path, [{"type": "virtiofs", "host_path": "/srv/src", "tag": "src"},
+                       {"type": "9p", "host_path": "/srv/data", "read_only": True},
+                       {"type": "sshfs", "host_path": "/srv/other"}], hotplug_slots=0)
+    rt = cmdline.Runtime(qmp_fd=3, serial_fd=4, share_dir=Path("/inst/dev"))
+    argv = cmdline.base_args(c, cmdline.AccelChoice("tcg", "x"))[:4] + cmdline.shared_memory_args(c) \
+        + cmdline.share_args(c, rt)
+    check_golden("shares", argv)
+    assert "q35,memory-backend=mem" in argv  # virtiofs needs guest RAM in shared memory
+
+
+def test_no_shared_memory_without_virtiofs(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [{"type": "9p", "host_path": "/srv/data"}])
+    assert not c.needs_shared_memory and cmdline.shared_memory_args(c) == []
+
+
+def test_share_problems_are_all_reported(tmp_path: Path) -> None:
+    existing = tmp_path / "code"
+    existing.mkdir()
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    c = cfg(tmp_path, [
+        {"host_path": str(existing), "tag": "t"},
+        {"host_path": str(existing), "tag": "t", "guest_path": "/elsewhere"},  # rw twice, same tag
+        {"host_path": str(tmp_path / "missing"), "guest_path": "/m"},
+        {"host_path": str(afile), "guest_path": "/f"},
+        {"host_path": "relative/dir", "guest_path": "/r"},
+    ])
+    problems = {p.field: p.message for p in c.validate()}
+    assert set(problems) == {"shares[1].tag", "shares[1].host_path", "shares[2].host_path",
+                             "shares[3].host_path", "shares[4].host_path"}
+    assert "read-write only once" in problems["shares[1].host_path"]
+    assert "does not exist" in problems["shares[2].host_path"]
+    assert "not a directory" in problems["shares[3].host_path"]
+    assert "relative" in problems["shares[4].host_path"]
+
+
+def test_same_folder_read_only_twice_is_fine(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    c = cfg(tmp_path, [{"host_path": str(d), "read_only": True, "guest_path": "/a"},
+                       {"host_path": str(d), "guest_path": "/b"}])
+    assert c.validate() == []
+
+
+@pytest.mark.parametrize(("share", "field"), [
+    ({"host_path": "/x", "guest_path": "rel"}, "shares[0].guest_path"),
+    ({"host_path": "/x", "tag": "a" * 37}, "shares[0].tag"),
+    ({"host_path": "/x", "type": "nfs"}, "shares[0].type"),
+])
+def test_bad_share_fields(tmp_path: Path, share: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        cfg(tmp_path, [share])
+    assert [p.field for p in exc.value.problems] == [field]
+
+
+def test_virtiofsd_argv_read_only_uses_a_read_only_bind_mount(tmp_path: Path) -> None:
+    c = cfg(tmp_path, [{"host_path": str(tmp_path), "read_only": True, "cache": "none"}])
+    argv = virtiofsd_argv(c.shares[0], 7, binary="/usr/lib/qemu/virtiofsd")
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
+    assert "remount,bind,ro" in argv[6] and argv[8] == str(tmp_path.resolve())
+    assert "--fd=7" in argv and "cache=none" in argv
+    rw = virtiofsd_argv(c.shares[0].model_copy(update={"read_only": False}), 7, binary="vfsd")
+    assert rw[0] == "vfsd" and "unshare" not in rw
