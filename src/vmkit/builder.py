@@ -28,6 +28,7 @@ class CreateOptions:
     cmdline: str | None = None
     disks: list[str] = field(default_factory=list)
     ports: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
     image: str | None = None
     run: str | None = None
     accel: str | None = None
@@ -70,6 +71,31 @@ def parse_disk(spec: str) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown disk flag {flag!r}: {usage}")
     return {**device, "attachment": att}
+
+
+def parse_mount(spec: str) -> dict[str, Any]:
+    """``HOST[:GUEST][:ro][,type=virtiofs|9p|sshfs][,tag=T][,cache=auto|always|none]``.
+
+    GUEST defaults to the same path as HOST (as Lima does); ``~`` is expanded on the host.
+    """
+    body, *opts = spec.split(",")
+    parts = body.split(":")
+    share: dict[str, Any] = {"host_path": str(Path(parts[0]).expanduser().resolve())}
+    rest = parts[1:]
+    if rest and rest[-1] == "ro":
+        share["read_only"] = True
+        rest = rest[:-1]
+    if len(rest) > 1:
+        raise ValueError(f"{spec!r} is not a mount: use HOST[:GUEST][:ro][,type=virtiofs|9p|sshfs]")
+    if rest and rest[0]:
+        share["guest_path"] = rest[0]
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key in ("type", "tag", "cache") and value:
+            share[key] = value
+        else:
+            raise ValueError(f"unknown mount option {opt!r}: use type=, tag= or cache=")
+    return share
 
 
 def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:
@@ -137,6 +163,14 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
         problems.append(Problem("--kernel", "no kernel: give --kernel PATH or --image NAME "
                                 "(build one with `vmkit image build micro`)"))
     data["boot"] = boot
+
+    shares = list(data.get("shares") or [])
+    for spec in opts.mounts:
+        try:
+            shares.append(parse_mount(spec))
+        except ValueError as exc:
+            problems.append(Problem("--mount", str(exc)))
+    data["shares"] = shares
 
     storage = list(data.get("storage") or [])
     for spec in opts.disks:

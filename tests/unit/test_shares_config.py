@@ -87,3 +87,23 @@ def test_virtiofsd_argv_read_only_uses_a_read_only_bind_mount(tmp_path: Path) ->
     assert "--fd=7" in argv and "cache=none" in argv
     rw = virtiofsd_argv(c.shares[0].model_copy(update={"read_only": False}), 7, binary="vfsd")
     assert rw[0] == "vfsd" and "unshare" not in rw
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("/src", {"host_path": "/src"}),
+    ("/src:/mnt/src", {"host_path": "/src", "guest_path": "/mnt/src"}),
+    ("/src::ro", {"host_path": "/src", "read_only": True}),
+    ("/src:/m:ro,type=9p,tag=code", {"host_path": "/src", "guest_path": "/m", "read_only": True, "type": "9p",
+                                     "tag": "code"}),
+])
+def test_parse_mount(spec: str, expected: dict[str, Any]) -> None:
+    from vmkit.builder import parse_mount
+
+    assert parse_mount(spec) == expected
+
+
+def test_bad_mount_option_names_the_option() -> None:
+    from vmkit.builder import parse_mount
+
+    with pytest.raises(ValueError, match="unknown mount option 'speed=9'"):
+        parse_mount("/src,speed=9")
