@@ -13,7 +13,8 @@ What the user-data does (see :func:`base_user_data`):
 * ``locale: false`` (else ``update-locale`` fails and cloud-init reports ``error``) and
   ``manage_etc_hosts: true``;
 * settings that make first boot cheaper on any image: no key fingerprints or host keys printed to
-  the console (each runs ``ssh-keygen``), no package update/upgrade.
+  the console (each runs ``ssh-keygen``), no package update/upgrade;
+* ``final_message`` starting with :data:`FINAL_MARKER`, a console line that says cloud-init is done.
 
 Settings that must live in the image (``datasource_list``, trimmed module lists) are written by
 :mod:`vmkit.images.debian` into ``/etc/cloud/cloud.cfg.d``: module names differ between cloud-init
@@ -50,6 +51,8 @@ from vmkit.fsutil import atomic_open
 from vmkit.guest.keys import HostKeys
 
 VOLUME_LABEL = "cidata"
+# cloud-init prints this on the console when its last stage is done (final_message in user-data).
+FINAL_MARKER = "vmkit: cloud-init final done"
 DEFAULT_USER = "vmkit"
 META_DATA = "meta-data"
 USER_DATA = "user-data"
@@ -182,15 +185,16 @@ def base_user_data(*, hostname: str, user: str, authorized_keys: Sequence[str],
     }
     if host_keys is not None:
         cfg["ssh_keys"] = host_keys.cloud_config()
-        cfg["ssh_genkeytypes"] = []
-    else:
-        cfg["ssh_genkeytypes"] = ["ed25519"]
+    # Only used when no ssh_keys are given (cloud-init then generates host keys): ed25519 only.
+    cfg["ssh_genkeytypes"] = ["ed25519"]
     cfg.update({
         # First-boot trims that are valid on any cloud-init: no ssh-keygen runs to print keys.
         "no_ssh_fingerprints": True,
         "ssh": {"emit_keys_to_console": False},
         "package_update": False,
         "package_upgrade": False,
+        # A fixed console line that says cloud-init is done, on any image.
+        "final_message": f"{FINAL_MARKER} after $UPTIME s",
     })
     return cfg
 

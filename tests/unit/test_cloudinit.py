@@ -103,12 +103,13 @@ def test_user_data_content(tmp_path: Path, user_key: keys.KeyPair, host_keys: ke
     # Host keys pinned from the first boot: exactly ours, no others generated.
     pair = host_keys.keys[0]
     assert cfg["ssh_keys"] == {"ed25519_private": pair.private_openssh, "ed25519_public": pair.public_openssh}
-    assert cfg["ssh_genkeytypes"] == []
+    assert cfg["ssh_genkeytypes"] == ["ed25519"]
     assert cfg["ssh_deletekeys"] is True
     # First-boot trims
     assert cfg["no_ssh_fingerprints"] is True
     assert cfg["ssh"] == {"emit_keys_to_console": False}
     assert cfg["package_update"] is False and cfg["package_upgrade"] is False
+    assert cfg["final_message"].startswith(cloudinit.FINAL_MARKER)
     # Private keys are readable YAML blocks
     assert "ed25519_private: |" in cloudinit.render_seed(_spec(user_key, host_keys)).user_data
 

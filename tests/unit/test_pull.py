@@ -223,6 +223,21 @@ def test_stale_part_file_is_replaced(server: Server, store: ImageStore) -> None:
     assert image.disk is not None and image.disk.read_bytes() == IMAGE
 
 
+def test_newer_upstream_image_does_not_replace_silently(server: Server, store: ImageStore) -> None:
+    pullmod.pull("ubuntu-24.04", store, base_url=server.url)
+    newer = IMAGE + b"v2"
+    server.files[f"/{IMAGE_NAME}"] = newer
+    server.files["/SHA256SUMS"] = f"{hashlib.sha256(newer).hexdigest()} *{IMAGE_NAME}\n".encode()
+    with pytest.raises(ImageError, match="another digest"):
+        pullmod.pull("ubuntu-24.04", store, base_url=server.url)
+    old = store.get("ubuntu-24.04")
+    assert old.disk is not None and old.disk.read_bytes() == IMAGE
+    side = pullmod.pull("ubuntu-24.04", store, base_url=server.url, name="ubuntu-24.04-new")
+    assert side.disk is not None and side.disk.read_bytes() == newer
+    replaced = pullmod.pull("ubuntu-24.04", store, base_url=server.url, force=True)
+    assert replaced.disk is not None and replaced.disk.read_bytes() == newer
+
+
 def test_pull_by_url(server: Server, store: ImageStore) -> None:
     image = pullmod.pull(f"{server.url}/{IMAGE_NAME}", store, name="mine")
     assert image.name == "mine" and image.manifest.source == f"{server.url}/{IMAGE_NAME}"

@@ -304,7 +304,8 @@ def pull(name_or_url: str, store: ImageStore, *, progress: ProgressCallback | No
 
     ``name_or_url`` is a :data:`CATALOGUE` name or an http(s)/file URL (its checksums are then read
     from ``sums_url``, by default ``SHA256SUMS`` beside it). ``name`` overrides the store name.
-    ``force`` downloads again even if the digest is cached.
+    ``force`` downloads again even if the digest is cached, and replaces an image of the same name
+    with a different digest (without ``force`` that is refused: instance disks are overlays on it).
     """
     src = _resolve(name_or_url, base_url=base_url, sums_url=sums_url, name=name)
 
@@ -327,6 +328,15 @@ def pull(name_or_url: str, store: ImageStore, *, progress: ProgressCallback | No
         if cached is not None and cached.name == src.image_name:
             emit("cached", f"{src.image_name} is cached ({digest[:19]}...): nothing to download")
             return cached
+        if store.exists(src.image_name) and not force:
+            # Instance disks are overlays that name their base by path: silently replacing the
+            # base under them would corrupt them.
+            old = store.get(src.image_name).manifest.extra.get("source_digest", "unknown")
+            raise ImageError(
+                f"image {src.image_name!r} is already in the store with another digest ({old[:23]}...); "
+                f"the publisher now has {digest[:23]}...",
+                hint="pull it under another name (name=...), or replace it with force=True "
+                     "(instances created from the old image stop working)")
 
         with store.staging(src.image_name) as staging:
             if cached is not None:
@@ -359,8 +369,7 @@ def pull(name_or_url: str, store: ImageStore, *, progress: ProgressCallback | No
                         f"checksum mismatch for {src.filename}: {src.sums_url} says {algorithm} {expected}, "
                         f"the download has {got}; the download was discarded and nothing was cached",
                         hint="try again later; if it persists the mirror or the checksum file is wrong")
-                fmt = _disk_format(part)
-                dest = staging / ("disk.qcow2" if fmt == "qcow2" else "disk.raw")
+                dest = staging / ("disk.qcow2" if _disk_format(part) == "qcow2" else "disk.raw")
                 os.replace(part, dest)
             fmt = _disk_format(dest)
             emit("commit", f"storing image {src.image_name}")
