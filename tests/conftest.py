@@ -34,6 +34,14 @@ def micro_full_image() -> Image:
     return build_micro_full(ImageStore(image_cache_dir()))
 
 
+@pytest.fixture(scope="session")
+def debian12() -> Image:
+    """The full Debian 12 guest (mmdebstrap, about a minute), built once and cached."""
+    from vmkit.images.debian import build_debian
+
+    return build_debian(ImageStore(image_cache_dir()))
+
+
 def processes_mentioning(needle: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():

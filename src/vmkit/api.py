@@ -52,6 +52,22 @@ class SupervisorClient:
              timeout: float | None = None) -> Any:
         return asyncio.run(self.request(method, path, body, timeout))
 
+    async def stream(self, method: str, path: str, body: dict[str, Any] | None = None,
+                     timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """A request whose answer is newline-delimited JSON (e.g. progress, then a result)."""
+        try:
+            async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
+                if r.status >= 400:
+                    _raise_from(await r.json(content_type=None))
+                async for line in r.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
+                             hint="see `vmkit list`; the VM may have just stopped") from exc
+        except TimeoutError as exc:
+            raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         async with self._session(timeout=0) as s, s.get("http://vmkit/v1/events") as r:
             async for line in r.content:

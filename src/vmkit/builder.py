@@ -12,10 +12,12 @@ from typing import Any
 
 import yaml
 
+from vmkit.cloudinstance import config_additions, free_port
 from vmkit.config import MachineConfig, PortForward, parse_config, parse_size
 from vmkit.errors import ConfigError, NotFoundError, Problem
 from vmkit.images import micro
 from vmkit.images.store import ImageStore
+from vmkit.instance import Instance
 
 
 @dataclass
@@ -29,10 +31,25 @@ class CreateOptions:
     disks: list[str] = field(default_factory=list)
     ports: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
+    user_data: Path | None = None  # cloud images: extra user-data merged into vmkit's
     image: str | None = None
     run: str | None = None
     accel: str | None = None
     from_file: Path | None = None
+
+
+def disk_size_option(opts: CreateOptions) -> str | None:
+    """``--disk 20G`` with a cloud image is the size of its root disk, not a file to attach."""
+    sizes = [d for d in opts.disks if _is_size(d)]
+    return sizes[-1] if sizes else None
+
+
+def _is_size(spec: str) -> bool:
+    try:
+        parse_size(spec)
+    except ValueError:
+        return False
+    return not Path(spec).exists()
 
 
 def random_mac() -> str:
@@ -134,9 +151,19 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
         else:
             if image.kernel is None:
                 problems.append(Problem("--image", f"image {opts.image!r} has no kernel for direct boot"))
-            elif image.manifest.kind != "initramfs":
-                problems.append(Problem("--image", f"image {opts.image!r} is a {image.manifest.kind} image; "
-                                        "this vmkit version boots initramfs images (e.g. micro)"))
+            elif image.manifest.kind == "disk":
+                if image.disk is None:
+                    problems.append(Problem("--image", f"image {opts.image!r} has no disk"))
+                else:
+                    add = config_additions(Instance(opts.name).dir, image, ssh_port=free_port())
+                    boot = add.pop("boot")
+                    data["storage"] = [*add.pop("storage"), *(data.get("storage") or [])]
+                    net = dict(data.get("network") or {"mode": "user"})
+                    net["forwards"] = [*add.pop("forwards"), *(net.get("forwards") or [])]
+                    data["network"] = net
+                    data.update(add)
+                    data["image"] = opts.image
+                    data.setdefault("memory", 1 << 30)  # cloud-init and systemd want more than the 512M default
             else:
                 boot = {"kind": "linux", "kernel": str(image.kernel),
                         "initrd": str(image.initrd) if image.initrd else None, "cmdline": image.manifest.cmdline}
@@ -173,7 +200,12 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
     data["shares"] = shares
 
     storage = list(data.get("storage") or [])
+    is_cloud = data.get("agent") is True and opts.image is not None
+    if opts.user_data is not None and not is_cloud:
+        problems.append(Problem("--user-data", "user-data needs a cloud image (e.g. --image debian-12)"))
     for spec in opts.disks:
+        if is_cloud and _is_size(spec):
+            continue  # the root disk's size (see disk_size_option)
         try:
             storage.append(parse_disk(spec))
         except ValueError as exc:

@@ -292,9 +292,11 @@ class Serial(_Model):
 
 
 class Readiness(_Model):
-    """How ``start`` knows the guest is up: a line on the serial console, within a timeout."""
+    """How ``start`` knows the guest is up: a line on the serial console and/or the guest agent
+    answering, within a timeout."""
 
     serial_marker: str | None = None
+    agent: bool = Field(default=False, description="wait until qemu-guest-agent answers (needs agent: true)")
     timeout: float = Field(default=120.0, gt=0)
 
 
@@ -314,6 +316,7 @@ class MachineConfig(_Model):
                                description="q35: empty PCIe root ports for attaching disks to a running VM")
     usb: bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
     shares: tuple[Share, ...] = ()
+    agent: bool = Field(default=False, description="a virtio-serial channel for qemu-guest-agent (qga.sock)")
     network: Network | None = Network()
     serial: Serial = Serial()
     entropy: bool = True

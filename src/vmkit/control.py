@@ -13,19 +13,25 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmkit.api import SupervisorClient
-from vmkit.builder import parse_disk
+from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk
+from vmkit.cloudinstance import CloudOptions, provision, ssh_config_text, ssh_port
+from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
 from vmkit.config import MachineConfig, format_size
 from vmkit.errors import ConfigError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.guest.agent import AGENT_SOCKET_NAME
+from vmkit.guest.execute import ExecResult, guest_exec
+from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
@@ -55,6 +61,30 @@ def create(config: MachineConfig) -> Instance:
     return Instance.create(config)
 
 
+def create_from_options(opts: CreateOptions) -> Instance:
+    """``vmkit create``: build the configuration and the instance directory; for cloud images also
+    the overlay disk, keys and NoCloud seed. All or nothing: a failure leaves no directory."""
+    config = config_from_options(opts)
+    if not config.agent or opts.image is None:
+        return create(config)
+    image = ImageStore().get(opts.image)
+    user_data = None
+    if opts.user_data is not None:
+        try:
+            user_data = opts.user_data.read_text()
+        except OSError as exc:
+            raise ConfigError.single("--user-data", f"{opts.user_data}: {exc.strerror}") from None
+    config.ensure_valid(host=False)
+    inst = Instance.create(config)
+    try:
+        provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data))
+        config.ensure_valid(host=True)
+    except BaseException:
+        shutil.rmtree(inst.dir, ignore_errors=True)
+        raise
+    return inst
+
+
 def get(name: str) -> Instance:
     return Instance(name).require()
 
@@ -67,8 +97,14 @@ def dry_run_argv(name: str) -> list[str]:
     return build_argv(config, accel, Runtime(qmp_fd=3, serial_fd=4, pidfile=inst.qemu_pidfile))
 
 
-def start(name: str, *, progress: Progress | None = None, timeout: float | None = None) -> Status:
-    """Start ``name`` under a new supervisor; return once the guest is ready (or raise why not)."""
+def start(name: str, *, progress: Progress | None = None, timeout: float | None = None,
+          supervisor_args: Sequence[str] = (), on_message: Callable[[dict[str, Any]], None] | None = None) -> Status:
+    """Start ``name`` under a new supervisor; return once the guest is ready (or raise why not).
+
+    ``supervisor_args`` are passed to the supervisor (e.g. ``--restore PATH``, see
+    :class:`vmkit.supervisor_state.StartPlan`); ``on_message`` receives the interim JSON lines it
+    reports before the outcome (restore progress, what was restored).
+    """
     inst = get(name)
     status = inst.reconcile()
     if inst.is_supervised():
@@ -82,13 +118,13 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     read_fd, write_fd = os.pipe()
     with inst.supervisor_log.open("ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd)],
+            [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd), *supervisor_args],
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True,
         )
     os.close(write_fd)
     try:
-        line = _read_report(read_fd, limit, inst, progress)
+        line = _read_report(read_fd, limit, inst, progress, on_message)
     except BaseException:
         # interrupted or timed out: take the half-started VM down with its supervisor
         _terminate(proc)
@@ -109,10 +145,20 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     return inst.read_status()
 
 
-def _read_report(fd: int, limit: float, inst: Instance, progress: Progress | None) -> str:
+def _read_report(fd: int, limit: float, inst: Instance, progress: Progress | None,
+                 on_message: Callable[[dict[str, Any]], None] | None = None) -> str:
     deadline = time.monotonic() + limit
     buf = b""
-    while b"\n" not in buf:
+    while True:
+        line, nl, rest = buf.partition(b"\n")
+        if nl:
+            interim = json.loads(line) if line.startswith(b"{") else None
+            if not isinstance(interim, dict) or "ok" in interim:
+                break  # the outcome
+            buf = rest
+            if on_message is not None:
+                on_message(interim)
+            continue
         left = deadline - time.monotonic()
         if left <= 0:
             raise VmTimeoutError(f"{inst.name}: not ready after {limit:.0f} s",
@@ -208,8 +254,11 @@ def view(inst: Instance) -> InstanceView:
     status = inst.reconcile()
     config = inst.load_config()
     live = status.state in LIVE and inst.is_supervised()
+    saved = not live and inst.saved_state_path.exists()  # `vmkit start` resumes it
     return InstanceView(
-        name=inst.name, state=status.state, cpus=config.cpus, memory=format_size(config.memory),
+        name=inst.name,
+        state="saved" if saved else (f"{status.state} (degraded)" if live and status.degraded else status.state),
+        cpus=config.cpus, memory=format_size(config.memory),
         accel=status.accel if live else None,
         uptime=(time.time() - status.started_at) if live and status.started_at else None,
         reason=status.reason,
@@ -303,3 +352,57 @@ def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str
 
 def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
     client(name).call("DELETE", f"/v1/disks/{disk_id}", {"timeout": timeout}, timeout=timeout + 15)
+
+
+def list_mounts(name: str) -> list[dict[str, Any]]:
+    """The instance's shares; ``state`` says whether the machine is up and its virtiofsd alive."""
+    inst = get(name)
+    config = inst.load_config()
+    status = inst.reconcile()
+    running = inst.is_supervised() and status.state in LIVE
+    rows = []
+    for i, share in enumerate(config.shares):
+        tag = config.share_tag(i)
+        if not running:
+            state = "stopped"
+        elif share.type == "virtiofs" and status.degraded and f"'{tag}'" in status.degraded:
+            state = "failed (virtiofsd died)"
+        else:
+            state = "active"
+        rows.append({"tag": tag, "type": share.type, "host_path": str(share.host_path),
+                     "guest_path": share.mount_point(), "read_only": share.read_only, "state": state})
+    return rows
+
+
+def exec_in_guest(name: str, argv: list[str], *, timeout: float = 60.0, stdin: bytes | None = None) -> ExecResult:
+    """Run a command in a running guest through its agent."""
+    inst = get(name)
+    config = inst.load_config()
+    status = inst.reconcile()
+    if not inst.is_supervised() or status.state != "running":
+        raise StateError("run a command in the guest", status.state, ["running"])
+    if not config.agent:
+        raise ConfigError.single("agent", f"{name} has no guest agent channel: use `vmkit shell`, "
+                                 "or create it from a cloud image")
+    if not argv:
+        raise ConfigError.single("CMD", "give the command to run after --")
+    return asyncio.run(guest_exec(inst.dir / AGENT_SOCKET_NAME, argv, timeout=timeout, stdin=stdin))
+
+
+def ssh_argv(name: str, command: list[str], *, tty: bool) -> list[str]:
+    """The ``ssh`` command line for ``vmkit shell`` (pinned host key, the instance's key)."""
+    inst = get(name)
+    config = inst.load_config()
+    if not (inst.dir / "ssh_config").exists():
+        raise ConfigError.single("NAME", f"{name} has no SSH identity: only instances of cloud images "
+                                 "(e.g. --image debian-12) have one")
+    status = inst.reconcile()
+    if not inst.is_supervised():
+        raise StateError("open a shell", status.state, ["running"])
+    ssh_port(config)  # clear error if the forward was removed
+    return cloud_ssh_argv(inst.dir, name, command, tty=tty)
+
+
+def ssh_config(name: str) -> str:
+    inst = get(name)
+    return ssh_config_text(inst.dir, name, ssh_port(inst.load_config()))

@@ -12,6 +12,7 @@ Layout (directory mode 0700, files 0600)::
         qemu.pid         QEMU's pid (written by QEMU, removed when it exits)
         qemu.log         QEMU's stderr and the argv it ran with
         supervisor.log   the supervisor's own log
+        saved.vmstate    the saved machine state `vmkit start` resumes from (vmkit.statectl)
 
 A lock held by a live supervisor is the one source of truth for "running"; a state file
 that says otherwise is stale (the supervisor was killed) and :meth:`Instance.reconcile`
@@ -52,6 +53,7 @@ class Status:
     accel: str | None = None
     accel_reason: str | None = None
     qemu_version: str | None = None
+    degraded: str | None = None  # why the machine runs degraded (e.g. a virtiofsd died)
     updated_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -101,6 +103,11 @@ class Instance:
     @property
     def supervisor_log(self) -> Path:
         return self.dir / "supervisor.log"
+
+    @property
+    def saved_state_path(self) -> Path:
+        """Where ``vmkit stop --save`` / ``vmkit save`` put the state that ``vmkit start`` resumes."""
+        return self.dir / "saved.vmstate"
 
     # -- existence ----------------------------------------------------------------------------------
     def exists(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
+from vmkit.guest.agent import AGENT_SOCKET_NAME, GuestAgent, GuestAgentError
 from vmkit.hotplug import HotDisk
 from vmkit.nbdwatch import NbdWatcher
 from vmkit.proc import child_setup
@@ -314,8 +315,16 @@ class VirtualMachine:
         self._require("request a stop", VmState.RUNNING)
         assert self.qmp is not None
         self._stop_requested = True
-        await self.qmp.execute("system_powerdown")
-        self._set_state(VmState.STOPPING, reason="power button pressed")
+        try:
+            await self.qmp.execute("system_powerdown")
+        except QemuError:
+            # a quick guest powers off before QEMU has sent its reply: that is success
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), 2.0)
+            if not self._exited.is_set():
+                raise
+        if not self._exited.is_set():
+            self._set_state(VmState.STOPPING, reason="power button pressed")
         if timeout is not None:
             await self.wait(timeout)
 
@@ -347,24 +356,43 @@ class VirtualMachine:
         return self.exit_info
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait for the configured readiness signal (a serial console marker)."""
-        marker = self.config.readiness.serial_marker
-        if marker is None:
+        """Wait for the configured readiness signals: a serial console marker, the guest agent."""
+        ready = self.config.readiness
+        if ready.serial_marker is None and not ready.agent:
             return
-        limit = timeout if timeout is not None else self.config.readiness.timeout
-        found = asyncio.ensure_future(self.serial.wait_for(marker))
+        limit = timeout if timeout is not None else ready.timeout
+
+        async def signals() -> None:
+            if ready.serial_marker is not None:
+                await self.serial.wait_for(ready.serial_marker)
+            if ready.agent:
+                await self._wait_agent()
+
+        found = asyncio.ensure_future(signals())
         died = asyncio.ensure_future(self._exited.wait())
         done, _ = await asyncio.wait({found, died}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         found.cancel()
         died.cancel()
-        if found in done and not found.cancelled():
+        if found in done and not found.cancelled() and found.exception() is None:
             return
         tail = self.serial.tail_text(lines=15)
         if died in done:
             raise QemuError(f"{self.config.name}: QEMU exited before the guest was ready "
                             f"({self.exit_info.reason if self.exit_info else 'unknown'}). Last console lines:\n{tail}")
-        raise VmTimeoutError(f"{self.config.name}: no {marker!r} on the serial console within {limit:.0f} s. "
-                             f"Last console lines:\n{tail}")
+        what = " and ".join(filter(None, [f"{ready.serial_marker!r} on the serial console" if ready.serial_marker
+                                          else "", "the guest agent answering" if ready.agent else ""]))
+        raise VmTimeoutError(f"{self.config.name}: no {what} within {limit:.0f} s. Last console lines:\n{tail}")
+
+    async def _wait_agent(self) -> None:
+        """Until qemu-guest-agent answers on qga.sock (it has no 'I am up' event: retry a ping)."""
+        sock = self.workdir / AGENT_SOCKET_NAME
+        while True:
+            try:
+                async with GuestAgent(sock, timeout=3.0) as agent:
+                    await agent.execute("guest-ping")
+                    return
+            except GuestAgentError:
+                await asyncio.sleep(0.5)
 
     async def shutdown(self, timeout: float = 10.0) -> ExitInfo | None:
         """Graceful if possible (power button, ``timeout``), then hard. Always reaps QEMU."""

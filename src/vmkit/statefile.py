@@ -122,7 +122,11 @@ _FLAG_HEADER = b"\x02"
 _HKDF_INFO = b"vmkit state file v1 AES-256-GCM"
 _POLL_SECONDS = 0.2
 _PIPE_SIZE = 1 << 20
-_WRITEBACK_WINDOW = 8 << 20
+# Start writeback every 64 MiB. Measured with real QEMU saving a paused guest (~1 GB/s into the pipe,
+# benchmarks/save_bench.py): 8-16 MiB windows made saves 2x slower (sync_file_range calls competing
+# with QEMU and the pump for two CPUs); 64 MiB matched plain `cat > file`, and a paced 140 MiB/s
+# producer (benchmarks/statefile_bench.py --rate-mib 140) was as fast with 64 as with 8.
+_WRITEBACK_WINDOW = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 ProgressCallback = Callable[[int, int | None], None]

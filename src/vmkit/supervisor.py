@@ -17,6 +17,8 @@ API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}`
     GET  /v1/disks            disks: boot and hot-plugged, with NBD connection state
     POST /v1/disks            attach a disk (a StorageDevice as JSON)
     DELETE /v1/disks/ID       detach a hot-plugged disk
+    POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
+                              save/restore and snapshots (see vmkit.supervisor_state)
 
 Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
 """
@@ -44,6 +46,7 @@ from vmkit.errors import ConfigError, VmkitError
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
+from vmkit.supervisor_state import StartPlan, StateRoutes, start_from_plan
 
 log = logging.getLogger("vmkit.supervisor")
 
@@ -54,8 +57,10 @@ def error_body(exc: VmkitError) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance, *, plan: StartPlan | None = None) -> None:
         self.instance = instance
+        self.plan = plan or StartPlan()  # restore from a state file / snapshot instead of booting
+        self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
         self.config = instance.load_config()
         self.vm = VirtualMachine(self.config, instance.dir)
         self.status = Status()
@@ -65,6 +70,10 @@ class Supervisor:
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
+        if ev.kind == "share-failed":
+            self.status.degraded = str(ev.detail.get("reason"))
+            self.instance.write_status(self.status)
+            return
         if ev.kind not in ("state-changed", "guest-stopped", "stopped-with-error"):
             return
         self.status.state = ev.state.value
@@ -86,13 +95,17 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         try:
-            await self.vm.start()
+            if self.plan.active:
+                await start_from_plan(self, self.plan, ready_fd)
+            else:
+                await self.vm.start()
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at
             self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
             self.instance.write_status(self.status)
             await self._serve_api()
-            await self.vm.wait_ready()
+            if not self.plan.active:  # a restored guest printed its readiness marker long ago
+                await self.vm.wait_ready()
         except VmkitError as exc:
             log.error("start failed: %s", exc)
             _report(ready_fd, {"ok": False, **error_body(exc)})
@@ -108,7 +121,7 @@ class Supervisor:
         log.info("QEMU exited: %s", exit_info.reason)
         await self.vm.shutdown()
         self.status.state = "stopped" if exit_info.clean else "error"
-        self.status.reason = exit_info.reason
+        self.status.reason = self.exit_reason or exit_info.reason
         self.status.qemu_pid = None
         self.instance.write_status(self.status)
         await self._stop_api()
@@ -133,6 +146,7 @@ class Supervisor:
             web.get("/v1/disks", self._h_disks),
             web.post("/v1/disks", self._h_disk_attach),
             web.delete("/v1/disks/{id}", self._h_disk_detach),
+            *StateRoutes(self).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -288,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmkit-supervisor")
     parser.add_argument("instance_dir", type=Path)
     parser.add_argument("--ready-fd", type=int, default=None)
+    StartPlan.add_arguments(parser)
     args = parser.parse_args(argv)
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{instance.name} already has a supervisor", "hint": None, "exit_code": 4}})
         return 4
     try:
-        sup = Supervisor(instance)
+        sup = Supervisor(instance, plan=StartPlan.from_args(args))
         return asyncio.run(sup.run(args.ready_fd))
     except VmkitError as exc:
         _report(args.ready_fd, {"ok": False, **error_body(exc)})

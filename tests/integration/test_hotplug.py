@@ -44,8 +44,8 @@ async def test_attach_and_detach_virtio_blk_and_nvme(micro_image: Image, tmp_pat
 
         await hotplug.detach_disk(vm, "disk0", timeout=60)
         mark = vm.serial.offset
-        await vm.serial.write(b"echo gone:$(ls /sys/block | tr '\\n' ,)\n")
-        m = await vm.serial.wait_for_regex(r"^gone:(.*)$", since=mark)
+        await vm.serial.write(b"echo gone:$(ls /sys/block | tr '\\n' ,):end\n")
+        m = await vm.serial.wait_for_regex(r"^gone:(.*):end", since=mark)
         assert "vda" not in m.group(1) and "nvme0n1" in m.group(1)
         with pytest.raises(NotFoundError):
             await hotplug.detach_disk(vm, "disk0")

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 
 from vmkit.images.micro import (
     POWEROFF_MARKER,
@@ -167,7 +167,9 @@ async def test_boot_run_counter_and_powerdown(boot: BootFn, micro_image: Image,
         shutdown = EventListener("SHUTDOWN")
         with qmp.listen(shutdown):
             sent = time.monotonic()
-            await qmp.execute("system_powerdown")
+            # the guest may power off so fast that QEMU exits before it replies
+            with contextlib.suppress(EOFError, ConnectionError, ExecInterruptedError):
+                await qmp.execute("system_powerdown")
             event = await asyncio.wait_for(shutdown.get(), 10)
         data = event["data"]
         assert isinstance(data, dict) and data["guest"] is True  # the guest powered itself off

@@ -93,3 +93,45 @@ async def test_dead_virtiofsd_is_reported(micro_full_image: Image, tmp_path: Pat
         assert vm.state == VmState.RUNNING  # the guest runs on, degraded
         failed = [e for e in events if e.kind == "share-failed"]
         assert failed and failed[0].detail["tag"] == "src"
+
+
+def test_cli_mount_degraded_and_no_leftovers(vmkit_home: Path, micro_full_image: Image, tmp_path: Path) -> None:
+    import json
+
+    from test_supervisor import vmkit
+
+    from conftest import wait_until
+
+    src = folder(tmp_path, "src")
+    vmkit("create", "dev", "--image", "micro-full", "--memory", "256M", "--mount", f"{src}:/mnt/src",
+          "--mount", f"{src}:/mnt/ro:ro,type=9p")
+    rows = json.loads(vmkit("mount", "list", "dev", "--json").stdout)
+    assert [(r["type"], r["guest_path"], r["read_only"], r["state"]) for r in rows] == [
+        ("virtiofs", "/mnt/src", False, "stopped"), ("9p", "/mnt/ro", True, "stopped")]
+    vmkit("start", "dev")
+    assert [r["state"] for r in json.loads(vmkit("mount", "list", "dev", "--json").stdout)] == ["active", "active"]
+    daemons = virtiofsd_serving(src)
+    assert daemons
+    for pid in daemons:
+        os.kill(pid, signal.SIGKILL)
+
+    def degraded() -> bool:
+        return json.loads(vmkit("list", "--json").stdout)[0]["state"] == "running (degraded)"
+
+    assert wait_until(degraded, 15)
+    assert json.loads(vmkit("mount", "list", "dev", "--json").stdout)[0]["state"] == "failed (virtiofsd died)"
+    vmkit("stop", "dev")
+    assert not [p for p in virtiofsd_serving(src) if pid_alive(p)]
+
+
+def virtiofsd_serving(folder: Path) -> list[int]:
+    from conftest import processes_mentioning
+
+    out = []
+    for pid in processes_mentioning("virtiofsd"):
+        try:
+            if f"source={folder}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vmkit.builder import CreateOptions, config_from_options, parse_disk, random_mac
+from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.config import MachineConfig
 from vmkit.errors import ConfigError, ExitCode
 from vmkit.images import micro
@@ -102,7 +102,7 @@ def test_missing_image_says_how_to_get_it(tmp_path: Path) -> None:
 
 def test_image_without_kernel_or_of_another_kind(store: ImageStore) -> None:
     add_image(store, "disky", kind="disk")
-    assert "disk image" in problems(store, image="disky")["--image"]
+    assert "has no disk" in problems(store, image="disky")["--image"]
     add_image(store, "nokernel", kernel=False)
     assert "no kernel" in problems(store, image="nokernel")["--image"]
 
@@ -215,3 +215,23 @@ def test_from_file_problems(tmp_path: Path) -> None:
     assert "not valid YAML" in problems(from_file=tmp_path / "bad.yaml")["--from"]
     (tmp_path / "typo.yaml").write_text("boot: {kernel: /k}\ncpu: 2\n")
     assert "unknown setting" in problems(from_file=tmp_path / "typo.yaml")["cpu"]
+
+
+def test_cloud_image_gets_root_and_seed_disks_agent_and_ssh_forward(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path / "home"))
+    store = ImageStore(tmp_path / "images")
+    with store.staging("deb") as d:
+        (d / "vmlinuz").write_bytes(b"k")
+        (d / "disk.qcow2").write_bytes(b"QFI\xfb")
+        store.commit(d, ImageManifest(name="deb", kind="disk", kernel="vmlinuz", disk="disk.qcow2",
+                                      disk_format="qcow2", cmdline="root=/dev/vda"))
+    config = config_from_options(CreateOptions(name="web", image="deb", disks=["20G"], ports=["8080:80"]), store)
+    assert [d.id for d in config.storage] == ["root", "seed"]
+    assert config.storage[1].attachment.read_only
+    assert str(config.storage[0].attachment.path).endswith("instances/web/disk.qcow2")  # type: ignore[union-attr]
+    assert config.agent and config.readiness.agent and config.memory == 1 << 30
+    assert config.network is not None
+    guest_ports = sorted(f.guest_port for f in config.network.forwards)
+    assert guest_ports == [22, 80]
+    assert disk_size_option(CreateOptions(name="web", disks=["20G"])) == "20G"

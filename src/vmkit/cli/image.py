@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import typer
 from rich.table import Table
 
 from vmkit.cli.output import out, print_json, spinner
 from vmkit.errors import ConfigError
-from vmkit.images import micro
-from vmkit.images.store import ImageStore
+from vmkit.images import debian, micro
+from vmkit.images.store import Image, ImageStore
 
 app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 
-BUILDERS = {micro.NAME: micro.build_micro, micro.FULL_NAME: micro.build_micro_full}
+def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:
+    def show(p: debian.BuildProgress) -> None:
+        progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
+
+    return debian.build_debian(store, force=force, progress=show)
+
+
+BUILDERS: dict[str, Callable[..., Image]] = {
+    micro.NAME: micro.build_micro,
+    micro.FULL_NAME: micro.build_micro_full,
+    "debian-12": _build_debian,
+}
 
 
 @app.command()

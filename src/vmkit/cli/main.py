@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from vmkit.cli import disk, image, nbd, system, vm
+from vmkit.cli import disk, guest, image, mount, nbd, state, system, vm
 from vmkit.cli.output import err
 from vmkit.errors import ExitCode, VmkitError
 
@@ -19,10 +19,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 vm.register(app)
+guest.register(app)
 system.register(app)
 app.add_typer(image.app, name="image")
 app.add_typer(nbd.app, name="nbd")
 app.add_typer(disk.app, name="disk")
+app.add_typer(mount.app, name="mount")
+state.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

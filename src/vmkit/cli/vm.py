@@ -14,7 +14,8 @@ import typer
 from rich.table import Table
 
 from vmkit import control
-from vmkit.builder import CreateOptions, config_from_options
+from vmkit.builder import CreateOptions
+from vmkit.cli import state as state_cli
 from vmkit.cli.output import err, human_duration, out, print_json, spinner
 from vmkit.qemu.cmdline import render
 
@@ -38,16 +39,18 @@ def create(
     disk: list[str] = typer.Option(
         [], "--disk", help="PATH[:ro][:format=F][:kind=K] or nbd://HOST:PORT/EXPORT[,ro][,kind=K] (repeatable)"),
     port: list[str] = typer.Option([], "--port", help="forward [ADDR:]HOST:GUEST[/udp] (repeatable)"),
+    mount: list[str] = typer.Option(
+        [], "--mount", help="share HOST[:GUEST][:ro][,type=virtiofs|9p|sshfs] into the guest (repeatable)"),
     run: str | None = typer.Option(None, "--run", help="micro image: shell command the guest runs at boot"),
     accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),
     from_file: Path | None = typer.Option(None, "--from", help="start from this vm.yaml"),
+    user_data: Path | None = typer.Option(None, "--user-data", help="cloud images: extra cloud-config to merge"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
-    config = config_from_options(CreateOptions(
+    inst = control.create_from_options(CreateOptions(
         name=name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline, disks=disk,
-        ports=port, image=image, run=run, accel=accel, from_file=from_file,
+        ports=port, mounts=mount, image=image, run=run, accel=accel, from_file=from_file, user_data=user_data,
     ))
-    inst = control.create(config)
     out.print(f"created [bold]{name}[/] in {inst.dir}")
 
 
@@ -55,22 +58,28 @@ def start(
     name: str,
     dry_run: bool = typer.Option(False, "--dry-run", help="print the QEMU command line and exit"),
     timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the guest to be ready"),
+    cold: bool = typer.Option(False, "--cold", help="boot afresh even if there is a saved state (it is kept aside)"),
 ) -> None:
-    """Start a virtual machine; returns when the guest is ready. It keeps running after this exits."""
+    """Start a virtual machine; returns when the guest is ready. It keeps running after this exits.
+
+    A machine stopped with `stop --save` resumes from its saved state (falling back to a boot).
+    """
     if dry_run:
         out.print(render(control.dry_run_argv(name)), markup=False, highlight=False, soft_wrap=True)
         return
-    with spinner(f"starting {name}") as update:
-        status = control.start(name, progress=update, timeout=timeout)
-    out.print(f"[bold]{name}[/] is {status.state} ({status.accel}; QEMU pid {status.qemu_pid})")
+    state_cli.start_instance(name, timeout=timeout, cold=cold)
 
 
 def stop(
     name: str,
     force: bool = typer.Option(False, "--force", "-f", help="hard stop now, without asking the guest"),
     timeout: float = typer.Option(30.0, "--timeout", help="seconds the guest gets to power off"),
+    save: bool = typer.Option(False, "--save", help="save the machine state first; `start` resumes it"),
 ) -> None:
-    """Stop a virtual machine: ACPI power button, then a hard stop after --timeout."""
+    """Stop a virtual machine: ACPI power button, then a hard stop after --timeout (or --save its state)."""
+    if save:
+        state_cli.save_instance(name, None, keep_running=False)
+        return
     with spinner(f"stopping {name}"):
         status = control.stop(name, force=force, timeout=timeout)
     out.print(f"[bold]{name}[/] is {status.state}" + (f" ({status.reason})" if status.reason else ""))

@@ -34,6 +34,10 @@ class Runtime:
     def virtiofs_socket(self, tag: str) -> Path:
         return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
 
+    @property
+    def agent_socket(self) -> Path:
+        return (self.share_dir or Path(".")) / "qga.sock"
+
 
 def opt_escape(value: str) -> str:
     """Escape a value for QEMU's ``key=value,...`` option syntax (commas are doubled)."""
@@ -189,6 +193,15 @@ def share_args(config: MachineConfig, runtime: Runtime) -> list[str]:
     return out
 
 
+def agent_args(runtime: Runtime) -> list[str]:
+    """qemu-guest-agent's channel: a virtio-serial port named as the agent expects, served on
+    ``qga.sock`` in the instance directory (one client at a time)."""
+    sock = opt_escape(str(runtime.agent_socket))
+    return ["-chardev", f"socket,id=qga0,path={sock},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vserial0",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+
+
 def network_args(net: Network) -> list[str]:
     netdev = "user,id=net0"
     for fwd in net.forwards:
@@ -221,6 +234,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += share_args(config, runtime)
     if config.network is not None:
         argv += network_args(config.network)
+    if config.agent:
+        argv += agent_args(runtime)
     if config.entropy:
         argv += entropy_args()
     if runtime.pidfile is not None:

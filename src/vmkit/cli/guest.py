@@ -1,0 +1,50 @@
+"""Commands that reach into a running guest: exec (guest agent), shell and ssh-config (OpenSSH)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from vmkit import control
+from vmkit.cli.output import out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(exec_)
+    app.command("shell", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(shell)
+    app.command("ssh-config")(ssh_config)
+
+
+def exec_(
+    ctx: typer.Context,
+    name: str,
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds the command may run"),
+) -> None:
+    """Run a command in the guest through qemu-guest-agent: vmkit exec NAME -- CMD ARGS...
+
+    Prints its stdout and stderr and exits with its exit code.
+    """
+    stdin = None if sys.stdin.isatty() else sys.stdin.buffer.read()
+    result = control.exec_in_guest(name, list(ctx.args), timeout=timeout, stdin=stdin or None)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.buffer.flush()
+    raise typer.Exit(result.exit_code)
+
+
+def shell(ctx: typer.Context, name: str) -> None:
+    """Log in with OpenSSH (pinned host key), or run a command: vmkit shell NAME [-- CMD...].
+
+    Exits with the remote command's exit code.
+    """
+    argv = control.ssh_argv(name, list(ctx.args), tty=sys.stdin.isatty())
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # noqa: S606 - ssh replaces us: its exit code is ours
+
+
+def ssh_config(name: str) -> None:
+    """Print an OpenSSH config for the instance (use with ssh -F FILE NAME)."""
+    out.print(control.ssh_config(name), markup=False, highlight=False, end="")

@@ -1,0 +1,199 @@
+"""Save/restore and snapshot commands: ``save``, ``restore``, ``snapshot ...``; and the rendering that
+``start`` (auto-resume) and ``stop --save`` share with them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from vmkit import statectl
+from vmkit.cli.output import err, out, print_json
+from vmkit.statectl import StartOutcome
+
+snapshot_app = typer.Typer(help="Snapshots: machine state and disks together (rewind and go forward again).",
+                           no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("save")(save)
+    app.command("restore")(restore)
+    app.add_typer(snapshot_app, name="snapshot")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class _Ui:
+    """A transient rich progress display: a byte bar while state moves, a spinner while a guest boots."""
+
+    progress: Progress
+    task: TaskID
+    label: str
+    started: float = field(default_factory=time.monotonic)
+
+    def transfer(self, done: int, total: int | None) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def console_line(self, line: str) -> None:
+        self.progress.update(self.task, description=f"{self.label} [dim]{escape(line)}[/]" if line else self.label)
+
+    def relabel(self, label: str) -> None:
+        self.label = label
+        self.progress.reset(self.task, total=None, description=label)
+
+    def notice(self, message: str) -> None:
+        style = "yellow" if "cannot be used" in message or "moved aside" in message or "kept as" in message else ""
+        text = escape(message)
+        self.progress.console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_ui(label: str) -> Iterator[_Ui]:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield _Ui(progress, task, label)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def describe_start(name: str, outcome: StartOutcome) -> None:
+    """Say how ``name`` came up (restored or booted) and what happened to its clock."""
+    st = outcome.status
+    if outcome.restored:
+        r = outcome.restored
+        verb = "resumed" if st.state == "running" else "restored"
+        out.print(f"[bold]{name}[/] is {st.state}: {verb} from {escape(str(r['path']))} "
+                  f"({_size(int(r['payload_bytes']))} in {float(r['seconds']):.1f} s; "
+                  f"saved {float(r['suspended_seconds']):.0f} s ago)", highlight=False)
+    elif outcome.snapshot:
+        out.print(f"[bold]{name}[/] is {st.state}: reverted to snapshot {escape(outcome.snapshot)}", highlight=False)
+    else:
+        out.print(f"[bold]{name}[/] is {st.state} ({st.accel}; QEMU pid {st.qemu_pid})")
+    if outcome.clock is not None:
+        clock = outcome.clock
+        style = "green" if clock.get("corrected") else "yellow"
+        out.print(f"[{style}]clock:[/] {escape(str(clock.get('message')))}", highlight=False)
+
+
+def start_instance(name: str, *, timeout: float | None, cold: bool) -> StartOutcome:
+    """``vmkit start``'s work: resume the saved state if there is one (with a byte bar), else boot."""
+    with progress_ui(f"starting {name}") as ui:
+
+        def notice(message: str) -> None:
+            ui.notice(message)
+            if message.startswith("resuming"):
+                ui.relabel(f"resuming {name}")
+            elif "cold-booting" in message:
+                ui.relabel(f"booting {name}")
+
+        outcome = statectl.start(name, progress=ui.console_line, timeout=timeout, cold=cold,
+                                 state_progress=ui.transfer, notice=notice)
+    describe_start(name, outcome)
+    return outcome
+
+
+def save_instance(name: str, file: Path | None, *, keep_running: bool) -> statectl.SaveOutcome:
+    """``vmkit save`` / ``vmkit stop --save``: save with a byte counter, then say where it went."""
+    with progress_ui(f"saving {name}") as ui:
+        outcome = statectl.save(name, file, keep_running=keep_running, progress=ui.transfer)
+    state = outcome.status.state
+    out.print(f"saved [bold]{name}[/] to {escape(str(outcome.path))} ({_size(outcome.file_bytes)} in "
+              f"{outcome.seconds:.1f} s); it is {'saved' if state == 'stopped' and file is None else state}",
+              highlight=False)
+    if not keep_running:
+        how = f"vmkit start {name}" if file is None else f"vmkit restore {name} {outcome.path}"
+        out.print(f"`{escape(how)}` resumes it", highlight=False)
+    return outcome
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def save(
+    name: str,
+    file: Path | None = typer.Argument(None, help="state file (default: the instance's own, which `start` resumes)"),
+    keep_running: bool = typer.Option(False, "--keep-running", help="resume the machine after saving"),
+) -> None:
+    """Save a machine's state (RAM, devices) to an encrypted file; then stop it (or --keep-running)."""
+    save_instance(name, file, keep_running=keep_running)
+
+
+def restore(
+    name: str,
+    file: Path | None = typer.Argument(None, help="state file (default: the instance's own saved state)"),
+    force: bool = typer.Option(False, "--force", help="restore even though the disks changed since the save"),
+    paused: bool = typer.Option(False, "--paused", help="leave the machine paused after restoring"),
+    timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the restore"),
+) -> None:
+    """Start a stopped machine from a saved state (it continues where it was saved)."""
+    with progress_ui(f"restoring {name}") as ui:
+        outcome = statectl.restore(name, file, force=force, paused=paused, progress=ui.console_line,
+                                   state_progress=ui.transfer, timeout=timeout)
+    describe_start(name, outcome)
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    name: str,
+    tag: str | None = typer.Argument(None, help="snapshot name (default: snap-DATE-TIME)"),
+) -> None:
+    """Snapshot a running or paused machine: RAM and every writable (qcow2) disk together."""
+    with progress_ui(f"snapshotting {name}"):
+        info = statectl.snapshot_create(name, tag)
+    out.print(f"created snapshot [bold]{escape(info.tag)}[/] of {name} ({_size(info.vm_state_bytes)} machine state)",
+              highlight=False)
+
+
+@snapshot_app.command("list")
+def snapshot_list(name: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List a machine's snapshots."""
+    rows = statectl.snapshot_list(name)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    table = Table("tag", "created", "machine state", "guest clock")
+    for r in rows:
+        table.add_row(escape(r.tag), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)),
+                      _size(r.vm_state_bytes) if r.vm_state_bytes else "disk only", f"{r.guest_clock_seconds:.1f} s")
+    out.print(table)
+
+
+@snapshot_app.command("revert")
+def snapshot_revert(
+    name: str,
+    tag: str,
+    timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait (stopped machine)"),
+) -> None:
+    """Go back to a snapshot (RAM and disks). A stopped machine is started from it."""
+    with progress_ui(f"reverting {name} to {tag}") as ui:
+        outcome = statectl.snapshot_revert(name, tag, progress=ui.console_line, timeout=timeout, notice=ui.notice)
+    describe_start(name, outcome)
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(name: str, tag: str) -> None:
+    """Delete a snapshot (from every disk that holds it)."""
+    statectl.snapshot_delete(name, tag)
+    out.print(f"deleted snapshot [bold]{escape(tag)}[/] of {name}", highlight=False)
+

@@ -1,0 +1,127 @@
+"""Instances made from cloud (disk) images: the files in the instance directory, and how to reach the guest.
+
+``vmkit create NAME --image debian-12`` gives an instance directory holding::
+
+    disk.qcow2       copy-on-write overlay on the cached base image, grown to --disk
+    seed.iso         NoCloud seed (label cidata): meta-data, user-data, network-config
+    ssh/id_ed25519   the instance's user key (0600) and .pub
+    ssh/host/        the guest's SSH host keys, generated here and handed over in user-data
+    known_hosts      the host key pinned to 127.0.0.1:<ssh port> (no trust on first use)
+    ssh_config       for ``ssh -F``: user, key, port, StrictHostKeyChecking yes
+
+The SSH port is a free loopback port picked at create time and forwarded to the guest's 22.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkit.cloudinit import SeedSpec, make_seed_iso, new_instance_id
+from vmkit.config import MachineConfig
+from vmkit.errors import ConfigError
+from vmkit.fsutil import atomic_write
+from vmkit.guest import keys
+from vmkit.images import qemuimg
+from vmkit.images.store import Image
+
+USER = "vmkit"
+DISK = "disk.qcow2"
+SEED = "seed.iso"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    disk_size: str | None = None
+    user_data: str | None = None  # extra user-data (merged into vmkit's)
+
+
+def config_additions(instance_dir: Path, image: Image, *, ssh_port: int) -> dict[str, Any]:
+    """The configuration an instance of disk image ``image`` needs (paths in ``instance_dir``)."""
+    assert image.kernel is not None
+    return {
+        "boot": {"kind": "linux", "kernel": str(image.kernel),
+                 "initrd": str(image.initrd) if image.initrd else None, "cmdline": image.manifest.cmdline},
+        "storage": [
+            {"kind": "virtio-blk", "id": "root",
+             "attachment": {"type": "disk-image", "path": str(instance_dir / DISK), "format": "qcow2"}},
+            {"kind": "virtio-blk", "id": "seed",
+             "attachment": {"type": "disk-image", "path": str(instance_dir / SEED), "format": "raw",
+                            "read_only": True}},
+        ],
+        "forwards": [{"host_addr": "127.0.0.1", "host_port": ssh_port, "guest_port": 22}],
+        "agent": True,
+        "readiness": {"agent": True, "timeout": 300},
+    }
+
+
+def ssh_port(config: MachineConfig) -> int:
+    if config.network is not None:
+        for fwd in config.network.forwards:
+            if fwd.guest_port == 22 and fwd.protocol == "tcp":
+                return fwd.host_port
+    raise ConfigError.single("network.forwards", "no port forward to the guest's SSH port 22: "
+                             "add one (e.g. --port 2222:22) to use vmkit shell")
+
+
+def provision(instance_dir: Path, config: MachineConfig, image: Image, options: CloudOptions) -> None:
+    """Write the overlay disk, keys, seed, known_hosts and ssh_config for a new instance."""
+    assert image.disk is not None
+    size = options.disk_size
+    qemuimg.create_overlay(instance_dir / DISK, image.disk, backing_format=image.manifest.disk_format or "qcow2",
+                           size=size)
+    write_identity(instance_dir, config, options, new_instance_id())
+
+
+def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOptions, instance_id: str) -> None:
+    """Keys, seed, known_hosts and ssh_config: everything that makes this instance itself (clones redo it)."""
+    ssh_dir = instance_dir / "ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    user_key = keys.generate_keypair(comment=f"vmkit@{config.name}")
+    user_key.write(ssh_dir / "id_ed25519")
+    host_keys = keys.generate_host_keys(comment=f"root@{config.name}")
+    host_keys.write(ssh_dir / "host")
+    port = ssh_port(config)
+    keys.write_known_hosts(instance_dir / "known_hosts", host_keys, port)
+    make_seed_iso(instance_dir / SEED, SeedSpec(
+        instance_id=instance_id, hostname=config.name, authorized_keys=(user_key.public_openssh,),
+        host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
+        extra_user_data=options.user_data,
+    ))
+    write_ssh_config(instance_dir, config.name, port)
+
+
+def write_ssh_config(instance_dir: Path, name: str, port: int) -> Path:
+    path = instance_dir / "ssh_config"
+    atomic_write(path, ssh_config_text(instance_dir, name, port), 0o600)
+    return path
+
+
+def ssh_config_text(instance_dir: Path, name: str, port: int) -> str:
+    return (
+        f"Host {name}\n"
+        f"  HostName 127.0.0.1\n"
+        f"  Port {port}\n"
+        f"  User {USER}\n"
+        f"  IdentityFile {instance_dir / 'ssh' / 'id_ed25519'}\n"
+        f"  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {instance_dir / 'known_hosts'}\n"
+        f"  StrictHostKeyChecking yes\n"
+        f"  LogLevel ERROR\n"
+        f"  ConnectTimeout 10\n"
+    )
+
+
+def ssh_argv(instance_dir: Path, name: str, command: list[str], *, tty: bool) -> list[str]:
+    argv = ["ssh", "-F", str(instance_dir / "ssh_config")]
+    if command and tty:
+        argv.append("-t")
+    return [*argv, name, "--", *command] if command else [*argv, name]

@@ -1,0 +1,351 @@
+"""Save, restore and snapshot operations on instances, as the CLI and scripts use them.
+
+Like :mod:`vmkit.control`, each function is one user-level action; running machines are reached
+through their supervisor (:mod:`vmkit.supervisor_state` serves the routes).
+
+The everyday form
+=================
+``vmkit stop --save NAME`` is :func:`save` to the instance's own state file
+(``<instance>/saved.vmstate``, :attr:`Instance.saved_state_path`); ``vmkit list`` shows such an
+instance as ``saved``. ``vmkit start NAME`` is :func:`start`: if that file exists it resumes from
+it, and deletes it once the machine runs (a state is resumed once: the guest and its disks move on).
+
+Fallback policy: if the saved state cannot be used (any :class:`~vmkit.statefile.StateFileError`:
+not a state file, unsupported version, other QEMU or machine type, configuration changed,
+authentication failed, disks changed, QEMU refused the stream) :func:`start` says why, *keeps*
+the file renamed to ``saved.vmstate.discarded`` (replacing an older one) and cold-boots. Keeping it
+costs one file but loses nothing: after putting the configuration or key back, or with disks
+restored from a copy, ``vmkit restore NAME <that file> [--force]`` can still use it; and the
+rename guarantees the next ``start`` does not trip over it again. A problem that is not the
+file's (an unsafe key file, QEMU missing) is raised instead, and the file stays where it is.
+
+Copying disks with a save: a state file does not contain the disks, it records their
+identities. To keep a save restorable elsewhere or later, copy the disk images *while the machine
+is stopped after the save*, preserving timestamps (``cp -a`` / ``cp --preserve=timestamps`` /
+``rsync -t``); a copy in another place restores fine (identity = size, mtime, first 64 KiB).
+After ``vmkit save --keep-running`` the guest writes on, so the disks no longer match the
+save: restoring it needs disks copied right after the save, or ``--force`` (at your own risk:
+the guest's view of its disks then disagrees with what is on them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmkit import control, savestate
+from vmkit.api import SupervisorClient
+from vmkit.errors import ExitCode, NotFoundError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.instance import LIVE, Instance, Status
+from vmkit.qemu import accel as accel_mod
+from vmkit.savestate import RestoreFailed, SnapshotInfo
+from vmkit.statefile import (
+    AuthenticationFailed,
+    ConfigMismatch,
+    DisksChanged,
+    IncompatibleQemu,
+    NoSpace,
+    NotAStateFile,
+    ProgressCallback,
+    StateFileError,
+    StateFileWriteError,
+    StateHeader,
+    UnsupportedFormatVersion,
+)
+from vmkit.supervisor_state import StartPlan
+
+Notice = Callable[[str], None]
+
+DISCARDED_SUFFIX = ".discarded"
+
+
+# --------------------------------------------------------------------------- save
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    path: Path
+    payload_bytes: int
+    file_bytes: int
+    seconds: float
+    keep_running: bool
+    status: Status
+
+
+_STATE_ERRORS: dict[str, type[StateFileError]] = {
+    cls.__name__: cls for cls in (StateFileError, NotAStateFile, UnsupportedFormatVersion, IncompatibleQemu,
+                                  ConfigMismatch, AuthenticationFailed, DisksChanged, StateFileWriteError,
+                                  NoSpace, RestoreFailed)
+}
+
+
+def _rebuild_error(err: dict[str, Any]) -> VmkitError:
+    """The error a supervisor reported, as its own class where it is a state-file error."""
+    message, hint = str(err.get("message")), err.get("hint")
+    cls = _STATE_ERRORS.get(str(err.get("type")))
+    if cls is None:
+        return error_from_code(int(err.get("exit_code", ExitCode.ERROR)), message, hint)
+    exc = cls.__new__(cls)
+    VmkitError.__init__(exc, message, hint=hint)
+    exc.path = None
+    return exc
+
+
+def _supervised(name: str, operation: str) -> Instance:
+    inst = control.get(name)
+    status = inst.reconcile()
+    if not inst.is_supervised():
+        raise StateError(operation, _shown_state(inst, status), ["running", "paused"])
+    return inst
+
+
+def _shown_state(inst: Instance, status: Status) -> str:
+    return "saved" if status.state not in LIVE and inst.saved_state_path.exists() else status.state
+
+
+def _wait_unsupervised(inst: Instance, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while inst.is_supervised():
+        if time.monotonic() > deadline:
+            raise VmTimeoutError(f"{inst.name}: the supervisor did not exit within {timeout:.0f} s",
+                                 hint=f"see {inst.supervisor_log}")
+        time.sleep(0.05)
+
+
+def save(name: str, path: Path | None = None, *, keep_running: bool = False,
+         progress: ProgressCallback | None = None, timeout: float = 600.0) -> SaveOutcome:
+    """Pause ``name``, save its state (default: the instance's own state file), then stop it.
+
+    With ``keep_running`` the machine resumes instead (if it was running). ``progress(done,
+    None)`` reports the bytes written. State-file errors are raised as their own classes.
+    """
+    inst = _supervised(name, "save the machine state")
+    target = Path(path).expanduser().absolute() if path is not None else inst.saved_state_path
+    api = SupervisorClient(inst.api_socket, timeout=timeout)
+
+    async def run() -> dict[str, Any]:
+        async for msg in api.stream("POST", "/v1/save", {"path": str(target), "keep_running": keep_running}):
+            if "progress" in msg and progress is not None:
+                progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
+            elif "error" in msg:
+                raise _rebuild_error(msg["error"])
+            elif "result" in msg:
+                result: dict[str, Any] = msg["result"]
+                return result
+        raise VmkitError(f"{name}: the supervisor ended the save without a result",
+                         hint=f"see {inst.supervisor_log}")
+
+    result = asyncio.run(run())
+    if not keep_running:
+        _wait_unsupervised(inst, 30.0)
+    return SaveOutcome(path=Path(result["path"]), payload_bytes=int(result["payload_bytes"]),
+                       file_bytes=int(result["file_bytes"]), seconds=float(result["seconds"]),
+                       keep_running=keep_running, status=inst.reconcile())
+
+
+# --------------------------------------------------------------------------- start / restore
+
+
+@dataclass
+class StartOutcome:
+    """How :func:`start` / :func:`restore` brought the machine up."""
+
+    status: Status
+    restored: dict[str, Any] | None = None
+    """What was restored (path, payload_bytes, seconds, saved_at, suspended_seconds), if anything."""
+    snapshot: str | None = None
+    clock: dict[str, Any] | None = None
+    """The clock fix-up (corrected, behind_seconds, message), when the machine was resumed."""
+    fallback: str | None = None
+    """Why the saved state was not used, when ``start`` cold-booted instead."""
+    discarded: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def saved_header(name: str) -> StateHeader | None:
+    """The header of ``name``'s saved state (authenticated), or None if it has none."""
+    inst = control.get(name)
+    path = inst.saved_state_path
+    return savestate.read_verified_header(path) if path.exists() else None
+
+
+def discard_saved_state(inst: Instance) -> Path:
+    """Move the instance's saved state aside (``saved.vmstate.discarded``); return where it went."""
+    src = inst.saved_state_path
+    dst = src.with_name(src.name + DISCARDED_SUFFIX)
+    os.replace(src, dst)
+    return dst
+
+
+def _launch(name: str, plan: StartPlan, outcome: StartOutcome, *, progress: control.Progress | None,
+            state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
+    def on_message(msg: dict[str, Any]) -> None:
+        if "progress" in msg and state_progress is not None:
+            state_progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
+        elif "started" in msg:
+            started = msg["started"]
+            outcome.restored = started.get("restored")
+            outcome.snapshot = started.get("snapshot")
+            outcome.clock = started.get("clock")
+
+    outcome.status = control.start(name, progress=progress, timeout=timeout, supervisor_args=plan.args(),
+                                   on_message=on_message)
+    return outcome
+
+
+def _is_state_file_problem(exc: VmkitError) -> bool:
+    # across the process boundary only the family survives; an unsafe key (KeyFileError, same
+    # exit code) is caught by the precheck in this process, before the supervisor is started
+    return isinstance(exc, StateFileError) or (exc.exit_code == ExitCode.STATE_FILE
+                                               and type(exc) is VmkitError)
+
+
+def start(name: str, *, progress: control.Progress | None = None, timeout: float | None = None,
+          cold: bool = False, state_progress: ProgressCallback | None = None,
+          notice: Notice | None = None) -> StartOutcome:
+    """``vmkit start``: resume from the instance's saved state if it has one, else boot.
+
+    ``cold`` ignores the saved state (it is moved aside as with an unusable one). ``notice``
+    receives what the user should be told (resuming, or why the saved state was not used).
+    See the module docstring for the fallback policy.
+    """
+    inst = control.get(name)
+    say = notice or (lambda _m: None)
+    outcome = StartOutcome(status=inst.reconcile())
+    saved = inst.saved_state_path
+    if inst.is_supervised() or not saved.exists():
+        outcome.status = control.start(name, progress=progress, timeout=timeout)
+        return outcome
+    if cold:
+        outcome.discarded = discard_saved_state(inst)
+        outcome.fallback = "a cold boot was asked for"
+        say(f"{name}: not resuming its saved state (cold boot asked for); it was kept as {outcome.discarded}")
+        outcome.status = control.start(name, progress=progress, timeout=timeout)
+        return outcome
+    try:
+        config = inst.load_config()
+        header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
+        say(f"resuming {name} from its saved state (saved {_ago(header)}, "
+            f"{_mib(saved.stat().st_size)})")
+        return _launch(name, StartPlan(restore=saved, consume=True), outcome, progress=progress,
+                       state_progress=state_progress, timeout=timeout)
+    except VmkitError as exc:
+        if not _is_state_file_problem(exc):
+            raise
+        if saved.exists():
+            outcome.discarded = discard_saved_state(inst)
+        outcome.fallback = exc.message
+        kept = f"; it was kept as {outcome.discarded}" if outcome.discarded else ""
+        say(f"the saved state of {name} cannot be used: {exc.message}{kept}\n"
+            f"cold-booting {name}: the guest starts afresh (what it had not written to disk before the save is lost)")
+    outcome.status = control.start(name, progress=progress, timeout=timeout)
+    return outcome
+
+
+def restore(name: str, path: Path | None = None, *, force: bool = False, paused: bool = False,
+            progress: control.Progress | None = None, state_progress: ProgressCallback | None = None,
+            timeout: float | None = None) -> StartOutcome:
+    """``vmkit restore``: start the STOPPED instance ``name`` from a state file (default: its own).
+
+    Unlike :func:`start` nothing falls back: a file that cannot be used raises its error (and is
+    left where it is). ``force`` restores despite changed disks. The instance's own state file
+    is consumed (deleted) once the machine runs from it; a file given by path is kept.
+    """
+    inst = control.get(name)
+    status = inst.reconcile()
+    if inst.is_supervised():
+        raise StateError("restore a saved state", status.state, ["stopped"])
+    own = path is None
+    target = inst.saved_state_path if path is None else Path(path).expanduser().absolute()
+    if own and not target.exists():
+        raise NotFoundError("saved state of", name, hint=f"save one with `vmkit stop --save {name}` or "
+                            f"`vmkit save {name}`, or give a state file: vmkit restore {name} FILE")
+    config = inst.load_config()
+    savestate.precheck(target, config, accel_mod.choose(config.accel.value), force=force)
+    plan = StartPlan(restore=target, force=force, consume=own, paused=paused)
+    return _launch(name, plan, StartOutcome(status=status), progress=progress, state_progress=state_progress,
+                   timeout=timeout)
+
+
+def _ago(header: StateHeader) -> str:
+    seconds = max(0.0, time.time() - header.created_at.timestamp())
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"on {header.created_at.astimezone().strftime('%Y-%m-%d %H:%M')}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def _snapshot_rows(data: Any) -> list[SnapshotInfo]:
+    return [SnapshotInfo(tag=str(d["tag"]), created=float(d["created"]), vm_state_bytes=int(d["vm_state_bytes"]),
+                         guest_clock_seconds=float(d["guest_clock_seconds"])) for d in data]
+
+
+def snapshot_list(name: str) -> list[SnapshotInfo]:
+    """The machine snapshots of ``name`` (running: from QEMU; stopped: from the disk images)."""
+    inst = control.get(name)
+    inst.reconcile()
+    if inst.is_supervised():
+        return _snapshot_rows(SupervisorClient(inst.api_socket).call("GET", "/v1/snapshots"))
+    return savestate.list_snapshots_offline(inst.load_config())
+
+
+def default_tag() -> str:
+    return time.strftime("snap-%Y%m%d-%H%M%S")
+
+
+def snapshot_create(name: str, tag: str | None = None) -> SnapshotInfo:
+    """Snapshot the running or paused machine ``name`` (RAM and disks) under ``tag``."""
+    inst = _supervised(name, "create a snapshot")
+    tag = tag or default_tag()
+    data = SupervisorClient(inst.api_socket, timeout=900).call("POST", "/v1/snapshots", {"tag": tag}, timeout=900)
+    return _snapshot_rows([data])[0]
+
+
+def snapshot_revert(name: str, tag: str, *, progress: control.Progress | None = None,
+                    timeout: float | None = None, notice: Notice | None = None) -> StartOutcome:
+    """Go back to snapshot ``tag``: RAM and disks as they were, the machine running as it was.
+
+    A running or paused machine loads it in place (it keeps running or stays paused). A stopped
+    machine is started from it; its saved state, if any, belongs to another timeline and is moved
+    aside (as ``saved.vmstate.discarded``).
+    """
+    inst = control.get(name)
+    status = inst.reconcile()
+    if inst.is_supervised():
+        data = SupervisorClient(inst.api_socket, timeout=900).call("POST", f"/v1/snapshots/{tag}/revert",
+                                                                   timeout=900)
+        return StartOutcome(status=inst.reconcile(), snapshot=tag, clock=data.get("clock"))
+    config = inst.load_config()
+    if not any(s.tag == tag for s in savestate.list_snapshots_offline(config)):
+        raise NotFoundError("snapshot", tag, hint=f"see `vmkit snapshot list {name}`")
+    outcome = StartOutcome(status=status)
+    if inst.saved_state_path.exists():
+        outcome.discarded = discard_saved_state(inst)
+        if notice is not None:
+            notice(f"{name}: its saved state was moved aside to {outcome.discarded} (reverting to a snapshot)")
+    return _launch(name, StartPlan(snapshot=tag), outcome, progress=progress, state_progress=None, timeout=timeout)
+
+
+def snapshot_delete(name: str, tag: str) -> None:
+    """Delete snapshot ``tag`` of ``name`` (running or stopped)."""
+    inst = control.get(name)
+    inst.reconcile()
+    if inst.is_supervised():
+        SupervisorClient(inst.api_socket, timeout=600).call("DELETE", f"/v1/snapshots/{tag}", timeout=600)
+        return
+    savestate.delete_snapshot_offline(inst.load_config(), tag)

@@ -1,0 +1,91 @@
+"""The README's main path on the full Debian guest, through the CLI: create from the image with
+user-data and a port forward, start (ready when the agent answers), exec, shell, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import processes_mentioning
+from vmkit.images.store import Image
+
+pytestmark = pytest.mark.e2e
+
+
+def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(900)
+def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path: Path) -> None:
+    web = free_port()
+    user_data = tmp_path / "user-data.yaml"
+    user_data.write_text(
+        "#cloud-config\n"
+        "write_files:\n"
+        "  - path: /srv/www/index.html\n"
+        "    content: served-from-the-guest\n"
+        "runcmd:\n"
+        "  - [sh, -c, 'echo runcmd-ran > /var/tmp/runcmd.txt']\n"
+        "  - [sh, -c, 'cd /srv/www && nohup python3 -m http.server 8000 >/dev/null 2>&1 &']\n"
+    )
+    vmkit("create", "web", "--image", "debian-12", "--disk", "3G", "--port", f"{web}:8000",
+          "--user-data", str(user_data))
+    inst = vmkit_home / "instances" / "web"
+    assert {p.name for p in inst.iterdir()} >= {"disk.qcow2", "seed.iso", "known_hosts", "ssh_config", "vm.yaml"}
+    assert (inst / "ssh" / "id_ed25519").stat().st_mode & 0o777 == 0o600
+
+    vmkit("start", "web")
+    assert json.loads(vmkit("list", "--json").stdout)[0]["state"] == "running"
+    assert vmkit("exec", "web", "--", "cat", "/etc/hostname").stdout.strip() == "web"
+    failing = vmkit("exec", "web", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
+    assert failing.returncode == 7 and "oops" in failing.stderr
+    size = vmkit("exec", "web", "--", "lsblk", "-bdno", "SIZE", "/dev/vda").stdout
+    assert int(size) == 3 << 30  # the overlay was grown to --disk
+
+    # user-data: runcmd ran (wait for cloud-init to finish first)
+    vmkit("exec", "web", "--timeout", "300", "--", "cloud-init", "status", "--wait")
+    assert vmkit("exec", "web", "--", "cat", "/var/tmp/runcmd.txt").stdout.strip() == "runcmd-ran"
+
+    # OpenSSH with the pinned host key; exit codes are forwarded
+    assert subprocess.run([sys.executable, "-m", "vmkit.cli.main", "shell", "web", "--", "true"],
+                          timeout=120).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "vmkit.cli.main", "shell", "web", "--", "exit", "5"],
+                          timeout=120).returncode == 5
+    known = inst / "known_hosts"
+    good = known.read_text()
+    host, kind, _key = good.split()
+    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                           capture_output=True)
+    assert other.returncode == 0
+    known.write_text(f"{host} {kind} {(tmp_path / 'k.pub').read_text().split()[1]}\n")
+    spoofed = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "shell", "web", "--", "true"],
+                             capture_output=True, text=True, timeout=120)
+    assert spoofed.returncode != 0  # a different pinned key: ssh refuses to connect
+    known.write_text(good)
+
+    # the port forward reaches a service in the guest
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/index.html", timeout=30) as r:
+        assert r.read().decode().strip() == "served-from-the-guest"
+
+    vmkit("stop", "web")
+    assert json.loads(vmkit("list", "--json").stdout)[0]["state"] == "stopped"
+    assert processes_mentioning(str(vmkit_home)) == []

@@ -1,0 +1,148 @@
+"""Save/restore and snapshots through the `vmkit` command, as a user does it (micro guest with its counter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmkit.images import micro
+from vmkit.images.store import Image
+
+pytestmark = pytest.mark.integration
+
+
+def vmkit(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def state_of(name: str) -> str:
+    rows = json.loads(vmkit("list", "--json").stdout)
+    return str(next(r for r in rows if r["name"] == name)["state"])
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def console_ticks(name: str, pattern: str = r"vmkit-tick \d+") -> list[int]:
+    return micro.parse_ticks(vmkit("console", name, "--log", "--until", pattern, "--timeout", "60").stdout)
+
+
+def refused(*args: str, match: str) -> None:
+    res = vmkit(*args, check=False)
+    assert res.returncode == 10, f"exit {res.returncode}, expected 10:\n{res.stdout}\n{res.stderr}"
+    assert match in one_line(res.stderr), res.stderr
+    assert "hint:" in res.stderr and "discard the state file" in one_line(res.stderr)
+
+
+def test_stop_save_start_resumes_and_every_unusable_file_has_its_error(vmkit_home: Path, micro_image: Image,
+                                                                       tmp_path: Path) -> None:
+    disk = tmp_path / "data.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "4M"], check=True)
+    vmkit("create", "sv", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1",
+          "--disk", str(disk))
+    inst = vmkit_home / "instances" / "sv"
+    saved = inst / "saved.vmstate"
+    vmkit("start", "sv")
+    console_ticks("sv", r"vmkit-tick [3-9]")
+
+    res = vmkit("stop", "--save", "sv")
+    assert "saved sv to" in res.stdout and "vmkit start sv" in res.stdout
+    last = max(micro.parse_ticks((inst / "serial.log").read_text(errors="replace")))
+    assert state_of("sv") == "saved"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    pristine = tmp_path / "pristine.vmstate"
+    shutil.copyfile(saved, pristine)
+
+    # each unusable file: its own message, exit code 10, and the file is left alone
+    bogus = tmp_path / "bogus.vmstate"
+    bogus.write_bytes(os.urandom(4096))
+    refused("restore", "sv", str(bogus), match="is not a vmkit state file")
+    truncated = tmp_path / "truncated.vmstate"
+    truncated.write_bytes(pristine.read_bytes()[: pristine.stat().st_size // 2])
+    refused("restore", "sv", str(truncated), match="cannot be trusted")
+    tampered = tmp_path / "tampered.vmstate"
+    data = bytearray(pristine.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x40
+    tampered.write_bytes(bytes(data))
+    refused("restore", "sv", str(tampered), match="does not authenticate")
+    key = vmkit_home / "config" / "state.key"
+    own_key = key.read_bytes()
+    key.write_bytes(secrets.token_bytes(32))  # another user's key
+    refused("restore", "sv", match="written with a different key")
+    key.write_bytes(own_key)
+    yaml_text = (inst / "vm.yaml").read_text()
+    (inst / "vm.yaml").write_text(yaml_text.replace("memory: 128M", "memory: 256M"))
+    refused("restore", "sv", match="memory was 128M, it is now 256M")
+    (inst / "vm.yaml").write_text(yaml_text)
+    backup = tmp_path / "data.raw.copy"
+    shutil.copy2(disk, backup)  # a copy taken with the save (timestamps preserved) ...
+    with disk.open("r+b") as fh:
+        fh.write(b"written while the machine was saved")
+    refused("restore", "sv", match="the disks changed since")
+    shutil.copy2(backup, disk)  # ... puts the disk back as the save knew it
+    assert state_of("sv") == "saved" and saved.read_bytes() == pristine.read_bytes()
+
+    res = vmkit("start", "sv")
+    assert "resuming sv from its saved state" in res.stderr
+    assert "resumed from" in res.stdout and "no guest agent: clock not corrected" in one_line(res.stdout)
+    assert state_of("sv") == "running" and not saved.exists(), "a resumed state must be consumed"
+    after = console_ticks("sv")
+    assert last < after[0] <= last + 2, f"counter {after[0]} after resuming, {last} when saved"
+    assert micro.READY_MARKER not in (inst / "serial.log").read_text(errors="replace")
+
+    # an unusable saved state: `start` says why, keeps the file aside and cold-boots
+    vmkit("stop", "--save", "sv")
+    with saved.open("r+b") as fh:
+        fh.seek(saved.stat().st_size // 2)
+        fh.write(b"\0garbage\0")
+    res = vmkit("start", "sv")
+    err = one_line(res.stderr)
+    assert "the saved state of sv cannot be used" in err and "cold-booting sv" in err, res.stderr
+    assert (inst / "saved.vmstate.discarded").exists() and not saved.exists()
+    assert state_of("sv") == "running"
+    assert console_ticks("sv", r"vmkit-tick [1-9]")[0] == 0, "a cold boot counts from 0"
+    vmkit("stop", "--force", "sv")
+    assert state_of("sv") == "stopped"
+
+
+def test_snapshots_through_the_cli(vmkit_home: Path, micro_image: Image, tmp_path: Path) -> None:
+    disk = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    vmkit("create", "sn", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1",
+          "--disk", str(disk))
+    inst = vmkit_home / "instances" / "sn"
+    res = vmkit("snapshot", "create", "sn", "t1", check=False)
+    assert res.returncode == 4, "a stopped machine has no machine state to snapshot"
+    vmkit("start", "sn")
+    console_ticks("sn", r"vmkit-tick [2-9]")
+    before = max(micro.parse_ticks((inst / "serial.log").read_text(errors="replace")))
+    assert "created snapshot t1" in one_line(vmkit("snapshot", "create", "sn", "t1").stdout)
+    at_snapshot = max(micro.parse_ticks((inst / "serial.log").read_text(errors="replace")))  # >= the snapshot's
+    assert vmkit("snapshot", "create", "sn", "t1", check=False).returncode == 9
+    rows = json.loads(vmkit("snapshot", "list", "sn", "--json").stdout)
+    assert [r["tag"] for r in rows] == ["t1"] and rows[0]["vm_state_bytes"] > 0
+    console_ticks("sn", rf"vmkit-tick {at_snapshot + 4}")
+    vmkit("stop", "--force", "sn")
+
+    assert "t1" in vmkit("snapshot", "list", "sn").stdout  # read from the disk while stopped
+    res = vmkit("snapshot", "revert", "sn", "t1")  # a stopped machine starts from the snapshot
+    assert "reverted to snapshot t1" in res.stdout and "clock" in res.stdout
+    assert state_of("sn") == "running"
+    first = console_ticks("sn")[0]
+    assert before < first <= at_snapshot + 1, f"counter {first} after revert, {before}..{at_snapshot} at the snapshot"
+    assert vmkit("snapshot", "revert", "sn", "nope", check=False).returncode == 3
+    vmkit("snapshot", "delete", "sn", "t1")
+    assert json.loads(vmkit("snapshot", "list", "sn", "--json").stdout) == []
+    vmkit("stop", "--force", "sn")

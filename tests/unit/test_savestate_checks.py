@@ -1,0 +1,284 @@
+"""Save/restore pieces that need no QEMU: the configuration digest, the checks made before QEMU is
+launched (each state-file error), snapshot eligibility, the supervisor's start plan and its interim
+report lines, and the fallback policy of ``start``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmkit import control, keys, savestate, statectl
+from vmkit.config import MachineConfig, parse_config
+from vmkit.errors import ConfigError, ExitCode, VmkitError
+from vmkit.instance import Instance, Status
+from vmkit.qemu.accel import AccelChoice
+from vmkit.statefile import (
+    AuthenticationFailed,
+    ConfigMismatch,
+    DisksChanged,
+    NotAStateFile,
+    StateFileWriter,
+)
+from vmkit.supervisor_state import StartPlan
+
+TCG = AccelChoice("tcg", "test")
+
+
+def config(tmp_path: Path, **over: Any) -> MachineConfig:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    disk = tmp_path / "disk.qcow2"
+    if not disk.exists():
+        disk.write_bytes(b"QFI\xfb" + os.urandom(4096))
+    data: dict[str, Any] = {
+        "name": "s", "memory": "256M", "boot": {"kernel": str(kernel), "cmdline": "console=ttyS0"},
+        "storage": [{"attachment": {"type": "disk-image", "path": str(disk)}}],
+        "network": {"mac": "52:54:00:00:00:01"},
+    }
+    data.update(over)
+    return parse_config(data)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("VMKIT_HOME", str(h))
+    return h
+
+
+def write_state(path: Path, cfg: MachineConfig, key: bytes, payload: bytes = b"x" * 100_000) -> None:
+    fields = savestate.machine_fields(cfg, TCG)
+    header = savestate.VmStateHeader(qemu_version="7.2.0", machine_type="pc-q35-7.2",
+                                     config_digest=savestate.config_digest(fields), ram_bytes=cfg.memory,
+                                     disks=savestate.disk_identities(cfg), machine=fields)
+    with StateFileWriter(path, header, key, chunk_size=16 << 10) as w:
+        w.write(payload)
+
+
+# --------------------------------------------------------------------------- digest
+
+
+def test_digest_is_stable_and_ignores_what_does_not_matter(tmp_path: Path) -> None:
+    a = config(tmp_path)
+    digest = savestate.config_digest(savestate.machine_fields(a, TCG))
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    assert savestate.config_digest(savestate.machine_fields(config(tmp_path), TCG)) == digest
+    moved = tmp_path / "elsewhere.qcow2"
+    moved.write_bytes(b"QFI\xfb")
+    same = [config(tmp_path, name="other"),
+            config(tmp_path, readiness={"serial_marker": "X"}),
+            config(tmp_path, network={"mac": "52:54:00:00:00:01", "forwards": [{"host_port": 2222, "guest_port": 22}]}),
+            config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(moved)}}])]
+    for cfg in same:
+        assert savestate.config_digest(savestate.machine_fields(cfg, TCG)) == digest
+    different = [config(tmp_path, memory="512M"), config(tmp_path, cpus=2),
+                 config(tmp_path, boot={"kernel": str(tmp_path / "vmlinuz"), "cmdline": "quiet"}),
+                 config(tmp_path, network={"mac": "52:54:00:00:00:02"}), config(tmp_path, network=None),
+                 config(tmp_path, entropy=False), config(tmp_path, cpu_model="qemu64"),
+                 config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(moved),
+                                                           "read_only": True}}])]
+    digests = {savestate.config_digest(savestate.machine_fields(cfg, TCG)) for cfg in different}
+    assert digest not in digests and len(digests) == len(different)
+    kvm = AccelChoice("kvm", "test")
+    assert savestate.config_digest(savestate.machine_fields(a, kvm)) != digest
+
+
+# --------------------------------------------------------------------------- precheck: each error
+
+
+def test_precheck_accepts_the_same_machine(tmp_path: Path, home: Path) -> None:
+    cfg = config(tmp_path)
+    key = keys.load_or_create_key()
+    write_state(tmp_path / "s.vmstate", cfg, key)
+    header = savestate.precheck(tmp_path / "s.vmstate", cfg, TCG)
+    assert header.ram_bytes == 256 << 20
+
+
+def test_other_configuration_names_the_field(tmp_path: Path, home: Path) -> None:
+    key = keys.load_or_create_key()
+    write_state(tmp_path / "s.vmstate", config(tmp_path), key)
+    with pytest.raises(ConfigMismatch, match="memory was 256M, it is now 512M") as exc:
+        savestate.precheck(tmp_path / "s.vmstate", config(tmp_path, memory="512M"), TCG)
+    assert exc.value.exit_code == ExitCode.STATE_FILE and exc.value.field == "memory"
+    with pytest.raises(ConfigMismatch, match=r"cpus=1.*cpus=2"):
+        savestate.precheck(tmp_path / "s.vmstate", config(tmp_path, memory="512M", cpus=2), TCG)
+
+
+def test_changed_disk_is_refused_unless_forced(tmp_path: Path, home: Path) -> None:
+    cfg = config(tmp_path)
+    key = keys.load_or_create_key()
+    write_state(tmp_path / "s.vmstate", cfg, key)
+    disk = tmp_path / "disk.qcow2"
+    with disk.open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"changed")
+    with pytest.raises(DisksChanged, match="disk 0"):
+        savestate.precheck(tmp_path / "s.vmstate", cfg, TCG)
+    savestate.precheck(tmp_path / "s.vmstate", cfg, TCG, force=True)
+    disk.unlink()
+    with pytest.raises(DisksChanged, match="does not exist"):
+        savestate.precheck(tmp_path / "s.vmstate", cfg, TCG, force=True)
+
+
+def test_other_key_and_missing_key(tmp_path: Path, home: Path) -> None:
+    cfg = config(tmp_path)
+    write_state(tmp_path / "s.vmstate", cfg, secrets.token_bytes(32))  # someone else's key
+    keys.load_or_create_key()
+    with pytest.raises(AuthenticationFailed, match="different key"):
+        savestate.precheck(tmp_path / "s.vmstate", cfg, TCG)
+    keys.key_path().unlink()
+    with pytest.raises(AuthenticationFailed, match="key this user does not have"):
+        savestate.precheck(tmp_path / "s.vmstate", cfg, TCG)
+
+
+def test_bogus_and_tampered_header(tmp_path: Path, home: Path) -> None:
+    cfg = config(tmp_path)
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"hello, not a state file" * 10)
+    with pytest.raises(NotAStateFile):
+        savestate.precheck(bogus, cfg, TCG)
+    key = keys.load_or_create_key()
+    write_state(tmp_path / "s.vmstate", cfg, key)
+    data = bytearray((tmp_path / "s.vmstate").read_bytes())
+    i = data.index(b'"ram_bytes":') + len(b'"ram_bytes":')
+    data[i] = ord("9") if data[i] != ord("9") else ord("8")
+    (tmp_path / "s.vmstate").write_bytes(bytes(data))
+    with pytest.raises(AuthenticationFailed):
+        savestate.precheck(tmp_path / "s.vmstate", cfg, TCG)
+
+
+def test_forged_machine_fields_are_not_believed(tmp_path: Path) -> None:
+    """The stored fields only name the changed field when they hash to the authenticated digest."""
+    cfg = config(tmp_path)
+    fields = savestate.machine_fields(cfg, TCG)
+    path = tmp_path / "s.vmstate"
+    write_state(path, cfg, secrets.token_bytes(32))
+    assert savestate._stored_fields(path, savestate.config_digest(fields)) == fields
+    assert savestate._stored_fields(path, "sha256:" + "0" * 64) is None
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def test_snapshot_targets(tmp_path: Path) -> None:
+    cfg = config(tmp_path, storage=[
+        {"attachment": {"type": "disk-image", "path": str(tmp_path / "disk.qcow2")}},
+        {"attachment": {"type": "disk-image", "path": str(tmp_path / "ro.raw"), "read_only": True}},
+        {"id": "data", "attachment": {"type": "disk-image", "path": str(tmp_path / "b.qcow2")}},
+    ])
+    targets = savestate.snapshot_targets(cfg)
+    assert targets.nodes == ("disk0", "data") and targets.vmstate == "disk0"
+    with pytest.raises(ConfigError, match="has none"):
+        savestate.snapshot_targets(config(tmp_path, storage=[]))
+    with pytest.raises(ConfigError, match="writable raw disk"):
+        savestate.snapshot_targets(config(tmp_path, storage=[
+            {"attachment": {"type": "disk-image", "path": str(tmp_path / "w.raw")}}]))
+
+
+# --------------------------------------------------------------------------- supervisor plumbing
+
+
+def test_start_plan_round_trips_through_argv() -> None:
+    import argparse
+
+    plan = StartPlan(restore=Path("/x/saved.vmstate"), force=True, consume=True, paused=True)
+    parser = argparse.ArgumentParser()
+    StartPlan.add_arguments(parser)
+    assert StartPlan.from_args(parser.parse_args(plan.args())) == plan
+    assert StartPlan.from_args(parser.parse_args(["--snapshot", "t1"])) == StartPlan(snapshot="t1")
+    assert not StartPlan().active and plan.active
+
+
+def test_ready_pipe_interim_lines_reach_on_message(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    os.write(w, b'{"progress": {"done": 1, "total": 2}}\n{"started": {"clock": null}}\n{"ok": true}\n')
+    os.close(w)
+    got: list[dict[str, Any]] = []
+    try:
+        line = control._read_report(r, 5, Instance("x", tmp_path), None, got.append)
+    finally:
+        os.close(r)
+    assert got == [{"progress": {"done": 1, "total": 2}}, {"started": {"clock": None}}]
+    assert line == '{"ok": true}'
+
+
+# --------------------------------------------------------------------------- fallback policy
+
+
+@pytest.fixture
+def instance(tmp_path: Path, home: Path) -> Instance:
+    inst = Instance.create(config(tmp_path))
+    keys.load_or_create_key()
+    return inst
+
+
+def fake_start(calls: list[list[str]], fail_restore: VmkitError | None = None) -> Any:
+    def start(name: str, *, supervisor_args: Any = (), on_message: Any = None, **_: Any) -> Status:
+        calls.append(list(supervisor_args))
+        if supervisor_args and fail_restore is not None:
+            raise fail_restore
+        if supervisor_args and on_message is not None:
+            on_message({"progress": {"done": 10, "total": 10}})
+            on_message({"started": {"restored": {"path": "p"}, "clock": {"corrected": False}}})
+        return Status(state="running")
+
+    return start
+
+
+def test_start_resumes_and_says_so(instance: Instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_state(instance.saved_state_path, instance.load_config(), keys.load_key())
+    calls: list[list[str]] = []
+    monkeypatch.setattr(control, "start", fake_start(calls))
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    notes: list[str] = []
+    progress: list[int] = []
+    outcome = statectl.start("s", notice=notes.append, state_progress=lambda d, t: progress.append(d))
+    assert calls == [["--restore", str(instance.saved_state_path), "--consume"]]
+    assert outcome.restored == {"path": "p"} and outcome.fallback is None and progress == [10]
+    assert notes and notes[0].startswith("resuming s from its saved state")
+
+
+@pytest.mark.parametrize("problem", ["config", "tampered", "supervisor"])
+def test_start_falls_back_to_a_cold_boot(instance: Instance, monkeypatch: pytest.MonkeyPatch, problem: str) -> None:
+    cfg = instance.load_config()
+    write_state(instance.saved_state_path, cfg, keys.load_key())
+    failure = None
+    if problem == "config":
+        instance.save_config(cfg.model_copy(update={"memory": 512 << 20}))
+    elif problem == "tampered":
+        with instance.saved_state_path.open("r+b") as fh:
+            fh.seek(30)
+            fh.write(b"#")
+    else:  # the supervisor found the stream unusable (only the exit code crosses the process boundary)
+        failure = VmkitError("QEMU could not load the state")
+        failure.exit_code = ExitCode.STATE_FILE
+    calls: list[list[str]] = []
+    monkeypatch.setattr(control, "start", fake_start(calls, failure))
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    notes: list[str] = []
+    outcome = statectl.start("s", notice=notes.append)
+    assert calls[-1] == [] and outcome.restored is None and outcome.fallback
+    assert not instance.saved_state_path.exists()
+    assert outcome.discarded == instance.saved_state_path.with_name("saved.vmstate.discarded")
+    assert outcome.discarded.exists()
+    assert any("cannot be used" in n and "cold-booting" in n for n in notes)
+
+
+def test_unsafe_key_is_not_a_reason_to_discard(instance: Instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_state(instance.saved_state_path, instance.load_config(), keys.load_key())
+    keys.key_path().chmod(0o644)
+    monkeypatch.setattr(control, "start", fake_start([]))
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    with pytest.raises(keys.KeyFileError):
+        statectl.start("s")
+    assert instance.saved_state_path.exists()
+
+
+def test_list_shows_saved(instance: Instance) -> None:
+    assert control.view(instance).state == "stopped"
+    instance.saved_state_path.write_bytes(b"x")
+    assert control.view(instance).state == "saved"
