@@ -30,6 +30,7 @@ from vmkit.images.store import Image
 USER = "vmkit"
 DISK = "disk.qcow2"
 SEED = "seed.iso"
+EXTRA_USER_DATA = "user-data.extra"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -78,6 +79,8 @@ def provision(instance_dir: Path, config: MachineConfig, image: Image, options: 
     size = options.disk_size
     qemuimg.create_overlay(instance_dir / DISK, image.disk, backing_format=image.manifest.disk_format or "qcow2",
                            size=size)
+    if options.user_data is not None:  # kept so that clones get the same extra user-data
+        atomic_write(instance_dir / EXTRA_USER_DATA, options.user_data, 0o600)
     write_identity(instance_dir, config, options, new_instance_id())
 
 
@@ -125,3 +128,14 @@ def ssh_argv(instance_dir: Path, name: str, command: list[str], *, tty: bool) ->
     if command and tty:
         argv.append("-t")
     return [*argv, name, "--", *command] if command else [*argv, name]
+
+
+def is_cloud_instance(instance_dir: Path) -> bool:
+    return (instance_dir / "ssh_config").exists() and (instance_dir / SEED).exists()
+
+
+def reidentify(instance_dir: Path, config: MachineConfig) -> None:
+    """A clone's own identity: new instance-id, user and host keys, seed (same extra user-data)."""
+    extra = instance_dir / EXTRA_USER_DATA
+    options = CloudOptions(user_data=extra.read_text() if extra.exists() else None)
+    write_identity(instance_dir, config, options, new_instance_id())

@@ -24,10 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.api import SupervisorClient
-from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk
-from vmkit.cloudinstance import CloudOptions, provision, ssh_config_text, ssh_port
+from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
+from vmkit.cloudinstance import (
+    EXTRA_USER_DATA,
+    CloudOptions,
+    free_port,
+    is_cloud_instance,
+    provision,
+    reidentify,
+    ssh_config_text,
+    ssh_port,
+)
 from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
-from vmkit.config import MachineConfig, format_size
+from vmkit.config import MachineConfig, NbdAttachment, PortForward, format_size, port_is_free, validate_name
 from vmkit.errors import ConfigError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
 from vmkit.guest.agent import AGENT_SOCKET_NAME
 from vmkit.guest.execute import ExecResult, guest_exec
@@ -406,3 +415,90 @@ def ssh_argv(name: str, command: list[str], *, tty: bool) -> list[str]:
 def ssh_config(name: str) -> str:
     inst = get(name)
     return ssh_config_text(inst.dir, name, ssh_port(inst.load_config()))
+
+
+def port_add(name: str, spec: str) -> PortForward:
+    """Forward a host port to the guest: live if the machine runs, and recorded in vm.yaml."""
+    inst = get(name)
+    config = inst.load_config()
+    try:
+        fwd = PortForward.parse(spec)
+    except ValueError as exc:
+        raise ConfigError.single("SPEC", str(exc)) from None
+    if config.network is None:
+        raise ConfigError.single("network", f"{name} has no network: port forwards need one")
+    for existing in config.network.forwards:
+        if (existing.protocol, existing.host_port) == (fwd.protocol, fwd.host_port):
+            raise ConfigError.single("SPEC", f"host port {fwd.host_port}/{fwd.protocol} is already forwarded "
+                                     f"({existing}): pick another host port")
+    if not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
+        raise ConfigError.single("SPEC", f"host port {fwd.host_addr}:{fwd.host_port} is taken on this host: "
+                                 "pick a free port")
+    inst.reconcile()
+    if inst.is_supervised():
+        SupervisorClient(inst.api_socket).call("POST", "/v1/ports", fwd.model_dump(mode="json"))
+    network = config.network.model_copy(update={"forwards": (*config.network.forwards, fwd)})
+    inst.save_config(config.model_copy(update={"network": network}))
+    return fwd
+
+
+def port_list(name: str) -> list[PortForward]:
+    config = get(name).load_config()
+    return list(config.network.forwards) if config.network else []
+
+
+def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
+    """An independent copy of the stopped instance ``src``; returns it and notes for the user.
+
+    Disks inside the instance directory are copied (sparse); read-only disks elsewhere are shared;
+    a writable disk elsewhere is refused (both machines would write one file). The clone gets a
+    new MAC, and cloud instances a new instance-id, keys, host keys and SSH port. Other host port
+    forwards are not copied, so both machines can run at once.
+    """
+    source = get(src)
+    status = source.reconcile()
+    if source.is_supervised():
+        raise StateError(f"clone {src}", status.state, ["stopped"])
+    config = source.load_config()
+    notes: list[str] = []
+    storage = []
+    copies: list[tuple[Path, Path]] = []
+    target_dir = Instance(dst).dir
+    for i, dev in enumerate(config.storage):
+        att = dev.attachment
+        if isinstance(att, NbdAttachment) or (att.read_only and not att.path.is_relative_to(source.dir)):
+            storage.append(dev)
+            continue
+        if not att.path.is_relative_to(source.dir):
+            raise ConfigError.single(f"storage[{i}]", f"{att.path} is outside {src}'s directory and writable: "
+                                     "copy it yourself and attach the copy to the clone")
+        new_path = target_dir / att.path.relative_to(source.dir)
+        copies.append((att.path, new_path))
+        storage.append(dev.model_copy(update={"attachment": att.model_copy(update={"path": new_path})}))
+    network = config.network
+    cloud = is_cloud_instance(source.dir)
+    if network is not None:
+        kept = []
+        for fwd in network.forwards:
+            if cloud and fwd.guest_port == 22 and fwd.protocol == "tcp":
+                kept.append(fwd.model_copy(update={"host_port": free_port(fwd.host_addr)}))
+            else:
+                notes.append(f"port forward {fwd} not copied (the host port belongs to {src})")
+        network = network.model_copy(update={"mac": random_mac(), "forwards": tuple(kept)})
+    new_config = config.model_copy(update={"name": validate_name(dst), "storage": tuple(storage),
+                                           "network": network})
+    inst = Instance.create(new_config)
+    try:
+        for a, b in copies:
+            b.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(a), str(b)], check=True)
+        if cloud:
+            extra = source.dir / EXTRA_USER_DATA
+            if extra.exists():
+                shutil.copy2(extra, inst.dir / EXTRA_USER_DATA)
+            reidentify(inst.dir, new_config)
+        new_config.ensure_valid(host=True)
+    except BaseException:
+        shutil.rmtree(inst.dir, ignore_errors=True)
+        raise
+    return inst, notes

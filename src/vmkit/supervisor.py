@@ -41,8 +41,8 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from vmkit import hotplug
-from vmkit.config import StorageDevice, problems_from_validation
-from vmkit.errors import ConfigError, VmkitError
+from vmkit.config import PortForward, StorageDevice, problems_from_validation
+from vmkit.errors import ConfigError, QemuError, VmkitError
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
@@ -143,6 +143,7 @@ class Supervisor:
             web.post("/v1/stop", self._h_stop),
             web.get("/v1/events", self._h_events),
             web.get("/v1/console", self._h_console),
+            web.post("/v1/ports", self._h_port_add),
             web.get("/v1/disks", self._h_disks),
             web.post("/v1/disks", self._h_disk_attach),
             web.delete("/v1/disks/{id}", self._h_disk_detach),
@@ -223,6 +224,20 @@ class Supervisor:
                 if ev.state in (VmState.STOPPED, VmState.ERROR) and ev.kind != "state-changed":
                     break
         return resp
+
+    async def _h_port_add(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            fwd = PortForward.model_validate(body)
+        except ValidationError as exc:
+            raise ConfigError(problems_from_validation(exc), context="port forward") from None
+        if self.config.network is None:
+            raise ConfigError.single("network", "this machine has no network: port forwards need one")
+        rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
+        reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})
+        if reply:  # HMP answers with text only when it fails
+            raise QemuError(f"QEMU refused the port forward {fwd}: {str(reply).strip()}")
+        return web.json_response({"forward": str(fwd)})
 
     async def _h_disks(self, request: web.Request) -> web.Response:
         return web.json_response(disk_table(self.vm))

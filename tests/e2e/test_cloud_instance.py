@@ -86,6 +86,30 @@ def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path:
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/index.html", timeout=30) as r:
         assert r.read().decode().strip() == "served-from-the-guest"
 
+    # a port forward added to the running machine works at once and is kept in vm.yaml
+    late = free_port()
+    vmkit("port", "add", "web", f"{late}:8000")
+    with urllib.request.urlopen(f"http://127.0.0.1:{late}/index.html", timeout=30) as r:
+        assert r.read().decode().strip() == "served-from-the-guest"
+    assert late in [f["host_port"] for f in json.loads(vmkit("port", "list", "web", "--json").stdout)]
+    dup = vmkit("port", "add", "web", f"{late}:81", check=False)
+    assert dup.returncode == 2 and "already forwarded" in dup.stderr
+
     vmkit("stop", "web")
     assert json.loads(vmkit("list", "--json").stdout)[0]["state"] == "stopped"
+    assert processes_mentioning(str(vmkit_home)) == []
+
+    # a clone runs beside its source, with its own identity
+    assert vmkit("clone", "web", "web2", check=False).returncode == 0
+    vmkit("start", "web")
+    vmkit("start", "web2")
+    assert vmkit("exec", "web2", "--", "cat", "/etc/hostname").stdout.strip() == "web2"
+    assert vmkit("exec", "web", "--", "cat", "/etc/hostname").stdout.strip() == "web"
+    ids = [vmkit("exec", n, "--", "cat", "/var/lib/cloud/data/instance-id").stdout for n in ("web", "web2")]
+    assert ids[0] != ids[1]
+    assert subprocess.run([sys.executable, "-m", "vmkit.cli.main", "shell", "web2", "--", "true"],
+                          timeout=120).returncode == 0
+    assert (inst.parent / "web2" / "known_hosts").read_text() != known.read_text()  # its own host key
+    vmkit("stop", "web")
+    vmkit("stop", "web2")
     assert processes_mentioning(str(vmkit_home)) == []

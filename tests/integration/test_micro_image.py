@@ -174,7 +174,8 @@ async def test_boot_run_counter_and_powerdown(boot: BootFn, micro_image: Image,
         data = event["data"]
         assert isinstance(data, dict) and data["guest"] is True  # the guest powered itself off
     finally:
-        await qmp.disconnect()
+        with contextlib.suppress(EOFError, ConnectionError):  # QEMU may already be gone
+            await qmp.disconnect()
     rc = await asyncio.wait_for(guest.proc.wait(), 10)
     await guest.drain()
     elapsed = time.monotonic() - sent

@@ -264,3 +264,21 @@ def test_catalogue() -> None:
     debian = pullmod.CATALOGUE["debian-12"]
     assert debian.url.endswith("debian-12-genericcloud-amd64.qcow2")
     assert debian.image_name != "debian-12"  # the built image owns that name
+
+
+def test_cli_pull_good_then_bad_checksum(server: Server, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VMKIT_HOME": str(tmp_path / "home"), pullmod.BASE_URL_ENV: server.url}
+    env.pop("VMKIT_IMAGE_CACHE", None)
+    good = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "image", "pull", "ubuntu-24.04"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "home" / "images" / "ubuntu-24.04" / "disk.qcow2").read_bytes() == IMAGE
+    env[pullmod.BASE_URL_ENV] = f"{server.url}/bad"
+    bad = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "image", "pull", "ubuntu-24.04", "--name", "u2"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 7 and "checksum mismatch" in bad.stderr
+    assert not (tmp_path / "home" / "images" / "u2").exists()

@@ -6,11 +6,13 @@ import time
 from collections.abc import Callable
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from vmkit.cli.output import out, print_json, spinner
+from vmkit.cli.output import err, out, print_json, spinner
 from vmkit.errors import ConfigError
 from vmkit.images import debian, micro
+from vmkit.images import pull as pull_mod
 from vmkit.images.store import Image, ImageStore
 
 app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
@@ -66,3 +68,27 @@ def rm(name: str) -> None:
     """Remove an image from the cache."""
     ImageStore().remove(name)
     out.print(f"removed image {name}")
+
+
+@app.command()
+def pull(
+    source: str = typer.Argument(..., help=f"a catalogue name ({', '.join(pull_mod.CATALOGUE)}) or an http(s) URL"),
+    sums_url: str | None = typer.Option(
+        None, "--sums-url", help="checksum file for a URL (default: SHA256SUMS beside it)"),
+    name: str | None = typer.Option(None, "--name", help="store the image under this name"),
+    force: bool = typer.Option(False, "--force", help="download again / replace an image of the same name"),
+) -> None:
+    """Download an official cloud image, verify it against the publisher's checksums, and cache it.
+
+    An interrupted download resumes; a wrong checksum leaves nothing in the cache.
+    Set VMKIT_PULL_BASE_URL to use a mirror.
+    """
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task(f"pulling {source}", total=None)
+
+        def show(p: pull_mod.PullProgress) -> None:
+            bar.update(task, description=f"{p.stage}: {p.message}"[:60], completed=p.done, total=p.total)
+
+        image = pull_mod.pull(source, ImageStore(), progress=show, sums_url=sums_url, name=name, force=force)
+    out.print(f"image [bold]{image.name}[/] ready in {image.directory}")

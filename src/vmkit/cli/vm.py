@@ -23,7 +23,7 @@ DETACH = b"\x1d"  # Ctrl-]
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (create, start, stop, pause, resume, list_, inspect, console, events, delete):
+    for fn in (clone, create, start, stop, pause, resume, list_, inspect, console, events, delete):
         name = fn.__name__.rstrip("_")
         app.command(name)(fn)
 
@@ -194,3 +194,11 @@ def delete(
     """Delete a virtual machine and its directory (disks, logs, state)."""
     control.delete(name, force=force)
     out.print(f"deleted [bold]{name}[/]")
+
+
+def clone(src: str, dst: str) -> None:
+    """Make an independent copy of a stopped machine (new identity, keys and MAC); both can run at once."""
+    inst, notes = control.clone(src, dst)
+    for note in notes:
+        err.print(f"note: {note}")
+    out.print(f"cloned [bold]{src}[/] to [bold]{dst}[/] in {inst.dir}")
