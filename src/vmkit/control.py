@@ -37,9 +37,10 @@ from vmkit.cloudinstance import (
 )
 from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
 from vmkit.config import MachineConfig, NbdAttachment, PortForward, format_size, port_is_free, validate_name
-from vmkit.errors import ConfigError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.errors import ConfigError, NotFoundError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
 from vmkit.guest.agent import AGENT_SOCKET_NAME
 from vmkit.guest.execute import ExecResult, guest_exec
+from vmkit.guest.files import copy_from_guest, copy_to_guest
 from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
@@ -502,3 +503,33 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
         shutil.rmtree(inst.dir, ignore_errors=True)
         raise
     return inst, notes
+
+
+def copy(src: str, dst: str) -> int:
+    """``vmkit cp``: exactly one side is ``NAME:/guest/path``; the other a host path. Returns bytes copied."""
+    src_guest, dst_guest = _guest_side(src), _guest_side(dst)
+    if (src_guest is None) == (dst_guest is None):
+        raise ConfigError.single("SRC/DST", "give exactly one guest side as NAME:/path "
+                                 "(e.g. vmkit cp f.txt web:/tmp/f.txt)")
+    name = (src_guest or dst_guest or ("", ""))[0]
+    inst = get(name)
+    status = inst.reconcile()
+    if not inst.is_supervised() or status.state != "running":
+        raise StateError("copy files", status.state, ["running"])
+    if not inst.load_config().agent:
+        raise ConfigError.single("agent", f"{name} has no guest agent channel: use scp with `vmkit ssh-config`")
+    sock = inst.dir / AGENT_SOCKET_NAME
+    if src_guest is not None:
+        return asyncio.run(copy_from_guest(sock, src_guest[1], Path(dst)))
+    local = Path(src)
+    if not local.is_file():
+        raise NotFoundError("file", src)
+    assert dst_guest is not None
+    return asyncio.run(copy_to_guest(sock, local, dst_guest[1]))
+
+
+def _guest_side(spec: str) -> tuple[str, str] | None:
+    name, sep, path = spec.partition(":")
+    if not sep or "/" in name or not name:
+        return None
+    return name, path

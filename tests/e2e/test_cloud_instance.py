@@ -61,6 +61,18 @@ def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path:
     size = vmkit("exec", "web", "--", "lsblk", "-bdno", "SIZE", "/dev/vda").stdout
     assert int(size) == 3 << 30  # the overlay was grown to --disk
 
+    # files in and out through the agent (3 MiB: several 1 MiB pieces)
+    import hashlib
+
+    blob = os.urandom(3 * (1 << 20) + 123)
+    (tmp_path / "blob.bin").write_bytes(blob)
+    vmkit("cp", str(tmp_path / "blob.bin"), "web:/var/tmp/blob.bin")
+    digest = vmkit("exec", "web", "--", "sha256sum", "/var/tmp/blob.bin").stdout.split()[0]
+    assert digest == hashlib.sha256(blob).hexdigest()
+    vmkit("cp", "web:/etc/hostname", str(tmp_path / "hostname"))
+    assert (tmp_path / "hostname").read_text().strip() == "web"
+    assert vmkit("cp", "a", "b", check=False).returncode == 2  # no guest side
+
     # user-data: runcmd ran (wait for cloud-init to finish first)
     vmkit("exec", "web", "--timeout", "300", "--", "cloud-init", "status", "--wait")
     assert vmkit("exec", "web", "--", "cat", "/var/tmp/runcmd.txt").stdout.strip() == "runcmd-ran"

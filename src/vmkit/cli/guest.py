@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(exec_)
     app.command("shell", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(shell)
     app.command("ssh-config")(ssh_config)
+    app.command("cp")(cp)
 
 
 def exec_(
@@ -48,3 +49,9 @@ def shell(ctx: typer.Context, name: str) -> None:
 def ssh_config(name: str) -> None:
     """Print an OpenSSH config for the instance (use with ssh -F FILE NAME)."""
     out.print(control.ssh_config(name), markup=False, highlight=False, end="")
+
+
+def cp(src: str, dst: str) -> None:
+    """Copy a file between host and guest through the guest agent: vmkit cp FILE NAME:/path, or NAME:/path FILE."""
+    n = control.copy(src, dst)
+    out.print(f"copied {n} bytes")
