@@ -247,11 +247,12 @@ def stop(name: str, *, force: bool = False, timeout: float = 30.0) -> Status:
     except VmkitError:
         if inst.is_supervised():
             raise
-    _wait_unsupervised(inst, 15.0)
+    wait_unsupervised(inst, 15.0)
     return inst.reconcile()
 
 
-def _wait_unsupervised(inst: Instance, timeout: float) -> None:
+def wait_unsupervised(inst: Instance, timeout: float) -> None:
+    """Wait until the instance's supervisor has exited (its lock is free)."""
     deadline = time.monotonic() + timeout
     while inst.is_supervised():
         if time.monotonic() > deadline:

@@ -40,7 +40,7 @@ from typing import Any
 
 from vmkit import control, savestate
 from vmkit.api import SupervisorClient
-from vmkit.errors import ExitCode, NotFoundError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.errors import ExitCode, NotFoundError, StateError, VmkitError, error_from_code
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
 from vmkit.savestate import RestoreFailed, SnapshotInfo
@@ -108,15 +108,6 @@ def _shown_state(inst: Instance, status: Status) -> str:
     return "saved" if status.state not in LIVE and inst.saved_state_path.exists() else status.state
 
 
-def _wait_unsupervised(inst: Instance, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while inst.is_supervised():
-        if time.monotonic() > deadline:
-            raise VmTimeoutError(f"{inst.name}: the supervisor did not exit within {timeout:.0f} s",
-                                 hint=f"see {inst.supervisor_log}")
-        time.sleep(0.05)
-
-
 def save(name: str, path: Path | None = None, *, keep_running: bool = False,
          progress: ProgressCallback | None = None, timeout: float = 600.0) -> SaveOutcome:
     """Pause ``name``, save its state (default: the instance's own state file), then stop it.
@@ -142,7 +133,7 @@ def save(name: str, path: Path | None = None, *, keep_running: bool = False,
 
     result = asyncio.run(run())
     if not keep_running:
-        _wait_unsupervised(inst, 30.0)
+        control.wait_unsupervised(inst, 30.0)
     return SaveOutcome(path=Path(result["path"]), payload_bytes=int(result["payload_bytes"]),
                        file_bytes=int(result["file_bytes"]), seconds=float(result["seconds"]),
                        keep_running=keep_running, status=inst.reconcile())

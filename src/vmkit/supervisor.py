@@ -46,14 +46,13 @@ from vmkit.errors import ConfigError, QemuError, VmkitError
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
-from vmkit.supervisor_state import StartPlan, StateRoutes, start_from_plan
+from vmkit.supervisor_state import StartPlan, StateRoutes, error_fields, json_body, start_from_plan
 
 log = logging.getLogger("vmkit.supervisor")
 
 
 def error_body(exc: VmkitError) -> dict[str, Any]:
-    return {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
-                      "exit_code": int(exc.exit_code)}}
+    return {"error": error_fields(exc)}
 
 
 class Supervisor:
@@ -202,7 +201,7 @@ class Supervisor:
         return web.json_response(self.status.to_dict())
 
     async def _h_request_stop(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         timeout = body.get("timeout")
         if timeout is not None and not isinstance(timeout, int | float):
             raise ConfigError.single("timeout", "must be a number of seconds")
@@ -226,7 +225,7 @@ class Supervisor:
         return resp
 
     async def _h_port_add(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         try:
             fwd = PortForward.model_validate(body)
         except ValidationError as exc:
@@ -243,7 +242,7 @@ class Supervisor:
         return web.json_response(disk_table(self.vm))
 
     async def _h_disk_attach(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         try:
             dev = StorageDevice.model_validate(body)
         except ValidationError as exc:
@@ -252,7 +251,7 @@ class Supervisor:
         return web.json_response({"id": disk.id, "port": disk.port})
 
     async def _h_disk_detach(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         await hotplug.detach_disk(self.vm, request.match_info["id"], timeout=float(body.get("timeout", 30)))
         return web.json_response({"id": request.match_info["id"], "detached": True})
 
@@ -279,18 +278,6 @@ class Supervisor:
             remove()
             task.cancel()
         return ws
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ConfigError.single("<body>", "the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise ConfigError.single("<body>", "the request body must be a JSON object")
-    return body
 
 
 _HTTP_STATUS = {2: 400, 3: 404, 4: 409, 8: 504, 9: 409}

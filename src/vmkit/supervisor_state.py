@@ -156,7 +156,7 @@ class StateRoutes:
         ]
 
     async def save(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await json_body(request)
         raw_path = body.get("path")
         if raw_path is None:
             path = self.sup.instance.saved_state_path
@@ -194,7 +194,7 @@ class StateRoutes:
                         await vm.resume()
                 self.sup.status.reason = f"save failed: {exc.message.splitlines()[0]}"
                 await _finish(writer, lines)
-                await _last_line(resp, {"error": _error_body(exc)})
+                await _last_line(resp, {"error": error_fields(exc)})
                 return resp
             result = {"path": str(info.path), "payload_bytes": info.payload_bytes, "file_bytes": info.file_bytes,
                       "seconds": round(info.seconds, 3), "keep_running": keep_running}
@@ -215,7 +215,7 @@ class StateRoutes:
         return web.json_response([s.to_dict() for s in await savestate.list_snapshots(self.sup.vm)])
 
     async def snapshot_create(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         tag = body.get("tag")
         if not isinstance(tag, str):
             raise ConfigError.single("tag", "give the snapshot's tag")
@@ -250,11 +250,13 @@ async def _last_line(resp: web.StreamResponse, payload: dict[str, Any]) -> None:
         await resp.write_eof()
 
 
-def _error_body(exc: VmkitError) -> dict[str, Any]:
+def error_fields(exc: VmkitError) -> dict[str, Any]:
+    """An error as the API sends it (the client rebuilds its family from exit_code)."""
     return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """A request's JSON object body ({} when empty); bad input is a ConfigError."""
     if not request.can_read_body:
         return {}
     try:
