@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,15 @@ def debian12() -> Image:
     from vmkit.images.debian import build_debian
 
     return build_debian(ImageStore(image_cache_dir()))
+
+
+def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (wide output so JSON and messages are not wrapped)."""
+    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def processes_mentioning(needle: str) -> list[int]:

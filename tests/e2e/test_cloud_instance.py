@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_mentioning
+from conftest import processes_mentioning, vmkit
 from vmkit.images.store import Image
 
 pytestmark = pytest.mark.e2e
 
 
-def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def free_port() -> int:

@@ -4,25 +4,17 @@ afterwards, and qemu-guest-agent puts the guest clock right."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import vmkit
 from vmkit.images.store import Image
 
 pytestmark = pytest.mark.e2e
 
 
-def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.timeout(1200)

@@ -7,23 +7,17 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import vmkit
 from vmkit.images import micro
 from vmkit.images.store import Image
 
 pytestmark = pytest.mark.integration
 
 
-def vmkit(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def state_of(name: str) -> str:

@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pid_alive, processes_mentioning, wait_until
+from conftest import pid_alive, processes_mentioning, vmkit, wait_until
 from vmkit.images.store import Image
 from vmkit.instance import Instance
 
 pytestmark = pytest.mark.integration
 
 
-def vmkit(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def listed(name: str) -> dict[str, object]:
