@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_storage import NbdServerProcess
-from test_supervisor import _json_objects, vmkit
+from test_supervisor import vmkit
 
 from vmkit.images.store import Image
 
@@ -74,7 +74,7 @@ def test_disk_attach_list_detach_and_nbd_events(vmkit_home: Path, micro_image: I
             follower.kill()
     finally:
         server.kill()
-    nbd_states = [e["detail"]["state"] for e in map(json.loads, _json_objects(out)) if e.get("kind") == "nbd"]
+    nbd_states = [e["detail"]["state"] for e in map(json.loads, out.splitlines()) if e.get("kind") == "nbd"]
     assert "disconnected" in nbd_states and "reconnected" in nbd_states
     assert nbd_states.index("disconnected") < nbd_states.index("reconnected")
 

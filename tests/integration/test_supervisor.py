@@ -100,24 +100,9 @@ def test_force_stop_and_events(vmkit_home: Path, micro_image: Image) -> None:
         out, _ = follower.communicate(timeout=30)
     finally:
         follower.kill()
-    states = [json.loads(chunk)["state"] for chunk in _json_objects(out)]
+    states = [json.loads(line)["state"] for line in out.splitlines()]
     assert "paused" in states and "running" in states and states[-1] == "stopped"
     assert listed("ev")["state"] == "stopped"
-
-
-def _json_objects(text: str) -> list[str]:
-    """Split rich's pretty-printed JSON objects (one per event) apart."""
-    objs, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "{":
-            depth += 1
-            if depth == 1:
-                start = i
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                objs.append(text[start:i + 1])
-    return objs
 
 
 def test_qemu_killed_is_recorded(vmkit_home: Path, micro_image: Image) -> None:

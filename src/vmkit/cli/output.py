@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,12 @@ err = Console(stderr=True)
 
 def print_json(data: Any) -> None:
     out.print_json(json.dumps(data, default=str))
+
+
+def print_json_line(data: Any) -> None:
+    """One compact JSON object per line (NDJSON), flushed: for streams that other programs read."""
+    sys.stdout.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
 
 
 @contextlib.contextmanager

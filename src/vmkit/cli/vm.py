@@ -16,7 +16,7 @@ from rich.table import Table
 from vmkit import control
 from vmkit.builder import CreateOptions
 from vmkit.cli import state as state_cli
-from vmkit.cli.output import err, human_duration, out, print_json, spinner
+from vmkit.cli.output import err, human_duration, out, print_json, print_json_line, spinner
 from vmkit.qemu.cmdline import render
 
 DETACH = b"\x1d"  # Ctrl-]
@@ -177,12 +177,12 @@ def console(
 
 
 def events(name: str) -> None:
-    """Print the machine's events as they happen (JSON lines) until it stops."""
+    """Print the machine's events as they happen, one JSON object per line (NDJSON), until it stops."""
     api = control.client(name)
 
     async def follow() -> None:
         async for ev in api.events():
-            print_json(ev)
+            print_json_line(ev)
 
     asyncio.run(follow())
 
