@@ -13,19 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_mentioning, vmkit
+from vmkit.cloudinstance import free_port
 from vmkit.images.store import Image
 
 pytestmark = pytest.mark.e2e
 
 
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(900)

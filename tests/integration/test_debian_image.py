@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from vmkit import cloudinit
+from vmkit.cloudinstance import free_port
 from vmkit.errors import ConfigError
 from vmkit.guest import keys
 from vmkit.images import debian, qemuimg
@@ -52,13 +53,6 @@ def debian_image() -> Image:
             print(f"[{ev.elapsed:6.1f} s] {ev.message}", flush=True)
 
     return build_debian(store, progress=show)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -197,7 +191,7 @@ def guest(debian_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iter
     work = tmp_path_factory.mktemp("debian-guest")
     assert debian_image.disk is not None
     keys.generate_keypair(comment="vmkit@e2e").write(work / "id_ed25519")
-    g = Guest(work, _free_port(), keys.generate_host_keys())
+    g = Guest(work, free_port(), keys.generate_host_keys())
     keys.write_known_hosts(work / "known_hosts", g.host_keys, g.port)
     _write_seed(work, g.host_keys, hostname=NAME, mac=MAC)
     qemuimg.create_overlay(work / "disk.qcow2", debian_image.disk, backing_format="qcow2", size="4G")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from vmkit.cloudinstance import free_port
 
 VMKIT = Path(sys.executable).with_name("vmkit")
 ENTRY = [str(VMKIT)] if VMKIT.exists() else [sys.executable, "-m", "vmkit.cli.main"]
@@ -53,12 +54,6 @@ def vmkit(home: Path, *args: str) -> Result:
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 PORT = free_port()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from vmkit.cloudinstance import free_port
 from vmkit.config import (
     DiskImage,
     MachineConfig,
@@ -47,12 +48,6 @@ def problems_of(data: object) -> list[Problem]:
 
 def disk(path: Path | str, **att: Any) -> dict[str, Any]:
     return {"attachment": {"type": "disk-image", "path": str(path), **att}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- structure
