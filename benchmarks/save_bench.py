@@ -6,7 +6,8 @@ QEMU's zero-page detection), then, on that same machine, paused, and interleaved
 
   save     plain   ``migrate exec:cat > FILE``                   (QEMU 7.2 has no file: URI)
            plain+fsync  the same, plus fsync of FILE             (the durability vmkit guarantees)
-           vmkit   ``savestate.save_state``: migrate fd: into a pipe, AES-256-GCM chunks, fsync, rename
+           vmkit   ``savestate.save_state``: migrate fd: into a pipe, zstd where it pays, AES-256-GCM
+                   chunks written with O_DIRECT, fsync, rename
   restore  plain   new QEMU ``-incoming defer`` + ``migrate-incoming exec:cat FILE``
            vmkit   new QEMU + ``savestate.restore_state`` (authenticates the header, checks the
                    machine, then the stream chunk by chunk)
@@ -14,7 +15,9 @@ QEMU's zero-page detection), then, on that same machine, paused, and interleaved
 Both sides use the same migration settings (``max-bandwidth`` unlimited: the default 128 MiB/s
 would throttle both alike) and wait for QEMU's MIGRATION event. QEMU refuses to migrate a paused
 machine twice, so it runs for a moment between two saves. Restores include launching QEMU on both
-sides, and read the files from the page cache on both sides. Prints a table and the ratios.
+sides; the plain file is read from the page cache (``cat > FILE`` left it there), vmkit's from the
+disk (its O_DIRECT writes bypass the page cache; the restore asks the kernel to read it ahead
+while QEMU starts). Prints a table and the ratios; the file sizes are those of the last round.
 
     .venv/bin/python benchmarks/save_bench.py [--sizes 256,1024] [--repeat 3] [--dir DIR]
 """
@@ -24,13 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from _table import med_best, print_table, ratio, settle
 from vmkit import keys, savestate
 from vmkit.config import MachineConfig, parse_config
 from vmkit.images import micro
@@ -117,17 +120,6 @@ async def timed(fn: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - t0
 
 
-def settle(*files: Path) -> None:
-    """Write back what a case left dirty (untimed), so it does not slow down the next case."""
-    for f in files:
-        if f.exists():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 async def bench_size(img: Image, mib: int, repeat: int, d: Path) -> dict[str, object]:
     cfg = config(img, mib)
     plain_file, vmkit_file = d / f"plain-{mib}.bin", d / f"vmkit-{mib}.vmstate"
@@ -184,24 +176,24 @@ def main() -> None:
     print(f"QEMU migration of a paused micro guest with filled RAM; {args.repeat} runs per case, median (best)")
     print("the host's page-cache writes vary a lot when other work runs on it: compare the best times too")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'guest':>6} {'case':18} {'seconds':>16} {'MiB/s':>7}  {'vs plain':>16}")
+    rows: list[list[object]] = []
     for r in results:
         times: dict[str, list[float]] = r["times"]  # type: ignore[assignment]
-        mib = r["mib"]
+        mib = f"{r['mib']}M"
         payload_mib = int(r["plain_bytes"]) / (1 << 20)  # type: ignore[call-overload]
         for name, samples in times.items():
-            med, best = statistics.median(samples), min(samples)
+            med, best = med_best(samples)
             base = "save plain" if name.startswith("save") else "restore plain"
-            ratio = ""
-            if name.endswith("vmkit"):
-                bmed, bbest = statistics.median(times[base]), min(times[base])
-                ratio = f"{med / bmed:5.2f}x ({best / bbest:4.2f}x)"
-            print(f"{mib:>4}M {name:18} {med:8.3f} ({best:6.3f}) {payload_mib / med:7.0f}  {ratio:>16}")
-        vb, pb = int(r["vmkit_bytes"]), int(r["plain_bytes"])  # type: ignore[call-overload]
-        print(f"{mib:>4}M {'file size':18} plain {pb} B ({pb / (1 << 20):.1f} MiB), vmkit {vb} B: "
-              f"{vb / pb:.5f}x ({vb - pb:+d} B)")
-        fs = statistics.median(times["save vmkit"]) / statistics.median(times["save plain+fsync"])
-        print(f"{mib:>4}M {'save vmkit / plain+fsync':18} {fs:5.2f}x")
+            vs = ratio(samples, times[base]) if name.endswith("vmkit") else ""
+            rows.append([mib, name, f"{med:.3f} ({best:.3f})", f"{payload_mib / med:.0f}", vs])
+        rows.append([mib, "save vmkit / plain+fsync", "", "", ratio(times["save vmkit"], times["save plain+fsync"])])
+    print_table(["guest", "case", "seconds", "MiB/s", "vs plain"], rows, left=2)
+    print()
+    sizes = []
+    for r in results:
+        pb, vb = int(r["plain_bytes"]), int(r["vmkit_bytes"])  # type: ignore[call-overload]
+        sizes.append([f"{r['mib']}M", pb, vb, f"{vb / pb:.4f}x"])
+    print_table(["guest", "plain file (B)", "vmkit file (B)", "vmkit / plain"], sizes)
     sys.stdout.flush()
 
 

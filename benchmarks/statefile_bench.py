@@ -7,12 +7,17 @@ real migration, HOST-NOTES measured ~140 MiB/s under TCG) and compares:
 
   save     producer | cat > FILE                  (plain, what QEMU's exec: does)
            producer | cat > FILE; fsync FILE      (plain + the durability vmkit guarantees)
-           producer | save_from_fd(FILE)           (vmkit: AES-256-GCM chunks, fsync, rename)
+           producer | save_from_fd(FILE)           (vmkit: zstd where it pays, AES-256-GCM chunks,
+                                                    O_DIRECT, fsync, rename)
   restore  cat FILE | consumer                    (plain)
            restore_to_fd(FILE) | consumer          (vmkit: authenticated chunk by chunk)
 
-plus the raw in-memory AES-256-GCM rate. Files are read back from the page cache in both
-restore cases (nothing drops caches: the machine is shared). Prints a table and the ratios.
+plus the raw in-memory AES-256-GCM rate. The producer's blocks are random (incompressible)
+unless ``--compressible`` makes half of each 4 MiB block zeros and text. The restores read the
+plain file from the page cache (``cat > FILE`` left it there) and vmkit's file from the disk
+(O_DIRECT writes bypass the page cache); ``--cold`` drops both files from the page cache
+before each restore (only these two files, nothing else: the machine is shared). Prints a
+table and the ratios.
 
     .venv/bin/python benchmarks/statefile_bench.py [--size-mib 1024] [--repeat 3] [--dir DIR]
 """
@@ -24,7 +29,6 @@ import asyncio
 import os
 import resource
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,13 +39,17 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from _table import med_best, print_table, ratio, settle
 from vmkit.statefile import DEFAULT_CHUNK_SIZE, StateHeader, restore_to_fd, save_from_fd
 
 BLOCK = 4 << 20
 
 PRODUCER = """
 import os, time
-block = memoryview(os.urandom({block}))
+block = os.urandom({block})
+if {compressible}:
+    block = block[: len(block) // 2] + bytes(len(block) // 4) + (b"kernel text " * len(block))[: len(block) // 4]
+block = memoryview(block)
 rate = {rate}
 left = {size}
 start = time.monotonic()
@@ -85,10 +93,11 @@ def _measure(fn: Callable[[], None]) -> Sample:
 
 
 RATE = 0  # producer bytes/s, 0 = as fast as it can (set by --rate-mib)
+COMPRESSIBLE = False  # set by --compressible
 
 
 def _producer(size: int) -> subprocess.Popen[bytes]:
-    code = PRODUCER.format(block=BLOCK, size=size, rate=RATE)
+    code = PRODUCER.format(block=BLOCK, size=size, rate=RATE, compressible=COMPRESSIBLE)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
 
 
@@ -106,6 +115,17 @@ def _header() -> StateHeader:
     return StateHeader(
         qemu_version="7.2.0", machine_type="pc-q35-7.2", config_digest="sha256:" + "0" * 64, ram_bytes=1 << 30
     )
+
+
+def drop_cache(*files: Path) -> None:
+    """Drop these (clean, settled) files from the page cache."""
+    for f in files:
+        if f.exists():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def plain_save(path: Path, size: int, *, fsync: bool) -> None:
@@ -159,27 +179,19 @@ def crypto_only(size: int, chunk_size: int) -> None:
         aead.encrypt_into(b"\0\0\0\0" + i.to_bytes(8, "big"), plain, aad, out)
 
 
-def _settle(*files: Path) -> None:
-    """Write back what a case left dirty (untimed), so it does not slow down the next case."""
-    for f in files:
-        if f.exists():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunk-mib", type=int, default=DEFAULT_CHUNK_SIZE >> 20)
     ap.add_argument("--rate-mib", type=int, default=0, help="pace the producer (MiB/s); 0 = unpaced")
+    ap.add_argument("--compressible", action="store_true", help="half of each block zeros and text")
+    ap.add_argument("--cold", action="store_true", help="restore both files from the disk, not the page cache")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
     args = ap.parse_args()
-    global RATE
+    global RATE, COMPRESSIBLE
     RATE = args.rate_mib << 20
+    COMPRESSIBLE = args.compressible
     size = args.size_mib << 20
     chunk = args.chunk_mib << 20
     key = secrets.token_bytes(32)
@@ -201,31 +213,34 @@ def main() -> None:
                 if name.startswith("save:"):  # start from nothing: no old file to unlink in the timed part
                     (vmkit_file if "vmkit" in name else plain_file).unlink(missing_ok=True)
                 results[name].append(_measure(fn))
-                _settle(plain_file, vmkit_file)
+                settle(plain_file, vmkit_file)
+                if args.cold:
+                    drop_cache(plain_file, vmkit_file)
         plain_bytes = plain_file.stat().st_size
         vmkit_bytes = vmkit_file.stat().st_size
 
-    med = {name: statistics.median(s.seconds for s in samples) for name, samples in results.items()}
-    best = {name: min(s.seconds for s in samples) for name, samples in results.items()}
-    cpu = {name: statistics.median(s.cpu for s in samples) for name, samples in results.items()}
+    seconds = {name: [s.seconds for s in samples] for name, samples in results.items()}
     pace = f"producer paced at {args.rate_mib} MiB/s" if args.rate_mib else "producer unpaced"
-    print(f"payload {args.size_mib} MiB, chunk {args.chunk_mib} MiB, {pace}, {args.repeat} runs per case")
+    data = "half compressible" if args.compressible else "random"
+    data += ", restores from the disk" if args.cold else ""
+    print(f"payload {args.size_mib} MiB ({data}), chunk {args.chunk_mib} MiB, {pace}, {args.repeat} runs per case")
     print("seconds: median and best; cpu s: median CPU seconds of this process + its children")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'case':34} {'median s':>9} {'best s':>8} {'MiB/s':>7} {'cpu s':>6}")
-    for name in cases:
-        print(f"{name:34} {med[name]:9.3f} {best[name]:8.3f} {args.size_mib / med[name]:7.0f} {cpu[name]:6.2f}")
+    rows: list[list[object]] = []
+    for name, samples in results.items():
+        med, best = med_best(seconds[name])
+        cpu = sorted(s.cpu for s in samples)[len(samples) // 2]
+        rows.append([name, f"{med:.3f}", f"{best:.3f}", f"{args.size_mib / med:.0f}", f"{cpu:.2f}"])
+    print_table(["case", "median s", "best s", "MiB/s", "cpu s"], rows)
     print()
     ratios = [
         ("save: vmkit / plain", "save: vmkit save_from_fd", "save: plain cat > file"),
         ("save: vmkit / plain+fsync", "save: vmkit save_from_fd", "save: plain cat > file + fsync"),
         ("restore: vmkit / plain", "restore: vmkit restore_to_fd", "restore: plain cat file"),
     ]
-    print(f"{'ratio':34} {'median':>9} {'best':>8}")
-    for label, a, b in ratios:
-        print(f"{label:34} {med[a] / med[b]:8.2f}x {best[a] / best[b]:7.2f}x")
-    overhead = vmkit_bytes - plain_bytes
-    print(f"{'file size: vmkit / plain':34} {vmkit_bytes / plain_bytes:8.5f}x  (+{overhead} bytes)")
+    rows = [[label, ratio(seconds[a], seconds[b])] for label, a, b in ratios]
+    rows.append(["file size: vmkit / plain", f"{vmkit_bytes / plain_bytes:.5f}x ({vmkit_bytes - plain_bytes:+d} B)"])
+    print_table(["ratio", "median (best)"], rows)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -14,10 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vmkit.errors import ExitCode, VmkitError
+from vmkit.keys import key_id
 from vmkit.statefile import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL,
     FORMAT_VERSION,
     MAGIC,
     TAG_SIZE,
@@ -36,6 +42,7 @@ from vmkit.statefile import (
     check_compatible,
     disk_identity,
     iter_payload,
+    prefetch,
     read_header,
     read_info,
     restore_to_fd,
@@ -43,6 +50,8 @@ from vmkit.statefile import (
 )
 
 SMALL_CHUNK = 64 << 10
+REC = 8  # format 2 record header: u32 flags | stored length, u32 plaintext length
+RAW_RECORD = REC + SMALL_CHUNK + TAG_SIZE  # a full, uncompressed record
 
 
 @pytest.fixture
@@ -68,8 +77,16 @@ def header(disk: Path) -> StateHeader:
     )
 
 
-def _save(path: Path, header: StateHeader, key: bytes, data: bytes, *, chunk_size: int = SMALL_CHUNK) -> None:
-    with StateFileWriter(path, header, key, chunk_size=chunk_size) as w:
+def _save(
+    path: Path,
+    header: StateHeader,
+    key: bytes,
+    data: bytes,
+    *,
+    chunk_size: int = SMALL_CHUNK,
+    compression_level: int | None = DEFAULT_COMPRESSION_LEVEL,
+) -> None:
+    with StateFileWriter(path, header, key, chunk_size=chunk_size, compression_level=compression_level) as w:
         for i in range(0, len(data), 100_003):  # odd-sized writes, crossing chunk borders
             w.write(data[i : i + 100_003])
 
@@ -84,9 +101,21 @@ def _data_offset(path: Path) -> int:
     return 20 + n + TAG_SIZE
 
 
-def _flip(path: Path, offset: int) -> None:
+def _records(path: Path) -> list[tuple[int, bool, bool, int, int]]:
+    """Format 2 records as (offset, final, compressed, stored length, plaintext length)."""
+    raw = path.read_bytes()
+    offset, out = _data_offset(path), []
+    while offset < len(raw):
+        word, plain = struct.unpack(">II", raw[offset : offset + REC])
+        stored = word & ((1 << 30) - 1)
+        out.append((offset, bool(word >> 31), bool(word >> 30 & 1), stored, plain))
+        offset += REC + stored + TAG_SIZE
+    return out
+
+
+def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
     raw = bytearray(path.read_bytes())
-    raw[offset] ^= 0x01
+    raw[offset] ^= mask
     path.write_bytes(bytes(raw))
 
 
@@ -108,6 +137,7 @@ def _entries(directory: Path) -> list[str]:
         (3 * (1 << 20) + 12345, SMALL_CHUNK),
         (4 * SMALL_CHUNK, SMALL_CHUNK),  # exact multiple: an empty final chunk follows
         (5 * (1 << 20) + 1, DEFAULT_CHUNK_SIZE),
+        (9 * (1 << 20) + 1, 8 << 20),  # larger chunks: buffered writes instead of O_DIRECT
         (0, SMALL_CHUNK),
         (1, SMALL_CHUNK),
     ],
@@ -127,14 +157,46 @@ def test_round_trip(tmp_path: Path, header: StateHeader, key: bytes, size: int, 
     assert _entries(tmp_path) == ["disk.qcow2", "vm.state"]
 
 
-def test_payload_is_encrypted_and_file_not_larger_than_needed(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+def test_payload_is_compressed_and_encrypted(tmp_path: Path, header: StateHeader, key: bytes) -> None:
     data = b"guest memory page " * 200_000
     path = tmp_path / "vm.state"
     _save(path, header, key, data)
     raw = path.read_bytes()
     assert b"guest memory page" not in raw
+    assert len(raw) < len(data) // 50
+    records = _records(path)
+    assert all(compressed for _, _, compressed, _, _ in records)
+    assert [final for _, final, _, _, _ in records] == [False] * (len(records) - 1) + [True]
+    assert read_info(path).payload_bytes == len(data)
+    assert _load(path, key) == data
+
+
+@pytest.mark.parametrize("level", [DEFAULT_COMPRESSION_LEVEL, None])
+def test_incompressible_payload_is_stored_raw(
+    tmp_path: Path, header: StateHeader, key: bytes, level: int | None
+) -> None:
+    data = os.urandom(3 * SMALL_CHUNK + 1000)
+    path = tmp_path / "vm.state"
+    _save(path, header, key, data, compression_level=level)
+    raw = path.read_bytes()
     chunks = len(data) // SMALL_CHUNK + 1
-    assert len(raw) == _data_offset(path) + len(data) + chunks * TAG_SIZE
+    assert len(raw) == _data_offset(path) + len(data) + chunks * (REC + TAG_SIZE)  # 24 bytes per chunk
+    assert not any(compressed for _, _, compressed, _, _ in _records(path))
+    assert (b'"compression":"zstd"' in raw) == (level is not None)
+    assert _load(path, key) == data
+
+
+def test_compressed_and_raw_records_in_one_file(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    # like a QEMU stream: runs of random pages, runs of compressible ones, one chunk half and half
+    zeros, text, noise = bytes(SMALL_CHUNK), (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK], os.urandom(SMALL_CHUNK)
+    data = noise + zeros + noise + text + noise[: SMALL_CHUNK // 2] + zeros[: SMALL_CHUNK // 2] + text[:999]
+    path = tmp_path / "vm.state"
+    _save(path, header, key, data)
+    kinds = [compressed for _, _, compressed, _, _ in _records(path)]
+    assert kinds == [False, True, False, True, True, True]
+    assert _load(path, key) == data
+    assert read_info(path).payload_bytes == len(data)
+    assert len(path.read_bytes()) < len(data) * 0.55  # 2.5 of the 5 chunks are random
 
 
 def test_reader_header_is_authenticated_and_chunks_are_views(tmp_path: Path, header: StateHeader, key: bytes) -> None:
@@ -238,11 +300,11 @@ def test_flipped_byte_in_header_length(saved: Path, key: bytes) -> None:
 
 @pytest.mark.parametrize("where", ["first", "middle", "last-tag", "final-chunk"])
 def test_flipped_byte_in_payload(saved: Path, key: bytes, where: str) -> None:
-    start = _data_offset(saved)
+    start = _data_offset(saved) + REC
     size = saved.stat().st_size
     offset = {
         "first": start,
-        "middle": start + SMALL_CHUNK + TAG_SIZE + 5000,
+        "middle": start + RAW_RECORD + 5000,
         "last-tag": size - 1,
         "final-chunk": size - TAG_SIZE - 10,
     }[where]
@@ -251,7 +313,7 @@ def test_flipped_byte_in_payload(saved: Path, key: bytes, where: str) -> None:
 
 
 def test_chunks_swapped(saved: Path, key: bytes) -> None:
-    start, rec = _data_offset(saved), SMALL_CHUNK + TAG_SIZE
+    start, rec = _data_offset(saved), RAW_RECORD
     raw = saved.read_bytes()
     a, b = raw[start : start + rec], raw[start + rec : start + 2 * rec]
     saved.write_bytes(raw[:start] + b + a + raw[start + 2 * rec :])
@@ -268,14 +330,26 @@ def test_header_swapped_between_files(tmp_path: Path, header: StateHeader, key: 
 
 
 def test_truncated_mid_chunk(saved: Path, key: bytes) -> None:
-    _truncate(saved, _data_offset(saved) + SMALL_CHUNK + TAG_SIZE + 1234)
-    assert read_info(saved).payload_bytes is not None  # plausible length: only the tag catches it
-    _assert_rejected(saved, key, "chunk 1")
+    _truncate(saved, _data_offset(saved) + RAW_RECORD + 1234)
+    assert read_info(saved).payload_bytes is None
+    _assert_rejected(saved, key, "truncated inside chunk 1")
+
+
+@pytest.mark.parametrize("cut", [1, REC - 1, REC, REC + 10])
+def test_truncated_inside_record_header_or_compressed_record(
+    tmp_path: Path, header: StateHeader, key: bytes, cut: int
+) -> None:
+    path = tmp_path / "vm.state"
+    _save(path, header, key, bytes(3 * SMALL_CHUNK))
+    offset, _, compressed, stored, _ = _records(path)[1]
+    assert compressed and stored > 10
+    _truncate(path, offset + cut)
+    _assert_rejected(path, key, "truncated inside chunk 1")
 
 
 @pytest.mark.parametrize("records", [1, 2, 3])
 def test_truncated_at_chunk_boundary(saved: Path, key: bytes, records: int) -> None:
-    _truncate(saved, _data_offset(saved) + records * (SMALL_CHUNK + TAG_SIZE))
+    _truncate(saved, _data_offset(saved) + records * RAW_RECORD)
     assert read_info(saved).payload_bytes is None
     _assert_rejected(saved, key, "without the final chunk")
 
@@ -300,15 +374,53 @@ def test_truncated_inside_final_tag(saved: Path, key: bytes) -> None:
 def test_data_appended(saved: Path, key: bytes, extra: int) -> None:
     with open(saved, "ab") as fh:
         fh.write(os.urandom(extra))
-    _assert_rejected(saved, key, "chunk 3 does not authenticate")
+    assert read_info(saved).payload_bytes is None
+    _assert_rejected(saved, key, "data after the final chunk")
 
 
 def test_final_chunk_then_garbage(tmp_path: Path, header: StateHeader, key: bytes) -> None:
     path = tmp_path / "vm.state"
-    _save(path, header, key, os.urandom(2 * SMALL_CHUNK))  # final record: the tag alone
+    _save(path, header, key, os.urandom(2 * SMALL_CHUNK))  # final record: header and tag only
+    assert _records(path)[-1][1:] == (True, False, 0, 0)
     with open(path, "ab") as fh:
-        fh.write(os.urandom(SMALL_CHUNK))  # now the reader sees a full record where the final one was
-    _assert_rejected(path, key, "chunk 2 does not authenticate")
+        fh.write(os.urandom(SMALL_CHUNK))
+    _assert_rejected(path, key, "data after the final chunk")
+
+
+def _compressible_file(tmp_path: Path, header: StateHeader, key: bytes) -> Path:
+    path = tmp_path / "vm.state"
+    _save(path, header, key, os.urandom(SMALL_CHUNK) + bytes(2 * SMALL_CHUNK) + os.urandom(100))
+    assert [r[2] for r in _records(path)] == [False, True, True, False]
+    return path
+
+
+@pytest.mark.parametrize(("record", "why"), [(0, "raw -> compressed"), (1, "compressed -> raw")])
+def test_flipped_compressed_flag(tmp_path: Path, header: StateHeader, key: bytes, record: int, why: str) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    _flip(path, _records(path)[record][0], 0x40)  # bit 30 of the first word
+    _assert_rejected(path, key, f"chunk {record}")
+
+
+def test_flipped_final_flag(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    _flip(path, _records(path)[0][0], 0x80)  # chunk 0 claims to be the last one
+    _assert_rejected(path, key, "chunk 0")
+    path = _compressible_file(tmp_path, header, key)
+    _flip(path, _records(path)[-1][0], 0x80)  # the last one claims not to be
+    _assert_rejected(path, key, "chunk 3")
+
+
+@pytest.mark.parametrize("field", ["stored", "plain"])
+def test_changed_record_lengths(tmp_path: Path, header: StateHeader, key: bytes, field: str) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    offset = _records(path)[1][0] + (3 if field == "stored" else 7)
+    _flip(path, offset, 0x01)  # one byte more or less, still plausible
+    _assert_rejected(path, key, "chunk 1")
+
+
+def test_compressed_file_with_another_key(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    _assert_rejected(path, secrets.token_bytes(32), "different key")
 
 
 def test_another_users_key(saved: Path) -> None:
@@ -317,7 +429,7 @@ def test_another_users_key(saved: Path) -> None:
 
 
 def test_restore_stops_at_first_bad_chunk(saved: Path, key: bytes) -> None:
-    _flip(saved, _data_offset(saved) + 2 * (SMALL_CHUNK + TAG_SIZE) + 7)
+    _flip(saved, _data_offset(saved) + 2 * RAW_RECORD + REC + 7)
     got = []
     with pytest.raises(AuthenticationFailed, match="chunk 2"), StateFileReader(saved, key) as reader:
         for chunk in reader.chunks():
@@ -359,6 +471,14 @@ def test_fifo_is_refused_without_hanging(tmp_path: Path, key: bytes) -> None:
         _load(fifo, key)
 
 
+def test_prefetch_is_only_a_hint(saved: Path, tmp_path: Path, key: bytes) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (saved, fifo, tmp_path / "missing", tmp_path):  # never raises, never hangs
+        prefetch(path)
+    assert len(_load(saved, key)) == 3 * SMALL_CHUNK + 1000
+
+
 def test_flipped_magic(saved: Path, key: bytes) -> None:
     _flip(saved, 3)
     with pytest.raises(NotAStateFile):
@@ -377,6 +497,81 @@ def test_unsupported_format_version(saved: Path, key: bytes, version: int) -> No
         assert info.value.exit_code == ExitCode.STATE_FILE
     if version > FORMAT_VERSION:
         assert "newer vmkit" in str(info.value)
+
+
+def _write_v1(path: Path, header: StateHeader, key: bytes, data: bytes, chunk_size: int = SMALL_CHUNK) -> None:
+    """A format-1 file, written from the layout in statefile's docstring (vmkit no longer writes them)."""
+    salt, prefix = os.urandom(32), os.urandom(4)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"vmkit state file v1 AES-256-GCM")
+    aead = AESGCM(hkdf.derive(key))
+    doc = header.model_dump(mode="json")
+    doc["encryption"] = {"cipher": "AES-256-GCM", "kdf": "HKDF-SHA256", "key_id": key_id(key),
+                         "salt": salt.hex(), "nonce_prefix": prefix.hex(), "chunk_size": chunk_size}  # fmt: skip
+    body = json.dumps(doc).encode()
+    head = MAGIC + struct.pack(">II", 1, len(body)) + body
+    digest = hashlib.sha256(head).digest()
+    parts = [head, aead.encrypt(prefix + b"\xff" * 8, b"", digest + b"\x02")]
+    full = len(data) // chunk_size * chunk_size  # every chunk full but the last, which may be empty
+    chunks = [data[i : i + chunk_size] for i in range(0, full, chunk_size)] + [data[full:]]
+    for i, chunk in enumerate(chunks):
+        flag = b"\x01" if i == len(chunks) - 1 else b"\x00"
+        parts.append(aead.encrypt(prefix + i.to_bytes(8, "big"), chunk, digest + flag))
+    path.write_bytes(b"".join(parts))
+
+
+@pytest.mark.parametrize("size", [0, 2 * SMALL_CHUNK, 3 * SMALL_CHUNK + 1000])
+def test_version_1_files_are_still_read(tmp_path: Path, header: StateHeader, key: bytes, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "old.state"
+    _write_v1(path, header, key, data)
+    info = read_info(path)
+    assert info.format_version == 1 and info.payload_bytes == size and info.header == header
+    assert _load(path, key) == data
+    with StateFileReader(path, key) as reader:
+        assert reader.format_version == 1 and reader.payload_bytes == size
+
+
+async def test_version_1_file_restores_through_a_pipe(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    data = os.urandom(3 * SMALL_CHUNK + 5)
+    path = tmp_path / "old.state"
+    _write_v1(path, header, key, data)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_drain(r)))
+    reader.start()
+    try:
+        info = await restore_to_fd(path, key, w, expected=header)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert bytes(got) == data and info.payload_bytes == len(data)
+
+
+def _drain(fd: int) -> bytes:
+    out = bytearray()
+    while piece := os.read(fd, 1 << 16):
+        out += piece
+    return bytes(out)
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut-at-boundary", "cut-inside", "other-key"])
+def test_version_1_damage_is_detected(tmp_path: Path, header: StateHeader, key: bytes, damage: str) -> None:
+    path = tmp_path / "old.state"
+    _write_v1(path, header, key, os.urandom(3 * SMALL_CHUNK + 1000))
+    start, record = _data_offset(path), SMALL_CHUNK + TAG_SIZE
+    if damage == "flip":
+        _flip(path, start + record + 77)
+        _assert_rejected(path, key, "chunk 1 does not authenticate")
+    elif damage == "cut-at-boundary":
+        _truncate(path, start + 2 * record)
+        assert read_info(path).payload_bytes is None
+        _assert_rejected(path, key, "without the final chunk")
+    elif damage == "cut-inside":
+        _truncate(path, start + 2 * record + 500)
+        _assert_rejected(path, key, "chunk 2 does not authenticate")
+    else:
+        _assert_rejected(path, secrets.token_bytes(32), "different key")
 
 
 def test_error_hierarchy() -> None:
