@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
-  mmdebstrap e2fsprogs openssh-client             # the Debian guest image (built from Debian packages) and ssh into it
+  mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   python3 python3-venv python3-pip                # vmkit itself
   ca-certificates
 )

@@ -14,7 +14,13 @@ What the user-data does (see :func:`base_user_data`):
   ``manage_etc_hosts: true``;
 * settings that make first boot cheaper on any image: no key fingerprints or host keys printed to
   the console (each runs ``ssh-keygen``), no package update/upgrade;
-* ``final_message`` starting with :data:`FINAL_MARKER`, a console line that says cloud-init is done.
+* ``final_message`` starting with :data:`FINAL_MARKER`, a console line that says cloud-init is done;
+* shared folders mounted at every boot (:class:`FstabEntry`): a ``bootcmd`` adds their lines to
+  ``/etc/fstab`` (once), creates the mount points and mounts them. It runs in cloud-init's init
+  stage, before SSH and the guest agent, so a guest that answers has its shares mounted; later
+  boots mount them from ``/etc/fstab`` (systemd) already. Not cloud-init's ``mounts:``: cloud-init
+  22.4 (Debian 12) keeps an entry only if its device is a block device or ``host:path``, and drops
+  a virtiofs or 9p tag ("Ignoring nonexistent named mount").
 
 Settings that must live in the image (``datasource_list``, trimmed module lists) are written by
 :mod:`vmkit.images.debian` into ``/etc/cloud/cloud.cfg.d``: module names differ between cloud-init
@@ -78,6 +84,42 @@ _PASSTHROUGH = {
 }
 
 
+_FSTAB_ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
+
+
+@dataclass(frozen=True)
+class FstabEntry:
+    """One ``/etc/fstab`` line: what (a share's tag), where, file system type, options."""
+
+    spec: str
+    file: str
+    vfstype: str
+    options: str
+
+    def line(self) -> str:
+        fields = [self.spec, self.file, self.vfstype, self.options]
+        return " ".join("".join(_FSTAB_ESCAPES.get(c, c) for c in f) for f in fields) + " 0 0"
+
+
+# bootcmd (every boot, in cloud-init's init stage, before SSH and the guest agent start): for each
+# (fstab line, mount point) pair, add the line to /etc/fstab if it is not there, create the mount
+# point, and mount it unless it is mounted (later boots: systemd mounted it from /etc/fstab).
+_BOOT_MOUNTS = """\
+while [ "$#" -ge 2 ]; do
+  grep -qxF -- "$1" /etc/fstab || printf '%s\\n' "$1" >> /etc/fstab
+  mkdir -p -- "$2"
+  mountpoint -q -- "$2" || mount -- "$2" || echo "vmkit: could not mount $2" >&2
+  shift 2
+done
+"""
+
+
+def boot_mounts_cmd(mounts: Sequence[FstabEntry]) -> list[str]:
+    """The bootcmd entry that installs ``mounts`` in /etc/fstab and mounts them (idempotent)."""
+    args = [x for m in mounts for x in (m.line(), m.file)]
+    return ["sh", "-c", _BOOT_MOUNTS, "vmkit-mounts", *args]
+
+
 @dataclass(frozen=True)
 class SeedSpec:
     """Everything the seed depends on."""
@@ -89,6 +131,8 @@ class SeedSpec:
     user: str = DEFAULT_USER
     mac: str | None = None  # the NAT NIC's MAC; None: match any ethernet by name
     extra_user_data: str | Mapping[str, Any] | None = None
+    mounts: tuple[FstabEntry, ...] = ()  # shared folders mounted at every boot
+    uid: int | None = None  # the user's uid; None: the first free one (1000)
 
 
 @dataclass(frozen=True)
@@ -137,6 +181,8 @@ def _check(spec: SeedSpec) -> None:
     if not spec.instance_id or any(c.isspace() for c in spec.instance_id):
         problems.append(("instance_id", f"{spec.instance_id!r} is not an instance-id: use a non-empty "
                                         "word without spaces"))
+    if spec.uid is not None and not 1000 <= spec.uid < 60000:
+        problems.append(("uid", f"{spec.uid} is not a uid for a normal user: use 1000-59999"))
     if spec.mac is not None and not _MAC_RE.match(spec.mac):
         problems.append(("mac", f"{spec.mac!r} is not a MAC address: use six lower-case hex pairs"))
     for i, key in enumerate(spec.authorized_keys):
@@ -162,7 +208,8 @@ def network_config(mac: str | None = None) -> dict[str, Any]:
 
 
 def base_user_data(*, hostname: str, user: str, authorized_keys: Sequence[str],
-                   host_keys: HostKeys | None) -> dict[str, Any]:
+                   host_keys: HostKeys | None, mounts: Sequence[FstabEntry] = (),
+                   uid: int | None = None) -> dict[str, Any]:
     """The cloud-config vmkit generates, before extra user-data is merged in."""
     cfg: dict[str, Any] = {
         "hostname": hostname,
@@ -183,6 +230,10 @@ def base_user_data(*, hostname: str, user: str, authorized_keys: Sequence[str],
         "disable_root": True,
         "ssh_deletekeys": True,
     }
+    if uid is not None:
+        cfg["users"][0]["uid"] = uid
+    if mounts:
+        cfg["bootcmd"] = [boot_mounts_cmd(mounts)]
     if host_keys is not None:
         cfg["ssh_keys"] = host_keys.cloud_config()
     # Only used when no ssh_keys are given (cloud-init then generates host keys): ed25519 only.
@@ -268,7 +319,7 @@ def render_seed(spec: SeedSpec) -> SeedFiles:
     """The three seed files for ``spec`` (validated first; raises :class:`ConfigError`)."""
     _check(spec)
     cfg = base_user_data(hostname=spec.hostname, user=spec.user, authorized_keys=spec.authorized_keys,
-                         host_keys=spec.host_keys)
+                         host_keys=spec.host_keys, mounts=spec.mounts, uid=spec.uid)
     parts: list[tuple[str, str]] = []
     if spec.extra_user_data is not None:
         extra, parts = parse_extra_user_data(spec.extra_user_data)

@@ -10,22 +10,30 @@
     ssh_config       for ``ssh -F``: user, key, port, StrictHostKeyChecking yes
 
 The SSH port is a free loopback port picked at create time and forwarded to the guest's 22.
+
+Shared folders: the seed makes the guest mount every virtiofs and 9p share at each boot
+(:func:`boot_mounts`, see :mod:`vmkit.cloudinit`); sshfs shares are mounted by the supervisor
+over SSH once the guest is ready (:mod:`vmkit.sshfs`). The guest user gets the host user's uid
+(:func:`guest_uid`).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkit.cloudinit import SeedSpec, make_seed_iso, new_instance_id
-from vmkit.config import MachineConfig
+from vmkit.cloudinit import FstabEntry, SeedSpec, make_seed_iso, new_instance_id
+from vmkit.config import MachineConfig, Share
 from vmkit.errors import ConfigError
 from vmkit.fsutil import atomic_write
 from vmkit.guest import keys
 from vmkit.images import qemuimg
 from vmkit.images.store import Image
+from vmkit.qemu.cmdline import NINEP_MSIZE
 
 USER = "vmkit"
 DISK = "disk.qcow2"
@@ -84,6 +92,40 @@ def provision(instance_dir: Path, config: MachineConfig, image: Image, options: 
     write_identity(instance_dir, config, options, new_instance_id())
 
 
+def fstab_entry(share: Share, tag: str) -> FstabEntry | None:
+    """How the guest mounts ``share`` at boot (None for sshfs: the supervisor mounts those, see vmkit.sshfs).
+
+    ``nofail``: a share that cannot be mounted does not stop the boot. ``ro`` for read-only
+    shares (the host enforces it anyway).
+    """
+    ro = ",ro" if share.read_only else ""
+    if share.type == "virtiofs":
+        return FstabEntry(tag, share.mount_point(), "virtiofs", f"defaults,nofail{ro}")
+    if share.type == "9p":
+        return FstabEntry(tag, share.mount_point(), "9p",
+                          f"trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},nofail{ro}")
+    return None
+
+
+def boot_mounts(config: MachineConfig) -> tuple[FstabEntry, ...]:
+    entries = (fstab_entry(s, config.share_tag(i)) for i, s in enumerate(config.shares))
+    return tuple(e for e in entries if e is not None)
+
+
+def guest_uid(env: Mapping[str, str] | None = None, uid: int | None = None) -> int:
+    """The guest user's uid: the host user's, so that ownership on shared folders means the same
+    on both sides (virtiofs and 9p pass uids through unchanged).
+
+    The host user is the one who ran sudo (``SUDO_UID``) when vmkit runs as root, else the caller;
+    root and system users (below 1000) get 1000, the first normal uid.
+    """
+    env = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    if uid == 0 and env.get("SUDO_UID", "").isdigit():
+        uid = int(env["SUDO_UID"])
+    return uid if 1000 <= uid < 60000 else 1000
+
+
 def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOptions, instance_id: str) -> None:
     """Keys, seed, known_hosts and ssh_config: everything that makes this instance itself (clones redo it)."""
     ssh_dir = instance_dir / "ssh"
@@ -97,7 +139,7 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
     make_seed_iso(instance_dir / SEED, SeedSpec(
         instance_id=instance_id, hostname=config.name, authorized_keys=(user_key.public_openssh,),
         host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
-        extra_user_data=options.user_data,
+        extra_user_data=options.user_data, mounts=boot_mounts(config), uid=guest_uid(),
     ))
     write_ssh_config(instance_dir, config.name, port)
 

@@ -261,8 +261,10 @@ class Share(_Model):
 
     ``virtiofs`` (a virtiofsd per share, guest RAM in shared memory), ``9p`` (QEMU's own
     virtio-9p server; needs a guest kernel with 9p, not Debian's cloud kernel) or ``sshfs``
-    (the guest mounts the folder over its SSH connection back to the host; needs a guest
-    with SSH). ``read_only`` is enforced on the host side.
+    (the guest mounts the folder over its SSH connection back to the host, see
+    :mod:`vmkit.sshfs`; needs a guest with SSH and sshfs). ``read_only`` is enforced on the host
+    side. Cloud-image guests mount every share at boot (virtiofs and 9p through ``/etc/fstab``,
+    sshfs before ``vmkit start`` returns).
     """
 
     type: Literal["virtiofs", "9p", "sshfs"] = "virtiofs"
@@ -401,6 +403,12 @@ class MachineConfig(_Model):
         """virtiofsd maps guest RAM: it must live in shared memory (a memfd)."""
         return any(s.type == "virtiofs" for s in self.shares)
 
+    @property
+    def has_guest_ssh(self) -> bool:
+        """A TCP port forward to the guest's SSH port (what sshfs shares travel over)."""
+        return self.network is not None and any(f.guest_port == 22 and f.protocol == "tcp"
+                                                for f in self.network.forwards)
+
     def share_tag(self, index: int) -> str:
         return self.shares[index].tag or f"share{index}"
 
@@ -421,6 +429,10 @@ class MachineConfig(_Model):
                 problems.append(Problem(f"{field}.guest_path", f"{mount} is already the mount point of "
                                         f"shares[{mounts[mount]}]: pick another guest_path"))
             mounts[mount] = i
+            if share.type == "sshfs" and not self.has_guest_ssh:
+                problems.append(Problem(f"{field}.type", "sshfs shares need SSH into the guest (a TCP port "
+                                        "forward to guest port 22, as machines made from cloud images such as "
+                                        "--image debian-12 have): use type: virtiofs or 9p here"))
             if not share.host_path.is_absolute():
                 problems.append(Problem(f"{field}.host_path", f"{share.host_path} is relative: give an absolute path"))
                 continue

@@ -111,6 +111,10 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
           supervisor_args: Sequence[str] = (), on_message: Callable[[dict[str, Any]], None] | None = None) -> Status:
     """Start ``name`` under a new supervisor; return once the guest is ready (or raise why not).
 
+    Ready includes shared folders: virtiofs and 9p shares are mounted by the guest at boot, before
+    its agent answers, and the supervisor mounts sshfs shares before it reports success, so a
+    returned start means every share is mounted ("mounted at boot" for sshfs; see vmkit.sshfs).
+
     ``supervisor_args`` are passed to the supervisor (e.g. ``--restore PATH``, see
     :class:`vmkit.supervisor_state.StartPlan`); ``on_message`` receives the interim JSON lines it
     reports before the outcome (restore progress, what was restored).
@@ -366,7 +370,7 @@ def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
 
 
 def list_mounts(name: str) -> list[dict[str, Any]]:
-    """The instance's shares; ``state`` says whether the machine is up and its virtiofsd alive."""
+    """The instance's shares; ``state`` says whether the machine is up and its virtiofsd or sshfs link alive."""
     inst = get(name)
     config = inst.load_config()
     status = inst.reconcile()
@@ -376,8 +380,8 @@ def list_mounts(name: str) -> list[dict[str, Any]]:
         tag = config.share_tag(i)
         if not running:
             state = "stopped"
-        elif share.type == "virtiofs" and status.degraded and f"'{tag}'" in status.degraded:
-            state = "failed (virtiofsd died)"
+        elif status.degraded and f"share {tag!r}" in status.degraded:
+            state = "failed (sshfs link ended)" if share.type == "sshfs" else "failed (virtiofsd died)"
         else:
             state = "active"
         rows.append({"tag": tag, "type": share.type, "host_path": str(share.host_path),

@@ -45,6 +45,7 @@ from vmkit.qemu.cmdline import Runtime, build_argv
 from vmkit.qemu.monitor import Monitor
 from vmkit.serial import SerialConsole
 from vmkit.shares import ShareDaemons
+from vmkit.sshfs import SshfsMounts
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class VirtualMachine:
         self._stop_requested = False
         self.nbd = NbdWatcher(self, self._emit)
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.hotplug
-        self.shares = ShareDaemons(config, workdir, self._emit)
+        self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
+        self.sshfs = SshfsMounts(config, workdir, self._emit, self._gone_or_stopping)
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -383,6 +385,39 @@ class VirtualMachine:
                                           else "", "the guest agent answering" if ready.agent else ""]))
         raise VmTimeoutError(f"{self.config.name}: no {what} within {limit:.0f} s. Last console lines:\n{tail}")
 
+    async def mount_sshfs(self, timeout: float | None = None) -> None:
+        """Mount the sshfs shares in the ready guest (see :mod:`vmkit.sshfs`); return once all are mounted.
+
+        The supervisor calls this right after :meth:`wait_ready`, before ``vmkit start`` returns:
+        that is what "mounted at boot" means for sshfs shares. Raises :class:`QemuError` if QEMU
+        exits meanwhile, and the error of the first share that cannot be mounted.
+        """
+        self._require("mount sshfs shares", VmState.RUNNING)
+        mount = asyncio.ensure_future(
+            self.sshfs.mount_all(timeout if timeout is not None else self.config.readiness.timeout))
+        died = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait({mount, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            if not mount.done():
+                mount.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await mount
+        if mount.cancelled():
+            raise QemuError(f"{self.config.name}: QEMU exited before the sshfs shares were mounted "
+                            f"({self.exit_info.reason if self.exit_info else 'unknown'})")
+        mount.result()
+
+    async def _gone_or_stopping(self, timeout: float) -> bool:
+        """Whether the machine is stopping or stopped, allowing ``timeout`` s for QEMU to exit."""
+        if self._stop_requested or self._exited.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        return (self._stop_requested or self._exited.is_set()
+                or self._state in (VmState.STOPPING, VmState.STOPPED, VmState.ERROR))
+
     async def _wait_agent(self) -> None:
         """Until qemu-guest-agent answers on qga.sock (it has no 'I am up' event: retry a ping)."""
         sock = self.workdir / AGENT_SOCKET_NAME
@@ -439,6 +474,7 @@ class VirtualMachine:
 
     async def _cleanup(self) -> None:
         self.nbd.close()
+        await self.sshfs.stop()
         await self.shares.stop()
         for t in self._tasks:
             if not t.done():

@@ -10,7 +10,11 @@ its own mount namespace over a read-only bind mount of the folder (a write in th
 fails with EROFS; the host folder stays untouched). That, and virtiofsd itself, need root.
 
 Each daemon is watched: if one dies while the machine runs, a ``share-failed`` event says
-which, and :attr:`ShareDaemons.degraded` holds the reason.
+which, and :attr:`ShareDaemons.degraded` holds the reason. A daemon that ends because QEMU did
+(it exits when the vhost-user connection closes) is not a failure.
+
+How guests mount the shares at boot is in :mod:`vmkit.cloudinstance` (fstab entries) and
+:mod:`vmkit.sshfs` (sshfs shares).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,10 +71,12 @@ class _Daemon:
 
 
 class ShareDaemons:
-    def __init__(self, config: MachineConfig, workdir: Path, emit: Callable[..., None]) -> None:
+    def __init__(self, config: MachineConfig, workdir: Path, emit: Callable[..., None],
+                 vm_gone: Callable[[float], Awaitable[bool]] | None = None) -> None:
         self.config = config
         self.workdir = workdir
         self._emit = emit
+        self._vm_gone = vm_gone
         self.daemons: list[_Daemon] = []
         self.degraded: str | None = None
         self._stopping = False
@@ -112,6 +118,9 @@ class ShareDaemons:
         assert daemon.proc is not None
         rc = await daemon.proc.wait()
         if self._stopping:
+            return
+        # virtiofsd also exits when QEMU does (the vhost-user connection closes): not a failure
+        if self._vm_gone is not None and (await self._vm_gone(2.0) or self._stopping):
             return
         reason = f"virtiofsd for share {daemon.tag!r} ({daemon.share.host_path}) exited with status {rc}"
         self.degraded = reason

@@ -70,7 +70,9 @@ class Supervisor:
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
         if ev.kind == "share-failed":
-            self.status.degraded = str(ev.detail.get("reason"))
+            reason = str(ev.detail.get("reason"))
+            old = self.status.degraded
+            self.status.degraded = f"{old}; {reason}" if old and reason not in old else reason
             self.instance.write_status(self.status)
             return
         if ev.kind not in ("state-changed", "guest-stopped", "stopped-with-error"):
@@ -93,6 +95,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
+        ready = False
         try:
             if self.plan.active:
                 await start_from_plan(self, self.plan, ready_fd)
@@ -105,8 +108,13 @@ class Supervisor:
             await self._serve_api()
             if not self.plan.active:  # a restored guest printed its readiness marker long ago
                 await self.vm.wait_ready()
+            ready = True
+            if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
+                await self.vm.mount_sshfs()
         except VmkitError as exc:
             log.error("start failed: %s", exc)
+            if ready:  # the guest is up (an sshfs share failed): let it power off cleanly, so that
+                await self.vm.shutdown(timeout=20)  # what its first boot wrote reaches the disk
             _report(ready_fd, {"ok": False, **error_body(exc)})
             await self.vm.shutdown(timeout=2)
             self.status.state = "error"

@@ -172,6 +172,12 @@ def shared_memory_args(config: MachineConfig) -> list[str]:
     return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on"]
 
 
+# The 9p message size guests mount with (``msize=``). QEMU's virtio-9p server takes what the guest
+# asks for; Linux's virtio transport allows at most 125 pages (512000 bytes, it clamps larger
+# values down to that), which is also the fastest setting for large reads and writes.
+NINEP_MSIZE = 512000
+
+
 def share_args(config: MachineConfig, runtime: Runtime) -> list[str]:
     """virtiofs: a vhost-user-fs device per share (virtiofsd serves it); 9p: QEMU's -virtfs.
 
