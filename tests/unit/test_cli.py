@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -208,3 +209,31 @@ def test_doctor_on_this_host(tmp_path: Path) -> None:
     out = one_line(r.out)
     assert "accelerator" in out and "tcg" in out and "kvm_pvm" in out
     assert "qemu-system-x86_64" in out and "qemu-img" in out
+
+
+def _command_paths() -> list[list[str]]:
+    import typer.main
+
+    from vmkit.cli.main import app
+
+    paths: list[list[str]] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "vmkit")
+def test_every_command_has_working_help(path: list[str]) -> None:
+    """`--help` renders for every command (rich markup in help texts must be escaped)."""
+    from typer.testing import CliRunner
+
+    from vmkit.cli.main import app
+
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "Usage" in result.output

@@ -12,7 +12,7 @@ app = typer.Typer(help="Forward host ports into a machine.", no_args_is_help=Tru
 
 
 @app.command()
-def add(name: str, spec: str = typer.Argument(..., help="[ADDR:]HOST:GUEST[/udp], e.g. 8080:80")) -> None:
+def add(name: str, spec: str = typer.Argument(..., help="[ADDR:]HOST:GUEST\\[/udp], e.g. 8080:80")) -> None:
     """Forward a host port to the guest, now if it runs and from then on (vm.yaml)."""
     fwd = control.port_add(name, spec)
     out.print(f"forwarding {fwd} for [bold]{name}[/]")

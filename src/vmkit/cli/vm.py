@@ -38,7 +38,7 @@ def create(
     cmdline: str | None = typer.Option(None, "--cmdline", help="kernel command line (added to the image's)"),
     disk: list[str] = typer.Option(
         [], "--disk", help="PATH[:ro][:format=F][:kind=K] or nbd://HOST:PORT/EXPORT[,ro][,kind=K] (repeatable)"),
-    port: list[str] = typer.Option([], "--port", help="forward [ADDR:]HOST:GUEST[/udp] (repeatable)"),
+    port: list[str] = typer.Option([], "--port", help="forward [ADDR:]HOST:GUEST\\[/udp] (repeatable)"),
     mount: list[str] = typer.Option(
         [], "--mount", help="share HOST[:GUEST][:ro][,type=virtiofs|9p|sshfs] into the guest (repeatable)"),
     run: str | None = typer.Option(None, "--run", help="micro image: shell command the guest runs at boot"),
