@@ -6,7 +6,8 @@ Stages (each timed and reported through the progress callback, and recorded in
 1. ``bootstrap``: ``mmdebstrap`` (mode root, variant minbase, no Recommends) installs systemd, the
    kernel, cloud-init, openssh-server, qemu-guest-agent, cloud-guest-utils and iproute2 into a
    directory. An essential-hook configures initramfs-tools *before* the kernel is installed (a
-   small ``MODULES=list`` initrd with the virtio drivers, no resume wait, the module blacklist);
+   small ``MODULES=list`` initrd with the virtio drivers and no udev, no resume wait, the module
+   blacklist);
    a customize-hook enables systemd-networkd and masks units that cost boot time in a VM.
 2. ``configure``: files written into the tree (:func:`configure_tree`); the build host's SSH host
    keys, hostname and machine-id are removed. The kernel and initrd are copied out for direct
@@ -31,12 +32,29 @@ First boot is trimmed (measured under TCG; see the issue note for numbers):
 * qemu-guest-agent starts right after cloud-init's init stage (users and keys exist) instead of
   after basic.target, so "the agent answers" means "SSH logins work";
 * units that do nothing in a VM are masked, modules for emulated hardware that a headless VM does
-  not use are blacklisted, the kernel skips crypto self-tests and the PS/2 mouse probe.
+  not use are blacklisted, the kernel skips crypto self-tests and the PS/2 mouse probe;
+* the initrd starts no udev: it loads the four modules root needs and mounts ``/dev/vda`` (the
+  real root's udev does the coldplug once, instead of twice);
+* python3-jsonschema's module is deleted after the install: every cloud-init process imports it
+  only to validate the user-data against its schema (~20% of its import time, plus the validation,
+  three times per boot), and cloud-init skips that validation when jsonschema is missing
+  (``cloud-init schema`` needs ``apt-get install --reinstall python3-jsonschema`` first).
 
 The kernel is ``linux-image-amd64`` by default: unlike ``linux-image-cloud-amd64`` it has 9p,
 virtiofs and USB storage, and it boots as fast under TCG with the small initrd. Modules a VM
 never needs (GPU, sound, wireless, media, InfiniBand...) are not unpacked (dpkg ``path-exclude``),
 nor are man pages, docs and translations.
+
+**The stock variant** (``build_debian(stock=True)``, image ``debian-12-stock``) is the baseline the
+boot benchmark compares against: the same packages and kernel, built the same way, with none of the
+boot trims above. It keeps the packaged cloud-init configuration (``cloud.cfg``, every datasource
+debconf offers, cloud-init-local, all module lists), the packaged units (nothing masked, no drop-ins,
+no generator masks), initramfs-tools' defaults (``MODULES=most``, resume probing), every kernel
+module, no module blacklist and a plain kernel command line (:data:`STOCK_CMDLINE`). Networking is as
+on Debian 12's cloud images, minus netplan: systemd-networkd is enabled and cloud-init renders its
+configuration (the seed's network-config, or its DHCP fallback). Only what any image needs is
+written: fstab, hostname, resolv.conf (QEMU's DNS), an empty machine-id, no build-host SSH keys.
+Docs, man pages and translations are still left out (image size only).
 
 mmdebstrap needs root here: in any other mode the directory output has wrong ownership.
 """
@@ -75,24 +93,34 @@ PACKAGES: tuple[str, ...] = (
     "cloud-init", "cloud-guest-utils", "e2fsprogs",
     "openssh-server", "qemu-guest-agent",
     "iproute2", "netbase", "ca-certificates", "sudo",
+    # shares and their benchmark: sshfs for reverse-sshfs shares, fio for "vmkit bench fs"
+    "sshfs", "fio",
 )
 
 ROOT_LABEL = "vmkit-root"
 # cryptomgr.notests: no crypto self-tests at boot (~1 s under TCG); i8042.noaux: no PS/2 mouse probe.
 CMDLINE = "root=/dev/vda rw console=ttyS0 rootfstype=ext4 random.trust_cpu=on cryptomgr.notests i8042.noaux"
 READY_MARKER = FINAL_MARKER  # printed by cloud-init (final_message) when it is done
+# The stock variant: a Debian cloud image's kind of command line (root read-only until fstab says rw).
+STOCK_SUFFIX = "-stock"
+STOCK_CMDLINE = "root=/dev/vda ro console=ttyS0,115200"
+# Debian 12 cloud images run systemd-networkd (configured through netplan, not installed here).
+STOCK_ENABLED_UNITS = ("systemd-networkd.service",)
+STOCK_CLOUD_INIT_NOTE = ("stock: packaged cloud.cfg and units (all datasources, cloud-init-local), "
+                         "cloud-init renders the network config for systemd-networkd")
 SLIRP_DNS = "10.0.2.3"
 
 # Modules in the initrd; with MODULES=list initramfs-tools adds only these (and their dependencies).
 # Loaded by the initrd before it mounts root=/dev/vda (MODULES=list: only these, and what they need).
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
-# Also in the initrd, loaded by its udev only if the device is there.
-INITRD_EXTRA_MODULES = ("virtio_net", "virtio_scsi", "virtio_console", "virtio_rng")
 
 # Never unpacked: a VM has no use for them (saves ~200 MB and the time to write them).
-PATH_EXCLUDES = (
+DOC_EXCLUDES = (
     "/usr/share/man/*", "/usr/share/info/*", "/usr/share/lintian/*", "/usr/share/linda/*",
     "/usr/share/doc/*", "/usr/share/locale/*",
+)
+PATH_EXCLUDES = (
+    *DOC_EXCLUDES,
     *(f"{lib}/modules/*/kernel/{sub}/*" for lib in ("/lib", "/usr/lib") for sub in (
         "drivers/gpu", "drivers/media", "sound", "drivers/net/wireless", "net/wireless",
         "net/mac80211", "drivers/bluetooth", "net/bluetooth", "drivers/infiniband",
@@ -103,6 +131,16 @@ PATH_EXCLUDES = (
         "drivers/scsi/qedi", "drivers/scsi/bfa", "drivers/scsi/be2iscsi", "drivers/target",
     )),
 )
+# Boot trims by not unpacking (see the module docstring):
+BOOT_EXCLUDES = (
+    # the initrd's udev start, coldplug and settle (~3 s under TCG); without it the initrd loads
+    # INITRD_MODULES itself and waits for /dev/vda, and udev's init-bottom still moves /dev (its
+    # "udevadm control --exit" prints a harmless "Failed to send exit request" on the console)
+    "/usr/share/initramfs-tools/scripts/init-top/udev",
+)
+# Deleted after the install (a path-exclude would break py3compile in the package's postinst):
+# imported by every cloud-init process for schema validation only, which it skips without it.
+REMOVED_PATHS = ("usr/lib/python3/dist-packages/jsonschema",)
 PATH_INCLUDES = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
 
 # Units that cost boot time (or run later for nothing) in a throw-away VM. cloud-init-local is
@@ -128,9 +166,13 @@ BLACKLISTED_MODULES = (
 
 # systemd generators for things this image does not have (LUKS, dm-verity/integrity, hibernation,
 # GPT auto-mounts, offline updates): masked, a few exec()s less before the first unit starts.
+# Also the ones for SysV init scripts (every package here has native units), /etc/rc.local and the
+# systemd.run=/systemd.mask=/debug-shell kernel options. Generators run before any unit starts:
+# these four cost ~1 s of the boot's critical path under TCG.
 MASKED_GENERATORS = (
     "systemd-cryptsetup-generator", "systemd-integritysetup-generator", "systemd-veritysetup-generator",
     "systemd-hibernate-resume-generator", "systemd-gpt-auto-generator", "systemd-system-update-generator",
+    "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-run-generator", "systemd-debug-generator",
 )
 
 # ssh: no "sshd -t" before the daemon starts (it checks the same configuration again at start).
@@ -229,15 +271,6 @@ set -eu
 mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"
 printf 'MODULES=list\\nCOMPRESS=zstd\\nRESUME=none\\n' > "$1/etc/initramfs-tools/conf.d/vmkit.conf"
 printf '%s\\n' {" ".join(INITRD_MODULES)} > "$1/usr/share/initramfs-tools/modules.d/vmkit"
-mkdir -p "$1/etc/initramfs-tools/hooks"
-cat > "$1/etc/initramfs-tools/hooks/vmkit" <<'HOOK'
-#!/bin/sh
-# vmkit: virtio drivers in the initrd, loaded on demand by its udev
-[ "$1" = prereqs ] && exit 0
-. /usr/share/initramfs-tools/hook-functions
-manual_add_modules {" ".join(INITRD_EXTRA_MODULES)}
-HOOK
-chmod 755 "$1/etc/initramfs-tools/hooks/vmkit"
 # The module blacklist goes in now so that the initrd gets it too.
 mkdir -p "$1/etc/modprobe.d"
 printf '# Written by vmkit: not loaded automatically in a VM (modprobe still loads them).\\n' \\
@@ -246,7 +279,14 @@ printf 'blacklist %s\\n' {" ".join(BLACKLISTED_MODULES)} >> "$1/etc/modprobe.d/v
 """
 
 
-def _customize_hook() -> str:
+def _customize_hook(*, stock: bool = False) -> str:
+    if stock:
+        return f"""\
+#!/bin/sh
+# vmkit (stock variant): enable networking as a Debian cloud image does; nothing else.
+set -eu
+chroot "$1" systemctl enable {" ".join(STOCK_ENABLED_UNITS)}
+"""
     return f"""\
 #!/bin/sh
 # vmkit: enable and mask units inside the new tree.
@@ -254,6 +294,14 @@ set -eu
 chroot "$1" systemctl enable {" ".join(ENABLED_UNITS)}
 chroot "$1" systemctl mask {" ".join(MASKED_UNITS)}
 """
+
+
+def build_hooks(*, stock: bool = False) -> dict[str, str]:
+    """The mmdebstrap hook scripts by file name (the stock variant has no essential hook)."""
+    hooks = {"customize.sh": _customize_hook(stock=stock)}
+    if not stock:
+        hooks["essential.sh"] = ESSENTIAL_HOOK
+    return hooks
 
 
 @dataclass(frozen=True)
@@ -303,8 +351,12 @@ def _need_tool(name: str, package: str) -> str:
 
 
 def mmdebstrap_argv(release: str, target: Path, *, hooks_dir: Path, kernels: Sequence[str],
-                    mirror: str, security_mirror: str, extra_packages: Sequence[str] = ()) -> list[str]:
-    """The ``mmdebstrap`` command line (pure; shown in logs and tests)."""
+                    mirror: str, security_mirror: str, extra_packages: Sequence[str] = (),
+                    stock: bool = False) -> list[str]:
+    """The ``mmdebstrap`` command line (pure; shown in logs and tests).
+
+    ``stock``: no essential hook (initramfs-tools' defaults) and every kernel module unpacked.
+    """
     packages = [*PACKAGES, *(KERNEL_PACKAGES[k] for k in kernels), *extra_packages]
     argv = [
         "mmdebstrap", "--mode=root", "--format=directory", "--variant=minbase",
@@ -312,9 +364,12 @@ def mmdebstrap_argv(release: str, target: Path, *, hooks_dir: Path, kernels: Seq
         "--aptopt=APT::Install-Recommends \"false\"",
         "--aptopt=Acquire::Languages \"none\"",
     ]
-    argv += [f"--dpkgopt=path-exclude={p}" for p in PATH_EXCLUDES]
+    excludes = DOC_EXCLUDES if stock else (*PATH_EXCLUDES, *BOOT_EXCLUDES)
+    argv += [f"--dpkgopt=path-exclude={p}" for p in excludes]
     argv += [f"--dpkgopt=path-include={p}" for p in PATH_INCLUDES]
-    argv += [f"--essential-hook={hooks_dir / 'essential.sh'}", f"--customize-hook={hooks_dir / 'customize.sh'}"]
+    if not stock:
+        argv.append(f"--essential-hook={hooks_dir / 'essential.sh'}")
+    argv.append(f"--customize-hook={hooks_dir / 'customize.sh'}")
     argv += [release, str(target),
              f"deb {mirror} {release} main",
              f"deb {mirror} {release}-updates main",
@@ -439,9 +494,9 @@ def _cloud_init_units(root: Path) -> None:
         _write(root, f"etc/systemd/system/{name}.d/vmkit.conf", text)
 
 
-def configure_tree(root: Path) -> None:
-    """Write vmkit's configuration into a bootstrapped tree (runs as root on the host)."""
-    _write(root, "etc/fstab", f"LABEL={ROOT_LABEL} / ext4 defaults,noatime,errors=remount-ro 0 0\n")
+def _configure_identity(root: Path, fstab: str) -> None:
+    """What every image needs: fstab, name, resolver, and no identity of the build host."""
+    _write(root, "etc/fstab", fstab)
     # QEMU user networking always offers its DNS forwarder here; no resolver daemon needed.
     _write(root, "etc/resolv.conf", f"nameserver {SLIRP_DNS}\n")
     _write(root, "etc/hostname", "debian\n")
@@ -453,6 +508,22 @@ def configure_tree(root: Path) -> None:
         dbus_id.unlink()
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
+    for leftover in ("etc/apt/apt.conf.d/99mmdebstrap",):
+        p = root / leftover
+        if p.exists():
+            p.unlink()
+
+
+def configure_tree(root: Path, *, stock: bool = False) -> None:
+    """Write vmkit's configuration into a bootstrapped tree (runs as root on the host).
+
+    ``stock``: only :func:`_configure_identity`, with the kind of fstab a Debian cloud image has
+    (checked at boot, no noatime); the packaged cloud-init and systemd configuration stay as they are.
+    """
+    if stock:
+        _configure_identity(root, f"LABEL={ROOT_LABEL} / ext4 rw,discard,errors=remount-ro 0 1\n")
+        return
+    _configure_identity(root, f"LABEL={ROOT_LABEL} / ext4 defaults,noatime,errors=remount-ro 0 0\n")
     _write(root, "etc/cloud/cloud.cfg", CLOUD_CFG)
     _write(root, "etc/cloud/cloud.cfg.d/05_logging.cfg", CLOUD_LOGGING_CFG)
     _write(root, "etc/systemd/network/10-vmkit.network", NETWORKD_CONFIG)
@@ -474,10 +545,10 @@ def configure_tree(root: Path) -> None:
     _write(root, "etc/systemd/system/systemd-networkd-wait-online.service.d/vmkit.conf",
            "[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30\n")
     _write(root, "etc/systemd/journald.conf.d/vmkit.conf", "[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n")
-    for leftover in ("etc/apt/apt.conf.d/99mmdebstrap",):
-        p = root / leftover
-        if p.exists():
-            p.unlink()
+    for rel in REMOVED_PATHS:
+        path = root / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def _kernels(root: Path) -> list[tuple[str, Path, Path]]:
@@ -513,8 +584,10 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
                  progress: ProgressCallback | None = None, name: str | None = None,
                  kernels: Sequence[str] = DEFAULT_KERNELS, extra_packages: Sequence[str] = (),
                  mirror: str | None = None, security_mirror: str | None = None,
-                 compress: bool = False) -> Image:
+                 compress: bool = False, stock: bool = False) -> Image:
     """Build (or return the existing) Debian image ``debian-12`` in ``store``.
+
+    ``stock``: the untrimmed baseline ``debian-12-stock`` (see the module docstring).
 
     ``kernels`` picks the kernel flavours (``amd64``, ``cloud-amd64``); the first one is the
     image's boot kernel, the others are recorded in ``manifest.extra["kernels"]``. Mirrors default
@@ -526,7 +599,7 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
                                             f"{', '.join(RELEASES)}")
     if not kernels or any(k not in KERNEL_PACKAGES for k in kernels):
         raise ConfigError.single("kernels", f"{list(kernels)!r}: pick one or more of {', '.join(KERNEL_PACKAGES)}")
-    image_name = name or RELEASES[release]
+    image_name = name or RELEASES[release] + (STOCK_SUFFIX if stock else "")
     if store.exists(image_name) and not force:
         image = store.get(image_name)
         if progress is not None:
@@ -547,17 +620,18 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
         hooks = staging / "hooks"
         try:
             hooks.mkdir()
-            for hook, text in (("essential.sh", ESSENTIAL_HOOK), ("customize.sh", _customize_hook())):
+            for hook, text in build_hooks(stock=stock).items():
                 (hooks / hook).write_text(text)
                 (hooks / hook).chmod(0o755)
             argv = mmdebstrap_argv(release, rootfs, hooks_dir=hooks, kernels=kernels, mirror=mirror,
-                                   security_mirror=security_mirror, extra_packages=extra_packages)
+                                   security_mirror=security_mirror, extra_packages=extra_packages,
+                                   stock=stock)
             timer.begin("bootstrap", f"mmdebstrap {release} ({len(PACKAGES) + len(kernels)} packages + dependencies)")
             _run_streaming(argv, timer, "mmdebstrap")
             timer.end()
 
             timer.begin("configure", "writing vmkit's configuration into the tree")
-            configure_tree(rootfs)
+            configure_tree(rootfs, stock=stock)
             found = _kernels(rootfs)
             if not found:
                 raise ImageError("the built tree has no kernel in /boot")
@@ -602,8 +676,9 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
                 initrd=boot[2],
                 disk="disk.qcow2",
                 disk_format="qcow2",
-                cmdline=CMDLINE,
-                ready_marker=READY_MARKER,
+                cmdline=STOCK_CMDLINE if stock else CMDLINE,
+                # the stock final_message ("Cloud-init v. ... finished at ...") has no fixed text
+                ready_marker=None if stock else READY_MARKER,
                 kernel_version=boot[0],
                 extra={
                     "release": release,
@@ -611,8 +686,10 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
                     "root_label": ROOT_LABEL,
                     "fs_size": fs_size,
                     "seed_attach": "virtio-blk",
-                    "cloud_init": "NoCloud only; init-local masked; network-config from the seed is not "
+                    "cloud_init": STOCK_CLOUD_INIT_NOTE if stock else
+                                  "NoCloud only; init-local masked; network-config from the seed is not "
                                   "applied (systemd-networkd does DHCP on every en*/eth* NIC)",
+                    "stock": stock,
                     "build_seconds": timer.stages,
                 },
             )

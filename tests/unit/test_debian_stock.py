@@ -1,0 +1,107 @@
+"""The untrimmed ``debian-12-stock`` variant of the Debian image recipe (the boot benchmark's baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmkit.images import debian
+from vmkit.images.debian import BuildProgress, build_debian
+from vmkit.images.store import ImageManifest, ImageStore
+
+
+def _argv(tmp_path: Path, *, stock: bool) -> list[str]:
+    return debian.mmdebstrap_argv("bookworm", tmp_path / "rootfs", hooks_dir=tmp_path, kernels=["amd64"],
+                                  mirror="http://m/debian", security_mirror="http://m/security", stock=stock)
+
+
+def _packaged_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "lib/systemd/system").mkdir(parents=True)
+    (root / "lib/systemd/system/cloud-init.service").write_text(
+        "[Unit]\nAfter=systemd-networkd-wait-online.service\n[Service]\nExecStart=/usr/bin/cloud-init init\n")
+    (root / "etc/cloud").mkdir(parents=True)
+    (root / "etc/cloud/cloud.cfg").write_text("# packaged\n")
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("build host secret")
+    (root / "etc/machine-id").write_text("0123")
+    (root / "etc/apt/apt.conf.d").mkdir(parents=True)
+    (root / "etc/apt/apt.conf.d/99mmdebstrap").write_text("x")
+    (root / "usr/lib/python3/dist-packages/jsonschema").mkdir(parents=True)
+    (root / "usr/lib/python3/dist-packages/jsonschema/__init__.py").write_text("")
+    return root
+
+
+def test_stock_argv_has_the_same_packages_and_no_boot_trims(tmp_path: Path) -> None:
+    trimmed, stock = _argv(tmp_path, stock=False), _argv(tmp_path, stock=True)
+    include = [a for a in trimmed if a.startswith("--include=")]
+    assert include == [a for a in stock if a.startswith("--include=")]
+    # initramfs-tools keeps its defaults (MODULES=most): no essential hook writes vmkit.conf
+    assert not any(a.startswith("--essential-hook=") for a in stock)
+    assert any(a.startswith("--essential-hook=") for a in trimmed)
+    assert f"--customize-hook={tmp_path / 'customize.sh'}" in stock
+    # every kernel module is unpacked; docs are still left out (size only)
+    assert not any("/kernel/" in a for a in stock if a.startswith("--dpkgopt=path-exclude="))
+    assert any("/kernel/drivers/gpu" in a for a in trimmed)
+    assert "--dpkgopt=path-exclude=/usr/share/doc/*" in stock
+    for trim in debian.BOOT_EXCLUDES:  # the initrd without udev
+        assert f"--dpkgopt=path-exclude={trim}" in trimmed
+        assert f"--dpkgopt=path-exclude={trim}" not in stock
+    assert stock[-4:] == trimmed[-4:]  # release, target, sources
+
+
+def test_stock_hooks_only_enable_networking() -> None:
+    hooks = debian.build_hooks(stock=True)
+    assert list(hooks) == ["customize.sh"]
+    text = hooks["customize.sh"]
+    assert "systemctl enable systemd-networkd.service" in text
+    assert "mask" not in text
+    trimmed = debian.build_hooks()
+    assert set(trimmed) == {"customize.sh", "essential.sh"}
+    assert "MODULES=list" in trimmed["essential.sh"]
+    assert "systemctl mask" in trimmed["customize.sh"]
+
+
+def test_stock_configure_tree_keeps_the_packaged_configuration(tmp_path: Path) -> None:
+    root = _packaged_tree(tmp_path)
+    debian.configure_tree(root, stock=True)
+    # what every image needs
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    assert (root / "etc/machine-id").read_text() == ""
+    assert (root / "etc/fstab").read_text().split()[:3] == [f"LABEL={debian.ROOT_LABEL}", "/", "ext4"]
+    assert (root / "etc/fstab").read_text().split()[-1] == "1"  # checked at boot, as on a cloud image
+    assert (root / "etc/resolv.conf").read_text() == f"nameserver {debian.SLIRP_DNS}\n"
+    assert not (root / "etc/apt/apt.conf.d/99mmdebstrap").exists()
+    # none of the trims
+    assert (root / "etc/cloud/cloud.cfg").read_text() == "# packaged\n"
+    assert not (root / "etc/cloud/cloud.cfg.d").exists()
+    assert not (root / "etc/systemd").exists()  # no unit overrides, drop-ins, generator masks, networkd file
+    assert not (root / "etc/modprobe.d").exists()
+    assert (root / "usr/lib/python3/dist-packages/jsonschema/__init__.py").exists()
+
+
+def test_trimmed_configure_tree_differs(tmp_path: Path) -> None:
+    root = _packaged_tree(tmp_path)
+    debian.configure_tree(root)
+    assert (root / "etc/cloud/cloud.cfg").read_text() == debian.CLOUD_CFG
+    assert (root / "etc/systemd/system/cloud-init.service").is_file()
+    assert "noatime" in (root / "etc/fstab").read_text()
+    assert not (root / "usr/lib/python3/dist-packages/jsonschema").exists()  # cloud-init skips validation
+
+
+def test_stock_cmdline_has_no_vmkit_kernel_options() -> None:
+    assert "root=/dev/vda" in debian.STOCK_CMDLINE and "console=ttyS0" in debian.STOCK_CMDLINE
+    for trim in ("cryptomgr.notests", "i8042.noaux", "rootfstype=ext4"):
+        assert trim in debian.CMDLINE
+        assert trim not in debian.STOCK_CMDLINE
+
+
+def test_stock_image_has_its_own_name(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    with store.staging("debian-12-stock") as st:
+        (st / "disk.qcow2").write_bytes(b"x")
+        store.commit(st, ImageManifest(name="debian-12-stock", kind="disk", disk="disk.qcow2"))
+    events: list[BuildProgress] = []
+    image = build_debian(store, stock=True, progress=events.append)
+    assert image.name == "debian-12-stock"
+    assert [e.stage for e in events] == ["done"]
+    assert not store.exists("debian-12")
