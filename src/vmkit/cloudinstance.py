@@ -96,14 +96,15 @@ def fstab_entry(share: Share, tag: str) -> FstabEntry | None:
     """How the guest mounts ``share`` at boot (None for sshfs: the supervisor mounts those, see vmkit.sshfs).
 
     ``nofail``: a share that cannot be mounted does not stop the boot. ``ro`` for read-only
-    shares (the host enforces it anyway).
+    shares (the host enforces it anyway). 9p uses ``cache=mmap`` (as Lima does): with the default
+    ``cache=none`` the guest kernel refuses writable shared mmap on the share (EINVAL).
     """
     ro = ",ro" if share.read_only else ""
     if share.type == "virtiofs":
         return FstabEntry(tag, share.mount_point(), "virtiofs", f"defaults,nofail{ro}")
     if share.type == "9p":
         return FstabEntry(tag, share.mount_point(), "9p",
-                          f"trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},nofail{ro}")
+                          f"trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},cache=mmap,nofail{ro}")
     return None
 
 

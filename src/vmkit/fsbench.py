@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkit import control
+from vmkit.cloudinstance import fstab_entry
 from vmkit.config import MachineConfig, Share, format_size
 from vmkit.errors import ConfigError, ExitCode, HostError, Problem, StateError, VmkitError, VmTimeoutError
 from vmkit.fsutil import atomic_write
@@ -369,7 +370,7 @@ def plan_mechanisms(config: MachineConfig, mountinfo: str, *, shares: Sequence[s
                            f"not {want}")
         else:
             missing.append(f"share {tag} ({share.type}): {point} is mounted from tag {entry.source!r}, not {tag!r}")
-        fixes.append(_mount_fix(config.name, tag, share.type, point))
+        fixes.append(_mount_fix(config.name, share, tag))
     if missing:
         raise ShareNotMountedError(
             "cannot benchmark: " + "; ".join(missing),
@@ -396,12 +397,13 @@ def plan_mechanisms(config: MachineConfig, mountinfo: str, *, shares: Sequence[s
     return Plan(tuple(mechs), tuple(notes))
 
 
-def _mount_fix(name: str, tag: str, kind: str, point: str) -> str:
-    if kind == "virtiofs":
-        return f"vmkit exec {name} -- mount -t virtiofs {tag} {point}"
-    if kind == "9p":
-        return f"vmkit exec {name} -- mount -t 9p -o trans=virtio,version=9p2000.L {tag} {point}"
-    return f"sshfs shares are mounted by vmkit start: restart {name}"
+def _mount_fix(name: str, share: Share, tag: str) -> str:
+    """The command that mounts ``share`` as the guest does at boot (the same fstab entry)."""
+    entry = fstab_entry(share, tag)
+    if entry is None:
+        return f"sshfs shares are mounted by vmkit start: restart {name}"
+    return shlex.join(["vmkit", "exec", name, "--", "mount", "-t", entry.vfstype, "-o", entry.options,
+                       entry.spec, entry.file])
 
 
 # --------------------------------------------------------------------------- results

@@ -193,8 +193,9 @@ def test_plan_refuses_shares_that_are_not_mounted(tmp_path: Path) -> None:
     assert e.value.exit_code == ExitCode.WRONG_STATE
     assert "share share0 (virtiofs) is not mounted at /home/me/src" in e.value.message
     assert "/mnt/ssh is a fuse.sshfs mount" in e.value.message
-    assert e.value.hint is not None and "vmkit exec dev -- mount -t virtiofs share0 /home/me/src" in e.value.hint
-    assert "mount -t 9p -o trans=virtio,version=9p2000.L share1 /mnt/ssh" in e.value.hint
+    assert e.value.hint is not None
+    assert "vmkit exec dev -- mount -t virtiofs -o defaults,nofail share0 /home/me/src" in e.value.hint
+    assert "mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap,nofail share1 /mnt/ssh" in e.value.hint
     with pytest.raises(ConfigError) as bad:
         fb.plan_mechanisms(machine(tmp_path, shares), "", shares=["src"])
     assert bad.value.problems[0].field == "--share" and "share0, share1" in bad.value.message

@@ -42,7 +42,7 @@ def test_fstab_lines_for_each_type(tmp_path: Path) -> None:
                        {"type": "virtiofs", "host_path": "/srv/d", "tag": "code", "read_only": True}])
     assert [e.line() for e in boot_mounts(c)] == [
         "share0 /mnt/a virtiofs defaults,nofail 0 0",
-        f"share1 /mnt/b 9p trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},nofail,ro 0 0",
+        f"share1 /mnt/b 9p trans=virtio,version=9p2000.L,msize={NINEP_MSIZE},cache=mmap,nofail,ro 0 0",
         "code /srv/d virtiofs defaults,nofail,ro 0 0",  # guest path defaults to the host path
     ]
     assert fstab_entry(c.shares[2], "share2") is None  # sshfs: mounted by the supervisor
