@@ -85,7 +85,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Generic, Literal, Self, TypeVar
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -757,6 +757,30 @@ _DIRECT_BUFFERS = 3
 _DIRECT_IO = True  # O_DIRECT where the file system has it (else buffered writes + _Flusher)
 
 
+class _QueueThread(Generic[_T]):
+    """A daemon thread that hands each queued item to ``handle``, in order, until :meth:`join`."""
+
+    def __init__(self, name: str, handle: Callable[[_T], None]) -> None:
+        self._todo: queue.SimpleQueue[_T | None] = queue.SimpleQueue()
+        self._handle = handle
+        self._thread: threading.Thread | None = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: _T) -> None:
+        self._todo.put(item)
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            self._handle(item)
+
+    def join(self) -> None:
+        """Wait until everything queued so far is handled, and end the thread."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class _DirectSink:
     """Writes a file with O_DIRECT from a thread of its own, in aligned blocks of 4 MiB.
 
@@ -774,16 +798,12 @@ class _DirectSink:
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(_DIRECT_BUFFERS):
             self._free.put(mmap.mmap(-1, self._capacity))  # page-aligned, as O_DIRECT needs
-        self._todo: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
         self._buf = self._free.get()
         self._view = memoryview(self._buf)
         self._fill = 0
         self._offset = 0  # file offset of the current block
         self._failed: OSError | None = None
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, name="vmkit-statefile-write", daemon=True
-        )
-        self._thread.start()
+        self._worker = _QueueThread[tuple[mmap.mmap, int]]("vmkit-statefile-write", self._write_block)
 
     @staticmethod
     def open(fd: int, max_record: int) -> _DirectSink | None:
@@ -818,7 +838,7 @@ class _DirectSink:
         nxt = self._free.get()  # waits while the disk is behind
         extra = self._fill - _DIRECT_BLOCK
         nxt[:extra] = self._view[_DIRECT_BLOCK : self._fill]
-        self._todo.put((self._buf, self._offset))
+        self._worker.put((self._buf, self._offset))
         self._offset += _DIRECT_BLOCK
         self._buf, self._view, self._fill = nxt, memoryview(nxt), extra
 
@@ -839,26 +859,19 @@ class _DirectSink:
                 continue
             data, offset = data[n:], offset + n
 
-    def _run(self) -> None:
-        while (item := self._todo.get()) is not None:
-            buf, offset = item
-            if self._failed is None:
-                with memoryview(buf) as view:
-                    try:
-                        self._pwrite_all(view[:_DIRECT_BLOCK], offset)
-                    except OSError as exc:
-                        self._failed = exc
-            self._free.put(buf)
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-            self._thread = None
+    def _write_block(self, item: tuple[mmap.mmap, int]) -> None:
+        buf, offset = item
+        if self._failed is None:
+            with memoryview(buf) as view:
+                try:
+                    self._pwrite_all(view[:_DIRECT_BLOCK], offset)
+                except OSError as exc:
+                    self._failed = exc
+        self._free.put(buf)
 
     def finish(self) -> None:
         """Wait for the queued blocks, then write the last, partial one (its tail without O_DIRECT)."""
-        self._join()
+        self._worker.join()
         self._check()
         aligned = self._fill // _DIRECT_ALIGN * _DIRECT_ALIGN
         self._pwrite_all(self._view[:aligned], self._offset)
@@ -870,7 +883,7 @@ class _DirectSink:
     def close(self) -> None:
         """Stop the thread (dropping what is queued is fine: the file is being discarded or is complete)."""
         self._failed = self._failed or OSError(errno.ECANCELED, "closed")
-        self._join()
+        self._worker.join()
 
 
 _PIPELINE = True
@@ -889,18 +902,14 @@ class _Sealer:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(_PIPELINE_BUFFERS - 1):
             self._free.put(bytearray(writer.chunk_size))
-        self._todo: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         self._failed: BaseException | None = None
         self._stopping = False
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, name="vmkit-statefile-seal", daemon=True
-        )
-        self._thread.start()
+        self._worker = _QueueThread[bytearray]("vmkit-statefile-seal", self._seal)
 
     def swap(self, full: bytearray) -> bytearray:
         """Queue a full chunk; return an empty buffer (waits while all are queued)."""
         self._check()
-        self._todo.put(full)
+        self._worker.put(full)
         while True:
             try:
                 return self._free.get(timeout=_POLL_SECONDS)
@@ -911,30 +920,23 @@ class _Sealer:
         if self._failed is not None:
             raise self._failed
 
-    def _run(self) -> None:
-        while (buf := self._todo.get()) is not None:
-            if self._failed is None and not self._stopping:
-                try:
-                    self._writer._seal(memoryview(buf), final=False)
-                except BaseException as exc:
-                    self._failed = exc
-            self._free.put(buf)
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-            self._thread = None
+    def _seal(self, buf: bytearray) -> None:
+        if self._failed is None and not self._stopping:
+            try:
+                self._writer._seal(memoryview(buf), final=False)
+            except BaseException as exc:
+                self._failed = exc
+        self._free.put(buf)
 
     def finish(self) -> None:
         """Wait until every queued chunk is sealed; raise what sealing raised."""
-        self._join()
+        self._worker.join()
         self._check()
 
     def stop(self) -> None:
         """Drop what is still queued and wait for the thread (before the file is closed)."""
         self._stopping = True
-        self._join()
+        self._worker.join()
 
 
 class _Cancelled(Exception):
