@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -469,10 +469,18 @@ def parse_config(data: object, *, source: str = "configuration") -> MachineConfi
     if not isinstance(data, dict):
         raise ConfigError([Problem("<root>", f"expected a mapping of settings, got {type(data).__name__}")],
                           context=source)
+    return validate_model(MachineConfig, data, context=source)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validate_model(model: type[_M], data: object, *, context: str) -> _M:
+    """``model.model_validate(data)``, with every validation error turned into a named problem."""
     try:
-        return MachineConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems_from_validation(exc), context=source) from None
+        raise ConfigError(problems_from_validation(exc), context=context) from None
 
 
 def problems_from_validation(exc: ValidationError) -> list[Problem]:

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from pydantic import ValidationError
 
 from vmkit import hotplug
-from vmkit.config import PortForward, StorageDevice, problems_from_validation
+from vmkit.config import PortForward, StorageDevice, validate_model
 from vmkit.errors import ConfigError, QemuError, VmkitError
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
@@ -234,10 +233,7 @@ class Supervisor:
 
     async def _h_port_add(self, request: web.Request) -> web.Response:
         body = await json_body(request)
-        try:
-            fwd = PortForward.model_validate(body)
-        except ValidationError as exc:
-            raise ConfigError(problems_from_validation(exc), context="port forward") from None
+        fwd = validate_model(PortForward, body, context="port forward")
         if self.config.network is None:
             raise ConfigError.single("network", "this machine has no network: port forwards need one")
         rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
@@ -251,10 +247,7 @@ class Supervisor:
 
     async def _h_disk_attach(self, request: web.Request) -> web.Response:
         body = await json_body(request)
-        try:
-            dev = StorageDevice.model_validate(body)
-        except ValidationError as exc:
-            raise ConfigError(problems_from_validation(exc), context="disk") from None
+        dev = validate_model(StorageDevice, body, context="disk")
         disk = await hotplug.attach_disk(self.vm, dev)
         return web.json_response({"id": disk.id, "port": disk.port})
 
