@@ -27,7 +27,7 @@ from vmkit.errors import ConfigError
 from vmkit.guest import keys
 from vmkit.images import debian, qemuimg
 from vmkit.images.debian import READY_MARKER, BuildProgress, build_debian
-from vmkit.images.store import Image, ImageManifest, ImageStore
+from vmkit.images.store import Image, ImageStore
 
 # The VM tests are marked e2e (slow, they need the image); the build-recipe tests at the end are fast.
 
@@ -355,15 +355,6 @@ def test_build_rejects_bad_arguments(tmp_path: Path) -> None:
         build_debian(store, kernels=["rt-amd64"])
 
 
-def test_existing_image_is_not_rebuilt(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path)
-    with store.staging("debian-12") as st:
-        (st / "disk.qcow2").write_bytes(b"x")
-        store.commit(st, ImageManifest(name="debian-12", kind="disk", disk="disk.qcow2"))
-    events: list[BuildProgress] = []
-    image = build_debian(store, progress=events.append)
-    assert image.name == "debian-12"
-    assert [e.stage for e in events] == ["done"] and "already built" in events[0].message
 
 
 def test_remove_tree(tmp_path: Path) -> None:

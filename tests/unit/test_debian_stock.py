@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from vmkit.images import debian
 from vmkit.images.debian import BuildProgress, build_debian
 from vmkit.images.store import ImageManifest, ImageStore
@@ -95,13 +97,15 @@ def test_stock_cmdline_has_no_vmkit_kernel_options() -> None:
         assert trim not in debian.STOCK_CMDLINE
 
 
-def test_stock_image_has_its_own_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stock", "name"), [(False, "debian-12"), (True, "debian-12-stock")])
+def test_existing_image_is_not_rebuilt(tmp_path: Path, stock: bool, name: str) -> None:
+    """Each variant has its own name; an existing one is returned as is (no root, no mmdebstrap)."""
     store = ImageStore(tmp_path)
-    with store.staging("debian-12-stock") as st:
+    with store.staging(name) as st:
         (st / "disk.qcow2").write_bytes(b"x")
-        store.commit(st, ImageManifest(name="debian-12-stock", kind="disk", disk="disk.qcow2"))
+        store.commit(st, ImageManifest(name=name, kind="disk", disk="disk.qcow2"))
     events: list[BuildProgress] = []
-    image = build_debian(store, stock=True, progress=events.append)
-    assert image.name == "debian-12-stock"
-    assert [e.stage for e in events] == ["done"]
-    assert not store.exists("debian-12")
+    image = build_debian(store, stock=stock, progress=events.append)
+    assert image.name == name
+    assert [e.stage for e in events] == ["done"] and "already built" in events[0].message
+    assert not store.exists("debian-12" if stock else "debian-12-stock")  # the other variant is untouched
