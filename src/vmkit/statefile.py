@@ -758,11 +758,17 @@ _DIRECT_IO = True  # O_DIRECT where the file system has it (else buffered writes
 
 
 class _QueueThread(Generic[_T]):
-    """A daemon thread that hands each queued item to ``handle``, in order, until :meth:`join`."""
+    """A daemon thread that hands each queued item to ``handle``, in order, then to ``release``.
 
-    def __init__(self, name: str, handle: Callable[[_T], None]) -> None:
+    The first exception ``handle`` raises is kept: later items go to ``release`` only, and
+    :meth:`check` raises it in the producer. :meth:`abandon` drops whatever is still queued.
+    """
+
+    def __init__(self, name: str, handle: Callable[[_T], None], release: Callable[[_T], None]) -> None:
         self._todo: queue.SimpleQueue[_T | None] = queue.SimpleQueue()
         self._handle = handle
+        self._release = release
+        self._failed: BaseException | None = None
         self._thread: threading.Thread | None = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -771,14 +777,33 @@ class _QueueThread(Generic[_T]):
 
     def _run(self) -> None:
         while (item := self._todo.get()) is not None:
-            self._handle(item)
+            if self._failed is None:
+                try:
+                    self._handle(item)
+                except BaseException as exc:
+                    self._failed = exc
+            self._release(item)
 
-    def join(self) -> None:
-        """Wait until everything queued so far is handled, and end the thread."""
+    def check(self) -> None:
+        """Raise what ``handle`` raised, if it did."""
+        if self._failed is not None:
+            raise self._failed
+
+    def _join(self) -> None:
         if self._thread is not None:
             self._todo.put(None)
             self._thread.join()
             self._thread = None
+
+    def finish(self) -> None:
+        """Wait until everything queued is handled, end the thread; raise what ``handle`` raised."""
+        self._join()
+        self.check()
+
+    def abandon(self) -> None:
+        """Drop what is still queued (released, not handled) and end the thread."""
+        self._failed = self._failed or OSError(errno.ECANCELED, "abandoned")
+        self._join()
 
 
 class _DirectSink:
@@ -802,8 +827,8 @@ class _DirectSink:
         self._view = memoryview(self._buf)
         self._fill = 0
         self._offset = 0  # file offset of the current block
-        self._failed: OSError | None = None
-        self._worker = _QueueThread[tuple[mmap.mmap, int]]("vmkit-statefile-write", self._write_block)
+        self._worker = _QueueThread[tuple[mmap.mmap, int]]("vmkit-statefile-write", self._write_block,
+                                                           lambda item: self._free.put(item[0]))
 
     @staticmethod
     def open(fd: int, max_record: int) -> _DirectSink | None:
@@ -834,17 +859,13 @@ class _DirectSink:
             self.advance(k)
 
     def _submit(self) -> None:
-        self._check()
+        self._worker.check()
         nxt = self._free.get()  # waits while the disk is behind
         extra = self._fill - _DIRECT_BLOCK
         nxt[:extra] = self._view[_DIRECT_BLOCK : self._fill]
         self._worker.put((self._buf, self._offset))
         self._offset += _DIRECT_BLOCK
         self._buf, self._view, self._fill = nxt, memoryview(nxt), extra
-
-    def _check(self) -> None:
-        if self._failed is not None:
-            raise self._failed
 
     def _pwrite_all(self, data: memoryview, offset: int) -> None:
         while data:
@@ -861,18 +882,12 @@ class _DirectSink:
 
     def _write_block(self, item: tuple[mmap.mmap, int]) -> None:
         buf, offset = item
-        if self._failed is None:
-            with memoryview(buf) as view:
-                try:
-                    self._pwrite_all(view[:_DIRECT_BLOCK], offset)
-                except OSError as exc:
-                    self._failed = exc
-        self._free.put(buf)
+        with memoryview(buf) as view:
+            self._pwrite_all(view[:_DIRECT_BLOCK], offset)
 
     def finish(self) -> None:
         """Wait for the queued blocks, then write the last, partial one (its tail without O_DIRECT)."""
-        self._worker.join()
-        self._check()
+        self._worker.finish()
         aligned = self._fill // _DIRECT_ALIGN * _DIRECT_ALIGN
         self._pwrite_all(self._view[:aligned], self._offset)
         if aligned < self._fill:  # the tail is not a whole block: write it through the page cache
@@ -882,8 +897,7 @@ class _DirectSink:
 
     def close(self) -> None:
         """Stop the thread (dropping what is queued is fine: the file is being discarded or is complete)."""
-        self._failed = self._failed or OSError(errno.ECANCELED, "closed")
-        self._worker.join()
+        self._worker.abandon()
 
 
 _PIPELINE = True
@@ -902,41 +916,28 @@ class _Sealer:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(_PIPELINE_BUFFERS - 1):
             self._free.put(bytearray(writer.chunk_size))
-        self._failed: BaseException | None = None
-        self._stopping = False
-        self._worker = _QueueThread[bytearray]("vmkit-statefile-seal", self._seal)
+        self._worker = _QueueThread[bytearray]("vmkit-statefile-seal", self._seal, self._free.put)
 
     def swap(self, full: bytearray) -> bytearray:
         """Queue a full chunk; return an empty buffer (waits while all are queued)."""
-        self._check()
+        self._worker.check()
         self._worker.put(full)
         while True:
             try:
                 return self._free.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                self._check()
-
-    def _check(self) -> None:
-        if self._failed is not None:
-            raise self._failed
+                self._worker.check()
 
     def _seal(self, buf: bytearray) -> None:
-        if self._failed is None and not self._stopping:
-            try:
-                self._writer._seal(memoryview(buf), final=False)
-            except BaseException as exc:
-                self._failed = exc
-        self._free.put(buf)
+        self._writer._seal(memoryview(buf), final=False)
 
     def finish(self) -> None:
         """Wait until every queued chunk is sealed; raise what sealing raised."""
-        self._worker.join()
-        self._check()
+        self._worker.finish()
 
     def stop(self) -> None:
         """Drop what is still queued and wait for the thread (before the file is closed)."""
-        self._stopping = True
-        self._worker.join()
+        self._worker.abandon()
 
 
 class _Cancelled(Exception):
