@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkit import cloudinit
+from vmkit.cloudinstance import free_port
 from vmkit.guest import keys
 from vmkit.guest.agent import GuestAgent, GuestAgentError
 from vmkit.images import debian, qemuimg
@@ -243,6 +244,19 @@ def wait_stages(run: Run, t0: float, serial_log: Path, alive: Callable[[], str |
     run.error = f"timed out after {RUN_TIMEOUT:.0f} s waiting for {', '.join(missing)}; ssh: {probes.last_ssh_error}"
 
 
+def measure(run: Run, t0: float, serial_log: Path, alive: Callable[[], str | None], probes: Probes,
+            ssh: list[str]) -> bool:
+    """Wait for every stage (:func:`wait_stages`), stop the probes, read cloud-init's verdict; True if no error."""
+    try:
+        wait_stages(run, t0, serial_log, alive, probes)
+    finally:
+        probes.close()
+    if run.error:
+        return False
+    run.cloud_init_status = cloud_init_status(ssh)
+    return True
+
+
 def ssh_base(key: Path, port: int, *, known_hosts: Path | None, user: str) -> list[str]:
     pin = (["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"] if known_hosts
            else ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"])
@@ -330,14 +344,8 @@ def run_vmkit(rnd: int, cpus: int | None, memory: str | None, *, after: Callable
                 return f"vmkit start failed ({rc}): {out.read_text(errors='replace').strip()[-500:]}"
             return None
 
-        try:
-            wait_stages(run, t0, d / "serial.log", alive, probes)
-        finally:
-            probes.close()
-        if not run.error:
-            run.cloud_init_status = cloud_init_status(ssh)
-            if after is not None:
-                after(name)
+        if measure(run, t0, d / "serial.log", alive, probes, ssh) and after is not None:
+            after(name)
     except BaseException:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # `vmkit start` takes its half-started VM down
@@ -385,13 +393,6 @@ def plain_argv(img: Image, work: Path, *, cpus: int, memory: str, port: int) -> 
     ]
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_plain(variant: str, img: Image, rnd: int, tmp: Path, *, cpus: int, memory: str,
               after: Callable[[list[str]], None] | None = None) -> Run:
     assert img.disk is not None
@@ -423,14 +424,8 @@ def run_plain(variant: str, img: Image, rnd: int, tmp: Path, *, cpus: int, memor
                 return None
             return f"QEMU exited ({qemu.returncode}): {(work / 'qemu.log').read_text(errors='replace')[-300:]}"
 
-        try:
-            wait_stages(run, t0, work / "serial.log", alive, probes)
-        finally:
-            probes.close()
-        if not run.error:
-            run.cloud_init_status = cloud_init_status(ssh)
-            if after is not None:
-                after(ssh)
+        if measure(run, t0, work / "serial.log", alive, probes, ssh) and after is not None:
+            after(ssh)
     finally:
         if proc is not None:
             if proc.poll() is None:
