@@ -45,7 +45,7 @@ def test_disk_attach_list_detach_and_nbd_events(vmkit_home: Path, micro_image: I
                                    input="sleep 1; echo both:$(head -c 12 /dev/vda):$(head -c 12 /dev/nvme0n1)\n",
                                    capture_output=True, timeout=60)
             assert typed.returncode == 0
-            log = vmkit("console", "d", "--log", "--until", "^both:", "--timeout", "30").stdout
+            log = vmkit("console", "d", "--log", "--until", r"^both:.*\n", "--timeout", "30").stdout
             assert "both:NBD-AT-BOOT!:HOT-MARKER!!" in log
 
             bad = vmkit("disk", "detach", "d", "disk0", check=False)

@@ -30,7 +30,9 @@ def one_line(text: str) -> str:
 
 
 def console_ticks(name: str, pattern: str = r"vmkit-tick \d+") -> list[int]:
-    return micro.parse_ticks(vmkit("console", name, "--log", "--until", pattern, "--timeout", "60").stdout)
+    """The ticks on the console once a whole line matches ``pattern`` (not a tick still being written)."""
+    until = rf"(?:{pattern})\n"
+    return micro.parse_ticks(vmkit("console", name, "--log", "--until", until, "--timeout", "60").stdout)
 
 
 def refused(*args: str, match: str) -> None:

@@ -120,7 +120,10 @@ def inspect(name: str) -> None:
 def console(
     name: str,
     log: bool = typer.Option(False, "--log", help="print the console log instead of attaching"),
-    until: str | None = typer.Option(None, "--until", help="with --log: first wait for a line matching this regex"),
+    until: str | None = typer.Option(
+        None, "--until",
+        help="with --log: first wait until the log matches this regex (multiline; it can match a line "
+             "still being written: end it with \\n to wait for the whole line)"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds --until waits"),
 ) -> None:
     """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed."""
