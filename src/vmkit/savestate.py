@@ -430,12 +430,16 @@ async def save_state(vm: VirtualMachine, path: Path, progress: ProgressCallback 
     if vm.state != VmState.PAUSED:
         raise StateError("save the machine state", vm.state.value, [VmState.PAUSED.value])
     _refuse_unmigratable(vm, "save its state")
-    await _refuse_postmigrate(vm, "save the machine state")
     path = _absolute(path)
     key = key if key is not None else keys.load_or_create_key()
-    header = await current_header(vm, path=path)
-    await _enable_migration_events(vm)
-    await vm.execute("migrate-set-parameters", {"max-bandwidth": _UNLIMITED_BANDWIDTH})
+
+    async def prepare() -> None:
+        await _enable_migration_events(vm)
+        await vm.execute("migrate-set-parameters", {"max-bandwidth": _UNLIMITED_BANDWIDTH})
+
+    # independent queries: sent together, QEMU answers them in one go (each alone is a round trip)
+    _, header, _ = await asyncio.gather(_refuse_postmigrate(vm, "save the machine state"),
+                                        current_header(vm, path=path), prepare())
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         try:

@@ -28,7 +28,11 @@ Compression: each chunk is stored as a zstd frame (``"compression": "zstd"`` in 
 when that is smaller, else raw. Whether a chunk is worth compressing is decided from a few
 4 KiB samples, so incompressible memory (random or already compressed data) costs only the
 samples. QEMU's stream compresses well even when the pages themselves do not (page headers,
-zero-page markers, kernel text), so the file is smaller than QEMU's own stream. Compressing
+zero-page markers, kernel text), so the file is smaller than QEMU's own stream. Compression
+never holds QEMU up, though: when QEMU streams faster than chunks compress (a full chunk is
+already waiting when the sealer picks up the next) and the disk is keeping up, that chunk is
+stored raw, so the save runs at the stream's speed and compresses what the spare CPU time
+allows; when the disk is the slower part, every chunk that pays is compressed. Compressing
 before encrypting lets the size of each record depend on the content (the CRIME/BREACH class
 of leaks); that needs an attacker who can make the machine save again and again with content
 of their choosing and watch the sizes, which a local save file does not offer.
@@ -775,6 +779,10 @@ class _QueueThread(Generic[_T]):
     def put(self, item: _T) -> None:
         self._todo.put(item)
 
+    def backlog(self) -> int:
+        """How many items are queued and not yet picked up (approximate, as any queue size)."""
+        return self._todo.qsize()
+
     def _run(self) -> None:
         while (item := self._todo.get()) is not None:
             if self._failed is None:
@@ -841,6 +849,10 @@ class _DirectSink:
         except OSError:
             return None
         return _DirectSink(fd, max_record)
+
+    def keeping_up(self) -> bool:
+        """Whether the disk keeps up: a free buffer is waiting, so handing over a block would not wait."""
+        return not self._free.empty()
 
     def reserve(self, n: int) -> memoryview:
         """Room for ``n`` more bytes (at most ``max_record``); fill it, then :meth:`advance`."""
@@ -929,7 +941,8 @@ class _Sealer:
                 self._worker.check()
 
     def _seal(self, buf: bytearray) -> None:
-        self._writer._seal(memoryview(buf), final=False)
+        # the next chunk is already waiting: compressing this one would hold the stream up
+        self._writer._seal(memoryview(buf), final=False, hurry=self._worker.backlog() > 0)
 
     def finish(self) -> None:
         """Wait until every queued chunk is sealed; raise what sealing raised."""
@@ -1122,11 +1135,14 @@ class StateFileWriter:
         packed = sum(len(self._probe.compress(plain[i * step : i * step + _PROBE_BYTES])) for i in range(_PROBES))
         return packed < _PROBES * _PROBE_BYTES * _PROBE_RATIO
 
-    def _seal(self, plain: memoryview, *, final: bool) -> None:
+    def _seal(self, plain: memoryview, *, final: bool, hurry: bool = False) -> None:
+        """Seal one chunk. ``hurry``: the stream is waiting on this; store the chunk raw unless
+        the disk is the slower part (then compressing it saves more time than it takes)."""
         n = len(plain)
         stored: memoryview | bytes = plain
         word = _REC_FINAL if final else 0
-        if self._zstd is not None and n and self._worth_compressing(plain):
+        skip = hurry and (self._sink is None or self._sink.keeping_up())
+        if self._zstd is not None and n and not skip and self._worth_compressing(plain):
             packed = self._zstd.compress(plain)
             if len(packed) < n:
                 stored, word = packed, word | _REC_COMPRESSED

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from vmkit import statefile
 from vmkit.errors import ExitCode, VmkitError
 from vmkit.keys import key_id
 from vmkit.statefile import (
@@ -197,6 +198,25 @@ def test_compressed_and_raw_records_in_one_file(tmp_path: Path, header: StateHea
     assert _load(path, key) == data
     assert read_info(path).payload_bytes == len(data)
     assert len(path.read_bytes()) < len(data) * 0.55  # 2.5 of the 5 chunks are random
+
+
+def test_chunk_is_stored_raw_when_the_stream_waits_unless_the_disk_is_behind(
+    tmp_path: Path, header: StateHeader, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK]
+    path = tmp_path / "vm.state"
+    w = StateFileWriter(path, header, key, chunk_size=SMALL_CHUNK)
+    if w._sink is None:
+        w.abort()
+        pytest.skip("the file system refuses O_DIRECT: no disk backlog to consult")
+    w._seal(memoryview(text), final=False)  # nobody waits: compressed
+    w._seal(memoryview(text), final=False, hurry=True)  # the next chunk waits, the disk keeps up: raw
+    monkeypatch.setattr(statefile._DirectSink, "keeping_up", lambda self: False)
+    w._seal(memoryview(text), final=False, hurry=True)  # the disk is behind: compressing saves time
+    w.payload_bytes = 3 * SMALL_CHUNK
+    w.commit()
+    assert [c for _, _, c, _, _ in _records(path)] == [True, False, True, False]  # the final record is empty
+    assert _load(path, key) == text * 3
 
 
 def test_reader_header_is_authenticated_and_chunks_are_views(tmp_path: Path, header: StateHeader, key: bytes) -> None:

@@ -64,12 +64,15 @@ class Monitor:
             while True:
                 disconnected = asyncio.ensure_future(self._client.runstate_changed())
                 get = asyncio.ensure_future(listener.get())
-                done, _ = await asyncio.wait({disconnected, get}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
+                try:
+                    done, _ = await asyncio.wait({disconnected, get}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the consumer is cancelled: no task is left pending
                     disconnected.cancel()
+                    if not get.done():
+                        get.cancel()
+                if get in done:
                     yield dict(get.result())
                     continue
-                get.cancel()
                 if self._client.runstate != Runstate.RUNNING:
                     for event in listener.clear():  # what arrived before the session ended
                         yield dict(event)
