@@ -15,13 +15,11 @@ from typing import Any
 
 import aiohttp
 
-from vmkit.errors import ExitCode, VmkitError, VmTimeoutError, error_from_code
+from vmkit.errors import VmkitError, VmTimeoutError, error_from_fields
 
 
 def _raise_from(body: dict[str, Any]) -> None:
-    err = body.get("error") or {}
-    raise error_from_code(int(err.get("exit_code", ExitCode.ERROR)),
-                          str(err.get("message", "the supervisor reported an error")), err.get("hint"))
+    raise error_from_fields(body.get("error") or {})
 
 
 class SupervisorClient:

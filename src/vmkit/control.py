@@ -37,7 +37,15 @@ from vmkit.cloudinstance import (
 )
 from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
 from vmkit.config import MachineConfig, NbdAttachment, PortForward, format_size, port_is_free, validate_name
-from vmkit.errors import ConfigError, NotFoundError, QemuError, StateError, VmkitError, VmTimeoutError, error_from_code
+from vmkit.errors import (
+    ConfigError,
+    NotFoundError,
+    QemuError,
+    StateError,
+    VmkitError,
+    VmTimeoutError,
+    error_from_fields,
+)
 from vmkit.guest.agent import AGENT_SOCKET_NAME
 from vmkit.guest.execute import ExecResult, guest_exec
 from vmkit.guest.files import copy_from_guest, copy_to_guest
@@ -155,7 +163,7 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         err = report.get("error", {})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        raise error_from_code(int(err.get("exit_code", 1)), str(err.get("message")), err.get("hint"))
+        raise error_from_fields(err)
     return inst.read_status()
 
 

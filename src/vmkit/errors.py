@@ -8,13 +8,15 @@ Messages say what went wrong *and* what to do about it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
-    """Process exit codes of the ``vmkit`` command, one per error family."""
+    """Process exit codes of the ``vmkit`` command: one per error family, and one per kind of
+    unusable state file (10-17, see :data:`STATE_FILE_CODES`)."""
 
     OK = 0
     ERROR = 1
@@ -27,13 +29,38 @@ class ExitCode(IntEnum):
     TIMEOUT = 8
     CONFLICT = 9
     STATE_FILE = 10
+    """A state file cannot be written (no space, I/O error) or the state-file key is unsafe."""
+    NOT_A_STATE_FILE = 11
+    STATE_FORMAT = 12
+    """Written in a format version this vmkit does not read."""
+    STATE_QEMU = 13
+    """Written by an incompatible QEMU version or machine type."""
+    STATE_CONFIG = 14
+    """Saved from a different machine configuration."""
+    STATE_AUTH = 15
+    """Authentication failed: tampered, truncated, or written with another user's key."""
+    STATE_DISKS = 16
+    """The disks changed since the save."""
+    STATE_RESTORE = 17
+    """QEMU could not load the saved state."""
     INTERRUPTED = 130
+
+
+STATE_FILE_CODES = frozenset(c for c in ExitCode if 10 <= c <= 17)
+"""Every exit code that means "this state file cannot be written or used"."""
+
+
+_BY_NAME: dict[str, type[VmkitError]] = {}
 
 
 class VmkitError(Exception):
     """Root of every error raised by vmkit."""
 
     exit_code: ExitCode = ExitCode.ERROR
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _BY_NAME.setdefault(cls.__name__, cls)  # errors crossing a process boundary come back as themselves
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -146,11 +173,31 @@ _BY_CODE: dict[int, type[VmkitError]] = {
 
 def error_from_code(code: int, message: str, hint: str | None = None) -> VmkitError:
     """Rebuild an error of the right family from its exit code (errors crossing a process boundary)."""
-    cls = _BY_CODE.get(code, VmkitError)
+    return _rebuild(_BY_CODE.get(code, VmkitError), code, message, hint)
+
+
+def error_fields(exc: VmkitError) -> dict[str, Any]:
+    """An error as it crosses a process boundary (the supervisor's API and its start report)."""
+    return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
+
+
+def error_from_fields(err: Mapping[str, Any]) -> VmkitError:
+    """The error :func:`error_fields` describes: its own class where this process knows it (by
+    name, with the same exit code), else its family. Only message and hint are restored; other
+    attributes keep their class defaults."""
+    code = int(err.get("exit_code", ExitCode.ERROR))
+    message, hint = str(err.get("message", "the supervisor reported an error")), err.get("hint")
+    cls = _BY_NAME.get(str(err.get("type")))
+    if cls is not None and int(cls.exit_code) == code:
+        return _rebuild(cls, code, message, hint)
+    return error_from_code(code, message, hint)
+
+
+def _rebuild(cls: type[VmkitError], code: int, message: str, hint: str | None) -> VmkitError:
     exc = cls.__new__(cls)
     VmkitError.__init__(exc, message, hint=hint)
     if isinstance(exc, ConfigError):
         exc.problems = ()
-    if cls is VmkitError and code in ExitCode._value2member_map_:
+    if int(exc.exit_code) != code and code in ExitCode._value2member_map_:
         exc.exit_code = ExitCode(code)
     return exc

@@ -208,10 +208,11 @@ class VirtualMachine:
             ) from None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+    async def start(self, *, paused: bool = False, incoming: bool = False, machine_type: str | None = None) -> None:
         """Launch QEMU, open QMP, subscribe to events, and (unless ``paused``) run the guest.
 
         ``incoming=True`` starts QEMU waiting for a migration stream (``-incoming defer``).
+        ``machine_type`` runs that versioned machine type instead of the configuration's alias.
         """
         self._require("start", VmState.STOPPED, VmState.ERROR)
         self._set_state(VmState.STARTING)
@@ -225,7 +226,7 @@ class VirtualMachine:
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
-                          pidfile=self.workdir / "qemu.pid", share_dir=self.workdir)
+                          pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]

@@ -77,7 +77,7 @@ from pydantic import Field
 
 from vmkit import keys
 from vmkit.config import DiskImage, MachineConfig, validate_name
-from vmkit.errors import AlreadyExistsError, ConfigError, NotFoundError, QemuError, StateError, VmTimeoutError
+from vmkit.errors import AlreadyExistsError, ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmTimeoutError
 from vmkit.guest.agent import ClockResult, ClockSetter, agent_socket, correct_guest_clock
 from vmkit.images import qemuimg
 from vmkit.machine import VirtualMachine, VmEvent, VmState
@@ -89,6 +89,7 @@ from vmkit.statefile import (
     ConfigMismatch,
     DiskIdentity,
     DisksChanged,
+    IncompatibleQemu,
     ProgressCallback,
     RestoreInfo,
     SaveInfo,
@@ -146,6 +147,8 @@ _UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: the default 128 MiB/s would throttle 
 
 class RestoreFailed(StateFileError):
     """QEMU could not load the state (the stream does not fit this QEMU or machine)."""
+
+    exit_code = ExitCode.STATE_RESTORE
 
     def __init__(self, path: Path | None, reason: str) -> None:
         super().__init__(f"QEMU could not load the state from {path}: {reason}", path=path)
@@ -217,11 +220,20 @@ def disk_identities(config: MachineConfig, *, path: Path | None = None) -> tuple
 
 async def machine_type(vm: VirtualMachine) -> str:
     """The concrete machine type QEMU runs (``q35`` -> ``pc-q35-7.2``)."""
-    wanted = vm.config.machine
-    for m in await vm.execute("query-machines"):
-        if wanted in (m.get("name"), m.get("alias")):
-            return str(m["name"])
-    return wanted
+    qom_type = str(await vm.execute("qom-get", {"path": "/machine", "property": "type"}))
+    return qom_type.removesuffix("-machine")  # QOM names the class pc-q35-7.2-machine
+
+
+_MACHINE_FAMILIES = {"q35": "pc-q35-", "pc": "pc-i440fx-"}
+
+
+def pinned_machine_type(config: MachineConfig, saved_machine_type: str) -> str | None:
+    """The versioned machine type a restore runs: the one the state was saved with, if it is a
+    version of the configuration's alias (``pc-q35-7.1`` for ``q35``). A newer QEMU maps the alias
+    to its own newest version, which cannot load an older machine's state; the old versions stay
+    available, so pinning the saved one keeps state files usable across QEMU upgrades."""
+    prefix = _MACHINE_FAMILIES.get(config.machine)
+    return saved_machine_type if prefix and saved_machine_type.startswith(prefix) else None
 
 
 async def current_header(vm: VirtualMachine, *, path: Path | None = None) -> VmStateHeader:
@@ -524,7 +536,15 @@ async def restore_state(vm: VirtualMachine, path: Path, progress: ProgressCallba
     # authenticate the header and check what needs no QEMU before launching one
     saved = await asyncio.to_thread(precheck, path, vm.config, vm.accel, force=force, key=key)
     await asyncio.to_thread(prefetch, path)  # the disk reads the file while QEMU starts
-    await vm.start(incoming=True)
+    pinned = pinned_machine_type(vm.config, saved.machine_type)
+    try:
+        await vm.start(incoming=True, machine_type=pinned)
+    except QemuError as exc:
+        if pinned is None or "unsupported machine type" not in _qemu_log_tail(vm):
+            raise
+        raise IncompatibleQemu(path, saved_version=saved.qemu_version, saved_machine=saved.machine_type,
+                               current_version="(the installed one)", current_machine=vm.config.machine,
+                               reason=f"this QEMU does not have machine type {saved.machine_type}") from exc
     try:
         expected = await current_header(vm, path=path)
         check_header(saved, expected, path=path, force=force)

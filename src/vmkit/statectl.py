@@ -40,22 +40,14 @@ from typing import Any
 
 from vmkit import control, savestate
 from vmkit.api import SupervisorClient
-from vmkit.errors import ExitCode, NotFoundError, StateError, VmkitError, error_from_code
+from vmkit.errors import STATE_FILE_CODES, NotFoundError, StateError, VmkitError, error_from_fields
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
-from vmkit.savestate import RestoreFailed, SnapshotInfo
+from vmkit.savestate import SnapshotInfo
 from vmkit.statefile import (
-    AuthenticationFailed,
-    ConfigMismatch,
-    DisksChanged,
-    IncompatibleQemu,
-    NoSpace,
-    NotAStateFile,
     ProgressCallback,
     StateFileError,
-    StateFileWriteError,
     StateHeader,
-    UnsupportedFormatVersion,
 )
 from vmkit.supervisor_state import StartPlan
 
@@ -75,25 +67,6 @@ class SaveOutcome:
     seconds: float
     keep_running: bool
     status: Status
-
-
-_STATE_ERRORS: dict[str, type[StateFileError]] = {
-    cls.__name__: cls for cls in (StateFileError, NotAStateFile, UnsupportedFormatVersion, IncompatibleQemu,
-                                  ConfigMismatch, AuthenticationFailed, DisksChanged, StateFileWriteError,
-                                  NoSpace, RestoreFailed)
-}
-
-
-def _rebuild_error(err: dict[str, Any]) -> VmkitError:
-    """The error a supervisor reported, as its own class where it is a state-file error."""
-    message, hint = str(err.get("message")), err.get("hint")
-    cls = _STATE_ERRORS.get(str(err.get("type")))
-    if cls is None:
-        return error_from_code(int(err.get("exit_code", ExitCode.ERROR)), message, hint)
-    exc = cls.__new__(cls)
-    VmkitError.__init__(exc, message, hint=hint)
-    exc.path = None
-    return exc
 
 
 def _supervised(name: str, operation: str) -> Instance:
@@ -124,7 +97,7 @@ def save(name: str, path: Path | None = None, *, keep_running: bool = False,
             if "progress" in msg and progress is not None:
                 progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
             elif "error" in msg:
-                raise _rebuild_error(msg["error"])
+                raise error_from_fields(msg["error"])
             elif "result" in msg:
                 result: dict[str, Any] = msg["result"]
                 return result
@@ -190,10 +163,10 @@ def _launch(name: str, plan: StartPlan, outcome: StartOutcome, *, progress: cont
 
 
 def _is_state_file_problem(exc: VmkitError) -> bool:
-    # across the process boundary only the family survives; an unsafe key (KeyFileError, same
-    # exit code) is caught by the precheck in this process, before the supervisor is started
-    return isinstance(exc, StateFileError) or (exc.exit_code == ExitCode.STATE_FILE
-                                               and type(exc) is VmkitError)
+    # an error from the supervisor comes back as its own class when this process has imported it,
+    # else as its exit code; an unsafe key (KeyFileError) is caught by the precheck in this
+    # process, before the supervisor is started
+    return isinstance(exc, StateFileError) or (exc.exit_code in STATE_FILE_CODES and type(exc) is VmkitError)
 
 
 def start(name: str, *, progress: control.Progress | None = None, timeout: float | None = None,

@@ -195,6 +195,7 @@ class StateFileError(VmkitError):
     """A save file cannot be written, read or used. Base of every state-file error."""
 
     exit_code = ExitCode.STATE_FILE
+    path: Path | None = None
 
     def __init__(self, message: str, *, path: Path | None = None, hint: str | None = DISCARD_HINT) -> None:
         if hint == DISCARD_HINT and path is not None:
@@ -206,6 +207,8 @@ class StateFileError(VmkitError):
 class NotAStateFile(StateFileError):
     """The file does not start with the state-file magic (or is too short to)."""
 
+    exit_code = ExitCode.NOT_A_STATE_FILE
+
     def __init__(self, path: Path | None, reason: str) -> None:
         super().__init__(f"{path if path is not None else 'file'} is not a vmkit state file: {reason}", path=path)
         self.reason = reason
@@ -213,6 +216,8 @@ class NotAStateFile(StateFileError):
 
 class UnsupportedFormatVersion(StateFileError):
     """The file uses a format version this vmkit cannot read."""
+
+    exit_code = ExitCode.STATE_FORMAT
 
     def __init__(self, path: Path | None, found: int, supported: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
         newer = found > max(supported)
@@ -230,6 +235,8 @@ class UnsupportedFormatVersion(StateFileError):
 
 class IncompatibleQemu(StateFileError):
     """The QEMU version or machine type differs from the one that wrote the file."""
+
+    exit_code = ExitCode.STATE_QEMU
 
     def __init__(
         self,
@@ -256,6 +263,8 @@ class IncompatibleQemu(StateFileError):
 class ConfigMismatch(StateFileError):
     """The machine's configuration (or its RAM size) changed since the save."""
 
+    exit_code = ExitCode.STATE_CONFIG
+
     def __init__(self, path: Path | None, *, field: str, saved: str, current: str) -> None:
         super().__init__(
             f"{_file_label(path)} was saved from a different configuration: {field} was {saved}, it is now {current}",
@@ -273,6 +282,8 @@ class ConfigMismatch(StateFileError):
 class AuthenticationFailed(StateFileError):
     """The file was modified, damaged or truncated, or was written with another user's key."""
 
+    exit_code = ExitCode.STATE_AUTH
+
     def __init__(self, path: Path | None, reason: str) -> None:
         super().__init__(f"{_file_label(path)} cannot be trusted: {reason}", path=path)
         self.reason = reason
@@ -280,6 +291,8 @@ class AuthenticationFailed(StateFileError):
 
 class DisksChanged(StateFileError):
     """A disk image differs from the one the machine was saved with."""
+
+    exit_code = ExitCode.STATE_DISKS
 
     def __init__(self, path: Path | None, changes: tuple[str, ...]) -> None:
         lines = "\n".join(f"  - {c}" for c in changes)

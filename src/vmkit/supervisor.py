@@ -41,11 +41,11 @@ from aiohttp import WSMsgType, web
 
 from vmkit import hotplug
 from vmkit.config import PortForward, StorageDevice, validate_model
-from vmkit.errors import ConfigError, QemuError, VmkitError
+from vmkit.errors import ConfigError, QemuError, VmkitError, error_fields
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
-from vmkit.supervisor_state import StartPlan, StateRoutes, error_fields, json_body, start_from_plan
+from vmkit.supervisor_state import StartPlan, StateRoutes, json_body, start_from_plan
 
 log = logging.getLogger("vmkit.supervisor")
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from vmkit import savestate
-from vmkit.errors import ConfigError, StateError, VmkitError
+from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
 from vmkit.machine import VmState
 
 if TYPE_CHECKING:
@@ -248,11 +248,6 @@ async def _last_line(resp: web.StreamResponse, payload: dict[str, Any]) -> None:
     with contextlib.suppress(ConnectionError):  # the client left: the outcome stands anyway
         await resp.write((json.dumps(payload) + "\n").encode())
         await resp.write_eof()
-
-
-def error_fields(exc: VmkitError) -> dict[str, Any]:
-    """An error as the API sends it (the client rebuilds its family from exit_code)."""
-    return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 from conftest import pid_alive
 from vmkit import keys, savestate
 from vmkit.config import MachineConfig, parse_config
-from vmkit.errors import AlreadyExistsError, NotFoundError, StateError
+from vmkit.errors import STATE_FILE_CODES, AlreadyExistsError, ExitCode, NotFoundError, StateError, VmkitError
 from vmkit.guest.agent import GuestAgent
 from vmkit.images import micro
 from vmkit.images.store import Image
@@ -158,13 +158,13 @@ async def test_each_unusable_state_file_gives_its_own_error(micro_image: Image, 
         last = await save_paused(vm, good)
     size = good.stat().st_size
 
-    async def refused(path: Path, exc_type: type[Exception], match: str, *, cfg_: MachineConfig = cfg,
+    async def refused(path: Path, exc_type: type[VmkitError], match: str, *, cfg_: MachineConfig = cfg,
                       key: bytes | None = None, launches: bool = False) -> None:
         vm = VirtualMachine(cfg_, tmp_path / "r")
         async with vm:
             with pytest.raises(exc_type, match=match) as exc:
                 await savestate.restore_state(vm, path, key=key)
-            assert getattr(exc.value, "exit_code", None) == 10
+            assert exc.value.exit_code == exc_type.exit_code and exc.value.exit_code in STATE_FILE_CODES
             assert vm.state in (VmState.STOPPED, VmState.ERROR)
             if launches:
                 assert vm.pid is not None and not pid_alive(vm.pid), "QEMU outlived a failed restore"
@@ -242,7 +242,7 @@ async def test_disk_full_during_save_leaves_the_earlier_save_intact(micro_image:
         await vm.pause()
         with pytest.raises(NoSpace, match="no space left") as exc:
             await savestate.save_state(vm, target)
-        assert exc.value.exit_code == 10 and "unchanged" in str(exc.value.hint)
+        assert exc.value.exit_code == ExitCode.STATE_FILE and "unchanged" in str(exc.value.hint)
         assert target.read_bytes() == before, "the earlier save was touched"
         assert sorted(p.name for p in small_tmpfs.iterdir()) == ["st.vmstate"], "a partial file was left"
         b"".join(iter_payload(target, keys.load_key()))  # still authentic from end to end
@@ -371,3 +371,28 @@ async def test_clock_is_behind_after_a_restore_and_the_agent_corrects_it(micro_i
         clock = await savestate.fix_guest_clock(vm, behind_seconds=result.suspended_seconds)
         assert clock.corrected and "guest agent" in clock.message
         assert abs(await guest_behind(b)) < 2
+
+
+async def test_restore_runs_the_machine_type_the_state_was_saved_with(micro_image: Image, tmp_path: Path) -> None:
+    # a QEMU upgrade moves the q35 alias to a newer pc-q35-X.Y; here the older QEMU is played by
+    # running pc-q35-7.1 on purpose: the restore must run that type again, not the alias's newest
+    cfg = config(micro_image, None)
+    state = tmp_path / "old-q35.vmstate"
+    async with VirtualMachine(cfg, tmp_path / "a") as vm:
+        await vm.start(machine_type="pc-q35-7.1")
+        await vm.wait_ready()
+        await next_tick(vm, 0)
+        assert await savestate.machine_type(vm) == "pc-q35-7.1"
+        last = await save_paused(vm, state)
+    assert read_info(state).header.machine_type == "pc-q35-7.1"
+    async with VirtualMachine(cfg, tmp_path / "b") as vm2:
+        await savestate.restore_state(vm2, state)
+        assert await savestate.machine_type(vm2) == "pc-q35-7.1"
+        await vm2.resume()
+        first = await next_tick(vm2, 0)
+        assert last < first <= last + 2, f"the counter restarted: {last} before the save, {first} after"
+    # a cold boot afterwards runs the alias again (the newest type)
+    async with booted(cfg, tmp_path / "c") as vm3:
+        assert await savestate.machine_type(vm3) != "pc-q35-7.1"
+    # a type of another family is never pinned: the header check refuses it
+    assert savestate.pinned_machine_type(cfg, "pc-i440fx-7.2") is None

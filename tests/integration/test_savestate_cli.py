@@ -35,9 +35,9 @@ def console_ticks(name: str, pattern: str = r"vmkit-tick \d+") -> list[int]:
     return micro.parse_ticks(vmkit("console", name, "--log", "--until", until, "--timeout", "60").stdout)
 
 
-def refused(*args: str, match: str) -> None:
+def refused(*args: str, match: str, code: int) -> None:
     res = vmkit(*args, check=False)
-    assert res.returncode == 10, f"exit {res.returncode}, expected 10:\n{res.stdout}\n{res.stderr}"
+    assert res.returncode == code, f"exit {res.returncode}, expected {code}:\n{res.stdout}\n{res.stderr}"
     assert match in one_line(res.stderr), res.stderr
     assert "hint:" in res.stderr and "discard the state file" in one_line(res.stderr)
 
@@ -64,29 +64,29 @@ def test_stop_save_start_resumes_and_every_unusable_file_has_its_error(vmkit_hom
     # each unusable file: its own message, exit code 10, and the file is left alone
     bogus = tmp_path / "bogus.vmstate"
     bogus.write_bytes(os.urandom(4096))
-    refused("restore", "sv", str(bogus), match="is not a vmkit state file")
+    refused("restore", "sv", str(bogus), match="is not a vmkit state file", code=11)
     truncated = tmp_path / "truncated.vmstate"
     truncated.write_bytes(pristine.read_bytes()[: pristine.stat().st_size // 2])
-    refused("restore", "sv", str(truncated), match="cannot be trusted")
+    refused("restore", "sv", str(truncated), match="cannot be trusted", code=15)
     tampered = tmp_path / "tampered.vmstate"
     data = bytearray(pristine.read_bytes())
     data[len(data) * 2 // 3] ^= 0x40
     tampered.write_bytes(bytes(data))
-    refused("restore", "sv", str(tampered), match="does not authenticate")
+    refused("restore", "sv", str(tampered), match="does not authenticate", code=15)
     key = vmkit_home / "config" / "state.key"
     own_key = key.read_bytes()
     key.write_bytes(secrets.token_bytes(32))  # another user's key
-    refused("restore", "sv", match="written with a different key")
+    refused("restore", "sv", match="written with a different key", code=15)
     key.write_bytes(own_key)
     yaml_text = (inst / "vm.yaml").read_text()
     (inst / "vm.yaml").write_text(yaml_text.replace("memory: 128M", "memory: 256M"))
-    refused("restore", "sv", match="memory was 128M, it is now 256M")
+    refused("restore", "sv", match="memory was 128M, it is now 256M", code=14)
     (inst / "vm.yaml").write_text(yaml_text)
     backup = tmp_path / "data.raw.copy"
     shutil.copy2(disk, backup)  # a copy taken with the save (timestamps preserved) ...
     with disk.open("r+b") as fh:
         fh.write(b"written while the machine was saved")
-    refused("restore", "sv", match="the disks changed since")
+    refused("restore", "sv", match="the disks changed since", code=16)
     shutil.copy2(backup, disk)  # ... puts the disk back as the save knew it
     assert state_of("sv") == "saved" and saved.read_bytes() == pristine.read_bytes()
 

@@ -103,7 +103,7 @@ def test_other_configuration_names_the_field(tmp_path: Path, home: Path) -> None
     write_state(tmp_path / "s.vmstate", config(tmp_path), key)
     with pytest.raises(ConfigMismatch, match="memory was 256M, it is now 512M") as exc:
         savestate.precheck(tmp_path / "s.vmstate", config(tmp_path, memory="512M"), TCG)
-    assert exc.value.exit_code == ExitCode.STATE_FILE and exc.value.field == "memory"
+    assert exc.value.exit_code == ExitCode.STATE_CONFIG and exc.value.field == "memory"
     with pytest.raises(ConfigMismatch, match=r"cpus=1.*cpus=2"):
         savestate.precheck(tmp_path / "s.vmstate", config(tmp_path, memory="512M", cpus=2), TCG)
 
@@ -253,9 +253,9 @@ def test_start_falls_back_to_a_cold_boot(instance: Instance, monkeypatch: pytest
         with instance.saved_state_path.open("r+b") as fh:
             fh.seek(30)
             fh.write(b"#")
-    else:  # the supervisor found the stream unusable (only the exit code crosses the process boundary)
+    else:  # the supervisor found the stream unusable (a class this process does not know: its exit code)
         failure = VmkitError("QEMU could not load the state")
-        failure.exit_code = ExitCode.STATE_FILE
+        failure.exit_code = ExitCode.STATE_RESTORE
     calls: list[list[str]] = []
     monkeypatch.setattr(control, "start", fake_start(calls, failure))
     monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)

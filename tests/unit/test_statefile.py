@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vmkit import statefile
-from vmkit.errors import ExitCode, VmkitError
+from vmkit.errors import STATE_FILE_CODES, ExitCode, VmkitError
 from vmkit.keys import key_id
 from vmkit.statefile import (
     DEFAULT_CHUNK_SIZE,
@@ -37,6 +37,7 @@ from vmkit.statefile import (
     NotAStateFile,
     StateFileError,
     StateFileReader,
+    StateFileWriteError,
     StateFileWriter,
     StateHeader,
     UnsupportedFormatVersion,
@@ -288,7 +289,7 @@ def _assert_rejected(path: Path, key: bytes, match: str | None = None) -> Authen
     with pytest.raises(AuthenticationFailed, match=match) as info:
         _load(path, key)
     err = info.value
-    assert err.exit_code == ExitCode.STATE_FILE
+    assert err.exit_code == ExitCode.STATE_AUTH == 15
     assert "cold-boot" in str(err) and str(path) in str(err)
     return err
 
@@ -469,7 +470,7 @@ def test_bogus_file(tmp_path: Path, key: bytes, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(NotAStateFile) as info:
         read_header(path)
-    assert info.value.exit_code == ExitCode.STATE_FILE
+    assert info.value.exit_code == ExitCode.NOT_A_STATE_FILE == 11
     assert "cold-boot" in str(info.value)
     with pytest.raises(NotAStateFile):
         _load(path, key)
@@ -514,7 +515,7 @@ def test_unsupported_format_version(saved: Path, key: bytes, version: int) -> No
         with pytest.raises(UnsupportedFormatVersion) as info:
             read()
         assert info.value.found == version
-        assert info.value.exit_code == ExitCode.STATE_FILE
+        assert info.value.exit_code == ExitCode.STATE_FORMAT == 12
     if version > FORMAT_VERSION:
         assert "newer vmkit" in str(info.value)
 
@@ -595,10 +596,11 @@ def test_version_1_damage_is_detected(tmp_path: Path, header: StateHeader, key: 
 
 
 def test_error_hierarchy() -> None:
-    for cls in (NotAStateFile, UnsupportedFormatVersion, IncompatibleQemu, ConfigMismatch,
-                AuthenticationFailed, DisksChanged, NoSpace):  # fmt: skip
+    codes = {NotAStateFile: 11, UnsupportedFormatVersion: 12, IncompatibleQemu: 13, ConfigMismatch: 14,
+             AuthenticationFailed: 15, DisksChanged: 16, StateFileWriteError: 10, NoSpace: 10}
+    for cls, code in codes.items():
         assert issubclass(cls, StateFileError) and issubclass(cls, VmkitError)
-        assert cls.exit_code == ExitCode.STATE_FILE
+        assert cls.exit_code == code and code in STATE_FILE_CODES  # each kind of unusable file: its own code
 
 
 # ---------------------------------------------------------------- compatibility
@@ -629,7 +631,7 @@ def test_machine_type_mismatch(header: StateHeader) -> None:
 def test_config_digest_mismatch(header: StateHeader) -> None:
     with pytest.raises(ConfigMismatch, match="configuration digest") as info:
         check_compatible(header, header.model_copy(update={"config_digest": "sha256:" + "cd" * 32}))
-    assert info.value.exit_code == ExitCode.STATE_FILE
+    assert info.value.exit_code == ExitCode.STATE_CONFIG
 
 
 def test_ram_mismatch(header: StateHeader) -> None:

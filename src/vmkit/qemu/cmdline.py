@@ -30,6 +30,9 @@ class Runtime:
     serial_fd: int
     pidfile: Path | None = None
     share_dir: Path | None = None  # where the virtiofs vhost-user sockets live (the instance dir)
+    machine_type: str | None = None
+    """A versioned machine type to run instead of the configuration's alias (``pc-q35-7.1`` for
+    ``q35``): a restore runs the type the state was saved with, as libvirt pins it."""
 
     def virtiofs_socket(self, tag: str) -> Path:
         return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
@@ -44,11 +47,12 @@ def opt_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def base_args(config: MachineConfig, accel: AccelChoice) -> list[str]:
+def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
+    machine = machine_type or config.machine
     return [
         "-name", f"{opt_escape(config.name)},debug-threads=on",
-        "-machine", f"{config.machine},memory-backend=mem" if config.needs_shared_memory else config.machine,
+        "-machine", f"{machine},memory-backend=mem" if config.needs_shared_memory else machine,
         *accel.argv,
         "-cpu", cpu,
         "-smp", str(config.cpus),
@@ -229,7 +233,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
     argv = [binary or QEMU_BINARY[config.arch]]
-    argv += base_args(config, accel)
+    argv += base_args(config, accel, runtime.machine_type)
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
