@@ -28,11 +28,13 @@ Compression: each chunk is stored as a zstd frame (``"compression": "zstd"`` in 
 when that is smaller, else raw. Whether a chunk is worth compressing is decided from a few
 4 KiB samples, so incompressible memory (random or already compressed data) costs only the
 samples. QEMU's stream compresses well even when the pages themselves do not (page headers,
-zero-page markers, kernel text), so the file is smaller than QEMU's own stream. Compression
-never holds QEMU up, though: when QEMU streams faster than chunks compress (a full chunk is
-already waiting when the sealer picks up the next) and the disk is keeping up, that chunk is
-stored raw, so the save runs at the stream's speed and compresses what the spare CPU time
-allows; when the disk is the slower part, every chunk that pays is compressed. Compressing
+zero-page markers, kernel text), so the file is smaller than QEMU's own stream. A save must
+not be slower for it, though, so while QEMU streams there are two tiers. Cheap chunks (samples
+shrink below a quarter: mostly zero or repetitive pages, which zstd compresses at several GB/s)
+are always compressed. Merely compressible ones are compressed only when a CPU is spare for it
+(QEMU's migration thread takes one and the reading thread another, so at least three) and
+QEMU is not waiting on that chunk: when a full chunk is already queued behind it and the disk
+keeps up, it is stored raw; when the disk is the slower part, compressing saves time. Compressing
 before encrypting lets the size of each record depend on the content (the CRIME/BREACH class
 of leaks); that needs an attacker who can make the machine save again and again with content
 of their choosing and watch the sizes, which a local save file does not offer.
@@ -162,6 +164,8 @@ here, so every CPU second shows."""
 _PROBES = 4  # samples of _PROBE_BYTES tried before compressing a whole chunk
 _PROBE_BYTES = 4096
 _PROBE_RATIO = 0.625  # compress a chunk if its samples shrink to this fraction of their size, on average
+_CHEAP_RATIO = 0.25  # ... and always if they shrink to this: such chunks compress at several GB/s
+_SPARE_CPUS = 3  # CPUs a save needs before compressing more than the cheap chunks (QEMU + reader + sealer)
 _HEADER_COUNTER = (1 << 64) - 1
 _FLAG_MORE = b"\x00"
 _FLAG_FINAL = b"\x01"
@@ -970,6 +974,13 @@ class _Cancelled(Exception):
     """The worker thread was asked to stop."""
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _create_temp(path: Path, *, unnamed: bool = True) -> tuple[int, str | None]:
     """An fd for the new file's content: unnamed (O_TMPFILE) if possible, else a hidden temp file.
 
@@ -1050,6 +1061,7 @@ class StateFileWriter:
         self._flusher: _Flusher | None = None
         self._sink: _DirectSink | None = None
         self._started = time.monotonic()
+        self._spare_cpu = True  # for the merely compressible chunks (see fill_from_fd)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd, self._tmp = _create_temp(self.path, unnamed=self._unnamed_temp)
@@ -1104,6 +1116,9 @@ class StateFileWriter:
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         sealer = _Sealer(self) if _PIPELINE else None
+        # the producer (QEMU) takes a CPU and this thread another: compressing everything that
+        # would shrink needs a third, else it slows the stream down
+        self._spare_cpu = _usable_cpus() >= _SPARE_CPUS
         try:
             while True:
                 if cancel is not None and cancel.is_set():
@@ -1134,28 +1149,35 @@ class StateFileWriter:
                 sealer.stop()
         return total
 
-    def _worth_compressing(self, plain: memoryview) -> bool:
-        """Whether a few samples spread over ``plain`` shrink to ``_PROBE_RATIO`` of their size, on average.
+    def _sampled_ratio(self, plain: memoryview) -> float:
+        """How far a few samples spread over ``plain`` shrink, on average (0 for a chunk too small to sample).
 
-        Chunks that would shrink less are mostly incompressible pages: compressing them costs
+        Chunks whose samples shrink little are mostly incompressible pages: compressing them costs
         nearly as much CPU time as a chunk that shrinks a lot, for little gain.
         """
         assert self._probe is not None
         n = len(plain)
         if n <= _PROBES * _PROBE_BYTES:
-            return True
+            return 0.0
         step = (n - _PROBE_BYTES) // (_PROBES - 1)
         packed = sum(len(self._probe.compress(plain[i * step : i * step + _PROBE_BYTES])) for i in range(_PROBES))
-        return packed < _PROBES * _PROBE_BYTES * _PROBE_RATIO
+        return packed / (_PROBES * _PROBE_BYTES)
+
+    def _should_compress(self, plain: memoryview, *, hurry: bool) -> bool:
+        """Cheap chunks (mostly zero or repetitive pages) always; the merely compressible ones only when
+        a CPU is spare for it and the stream is not waiting on this chunk (unless the disk is the slower part)."""
+        if not len(plain):
+            return False
+        optional = self._spare_cpu and not (hurry and (self._sink is None or self._sink.keeping_up()))
+        ratio = self._sampled_ratio(plain)
+        return ratio < _CHEAP_RATIO or (optional and ratio < _PROBE_RATIO)
 
     def _seal(self, plain: memoryview, *, final: bool, hurry: bool = False) -> None:
-        """Seal one chunk. ``hurry``: the stream is waiting on this; store the chunk raw unless
-        the disk is the slower part (then compressing it saves more time than it takes)."""
+        """Seal one chunk. ``hurry``: the stream is waiting on this (see :meth:`_should_compress`)."""
         n = len(plain)
         stored: memoryview | bytes = plain
         word = _REC_FINAL if final else 0
-        skip = hurry and (self._sink is None or self._sink.keeping_up())
-        if self._zstd is not None and n and not skip and self._worth_compressing(plain):
+        if self._zstd is not None and self._should_compress(plain, hurry=hurry):
             packed = self._zstd.compress(plain)
             if len(packed) < n:
                 stored, word = packed, word | _REC_COMPRESSED

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
+import random
 import secrets
 import stat
 import struct
@@ -201,23 +203,58 @@ def test_compressed_and_raw_records_in_one_file(tmp_path: Path, header: StateHea
     assert len(path.read_bytes()) < len(data) * 0.55  # 2.5 of the 5 chunks are random
 
 
-def test_chunk_is_stored_raw_when_the_stream_waits_unless_the_disk_is_behind(
+def _half_compressible(seed: int) -> bytes:
+    """Pages alternately random and repetitive: shrinks to about half, neither cheap nor hopeless."""
+    noise = random.Random(seed).randbytes(SMALL_CHUNK)
+    text = (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK]
+    return b"".join((noise if i % 2 == 0 else text)[i * 4096 : (i + 1) * 4096] for i in range(SMALL_CHUNK // 4096))
+
+
+def test_compression_tiers_while_streaming(
     tmp_path: Path, header: StateHeader, key: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    text = (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK]
+    cheap, half = (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK], _half_compressible(1)
     path = tmp_path / "vm.state"
     w = StateFileWriter(path, header, key, chunk_size=SMALL_CHUNK)
     if w._sink is None:
         w.abort()
         pytest.skip("the file system refuses O_DIRECT: no disk backlog to consult")
-    w._seal(memoryview(text), final=False)  # nobody waits: compressed
-    w._seal(memoryview(text), final=False, hurry=True)  # the next chunk waits, the disk keeps up: raw
+    w._spare_cpu = True  # a third CPU beside QEMU and the reader
+    w._seal(memoryview(half), final=False)  # nobody waits: compressed
+    w._seal(memoryview(half), final=False, hurry=True)  # the next chunk waits and the disk keeps up: raw
+    w._seal(memoryview(cheap), final=False, hurry=True)  # cheap chunks are compressed even then
     monkeypatch.setattr(statefile._DirectSink, "keeping_up", lambda self: False)
-    w._seal(memoryview(text), final=False, hurry=True)  # the disk is behind: compressing saves time
-    w.payload_bytes = 3 * SMALL_CHUNK
+    w._seal(memoryview(half), final=False, hurry=True)  # the disk is behind: compressing saves time
+    w._spare_cpu = False  # two CPUs: QEMU and the reader take them
+    w._seal(memoryview(half), final=False)  # only cheap chunks are compressed
+    w._seal(memoryview(cheap), final=False)
+    w.payload_bytes = 6 * SMALL_CHUNK
     w.commit()
-    assert [c for _, _, c, _, _ in _records(path)] == [True, False, True, False]  # the final record is empty
-    assert _load(path, key) == text * 3
+    kinds = [c for _, _, c, _, _ in _records(path)]
+    assert kinds == [True, False, True, True, False, True, False]  # the final record is empty
+    assert _load(path, key) == half + half + cheap + half + half + cheap
+
+
+def test_streaming_save_compresses_by_the_cpus_it_has(
+    tmp_path: Path, header: StateHeader, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _half_compressible(2) * 4 + (b"kernel text " * SMALL_CHUNK)[:SMALL_CHUNK]
+    sizes = {}
+    monkeypatch.setattr(statefile, "_PIPELINE", False)  # sealed inline: never hurried, only the CPUs count
+    for cpus in (2, 4):
+        monkeypatch.setattr(statefile, "_usable_cpus", lambda cpus=cpus: cpus)
+        path = tmp_path / f"{cpus}.state"
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        os.write(w, data)
+        os.close(w)
+        with StateFileWriter(path, header, key, chunk_size=SMALL_CHUNK) as writer:
+            writer.fill_from_fd(r)
+        os.close(r)
+        assert _load(path, key) == data
+        sizes[cpus] = [c for _, _, c, _, _ in _records(path)]
+    assert sizes[2] == [False, False, False, False, True, False]  # only the cheap chunk
+    assert sizes[4] == [True, True, True, True, True, False]
 
 
 def test_reader_header_is_authenticated_and_chunks_are_views(tmp_path: Path, header: StateHeader, key: bytes) -> None:
