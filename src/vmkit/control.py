@@ -237,8 +237,16 @@ def pause(name: str) -> Status:
     return Status.from_dict(client(name).call("POST", "/v1/pause"))
 
 
-def resume(name: str) -> Status:
-    return Status.from_dict(client(name).call("POST", "/v1/resume"))
+@dataclass(frozen=True)
+class Resumed:
+    status: Status
+    clock: dict[str, Any] | None
+    """The clock fix-up (corrected, behind_seconds, message): the guest's clock stood still while paused."""
+
+
+def resume(name: str) -> Resumed:
+    data = client(name).call("POST", "/v1/resume")
+    return Resumed(status=Status.from_dict(data), clock=data.get("clock"))
 
 
 def stop(name: str, *, force: bool = False, timeout: float = 30.0) -> Status:

@@ -123,6 +123,12 @@ class VirtualMachine:
         self.qmp: Monitor | None = None
         self.exit_info: ExitInfo | None = None
         self.started_at: float | None = None
+        self.guest_clock_stopped_at: float | None = None
+        """Host wall-clock time (``time.time()``) since which the guest's clock stands still: set
+        when the machine pauses; a restore or snapshot revert sets it to when that state was
+        taken. None while the guest runs."""
+        self.clock_behind_seconds: float | None = None
+        """How far behind the guest clock was when the machine last resumed (None if unknown)."""
         self._state = VmState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -185,9 +191,22 @@ class VirtualMachine:
             return
         old = self._state
         self._state = new
+        self._track_guest_clock(old, new)
         self._state_changed.set()
         self._state_changed = asyncio.Event()
         self._emit("state-changed", previous=old.value, **detail)
+
+    def _track_guest_clock(self, old: VmState, new: VmState) -> None:
+        """The guest's clock stands still while the machine is paused (QEMU stops its virtual clock)."""
+        if new == VmState.PAUSED and old in (VmState.RUNNING, VmState.PAUSING):
+            if self.guest_clock_stopped_at is None:
+                self.guest_clock_stopped_at = time.time()
+        elif new == VmState.RUNNING and old in (VmState.PAUSED, VmState.RESUMING):
+            since = self.guest_clock_stopped_at
+            self.clock_behind_seconds = max(0.0, time.time() - since) if since is not None else None
+            self.guest_clock_stopped_at = None
+        elif new in (VmState.STARTING, VmState.STOPPED, VmState.ERROR):
+            self.guest_clock_stopped_at = None  # a booting guest reads the host's time from its RTC
 
     def _require(self, operation: str, *allowed: VmState) -> None:
         if self._state not in allowed:

@@ -124,6 +124,7 @@ __all__ = [
     "precheck",
     "read_verified_header",
     "restore_state",
+    "resume_and_fix_clock",
     "revert_snapshot",
     "save_state",
     "snapshot_targets",
@@ -580,6 +581,7 @@ async def restore_state(vm: VirtualMachine, path: Path, progress: ProgressCallba
     except BaseException:
         await vm.shutdown(timeout=2)
         raise
+    vm.guest_clock_stopped_at = saved.created_at.timestamp()  # the guest's clock stopped at the save
     suspended = max(0.0, (datetime.now(UTC) - saved.created_at).total_seconds())
     return RestoreResult(info=info, header=saved, suspended_seconds=suspended)
 
@@ -589,13 +591,16 @@ async def restore_state(vm: VirtualMachine, path: Path, progress: ProgressCallba
 
 async def fix_guest_clock(vm: VirtualMachine, *, behind_seconds: float | None = None,
                           agent: Path | None = None, setter: ClockSetter | None = None) -> ClockResult:
-    """After resuming a restored or reverted machine: set its clock through the guest agent.
+    """After resuming a paused, restored or reverted machine: set its clock through the guest agent.
 
-    The agent channel defaults to ``qga.sock`` in the machine's directory. Never raises: the
-    result says whether the clock was corrected, and how far behind it is if not.
+    ``behind_seconds`` defaults to how long the guest's clock stood still before the last resume
+    (:attr:`VirtualMachine.clock_behind_seconds`). The agent channel defaults to ``qga.sock`` in
+    the machine's directory. Never raises: the result says whether the clock was corrected, and
+    how far behind it is if not.
     """
     sock = agent if agent is not None else agent_socket(vm.workdir)
-    result = await correct_guest_clock(sock, behind_seconds=behind_seconds, setter=setter)
+    behind = behind_seconds if behind_seconds is not None else vm.clock_behind_seconds
+    result = await correct_guest_clock(sock, behind_seconds=behind, setter=setter)
     log.info("%s: %s", vm.config.name, result.message)
     return result
 
@@ -751,10 +756,17 @@ async def revert_snapshot(vm: VirtualMachine, tag: str, *, resume: bool | None =
     was_running = await _paused_for(vm, "revert to a snapshot")
     await _run_job(vm, "snapshot-load", {"tag": tag, "vmstate": targets.vmstate, "devices": list(targets.nodes)},
                    f"loading snapshot {tag!r}")
+    vm.guest_clock_stopped_at = found[0].created  # the guest's clock now reads the snapshot's time
     if resume if resume is not None else was_running:
-        await vm.resume()
-        return await fix_guest_clock(vm, behind_seconds=max(0.0, time.time() - found[0].created))
+        return await resume_and_fix_clock(vm)
     return None
+
+
+async def resume_and_fix_clock(vm: VirtualMachine) -> ClockResult:
+    """Resume the PAUSED machine and put its clock right (see :func:`fix_guest_clock`): by the time
+    it stood paused, or since the save or snapshot it was restored or reverted to."""
+    await vm.resume()
+    return await fix_guest_clock(vm)
 
 
 async def delete_snapshot(vm: VirtualMachine, tag: str) -> None:

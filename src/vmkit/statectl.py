@@ -67,6 +67,8 @@ class SaveOutcome:
     seconds: float
     keep_running: bool
     status: Status
+    clock: dict[str, Any] | None = None
+    """The clock fix-up after ``keep_running`` resumed the machine (its clock stood still meanwhile)."""
 
 
 def _supervised(name: str, operation: str) -> Instance:
@@ -109,7 +111,7 @@ def save(name: str, path: Path | None = None, *, keep_running: bool = False,
         control.wait_unsupervised(inst, 30.0)
     return SaveOutcome(path=Path(result["path"]), payload_bytes=int(result["payload_bytes"]),
                        file_bytes=int(result["file_bytes"]), seconds=float(result["seconds"]),
-                       keep_running=keep_running, status=inst.reconcile())
+                       keep_running=keep_running, status=inst.reconcile(), clock=result.get("clock"))
 
 
 # --------------------------------------------------------------------------- start / restore

@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from vmkit import hotplug
+from vmkit import hotplug, savestate
 from vmkit.config import PortForward, StorageDevice, validate_model
 from vmkit.errors import ConfigError, QemuError, VmkitError, error_fields
 from vmkit.hotplug import disk_table
@@ -204,8 +204,10 @@ class Supervisor:
         return web.json_response(self.status.to_dict())
 
     async def _h_resume(self, request: web.Request) -> web.Response:
-        await self.vm.resume()
-        return web.json_response(self.status.to_dict())
+        clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
+        if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now
+            await self.vm.mount_sshfs()
+        return web.json_response({**self.status.to_dict(), "clock": clock.to_dict()})
 
     async def _h_request_stop(self, request: web.Request) -> web.Response:
         body = await json_body(request)

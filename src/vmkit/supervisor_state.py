@@ -111,28 +111,22 @@ async def start_from_plan(sup: Supervisor, plan: StartPlan, ready_fd: int | None
     """Bring the machine up from a state file or a snapshot (instead of booting it)."""
     vm = sup.vm
     started: dict[str, Any] = {}
-    behind: float | None = None
     progress = _throttled(lambda d, t: _write_line(ready_fd, {"progress": {"done": d, "total": t}}))
     if plan.restore is not None:
         result = await savestate.restore_state(vm, plan.restore, progress, force=plan.force)
-        behind = result.suspended_seconds
         started["restored"] = result.to_dict()
         sup.status.reason = f"restored from {plan.restore}"
     elif plan.snapshot is not None:
         await vm.start(paused=True)
         try:
             await savestate.revert_snapshot(vm, plan.snapshot, resume=False)
-            snaps = [s for s in await savestate.list_snapshots(vm) if s.tag == plan.snapshot]
         except BaseException:
             await vm.shutdown(timeout=2)
             raise
-        behind = max(0.0, time.time() - snaps[0].created) if snaps else None
         started["snapshot"] = plan.snapshot
         sup.status.reason = f"started from snapshot {plan.snapshot}"
-    if not plan.paused:
-        await vm.resume()
-        clock = await savestate.fix_guest_clock(vm, behind_seconds=behind)
-        started["clock"] = clock.to_dict()
+    if not plan.paused:  # the guest's clock stood still since the save or snapshot: put it right
+        started["clock"] = (await savestate.resume_and_fix_clock(vm)).to_dict()
     if plan.consume and plan.restore is not None:
         with contextlib.suppress(FileNotFoundError):
             plan.restore.unlink()  # the machine has moved on: this state must not be resumed twice
@@ -191,7 +185,7 @@ class StateRoutes:
                 log.error("save failed: %s", exc)
                 if was_running and vm.state == VmState.PAUSED:
                     with contextlib.suppress(VmkitError):
-                        await vm.resume()
+                        await savestate.resume_and_fix_clock(vm)
                 self.sup.status.reason = f"save failed: {exc.message.splitlines()[0]}"
                 await _finish(writer, lines)
                 await _last_line(resp, {"error": error_fields(exc)})
@@ -201,8 +195,8 @@ class StateRoutes:
             log.info("state saved to %s (%d bytes, %.2f s)", info.path, info.file_bytes, info.seconds)
             if keep_running:
                 self.sup.status.reason = f"state saved to {path}"
-                if was_running:
-                    await vm.resume()
+                if was_running:  # the guest's clock stood still while the state was saved
+                    result["clock"] = (await savestate.resume_and_fix_clock(vm)).to_dict()
             else:
                 self.sup.exit_reason = f"state saved to {path}"
             await _finish(writer, lines)

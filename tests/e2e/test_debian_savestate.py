@@ -1,5 +1,6 @@
 """Save and resume the full Debian guest through the CLI: a process started before the save still runs
-afterwards, and qemu-guest-agent puts the guest clock right."""
+afterwards, qemu-guest-agent puts the guest clock right (after a restore and after a plain pause), and
+an sshfs share works again after a restore, also one left paused and resumed later."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ from vmkit.images.store import Image
 pytestmark = pytest.mark.e2e
 
 
+def guest_reads(name: str, path: str) -> str:
+    return vmkit("exec", name, "--", "cat", path).stdout.strip()
 
 
 @pytest.mark.timeout(1200)
-def test_stop_save_start_keeps_processes_and_the_clock(vmkit_home: Path, debian12: Image) -> None:
-    vmkit("create", "deb", "--image", "debian-12")
+def test_stop_save_start_keeps_processes_the_clock_and_sshfs(vmkit_home: Path, debian12: Image,
+                                                             tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "before").write_text("written before the save\n")
+    vmkit("create", "deb", "--image", "debian-12", "--mount", f"{shared}:/mnt/host,type=sshfs")
     vmkit("start", "deb")
+    assert guest_reads("deb", "/mnt/host/before") == "written before the save"
     pid = vmkit("exec", "deb", "--", "sh", "-c",
                 "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!").stdout.strip()
     assert pid.isdigit()
@@ -35,4 +43,22 @@ def test_stop_save_start_keeps_processes_and_the_clock(vmkit_home: Path, debian1
     assert vmkit("exec", "deb", "--", "kill", "-0", pid, check=False).returncode == 0, "the process is gone"
     guest_now = int(vmkit("exec", "deb", "--", "date", "+%s").stdout)
     assert abs(guest_now - time.time()) < 3, f"guest clock off by {time.time() - guest_now:.0f} s"
+    # the restored guest's sshfs mount belonged to an ssh session of the old QEMU: it was made anew
+    (shared / "after").write_text("written after the restore\n")
+    assert guest_reads("deb", "/mnt/host/after") == "written after the restore"
+
+    # a plain pause stops the guest's clock too; resume puts it right
+    vmkit("pause", "deb")
+    time.sleep(15)
+    res = vmkit("resume", "deb")
+    assert "guest clock set to the host's time by the guest agent" in " ".join(res.stdout.split()), res.stdout
+    guest_now = int(vmkit("exec", "deb", "--", "date", "+%s").stdout)
+    assert abs(guest_now - time.time()) < 3, f"guest clock off by {time.time() - guest_now:.0f} s after resume"
+
+    # restored but left paused: the share is mounted when it is resumed
+    vmkit("stop", "--save", "deb")
+    assert "is paused" in vmkit("restore", "deb", "--paused").stdout
+    vmkit("resume", "deb")
+    (shared / "later").write_text("written while it was paused\n")
+    assert guest_reads("deb", "/mnt/host/later") == "written while it was paused"
     vmkit("stop", "deb")

@@ -396,3 +396,22 @@ async def test_restore_runs_the_machine_type_the_state_was_saved_with(micro_imag
         assert await savestate.machine_type(vm3) != "pc-q35-7.1"
     # a type of another family is never pinned: the header check refuses it
     assert savestate.pinned_machine_type(cfg, "pc-i440fx-7.2") is None
+
+
+async def test_a_paused_guest_clock_stands_still_and_resume_says_by_how_much(
+    micro_image: Image, tmp_path: Path
+) -> None:
+    async with booted(config(micro_image, None), tmp_path / "a") as vm:
+        guest0, host0 = int((await shell(vm, "date +%s", "T0")).split()[-1]), time.time()
+        await vm.pause()
+        assert vm.guest_clock_stopped_at is not None and abs(vm.guest_clock_stopped_at - time.time()) < 1
+        await asyncio.sleep(3)
+        clock = await savestate.resume_and_fix_clock(vm)
+        guest1, host1 = int((await shell(vm, "date +%s", "T1")).split()[-1]), time.time()
+        lost = (host1 - host0) - (guest1 - guest0)
+        assert lost >= 2, f"the guest clock ran on while paused (lost only {lost:.1f} s)"
+        assert vm.guest_clock_stopped_at is None and vm.clock_behind_seconds is not None
+        assert 3 <= vm.clock_behind_seconds < 5
+        # the micro guest has no agent: the result says so, and by how much the clock is behind
+        assert not clock.corrected and clock.behind_seconds == vm.clock_behind_seconds
+        assert "no guest agent" in clock.message and re.search(r"behind by about [34] s", clock.message)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -90,8 +91,12 @@ def describe_start(name: str, outcome: StartOutcome) -> None:
         out.print(f"[bold]{name}[/] is {st.state}: reverted to snapshot {escape(outcome.snapshot)}", highlight=False)
     else:
         out.print(f"[bold]{name}[/] is {st.state} ({st.accel}; QEMU pid {st.qemu_pid})")
-    if outcome.clock is not None:
-        clock = outcome.clock
+    describe_clock(outcome.clock)
+
+
+def describe_clock(clock: dict[str, Any] | None) -> None:
+    """Say what happened to the guest's clock after it stood still (paused, saved, reverted)."""
+    if clock is not None:
         style = "green" if clock.get("corrected") else "yellow"
         out.print(f"[{style}]clock:[/] {escape(str(clock.get('message')))}", highlight=False)
 
@@ -121,6 +126,7 @@ def save_instance(name: str, file: Path | None, *, keep_running: bool) -> statec
     out.print(f"saved [bold]{name}[/] to {escape(str(outcome.path))} ({_size(outcome.file_bytes)} in "
               f"{outcome.seconds:.1f} s); it is {'saved' if state == 'stopped' and file is None else state}",
               highlight=False)
+    describe_clock(outcome.clock)
     if not keep_running:
         how = f"vmkit start {name}" if file is None else f"vmkit restore {name} {outcome.path}"
         out.print(f"`{escape(how)}` resumes it", highlight=False)

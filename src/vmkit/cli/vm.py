@@ -93,8 +93,9 @@ def pause(name: str) -> None:
 
 def resume(name: str) -> None:
     """Resume a paused virtual machine."""
-    control.resume(name)
+    resumed = control.resume(name)
     out.print(f"[bold]{name}[/] is running")
+    state_cli.describe_clock(resumed.clock)
 
 
 def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
