@@ -19,7 +19,7 @@ sides; the plain file is read from the page cache (``cat > FILE`` left it there)
 disk (its O_DIRECT writes bypass the page cache; the restore asks the kernel to read it ahead
 while QEMU starts). Prints a table and the ratios; the file sizes are those of the last round.
 
-    .venv/bin/python benchmarks/save_bench.py [--sizes 256,1024] [--repeat 3] [--dir DIR]
+    .venv/bin/python benchmarks/save_bench.py [--sizes 256,1024] [--repeat 9] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ async def bench_size(img: Image, mib: int, repeat: int, d: Path) -> dict[str, ob
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB, comma-separated")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=9, help="runs per case (the host disk's speed varies)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
     args = ap.parse_args()
     img = image()
