@@ -31,10 +31,11 @@ samples. QEMU's stream compresses well even when the pages themselves do not (pa
 zero-page markers, kernel text), so the file is smaller than QEMU's own stream. A save must
 not be slower for it, though, so while QEMU streams there are two tiers. Cheap chunks (samples
 shrink below a quarter: mostly zero or repetitive pages, which zstd compresses at several GB/s)
-are always compressed. Merely compressible ones are compressed only when a CPU is spare for it
-(QEMU's migration thread takes one and the reading thread another, so at least three) and
-QEMU is not waiting on that chunk: when a full chunk is already queued behind it and the disk
-keeps up, it is stored raw; when the disk is the slower part, compressing saves time. Compressing
+are always compressed. Merely compressible ones are compressed when the disk is the slower part
+(a full block waits behind the one being written: fewer bytes is then what makes the save
+faster), or else when a CPU is spare for it (QEMU's migration thread takes one and the reading
+thread another, so at least three) and QEMU is not waiting on that chunk (no full chunk is
+queued behind it); otherwise they are stored raw. Compressing
 before encrypting lets the size of each record depend on the content (the CRIME/BREACH class
 of leaks); that needs an attacker who can make the machine save again and again with content
 of their choosing and watch the sizes, which a local save file does not offer.
@@ -868,8 +869,8 @@ class _DirectSink:
         return _DirectSink(fd, max_record)
 
     def keeping_up(self) -> bool:
-        """Whether the disk keeps up: a free buffer is waiting, so handing over a block would not wait."""
-        return not self._free.empty()
+        """Whether the disk keeps up: no full block is queued behind the one being written."""
+        return self._worker.backlog() == 0
 
     def reserve(self, n: int) -> memoryview:
         """Room for ``n`` more bytes (at most ``max_record``); fill it, then :meth:`advance`."""
@@ -1164,11 +1165,13 @@ class StateFileWriter:
         return packed / (_PROBES * _PROBE_BYTES)
 
     def _should_compress(self, plain: memoryview, *, hurry: bool) -> bool:
-        """Cheap chunks (mostly zero or repetitive pages) always; the merely compressible ones only when
-        a CPU is spare for it and the stream is not waiting on this chunk (unless the disk is the slower part)."""
+        """Cheap chunks (mostly zero or repetitive pages) always. The merely compressible ones when the
+        disk is the slower part (every buffer is waiting for it: fewer bytes is what helps then), or
+        when a CPU is spare for it and the stream is not waiting on this chunk."""
         if not len(plain):
             return False
-        optional = self._spare_cpu and not (hurry and (self._sink is None or self._sink.keeping_up()))
+        disk_behind = self._sink is not None and not self._sink.keeping_up()
+        optional = disk_behind or (self._spare_cpu and not hurry)
         ratio = self._sampled_ratio(plain)
         return ratio < _CHEAP_RATIO or (optional and ratio < _PROBE_RATIO)
 

@@ -223,16 +223,19 @@ def test_compression_tiers_while_streaming(
     w._seal(memoryview(half), final=False)  # nobody waits: compressed
     w._seal(memoryview(half), final=False, hurry=True)  # the next chunk waits and the disk keeps up: raw
     w._seal(memoryview(cheap), final=False, hurry=True)  # cheap chunks are compressed even then
-    monkeypatch.setattr(statefile._DirectSink, "keeping_up", lambda self: False)
+    behind = [True]
+    monkeypatch.setattr(statefile._DirectSink, "keeping_up", lambda self: not behind[0])
     w._seal(memoryview(half), final=False, hurry=True)  # the disk is behind: compressing saves time
     w._spare_cpu = False  # two CPUs: QEMU and the reader take them
-    w._seal(memoryview(half), final=False)  # only cheap chunks are compressed
+    w._seal(memoryview(half), final=False)  # ... but while the disk is behind, compressing still pays
+    behind[0] = False
+    w._seal(memoryview(half), final=False)  # the disk keeps up: only cheap chunks are compressed
     w._seal(memoryview(cheap), final=False)
-    w.payload_bytes = 6 * SMALL_CHUNK
+    w.payload_bytes = 7 * SMALL_CHUNK
     w.commit()
     kinds = [c for _, _, c, _, _ in _records(path)]
-    assert kinds == [True, False, True, True, False, True, False]  # the final record is empty
-    assert _load(path, key) == half + half + cheap + half + half + cheap
+    assert kinds == [True, False, True, True, True, False, True, False]  # the final record is empty
+    assert _load(path, key) == half + half + cheap + half + half + half + cheap
 
 
 def test_streaming_save_compresses_by_the_cpus_it_has(
