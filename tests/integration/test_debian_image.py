@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import build_current_debian
 from vmkit import cloudinit
 from vmkit.cloudinstance import free_port
 from vmkit.errors import ConfigError
@@ -52,7 +53,7 @@ def debian_image() -> Image:
         if ev.stage_done:
             print(f"[{ev.elapsed:6.1f} s] {ev.message}", flush=True)
 
-    return build_debian(store, progress=show)
+    return build_current_debian(store, progress=show)
 
 
 @dataclass
@@ -212,6 +213,7 @@ def test_image_manifest_and_cache(debian_image: Image) -> None:
     assert debian_image.kernel and debian_image.kernel.is_file()
     assert debian_image.initrd and debian_image.initrd.is_file()
     assert qemuimg.info(debian_image.disk or Path()).format == "qcow2"
+    assert m.recipe == debian.RECIPE and not debian.is_outdated(debian_image)
     # a second build is a no-op
     started = time.monotonic()
     again = build_debian(_store())

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +114,39 @@ def test_existing_image_is_not_rebuilt(tmp_path: Path, stock: bool, name: str) -
     assert image.name == name
     assert [e.stage for e in events] == ["done"] and "already built" in events[0].message
     assert not store.exists("debian-12" if stock else "debian-12-stock")  # the other variant is untouched
+
+
+def _stored(store: ImageStore, name: str, **manifest: Any) -> None:
+    with store.staging(name) as st:
+        (st / "disk.qcow2").write_bytes(b"x")
+        store.commit(st, ImageManifest(name=name, kind="disk", disk="disk.qcow2", **manifest))
+
+
+def test_an_image_of_an_older_recipe_is_reported_not_replaced(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    _stored(store, "debian-12", source="mmdebstrap bookworm from http://deb.debian.org/debian: ...")
+    events: list[BuildProgress] = []
+    image = build_debian(store, progress=events.append)  # no root, no mmdebstrap needed: nothing is built
+    assert debian.is_outdated(image) and image.manifest.recipe is None
+    assert "older vmkit recipe" in events[0].message and "--force" in events[0].message
+    # current ones and pulled cloud images are not outdated
+    _stored(store, "current", source="mmdebstrap bookworm from x", recipe=debian.RECIPE)
+    _stored(store, "pulled", source="https://cloud.debian.org/images/cloud/bookworm/latest/x.qcow2")
+    assert not debian.is_outdated(store.get("current")) and debian.outdated_note(store.get("pulled")) is None
+
+
+def test_image_list_marks_outdated_images(tmp_path: Path) -> None:
+    cache = tmp_path / "images"
+    store = ImageStore(cache)
+    _stored(store, "debian-12", source="mmdebstrap bookworm from x")
+    _stored(store, "debian-12-new", source="mmdebstrap bookworm from x", recipe=debian.RECIPE)
+    env = {**os.environ, "VMKIT_HOME": str(tmp_path / "home"), "VMKIT_IMAGE_CACHE": str(cache),
+           "COLUMNS": "250", "NO_COLOR": "1"}
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "image", "list"], env=env, capture_output=True,
+                         text=True, check=True)
+    rows = {line.split()[1]: line for line in res.stdout.splitlines() if line.startswith("│ debian")}
+    assert "outdated" in rows["debian-12"] and debian.RECIPE in rows["debian-12-new"]
+    assert "image debian-12 was built by an older vmkit recipe" in " ".join(res.stdout.split())
+    listed = json.loads(subprocess.run([sys.executable, "-m", "vmkit.cli.main", "image", "list", "--json"], env=env,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert {i["name"]: i["outdated"] for i in listed} == {"debian-12": True, "debian-12-new": False}

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -44,6 +45,8 @@ def build(
     with spinner(f"building image {name}") as update:
         image = builder(ImageStore(), force=force, progress=update)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory} ({time.monotonic() - started:.1f} s)")
+    if (note := debian.outdated_note(image)) is not None:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command("list")
@@ -53,14 +56,19 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     if as_json:
         print_json([{"name": i.name, "kind": i.manifest.kind, "directory": str(i.directory),
                      "kernel": str(i.kernel) if i.kernel else None, "initrd": str(i.initrd) if i.initrd else None,
-                     "disk": str(i.disk) if i.disk else None, "created": i.manifest.created} for i in images])
+                     "disk": str(i.disk) if i.disk else None, "created": i.manifest.created,
+                     "recipe": i.manifest.recipe, "outdated": debian.is_outdated(i)} for i in images])
         return
-    table = Table("name", "kind", "kernel", "size", "created")
+    table = Table("name", "kind", "kernel", "size", "created", "recipe")
     for i in images:
         size = sum(f.size for f in i.manifest.files.values())
+        recipe = "[yellow]outdated[/]" if debian.is_outdated(i) else (i.manifest.recipe or "-")
         table.add_row(i.name, i.manifest.kind, i.manifest.kernel_version or "-", f"{size / 2**20:.1f} MiB",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.manifest.created)))
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.manifest.created)), recipe)
     out.print(table)
+    for i in images:
+        if (note := debian.outdated_note(i)) is not None:
+            out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command("rm")

@@ -103,6 +103,10 @@ CMDLINE = "root=/dev/vda rw console=ttyS0 rootfstype=ext4 random.trust_cpu=on cr
 READY_MARKER = FINAL_MARKER  # printed by cloud-init (final_message) when it is done
 # The stock variant: a Debian cloud image's kind of command line (root read-only until fstab says rw).
 STOCK_SUFFIX = "-stock"
+RECIPE = "debian/3"
+"""Bumped whenever what goes into the image changes (packages, trims, kernel command line), so an
+image built by an older vmkit is reported as outdated (3: sshfs and fio added, udev left out of
+the initrd, more generators masked, python3-jsonschema removed)."""
 STOCK_CMDLINE = "root=/dev/vda ro console=ttyS0,115200"
 # Debian 12 cloud images run systemd-networkd (configured through netplan, not installed here).
 STOCK_ENABLED_UNITS = ("systemd-networkd.service",)
@@ -580,6 +584,20 @@ def make_ext4(root: Path, image: Path, *, label: str = ROOT_LABEL, headroom: int
     return size
 
 
+def is_outdated(image: Image) -> bool:
+    """Whether ``image`` was built by an older version of this recipe (pulled images never are)."""
+    return image.manifest.source.startswith("mmdebstrap ") and image.manifest.recipe != RECIPE
+
+
+def outdated_note(image: Image) -> str | None:
+    """What to tell the user about an outdated image, or None if it is current."""
+    if not is_outdated(image):
+        return None
+    return (f"image {image.name} was built by an older vmkit recipe ({image.manifest.recipe or 'unversioned'}, "
+            f"now {RECIPE}: some packages or boot trims differ); rebuild it with `vmkit image build "
+            f"{image.name} --force` once no machine is made from it (their disks are overlays on it)")
+
+
 def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bool = False,
                  progress: ProgressCallback | None = None, name: str | None = None,
                  kernels: Sequence[str] = DEFAULT_KERNELS, extra_packages: Sequence[str] = (),
@@ -603,7 +621,8 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
     if store.exists(image_name) and not force:
         image = store.get(image_name)
         if progress is not None:
-            progress(BuildProgress("done", f"image {image_name} already built (use force to rebuild)", 0.0))
+            progress(BuildProgress("done", outdated_note(image) or f"image {image_name} already built "
+                                   "(use force to rebuild)", 0.0))
         return image
     if os.geteuid() != 0:
         raise HostError("building the Debian image needs root (mmdebstrap writes a root-owned tree)",
@@ -680,6 +699,7 @@ def build_debian(store: ImageStore, *, release: str = DEFAULT_RELEASE, force: bo
                 # the stock final_message ("Cloud-init v. ... finished at ...") has no fixed text
                 ready_marker=None if stock else READY_MARKER,
                 kernel_version=boot[0],
+                recipe=RECIPE,
                 extra={
                     "release": release,
                     "kernels": extra_kernels,

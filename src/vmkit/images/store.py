@@ -57,6 +57,9 @@ class ImageManifest(BaseModel):
     kernel_version: str | None = None
     files: dict[str, ImageFile] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    recipe: str | None = None
+    """The version of the vmkit recipe that built it (``debian/3``); None for pulled images and for
+    ones built before recipes had versions. A builder whose recipe changed reports older ones."""
 
 
 class Image:
