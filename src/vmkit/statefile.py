@@ -1063,15 +1063,12 @@ class StateFileWriter:
         self._sink: _DirectSink | None = None
         self._started = time.monotonic()
         self._spare_cpu = True  # for the merely compressible chunks (see fill_from_fd)
-        try:
+        with self._aborting():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd, self._tmp = _create_temp(self.path, unnamed=self._unnamed_temp)
             os.fchmod(self._fd, 0o600)
             if _DIRECT_IO and chunk_size <= DEFAULT_CHUNK_SIZE:
                 self._sink = _DirectSink.open(self._fd, len(self._out))
-        except OSError as exc:
-            self.abort()
-            raise self._error(exc) from exc
         header_tag = self._aead.encrypt(_nonce(self._prefix, _HEADER_COUNTER), b"", self._digest + _FLAG_HEADER)
         self._write_out(memoryview(head + header_tag))
 
@@ -1197,11 +1194,8 @@ class StateFileWriter:
         else:  # cryptography < 46
             out[_RECORD.size :] = self._aead.encrypt(nonce, bytes(stored), aad)
         if self._sink is not None:
-            try:
+            with self._aborting():
                 self._sink.advance(total)
-            except OSError as exc:
-                self.abort()
-                raise self._error(exc) from exc
             self.file_bytes += total
         else:
             self._write_out(out)
@@ -1209,21 +1203,15 @@ class StateFileWriter:
     def _write_out(self, view: memoryview) -> None:
         assert self._fd is not None
         if self._sink is not None:
-            try:
+            with self._aborting():
                 self._sink.write(view)
-            except OSError as exc:
-                self.abort()
-                raise self._error(exc) from exc
             self.file_bytes += len(view)
             return
-        try:
+        with self._aborting():
             while view:
                 n = os.write(self._fd, view)
                 self.file_bytes += n
                 view = view[n:]
-        except OSError as exc:
-            self.abort()
-            raise self._error(exc) from exc
         if self.file_bytes - self._writeback_from >= _WRITEBACK_WINDOW and _sync_file_range is not None:
             if self._flusher is None:
                 self._flusher = _Flusher(self._fd, _sync_file_range)
@@ -1234,6 +1222,15 @@ class StateFileWriter:
         if self._flusher is not None:
             self._flusher.close(discard=discard)
             self._flusher = None
+
+    @contextlib.contextmanager
+    def _aborting(self) -> Iterator[None]:
+        """An OSError inside drops the temporary file and becomes :class:`NoSpace` or :class:`StateFileWriteError`."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
 
     def _error(self, exc: OSError) -> StateFileWriteError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -1252,7 +1249,7 @@ class StateFileWriter:
         assert self._fd is not None
         self._seal(self._view[: self._filled], final=True)
         self._filled = 0
-        try:
+        with self._aborting():
             if self._sink is not None:
                 self._sink.finish()
                 self._sink.close()
@@ -1272,9 +1269,6 @@ class StateFileWriter:
             os.replace(self._tmp, self.path)
             self._tmp = None
             fsync_dir(self.path.parent)
-        except OSError as exc:
-            self.abort()
-            raise self._error(exc) from exc
         self._done = True
         return SaveInfo(
             path=self.path,
