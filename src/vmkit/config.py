@@ -234,6 +234,8 @@ class PortForward(_Model):
         return f"{self.host_addr}:{self.host_port}->{self.guest_port}/{self.protocol}"
 
 
+# QEMU's -cpu syntax: a model, then features (+f, -f, f=value); nothing else can reach the option string
+_CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(,[+-]?[A-Za-z0-9._-]+(=[A-Za-z0-9._-]+)?)*")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
@@ -311,7 +313,8 @@ class MachineConfig(_Model):
     arch: Literal["x86_64"] = "x86_64"
     accel: Accelerator = Accelerator.AUTO
     machine: Literal["q35", "pc"] = "q35"
-    cpu_model: str | None = Field(default=None, description="QEMU -cpu model; default: host under KVM, max under TCG")
+    cpu_model: str | None = Field(default=None, description="QEMU -cpu model, optionally with features (max,+pdpe1gb); "
+                                              "default: host under KVM, max under TCG")
     boot: LinuxBoot
     storage: tuple[StorageDevice, ...] = ()
     hotplug_slots: int = Field(default=2, ge=0, le=16,
@@ -333,6 +336,14 @@ class MachineConfig(_Model):
                 f"{v!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit (no '/', no '..')"
             )
+        return v
+
+    @field_validator("cpu_model")
+    @classmethod
+    def _cpu_model(cls, v: str | None) -> str | None:
+        if v is not None and not _CPU_MODEL_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a QEMU CPU model: give a model name, optionally with features "
+                             "(letters, digits, '.', '_', '-'), e.g. max or max,+pdpe1gb,la57=off")
         return v
 
     @field_validator("memory")

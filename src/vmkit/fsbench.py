@@ -153,9 +153,17 @@ class Settings:
 QUICK_SETTINGS = Settings(size=4 << 20, runtime=1)
 
 
+def fio_dir_escape(directory: str) -> str:
+    """fio splits ``--directory`` on ``:`` (several directories) unless escaped as ``\\:``."""
+    if "\\" in directory:
+        raise ConfigError.single("shares[].guest_path", f"{directory!r}: fio cannot take a directory with a "
+                                 "backslash; benchmark a share mounted at a path without one")
+    return directory.replace(":", "\\:")
+
+
 def _common(directory: str, settings: Settings) -> list[str]:
     # One file per job, named like the suite's fio-file1..4 and shared by all rows ($jobnum: 0..3).
-    return [f"--directory={directory}", "--filename_format=fio-file$jobnum", f"--size={settings.size}",
+    return [f"--directory={fio_dir_escape(directory)}", "--filename_format=fio-file$jobnum", f"--size={settings.size}",
             "--output-format=json"]
 
 

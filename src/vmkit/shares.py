@@ -51,10 +51,25 @@ def virtiofsd_binary() -> str:
     return found
 
 
+def fuse_opt_escape(value: str) -> str:
+    r"""Escape a value for a FUSE ``-o key=value,...`` option string, as virtiofsd parses it.
+
+    virtiofsd (libfuse's ``fuse_opt_parse``) splits ``-o`` on commas and takes a backslash as an
+    escape for the next character, so ``\\`` and ``\,`` are the only ways to put a backslash or a
+    comma into a value. Without this, a folder named ``/srv/p,source=/srv/secret`` would make
+    virtiofsd serve ``/srv/secret`` (the last ``source`` wins) outside the read-only bind mount.
+    """
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def virtiofsd_argv(share: Share, fd: int, *, binary: str) -> list[str]:
-    """The daemon's argv; read-only shares run under a read-only bind mount in a new mount namespace."""
+    """The daemon's argv; read-only shares run under a read-only bind mount in a new mount namespace.
+
+    The folder reaches virtiofsd only inside ``-o source=``, escaped (:func:`fuse_opt_escape`); the
+    read-only wrapper gets it as a positional argument (never inside a shell or option string).
+    """
     src = str(share.host_path.resolve())
-    argv = [binary, f"--fd={fd}", "-o", f"source={src}", "-o", f"cache={share.cache}",
+    argv = [binary, f"--fd={fd}", "-o", f"source={fuse_opt_escape(src)}", "-o", f"cache={share.cache}",
             "-o", "sandbox=namespace", "-o", "no_posix_lock"]
     if share.read_only:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _RO_WRAPPER, "vmkit-ro", src, *argv]

@@ -141,8 +141,8 @@ def sftp_server_argv(share: Share, *, binary: str, root_dir: Path | None = None)
     --map-root-user``: requests still run with the caller's rights).
     """
     ro = ["-R"] if share.read_only else []
-    if root_dir is None:
-        return [binary, "-e", "-d", str(share.host_path.resolve()), *ro]
+    if root_dir is None:  # -d expands %d, %h, %u: a literal % is %%
+        return [binary, "-e", "-d", str(share.host_path.resolve()).replace("%", "%%"), *ro]
     userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c", _CONFINE, "vmkit-sftp",
             str(root_dir), str(share.host_path.resolve()), "ro" if share.read_only else "rw",

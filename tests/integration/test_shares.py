@@ -135,3 +135,33 @@ def virtiofsd_serving(folder: Path) -> list[int]:
         except OSError:
             continue
     return out
+
+
+async def test_option_injection_in_share_path_is_escaped(micro_full_image: Image, tmp_path: Path) -> None:
+    """A folder named ``.../proj,source=SECRET`` must be served as itself, read-only: unescaped, virtiofsd
+    split its ``-o source=`` on the comma and served SECRET (outside the read-only bind mount), and the
+    guest read and wrote files there."""
+    secret = folder(tmp_path, "secret")
+    decoy = Path(f"{tmp_path}/proj,source={secret}")
+    decoy.mkdir(parents=True)
+    (decoy / "hello.txt").write_text("hello-from-decoy\n")
+    kinds = ["virtiofs", "9p"]
+    shares = [{"type": t, "host_path": str(decoy), "read_only": True} for t in kinds]
+    script = []
+    for i, t in enumerate(kinds):
+        dst = f"/mnt/s{i}"
+        script.append(f"mkdir -p {dst}; {MOUNT[t].format(tag=f'share{i}', dst=dst)} || echo s{i}-mount-failed; "
+                      f"echo s{i}=$(cat {dst}/hello.txt) s{i}-listing=$(ls {dst} | tr '\\n' +); "
+                      f"if echo pwned > {dst}/hello.txt 2>/dev/null; then echo s{i}-write-ok; "
+                      f"else echo s{i}-write-refused; fi")
+    async with VirtualMachine(config(micro_full_image, shares, "; ".join(script)), tmp_path / "vm") as vm:
+        await vm.start()
+        info = await vm.wait(120)
+        assert info.clean, info.reason
+        result = micro.parse_run_output(vm.serial.text())
+    assert result is not None, vm.serial.tail_text(30)
+    for i in range(len(kinds)):
+        assert f"s{i}=hello-from-decoy s{i}-listing=hello.txt+" in result.output, result.output
+        assert f"s{i}-write-refused" in result.output, result.output
+    assert (secret / "hello.txt").read_text() == "hello-from-secret\n"
+    assert (decoy / "hello.txt").read_text() == "hello-from-decoy\n"

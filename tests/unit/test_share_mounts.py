@@ -178,6 +178,22 @@ def test_sftp_server_read_only_refuses_writes(tmp_path: Path, read_only: bool) -
 
 
 @needs_sftp
+@pytest.mark.parametrize("confined", [False, True])
+def test_sftp_server_folder_with_percent_tokens(tmp_path: Path, confined: bool) -> None:
+    """sftp-server expands %u, %h, %d in -d: a folder named like a token must be served as itself."""
+    if confined and os.geteuid() != 0:
+        pytest.skip("the confined server is tested as root")
+    shared = folder(tmp_path, "p%u,%d %h")
+    (shared / "f.txt").write_text("mine\n")
+    c = cfg(tmp_path, [{"type": "sshfs", "host_path": str(shared)}])
+    root = folder(tmp_path, "root") if confined else None
+    sftp = sftp_client(tmp_path, sftp_server_argv(c.shares[0], binary="/usr/lib/openssh/sftp-server", root_dir=root))
+    got = sftp("get f.txt got.txt")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "got.txt").read_text() == "mine\n"
+
+
+@needs_sftp
 @needs_root
 def test_sftp_server_sees_only_the_share(tmp_path: Path) -> None:
     """The guest drives its end of the SFTP stream: the confined server must not reach other host files."""

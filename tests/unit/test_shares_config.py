@@ -89,6 +89,44 @@ def test_virtiofsd_argv_read_only_uses_a_read_only_bind_mount(tmp_path: Path) ->
     assert rw[0] == "vfsd" and "unshare" not in rw
 
 
+@pytest.mark.skipif(not Path("/usr/lib/qemu/virtiofsd").exists(), reason="needs Debian's virtiofsd")
+@pytest.mark.parametrize("name", ["proj,source=/etc", "a\\,b", "back\\slash", "oct\\101al", "trail,", "sp ace"])
+def test_virtiofsd_takes_the_folder_literally(tmp_path: Path, name: str) -> None:
+    """The real virtiofsd parses the escaped ``-o source=`` back to the folder's exact path (it names
+    the path it cannot stat, so a missing folder shows what it parsed)."""
+    import subprocess
+
+    c = cfg(tmp_path, [{"host_path": str(tmp_path)}])
+    missing = tmp_path / name / "missing"
+    share = c.shares[0].model_copy(update={"host_path": missing})
+    argv = virtiofsd_argv(share, 7, binary="/usr/lib/qemu/virtiofsd")
+    argv = [a for a in argv if not a.startswith("--fd=")] + [f"--socket-path={tmp_path}/s.sock"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert res.returncode != 0
+    assert f'failed to stat source ("{missing}")' in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("model", "ok"), [
+    ("max", True), ("max,+pdpe1gb,la57=off", True), ("Skylake-Client-v4", True),
+    ("max,x=1\n", False), ("max,,x", False), ("max x", False), (",max", False), ("max,x=a,b=", False),
+])
+def test_cpu_model_is_refused_unless_plain_qemu_syntax(tmp_path: Path, model: str, ok: bool) -> None:
+    if ok:
+        assert cfg(tmp_path, [], cpu_model=model).cpu_model == model
+    else:
+        with pytest.raises(ConfigError) as err:
+            cfg(tmp_path, [], cpu_model=model)
+        assert err.value.problems[0].field == "cpu_model"
+
+
+def test_fio_directory_is_escaped() -> None:
+    from vmkit.fsbench import fio_dir_escape
+
+    assert fio_dir_escape("/mnt/a:b/.vmkit-fsbench-x") == "/mnt/a\\:b/.vmkit-fsbench-x"
+    with pytest.raises(ConfigError):
+        fio_dir_escape("/mnt/a\\b")
+
+
 @pytest.mark.parametrize(("spec", "expected"), [
     ("/src", {"host_path": "/src"}),
     ("/src:/mnt/src", {"host_path": "/src", "guest_path": "/mnt/src"}),
