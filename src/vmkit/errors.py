@@ -178,7 +178,11 @@ def error_from_code(code: int, message: str, hint: str | None = None) -> VmkitEr
 
 def error_fields(exc: VmkitError) -> dict[str, Any]:
     """An error as it crosses a process boundary (the supervisor's API and its start report)."""
-    return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "exit_code": int(exc.exit_code)}
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
+                           "exit_code": int(exc.exit_code)}
+    if isinstance(exc, ConfigError) and exc.problems:
+        out["field"] = exc.problems[0].field  # the (first) input at fault; the message lists them all
+    return out
 
 
 def error_from_fields(err: Mapping[str, Any]) -> VmkitError:
@@ -189,8 +193,12 @@ def error_from_fields(err: Mapping[str, Any]) -> VmkitError:
     message, hint = str(err.get("message", "the supervisor reported an error")), err.get("hint")
     cls = _BY_NAME.get(str(err.get("type")))
     if cls is not None and int(cls.exit_code) == code:
-        return _rebuild(cls, code, message, hint)
-    return error_from_code(code, message, hint)
+        exc = _rebuild(cls, code, message, hint)
+    else:
+        exc = error_from_code(code, message, hint)
+    if isinstance(exc, ConfigError) and err.get("field"):
+        exc.problems = (Problem(str(err["field"]), message),)
+    return exc
 
 
 def _rebuild(cls: type[VmkitError], code: int, message: str, hint: str | None) -> VmkitError:

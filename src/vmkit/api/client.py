@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from vmkit.api import speccheck
 from vmkit.errors import VmkitError, VmTimeoutError, error_from_fields
 
 
@@ -34,6 +35,8 @@ class SupervisorClient:
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
+        if speccheck.enabled():
+            speccheck.check(method, path, request=body)
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
                 data: Any = await r.json(content_type=None)
@@ -42,6 +45,8 @@ class SupervisorClient:
                              hint="see `vmkit list`; the VM may have just stopped") from exc
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+        if speccheck.enabled():
+            speccheck.check(method, path, status=r.status, response=data)
         if r.status >= 400:
             _raise_from(data)
         return data
@@ -53,13 +58,23 @@ class SupervisorClient:
     async def stream(self, method: str, path: str, body: dict[str, Any] | None = None,
                      timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """A request whose answer is newline-delimited JSON (e.g. progress, then a result)."""
+        check = speccheck.enabled()
+        if check:
+            speccheck.check(method, path, request=body)
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
                 if r.status >= 400:
-                    _raise_from(await r.json(content_type=None))
+                    data = await r.json(content_type=None)
+                    if check:
+                        speccheck.check(method, path, status=r.status, response=data)
+                    _raise_from(data)
                 async for line in r.content:
                     if line.strip():
-                        yield json.loads(line)
+                        item = json.loads(line)
+                        if check:
+                            speccheck.check(method, path, status=r.status, response=item,
+                                            media="application/x-ndjson")
+                        yield item
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
                              hint="see `vmkit list`; the VM may have just stopped") from exc
@@ -67,10 +82,15 @@ class SupervisorClient:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
+        check = speccheck.enabled()
         async with self._session(timeout=0) as s, s.get("http://vmkit/v1/events") as r:
             async for line in r.content:
                 if line.strip():
-                    yield json.loads(line)
+                    item = json.loads(line)
+                    if check:
+                        speccheck.check("GET", "/v1/events", status=r.status, response=item,
+                                        media="application/x-ndjson")
+                    yield item
 
     async def console(self, on_output: Callable[[bytes], None], input_queue: asyncio.Queue[bytes | None],
                       on_connected: Callable[[], None] | None = None) -> None:

@@ -1,0 +1,209 @@
+"""The typed models of the supervisor's REST API: every request body, response and event.
+
+One contract for every client (the CLI, :class:`vmkit.Client`, other languages): the supervisor
+parses request bodies with these models and answers with them, and the OpenAPI document
+(:mod:`vmkit.api.spec`, committed as ``docs/openapi.json``) is generated from them. Outcomes are
+typed fields, never message text to be matched.
+
+Requests forbid unknown fields and do not coerce types (``"timeout": "5"`` or ``true`` for a
+number is refused, naming the field), so a typo never silently does something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_VERSION = "v1"
+
+MachineStateName = Literal["stopped", "starting", "running", "pausing", "paused", "resuming", "stopping", "error"]
+
+
+class Request(BaseModel):
+    """A request body: strict types, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+class ErrorDetail(Response):
+    """What went wrong: ``type`` is the error class (``ConfigError``, ``NotFoundError``, ``StateError``,
+    ...), ``exit_code`` the CLI's exit code for it; ``field`` names the input at fault, ``hint`` says
+    what to do."""
+
+    type: str
+    message: str
+    field: str | None = None
+    hint: str | None = None
+    exit_code: int
+
+
+class ErrorResponse(Response):
+    """Every failure, with any 4xx or 5xx status."""
+
+    error: ErrorDetail
+
+
+# -- status --------------------------------------------------------------------------------------------
+class RuntimeStatus(Response):
+    """The machine's runtime status (also recorded in the instance's ``state.json``)."""
+
+    state: MachineStateName
+    reason: str = ""
+    supervisor_pid: int | None = None
+    qemu_pid: int | None = None
+    started_at: float | None = None
+    accel: str | None = None
+    accel_reason: str | None = None
+    qemu_version: str | None = None
+    degraded: str | None = Field(default=None, description="why the machine runs degraded (a share died)")
+    updated_at: float
+
+
+class ClockFix(Response):
+    """What the clock fix-up did after the guest's clock stood still (pause, restore, revert)."""
+
+    corrected: bool
+    behind_seconds: float | None
+    message: str
+
+
+class ResumeResult(RuntimeStatus):
+    clock: ClockFix
+
+
+class StopResult(RuntimeStatus):
+    exit: str = Field(description="how QEMU ended")
+
+
+class MachineInfo(Response):
+    name: str
+    config: dict[str, Any] = Field(description="the machine's configuration (vm.yaml's schema: `vmkit schema`)")
+    runtime: RuntimeStatus
+
+
+# -- lifecycle requests --------------------------------------------------------------------------------
+class RequestStop(Request):
+    timeout: float | None = Field(default=None, gt=0, le=3600,
+                                  description="seconds to wait for the guest to power off (then 504)")
+
+
+# -- ports ---------------------------------------------------------------------------------------------
+class PortAdded(Response):
+    forward: str
+
+
+# -- disks ---------------------------------------------------------------------------------------------
+class DiskRow(Response):
+    id: str
+    kind: str
+    attachment: str
+    target: str
+    read_only: bool
+    origin: Literal["boot", "hot-plugged"]
+    state: str
+
+
+class DiskAttached(Response):
+    id: str
+    port: str | None = None
+
+
+class DetachDisk(Request):
+    timeout: float = Field(default=30.0, gt=0, le=600, description="seconds to wait for the guest to release it")
+
+
+class DiskDetached(Response):
+    id: str
+    detached: bool
+
+
+# -- guest access ----------------------------------------------------------------------------------------
+class ExecRequest(Request):
+    """Run a program in the guest through its agent (no shell: ``argv[0]`` is looked up on the guest's PATH)."""
+
+    argv: list[str] = Field(min_length=1, max_length=4096)
+    stdin: str | None = Field(default=None, description="base64 of the bytes to feed on stdin",
+                              max_length=64 << 20)
+    timeout: float = Field(default=60.0, gt=0, le=86400)
+
+
+class ExecResult(Response):
+    exit_code: int
+    stdout: str = Field(description="base64")
+    stderr: str = Field(description="base64")
+    signal: int | None = None
+
+
+class FileWritten(Response):
+    path: str
+    bytes: int
+
+
+# -- save, snapshots -----------------------------------------------------------------------------------
+class SaveRequest(Request):
+    path: str | None = Field(default=None, max_length=4096,
+                             description="absolute path of the state file; default: the machine's own")
+    keep_running: bool = False
+    force: bool = Field(default=False, description="replace an existing file that is not a vmkit state file")
+
+
+class Progress(Response):
+    done: int
+    total: int | None
+
+
+class SaveResult(Response):
+    path: str
+    payload_bytes: int
+    file_bytes: int
+    seconds: float
+    keep_running: bool
+    clock: ClockFix | None = None
+
+
+class SaveLine(Response):
+    """One line of the save's NDJSON stream: progress lines, then exactly one result or error."""
+
+    progress: Progress | None = None
+    result: SaveResult | None = None
+    error: ErrorDetail | None = None
+
+
+class SnapshotInfo(Response):
+    tag: str
+    created: float
+    vm_state_bytes: int
+    guest_clock_seconds: float
+
+
+class SnapshotCreate(Request):
+    tag: str = Field(min_length=1, max_length=63)
+
+
+class SnapshotReverted(Response):
+    tag: str
+    state: MachineStateName
+    clock: ClockFix | None = None
+
+
+class SnapshotDeleted(Response):
+    tag: str
+    deleted: bool
+
+
+# -- events ----------------------------------------------------------------------------------------------
+class Event(Response):
+    """One line of ``GET /v1/events``. ``kind``: ``hello`` (first line: the state now), ``state-changed``,
+    ``guest-stopped``, ``stopped-with-error``, ``qmp`` (any other QEMU event, named in
+    ``detail.event``), ``share-failed``, ``nbd-*`` (disk connection changes), ``clock-fixed``..."""
+
+    kind: str
+    state: MachineStateName
+    detail: dict[str, Any] = Field(default_factory=dict)
+    timestamp: float | None = None
