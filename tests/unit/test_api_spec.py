@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from vmkit.api import speccheck, spec
+from vmkit.api import spec, speccheck
 from vmkit.errors import ConfigError, Problem, error_fields, error_from_fields
 
 REPO = Path(__file__).resolve().parents[2]
