@@ -8,6 +8,7 @@ parses arguments, calls these, and renders.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,10 @@ from vmkit.errors import (
     VmTimeoutError,
     error_from_fields,
 )
-from vmkit.guest.agent import AGENT_SOCKET_NAME
-from vmkit.guest.execute import ExecResult, guest_exec
-from vmkit.guest.files import copy_from_guest, copy_to_guest
+from vmkit.fsutil import atomic_open
+from vmkit.guest.execute import ExecResult
+from vmkit.guest.files import CHUNK as FILE_CHUNK
+from vmkit.guest.files import check_remote
 from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
@@ -417,7 +419,12 @@ def exec_in_guest(name: str, argv: list[str], *, timeout: float = 60.0, stdin: b
                                  "or create it from a cloud image")
     if not argv:
         raise ConfigError.single("CMD", "give the command to run after --")
-    return asyncio.run(guest_exec(inst.dir / AGENT_SOCKET_NAME, argv, timeout=timeout, stdin=stdin))
+    body: dict[str, Any] = {"argv": argv, "timeout": timeout}
+    if stdin is not None:
+        body["stdin"] = base64.b64encode(stdin).decode()
+    data = SupervisorClient(inst.api_socket, timeout=timeout + 30).call("POST", "/v1/exec", body)
+    return ExecResult(exit_code=int(data["exit_code"]), stdout=base64.b64decode(data["stdout"]),
+                      stderr=base64.b64decode(data["stderr"]), signal=data.get("signal"))
 
 
 def ssh_argv(name: str, command: list[str], *, tty: bool) -> list[str]:
@@ -539,14 +546,25 @@ def copy(src: str, dst: str) -> int:
         raise StateError("copy files", status.state, ["running"])
     if not inst.load_config().agent:
         raise ConfigError.single("agent", f"{name} has no guest agent channel: use scp with `vmkit ssh-config`")
-    sock = inst.dir / AGENT_SOCKET_NAME
+    api = SupervisorClient(inst.api_socket, timeout=3600)
     if src_guest is not None:
-        return asyncio.run(copy_from_guest(sock, src_guest[1], Path(dst)))
+        remote = src_guest[1]
+        check_remote(remote)
+        with atomic_open(Path(dst), 0o644) as out:
+            return asyncio.run(api.download("/v1/files", {"path": remote}, out.write))
     local = Path(src)
     if not local.is_file():
         raise NotFoundError("file", src)
     assert dst_guest is not None
-    return asyncio.run(copy_to_guest(sock, local, dst_guest[1]))
+    check_remote(dst_guest[1])
+
+    with local.open("rb") as fh:
+        async def pieces() -> AsyncIterator[bytes]:
+            while chunk := fh.read(FILE_CHUNK):
+                yield chunk
+
+        data = asyncio.run(api.upload("/v1/files", {"path": dst_guest[1]}, pieces()))
+    return int(data["bytes"])
 
 
 def _guest_side(spec: str) -> tuple[str, str] | None:

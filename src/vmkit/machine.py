@@ -36,12 +36,13 @@ from typing import Any
 
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
-from vmkit.guest.agent import AGENT_SOCKET_NAME, GuestAgent, GuestAgentError
+from vmkit.guest.agent import AGENT_SOCKET_NAME
+from vmkit.guest.channel import AgentChannel
 from vmkit.hotplug import HotDisk
 from vmkit.nbdwatch import NbdWatcher
 from vmkit.proc import child_setup
 from vmkit.qemu import accel as accel_mod
-from vmkit.qemu.cmdline import Runtime, build_argv
+from vmkit.qemu.cmdline import AGENT_PORT_ID, Runtime, build_argv
 from vmkit.qemu.monitor import Monitor
 from vmkit.serial import SerialConsole
 from vmkit.shares import ShareDaemons
@@ -142,6 +143,9 @@ class VirtualMachine:
         self.nbd = NbdWatcher(self, self._emit)
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.hotplug
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
+        self.agent: AgentChannel | None = AgentChannel(workdir / AGENT_SOCKET_NAME) if config.agent else None
+        """The one connection to the guest agent, shared by every caller (see vmkit.guest.channel)."""
+        self._agent_port_open = asyncio.Event()  # VSERPORT_CHANGE: the guest opened the agent's port
         self.sshfs = SshfsMounts(config, workdir, self._emit, self._gone_or_stopping)
 
     # -- introspection ------------------------------------------------------------------------
@@ -439,15 +443,18 @@ class VirtualMachine:
                 or self._state in (VmState.STOPPING, VmState.STOPPED, VmState.ERROR))
 
     async def _wait_agent(self) -> None:
-        """Until qemu-guest-agent answers on qga.sock (it has no 'I am up' event: retry a ping)."""
-        sock = self.workdir / AGENT_SOCKET_NAME
+        """Until qemu-guest-agent answers: QEMU says when the guest opens the agent's port
+        (VSERPORT_CHANGE), then a ``guest-ping`` through the shared channel confirms it. The ping is
+        retried every few seconds in case the event came before the agent could answer."""
+        if self.agent is None:
+            raise QemuError(f"{self.config.name}: readiness waits for the guest agent, but the machine "
+                            "has no agent channel (agent: false)")
         while True:
-            try:
-                async with GuestAgent(sock, timeout=3.0) as agent:
-                    await agent.execute("guest-ping")
-                    return
-            except GuestAgentError:
-                await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._agent_port_open.wait(), 5.0)
+            if await self.agent.ping(3.0):
+                return
+            await asyncio.sleep(0.5)
 
     async def shutdown(self, timeout: float = 10.0) -> ExitInfo | None:
         """Graceful if possible (power button, ``timeout``), then hard. Always reaps QEMU."""
@@ -494,6 +501,9 @@ class VirtualMachine:
 
     async def _cleanup(self) -> None:
         self.nbd.close()
+        if self.agent is not None:
+            await self.agent.close()
+        self._agent_port_open.clear()
         await self.sshfs.stop()
         await self.shares.stop()
         for t in self._tasks:
@@ -522,6 +532,11 @@ class VirtualMachine:
                 self._set_state(VmState.STOPPING, reason=data.get("reason", "shutdown"))
             elif name == "GUEST_PANICKED":
                 self._panicked = True
+            elif name == "VSERPORT_CHANGE" and data.get("id") == AGENT_PORT_ID:
+                if data.get("open"):
+                    self._agent_port_open.set()
+                else:
+                    self._agent_port_open.clear()
             if not self.nbd.on_qmp_event(name, data):
                 continue  # coalesced I/O-error flood
             self._emit("qmp", event=name, data=data)

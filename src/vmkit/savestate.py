@@ -599,6 +599,8 @@ async def fix_guest_clock(vm: VirtualMachine, *, behind_seconds: float | None = 
     how far behind it is if not.
     """
     sock = agent if agent is not None else agent_socket(vm.workdir)
+    if setter is None and agent is None and sock is not None and vm.agent is not None:
+        setter = vm.agent  # the machine's shared agent connection (never a second one beside it)
     behind = behind_seconds if behind_seconds is not None else vm.clock_behind_seconds
     result = await correct_guest_clock(sock, behind_seconds=behind, setter=setter)
     log.info("%s: %s", vm.config.name, result.message)

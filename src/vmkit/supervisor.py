@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -34,14 +35,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from vmkit import hotplug, savestate
+from vmkit.api import models, spec
 from vmkit.config import PortForward, StorageDevice, validate_model
-from vmkit.errors import ConfigError, QemuError, VmkitError, error_fields
+from vmkit.errors import ConfigError, NotFoundError, QemuError, StateError, VmkitError, error_fields
+from vmkit.guest.agent import GuestAgentError
+from vmkit.guest.channel import AgentChannel
+from vmkit.guest.execute import guest_exec
+from vmkit.guest.files import CHUNK as FILE_CHUNK
+from vmkit.guest.files import check_remote, read_guest_file, write_guest_file
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
@@ -149,6 +157,10 @@ class Supervisor:
             web.post("/v1/stop", self._h_stop),
             web.get("/v1/events", self._h_events),
             web.get("/v1/console", self._h_console),
+            web.get("/v1/openapi.json", self._h_openapi),
+            web.post("/v1/exec", self._h_exec),
+            web.get("/v1/files", self._h_read_file),
+            web.put("/v1/files", self._h_write_file),
             web.post("/v1/ports", self._h_port_add),
             web.get("/v1/disks", self._h_disks),
             web.post("/v1/disks", self._h_disk_attach),
@@ -244,6 +256,71 @@ class Supervisor:
             raise QemuError(f"QEMU refused the port forward {fwd}: {str(reply).strip()}")
         return web.json_response({"forward": str(fwd)})
 
+    async def _h_openapi(self, request: web.Request) -> web.Response:
+        return web.Response(text=spec.openapi_json(), content_type="application/json")
+
+    def _agent(self, operation: str) -> AgentChannel:
+        """The shared agent channel of the running guest, or a clear error."""
+        if self.vm.agent is None:
+            raise ConfigError.single("agent", f"{self.config.name} has no guest agent channel: use `vmkit shell`, "
+                                     "or create it from a cloud image")
+        if self.vm.state != VmState.RUNNING:
+            raise StateError(operation, self.vm.state.value, [VmState.RUNNING.value])
+        return self.vm.agent
+
+    async def _h_exec(self, request: web.Request) -> web.Response:
+        req = validate_model(models.ExecRequest, await json_body(request), context="exec request")
+        agent = self._agent("run a command in the guest")
+        try:
+            stdin = base64.b64decode(req.stdin, validate=True) if req.stdin is not None else None
+        except ValueError:
+            raise ConfigError.single("stdin", "is not base64") from None
+        res = await guest_exec(agent, req.argv, timeout=req.timeout, stdin=stdin)
+        return web.json_response(models.ExecResult(
+            exit_code=res.exit_code, stdout=base64.b64encode(res.stdout).decode(),
+            stderr=base64.b64encode(res.stderr).decode(), signal=res.signal).model_dump(mode="json"))
+
+    @staticmethod
+    def _guest_path(request: web.Request) -> str:
+        path = request.query.get("path")
+        if not path:
+            raise ConfigError.single("path", "give the guest file's absolute path (?path=/...)")
+        check_remote(path)
+        return path
+
+    async def _h_read_file(self, request: web.Request) -> web.StreamResponse:
+        path = self._guest_path(request)
+        pieces = read_guest_file(self._agent("read a file in the guest"), path)
+        try:
+            try:
+                first = await anext(pieces, b"")  # opens the file: a failure is still an error response
+            except GuestAgentError as exc:
+                raise _guest_file_error(exc, path) from None
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await resp.prepare(request)
+            if first:
+                await resp.write(first)
+            async for piece in pieces:  # a failure from here on ends the stream early: the client sees it
+                await resp.write(piece)
+            await resp.write_eof()
+            return resp
+        finally:
+            await pieces.aclose()  # closes the guest file also when the client went away
+
+    async def _h_write_file(self, request: web.Request) -> web.Response:
+        path = self._guest_path(request)
+        agent = self._agent("write a file in the guest")
+
+        async def body() -> AsyncIterator[bytes]:
+            while chunk := await request.content.read(FILE_CHUNK):
+                yield chunk
+
+        try:
+            written = await write_guest_file(agent, path, body())
+        except GuestAgentError as exc:
+            raise _guest_file_error(exc, path) from None
+        return web.json_response(models.FileWritten(path=path, bytes=written).model_dump(mode="json"))
+
     async def _h_disks(self, request: web.Request) -> web.Response:
         return web.json_response(disk_table(self.vm))
 
@@ -281,6 +358,12 @@ class Supervisor:
             remove()
             task.cancel()
         return ws
+
+
+def _guest_file_error(exc: GuestAgentError, path: str) -> VmkitError:
+    if exc.error_class is not None and "No such file" in exc.message:  # the agent's strerror
+        return NotFoundError("guest file", path)
+    return exc
 
 
 _HTTP_STATUS = {2: 400, 3: 404, 4: 409, 8: 504, 9: 409}

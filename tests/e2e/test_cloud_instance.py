@@ -59,6 +59,22 @@ def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path:
     vmkit("cp", "web:/etc/hostname", str(tmp_path / "hostname"))
     assert (tmp_path / "hostname").read_text().strip() == "web"
     assert vmkit("cp", "a", "b", check=False).returncode == 2  # no guest side
+    missing = vmkit("cp", "web:/nonexistent", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 3 and "not found" in missing.stderr
+    assert not (tmp_path / "nothing").exists()
+
+    # two commands at once share the supervisor's one agent connection: the quick one is not held up
+    import time
+
+    slow = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "exec", "web", "--", "sh", "-c",
+                             "sleep 6; echo slow-done"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    began = time.monotonic()
+    assert vmkit("exec", "web", "--", "echo", "quick").stdout.strip() == "quick"
+    assert slow.poll() is None, "the slow command should still be running"
+    assert time.monotonic() - began < 4
+    out, _ = slow.communicate(timeout=60)
+    assert slow.returncode == 0 and out.strip() == "slow-done"
 
     # user-data: runcmd ran (wait for cloud-init to finish first)
     vmkit("exec", "web", "--timeout", "300", "--", "cloud-init", "status", "--wait")

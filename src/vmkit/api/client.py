@@ -81,6 +81,51 @@ class SupervisorClient:
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
 
+    async def download(self, path: str, params: dict[str, str], sink: Callable[[bytes], object],
+                       timeout: float | None = None) -> int:
+        """``GET`` a binary stream (e.g. ``/v1/files``) into ``sink``; returns the bytes received.
+
+        A stream that ends early (the supervisor failed mid-way) raises instead of returning short."""
+        total = 0
+        try:
+            async with self._session(timeout) as s, s.get(f"http://vmkit{path}", params=params) as r:
+                if r.status >= 400:
+                    data = await r.json(content_type=None)
+                    if speccheck.enabled():
+                        speccheck.check("GET", path, status=r.status, response=data)
+                    _raise_from(data)
+                async for piece in r.content.iter_chunked(1 << 20):
+                    sink(piece)
+                    total += len(piece)
+        except aiohttp.ClientPayloadError as exc:
+            raise VmkitError(f"the transfer from the supervisor ended early after {total} bytes: {exc}",
+                             hint="see the machine's supervisor.log") from exc
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
+                             hint="see `vmkit list`; the VM may have just stopped") from exc
+        except TimeoutError as exc:
+            raise VmTimeoutError(f"the supervisor did not finish GET {path} in time") from exc
+        return total
+
+    async def upload(self, path: str, params: dict[str, str], source: AsyncIterator[bytes],
+                     timeout: float | None = None) -> Any:
+        """``PUT`` a binary stream (e.g. ``/v1/files``); returns the JSON answer."""
+        try:
+            async with self._session(timeout) as s, s.put(
+                    f"http://vmkit{path}", params=params, data=source,
+                    headers={"Content-Type": "application/octet-stream"}) as r:
+                data: Any = await r.json(content_type=None)
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
+                             hint="see `vmkit list`; the VM may have just stopped") from exc
+        except TimeoutError as exc:
+            raise VmTimeoutError(f"the supervisor did not finish PUT {path} in time") from exc
+        if speccheck.enabled():
+            speccheck.check("PUT", path, status=r.status, response=data)
+        if r.status >= 400:
+            _raise_from(data)
+        return data
+
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         check = speccheck.enabled()
         async with self._session(timeout=0) as s, s.get("http://vmkit/v1/events") as r:

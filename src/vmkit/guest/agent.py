@@ -239,7 +239,8 @@ async def correct_guest_clock(socket_path: Path | None, *, behind_seconds: float
             await setter.set_time(time.time_ns())
         except VmkitError as exc:
             return ClockResult(False, behind_seconds, f"clock not corrected: {exc.message}")
-        return ClockResult(True, behind_seconds, "guest clock set to the host's time")
+        by = " by the guest agent" if socket_path is not None else ""
+        return ClockResult(True, behind_seconds, f"guest clock set to the host's time{by}")
     if socket_path is None:
         return ClockResult(False, behind_seconds,
                            f"no guest agent: clock not corrected (the guest clock is behind {_behind(behind_seconds)}"

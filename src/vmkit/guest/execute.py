@@ -2,7 +2,9 @@
 
 The agent starts the process and keeps its output; the host asks ``guest-exec-status`` until
 it has exited (the protocol has no completion event, so this is the one place vmkit asks
-repeatedly, with a short back-off).
+repeatedly, with a short back-off). Between those short commands the agent channel is free, so
+several commands run in the guest at once over one shared connection
+(:class:`vmkit.guest.channel.AgentChannel`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from vmkit.errors import VmTimeoutError
-from vmkit.guest.agent import GuestAgent
+from vmkit.guest.channel import AgentCommands
 
 
 @dataclass(frozen=True)
@@ -25,26 +26,25 @@ class ExecResult:
     signal: int | None = None
 
 
-async def guest_exec(socket_path: Path, argv: list[str], *, timeout: float = 60.0,
+async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 60.0,
                      stdin: bytes | None = None) -> ExecResult:
     """Run ``argv`` in the guest; its output and exit code (``timeout``: VmTimeoutError)."""
     args: dict[str, object] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
     if stdin is not None:
         args["input-data"] = base64.b64encode(stdin).decode()
-    async with GuestAgent(socket_path, timeout=10.0) as agent:
-        started = await agent.execute("guest-exec", args)
-        pid = int(started["pid"])
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while True:
-            status = await agent.execute("guest-exec-status", {"pid": pid})
-            if status.get("exited"):
-                break
-            if time.monotonic() > deadline:
-                raise VmTimeoutError(f"{argv[0]} still running in the guest after {timeout:.0f} s",
-                                     hint="raise --timeout")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    started = await agent.execute("guest-exec", args)
+    pid = int(started["pid"])
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        status = await agent.execute("guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            break
+        if time.monotonic() > deadline:
+            raise VmTimeoutError(f"{argv[0]} still running in the guest after {timeout:.0f} s",
+                                 hint="raise --timeout")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
     return ExecResult(
         exit_code=int(status.get("exitcode", 128 + int(status.get("signal", 0)))),
         stdout=base64.b64decode(status.get("out-data", "")),

@@ -203,13 +203,17 @@ def share_args(config: MachineConfig, runtime: Runtime) -> list[str]:
     return out
 
 
+AGENT_PORT_ID = "qga0-port"
+"""The agent's virtio-serial port: QEMU names it in VSERPORT_CHANGE when the guest opens or closes it."""
+
+
 def agent_args(runtime: Runtime) -> list[str]:
     """qemu-guest-agent's channel: a virtio-serial port named as the agent expects, served on
     ``qga.sock`` in the instance directory (one client at a time)."""
     sock = opt_escape(str(runtime.agent_socket))
     return ["-chardev", f"socket,id=qga0,path={sock},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vserial0",
-            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+            "-device", f"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id={AGENT_PORT_ID}"]
 
 
 def network_args(net: Network) -> list[str]:
