@@ -43,6 +43,13 @@ class ExitCode(IntEnum):
     """The disks changed since the save."""
     STATE_RESTORE = 17
     """QEMU could not load the saved state."""
+    EXEC_FAILED = 125
+    """``vmkit exec`` only: vmkit itself failed (any other code there is the guest command's own,
+    as with ``docker exec``)."""
+    COMMAND_CANNOT_RUN = 126
+    """``vmkit exec``: the guest could not start the command (not executable, no permission)."""
+    COMMAND_NOT_FOUND = 127
+    """``vmkit exec``: the guest has no such command."""
     INTERRUPTED = 130
 
 
@@ -153,6 +160,18 @@ class ImageError(VmkitError):
     exit_code = ExitCode.IMAGE_FAILED
 
 
+class CommandCannotRun(VmkitError):
+    """The guest could not start a command (``guest-exec`` failed): not executable, no permission."""
+
+    exit_code = ExitCode.COMMAND_CANNOT_RUN
+
+
+class CommandNotFound(CommandCannotRun):
+    """The guest has no such command."""
+
+    exit_code = ExitCode.COMMAND_NOT_FOUND
+
+
 class VmTimeoutError(VmkitError):
     """Something did not happen in the time allowed."""
 
@@ -168,6 +187,8 @@ _BY_CODE: dict[int, type[VmkitError]] = {
     ExitCode.IMAGE_FAILED: ImageError,
     ExitCode.TIMEOUT: VmTimeoutError,
     ExitCode.CONFLICT: AlreadyExistsError,
+    ExitCode.COMMAND_CANNOT_RUN: CommandCannotRun,
+    ExitCode.COMMAND_NOT_FOUND: CommandNotFound,
 }
 
 

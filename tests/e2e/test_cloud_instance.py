@@ -45,6 +45,11 @@ def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path:
     assert vmkit("exec", "web", "--", "cat", "/etc/hostname").stdout.strip() == "web"
     failing = vmkit("exec", "web", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
     assert failing.returncode == 7 and "oops" in failing.stderr
+    # codes 125-127 are vmkit's own (as with docker exec): never confused with the command's
+    nosuch = vmkit("exec", "web", "--", "no-such-command", check=False)
+    assert nosuch.returncode == 127 and "no-such-command" in nosuch.stderr
+    assert vmkit("exec", "web", "--", "/etc/hostname", check=False).returncode == 126
+    assert vmkit("exec", "ghost", "--", "true", check=False).returncode == 125  # no such machine
     size = vmkit("exec", "web", "--", "lsblk", "-bdno", "SIZE", "/dev/vda").stdout
     assert int(size) == 3 << 30  # the overlay was grown to --disk
 

@@ -70,6 +70,10 @@ def test_cli_lifecycle_survives_cli_exit(vmkit_home: Path, micro_image: Image) -
     vmkit("resume", "web")
     assert listed("web")["state"] == "running"
 
+    # the micro guest has no agent: vmkit exec fails with vmkit's own code, never a command's
+    noagent = vmkit("exec", "web", "--", "true", check=False)
+    assert noagent.returncode == 125 and "agent" in noagent.stderr
+
     info = json.loads(vmkit("inspect", "web").stdout)
     assert info["config"]["name"] == "web" and info["runtime"]["supervised"] is True
     assert (vmkit_home / "instances" / "web" / "api.sock").stat().st_mode & 0o777 == 0o600

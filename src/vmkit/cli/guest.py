@@ -8,7 +8,8 @@ import sys
 import typer
 
 from vmkit import control
-from vmkit.cli.output import out
+from vmkit.cli.output import out, report_error
+from vmkit.errors import CommandCannotRun, ExitCode, VmkitError
 
 
 def register(app: typer.Typer) -> None:
@@ -25,10 +26,16 @@ def exec_(
 ) -> None:
     """Run a command in the guest through qemu-guest-agent: vmkit exec NAME -- CMD ARGS...
 
-    Prints its stdout and stderr and exits with its exit code.
+    Prints its stdout and stderr and exits with its exit code. Like docker exec, vmkit keeps three
+    codes for itself: 125 vmkit failed (the message says why), 126 the guest could not start the
+    command, 127 the guest has no such command.
     """
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer.read()
-    result = control.exec_in_guest(name, list(ctx.args), timeout=timeout, stdin=stdin or None)
+    try:
+        result = control.exec_in_guest(name, list(ctx.args), timeout=timeout, stdin=stdin or None)
+    except VmkitError as exc:  # never mistaken for the command's own exit code
+        report_error(exc)
+        raise typer.Exit(exc.exit_code if isinstance(exc, CommandCannotRun) else ExitCode.EXEC_FAILED) from None
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.buffer.flush()
     sys.stderr.buffer.write(result.stderr)

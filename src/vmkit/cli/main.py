@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.markup import escape
 
 from vmkit.cli import bench, disk, guest, image, mount, nbd, port, state, system, vm
-from vmkit.cli.output import err
+from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
 
 app = typer.Typer(
@@ -38,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except VmkitError as exc:
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+        report_error(exc)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         err.print("interrupted")

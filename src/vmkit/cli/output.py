@@ -9,9 +9,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+
+from vmkit.errors import VmkitError
 
 out = Console()
 err = Console(stderr=True)
+
+
+def report_error(exc: VmkitError) -> None:
+    """An error as the user sees it: what went wrong, then what to do."""
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
+    if exc.hint:
+        err.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

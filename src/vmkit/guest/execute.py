@@ -14,7 +14,8 @@ import base64
 import time
 from dataclasses import dataclass
 
-from vmkit.errors import VmTimeoutError
+from vmkit.errors import CommandCannotRun, CommandNotFound, VmTimeoutError
+from vmkit.guest.agent import GuestAgentError
 from vmkit.guest.channel import AgentCommands
 
 
@@ -32,7 +33,15 @@ async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 
     args: dict[str, object] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
     if stdin is not None:
         args["input-data"] = base64.b64encode(stdin).decode()
-    started = await agent.execute("guest-exec", args)
+    try:
+        started = await agent.execute("guest-exec", args)
+    except GuestAgentError as exc:
+        if exc.error_class is None:  # the channel failed, not the guest
+            raise
+        # the agent only says why in words: g_spawn's strerror for the program
+        cls = CommandNotFound if "No such file or directory" in exc.message else CommandCannotRun
+        raise cls(f"the guest cannot run {argv[0]!r}: {exc.message}",
+                  hint="give the program's full path, or run it through sh -c") from None
     pid = int(started["pid"])
     deadline = time.monotonic() + timeout
     delay = 0.02
