@@ -83,19 +83,23 @@ def _shown_state(inst: Instance, status: Status) -> str:
     return "saved" if status.state not in LIVE and inst.saved_state_path.exists() else status.state
 
 
-def save(name: str, path: Path | None = None, *, keep_running: bool = False,
+def save(name: str, path: Path | None = None, *, keep_running: bool = False, force: bool = False,
          progress: ProgressCallback | None = None, timeout: float = 600.0) -> SaveOutcome:
     """Pause ``name``, save its state (default: the instance's own state file), then stop it.
 
     With ``keep_running`` the machine resumes instead (if it was running). ``progress(done,
     None)`` reports the bytes written. State-file errors are raised as their own classes.
+    The supervisor refuses a target that would destroy something
+    (:func:`vmkit.savestate.check_save_target`); ``force`` lets it replace an existing regular
+    file that is not a state file.
     """
     inst = _supervised(name, "save the machine state")
     target = Path(path).expanduser().absolute() if path is not None else inst.saved_state_path
     api = SupervisorClient(inst.api_socket, timeout=timeout)
 
     async def run() -> dict[str, Any]:
-        async for msg in api.stream("POST", "/v1/save", {"path": str(target), "keep_running": keep_running}):
+        async for msg in api.stream("POST", "/v1/save", {"path": str(target), "keep_running": keep_running,
+                                                           "force": force}):
             if "progress" in msg and progress is not None:
                 progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
             elif "error" in msg:

@@ -282,3 +282,49 @@ def test_list_shows_saved(instance: Instance) -> None:
     assert control.view(instance).state == "stopped"
     instance.saved_state_path.write_bytes(b"x")
     assert control.view(instance).state == "saved"
+
+
+# --------------------------------------------------------------------------- the save target
+
+
+def test_save_target_check_refuses_backing_images_kernels_and_links(tmp_path: Path, home: Path) -> None:
+    import subprocess
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(overlay)],
+                   check=True)
+    cfg = config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(overlay)}}])
+    own = Instance.create(cfg)
+
+    def refused(target: Path, message: str, *, force: bool = False) -> None:
+        with pytest.raises(ConfigError) as info:
+            savestate.check_save_target(target, own, force=force)
+        assert info.value.exit_code == ExitCode.BAD_INPUT and "path:" in str(info.value), str(info.value)
+        assert message in str(info.value), str(info.value)
+
+    refused(base, "the backing image of storage[0] of machine s", force=True)  # relative backing name
+    refused(tmp_path / "vmlinuz", "the kernel of machine s", force=True)
+    linked_dir = tmp_path / "via-link"
+    linked_dir.symlink_to(own.dir)
+    refused(linked_dir / "state.json", "inside the directory of instance s", force=True)
+    in_instance = tmp_path / "points-into-instance"
+    in_instance.symlink_to(own.config_path)
+    refused(in_instance, "inside the directory of instance s", force=True)
+    refused(own.saved_state_path.with_name("saved.vmstate.discarded"), "inside the directory of instance s")
+
+    savestate.check_save_target(own.saved_state_path, own)  # its own saved state: fine
+    savestate.check_save_target(tmp_path / "new.vmstate", own)
+    earlier = tmp_path / "earlier.vmstate"
+    write_state(earlier, cfg, keys.load_or_create_key())
+    savestate.check_save_target(earlier, own)  # an earlier state file is replaced without --force
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.touch()
+    for target in (dangling, empty):
+        with pytest.raises(VmkitError) as err:
+            savestate.check_save_target(target, own)
+        assert err.value.exit_code == ExitCode.CONFLICT and "--force" in str(err.value)
+        savestate.check_save_target(target, own, force=True)
