@@ -330,12 +330,17 @@ def check_header(saved: StateHeader, expected: VmStateHeader, *, path: Path | No
 
 
 def _load_key_for_reading(path: Path) -> bytes:
-    """The user's key; a missing key means the file cannot be authenticated (another user's key)."""
+    """The user's key that ``path`` names (the current one, or one retired by an unfinished rotation);
+    a missing key means the file cannot be authenticated (another user's key)."""
     kp = keys.key_path()
     if not kp.exists():
         read_info(path)  # a file that is no state file at all (or of another version) says so first
         raise AuthenticationFailed(path, f"it was written with a key this user does not have (there is no key at {kp})")
-    return keys.load_key(kp)
+    try:
+        wanted = read_info(path).key_id
+    except StateFileError:
+        return keys.load_key(kp)  # the reader says what is wrong with the file
+    return keys.key_for(wanted)
 
 
 def read_verified_header(path: Path, key: bytes | None = None) -> StateHeader:

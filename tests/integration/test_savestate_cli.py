@@ -213,3 +213,51 @@ def test_save_refuses_targets_it_would_destroy(vmkit_home: Path, micro_image: Im
     after = console_ticks("sg")
     assert saved_at < after[0] <= saved_at + 2, f"counter {after[0]} after restoring, {saved_at} when saved"
     vmkit("stop", "--force", "sg")
+
+
+def test_key_rotation_keeps_saved_machines_resumable(vmkit_home: Path, micro_image: Image, tmp_path: Path) -> None:
+    from vmkit.statefile import AuthenticationFailed, StateFileReader
+
+    vmkit("create", "kr", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1")
+    inst = vmkit_home / "instances" / "kr"
+    saved = inst / "saved.vmstate"
+    key_file = vmkit_home / "config" / "state.key"
+    vmkit("start", "kr")
+    console_ticks("kr", r"vmkit-tick [2-9]")
+    res = vmkit("key", "rotate", check=False)
+    assert res.returncode == 4 and "vmkit stop --save kr" in one_line(res.stderr), res.stderr
+    vmkit("save", "kr", str(tmp_path / "copy.vmstate"), "--keep-running")
+    vmkit("stop", "--save", "kr")
+    last = max(micro.parse_ticks((inst / "serial.log").read_text(errors="replace")))
+    old_key = key_file.read_bytes()
+    old_id = json.loads(vmkit("key", "show", "--json").stdout)["key_id"]
+
+    # a damaged file among them: a clear error, nothing changed
+    damaged = tmp_path / "damaged.vmstate"
+    shutil.copyfile(tmp_path / "copy.vmstate", damaged)
+    with damaged.open("r+b") as fh:
+        fh.seek(damaged.stat().st_size // 2)
+        fh.write(b"\0garbage\0")
+    pristine = saved.read_bytes()
+    res = vmkit("key", "rotate", str(damaged), check=False)
+    assert res.returncode == 15 and "does not authenticate" in one_line(res.stderr), res.stderr
+    assert "nothing was changed" in one_line(res.stderr) and str(damaged) in one_line(res.stderr)
+    assert key_file.read_bytes() == old_key and saved.read_bytes() == pristine
+
+    res = vmkit("key", "rotate", str(tmp_path / "copy.vmstate"))
+    assert "re-encrypted 2 state file(s)" in one_line(res.stdout), res.stdout
+    assert key_file.read_bytes() != old_key and key_file.stat().st_mode & 0o777 == 0o600
+    shown = json.loads(vmkit("key", "show", "--json").stdout)
+    assert shown["key_id"] != old_id and shown["retired_key_ids"] == []
+    for path in (saved, tmp_path / "copy.vmstate"):
+        with pytest.raises(AuthenticationFailed, match="different key"):
+            StateFileReader(path, old_key)
+
+    res = vmkit("start", "kr")
+    assert "resumed from" in res.stdout, res.stdout + res.stderr
+    after = console_ticks("kr")
+    assert last < after[0] <= last + 2, f"counter {after[0]} after resuming, {last} when saved"
+    vmkit("stop", "--force", "kr")
+    vmkit("restore", "kr", str(tmp_path / "copy.vmstate"))  # the other re-encrypted file
+    assert state_of("kr") == "running"
+    vmkit("stop", "--force", "kr")

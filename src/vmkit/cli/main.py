@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from vmkit.cli import bench, disk, guest, image, mount, nbd, port, state, system, vm
+from vmkit.cli import bench, disk, guest, image, key, mount, nbd, port, state, system, vm
 from vmkit.cli.output import err
 from vmkit.errors import ExitCode, VmkitError
 
@@ -27,6 +27,7 @@ app.add_typer(disk.app, name="disk")
 app.add_typer(mount.app, name="mount")
 app.add_typer(port.app, name="port")
 app.add_typer(bench.app, name="bench")
+app.add_typer(key.app, name="key")
 state.register(app)
 
 
