@@ -6,6 +6,7 @@ Layout (directory mode 0700, files 0600)::
         vm.yaml          the configuration
         state.json       runtime status written by the supervisor (atomic)
         lock             flock'ed by the supervisor for its whole life: held <=> supervised
+                         (and for a moment by `vmkit key rotate`, which keeps machines from starting)
         api.sock         the supervisor's JSON HTTP API
         console.sock     the raw serial console (e.g. `socat -,raw,echo=0 UNIX:console.sock`)
         serial.log       everything the guest printed on its console

@@ -10,17 +10,26 @@ key.
 A key file that other users could read or write, that belongs to someone else, that is not
 a regular file or that does not hold exactly 32 bytes is refused with :class:`KeyFileError`
 rather than used (a weak key would silently weaken every save file).
+
+Rotation (``vmkit key rotate``, :func:`vmkit.statectl.rotate_key`) replaces the key with
+:func:`replace_key`: the old key is first kept in ``state.key.retired`` (with any still retired
+from an unfinished rotation), then the new key is renamed over ``state.key``; once every state
+file is re-encrypted :func:`forget_retired` deletes the retired keys. Until then a state file is
+opened with the key its header names (:func:`key_for`), current or retired, so a rotation
+interrupted half-way leaves every file readable; running the rotation again completes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from vmkit import paths
@@ -31,6 +40,9 @@ KEY_SIZE = 32
 """Bytes in a key (AES-256)."""
 
 KEY_FILENAME = "state.key"
+RETIRED_FILENAME = "state.key.retired"
+"""Keys replaced by a rotation that is not finished yet (32 bytes each)."""
+LOCK_FILENAME = "state.key.lock"
 
 
 class KeyFileError(VmkitError):
@@ -47,6 +59,10 @@ class KeyFileError(VmkitError):
 def key_path() -> Path:
     """Where the current user's key lives (read from the environment on each call)."""
     return paths.config_dir() / KEY_FILENAME
+
+
+def retired_path() -> Path:
+    return paths.config_dir() / RETIRED_FILENAME
 
 
 def key_id(key: bytes) -> str:
@@ -79,8 +95,83 @@ def load_or_create_key(path: Path | None = None) -> bytes:
     return key if key is not None else _create_key(path)
 
 
-def _read_key(path: Path) -> bytes | None:
-    """The key in ``path``, or None if there is no such file."""
+def load_retired_keys() -> list[bytes]:
+    """The keys an unfinished rotation retired (none normally)."""
+    path = retired_path()
+    data = _read_key(path, multiple=True)
+    return [] if data is None else [data[i : i + KEY_SIZE] for i in range(0, len(data), KEY_SIZE)]
+
+
+def key_for(wanted_id: str) -> bytes:
+    """The key whose fingerprint is ``wanted_id``: the current key, or one retired by an unfinished
+    rotation; the current key if none matches (it then fails to authenticate, saying so)."""
+    current = load_key()
+    if key_id(current) != wanted_id:
+        for old in load_retired_keys():
+            if key_id(old) == wanted_id:
+                return old
+    return current
+
+
+def replace_key(new: bytes, old: bytes) -> None:
+    """Make ``new`` the key, keeping ``old`` (and the keys already retired) in ``state.key.retired``
+    until :func:`forget_retired`. Each step is atomic and durable; the rename of the new key is the
+    moment it is in force."""
+    _check_key_bytes(new)
+    kept = load_retired_keys()
+    _write_private(retired_path(), b"".join([*(k for k in kept if k != old), old]))
+    _write_private(key_path(), new)
+
+
+def forget_retired() -> None:
+    """Delete the retired keys (every state file uses the current key now)."""
+    path = retired_path()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def rotation_lock() -> Iterator[None]:
+    """Held while the key is rotated: a second rotation at the same time fails with :class:`KeyFileError`."""
+    path = paths.config_dir() / LOCK_FILENAME
+    paths.ensure_private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyFileError(key_path(), "is being rotated by another process",
+                               hint="wait for it to finish, then try again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` (0600) atomically: a private temp file, fsynced, renamed over it, directory fsynced."""
+    try:
+        paths.ensure_private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise KeyFileError(path, f"cannot be written: {exc.strerror}") from exc
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise KeyFileError(path, f"cannot be written: {exc.strerror}") from exc
+
+
+def _read_key(path: Path, *, multiple: bool = False) -> bytes | None:
+    """The key in ``path`` (with ``multiple``: one or more keys), or None if there is no such file."""
     try:
         # O_NONBLOCK: a FIFO planted under the name must not hang us (it is refused below)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -95,17 +186,19 @@ def _read_key(path: Path) -> bytes | None:
         _check_stat(path, st)
         size = st.st_size
         data = b""
-        while len(data) <= KEY_SIZE:
-            piece = os.read(fd, KEY_SIZE + 1 - len(data))
+        limit = size if multiple and 0 < size <= 64 * KEY_SIZE and size % KEY_SIZE == 0 else KEY_SIZE
+        while len(data) <= limit:
+            piece = os.read(fd, limit + 1 - len(data))
             if not piece:
                 break
             data += piece
     finally:
         os.close(fd)
-    if len(data) != KEY_SIZE or size != KEY_SIZE:
+    if len(data) != limit or size != limit:
+        expected = f"keys are {KEY_SIZE} bytes each" if multiple else f"a key is exactly {KEY_SIZE}"
         raise KeyFileError(
             path,
-            f"holds {size} bytes, a key is exactly {KEY_SIZE}",
+            f"holds {size} bytes, {expected}",
             hint="the file is damaged; restore it from a backup, or delete it to create a new key "
             "(save files written with the old key can then no longer be read)",
         )

@@ -65,6 +65,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,11 +76,21 @@ from typing import Any
 
 from pydantic import Field
 
-from vmkit import keys
+from vmkit import keys, paths
 from vmkit.config import DiskImage, MachineConfig, validate_name
-from vmkit.errors import AlreadyExistsError, ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmTimeoutError
+from vmkit.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    ExitCode,
+    NotFoundError,
+    Problem,
+    QemuError,
+    StateError,
+    VmTimeoutError,
+)
 from vmkit.guest.agent import ClockResult, ClockSetter, agent_socket, correct_guest_clock
 from vmkit.images import qemuimg
+from vmkit.instance import Instance
 from vmkit.machine import VirtualMachine, VmEvent, VmState
 from vmkit.qemu.accel import AccelChoice
 from vmkit.qemu.cmdline import device_id
@@ -111,6 +122,7 @@ __all__ = [
     "RestoreResult",
     "SnapshotInfo",
     "VmStateHeader",
+    "check_save_target",
     "config_digest",
     "create_snapshot",
     "current_header",
@@ -318,12 +330,17 @@ def check_header(saved: StateHeader, expected: VmStateHeader, *, path: Path | No
 
 
 def _load_key_for_reading(path: Path) -> bytes:
-    """The user's key; a missing key means the file cannot be authenticated (another user's key)."""
+    """The user's key that ``path`` names (the current one, or one retired by an unfinished rotation);
+    a missing key means the file cannot be authenticated (another user's key)."""
     kp = keys.key_path()
     if not kp.exists():
         read_info(path)  # a file that is no state file at all (or of another version) says so first
         raise AuthenticationFailed(path, f"it was written with a key this user does not have (there is no key at {kp})")
-    return keys.load_key(kp)
+    try:
+        wanted = read_info(path).key_id
+    except StateFileError:
+        return keys.load_key(kp)  # the reader says what is wrong with the file
+    return keys.key_for(wanted)
 
 
 def read_verified_header(path: Path, key: bytes | None = None) -> StateHeader:
@@ -428,13 +445,154 @@ def _pass_fd(vm: VirtualMachine, fd: int) -> None:
     vm.qmp.send_fd(fd)
 
 
+# --------------------------------------------------------------------------- the save target
+
+
+_BACKING_DEPTH = 16
+
+
+def _qcow2_backing(path: Path) -> Path | None:
+    """The backing file a qcow2 image names in its header (None for raw images or if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", head[8:20])
+            if not offset or not 0 < size < 1024:
+                return None
+            fh.seek(offset)
+            name = fh.read(size).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if name.startswith("json:"):
+        return None
+    backing = Path(name)
+    return backing if backing.is_absolute() else path.parent / backing
+
+
+def _machine_files(inst: Instance) -> list[tuple[Path, str]]:
+    """The files a machine runs from that live outside its directory: its disk images (and their
+    qcow2 backing chains), kernel and initrd, each with what it is."""
+    try:
+        config = inst.load_config()
+    except Exception:  # a broken vm.yaml: its directory is still protected as a whole
+        log.warning("%s: cannot read its configuration to protect its disks from saves", inst.name)
+        return []
+    out: list[tuple[Path, str]] = []
+    for i, dev in enumerate(config.storage):
+        if not isinstance(dev.attachment, DiskImage):
+            continue
+        disk: Path | None = Path(dev.attachment.path)
+        what = f"disk storage[{i}] of machine {inst.name}"
+        for _ in range(_BACKING_DEPTH):
+            if disk is None:
+                break
+            out.append((disk, what))
+            disk, what = _qcow2_backing(disk), f"the backing image of storage[{i}] of machine {inst.name}"
+    out.append((config.boot.kernel, f"the kernel of machine {inst.name}"))
+    if config.boot.initrd is not None:
+        out.append((config.boot.initrd, f"the initrd of machine {inst.name}"))
+    return out
+
+
+def _identity(path: Path, *, follow: bool = True) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` (of a symbolic link itself unless ``follow``), or None."""
+    try:
+        st = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _bad_target(path: Path, message: str) -> ConfigError:
+    return ConfigError([Problem("path", f"{path}: {message}")], context="save target")
+
+
+def check_save_target(path: Path, own: Instance, *, force: bool = False) -> None:
+    """Refuse a state-file target that would destroy something: raise :class:`ConfigError` (field ``path``)
+    or :class:`AlreadyExistsError`. ``own`` is the instance being saved.
+
+    Refused, even with ``force``: a file vmkit keeps (anything in an instance directory except
+    ``own``'s saved state, the image cache, vmkit's configuration directory with the state-file key),
+    a disk image, qcow2 backing image, kernel or initrd of any instance (by resolved path and by
+    (device, inode), so symbolic and hard links are recognised), and anything but a regular file
+    (directory, device, FIFO, socket). An existing regular file that is not a vmkit state file (it
+    does not start with the signature) is replaced only with ``force``: :class:`AlreadyExistsError`.
+    """
+    path = Path(path).absolute()
+    landing = path.parent.resolve() / path.name  # the name the rename replaces
+    resolved = path.resolve()  # ... and what it holds, through symbolic links
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _bad_target(path, f"cannot be examined ({exc.strerror})") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        hint = f"give a file name inside it, e.g. {path / (own.name + '.vmstate')}" if stat.S_ISDIR(st.st_mode) \
+            else "a state file must be a regular file: give the path of a new file"
+        raise _bad_target(path, f"is {_file_kind(st.st_mode)}; {hint}")
+    own_saved = own.saved_state_path.parent.resolve() / own.saved_state_path.name
+    protected_dirs = [(own.root, "the instances directory, where vmkit keeps its own files"),
+                      (paths.image_cache_dir(), "the image cache (base images that machines' disks are built on)"),
+                      (paths.config_dir(), "vmkit's configuration directory (it holds the state-file key)")]
+    for place in (landing, resolved):
+        if place == own_saved:
+            continue
+        for directory, what in protected_dirs:
+            base = directory.resolve()
+            if place == base or place.is_relative_to(base):
+                inside = place.relative_to(base).parts
+                if directory == own.root and inside:
+                    what = f"the directory of instance {inside[0]}, where vmkit keeps its files"
+                raise _bad_target(path, f"is inside {what}; save elsewhere, or leave PATH out to save to "
+                                  f"{own.saved_state_path} (which `vmkit start {own.name}` resumes)")
+    target_ids = {i for i in (_identity(path), _identity(landing, follow=False)) if i is not None}
+    for inst in Instance.all(own.root):
+        for file, what in _machine_files(inst):
+            if file.absolute() in (landing, resolved, path) or file.resolve() in (landing, resolved) \
+                    or _identity(file) in target_ids:
+                raise _bad_target(path, f"is {what} ({file}); saving there would destroy it: "
+                                  "give the path of a new file or of an earlier state file")
+    if st is None:
+        if os.path.lexists(path) and not force:  # a dangling symbolic link
+            raise AlreadyExistsError("path", str(path), hint="it is a symbolic link to nothing, not a vmkit state "
+                                     "file: pick another path, or pass --force to replace the link")
+        return
+    if not force and not _starts_with_magic(path):
+        raise AlreadyExistsError(
+            "path", str(path),
+            hint="it is not a vmkit state file and saving would replace it: pick another path, "
+            "or pass --force to replace it")
+
+
+def _starts_with_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- save
 
 
 async def save_state(vm: VirtualMachine, path: Path, progress: ProgressCallback | None = None, *,
-                     key: bytes | None = None, chunk_size: int = SAVE_CHUNK_SIZE) -> SaveInfo:
+                     key: bytes | None = None, chunk_size: int = SAVE_CHUNK_SIZE,
+                     target_check: Callable[[Path], None] | None = None) -> SaveInfo:
     """Save the state of the PAUSED machine ``vm`` to ``path`` (see the module docstring).
 
+    ``target_check(path)`` (e.g. :func:`check_save_target`) runs before the save and again right
+    before the file is renamed into place; what it raises aborts the save (``path`` untouched).
     ``progress(done, None)`` is called with the payload bytes written so far. Raises
     :class:`StateError` unless the machine is paused; :class:`~vmkit.statefile.NoSpace` /
     :class:`~vmkit.statefile.StateFileWriteError` when the file cannot be written or QEMU's
@@ -444,6 +602,8 @@ async def save_state(vm: VirtualMachine, path: Path, progress: ProgressCallback 
         raise StateError("save the machine state", vm.state.value, [VmState.PAUSED.value])
     _refuse_unmigratable(vm, "save its state")
     path = _absolute(path)
+    if target_check is not None:
+        target_check(path)
     key = key if key is not None else keys.load_or_create_key()
 
     async def prepare() -> None:
@@ -471,6 +631,8 @@ async def save_state(vm: VirtualMachine, path: Path, progress: ProgressCallback 
                 now = disk_identities(vm.config, path=path)
                 if any(not a.same_content(b) for a, b in zip(header.disks, now, strict=True)):
                     raise StateFileWriteError(path, "a disk image was modified while the state was saved")
+                if target_check is not None:  # something may have appeared under that name meanwhile
+                    target_check(path)
 
             try:
                 return await save_from_fd(path, header, r, key, progress, before_commit=before_commit,

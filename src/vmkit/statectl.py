@@ -31,23 +31,30 @@ the guest's view of its disks then disagrees with what is on them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmkit import control, savestate
+from vmkit import control, keys, savestate
 from vmkit.api import SupervisorClient
 from vmkit.errors import STATE_FILE_CODES, NotFoundError, StateError, VmkitError, error_from_fields
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
 from vmkit.savestate import SnapshotInfo
 from vmkit.statefile import (
+    AuthenticationFailed,
     ProgressCallback,
     StateFileError,
+    StateFileWriter,
     StateHeader,
+    read_info,
+    reencrypt,
 )
 from vmkit.supervisor_state import StartPlan
 
@@ -83,19 +90,23 @@ def _shown_state(inst: Instance, status: Status) -> str:
     return "saved" if status.state not in LIVE and inst.saved_state_path.exists() else status.state
 
 
-def save(name: str, path: Path | None = None, *, keep_running: bool = False,
+def save(name: str, path: Path | None = None, *, keep_running: bool = False, force: bool = False,
          progress: ProgressCallback | None = None, timeout: float = 600.0) -> SaveOutcome:
     """Pause ``name``, save its state (default: the instance's own state file), then stop it.
 
     With ``keep_running`` the machine resumes instead (if it was running). ``progress(done,
     None)`` reports the bytes written. State-file errors are raised as their own classes.
+    The supervisor refuses a target that would destroy something
+    (:func:`vmkit.savestate.check_save_target`); ``force`` lets it replace an existing regular
+    file that is not a state file.
     """
     inst = _supervised(name, "save the machine state")
     target = Path(path).expanduser().absolute() if path is not None else inst.saved_state_path
     api = SupervisorClient(inst.api_socket, timeout=timeout)
 
     async def run() -> dict[str, Any]:
-        async for msg in api.stream("POST", "/v1/save", {"path": str(target), "keep_running": keep_running}):
+        async for msg in api.stream("POST", "/v1/save", {"path": str(target), "keep_running": keep_running,
+                                                           "force": force}):
             if "progress" in msg and progress is not None:
                 progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
             elif "error" in msg:
@@ -315,3 +326,121 @@ def snapshot_delete(name: str, tag: str) -> None:
         SupervisorClient(inst.api_socket, timeout=600).call("DELETE", f"/v1/snapshots/{tag}", timeout=600)
         return
     savestate.delete_snapshot_offline(inst.load_config(), tag)
+
+
+# --------------------------------------------------------------------------- key rotation
+
+
+@dataclass(frozen=True)
+class RotateOutcome:
+    """What :func:`rotate_key` did."""
+
+    old_key_id: str
+    new_key_id: str
+    reencrypted: tuple[Path, ...]
+    skipped: tuple[tuple[Path, str], ...] = ()
+    """Discarded saved states that could not be read (path, why): left as they were."""
+
+
+@contextlib.contextmanager
+def _instances_locked() -> Iterator[list[Instance]]:
+    """Hold every instance's lock, as a supervisor does: none can start (and save or resume a state
+    file) meanwhile. Raises :class:`StateError` for an instance that is supervised."""
+    fds: list[int] = []
+    try:
+        instances = Instance.all()
+        for inst in instances:
+            fd = os.open(inst.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                exc = StateError(f"rotate the state-file key while {inst.name} runs",
+                                 inst.read_status().state, ["stopped", "saved"])
+                exc.hint = (f"stop it (vmkit stop {inst.name}) or save it (vmkit stop --save {inst.name}) first: "
+                            "a running machine may save or resume a state file while the key changes")
+                raise exc from None
+        yield instances
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _rotation_files(instances: list[Instance], extra: Sequence[Path]) -> list[tuple[Path, bool]]:
+    """The state files to re-encrypt, each with whether it must be (else it is skipped if unreadable):
+    each instance's saved state (must), its discarded one (if readable), and ``extra`` (must)."""
+    out: list[tuple[Path, bool]] = []
+    for inst in instances:
+        saved = inst.saved_state_path
+        out += [(saved, True)] if saved.exists() else []
+        discarded = saved.with_name(saved.name + DISCARDED_SUFFIX)
+        out += [(discarded, False)] if discarded.exists() else []
+    out += [(Path(p).expanduser().resolve(), True) for p in extra]
+    seen: set[tuple[int, int] | Path] = set()
+    unique = []
+    for path, required in out:
+        try:
+            st = path.stat()
+            ident: tuple[int, int] | Path = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = path  # reported when it is read
+        if ident not in seen:
+            seen.add(ident)
+            unique.append((path, required))
+    return unique
+
+
+def rotate_key(extra: Sequence[Path] = ()) -> RotateOutcome:
+    """``vmkit key rotate``: a new state-file key; every instance's saved state (and its discarded
+    one, if readable) and the files ``extra`` are re-encrypted with it.
+
+    No machine may be running (:class:`StateError`); the instances are locked meanwhile. Crash
+    safety: each file is first re-encrypted into an unnamed temporary file beside it (records
+    re-sealed as stored, see :func:`vmkit.statefile.reencrypt`); any failure there (a damaged or
+    foreign file that must be re-encrypted, no space) drops them all and raises, with nothing
+    changed. Then :func:`vmkit.keys.replace_key` makes the new key current (the old one kept as
+    retired), the new files are renamed over the old ones, and the retired key is deleted. If the
+    process dies in between, files still under the old key are read with the retired key (state
+    files name their key) and running the rotation again completes it.
+    """
+    with keys.rotation_lock(), _instances_locked() as instances:
+        old = keys.load_key()
+        keyring = {keys.key_id(k): k for k in [*keys.load_retired_keys(), old]}
+        new = secrets.token_bytes(keys.KEY_SIZE)
+        prepared: list[StateFileWriter] = []
+        skipped: list[tuple[Path, str]] = []
+        try:
+            for path, required in _rotation_files(instances, extra):
+                try:
+                    key = keyring.get(read_info(path).key_id)
+                    if key is None:
+                        raise AuthenticationFailed(path, "it was written with a key this user does not have")
+                    prepared.append(reencrypt(path, key, new))
+                except StateFileError as exc:
+                    if not required:
+                        skipped.append((path, exc.message))
+                        continue
+                    exc.hint = (f"nothing was changed, the key is the same; {path} cannot be re-encrypted: "
+                                "restore it, or discard (delete) it or move it aside if it cannot be used "
+                                "anyway, then rotate again")
+                    raise
+            keys.replace_key(new, old)
+        except BaseException:
+            for writer in prepared:
+                writer.abort()
+            raise
+        failed: list[StateFileError] = []
+        for writer in prepared:
+            try:
+                writer.commit()
+            except StateFileError as exc:
+                failed.append(exc)
+        if failed:
+            first = failed[0]
+            first.hint = (f"the new key is in force; {len(failed)} file(s) still use the old one, which is kept "
+                        f"in {keys.retired_path()} so they stay readable: fix the cause and run "
+                        "`vmkit key rotate` again")
+            raise first
+        keys.forget_retired()
+        return RotateOutcome(old_key_id=keys.key_id(old), new_key_id=keys.key_id(new),
+                             reencrypted=tuple(w.path for w in prepared), skipped=tuple(skipped))

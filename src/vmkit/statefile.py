@@ -87,12 +87,12 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, Literal, Self, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -134,6 +134,7 @@ __all__ = [
     "prefetch",
     "read_header",
     "read_info",
+    "reencrypt",
     "restore_to_fd",
     "save_from_fd",
 ]
@@ -519,6 +520,7 @@ def _payload_bytes(fh: io.FileIO, parsed: _Parsed, size: int) -> int | None:
 class _Parsed:
     version: int
     header_bytes: bytes  # magic .. end of JSON: what H covers
+    document: dict[str, Any]  # the header JSON without "encryption" (may hold more than StateHeader)
     header: StateHeader | None  # None if the JSON is a valid object but not a valid StateHeader
     header_problem: str
     encryption: _Encryption
@@ -565,10 +567,10 @@ def _parse(fh: io.FileIO, path: Path | None) -> _Parsed:
         raise AuthenticationFailed(path, "its header is damaged (it was modified or corrupted)") from None
     header: StateHeader | None
     try:
-        header, problem = StateHeader.model_validate(obj), ""
+        header, problem = StateHeader.model_validate(obj), ""  # extra="ignore": obj stays whole
     except ValidationError as exc:
         header, problem = None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return _Parsed(version, pre + raw, header, problem, enc, tag)
+    return _Parsed(version, pre + raw, obj, header, problem, enc, tag)
 
 
 def _require_header(parsed: _Parsed, path: Path | None, authenticated: bool) -> StateHeader:
@@ -1015,6 +1017,8 @@ class StateFileWriter:
     _done = False
     _flusher: _Flusher | None = None
     _sink: _DirectSink | None = None
+    _final_written = False
+    _prepared = False
 
     def __init__(
         self,
@@ -1024,8 +1028,13 @@ class StateFileWriter:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int | None = DEFAULT_COMPRESSION_LEVEL,
+        header_document: Mapping[str, Any] | None = None,
     ) -> None:
-        """``compression_level``: zstd level for the chunks that compress (None: store every chunk raw)."""
+        """``compression_level``: zstd level for the chunks that compress (None: store every chunk raw).
+
+        ``header_document``: the header JSON to write instead of ``header``'s fields (that of a file
+        being re-encrypted, which may hold fields ``StateHeader`` does not know).
+        """
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be within {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         self.path = Path(path)
@@ -1046,7 +1055,7 @@ class StateFileWriter:
             chunk_size=chunk_size,
             compression="zstd" if self._zstd is not None else None,
         )
-        doc = header.model_dump(mode="json")
+        doc = dict(header_document) if header_document is not None else header.model_dump(mode="json")
         doc["encryption"] = enc.model_dump(mode="json")
         body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
@@ -1176,13 +1185,21 @@ class StateFileWriter:
         """Seal one chunk. ``hurry``: the stream is waiting on this (see :meth:`_should_compress`)."""
         n = len(plain)
         stored: memoryview | bytes = plain
-        word = _REC_FINAL if final else 0
+        compressed = False
         if self._zstd is not None and self._should_compress(plain, hurry=hurry):
             packed = self._zstd.compress(plain)
             if len(packed) < n:
-                stored, word = packed, word | _REC_COMPRESSED
+                stored, compressed = packed, True
+        self._put_record(stored, n, compressed=compressed, final=final)
+
+    def _put_record(self, stored: memoryview | bytes, plain_bytes: int, *, compressed: bool, final: bool) -> None:
+        """Encrypt and write one record holding ``stored`` (``plain_bytes`` once decompressed)."""
+        if self._final_written:
+            raise ValueError("the final record of the state file is already written")
+        self._final_written = final
         size = len(stored)
-        rec = _RECORD.pack(word | size, n)
+        word = (_REC_FINAL if final else 0) | (_REC_COMPRESSED if compressed else 0)
+        rec = _RECORD.pack(word | size, plain_bytes)
         nonce = _nonce(self._prefix, self._counter)
         aad = self._digest + rec
         self._counter += 1
@@ -1243,11 +1260,15 @@ class StateFileWriter:
 
     # -- finishing
 
-    def commit(self) -> SaveInfo:
-        """Write the final chunk, fsync, and rename the file into place (then fsync the directory)."""
+    def prepare(self) -> None:
+        """Write the final chunk (unless :meth:`_put_record` did) and fsync: the new content is on disk,
+        in a file without a name or under a hidden temporary one. Only :meth:`commit` remains."""
         self._check_open()
+        if self._prepared:
+            return
         assert self._fd is not None
-        self._seal(self._view[: self._filled], final=True)
+        if not self._final_written:
+            self._seal(self._view[: self._filled], final=True)
         self._filled = 0
         with self._aborting():
             if self._sink is not None:
@@ -1256,6 +1277,13 @@ class StateFileWriter:
                 self._sink = None
             self._stop_flusher()
             os.fsync(self._fd)
+        self._prepared = True
+
+    def commit(self) -> SaveInfo:
+        """:meth:`prepare`, then rename the file into place (and fsync the directory)."""
+        self.prepare()
+        assert self._fd is not None
+        with self._aborting():
             if self._tmp is None:  # unnamed O_TMPFILE: give it a temporary name first
                 name = f".{self.path.name}.{secrets.token_hex(6)}.tmp"
                 dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1347,6 +1375,8 @@ class StateFileReader:
                     ) from None
                 raise AuthenticationFailed(self.path, "its header was modified or damaged") from None
             self.header = _require_header(parsed, self.path, authenticated=True)
+            self.header_document = parsed.document
+            """The authenticated header JSON without its encryption parameters (all fields, known or not)."""
             self.format_version = parsed.version
             self.chunk_size = enc.chunk_size
             self.compression = enc.compression
@@ -1381,9 +1411,30 @@ class StateFileReader:
         Each view is only valid until the next one is requested (the buffer is reused);
         copy it (``bytes(view)``) to keep it. Can be iterated once.
         """
+        unzstd = zstandard.ZstdDecompressor() if self.compression == "zstd" else None
+        for index, (_final, compressed, size, stored) in enumerate(self.records()):
+            out = stored
+            if compressed:
+                assert unzstd is not None
+                try:
+                    data = unzstd.decompress(stored, max_output_size=size)
+                except zstandard.ZstdError:
+                    data = b""
+                if len(data) != size:  # authentic, yet not what the record header says: a writer bug
+                    raise AuthenticationFailed(self.path, f"chunk {index} does not decompress to {size} bytes")
+                out = memoryview(data)
+            yield out
+
+    def records(self) -> Iterator[tuple[bool, bool, int, memoryview]]:
+        """The authenticated records as stored: (final, compressed, payload bytes, stored bytes).
+
+        The stored bytes are the chunk, or its zstd frame if compressed; the view is only valid
+        until the next record is requested. Format 1 files give uncompressed records. The whole
+        file is checked: the last record yielded is the final one, nothing follows it.
+        """
         if self.format_version == 1:
-            return self._chunks_v1()
-        return self._chunks_v2()
+            return self._records_v1()
+        return self._records_v2()
 
     def _decrypt(self, index: int, nonce: bytes, record: memoryview, aad: bytes, out: memoryview) -> memoryview:
         try:
@@ -1397,12 +1448,11 @@ class StateFileReader:
                 f"chunk {index} does not authenticate: the file was modified, damaged or truncated",
             ) from None
 
-    def _chunks_v2(self) -> Iterator[memoryview]:
+    def _records_v2(self) -> Iterator[tuple[bool, bool, int, memoryview]]:
         cs = self.chunk_size
         head = memoryview(bytearray(_RECORD.size))
         record = memoryview(bytearray(cs + TAG_SIZE))
         plain = memoryview(bytearray(cs))
-        unzstd = zstandard.ZstdDecompressor() if self.compression == "zstd" else None
         index = 0
         while True:
             got = self._fill(head)
@@ -1413,7 +1463,7 @@ class StateFileReader:
             if got < _RECORD.size:
                 raise AuthenticationFailed(self.path, f"it is truncated inside chunk {index}")
             rec = _record_header(bytes(head), cs)
-            if rec is None or (rec[1] and unzstd is None):
+            if rec is None or (rec[1] and self.compression != "zstd"):
                 raise AuthenticationFailed(
                     self.path, f"chunk {index} has a damaged record header: the file was modified or damaged"
                 )
@@ -1422,23 +1472,14 @@ class StateFileReader:
             if self._fill(body) < len(body):
                 raise AuthenticationFailed(self.path, f"it is truncated inside chunk {index}")
             out = self._decrypt(index, _nonce(self._prefix, index), body, self._digest + bytes(head), plain[:stored])
-            if compressed:
-                assert unzstd is not None
-                try:
-                    data = unzstd.decompress(out, max_output_size=size)
-                except zstandard.ZstdError:
-                    data = b""
-                if len(data) != size:  # authentic, yet not what the record header says: a writer bug
-                    raise AuthenticationFailed(self.path, f"chunk {index} does not decompress to {size} bytes")
-                out = memoryview(data)
             if final and self._fh.read(1):
                 raise AuthenticationFailed(self.path, "there is data after the final chunk")
-            yield out
+            yield final, compressed, size, out
             if final:
                 return
             index += 1
 
-    def _chunks_v1(self) -> Iterator[memoryview]:
+    def _records_v1(self) -> Iterator[tuple[bool, bool, int, memoryview]]:
         cs = self.chunk_size
         record = memoryview(bytearray(cs + TAG_SIZE))
         plain = memoryview(bytearray(cs))
@@ -1456,7 +1497,7 @@ class StateFileReader:
             out = self._decrypt(index, _nonce(self._prefix, index), record[:got], aad, plain[: got - TAG_SIZE])
             if final and self._fh.read(1):
                 raise AuthenticationFailed(self.path, "there is data after the final chunk")
-            yield out
+            yield final, False, len(out), out
             if final:
                 return
             index += 1
@@ -1526,6 +1567,32 @@ def prefetch(path: Path) -> None:
                 os.posix_fadvise(fd, 0, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
+
+
+def reencrypt(path: Path, old_key: bytes, new_key: bytes) -> StateFileWriter:
+    """Re-encrypt ``path`` with ``new_key``: a new salt, nonce prefix and key fingerprint, the same
+    header fields, chunks and compression (records are re-sealed as stored, nothing is decompressed).
+
+    Every record is authenticated with ``old_key`` on the way (any :class:`StateFileError` of
+    :class:`StateFileReader` is raised, after dropping the new file). Returns the new file's writer,
+    prepared (:meth:`~StateFileWriter.prepare`): its content is on disk, in a file without a name
+    where the file system has O_TMPFILE (it vanishes if the process dies; else a hidden temporary
+    file); :meth:`~StateFileWriter.commit` renames it over ``path``, ``abort`` drops it.
+    Format 1 files are rewritten in format 2.
+    """
+    with StateFileReader(path, old_key) as reader:
+        writer = StateFileWriter(reader.path, reader.header, new_key, chunk_size=reader.chunk_size,
+                                 header_document=reader.header_document,
+                                 compression_level=DEFAULT_COMPRESSION_LEVEL if reader.compression else None)
+        try:
+            for final, compressed, size, stored in reader.records():
+                writer._put_record(stored, size, compressed=compressed, final=final)
+                writer.payload_bytes += size
+            writer.prepare()
+        except BaseException:
+            writer.abort()
+            raise
+    return writer
 
 
 def iter_payload(path: Path, key: bytes) -> Iterator[bytes]:

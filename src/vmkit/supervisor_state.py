@@ -2,10 +2,13 @@
 
 Routes (added to the supervisor's API; errors as everywhere else)::
 
-    POST   /v1/save                  {"path": ABSOLUTE, "keep_running": bool}
+    POST   /v1/save                  {"path": ABSOLUTE, "keep_running": bool, "force": bool}
                                      newline-delimited JSON: {"progress": {"done", "total"}} lines,
                                      then {"result": {...}} or {"error": {...}}. Pauses a running
                                      machine, saves, then resumes it (keep_running) or stops it.
+                                     The target is checked first (savestate.check_save_target:
+                                     never a disk, an instance's file or a non-regular file; an
+                                     existing non-state file only with "force").
     GET    /v1/snapshots             [SnapshotInfo...]
     POST   /v1/snapshots             {"tag": TAG} -> SnapshotInfo
     POST   /v1/snapshots/TAG/revert  -> {"tag", "state", "clock"}
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -159,11 +163,16 @@ class StateRoutes:
         else:
             raise ConfigError.single("path", "give the state file's absolute path")
         keep_running = bool(body.get("keep_running", False))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError.single("force", "give true to replace an existing file that is not a state file")
         vm = self.sup.vm
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
             raise StateError("save the machine state", vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
         if self._lock.locked():
             raise StateError("save the machine state", "busy with another save or snapshot", ["idle"])
+        target_check = functools.partial(savestate.check_save_target, own=self.sup.instance, force=force)
+        target_check(path)  # before the machine is paused: a refused target leaves it as it was
         async with self._lock:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
@@ -180,7 +189,7 @@ class StateRoutes:
                 if was_running:
                     await vm.pause()
                 self.sup.status.reason = f"saving state to {path}"
-                info = await savestate.save_state(vm, path, progress)
+                info = await savestate.save_state(vm, path, progress, target_check=target_check)
             except VmkitError as exc:
                 log.error("save failed: %s", exc)
                 if was_running and vm.state == VmState.PAUSED:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from vmkit import control, keys, savestate, statectl
+from vmkit import control, keys, savestate, statectl, statefile
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import ConfigError, ExitCode, VmkitError
 from vmkit.instance import Instance, Status
@@ -282,3 +282,152 @@ def test_list_shows_saved(instance: Instance) -> None:
     assert control.view(instance).state == "stopped"
     instance.saved_state_path.write_bytes(b"x")
     assert control.view(instance).state == "saved"
+
+
+# --------------------------------------------------------------------------- the save target
+
+
+def test_save_target_check_refuses_backing_images_kernels_and_links(tmp_path: Path, home: Path) -> None:
+    import subprocess
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(overlay)],
+                   check=True)
+    cfg = config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(overlay)}}])
+    own = Instance.create(cfg)
+
+    def refused(target: Path, message: str, *, force: bool = False) -> None:
+        with pytest.raises(ConfigError) as info:
+            savestate.check_save_target(target, own, force=force)
+        assert info.value.exit_code == ExitCode.BAD_INPUT and "path:" in str(info.value), str(info.value)
+        assert message in str(info.value), str(info.value)
+
+    refused(base, "the backing image of storage[0] of machine s", force=True)  # relative backing name
+    refused(tmp_path / "vmlinuz", "the kernel of machine s", force=True)
+    linked_dir = tmp_path / "via-link"
+    linked_dir.symlink_to(own.dir)
+    refused(linked_dir / "state.json", "inside the directory of instance s", force=True)
+    in_instance = tmp_path / "points-into-instance"
+    in_instance.symlink_to(own.config_path)
+    refused(in_instance, "inside the directory of instance s", force=True)
+    refused(own.saved_state_path.with_name("saved.vmstate.discarded"), "inside the directory of instance s")
+
+    savestate.check_save_target(own.saved_state_path, own)  # its own saved state: fine
+    savestate.check_save_target(tmp_path / "new.vmstate", own)
+    earlier = tmp_path / "earlier.vmstate"
+    write_state(earlier, cfg, keys.load_or_create_key())
+    savestate.check_save_target(earlier, own)  # an earlier state file is replaced without --force
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.touch()
+    for target in (dangling, empty):
+        with pytest.raises(VmkitError) as err:
+            savestate.check_save_target(target, own)
+        assert err.value.exit_code == ExitCode.CONFLICT and "--force" in str(err.value)
+        savestate.check_save_target(target, own, force=True)
+
+
+# --------------------------------------------------------------------------- key rotation
+
+
+def _instances_with_saves(tmp_path: Path) -> tuple[list[Instance], Path]:
+    insts = []
+    for name in ("a", "b"):
+        inst = Instance.create(config(tmp_path, name=name))
+        write_state(inst.saved_state_path, inst.load_config(), keys.load_or_create_key())
+        insts.append(inst)
+    extra = tmp_path / "elsewhere.vmstate"
+    write_state(extra, insts[0].load_config(), keys.load_key())
+    return insts, extra
+
+
+def _readable(path: Path) -> bool:
+    try:
+        savestate.read_verified_header(path)
+        return b"".join(statefile.iter_payload(path, keys.key_for(statefile.read_info(path).key_id))) != b""
+    except VmkitError:
+        return False
+
+
+def test_rotate_key_reencrypts_every_saved_state(tmp_path: Path, home: Path) -> None:
+    (a, b), extra = _instances_with_saves(tmp_path)
+    old = keys.load_key()
+    foreign = a.saved_state_path.with_name("saved.vmstate.discarded")
+    write_state(foreign, a.load_config(), secrets.token_bytes(32))  # discarded: another key
+    foreign_bytes = foreign.read_bytes()
+    outcome = statectl.rotate_key([extra])
+    new = keys.load_key()
+    assert new != old and outcome.new_key_id == keys.key_id(new) and outcome.old_key_id == keys.key_id(old)
+    assert set(outcome.reencrypted) == {a.saved_state_path, b.saved_state_path, extra}
+    assert [p for p, _ in outcome.skipped] == [foreign] and foreign.read_bytes() == foreign_bytes
+    for path in outcome.reencrypted:
+        savestate.precheck(path, a.load_config() if path != b.saved_state_path else b.load_config(), TCG)
+        assert statefile.read_info(path).key_id == keys.key_id(new)
+        with pytest.raises(AuthenticationFailed, match="different key"):
+            savestate.read_verified_header(path, old)
+    assert not keys.retired_path().exists() and keys.load_retired_keys() == []
+    assert sorted(p.name for p in a.dir.iterdir()) == ["lock", "saved.vmstate", "saved.vmstate.discarded", "vm.yaml"]
+
+
+def test_rotate_key_failing_on_a_damaged_file_changes_nothing(tmp_path: Path, home: Path) -> None:
+    (a, b), extra = _instances_with_saves(tmp_path)
+    old = keys.load_key()
+    with b.saved_state_path.open("r+b") as fh:  # damaged in the middle: found only while re-encrypting
+        fh.seek(b.saved_state_path.stat().st_size // 2)
+        fh.write(b"\0garbage\0")
+    before = {p: p.read_bytes() for p in (a.saved_state_path, b.saved_state_path, extra)}
+    with pytest.raises(AuthenticationFailed) as info:
+        statectl.rotate_key([extra])
+    assert info.value.exit_code == ExitCode.STATE_AUTH and str(b.saved_state_path) in str(info.value)
+    assert "nothing was changed" in str(info.value)
+    assert keys.load_key() == old and not keys.retired_path().exists()
+    assert {p: p.read_bytes() for p in before} == before
+    assert _readable(a.saved_state_path) and _readable(extra)
+    assert not [p for d in (a.dir, b.dir, tmp_path) for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rotate_key_interrupted_while_renaming_keeps_every_file_readable(
+        tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (a, b), extra = _instances_with_saves(tmp_path)
+    old = keys.load_key()
+    real_commit = StateFileWriter.commit
+    calls = []
+
+    def failing_commit(self: StateFileWriter) -> Any:
+        calls.append(self.path)
+        if len(calls) == 2:
+            self.abort()
+            raise statefile.StateFileWriteError(self.path, "simulated crash")
+        return real_commit(self)
+
+    monkeypatch.setattr(StateFileWriter, "commit", failing_commit)
+    with pytest.raises(statefile.StateFileWriteError) as info:
+        statectl.rotate_key([extra])
+    assert "run `vmkit key rotate` again" in str(info.value)
+    assert keys.load_key() != old and keys.load_retired_keys() == [old]
+    assert statefile.read_info(calls[1]).key_id == keys.key_id(old)
+    assert all(_readable(p) for p in (a.saved_state_path, b.saved_state_path, extra))
+    monkeypatch.setattr(StateFileWriter, "commit", real_commit)
+    statectl.rotate_key([extra])  # again: completes it
+    current = keys.key_id(keys.load_key())
+    assert all(statefile.read_info(p).key_id == current for p in (a.saved_state_path, b.saved_state_path, extra))
+    assert not keys.retired_path().exists()
+
+
+def test_rotate_key_refuses_while_a_machine_is_supervised(tmp_path: Path, home: Path) -> None:
+    import fcntl
+
+    (a, _b), _extra = _instances_with_saves(tmp_path)
+    old = keys.load_key()
+    fd = os.open(a.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as its supervisor does
+        with pytest.raises(VmkitError) as info:
+            statectl.rotate_key()
+        assert info.value.exit_code == ExitCode.WRONG_STATE and "vmkit stop --save a" in str(info.value)
+    finally:
+        os.close(fd)
+    assert keys.load_key() == old

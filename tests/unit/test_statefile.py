@@ -984,3 +984,58 @@ def test_abandoned_writer_cleans_up(tmp_path: Path, header: StateHeader, key: by
     assert len(_entries(tmp_path)) == 2
     del w
     assert _entries(tmp_path) == ["disk.qcow2"]
+
+
+# ---------------------------------------------------------------- re-encryption (key rotation)
+
+
+def test_reencrypt_keeps_header_and_records_under_a_new_key(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    payload = _load(path, key)
+    records = [r[1:] for r in _records(path)]  # (final, compressed, stored, plain)
+    doc = json.loads(path.read_bytes()[20 : _data_offset(path) - TAG_SIZE])
+    new = secrets.token_bytes(32)
+    writer = statefile.reencrypt(path, key, new)
+    assert _load(path, key) == payload, "nothing changes before commit"
+    assert _entries(tmp_path) == ["disk.qcow2", "vm.state"], "the new content has no name yet"
+    writer.commit()
+    assert _load(path, new) == payload
+    assert [r[1:] for r in _records(path)] == records, "records re-sealed as they were stored"
+    new_doc = json.loads(path.read_bytes()[20 : _data_offset(path) - TAG_SIZE])
+    assert new_doc.pop("encryption")["key_id"] == key_id(new)
+    assert doc.pop("encryption")["key_id"] == key_id(key)
+    assert new_doc == doc
+    _assert_rejected(path, key, "written with a different key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_reencrypt_keeps_fields_the_header_model_does_not_know(tmp_path: Path, key: bytes, disk: Path) -> None:
+    class Extended(StateHeader):
+        machine: dict[str, int]
+
+    path = tmp_path / "vm.state"
+    ext = Extended(qemu_version="7.2.0", machine_type="pc-q35-7.2", config_digest="sha256:" + "00" * 32,
+                   ram_bytes=1 << 20, machine={"cpus": 2})
+    _save(path, ext, key, os.urandom(10_000))
+    new = secrets.token_bytes(32)
+    statefile.reencrypt(path, key, new).commit()
+    with StateFileReader(path, new) as reader:
+        assert reader.header_document["machine"] == {"cpus": 2}
+
+
+def test_reencrypt_rewrites_version_1_files(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    path = tmp_path / "v1.state"
+    data = os.urandom(3 * SMALL_CHUNK + 5)
+    _write_v1(path, header, key, data)
+    new = secrets.token_bytes(32)
+    statefile.reencrypt(path, key, new).commit()
+    assert read_info(path).format_version == FORMAT_VERSION and _load(path, new) == data
+
+
+def test_reencrypt_of_a_damaged_file_changes_nothing(tmp_path: Path, header: StateHeader, key: bytes) -> None:
+    path = _compressible_file(tmp_path, header, key)
+    _flip(path, _records(path)[2][0] + REC + 5)
+    before = path.read_bytes()
+    with pytest.raises(AuthenticationFailed, match="chunk 2 does not authenticate"):
+        statefile.reencrypt(path, key, secrets.token_bytes(32))
+    assert path.read_bytes() == before and _entries(tmp_path) == ["disk.qcow2", "vm.state"]

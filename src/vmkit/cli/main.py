@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmkit.cli import bench, disk, guest, image, mount, nbd, port, state, system, vm
+from vmkit.cli import bench, disk, guest, image, key, mount, nbd, port, state, system, vm
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
 
@@ -26,6 +26,7 @@ app.add_typer(disk.app, name="disk")
 app.add_typer(mount.app, name="mount")
 app.add_typer(port.app, name="port")
 app.add_typer(bench.app, name="bench")
+app.add_typer(key.app, name="key")
 state.register(app)
 
 

@@ -118,10 +118,10 @@ def start_instance(name: str, *, timeout: float | None, cold: bool) -> StartOutc
     return outcome
 
 
-def save_instance(name: str, file: Path | None, *, keep_running: bool) -> statectl.SaveOutcome:
+def save_instance(name: str, file: Path | None, *, keep_running: bool, force: bool = False) -> statectl.SaveOutcome:
     """``vmkit save`` / ``vmkit stop --save``: save with a byte counter, then say where it went."""
     with progress_ui(f"saving {name}") as ui:
-        outcome = statectl.save(name, file, keep_running=keep_running, progress=ui.transfer)
+        outcome = statectl.save(name, file, keep_running=keep_running, force=force, progress=ui.transfer)
     state = outcome.status.state
     out.print(f"saved [bold]{name}[/] to {escape(str(outcome.path))} ({_size(outcome.file_bytes)} in "
               f"{outcome.seconds:.1f} s); it is {'saved' if state == 'stopped' and file is None else state}",
@@ -138,11 +138,13 @@ def save_instance(name: str, file: Path | None, *, keep_running: bool) -> statec
 
 def save(
     name: str,
-    file: Path | None = typer.Argument(None, help="state file (default: the instance's own, which `start` resumes)"),
+    path: Path | None = typer.Argument(None, help="state file (default: the instance's own, which `start` resumes); "
+                                       "never a disk or a file of an instance"),
     keep_running: bool = typer.Option(False, "--keep-running", help="resume the machine after saving"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file at PATH that is not a state file"),
 ) -> None:
     """Save a machine's state (RAM, devices) to an encrypted file; then stop it (or --keep-running)."""
-    save_instance(name, file, keep_running=keep_running)
+    save_instance(name, path, keep_running=keep_running, force=force)
 
 
 def restore(
