@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,4 +116,62 @@ def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
+    rep.vmkit_layer = _layer(item)
     setattr(item, f"rep_{rep.when}", rep)
+
+
+# -- one contract: every request and response in the tests is checked against docs/openapi.json ---------
+SPEC_LOG = Path(tempfile.gettempdir()) / f"vmkit-api-violations-{os.getpid()}.ndjson"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every SupervisorClient in this process and in the CLI subprocesses the tests run checks what it
+    sends and receives against the committed OpenAPI document (see vmkit.api.speccheck)."""
+    from vmkit.api import speccheck
+
+    SPEC_LOG.unlink(missing_ok=True)
+    os.environ[speccheck.ENV] = str(REPO / "docs" / "openapi.json")
+    os.environ[speccheck.LOG_ENV] = str(SPEC_LOG)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if SPEC_LOG.exists() and SPEC_LOG.read_text().strip():
+        lines = SPEC_LOG.read_text().splitlines()
+        print(f"\n{len(lines)} request(s) or response(s) broke docs/openapi.json:\n" + "\n".join(lines[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    SPEC_LOG.unlink(missing_ok=True)
+
+
+# -- markers follow folders; a Debian boot is e2e wherever it is --------------------------------------
+LAYERS = ("unit", "integration", "e2e")
+
+
+def _layer(item: pytest.Item) -> str:
+    if item.get_closest_marker("e2e"):
+        return "e2e"
+    return "integration" if item.get_closest_marker("integration") else "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder == "e2e" or "debian12" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+        elif folder == "integration":
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Time per layer (setup + call + teardown of every test), to see where the run goes."""
+    spent = dict.fromkeys(LAYERS, 0.0)
+    counts = dict.fromkeys(LAYERS, 0)
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            layer = getattr(rep, "vmkit_layer", None)
+            if layer in spent:
+                spent[layer] += getattr(rep, "duration", 0.0)
+                if rep.when == "call":
+                    counts[layer] += 1
+    terminalreporter.write_sep("-", "time per layer")
+    for layer in LAYERS:
+        terminalreporter.write_line(f"{layer:12} {counts[layer]:4d} tests  {spent[layer]:8.1f} s")
