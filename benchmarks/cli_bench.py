@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""How fast the commands a user types all day answer: ``vmkit --help``, ``vmkit list`` (empty, and
+with 50 machines defined), ``vmkit list --json``, ``vmkit inspect``, side by side with ``virsh list
+--all`` with the same number of domains defined where libvirt is installed (skipped, with the
+reason, where not).
+
+Each command runs ``--repeat`` times (after one untimed warm-up) as a fresh process, the way a
+user's shell runs it; the table shows the median and best wall time and the issue's targets
+(``--help`` <= 150 ms, ``list`` with 50 machines <= 300 ms, ``list`` <= 2x ``virsh list``).
+
+    .venv/bin/python benchmarks/cli_bench.py [--machines 50] [--repeat 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import med_best, print_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VMKIT = [str(Path(sys.executable).with_name("vmkit"))]
+
+
+def timed(argv: list[str], env: dict[str, str], repeat: int) -> list[float]:
+    subprocess.run(argv, env=env, capture_output=True, check=True)  # warm the page cache
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, capture_output=True, check=True)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def define_machines(home: Path, n: int) -> None:
+    """``n`` stopped micro-sized machines, written the way ``vmkit create`` writes them."""
+    from vmkit.config import parse_config
+    from vmkit.instance import Instance
+
+    kernel = home / "vmlinuz"
+    kernel.write_bytes(b"not a kernel: never booted")
+    for i in range(n):
+        Instance.create(parse_config({"name": f"m{i:03d}", "memory": "256M", "boot": {"kernel": str(kernel)}}),
+                        home / "instances")
+
+
+def virsh_domains(n: int) -> tuple[list[float] | None, str]:
+    """``virsh list --all`` with ``n`` domains defined on a private test driver (no daemon needed)."""
+    if not shutil.which("virsh"):
+        return None, "virsh not installed (libvirt-clients)"
+    xml = "".join(f"<domain type='test'><name>d{i:03d}</name><memory>262144</memory><os><type>hvm</type></os>"
+                  "</domain>" for i in range(n))
+    with tempfile.TemporaryDirectory() as d:
+        node = Path(d) / "node.xml"
+        node.write_text(f"<node>{xml}</node>")
+        return timed(["virsh", "-c", f"test://{node}", "list", "--all"], dict(os.environ), ARGS.repeat), \
+            f"test:// driver, {n} domains"
+
+
+def main() -> None:
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory() as empty_d, tempfile.TemporaryDirectory() as full_d:
+        empty, full = Path(empty_d), Path(full_d)
+        for d in (empty, full):
+            d.chmod(0o700)
+        define_machines(full, ARGS.machines)
+        env0 = {**os.environ, "VMKIT_HOME": str(empty)}
+        envn = {**os.environ, "VMKIT_HOME": str(full)}
+        cases = [
+            ("vmkit --help", [*VMKIT, "--help"], env0, 0.150),
+            ("vmkit list (0 machines)", [*VMKIT, "list"], env0, None),
+            (f"vmkit list ({ARGS.machines} machines)", [*VMKIT, "list"], envn, 0.300),
+            (f"vmkit list --json ({ARGS.machines})", [*VMKIT, "list", "--json"], envn, 0.300),
+            ("vmkit inspect m000", [*VMKIT, "inspect", "m000"], envn, None),
+        ]
+        results = {}
+        for label, argv, env, target in cases:
+            samples = timed(argv, env, ARGS.repeat)
+            results[label] = samples
+            m, b = med_best(samples)
+            verdict = "" if target is None else ("meets" if m <= target else "misses")
+            rows.append([label, f"{m * 1000:.0f}", f"{b * 1000:.0f}",
+                         f"<= {target * 1000:.0f}" if target else "", verdict])
+        vs, why = virsh_domains(ARGS.machines)
+        if vs is not None:
+            m, b = med_best(vs)
+            rows.append([f"virsh list --all ({why})", f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
+            lm, _ = med_best(results[f"vmkit list ({ARGS.machines} machines)"])
+            rows.append(["vmkit list / virsh list", f"{lm / m:.2f}x", "", "<= 2.00x", "meets" if lm / m <= 2 else "misses"])
+        else:
+            rows.append([f"virsh list: skipped ({why})", "", "", "", ""])
+    print(f"wall time of a fresh process, median and best of {ARGS.repeat} runs, milliseconds "
+          f"(load average {os.getloadavg()[0]:.2f})")
+    print_table(["command", "median", "best", "target", ""], rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--machines", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=15)
+    ARGS = parser.parse_args()
+    main()
