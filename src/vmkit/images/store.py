@@ -160,7 +160,7 @@ class ImageStore:
 
         The directory is removed if the block raises (or if it was not committed).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_dirs(self.root)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{validate_image_name(name)}.building."))
         try:
             yield tmp
