@@ -514,14 +514,22 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def load_config(path: Path) -> MachineConfig:
+    """Read and validate a vm.yaml; every way it can be unusable is a :class:`ConfigError` naming it."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError.single(str(path), "file not found: give the path of a vm.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError.single(str(path), f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}): "
+                                 "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError.single(str(path), f"cannot be read: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError.single(str(path), f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError.single(str(path), "not valid YAML: nested too deeply") from None
     return parse_config(data, source=str(path))
 
 

@@ -57,14 +57,18 @@ from vmkit.qemu.cmdline import Runtime, build_argv
 Progress = Callable[[str], None]
 
 
+BROKEN = "broken"
+"""The state ``vmkit list`` shows for an instance whose vm.yaml or state.json cannot be used."""
+
+
 @dataclass(frozen=True)
 class InstanceView:
-    """One row of ``vmkit list``."""
+    """One row of ``vmkit list``; ``cpus`` and ``memory`` are None for a broken instance."""
 
     name: str
     state: str
-    cpus: int
-    memory: str
+    cpus: int | None
+    memory: str | None
     accel: str | None
     uptime: float | None
     reason: str
@@ -297,7 +301,17 @@ def view(inst: Instance) -> InstanceView:
 
 
 def list_instances() -> list[InstanceView]:
-    return [view(i) for i in Instance.all()]
+    """Every instance; one whose files cannot be used is ``broken`` (the reason names the file),
+    never an error that hides the others."""
+    rows = []
+    for inst in Instance.all():
+        try:
+            rows.append(view(inst))
+        except (VmkitError, OSError) as exc:
+            reason = exc.message if isinstance(exc, VmkitError) else str(exc)
+            rows.append(InstanceView(name=inst.name, state=BROKEN, cpus=None, memory=None, accel=None,
+                                     uptime=None, reason=" ".join(reason.split())))
+    return rows
 
 
 def inspect(name: str) -> dict[str, Any]:
