@@ -36,7 +36,15 @@ from vmkit.cloudinstance import (
     ssh_port,
 )
 from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
-from vmkit.config import MachineConfig, NbdAttachment, PortForward, format_size, port_is_free, validate_name
+from vmkit.config import (
+    MachineConfig,
+    NbdAttachment,
+    PortForward,
+    format_size,
+    port_is_free,
+    validate_disk_id,
+    validate_name,
+)
 from vmkit.errors import (
     ConfigError,
     NotFoundError,
@@ -396,6 +404,7 @@ def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str
 
 
 def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
+    validate_disk_id(disk_id, field="ID")  # it goes into the request's URL
     client(name).call("DELETE", f"/v1/disks/{disk_id}", {"timeout": timeout}, timeout=timeout + 15)
 
 

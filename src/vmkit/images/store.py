@@ -109,7 +109,8 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 
 def validate_image_name(name: str) -> str:
-    if not name or "/" in name or name in (".", "..") or name.startswith(".") or "\0" in name:
+    if (not name or "/" in name or name in (".", "..") or name.startswith(".") or not name.isprintable()
+            or any(c.isspace() for c in name)):
         raise ConfigError.single("image", f"{name!r} is not a valid image name: use letters, digits, '-', '.'")
     return name
 
