@@ -564,6 +564,8 @@ def copy(src: str, dst: str) -> int:
         raise ConfigError.single("agent", f"{name} has no guest agent channel: use scp with `vmkit ssh-config`")
     sock = inst.dir / AGENT_SOCKET_NAME
     if src_guest is not None:
+        if dst.endswith("/") and not Path(dst).is_dir():
+            raise ConfigError.single("DST", f"{dst} is not a directory: create it first, or drop the final '/'")
         return asyncio.run(copy_from_guest(sock, src_guest[1], Path(dst)))
     local = Path(src)
     if not local.is_file():
