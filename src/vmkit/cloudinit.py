@@ -73,9 +73,10 @@ _ISO_NAMES = {
     VENDOR_DATA: "/VENDORDATA.;1",
 }
 
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+# used with fullmatch: ``$`` would accept a trailing newline (a second line in the seed)
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 # Other user-data formats cloud-init understands that are passed through as MIME parts.
 _PASSTHROUGH = {
@@ -172,10 +173,10 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
 
 def _check(spec: SeedSpec) -> None:
     problems = []
-    if not _HOSTNAME_RE.match(spec.hostname):
+    if not _HOSTNAME_RE.fullmatch(spec.hostname):
         problems.append(("hostname", f"{spec.hostname!r} is not a valid host name: use letters, digits "
                                      "and inner '-', at most 63 characters"))
-    if not _USER_RE.match(spec.user):
+    if not _USER_RE.fullmatch(spec.user):
         problems.append(("user", f"{spec.user!r} is not a valid user name: start with a lower-case letter "
                                  "or '_', then lower-case letters, digits, '_' or '-'"))
     if not spec.instance_id or any(c.isspace() for c in spec.instance_id):
@@ -183,7 +184,7 @@ def _check(spec: SeedSpec) -> None:
                                         "word without spaces"))
     if spec.uid is not None and not 1000 <= spec.uid < 60000:
         problems.append(("uid", f"{spec.uid} is not a uid for a normal user: use 1000-59999"))
-    if spec.mac is not None and not _MAC_RE.match(spec.mac):
+    if spec.mac is not None and not _MAC_RE.fullmatch(spec.mac):
         problems.append(("mac", f"{spec.mac!r} is not a MAC address: use six lower-case hex pairs"))
     for i, key in enumerate(spec.authorized_keys):
         if len(key.split()) < 2 or "\n" in key.strip():

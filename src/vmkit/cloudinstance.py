@@ -151,15 +151,32 @@ def write_ssh_config(instance_dir: Path, name: str, port: int) -> Path:
     return path
 
 
+def ssh_config_path(path: Path) -> str:
+    """``path`` as an ssh_config argument of IdentityFile or UserKnownHostsFile: in double quotes
+    (spaces, ``#`` and ``'`` are then plain characters) with ``%`` doubled (those options expand
+    ``%`` tokens). A ``"``, a backslash, ``${`` (environment expansion, which has no escape) or a
+    control character cannot be written so that every OpenSSH reads it back: ConfigError."""
+    text = str(path)
+    bad = next((c for c in text if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is None and "${" in text:
+        bad = "${"
+    if bad is not None:
+        raise ConfigError.single(
+            "VMKIT_HOME", f"{text!r} contains {bad!r}, which an OpenSSH config file cannot hold: "
+            "keep VMKIT_HOME (and the instance directory) free of '\"', '\\', '${' and control characters")
+    return '"' + text.replace("%", "%%") + '"'
+
+
 def ssh_config_text(instance_dir: Path, name: str, port: int) -> str:
+    """The instance's ssh_config (``ssh -F``); paths quoted by :func:`ssh_config_path`."""
     return (
         f"Host {name}\n"
         f"  HostName 127.0.0.1\n"
         f"  Port {port}\n"
         f"  User {USER}\n"
-        f"  IdentityFile {instance_dir / 'ssh' / 'id_ed25519'}\n"
+        f"  IdentityFile {ssh_config_path(instance_dir / 'ssh' / 'id_ed25519')}\n"
         f"  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {instance_dir / 'known_hosts'}\n"
+        f"  UserKnownHostsFile {ssh_config_path(instance_dir / 'known_hosts')}\n"
         f"  StrictHostKeyChecking yes\n"
         f"  LogLevel ERROR\n"
         f"  ConnectTimeout 10\n"

@@ -37,7 +37,8 @@ from vmkit.fsutil import atomic_write
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""A valid instance name or snapshot tag: use with ``fullmatch`` (``$`` would accept a trailing newline)."""
 
 
 def parse_size(value: object) -> int:
@@ -69,8 +70,20 @@ def format_size(n: int) -> str:
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
 
 
+DISK_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
+"""A disk's device id. Pydantic's ``pattern`` (Rust regex) reads ``$`` as the end of the text; in
+Python use :func:`validate_disk_id` (``fullmatch``: Python's ``$`` also matches before a final newline)."""
+
+
+def validate_disk_id(disk_id: str, *, field: str = "id") -> str:
+    if not isinstance(disk_id, str) or not DISK_ID_RE.fullmatch(disk_id):
+        raise ConfigError.single(field, f"{disk_id!r} is not a disk id: use 1-31 letters, digits, '_' or '-', "
+                                 "starting with a letter (see `vmkit disk list`)")
+    return disk_id
+
+
 def validate_name(name: str, *, field: str = "name") -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError.single(
             field,
             f"{name!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
@@ -180,7 +193,7 @@ class StorageDevice(_Model):
     kind: Literal["virtio-blk", "nvme", "usb-storage"] = "virtio-blk"
     attachment: Attachment
     serial: str | None = Field(default=None, max_length=20, description="serial number the guest sees")
-    id: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$",
+    id: str | None = Field(default=None, pattern=DISK_ID_RE.pattern,
                            description="device id for hot detach; default diskN")
 
 
@@ -236,7 +249,7 @@ class PortForward(_Model):
 
 # QEMU's -cpu syntax: a model, then features (+f, -f, f=value); nothing else can reach the option string
 _CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(,[+-]?[A-Za-z0-9._-]+(=[A-Za-z0-9._-]+)?)*")
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
 class Network(_Model):
@@ -251,7 +264,7 @@ class Network(_Model):
     def _mac(cls, v: str | None) -> str | None:
         if v is not None:
             v = v.lower()
-            if not _MAC_RE.match(v):
+            if not _MAC_RE.fullmatch(v):
                 raise ValueError(f"{v!r} is not a MAC address: use six hex pairs, e.g. 52:54:00:12:34:56")
             if int(v[:2], 16) & 1:
                 raise ValueError(f"{v!r} is a multicast MAC address: the first byte must be even")
@@ -331,7 +344,7 @@ class MachineConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit (no '/', no '..')"
@@ -525,14 +538,22 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def load_config(path: Path) -> MachineConfig:
+    """Read and validate a vm.yaml; every way it can be unusable is a :class:`ConfigError` naming it."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError.single(str(path), "file not found: give the path of a vm.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError.single(str(path), f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}): "
+                                 "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError.single(str(path), f"cannot be read: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError.single(str(path), f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError.single(str(path), "not valid YAML: nested too deeply") from None
     return parse_config(data, source=str(path))
 
 

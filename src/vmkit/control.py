@@ -37,7 +37,15 @@ from vmkit.cloudinstance import (
     ssh_port,
 )
 from vmkit.cloudinstance import ssh_argv as cloud_ssh_argv
-from vmkit.config import MachineConfig, NbdAttachment, PortForward, format_size, port_is_free, validate_name
+from vmkit.config import (
+    MachineConfig,
+    NbdAttachment,
+    PortForward,
+    format_size,
+    port_is_free,
+    validate_disk_id,
+    validate_name,
+)
 from vmkit.errors import (
     ConfigError,
     NotFoundError,
@@ -47,10 +55,8 @@ from vmkit.errors import (
     VmTimeoutError,
     error_from_fields,
 )
-from vmkit.fsutil import atomic_open
 from vmkit.guest.execute import ExecResult
-from vmkit.guest.files import CHUNK as FILE_CHUNK
-from vmkit.guest.files import check_remote
+from vmkit.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
@@ -59,14 +65,18 @@ from vmkit.qemu.cmdline import Runtime, build_argv
 Progress = Callable[[str], None]
 
 
+BROKEN = "broken"
+"""The state ``vmkit list`` shows for an instance whose vm.yaml or state.json cannot be used."""
+
+
 @dataclass(frozen=True)
 class InstanceView:
-    """One row of ``vmkit list``."""
+    """One row of ``vmkit list``; ``cpus`` and ``memory`` are None for a broken instance."""
 
     name: str
     state: str
-    cpus: int
-    memory: str
+    cpus: int | None
+    memory: str | None
     accel: str | None
     uptime: float | None
     reason: str
@@ -299,7 +309,17 @@ def view(inst: Instance) -> InstanceView:
 
 
 def list_instances() -> list[InstanceView]:
-    return [view(i) for i in Instance.all()]
+    """Every instance; one whose files cannot be used is ``broken`` (the reason names the file),
+    never an error that hides the others."""
+    rows = []
+    for inst in Instance.all():
+        try:
+            rows.append(view(inst))
+        except (VmkitError, OSError) as exc:
+            reason = exc.message if isinstance(exc, VmkitError) else str(exc)
+            rows.append(InstanceView(name=inst.name, state=BROKEN, cpus=None, memory=None, accel=None,
+                                     uptime=None, reason=" ".join(reason.split())))
+    return rows
 
 
 def inspect(name: str) -> dict[str, Any]:
@@ -384,6 +404,7 @@ def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str
 
 
 def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
+    validate_disk_id(disk_id, field="ID")  # it goes into the request's URL
     client(name).call("DELETE", f"/v1/disks/{disk_id}", {"timeout": timeout}, timeout=timeout + 15)
 
 
@@ -548,23 +569,27 @@ def copy(src: str, dst: str) -> int:
         raise ConfigError.single("agent", f"{name} has no guest agent channel: use scp with `vmkit ssh-config`")
     api = SupervisorClient(inst.api_socket, timeout=3600)
     if src_guest is not None:
-        remote = src_guest[1]
-        check_remote(remote)
-        with atomic_open(Path(dst), 0o644) as out:
-            return asyncio.run(api.download("/v1/files", {"path": remote}, out.write))
+        if dst.endswith("/") and not Path(dst).is_dir():
+            raise ConfigError.single("DST", f"{dst} is not a directory: create it first, or drop the final '/'")
+
+        async def probe(path: str) -> int | None:
+            try:
+                res = await api.request("POST", "/v1/exec", {"argv": [*STAT_ARGV, path], "timeout": 10.0})
+            except VmkitError:
+                return None
+            return parse_guest_mode(int(res["exit_code"]), base64.b64decode(res["stdout"]))
+
+        return asyncio.run(copy_out(lambda path: api.download("/v1/files", {"path": path}), probe,
+                                    src_guest[1], Path(dst)))
     local = Path(src)
     if not local.is_file():
         raise NotFoundError("file", src)
     assert dst_guest is not None
-    check_remote(dst_guest[1])
 
-    with local.open("rb") as fh:
-        async def pieces() -> AsyncIterator[bytes]:
-            while chunk := fh.read(FILE_CHUNK):
-                yield chunk
+    async def write(path: str, pieces: AsyncIterator[bytes]) -> int:
+        return int((await api.upload("/v1/files", {"path": path}, pieces))["bytes"])
 
-        data = asyncio.run(api.upload("/v1/files", {"path": dst_guest[1]}, pieces()))
-    return int(data["bytes"])
+    return asyncio.run(copy_in(write, local, dst_guest[1]))
 
 
 def _guest_side(spec: str) -> tuple[str, str] | None:

@@ -18,6 +18,11 @@ Layout (directory mode 0700, files 0600)::
 A lock held by a live supervisor is the one source of truth for "running"; a state file
 that says otherwise is stale (the supervisor was killed) and :meth:`Instance.reconcile`
 cleans up after it: kills a leftover QEMU, removes sockets, records why.
+
+A vm.yaml or state.json that cannot be read or is not valid (damaged, edited by hand) is a
+:class:`~vmkit.errors.ConfigError` naming the file, for this instance only: listing shows the
+instance as broken with that reason (:func:`vmkit.control.list_instances`), and it can still be
+deleted.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from vmkit import paths
-from vmkit.config import MachineConfig, load_config, validate_name
-from vmkit.errors import AlreadyExistsError, NotFoundError, StateError
+from vmkit.config import MachineConfig, load_config, problems_from_validation, validate_name
+from vmkit.errors import AlreadyExistsError, ConfigError, NotFoundError, Problem, StateError
 from vmkit.fsutil import atomic_write
 
 LIVE = ("starting", "running", "pausing", "paused", "resuming", "stopping")
@@ -64,6 +71,9 @@ class Status:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_STATUS: TypeAdapter[Status] = TypeAdapter(Status)
 
 
 class Instance:
@@ -156,18 +166,50 @@ class Instance:
         config.save(self.config_path)
 
     def delete(self) -> None:
+        """Remove the instance directory; refused while a supervisor runs it. A broken instance
+        (unreadable vm.yaml or state.json) can be deleted too."""
         self.require()
-        status = self.reconcile()
-        if status.state in LIVE:
-            raise StateError("delete", status.state, ["stopped"])
+        try:
+            state = self.reconcile().state
+        except ConfigError:  # a damaged state.json: the lock alone says whether it runs
+            if self.is_supervised():
+                raise
+            self._clean_up(None)
+            state = "stopped"
+        if state in LIVE:
+            raise StateError("delete", state, ["stopped"])
         shutil.rmtree(self.dir)
 
     # -- runtime status -----------------------------------------------------------------------------
     def read_status(self) -> Status:
+        """The status recorded in state.json; ``stopped`` if there is none.
+
+        A state.json that cannot be read or does not hold a status is a :class:`ConfigError`
+        naming it (never silently "stopped": it may be a running machine's).
+        """
         try:
-            return Status.from_dict(json.loads(self.state_path.read_text()))
-        except (FileNotFoundError, ValueError):
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
             return Status()
+        except OSError as exc:
+            raise self._damaged_status(f"cannot be read: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise self._damaged_status("is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise self._damaged_status(f"holds a JSON {type(data).__name__}, not a status object")
+        try:
+            return _STATUS.validate_python({k: v for k, v in data.items() if k in Status.__dataclass_fields__})
+        except ValidationError as exc:
+            problems = "; ".join(str(p) for p in problems_from_validation(exc))
+            raise self._damaged_status(f"is not a valid status ({problems})") from None
+
+    def _damaged_status(self, problem: str) -> ConfigError:
+        exc = ConfigError([Problem(str(self.state_path), problem)], context=f"runtime state of {self.name!r}")
+        exc.hint = (f"vmkit writes this file itself; if {self.name} is not running, remove it "
+                    f"(rm {self.state_path}) and vmkit records the machine as stopped")
+        return exc
 
     def write_status(self, status: Status) -> None:
         status.updated_at = time.time()
@@ -196,6 +238,16 @@ class Instance:
         leftover = self._leftover_qemu_pid()
         if status.state not in LIVE and leftover is None:
             return status
+        self._clean_up(leftover)
+        if status.state in LIVE:
+            status = Status(state="error", reason="the supervisor died unexpectedly; vmkit cleaned up"
+                            + (f" (killed leftover QEMU pid {leftover})" if leftover else ""))
+            self.write_status(status)
+        return status
+
+    def _clean_up(self, leftover: int | None) -> None:
+        """After a supervisor died: kill its QEMU (``leftover``, or found from qemu.pid), remove its sockets."""
+        leftover = self._leftover_qemu_pid() if leftover is None else leftover
         if leftover is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leftover, signal.SIGKILL)
@@ -203,11 +255,6 @@ class Instance:
         for p in (self.api_socket, self.console_socket, self.qemu_pidfile):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        if status.state in LIVE:
-            status = Status(state="error", reason="the supervisor died unexpectedly; vmkit cleaned up"
-                            + (f" (killed leftover QEMU pid {leftover})" if leftover else ""))
-            self.write_status(status)
-        return status
 
     def _leftover_qemu_pid(self) -> int | None:
         try:

@@ -63,6 +63,19 @@ def test_debian_instance_end_to_end(vmkit_home: Path, debian12: Image, tmp_path:
     assert digest == hashlib.sha256(blob).hexdigest()
     vmkit("cp", "web:/etc/hostname", str(tmp_path / "hostname"))
     assert (tmp_path / "hostname").read_text().strip() == "web"
+    # host modes: a new file gets the guest file's (640) less the umask; an existing file keeps its own;
+    # a directory destination gets the guest file's name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    vmkit("cp", "web:/etc/shadow", str(tmp_path / "shadow"))
+    assert (tmp_path / "shadow").stat().st_mode & 0o777 == 0o640 & ~umask
+    (tmp_path / "private").write_text("old")
+    (tmp_path / "private").chmod(0o600)
+    vmkit("cp", "web:/etc/hostname", str(tmp_path / "private"))
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "into").mkdir()
+    vmkit("cp", "web:/etc/hostname", str(tmp_path / "into"))
+    assert (tmp_path / "into" / "hostname").read_text().strip() == "web"
     assert vmkit("cp", "a", "b", check=False).returncode == 2  # no guest side
     missing = vmkit("cp", "web:/nonexistent", str(tmp_path / "nothing"), check=False)
     assert missing.returncode == 3 and "not found" in missing.stderr

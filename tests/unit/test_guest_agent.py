@@ -160,3 +160,99 @@ def test_agent_socket_lookup(tmp_path: Path) -> None:
     assert agent_socket(tmp_path) is None
     (tmp_path / "qga.sock").write_text("not a socket")
     assert agent_socket(tmp_path) is None
+
+
+# --------------------------------------------------------------------------- a hostile agent
+
+
+@dataclass
+class HostileAgent:
+    """Answers the sync like an agent, then answers the next command with ``payload`` (bytes, or
+    ``chunks`` pieces of ``chunk`` bytes, streamed until the client hangs up)."""
+
+    path: Path
+    payload: bytes = b""
+    chunk: bytes = b""
+    chunks: int = 0
+    sent: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        try:
+            while data := await reader.read(4096):
+                buf += data.replace(b"\xff", b"")
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    msg = json.loads(line)
+                    if msg["execute"] == "guest-sync-delimited":
+                        writer.write(b"\xff" + json.dumps({"return": msg["arguments"]["id"]}).encode() + b"\n")
+                        await writer.drain()
+                        continue
+                    writer.write(self.payload)
+                    for _ in range(self.chunks):
+                        writer.write(self.chunk)
+                        await writer.drain()
+                        self.sent += len(self.chunk)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def hostile(agent: HostileAgent) -> AsyncIterator[HostileAgent]:
+    server = await asyncio.start_unix_server(agent.handle, path=str(agent.path))
+    try:
+        yield agent
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_endless_message_is_cut_off_at_the_limit(sock: Path) -> None:
+    """280 MiB of one unterminated JSON string: refused once it passes the limit, in linear time."""
+    import tracemalloc
+
+    fake = HostileAgent(sock, payload=b'{"return": "', chunk=b"a" * (1 << 20), chunks=280)
+    async with hostile(fake), GuestAgent(sock, timeout=20) as agent:
+        tracemalloc.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(GuestAgentError, match="longer than") as info:
+                await agent.execute("guest-get-time")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert not info.value.timed_out
+        assert time.monotonic() - started < 5
+        assert peak < 3 * agent.max_message, f"buffered {peak} bytes"
+        assert fake.sent < 100 << 20  # it stopped reading long before the end
+        with pytest.raises(GuestAgentError, match="session ended"):  # the session is unusable now
+            await agent.execute("guest-get-time")
+
+
+async def test_deeply_nested_json_is_a_clean_error(sock: Path) -> None:
+    fake = HostileAgent(sock, payload=b"[" * 200_000 + b"]" * 200_000 + b"\n")
+    async with hostile(fake), GuestAgent(sock) as agent:
+        with pytest.raises(GuestAgentError, match="nested too deeply"):
+            await agent.execute("guest-get-time")
+
+
+async def test_the_largest_legitimate_reply_passes(sock: Path) -> None:
+    """A guest-file-read of 1 MiB (1.4 MiB of base64), arriving in small pieces."""
+    import base64
+
+    reply = json.dumps({"return": {"count": 1 << 20, "buf-b64": base64.b64encode(b"x" * (1 << 20)).decode(),
+                                   "eof": False}}).encode() + b"\n"
+    fake = HostileAgent(sock, chunk=reply, chunks=1)
+    async with hostile(fake), GuestAgent(sock) as agent:
+        got = await agent.execute("guest-file-read", {"handle": 1, "count": 1 << 20})
+        assert base64.b64decode(got["buf-b64"]) == b"x" * (1 << 20)
+
+
+async def test_a_message_in_many_pieces_and_noise_lines(sock: Path) -> None:
+    fake = HostileAgent(sock, payload=b"not json\n[1, 2]\n\n" + b'{"return":' + b" " * 100_000, chunk=b"42}\n",
+                        chunks=1)
+    async with hostile(fake), GuestAgent(sock) as agent:
+        assert await agent.execute("guest-get-time") == 42

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -161,8 +162,9 @@ def test_status_round_trip_and_defaults(inst: Instance) -> None:
     got = inst.read_status()
     assert (got.state, got.supervisor_pid, got.accel) == ("paused", 123, "tcg")
     assert (inst.state_path.stat().st_mode & 0o777) == 0o600
-    inst.state_path.write_text("{not json")
-    assert inst.read_status().state == "stopped"
+    inst.state_path.write_text("{not json")  # damaged: an error naming the file, never silently "stopped"
+    with pytest.raises(ConfigError, match=re.escape(str(inst.state_path))):
+        inst.read_status()
     inst.state_path.write_text(json.dumps({"state": "running", "from_a_newer_vmkit": 1}))
     assert inst.read_status().state == "running"
 

@@ -81,11 +81,10 @@ class SupervisorClient:
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
 
-    async def download(self, path: str, params: dict[str, str], sink: Callable[[bytes], object],
-                       timeout: float | None = None) -> int:
-        """``GET`` a binary stream (e.g. ``/v1/files``) into ``sink``; returns the bytes received.
+    async def download(self, path: str, params: dict[str, str], timeout: float | None = None) -> AsyncIterator[bytes]:
+        """``GET`` a binary stream (e.g. ``/v1/files``), piece by piece.
 
-        A stream that ends early (the supervisor failed mid-way) raises instead of returning short."""
+        A stream that ends early (the supervisor failed mid-way) raises instead of ending short."""
         total = 0
         try:
             async with self._session(timeout) as s, s.get(f"http://vmkit{path}", params=params) as r:
@@ -95,8 +94,8 @@ class SupervisorClient:
                         speccheck.check("GET", path, status=r.status, response=data)
                     _raise_from(data)
                 async for piece in r.content.iter_chunked(1 << 20):
-                    sink(piece)
                     total += len(piece)
+                    yield piece
         except aiohttp.ClientPayloadError as exc:
             raise VmkitError(f"the transfer from the supervisor ended early after {total} bytes: {exc}",
                              hint="see the machine's supervisor.log") from exc
@@ -105,7 +104,6 @@ class SupervisorClient:
                              hint="see `vmkit list`; the VM may have just stopped") from exc
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not finish GET {path} in time") from exc
-        return total
 
     async def upload(self, path: str, params: dict[str, str], source: AsyncIterator[bytes],
                      timeout: float | None = None) -> Any:

@@ -11,6 +11,7 @@ import tty
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vmkit import control
@@ -105,12 +106,15 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
         print_json([r.to_dict() for r in rows])
         return
     table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
-    colors = {"running": "green", "paused": "yellow", "error": "red"}
+    colors = {"running": "green", "paused": "yellow", "error": "red", control.BROKEN: "red"}
     for r in rows:
         c = colors.get(r.state)
-        table.add_row(r.name, f"[{c}]{r.state}[/]" if c else r.state, str(r.cpus), r.memory,
+        table.add_row(escape(r.name), f"[{c}]{r.state}[/]" if c else r.state, str(r.cpus or "-"), r.memory or "-",
                       r.accel or "-", human_duration(r.uptime))
     out.print(table)
+    for r in rows:
+        if r.state == control.BROKEN:
+            err.print(f"[red]{escape(r.name)} is broken:[/] {escape(r.reason)}", highlight=False, soft_wrap=True)
 
 
 def inspect(name: str) -> None:

@@ -11,6 +11,13 @@ parser) and ``{"execute": "guest-sync-delimited", "arguments": {"id": N}}``; the
 0xFF followed by ``{"return": N}``. Everything before the 0xFF, and replies with another id, are
 stale and dropped. Sockets are read with our own buffer (``makefile`` breaks after a timeout).
 
+The agent ends every reply with a newline (and never puts one inside: its JSON is compact), so a
+message is one line: the buffer is searched for the newline only in the bytes that arrived since
+the last search. A line longer than ``max_message`` bytes (:data:`MAX_MESSAGE`: the largest reply
+vmkit asks for is a 1 MiB ``guest-file-read``, 1.4 MiB in base64), or JSON nested too deeply to
+decode, is a :class:`GuestAgentError`, and the session is unusable afterwards: a hostile or broken
+agent cannot make the host buffer without bound. A line that is not a JSON object is dropped.
+
 A channel whose guest side has no agent accepts the connection and never answers: every call
 has a timeout and raises :class:`GuestAgentError` with ``timed_out=True``.
 
@@ -36,6 +43,8 @@ from vmkit.errors import ExitCode, VmkitError
 
 AGENT_SOCKET_NAME = "qga.sock"
 DEFAULT_TIMEOUT = 5.0
+MAX_MESSAGE = 4 << 20
+"""The longest agent message accepted by default (bytes, up to its newline)."""
 _DELIMITER = b"\xff"
 
 
@@ -57,12 +66,15 @@ class GuestAgent:
     ``async with GuestAgent(path) as agent: await agent.set_time()`` connects and syncs.
     """
 
-    def __init__(self, path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, path: Path, *, timeout: float = DEFAULT_TIMEOUT, max_message: int = MAX_MESSAGE) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        self.max_message = max_message
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._buf = bytearray()
+        self._scanned = 0  # how much of _buf is known to hold no newline
+        self._failed: GuestAgentError | None = None  # the protocol error that ended the session
 
     async def connect(self) -> None:
         try:
@@ -128,6 +140,8 @@ class GuestAgent:
 
     # -- internals ------------------------------------------------------------------------------
     async def _send(self, data: bytes) -> None:
+        if self._failed is not None:
+            raise GuestAgentError(f"the guest agent session ended: {self._failed.message}")
         if self._writer is None:
             raise GuestAgentError("the guest agent session is not connected")
         try:
@@ -158,28 +172,46 @@ class GuestAgent:
             i = self._buf.find(_DELIMITER)
             if i >= 0:
                 del self._buf[: i + 1]
+                self._scanned = 0
                 return
             self._buf.clear()
             await self._fill()
 
-    async def _read_message(self) -> dict[str, Any]:
-        decoder = json.JSONDecoder()
+    def _fail(self, message: str) -> GuestAgentError:
+        self._failed = GuestAgentError(message, hint="the guest agent misbehaves: restart it in the guest "
+                                       "(systemctl restart qemu-guest-agent) or reboot the guest")
+        self._buf.clear()
+        self._scanned = 0
+        return self._failed
+
+    async def _read_line(self) -> bytes:
+        """The next line (without its newline); at most ``max_message`` bytes."""
         while True:
-            text = self._buf.lstrip(b" \t\r\n")
-            if text:
-                decoded = text.decode("utf-8", errors="surrogateescape")  # round-trips every byte
-                try:
-                    obj, end = decoder.raw_decode(decoded)
-                except ValueError:
-                    if b"\n" in text:  # a complete line that is not JSON: drop it
-                        self._buf = bytearray(text[text.index(b"\n") + 1:])
-                        continue
-                else:
-                    self._buf = bytearray(text[len(decoded[:end].encode("utf-8", errors="surrogateescape")):])
-                    if isinstance(obj, dict):
-                        return obj
-                    continue
+            i = self._buf.find(b"\n", self._scanned)
+            if 0 <= i <= self.max_message:
+                line = bytes(self._buf[:i])
+                del self._buf[: i + 1]
+                self._scanned = 0
+                return line
+            if i > self.max_message or len(self._buf) > self.max_message:
+                raise self._fail(f"the guest agent on {self.path} sent a message longer than "
+                                 f"{self.max_message} bytes (the most vmkit accepts)")
+            self._scanned = len(self._buf)
             await self._fill()
+
+    async def _read_message(self) -> dict[str, Any]:
+        while True:
+            line = (await self._read_line()).strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8", errors="surrogateescape"))  # round-trips every byte
+            except RecursionError:
+                raise self._fail(f"the guest agent on {self.path} sent JSON nested too deeply to read") from None
+            except ValueError:
+                continue  # a line that is not JSON: dropped
+            if isinstance(obj, dict):
+                return obj
 
 
 def _encode(command: str, arguments: dict[str, Any] | None) -> bytes:

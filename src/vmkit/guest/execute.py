@@ -18,6 +18,10 @@ from vmkit.errors import CommandCannotRun, CommandNotFound, VmTimeoutError
 from vmkit.guest.agent import GuestAgentError
 from vmkit.guest.channel import AgentCommands
 
+EXEC_MAX_MESSAGE = 48 << 20
+"""The longest agent message an exec session accepts: qemu-guest-agent keeps up to 16 MiB of each
+of stdout and stderr (GUEST_EXEC_MAX_OUTPUT), and ``guest-exec-status`` returns both in base64."""
+
 
 @dataclass(frozen=True)
 class ExecResult:
@@ -42,11 +46,16 @@ async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 
         cls = CommandNotFound if "No such file or directory" in exc.message else CommandCannotRun
         raise cls(f"the guest cannot run {argv[0]!r}: {exc.message}",
                   hint="give the program's full path, or run it through sh -c") from None
-    pid = int(started["pid"])
+    try:
+        pid = int(started["pid"])
+    except (TypeError, KeyError, ValueError):
+        raise GuestAgentError(f"the guest agent's guest-exec reply has no pid: {started!r:.200}") from None
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
         status = await agent.execute("guest-exec-status", {"pid": pid})
+        if not isinstance(status, dict):
+            raise GuestAgentError(f"the guest agent's guest-exec-status reply is not an object: {status!r:.200}")
         if status.get("exited"):
             break
         if time.monotonic() > deadline:
@@ -54,9 +63,12 @@ async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 
                                  hint="raise --timeout")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
-    return ExecResult(
-        exit_code=int(status.get("exitcode", 128 + int(status.get("signal", 0)))),
-        stdout=base64.b64decode(status.get("out-data", "")),
-        stderr=base64.b64decode(status.get("err-data", "")),
-        signal=status.get("signal"),
-    )
+    try:
+        return ExecResult(
+            exit_code=int(status.get("exitcode", 128 + int(status.get("signal", 0)))),
+            stdout=base64.b64decode(status.get("out-data", "")),
+            stderr=base64.b64decode(status.get("err-data", "")),
+            signal=status.get("signal"),
+        )
+    except (TypeError, ValueError):
+        raise GuestAgentError(f"the guest agent's guest-exec-status reply is malformed: {status!r:.200}") from None

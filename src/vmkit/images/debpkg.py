@@ -31,7 +31,7 @@ _APT_OPTIONS = (
     "-q",
 )
 _KERNEL_RE = re.compile(r"^linux-image-\d")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # fullmatch: ``$`` would accept a trailing newline
 _UPDATE_HINT = "run `apt-get update` (as root) so apt knows the package, and check /etc/apt/sources.list"
 
 
@@ -66,7 +66,7 @@ def require_tool(tool: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ImageError(f"{name!r} is not a valid Debian package name")
     return name
 

@@ -74,6 +74,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit import paths
 from vmkit.errors import ConfigError, HostError, ImageError
 from vmkit.images import debpkg
 from vmkit.images.initramfs import CpioArchive
@@ -451,7 +452,7 @@ def modules_dep(mods: ModuleSet) -> str:
 
 @contextlib.contextmanager
 def _build_lock(store: ImageStore, name: str) -> Iterator[None]:
-    store.root.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(store.root)
     with open(store.root / f".{name}.lock", "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:

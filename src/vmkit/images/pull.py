@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit import paths
 from vmkit.errors import ConfigError, ImageError
 from vmkit.images.store import Image, ImageFile, ImageManifest, ImageStore, validate_image_name
 
@@ -194,7 +195,7 @@ def _disk_format(path: Path) -> str:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (two pulls of one digest wait for each other)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

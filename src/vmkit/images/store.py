@@ -109,7 +109,8 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 
 def validate_image_name(name: str) -> str:
-    if not name or "/" in name or name in (".", "..") or name.startswith(".") or "\0" in name:
+    if (not name or "/" in name or name in (".", "..") or name.startswith(".") or not name.isprintable()
+            or any(c.isspace() for c in name)):
         raise ConfigError.single("image", f"{name!r} is not a valid image name: use letters, digits, '-', '.'")
     return name
 
@@ -160,7 +161,7 @@ class ImageStore:
 
         The directory is removed if the block raises (or if it was not committed).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        paths.make_dirs(self.root)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{validate_image_name(name)}.building."))
         try:
             yield tmp
