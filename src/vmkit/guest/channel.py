@@ -22,6 +22,11 @@ from typing import Any, Protocol
 
 from vmkit.guest.agent import GuestAgent, GuestAgentError
 
+MAX_MESSAGE = 48 << 20
+"""The longest agent message the shared channel accepts: qemu-guest-agent keeps up to 16 MiB of each
+of stdout and stderr of a command (GUEST_EXEC_MAX_OUTPUT), and ``guest-exec-status`` returns both
+in base64. A longer line, or JSON nested too deeply, ends the session (see GuestAgent)."""
+
 
 class AgentCommands(Protocol):
     """What callers of the agent need: run one command, get its ``return`` value."""
@@ -44,7 +49,8 @@ class AgentChannel:
         """Send one command (connecting first if needed) and return its ``return`` value."""
         async with self._lock:
             if self._agent is None:
-                agent = GuestAgent(self.path, timeout=self.timeout if timeout is None else min(timeout, self.timeout))
+                agent = GuestAgent(self.path, timeout=self.timeout if timeout is None else min(timeout, self.timeout),
+                                   max_message=MAX_MESSAGE)
                 await agent.connect()
                 self._agent = agent
             try:

@@ -18,10 +18,6 @@ from vmkit.errors import CommandCannotRun, CommandNotFound, VmTimeoutError
 from vmkit.guest.agent import GuestAgentError
 from vmkit.guest.channel import AgentCommands
 
-EXEC_MAX_MESSAGE = 48 << 20
-"""The longest agent message an exec session accepts: qemu-guest-agent keeps up to 16 MiB of each
-of stdout and stderr (GUEST_EXEC_MAX_OUTPUT), and ``guest-exec-status`` returns both in base64."""
-
 
 @dataclass(frozen=True)
 class ExecResult:
