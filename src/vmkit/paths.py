@@ -14,8 +14,11 @@ cached kernel, so such a directory is refused with a :class:`~vmkit.errors.HostE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import platformdirs
@@ -25,9 +28,38 @@ from vmkit.errors import HostError
 APP = "vmkit"
 
 
+_home_override: ContextVar[Path | None] = ContextVar("vmkit_home", default=None)
+
+
 def _home() -> Path | None:
+    override = _home_override.get()
+    if override is not None:
+        return override
     value = os.environ.get("VMKIT_HOME")
     return Path(value).expanduser().resolve() if value else None
+
+
+@contextlib.contextmanager
+def using_home(home: str | Path | None) -> Iterator[None]:
+    """Within the block (and the threads and tasks it starts), ``home`` is the vmkit home, as
+    ``VMKIT_HOME`` would make it (``vmkit.Client(home=...)``); None changes nothing."""
+    if home is None:
+        yield
+        return
+    token = _home_override.set(Path(home).expanduser().resolve())
+    try:
+        yield
+    finally:
+        _home_override.reset(token)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for vmkit's own child processes (the supervisor): the home in force included."""
+    env = dict(os.environ)
+    override = _home_override.get()
+    if override is not None:
+        env["VMKIT_HOME"] = str(override)
+    return env
 
 
 def _checked(path: Path, home: Path | None, default: str) -> Path:
