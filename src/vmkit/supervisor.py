@@ -75,7 +75,7 @@ log = logging.getLogger("vmkit.supervisor")
 
 MAX_BODY = 64 << 10
 """Largest request body (and console input message) the API accepts."""
-CONSOLE_BACKLOG = 1 << 20
+CONSOLE_BACKLOG = 256 << 10
 """Most console output bytes that wait for one console client (see :class:`vmkit.serial.Backlog`)."""
 EVENTS_BACKLOG = 1000
 """Most events that wait for one ``/v1/events`` reader."""
