@@ -77,10 +77,16 @@ def _not_bool(value: object) -> object:
     return value
 
 
+def _number(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(f"{value!r} is a string: give a number (without quotes)")
+    return _not_bool(value)
+
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 """An int setting: numbers (or digit strings, as a command line gives them), never booleans."""
-Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
-"""A finite float setting, never a boolean."""
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+"""A finite number (seconds, say): never a boolean or a string."""
 Bool = StrictBool
 """A yes/no setting: true or false only (not 1, 0 or "no")."""
 
@@ -125,6 +131,13 @@ class DiskImage(_Model):
     format: Literal["raw", "qcow2"] = "raw"
     read_only: Bool = False
     cache: CacheMode = "writeback"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Path) -> Path:
+        if "\0" in str(v):
+            raise ValueError("a path cannot contain a NUL character")
+        return v
 
     @model_validator(mode="before")
     @classmethod

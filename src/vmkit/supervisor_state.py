@@ -283,6 +283,7 @@ class StateRoutes:
         return web.json_response(info.to_dict())
 
     async def snapshot_revert(self, request: web.Request) -> web.Response:
+        await body_as(request, RequestBody)
         tag = request.match_info["tag"]
         with self.sup.ops.exclusive("revert to a snapshot", f"reverting to snapshot {tag!r}"):
             clock = await savestate.revert_snapshot(self.sup.vm, tag)
@@ -290,6 +291,7 @@ class StateRoutes:
                                   "clock": clock.to_dict() if clock else None})
 
     async def snapshot_delete(self, request: web.Request) -> web.Response:
+        await body_as(request, RequestBody)
         tag = request.match_info["tag"]
         with self.sup.ops.exclusive("delete a snapshot", f"deleting snapshot {tag!r}"):
             await savestate.delete_snapshot(self.sup.vm, tag)
