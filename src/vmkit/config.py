@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -82,6 +83,27 @@ def validate_disk_id(disk_id: str, *, field: str = "id") -> str:
     return disk_id
 
 
+def _not_bool(value: object) -> object:
+    # pydantic's lax mode reads true as 1: `host_port: true` would become port 1
+    if isinstance(value, bool):
+        raise ValueError("a number, not true/false")
+    return value
+
+
+def _number(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(f"{value!r} is a string: give a number (without quotes)")
+    return _not_bool(value)
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An int setting: numbers (or digit strings, as a command line gives them), never booleans."""
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+"""A finite number (seconds, say): never a boolean or a string."""
+Bool = StrictBool
+"""A yes/no setting: true or false only (not 1, 0 or "no")."""
+
+
 def validate_name(name: str, *, field: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError.single(
@@ -120,8 +142,15 @@ class DiskImage(_Model):
     type: Literal["disk-image"] = "disk-image"
     path: Path
     format: Literal["raw", "qcow2"] = "raw"
-    read_only: bool = False
+    read_only: Bool = False
     cache: CacheMode = "writeback"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Path) -> Path:
+        if "\0" in str(v):
+            raise ValueError("a path cannot contain a NUL character")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -143,9 +172,9 @@ class NbdAttachment(_Model):
 
     type: Literal["nbd"] = "nbd"
     url: str
-    read_only: bool = False
+    read_only: Bool = False
     on_error: Literal["pause", "report"] = "pause"
-    reconnect_delay: int = Field(default=5, ge=0, le=3600)
+    reconnect_delay: Int = Field(default=5, ge=0, le=3600)
 
     @field_validator("url")
     @classmethod
@@ -202,8 +231,8 @@ class PortForward(_Model):
 
     protocol: Literal["tcp", "udp"] = "tcp"
     host_addr: str = "127.0.0.1"
-    host_port: int = Field(ge=1, le=65535)
-    guest_port: int = Field(ge=1, le=65535)
+    host_port: Int = Field(ge=1, le=65535)
+    guest_port: Int = Field(ge=1, le=65535)
 
     @field_validator("host_addr")
     @classmethod
@@ -287,7 +316,7 @@ class Share(_Model):
     guest_path: str | None = Field(default=None, description="where the guest mounts it; default: host_path")
     tag: str | None = Field(default=None, max_length=36, pattern=r"^[A-Za-z0-9_.-]+$",
                             description="mount tag the guest uses; default share<N>")
-    read_only: bool = False
+    read_only: Bool = False
     cache: Literal["auto", "always", "none"] = Field(default="auto", description="virtiofs cache mode")
 
     @field_validator("guest_path")
@@ -301,11 +330,24 @@ class Share(_Model):
         return self.guest_path or str(self.host_path)
 
 
-class Serial(_Model):
-    """The serial console: always logged to ``serial.log``; optionally attachable."""
+SERIAL_LOG_MIN = 64 << 10
 
-    log: bool = True
-    console: bool = True
+
+class Serial(_Model):
+    """The serial console: logged to ``serial.log`` (at most ``log_max`` bytes, and the previous
+    ``log_max`` bytes in ``serial.log.1``); optionally attachable."""
+
+    log: Bool = True
+    console: Bool = True
+    log_max: Size = Field(default=8 << 20, description="serial.log grows to this size, then becomes serial.log.1 "
+                          "(replacing the previous one) and a new serial.log starts")
+
+    @field_validator("log_max")
+    @classmethod
+    def _log_max(cls, v: int) -> int:
+        if v < SERIAL_LOG_MIN:
+            raise ValueError(f"{format_size(v)} is too small: give at least {format_size(SERIAL_LOG_MIN)}")
+        return v
 
 
 class Readiness(_Model):
@@ -313,15 +355,15 @@ class Readiness(_Model):
     answering, within a timeout."""
 
     serial_marker: str | None = None
-    agent: bool = Field(default=False, description="wait until qemu-guest-agent answers (needs agent: true)")
-    timeout: float = Field(default=120.0, gt=0)
+    agent: Bool = Field(default=False, description="wait until qemu-guest-agent answers (needs agent: true)")
+    timeout: Float = Field(default=120.0, gt=0)
 
 
 class MachineConfig(_Model):
     """Everything that defines one virtual machine."""
 
     name: str
-    cpus: int = Field(default=1, ge=1, le=64)
+    cpus: Int = Field(default=1, ge=1, le=64)
     memory: Size = 512 << 20
     arch: Literal["x86_64"] = "x86_64"
     accel: Accelerator = Accelerator.AUTO
@@ -330,14 +372,14 @@ class MachineConfig(_Model):
                                               "default: host under KVM, max under TCG")
     boot: LinuxBoot
     storage: tuple[StorageDevice, ...] = ()
-    hotplug_slots: int = Field(default=2, ge=0, le=16,
+    hotplug_slots: Int = Field(default=2, ge=0, le=16,
                                description="q35: empty PCIe root ports for attaching disks to a running VM")
-    usb: bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
+    usb: Bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
     shares: tuple[Share, ...] = ()
-    agent: bool = Field(default=False, description="a virtio-serial channel for qemu-guest-agent (qga.sock)")
+    agent: Bool = Field(default=False, description="a virtio-serial channel for qemu-guest-agent (qga.sock)")
     network: Network | None = Network()
     serial: Serial = Serial()
-    entropy: bool = True
+    entropy: Bool = True
     readiness: Readiness = Readiness()
     image: str | None = Field(default=None, description="the image this machine was created from")
 
@@ -387,25 +429,7 @@ class MachineConfig(_Model):
                 problems.append(Problem(f"storage[{i}].id", f"{dev_id!r} is already the id of {ids[dev_id]}: "
                                         "give each device its own id"))
             ids[dev_id] = f"storage[{i}]"
-            att = dev.attachment
-            if isinstance(att, NbdAttachment):
-                if att.on_error == "pause" and dev.kind == "nvme":
-                    problems.append(Problem(f"storage[{i}].attachment.on_error",
-                                            "QEMU's nvme device cannot pause the guest on I/O errors: "
-                                            "use on_error: report, or kind virtio-blk or usb-storage"))
-                continue
-            field = f"storage[{i}].attachment.path"
-            path = att.path
-            if not path.is_absolute():
-                problems.append(Problem(field, f"{path} is relative: give an absolute path"))
-            key = path.resolve()
-            if key in seen:
-                problems.append(Problem(field, f"{path} is already used by {seen[key]}: "
-                                        "attach each file to one device only"))
-            else:
-                seen[key] = f"storage[{i}]"
-            if host:
-                problems += _check_file(field, path, "the disk image", writable=not att.read_only)
+            problems += device_problems(dev, f"storage[{i}]", seen, host=host)
         problems += self._share_problems(host)
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
@@ -486,6 +510,32 @@ class MachineConfig(_Model):
 
     def save(self, path: Path) -> None:
         atomic_write(path, self.to_yaml(), 0o600)
+
+
+def device_problems(dev: StorageDevice, where: str, seen: dict[Path, str], *, host: bool = True) -> list[Problem]:
+    """What is wrong with one storage device (at ``where``, e.g. ``storage[0]``; ``""`` for a device
+    on its own, as the supervisor's disk API takes it). ``seen`` maps the resolved image files already
+    in use to their users; this device's file is added to it."""
+    prefix = f"{where}." if where else ""
+    att = dev.attachment
+    if isinstance(att, NbdAttachment):
+        if att.on_error == "pause" and dev.kind == "nvme":
+            return [Problem(f"{prefix}attachment.on_error", "QEMU's nvme device cannot pause the guest on I/O "
+                            "errors: use on_error: report, or kind virtio-blk or usb-storage")]
+        return []
+    field = f"{prefix}attachment.path"
+    path = att.path
+    problems = []
+    if not path.is_absolute():
+        problems.append(Problem(field, f"{path} is relative: give an absolute path"))
+    key = path.resolve()
+    if key in seen:
+        problems.append(Problem(field, f"{path} is already used by {seen[key]}: attach each file to one device only"))
+    else:
+        seen[key] = where or "this device"
+    if host:
+        problems += _check_file(field, path, "the disk image", writable=not att.read_only)
+    return problems
 
 
 def parse_config(data: object, *, source: str = "configuration") -> MachineConfig:

@@ -61,6 +61,7 @@ from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
+from vmkit.serial import read_log, rotated_path
 
 Progress = Callable[[str], None]
 
@@ -148,13 +149,15 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
     if inst.serial_log.exists():
         inst.serial_log.replace(inst.dir / "serial.log.prev")
+    with contextlib.suppress(FileNotFoundError):  # the previous run's older part (see vmkit.serial)
+        rotated_path(inst.serial_log).unlink()
     limit = timeout if timeout is not None else config.readiness.timeout + 30
     read_fd, write_fd = os.pipe()
     with inst.supervisor_log.open("ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd), *supervisor_args],
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            start_new_session=True,
+            start_new_session=True, cwd=inst.dir,
         )
     os.close(write_fd)
     try:
@@ -349,11 +352,8 @@ def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
     inst = get(name)
     rx = re.compile(pattern, re.MULTILINE)
 
-    def log_text() -> str:
-        try:
-            return inst.serial_log.read_bytes().decode("utf-8", errors="replace").replace("\r", "")
-        except FileNotFoundError:
-            return ""
+    def log_text() -> str:  # both parts of the log (it rotates, see vmkit.serial)
+        return read_log(inst.serial_log).decode("utf-8", errors="replace").replace("\r", "")
 
     if not inst.is_supervised():
         text = log_text()
@@ -363,21 +363,27 @@ def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
     api = SupervisorClient(inst.api_socket)
 
     async def follow() -> str:
-        matched = asyncio.Event()
+        changed = asyncio.Event()
 
-        def check(_: bytes = b"") -> None:
-            if rx.search(log_text()):  # the supervisor logs a chunk before it streams it
-                matched.set()
+        def output(_: bytes = b"") -> None:  # cheap: the stream is read as fast as it comes
+            changed.set()
 
-        stream = asyncio.create_task(api.console(check, asyncio.Queue(), on_connected=check))
-        waiter = asyncio.create_task(matched.wait())
+        async def matched() -> None:  # one look at the log per burst of output, however fast it comes
+            while True:
+                await changed.wait()
+                changed.clear()
+                if rx.search(log_text()):  # the supervisor logs a chunk before it streams it
+                    return
+
+        stream = asyncio.create_task(api.console(output, asyncio.Queue(), on_connected=output))
+        waiter = asyncio.create_task(matched())
         try:
             done, _ = await asyncio.wait({stream, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stream.cancel()
             waiter.cancel()
-        if matched.is_set() or rx.search(log_text()):
-            return log_text()
+        if rx.search(text := log_text()):
+            return text
         if stream in done:
             raise StateError(f"wait for /{pattern}/ on the console", inst.reconcile().state, ["running"])
         raise VmTimeoutError(f"{name}: /{pattern}/ did not appear on the console within {timeout:.0f} s",

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vmkit import hotplug
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
 from vmkit.guest.agent import AGENT_SOCKET_NAME
@@ -120,7 +121,8 @@ class VirtualMachine:
         self.accel = accel or accel_mod.choose(config.accel.value)
         self.qemu_binary = qemu_binary
         self.extra_args = list(extra_args or [])
-        self.serial = SerialConsole(workdir / "serial.log" if config.serial.log else None)
+        self.serial = SerialConsole(workdir / "serial.log" if config.serial.log else None,
+                                    log_max=config.serial.log_max)
         self.qmp: Monitor | None = None
         self.exit_info: ExitInfo | None = None
         self.started_at: float | None = None
@@ -142,6 +144,8 @@ class VirtualMachine:
         self._stop_requested = False
         self.nbd = NbdWatcher(self, self._emit)
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.hotplug
+        self.unplugs: dict[str, asyncio.Future[None]] = {}  # hot disks being detached (see vmkit.hotplug)
+        self.detached_late: set[str] = set()  # ... and those released after their detach_disk gave up
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
         self.agent: AgentChannel | None = AgentChannel(workdir / AGENT_SOCKET_NAME) if config.agent else None
         """The one connection to the guest agent, shared by every caller (see vmkit.guest.channel)."""
@@ -171,24 +175,43 @@ class VirtualMachine:
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[VmEvent]]:
-        """A queue receiving every event from now on, for the life of the block."""
-        q: asyncio.Queue[VmEvent] = asyncio.Queue()
+    async def subscribe(self, limit: int = 0) -> AsyncIterator[asyncio.Queue[VmEvent]]:
+        """A queue receiving every event from now on, for the life of the block.
+
+        With ``limit``, at most that many events wait in it: a subscriber that falls further
+        behind is unsubscribed, its waiting events are replaced by one ``events-dropped`` event
+        (say so, and stop reading), and nothing more arrives.
+        """
+        q: asyncio.Queue[VmEvent] = asyncio.Queue(limit)
         self._subscribers.append(q)
         try:
             yield q
         finally:
-            self._subscribers.remove(q)
+            if q in self._subscribers:
+                self._subscribers.remove(q)
 
     def _emit(self, kind: str, **detail: Any) -> None:
         ev = VmEvent(kind, self._state, detail)
-        for q in self._subscribers:
-            q.put_nowait(ev)
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(ev)
+            except asyncio.QueueFull:
+                self._drop_subscriber(q)
         for cb in list(self._callbacks):
             try:
                 cb(ev)
             except Exception:  # a listener's bug must not break the machine
                 log.exception("event listener failed")
+
+    def _drop_subscriber(self, q: asyncio.Queue[VmEvent]) -> None:
+        self._subscribers.remove(q)
+        waiting = q.qsize()
+        while not q.empty():
+            q.get_nowait()
+        log.warning("an event subscriber fell %d events behind: dropped", waiting)
+        q.put_nowait(VmEvent("events-dropped", self._state, {
+            "message": f"this event stream fell {waiting} events behind and was ended: "
+                       "read events as they come, and subscribe again"}))
 
     def _set_state(self, new: VmState, **detail: Any) -> None:
         if new == self._state:
@@ -245,6 +268,8 @@ class VirtualMachine:
         self._stop_requested = False
         self._exited = asyncio.Event()
         self.hot_disks.clear()
+        self.unplugs.clear()
+        self.detached_late.clear()
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -537,6 +562,8 @@ class VirtualMachine:
                     self._agent_port_open.set()
                 else:
                     self._agent_port_open.clear()
+            elif name == "DEVICE_DELETED":
+                hotplug.device_deleted(self, data)
             if not self.nbd.on_qmp_event(name, data):
                 continue  # coalesced I/O-error flood
             self._emit("qmp", event=name, data=data)

@@ -4,22 +4,136 @@ vmkit owns the console: QEMU's serial chardev is one end of a socketpair whose o
 is read here. Every byte is appended to ``serial.log`` and kept in a bounded in-memory
 window, so callers can wait for a line (``wait_for``) without polling a file, and any
 number of listeners (the supervisor's console clients) can follow the stream and type.
+
+Nothing here grows without limit, however much the guest prints:
+
+* ``serial.log`` holds at most ``log_max`` bytes: when the next chunk would not fit, it is
+  renamed ``serial.log.1`` (replacing the previous one) and a new ``serial.log`` starts. So
+  the log keeps at least the last ``log_max`` bytes, on at most twice that much disk.
+  :func:`read_log` returns both parts in order.
+* A client that follows the stream gets a :class:`Backlog`: at most ``limit`` bytes wait for
+  it. Output beyond that is dropped for that client alone, and once it catches up it first
+  reads a notice saying how many bytes it missed (the supervisor also logs it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
 import socket
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_MAX = 8 << 20
+
+
+def rotated_path(log_path: Path) -> Path:
+    """Where the log's previous ``log_max`` bytes are kept (``serial.log.1``)."""
+    return log_path.with_name(log_path.name + ".1")
+
+
+def read_log(log_path: Path) -> bytes:
+    """The whole console log: ``serial.log.1`` then ``serial.log`` (b"" if there is none).
+
+    Safe while the log rotates: the current file is opened first, so a rotation in between
+    shows up as the rotated file being the one already open (then only that one is read).
+    """
+    try:
+        current = log_path.open("rb")
+    except FileNotFoundError:
+        return b""
+    with current:
+        try:
+            older = rotated_path(log_path).open("rb")
+        except FileNotFoundError:
+            return current.read()
+        with older:
+            if os.fstat(older.fileno()).st_ino == os.fstat(current.fileno()).st_ino:
+                return current.read()
+            return older.read() + current.read()
+
+
+class Backlog:
+    """Console output waiting for one client (a listener for :meth:`SerialConsole.add_listener`).
+
+    Holds at most ``limit`` bytes. A client that does not keep up loses what does not fit
+    (never the machine's memory): :meth:`put` drops it, logs that once per episode, and the
+    client's next chunk after it caught up starts with a notice of how many bytes it missed.
+    """
+
+    def __init__(self, who: str, limit: int = 1 << 20) -> None:
+        self.who = who
+        self.limit = limit
+        self.dropped_total = 0
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._dropped = 0
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def put(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._dropped:
+            notice = self.notice(self._dropped)
+            if self._size + len(notice) + len(data) > self.limit:
+                self._dropped += len(data)
+                self.dropped_total += len(data)
+                return
+            log.warning("%s caught up: it missed %d bytes of console output", self.who, self._dropped)
+            self._append(notice)
+            self._dropped = 0
+        if self._size + len(data) > self.limit:
+            log.warning("%s reads too slowly (%d bytes waiting): dropping its console output until it "
+                        "catches up", self.who, self._size)
+            self._dropped = len(data)
+            self.dropped_total += len(data)
+            return
+        self._append(data)
+
+    @staticmethod
+    def notice(dropped: int) -> bytes:
+        return (f"\r\n[vmkit: {dropped} bytes of console output dropped: this client read too slowly]\r\n"
+                .encode())
+
+    def _append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._ready.set()
+
+    async def get(self) -> bytes | None:
+        """Everything waiting (at least one byte), or None once closed."""
+        while not self._chunks:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
 
 class SerialConsole:
-    def __init__(self, log_path: Path | None, *, window: int = 1 << 20) -> None:
+    def __init__(self, log_path: Path | None, *, window: int = 1 << 20, log_max: int = DEFAULT_LOG_MAX) -> None:
         self.log_path = log_path
+        self.log_max = log_max
+        self._log_size = 0
         self._window = window
         self._buf = bytearray()
         self._base = 0  # absolute offset of _buf[0]
@@ -37,6 +151,7 @@ class SerialConsole:
         self._eof = False
         if self.log_path is not None:
             self._log = self.log_path.open("ab")
+            self._log_size = self._log.tell()
         self._reader = asyncio.create_task(self._read_loop(), name="vmkit-serial")
 
     async def _read_loop(self) -> None:
@@ -57,8 +172,15 @@ class SerialConsole:
 
     def _feed(self, data: bytes) -> None:
         if self._log is not None:
-            self._log.write(data)
-            self._log.flush()
+            try:
+                if self._log_size and self._log_size + len(data) > self.log_max:
+                    self._rotate()
+                self._log.write(data)
+                self._log.flush()
+                self._log_size += len(data)
+            except OSError as exc:  # a full disk must not end the console stream itself
+                log.error("cannot write %s (%s): console logging stops", self.log_path, exc)
+                self._close_log()
         self._buf += data
         excess = len(self._buf) - self._window
         if excess > 0:
@@ -68,6 +190,19 @@ class SerialConsole:
             with contextlib.suppress(Exception):
                 cb(data)
         self._notify()
+
+    def _rotate(self) -> None:
+        assert self.log_path is not None
+        self._close_log()
+        os.replace(self.log_path, rotated_path(self.log_path))
+        self._log = self.log_path.open("ab")
+        self._log_size = 0
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
 
     def _notify(self) -> None:
         self._changed.set()
@@ -140,6 +275,4 @@ class SerialConsole:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._close_log()

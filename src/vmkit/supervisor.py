@@ -5,7 +5,9 @@ holds the instance lock for its whole life, starts the machine, reports the outc
 pipe (so ``vmkit start`` returns exactly when the guest is running or has failed), then
 serves until QEMU exits, records why in ``state.json`` and exits itself.
 
-API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}``)::
+API (all JSON; every error, bad input, unknown path or method and unexpected failure alike, is
+``{"error": {"type", "message", "hint", "exit_code"}}``, plus ``"field"`` for bad input; bodies
+are checked as vm.yaml is, and are at most 64 KiB)::
 
     GET  /v1/state            runtime status
     GET  /v1/info             configuration + runtime status
@@ -21,6 +23,17 @@ API (all JSON; errors are ``{"error": {"type", "message", "hint", "exit_code"}}`
                               save/restore and snapshots (see vmkit.supervisor_state)
 
 Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
+
+Console clients (``console.sock`` and ``/v1/console``) each get at most
+:data:`CONSOLE_BACKLOG` bytes of output waiting for them; a client that reads more slowly than
+the guest prints loses what does not fit, and reads a notice saying how much once it catches up
+(see :class:`vmkit.serial.Backlog`). An ``/v1/events`` reader more than :data:`EVENTS_BACKLOG`
+events behind gets an ``events-dropped`` event and the stream ends. Save and snapshot operations
+exclude every other operation that changes the machine (see
+:class:`vmkit.supervisor_state.OperationGate`): those are refused with HTTP 409.
+
+The supervisor runs in the instance directory (its working directory), so nothing it opens
+can depend on where ``vmkit`` was started.
 """
 
 from __future__ import annotations
@@ -40,11 +53,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from pydantic import Field
 
 from vmkit import hotplug, savestate
 from vmkit.api import models, spec
-from vmkit.config import PortForward, StorageDevice, validate_model
-from vmkit.errors import ConfigError, NotFoundError, QemuError, StateError, VmkitError, error_fields
+from vmkit.config import Float, PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
 from vmkit.guest.agent import GuestAgentError
 from vmkit.guest.channel import AgentChannel
 from vmkit.guest.execute import guest_exec
@@ -53,13 +67,42 @@ from vmkit.guest.files import check_remote, read_guest_file, write_guest_file
 from vmkit.hotplug import disk_table
 from vmkit.instance import Instance, Status
 from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
-from vmkit.supervisor_state import StartPlan, StateRoutes, json_body, start_from_plan
+from vmkit.serial import Backlog
+from vmkit.supervisor_state import (
+    OperationGate,
+    RequestBody,
+    StartPlan,
+    StateRoutes,
+    body_as,
+    json_body,
+    start_from_plan,
+    unexpected_error,
+)
 
 log = logging.getLogger("vmkit.supervisor")
 
+MAX_BODY = 64 << 10
+"""Largest request body (and console input message) the API accepts."""
+CONSOLE_BACKLOG = 256 << 10
+"""Most console output bytes that wait for one console client (see :class:`vmkit.serial.Backlog`)."""
+EVENTS_BACKLOG = 1000
+"""Most events that wait for one ``/v1/events`` reader."""
+_MAX_WAIT = 24 * 3600.0
+
+
+class StopRequest(RequestBody):
+    timeout: Float | None = Field(default=None, gt=0, le=_MAX_WAIT)
+
+
+class DetachRequest(RequestBody):
+    timeout: Float = Field(default=30.0, gt=0, le=_MAX_WAIT)
+
 
 def error_body(exc: VmkitError) -> dict[str, Any]:
-    return {"error": error_fields(exc)}
+    fields = error_fields(exc)
+    if isinstance(exc, ConfigError) and exc.problems:
+        fields["field"] = exc.problems[0].field
+    return {"error": fields}
 
 
 class Supervisor:
@@ -73,6 +116,7 @@ class Supervisor:
         self._done = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._console_server: asyncio.Server | None = None
+        self.ops = OperationGate()
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -147,7 +191,7 @@ class Supervisor:
 
     # -- HTTP API -------------------------------------------------------------------------------------
     async def _serve_api(self) -> None:
-        app = web.Application(middlewares=[_errors_middleware])
+        app = web.Application(middlewares=[_errors_middleware], client_max_size=MAX_BODY)
         app.add_routes([
             web.get("/v1/state", self._h_state),
             web.get("/v1/info", self._h_info),
@@ -183,7 +227,15 @@ class Supervisor:
 
     async def _raw_console(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``console.sock``: the serial console as a plain byte stream, both ways."""
-        remove = self.vm.serial.add_listener(writer.write)
+        backlog = Backlog("a console.sock client", CONSOLE_BACKLOG)
+        remove = self.vm.serial.add_listener(backlog.put)
+
+        async def pump() -> None:
+            while (data := await backlog.get()) is not None:
+                writer.write(data)
+                await writer.drain()
+
+        task = asyncio.create_task(pump())
         try:
             while data := await reader.read(4096):
                 await self.vm.serial.write(data)
@@ -191,6 +243,10 @@ class Supervisor:
             pass
         finally:
             remove()
+            backlog.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
             writer.close()
 
     async def _stop_api(self) -> None:
@@ -212,35 +268,41 @@ class Supervisor:
         return web.json_response(self.info())
 
     async def _h_pause(self, request: web.Request) -> web.Response:
-        await self.vm.pause()
+        await body_as(request, RequestBody)
+        with self.ops.shared("pause", "pausing"):
+            await self.vm.pause()
         return web.json_response(self.status.to_dict())
 
     async def _h_resume(self, request: web.Request) -> web.Response:
-        clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
-        if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now
-            await self.vm.mount_sshfs()
+        await body_as(request, RequestBody)
+        with self.ops.shared("resume", "resuming"):
+            clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
+            if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now
+                await self.vm.mount_sshfs()
         return web.json_response({**self.status.to_dict(), "clock": clock.to_dict()})
 
     async def _h_request_stop(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        timeout = body.get("timeout")
-        if timeout is not None and not isinstance(timeout, int | float):
-            raise ConfigError.single("timeout", "must be a number of seconds")
-        await self.vm.request_stop(timeout=timeout)
+        body = await body_as(request, StopRequest)
+        with self.ops.shared("request a stop", "stopping"):
+            await self.vm.request_stop(timeout=body.timeout)
         return web.json_response(self.status.to_dict())
 
     async def _h_stop(self, request: web.Request) -> web.Response:
-        info = await self.vm.stop()
+        await body_as(request, RequestBody)
+        with self.ops.shared("stop", "stopping"):
+            info = await self.vm.stop()
         return web.json_response({**self.status.to_dict(), "exit": info.reason})
 
     async def _h_events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        async with self.vm.subscribe() as q:
+        async with self.vm.subscribe(limit=EVENTS_BACKLOG) as q:
             await resp.write((json.dumps({"kind": "hello", "state": self.vm.state.value}) + "\n").encode())
             while True:
                 ev = await q.get()
                 await resp.write((json.dumps(ev.to_dict()) + "\n").encode())
+                if ev.kind == "events-dropped":
+                    break
                 if ev.state in (VmState.STOPPED, VmState.ERROR) and ev.kind != "state-changed":
                     break
         return resp
@@ -250,8 +312,12 @@ class Supervisor:
         fwd = validate_model(PortForward, body, context="port forward")
         if self.config.network is None:
             raise ConfigError.single("network", "this machine has no network: port forwards need one")
+        if not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
+            raise ConfigError.single("host_port", f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
+                                     "is already taken on this host: pick a free port")
         rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
-        reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})
+        with self.ops.shared("add a port forward", "adding a port forward"):
+            reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})
         if reply:  # HMP answers with text only when it fails
             raise QemuError(f"QEMU refused the port forward {fwd}: {str(reply).strip()}")
         return web.json_response({"forward": str(fwd)})
@@ -327,22 +393,29 @@ class Supervisor:
     async def _h_disk_attach(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         dev = validate_model(StorageDevice, body, context="disk")
-        disk = await hotplug.attach_disk(self.vm, dev)
+        with self.ops.shared("attach a disk", "attaching a disk"):
+            disk = await hotplug.attach_disk(self.vm, dev)
         return web.json_response({"id": disk.id, "port": disk.port})
 
     async def _h_disk_detach(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        await hotplug.detach_disk(self.vm, request.match_info["id"], timeout=float(body.get("timeout", 30)))
-        return web.json_response({"id": request.match_info["id"], "detached": True})
+        body = await body_as(request, DetachRequest)
+        disk_id = request.match_info["id"]
+        with self.ops.shared("detach a disk", f"detaching disk {disk_id}"):
+            await hotplug.detach_disk(self.vm, disk_id, timeout=body.timeout)
+        return web.json_response({"id": disk_id, "detached": True})
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        remove = self.vm.serial.add_listener(out.put_nowait)  # before the handshake: nothing is missed
-        await ws.prepare(request)
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY)
+        backlog = Backlog("a /v1/console client", CONSOLE_BACKLOG)
+        remove = self.vm.serial.add_listener(backlog.put)  # before the handshake: nothing is missed
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            remove()
+            raise
 
         async def pump() -> None:
-            while (data := await out.get()) is not None:
+            while (data := await backlog.get()) is not None:
                 await ws.send_bytes(data)
 
         task = asyncio.create_task(pump())
@@ -356,6 +429,7 @@ class Supervisor:
             pass
         finally:
             remove()
+            backlog.close()
             task.cancel()
         return ws
 
@@ -371,11 +445,37 @@ _HTTP_STATUS = {2: 400, 3: 404, 4: 409, 8: 504, 9: 409}
 
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure as the one JSON error object: vmkit's errors, aiohttp's HTTP errors (unknown
+    path or method, body too large, bad websocket handshake) and anything unexpected."""
     try:
         resp: web.StreamResponse = await handler(request)
         return resp
     except VmkitError as exc:
         return web.json_response(error_body(exc), status=_HTTP_STATUS.get(int(exc.exit_code), 500))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(error_body(_http_error(request, exc)), status=exc.status)
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away
+    except Exception as exc:
+        return web.json_response(error_body(unexpected_error(exc)), status=500)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> VmkitError:
+    where = f"{request.method} {request.path}"
+    if exc.status == 404:
+        return NotFoundError("API path", request.path, hint="see the routes in `vmkit.supervisor`")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        return ConfigError.single("<method>", f"{where} is not allowed: use {allowed or 'another method'}")
+    if exc.status == 413:
+        return ConfigError.single("<body>", f"the request body is too large: at most {MAX_BODY} bytes")
+    if exc.status < 500:
+        return ConfigError.single("<request>", f"{where}: {exc.reason}: {exc.text or ''}".rstrip(": "))
+    err = VmkitError(f"{where} failed: {exc.reason}")
+    err.exit_code = ExitCode.ERROR
+    return err
 
 
 def _report(fd: int | None, payload: dict[str, Any]) -> None:
@@ -395,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     inst_dir: Path = args.instance_dir.resolve()
+    os.chdir(inst_dir)  # nothing may resolve against wherever `vmkit` was run
     instance = Instance(inst_dir.name, inst_dir.parent)
     lock_fd = os.open(instance.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -2,7 +2,7 @@
 
 Routes (added to the supervisor's API; errors as everywhere else)::
 
-    POST   /v1/save                  {"path": ABSOLUTE, "keep_running": bool, "force": bool}
+    POST   /v1/save                  {"path": ABSOLUTE, "keep_running": bool, "force": bool} (all optional)
                                      newline-delimited JSON: {"progress": {"done", "total"}} lines,
                                      then {"result": {...}} or {"error": {...}}. Pauses a running
                                      machine, saves, then resumes it (keep_running) or stops it.
@@ -13,6 +13,11 @@ Routes (added to the supervisor's API; errors as everywhere else)::
     POST   /v1/snapshots             {"tag": TAG} -> SnapshotInfo
     POST   /v1/snapshots/TAG/revert  -> {"tag", "state", "clock"}
     DELETE /v1/snapshots/TAG
+
+Saves and snapshot operations are exclusive (:class:`OperationGate`): while one runs, every other
+operation that changes the machine (pause, resume, stop, port forwards, disks, another save or
+snapshot) is refused with a :class:`~vmkit.errors.StateError` (HTTP 409) naming what is in
+progress, and a save or snapshot is refused while one of those runs.
 
 A supervisor can also *start* a machine from saved state instead of booting it
 (:class:`StartPlan`, command-line options ``--restore PATH [--force] [--consume]`` or
@@ -31,14 +36,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict
 
 from vmkit import savestate
+from vmkit.config import Bool, validate_model
 from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
 from vmkit.machine import VmState
 
@@ -137,12 +145,75 @@ async def start_from_plan(sup: Supervisor, plan: StartPlan, ready_fd: int | None
     _write_line(ready_fd, {"started": started})
 
 
+class OperationGate:
+    """Which operations on the machine may run together: any number of *shared* ones (pause,
+    resume, stop, disks, ports: the machine's state machine orders those), or one *exclusive*
+    one (a save or snapshot operation) and nothing else. What cannot run now is refused at
+    once, with a :class:`StateError` naming what is in progress."""
+
+    def __init__(self) -> None:
+        self._exclusive: str | None = None
+        self._shared: Counter[str] = Counter()
+
+    @property
+    def busy(self) -> str | None:
+        """What is in progress, if anything."""
+        return self._exclusive or (", ".join(self._shared) if self._shared else None)
+
+    def _refuse(self, operation: str, doing: str) -> StateError:
+        return StateError(operation, f"busy {doing}", ["idle (try again once that has finished)"])
+
+    @contextlib.contextmanager
+    def shared(self, operation: str, doing: str) -> Iterator[None]:
+        if self._exclusive is not None:
+            raise self._refuse(operation, self._exclusive)
+        self._shared[doing] += 1
+        try:
+            yield
+        finally:
+            self._shared[doing] -= 1
+            if self._shared[doing] <= 0:
+                del self._shared[doing]
+
+    @contextlib.contextmanager
+    def exclusive(self, operation: str, doing: str) -> Iterator[None]:
+        busy = self.busy
+        if busy is not None:
+            raise self._refuse(operation, busy)
+        self._exclusive = doing
+        try:
+            yield
+        finally:
+            self._exclusive = None
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SaveBody(RequestBody):
+    path: str | None = None
+    keep_running: Bool = False
+    force: Bool = False
+
+
+class SnapshotBody(RequestBody):
+    tag: str
+
+
+_B = TypeVar("_B", bound=BaseModel)
+
+
+async def body_as(request: web.Request, model: type[_B]) -> _B:
+    """The request's JSON body checked against ``model`` (problems name their fields, as for vm.yaml)."""
+    return validate_model(model, await json_body(request), context="request")
+
+
 class StateRoutes:
-    """The save and snapshot handlers of one supervisor (one operation at a time)."""
+    """The save and snapshot handlers of one supervisor (exclusive operations, see :class:`OperationGate`)."""
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
-        self._lock = asyncio.Lock()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -154,26 +225,20 @@ class StateRoutes:
         ]
 
     async def save(self, request: web.Request) -> web.StreamResponse:
-        body = await json_body(request)
-        raw_path = body.get("path")
-        if raw_path is None:
+        body = await body_as(request, SaveBody)
+        if body.path is None:
             path = self.sup.instance.saved_state_path
-        elif isinstance(raw_path, str) and raw_path.startswith("/"):
-            path = Path(raw_path)
+        elif body.path.startswith("/") and "\0" not in body.path:
+            path = Path(body.path)
         else:
             raise ConfigError.single("path", "give the state file's absolute path")
-        keep_running = bool(body.get("keep_running", False))
-        force = body.get("force", False)
-        if not isinstance(force, bool):
-            raise ConfigError.single("force", "give true to replace an existing file that is not a state file")
+        keep_running = body.keep_running
         vm = self.sup.vm
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
             raise StateError("save the machine state", vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
-        if self._lock.locked():
-            raise StateError("save the machine state", "busy with another save or snapshot", ["idle"])
-        target_check = functools.partial(savestate.check_save_target, own=self.sup.instance, force=force)
+        target_check = functools.partial(savestate.check_save_target, own=self.sup.instance, force=body.force)
         target_check(path)  # before the machine is paused: a refused target leaves it as it was
-        async with self._lock:
+        with self.sup.ops.exclusive("save the machine state", f"saving its state to {path}"):
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -190,7 +255,8 @@ class StateRoutes:
                     await vm.pause()
                 self.sup.status.reason = f"saving state to {path}"
                 info = await savestate.save_state(vm, path, progress, target_check=target_check)
-            except VmkitError as exc:
+            except Exception as raised:  # the answer has begun: every failure goes on its last line
+                exc = raised if isinstance(raised, VmkitError) else unexpected_error(raised)
                 log.error("save failed: %s", exc)
                 if was_running and vm.state == VmState.PAUSED:
                     with contextlib.suppress(VmkitError):
@@ -218,24 +284,23 @@ class StateRoutes:
         return web.json_response([s.to_dict() for s in await savestate.list_snapshots(self.sup.vm)])
 
     async def snapshot_create(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        tag = body.get("tag")
-        if not isinstance(tag, str):
-            raise ConfigError.single("tag", "give the snapshot's tag")
-        async with self._lock:
+        tag = (await body_as(request, SnapshotBody)).tag
+        with self.sup.ops.exclusive("create a snapshot", f"creating snapshot {tag!r}"):
             info = await savestate.create_snapshot(self.sup.vm, tag)
         return web.json_response(info.to_dict())
 
     async def snapshot_revert(self, request: web.Request) -> web.Response:
+        await body_as(request, RequestBody)
         tag = request.match_info["tag"]
-        async with self._lock:
+        with self.sup.ops.exclusive("revert to a snapshot", f"reverting to snapshot {tag!r}"):
             clock = await savestate.revert_snapshot(self.sup.vm, tag)
         return web.json_response({"tag": tag, "state": self.sup.vm.state.value,
                                   "clock": clock.to_dict() if clock else None})
 
     async def snapshot_delete(self, request: web.Request) -> web.Response:
+        await body_as(request, RequestBody)
         tag = request.match_info["tag"]
-        async with self._lock:
+        with self.sup.ops.exclusive("delete a snapshot", f"deleting snapshot {tag!r}"):
             await savestate.delete_snapshot(self.sup.vm, tag)
         return web.json_response({"tag": tag, "deleted": True})
 
@@ -254,13 +319,31 @@ async def _last_line(resp: web.StreamResponse, payload: dict[str, Any]) -> None:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """A request's JSON object body ({} when empty); bad input is a ConfigError."""
+    """A request's JSON object body ({} when empty); bad input is a ConfigError.
+
+    A body over the application's ``client_max_size`` raises aiohttp's 413 error (the
+    supervisor's error middleware answers it as a ConfigError too).
+    """
     if not request.can_read_body:
         return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
     try:
-        body = await request.json()
-    except ValueError:
-        raise ConfigError.single("<body>", "the request body is not JSON") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise ConfigError.single("<body>", "the request body is not JSON: send a JSON object") from None
     if not isinstance(body, dict):
         raise ConfigError.single("<body>", "the request body must be a JSON object")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity by default
+
+
+def unexpected_error(exc: BaseException) -> VmkitError:
+    """An exception vmkit did not expect, as the one error shape of the API (the details go to the log)."""
+    log.error("unexpected error", exc_info=exc)
+    return VmkitError(f"the supervisor failed unexpectedly: {type(exc).__name__}: {exc}",
+                      hint="the machine keeps running; see supervisor.log in the instance directory")

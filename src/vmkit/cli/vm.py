@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import termios
@@ -19,6 +18,7 @@ from vmkit.builder import CreateOptions
 from vmkit.cli import state as state_cli
 from vmkit.cli.output import err, human_duration, out, print_json, print_json_line, spinner
 from vmkit.qemu.cmdline import render
+from vmkit.serial import read_log
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -138,9 +138,8 @@ def console(
         sys.stdout.flush()
         return
     if log:
-        with contextlib.suppress(FileNotFoundError):
-            sys.stdout.buffer.write(inst.serial_log.read_bytes())
-            sys.stdout.buffer.flush()
+        sys.stdout.buffer.write(read_log(inst.serial_log))  # with serial.log.1, its older part
+        sys.stdout.buffer.flush()
         return
     api = control.client(name)
     interactive = sys.stdin.isatty()
