@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import fcntl
 import json
@@ -53,11 +52,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from pydantic import Field
 
 from vmkit import hotplug, savestate
 from vmkit.api import models, spec
-from vmkit.config import Float, PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.config import PortForward, StorageDevice, port_is_free, validate_model
 from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
 from vmkit.guest.agent import GuestAgentError
 from vmkit.guest.channel import AgentChannel
@@ -70,7 +68,6 @@ from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
 from vmkit.serial import Backlog
 from vmkit.supervisor_state import (
     OperationGate,
-    RequestBody,
     StartPlan,
     StateRoutes,
     body_as,
@@ -87,22 +84,10 @@ CONSOLE_BACKLOG = 256 << 10
 """Most console output bytes that wait for one console client (see :class:`vmkit.serial.Backlog`)."""
 EVENTS_BACKLOG = 1000
 """Most events that wait for one ``/v1/events`` reader."""
-_MAX_WAIT = 24 * 3600.0
-
-
-class StopRequest(RequestBody):
-    timeout: Float | None = Field(default=None, gt=0, le=_MAX_WAIT)
-
-
-class DetachRequest(RequestBody):
-    timeout: Float = Field(default=30.0, gt=0, le=_MAX_WAIT)
 
 
 def error_body(exc: VmkitError) -> dict[str, Any]:
-    fields = error_fields(exc)
-    if isinstance(exc, ConfigError) and exc.problems:
-        fields["field"] = exc.problems[0].field
-    return {"error": fields}
+    return {"error": error_fields(exc)}
 
 
 class Supervisor:
@@ -268,13 +253,13 @@ class Supervisor:
         return web.json_response(self.info())
 
     async def _h_pause(self, request: web.Request) -> web.Response:
-        await body_as(request, RequestBody)
+        await body_as(request, models.Empty)
         with self.ops.shared("pause", "pausing"):
             await self.vm.pause()
         return web.json_response(self.status.to_dict())
 
     async def _h_resume(self, request: web.Request) -> web.Response:
-        await body_as(request, RequestBody)
+        await body_as(request, models.Empty)
         with self.ops.shared("resume", "resuming"):
             clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
             if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now
@@ -282,13 +267,13 @@ class Supervisor:
         return web.json_response({**self.status.to_dict(), "clock": clock.to_dict()})
 
     async def _h_request_stop(self, request: web.Request) -> web.Response:
-        body = await body_as(request, StopRequest)
+        body = await body_as(request, models.RequestStop)
         with self.ops.shared("request a stop", "stopping"):
             await self.vm.request_stop(timeout=body.timeout)
         return web.json_response(self.status.to_dict())
 
     async def _h_stop(self, request: web.Request) -> web.Response:
-        await body_as(request, RequestBody)
+        await body_as(request, models.Empty)
         with self.ops.shared("stop", "stopping"):
             info = await self.vm.stop()
         return web.json_response({**self.status.to_dict(), "exit": info.reason})
@@ -335,16 +320,11 @@ class Supervisor:
         return self.vm.agent
 
     async def _h_exec(self, request: web.Request) -> web.Response:
-        req = validate_model(models.ExecRequest, await json_body(request), context="exec request")
+        req = await body_as(request, models.ExecRequest)
         agent = self._agent("run a command in the guest")
-        try:
-            stdin = base64.b64decode(req.stdin, validate=True) if req.stdin is not None else None
-        except ValueError:
-            raise ConfigError.single("stdin", "is not base64") from None
-        res = await guest_exec(agent, req.argv, timeout=req.timeout, stdin=stdin)
-        return web.json_response(models.ExecResult(
-            exit_code=res.exit_code, stdout=base64.b64encode(res.stdout).decode(),
-            stderr=base64.b64encode(res.stderr).decode(), signal=res.signal).model_dump(mode="json"))
+        res = await guest_exec(agent, req.argv, timeout=req.timeout, stdin=req.stdin)
+        return web.json_response(models.ExecResult.of(res.exit_code, res.stdout, res.stderr, res.signal)
+                                 .model_dump(mode="json"))
 
     @staticmethod
     def _guest_path(request: web.Request) -> str:
@@ -398,7 +378,7 @@ class Supervisor:
         return web.json_response({"id": disk.id, "port": disk.port})
 
     async def _h_disk_detach(self, request: web.Request) -> web.Response:
-        body = await body_as(request, DetachRequest)
+        body = await body_as(request, models.DetachDisk)
         disk_id = request.match_info["id"]
         with self.ops.shared("detach a disk", f"detaching disk {disk_id}"):
             await hotplug.detach_disk(self.vm, disk_id, timeout=body.timeout)

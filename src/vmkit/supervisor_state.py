@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from vmkit import savestate
-from vmkit.config import Bool, validate_model
+from vmkit.api import models
+from vmkit.config import validate_model
 from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
 from vmkit.machine import VmState
 
@@ -187,20 +188,6 @@ class OperationGate:
             self._exclusive = None
 
 
-class RequestBody(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SaveBody(RequestBody):
-    path: str | None = None
-    keep_running: Bool = False
-    force: Bool = False
-
-
-class SnapshotBody(RequestBody):
-    tag: str
-
-
 _B = TypeVar("_B", bound=BaseModel)
 
 
@@ -225,7 +212,7 @@ class StateRoutes:
         ]
 
     async def save(self, request: web.Request) -> web.StreamResponse:
-        body = await body_as(request, SaveBody)
+        body = await body_as(request, models.SaveRequest)
         if body.path is None:
             path = self.sup.instance.saved_state_path
         elif body.path.startswith("/") and "\0" not in body.path:
@@ -284,13 +271,13 @@ class StateRoutes:
         return web.json_response([s.to_dict() for s in await savestate.list_snapshots(self.sup.vm)])
 
     async def snapshot_create(self, request: web.Request) -> web.Response:
-        tag = (await body_as(request, SnapshotBody)).tag
+        tag = (await body_as(request, models.SnapshotCreate)).tag
         with self.sup.ops.exclusive("create a snapshot", f"creating snapshot {tag!r}"):
             info = await savestate.create_snapshot(self.sup.vm, tag)
         return web.json_response(info.to_dict())
 
     async def snapshot_revert(self, request: web.Request) -> web.Response:
-        await body_as(request, RequestBody)
+        await body_as(request, models.Empty)
         tag = request.match_info["tag"]
         with self.sup.ops.exclusive("revert to a snapshot", f"reverting to snapshot {tag!r}"):
             clock = await savestate.revert_snapshot(self.sup.vm, tag)
@@ -298,7 +285,7 @@ class StateRoutes:
                                   "clock": clock.to_dict() if clock else None})
 
     async def snapshot_delete(self, request: web.Request) -> web.Response:
-        await body_as(request, RequestBody)
+        await body_as(request, models.Empty)
         tag = request.match_info["tag"]
         with self.sup.ops.exclusive("delete a snapshot", f"deleting snapshot {tag!r}"):
             await savestate.delete_snapshot(self.sup.vm, tag)

@@ -5,25 +5,36 @@ parses request bodies with these models and answers with them, and the OpenAPI d
 (:mod:`vmkit.api.spec`, committed as ``docs/openapi.json``) is generated from them. Outcomes are
 typed fields, never message text to be matched.
 
-Requests forbid unknown fields and do not coerce types (``"timeout": "5"`` or ``true`` for a
-number is refused, naming the field), so a typo never silently does something else.
+Requests forbid unknown fields and take numbers and yes/no values only as such (``"timeout": "5"``
+or ``true`` for a number is refused, naming the field: the same types as vm.yaml's,
+:data:`vmkit.config.Float` and friends), so a typo never silently does something else.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+
+from vmkit.config import Bool, Float
 
 API_VERSION = "v1"
 
 MachineStateName = Literal["stopped", "starting", "running", "pausing", "paused", "resuming", "stopping", "error"]
 
 
-class Request(BaseModel):
-    """A request body: strict types, unknown fields refused."""
+MAX_WAIT = 24 * 3600.0
+"""The longest any request may ask the supervisor to wait (seconds)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+class Request(BaseModel):
+    """A request body: unknown fields refused, numbers and yes/no values as such."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Empty(Request):
+    """No body, or ``{}``: the action takes no parameters."""
 
 
 class Response(BaseModel):
@@ -89,7 +100,7 @@ class MachineInfo(Response):
 
 # -- lifecycle requests --------------------------------------------------------------------------------
 class RequestStop(Request):
-    timeout: float | None = Field(default=None, gt=0, le=3600,
+    timeout: Float | None = Field(default=None, gt=0, le=MAX_WAIT,
                                   description="seconds to wait for the guest to power off (then 504)")
 
 
@@ -115,7 +126,7 @@ class DiskAttached(Response):
 
 
 class DetachDisk(Request):
-    timeout: float = Field(default=30.0, gt=0, le=600, description="seconds to wait for the guest to release it")
+    timeout: Float = Field(default=30.0, gt=0, le=MAX_WAIT, description="seconds to wait for the guest to release it")
 
 
 class DiskDetached(Response):
@@ -128,16 +139,22 @@ class ExecRequest(Request):
     """Run a program in the guest through its agent (no shell: ``argv[0]`` is looked up on the guest's PATH)."""
 
     argv: list[str] = Field(min_length=1, max_length=4096)
-    stdin: str | None = Field(default=None, description="base64 of the bytes to feed on stdin",
-                              max_length=64 << 20)
-    timeout: float = Field(default=60.0, gt=0, le=86400)
+    stdin: Base64Bytes | None = Field(default=None, description="the bytes to feed on stdin (base64)")
+    timeout: Float = Field(default=60.0, gt=0, le=MAX_WAIT)
 
 
 class ExecResult(Response):
+    """What the command did: ``stdout``/``stderr`` are bytes in Python, base64 in JSON."""
+
     exit_code: int
-    stdout: str = Field(description="base64")
-    stderr: str = Field(description="base64")
+    stdout: Base64Bytes
+    stderr: Base64Bytes
     signal: int | None = None
+
+    @classmethod
+    def of(cls, exit_code: int, stdout: bytes, stderr: bytes, signal: int | None = None) -> ExecResult:
+        """From raw bytes (validation would read them as base64)."""
+        return cls.model_construct(exit_code=exit_code, stdout=stdout, stderr=stderr, signal=signal)
 
 
 class FileWritten(Response):
@@ -149,8 +166,8 @@ class FileWritten(Response):
 class SaveRequest(Request):
     path: str | None = Field(default=None, max_length=4096,
                              description="absolute path of the state file; default: the machine's own")
-    keep_running: bool = False
-    force: bool = Field(default=False, description="replace an existing file that is not a vmkit state file")
+    keep_running: Bool = False
+    force: Bool = Field(default=False, description="replace an existing file that is not a vmkit state file")
 
 
 class Progress(Response):
