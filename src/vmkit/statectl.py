@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vmkit import control, keys, savestate
 from vmkit.api import SupervisorClient
@@ -58,7 +58,22 @@ from vmkit.statefile import (
 )
 from vmkit.supervisor_state import StartPlan
 
-Notice = Callable[[str], None]
+
+@dataclass(frozen=True)
+class Note:
+    """What the user should be told while a machine comes up. ``kind``: ``resuming`` (from its saved
+    state), ``booting`` (a cold boot instead), ``discarded`` (its saved state was moved aside);
+    ``warning``: something was not as the user may expect."""
+
+    kind: Literal["resuming", "booting", "discarded"]
+    message: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+Notice = Callable[[Note], None]
 
 DISCARDED_SUFFIX = ".discarded"
 
@@ -192,7 +207,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
     See the module docstring for the fallback policy.
     """
     inst = control.get(name)
-    say = notice or (lambda _m: None)
+    say = notice or (lambda _n: None)
     outcome = StartOutcome(status=inst.reconcile())
     saved = inst.saved_state_path
     if inst.is_supervised() or not saved.exists():
@@ -201,14 +216,15 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
     if cold:
         outcome.discarded = discard_saved_state(inst)
         outcome.fallback = "a cold boot was asked for"
-        say(f"{name}: not resuming its saved state (cold boot asked for); it was kept as {outcome.discarded}")
+        say(Note("booting", f"{name}: not resuming its saved state (cold boot asked for); "
+                            f"it was kept as {outcome.discarded}"))
         outcome.status = control.start(name, progress=progress, timeout=timeout)
         return outcome
     try:
         config = inst.load_config()
         header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
-        say(f"resuming {name} from its saved state (saved {_ago(header)}, "
-            f"{_mib(saved.stat().st_size)})")
+        say(Note("resuming", f"resuming {name} from its saved state (saved {_ago(header)}, "
+                             f"{_mib(saved.stat().st_size)})"))
         return _launch(name, StartPlan(restore=saved, consume=True), outcome, progress=progress,
                        state_progress=state_progress, timeout=timeout)
     except VmkitError as exc:
@@ -218,8 +234,9 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
             outcome.discarded = discard_saved_state(inst)
         outcome.fallback = exc.message
         kept = f"; it was kept as {outcome.discarded}" if outcome.discarded else ""
-        say(f"the saved state of {name} cannot be used: {exc.message}{kept}\n"
-            f"cold-booting {name}: the guest starts afresh (what it had not written to disk before the save is lost)")
+        say(Note("booting", f"the saved state of {name} cannot be used: {exc.message}{kept}\n"
+                            f"cold-booting {name}: the guest starts afresh (what it had not written to disk "
+                            "before the save is lost)", warning=True))
     outcome.status = control.start(name, progress=progress, timeout=timeout)
     return outcome
 
@@ -314,7 +331,8 @@ def snapshot_revert(name: str, tag: str, *, progress: control.Progress | None = 
     if inst.saved_state_path.exists():
         outcome.discarded = discard_saved_state(inst)
         if notice is not None:
-            notice(f"{name}: its saved state was moved aside to {outcome.discarded} (reverting to a snapshot)")
+            notice(Note("discarded", f"{name}: its saved state was moved aside to {outcome.discarded} "
+                                     "(reverting to a snapshot)", warning=True))
     return _launch(name, StartPlan(snapshot=tag), outcome, progress=progress, state_progress=None, timeout=timeout)
 
 

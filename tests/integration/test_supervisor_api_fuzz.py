@@ -218,9 +218,10 @@ def test_detach_body_is_checked(live: Live) -> None:
 
 def test_save_and_snapshot_bodies(live: Live) -> None:
     for body in ({"path": "relative/state"}, {"path": "/tmp/x\u0000y"}, {"path": 5}, {"keep_running": "yes"},
-                 {"keep_running": 1}, {"path": "/tmp/x", "keep_running": True, "force": True}):
+                 {"keep_running": 1}, {"force": "yes"}, {"path": "/tmp/x", "keep_running": True, "forced": True}):
         ans = check(call(live.sock, "POST", "/v1/save", json.dumps(body).encode()), bad=True)
-        assert ans.status == 400 and ans.body["error"]["field"] in ("path", "keep_running", "force"), ans.body
+        assert ans.status == 400 and ans.body["error"]["field"] in ("path", "keep_running", "force", "forced"), \
+            ans.body
     for tag in ("../../x", "", "x" * 100, 5, None, "\u202e"):
         ans = check(call(live.sock, "POST", "/v1/snapshots", json.dumps({"tag": tag}).encode()), bad=True)
         assert ans.status == 400 and ans.body["error"]["field"] == "tag", ans.body

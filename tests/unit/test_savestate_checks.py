@@ -234,12 +234,13 @@ def test_start_resumes_and_says_so(instance: Instance, tmp_path: Path, monkeypat
     calls: list[list[str]] = []
     monkeypatch.setattr(control, "start", fake_start(calls))
     monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
-    notes: list[str] = []
+    notes: list[statectl.Note] = []
     progress: list[int] = []
     outcome = statectl.start("s", notice=notes.append, state_progress=lambda d, t: progress.append(d))
     assert calls == [["--restore", str(instance.saved_state_path), "--consume"]]
     assert outcome.restored == {"path": "p"} and outcome.fallback is None and progress == [10]
-    assert notes and notes[0].startswith("resuming s from its saved state")
+    assert notes and notes[0].kind == "resuming" and not notes[0].warning
+    assert notes[0].message.startswith("resuming s from its saved state")
 
 
 @pytest.mark.parametrize("problem", ["config", "tampered", "supervisor"])
@@ -259,13 +260,14 @@ def test_start_falls_back_to_a_cold_boot(instance: Instance, monkeypatch: pytest
     calls: list[list[str]] = []
     monkeypatch.setattr(control, "start", fake_start(calls, failure))
     monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
-    notes: list[str] = []
+    notes: list[statectl.Note] = []
     outcome = statectl.start("s", notice=notes.append)
     assert calls[-1] == [] and outcome.restored is None and outcome.fallback
     assert not instance.saved_state_path.exists()
     assert outcome.discarded == instance.saved_state_path.with_name("saved.vmstate.discarded")
     assert outcome.discarded.exists()
-    assert any("cannot be used" in n and "cold-booting" in n for n in notes)
+    assert (notes[-1].kind, notes[-1].warning) == ("booting", True)  # after "resuming", if it got that far
+    assert "cannot be used" in notes[-1].message
 
 
 def test_unsafe_key_is_not_a_reason_to_discard(instance: Instance, monkeypatch: pytest.MonkeyPatch) -> None:

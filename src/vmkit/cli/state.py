@@ -60,10 +60,9 @@ class _Ui:
         self.label = label
         self.progress.reset(self.task, total=None, description=label)
 
-    def notice(self, message: str) -> None:
-        style = "yellow" if "cannot be used" in message or "moved aside" in message or "kept as" in message else ""
-        text = escape(message)
-        self.progress.console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+    def notice(self, note: statectl.Note) -> None:
+        text = escape(note.message)
+        self.progress.console.print(f"[yellow]{text}[/]" if note.warning else text, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -105,11 +104,11 @@ def start_instance(name: str, *, timeout: float | None, cold: bool) -> StartOutc
     """``vmkit start``'s work: resume the saved state if there is one (with a byte bar), else boot."""
     with progress_ui(f"starting {name}") as ui:
 
-        def notice(message: str) -> None:
-            ui.notice(message)
-            if message.startswith("resuming"):
+        def notice(note: statectl.Note) -> None:
+            ui.notice(note)
+            if note.kind == "resuming":
                 ui.relabel(f"resuming {name}")
-            elif "cold-booting" in message:
+            elif note.kind == "booting":
                 ui.relabel(f"booting {name}")
 
         outcome = statectl.start(name, progress=ui.console_line, timeout=timeout, cold=cold,
