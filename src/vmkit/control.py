@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkit.api import SupervisorClient
+from vmkit.api import SupervisorClient, models
 from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.cloudinstance import (
     EXTRA_USER_DATA,
@@ -70,20 +70,7 @@ BROKEN = "broken"
 """The state ``vmkit list`` shows for an instance whose vm.yaml or state.json cannot be used."""
 
 
-@dataclass(frozen=True)
-class InstanceView:
-    """One row of ``vmkit list``; ``cpus`` and ``memory`` are None for a broken instance."""
-
-    name: str
-    state: str
-    cpus: int | None
-    memory: str | None
-    accel: str | None
-    uptime: float | None
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+InstanceView = models.InstanceRow  # one row of ``vmkit list``
 
 
 def create(config: MachineConfig) -> Instance:
@@ -303,7 +290,8 @@ def view(inst: Instance) -> InstanceView:
     saved = not live and inst.saved_state_path.exists()  # `vmkit start` resumes it
     return InstanceView(
         name=inst.name,
-        state="saved" if saved else (f"{status.state} (degraded)" if live and status.degraded else status.state),
+        state="saved" if saved else status.state,
+        health="degraded" if live and status.degraded else "ok",
         cpus=config.cpus, memory=format_size(config.memory),
         accel=status.accel if live else None,
         uptime=(time.time() - status.started_at) if live and status.started_at else None,

@@ -29,7 +29,6 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,23 +47,10 @@ from vmkit.qemu.monitor import Monitor
 from vmkit.serial import SerialConsole
 from vmkit.shares import ShareDaemons
 from vmkit.sshfs import SshfsMounts
+from vmkit.states import LIVE_STATES as LIVE_STATES  # re-exported: the machine's public names
+from vmkit.states import VmState as VmState
 
 log = logging.getLogger(__name__)
-
-
-class VmState(StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSING = "pausing"
-    PAUSED = "paused"
-    RESUMING = "resuming"
-    STOPPING = "stopping"
-    ERROR = "error"
-
-
-LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.PAUSING, VmState.PAUSED,
-               VmState.RESUMING, VmState.STOPPING)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class NbdWatcher:
 
     async def _recover(self) -> None:
         from vmkit.errors import QemuError
-        from vmkit.machine import VmState
+        from vmkit.states import VmState
 
         delay = 0.2
         deadline = time.monotonic() + self.give_up_after

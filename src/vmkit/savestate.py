@@ -91,7 +91,7 @@ from vmkit.errors import (
 from vmkit.guest.agent import ClockResult, ClockSetter, agent_socket, correct_guest_clock
 from vmkit.images import qemuimg
 from vmkit.instance import Instance
-from vmkit.machine import VirtualMachine, VmEvent, VmState
+from vmkit.machine import VirtualMachine, VmEvent
 from vmkit.qemu.accel import AccelChoice
 from vmkit.qemu.cmdline import device_id
 from vmkit.statefile import (
@@ -115,6 +115,7 @@ from vmkit.statefile import (
     restore_to_fd,
     save_from_fd,
 )
+from vmkit.states import VmState
 
 __all__ = [
     "ClockResult",

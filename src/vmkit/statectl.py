@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
 import time
@@ -44,7 +43,7 @@ from typing import Any, Literal
 from vmkit import control, keys, savestate
 from vmkit.api import SupervisorClient
 from vmkit.errors import STATE_FILE_CODES, NotFoundError, StateError, VmkitError, error_from_fields
-from vmkit.instance import LIVE, Instance, Status
+from vmkit.instance import LIVE, Instance, Status, take_exclusive
 from vmkit.qemu import accel as accel_mod
 from vmkit.savestate import SnapshotInfo
 from vmkit.statefile import (
@@ -368,11 +367,9 @@ def _instances_locked() -> Iterator[list[Instance]]:
     try:
         instances = Instance.all()
         for inst in instances:
-            fd = os.open(inst.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = inst.open_lock()
             fds.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not take_exclusive(fd):
                 exc = StateError(f"rotate the state-file key while {inst.name} runs",
                                  inst.read_status().state, ["stopped", "saved"])
                 exc.hint = (f"stop it (vmkit stop {inst.name}) or save it (vmkit stop --save {inst.name}) first: "

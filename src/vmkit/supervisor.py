@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -63,9 +62,10 @@ from vmkit.guest.execute import guest_exec
 from vmkit.guest.files import CHUNK as FILE_CHUNK
 from vmkit.guest.files import check_remote, read_guest_file, write_guest_file
 from vmkit.hotplug import disk_table
-from vmkit.instance import Instance, Status
-from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
+from vmkit.instance import Instance, Status, take_exclusive
+from vmkit.machine import VirtualMachine, VmEvent
 from vmkit.serial import Backlog
+from vmkit.states import LIVE_STATES, VmState
 from vmkit.supervisor_state import (
     OperationGate,
     StartPlan,
@@ -477,10 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     inst_dir: Path = args.instance_dir.resolve()
     os.chdir(inst_dir)  # nothing may resolve against wherever `vmkit` was run
     instance = Instance(inst_dir.name, inst_dir.parent)
-    lock_fd = os.open(instance.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock_fd = instance.open_lock()
+    if not take_exclusive(lock_fd):
+        os.close(lock_fd)
         _report(args.ready_fd, {"ok": False, "error": {"type": "StateError", "message":
                 f"{instance.name} already has a supervisor", "hint": None, "exit_code": 4}})
         return 4

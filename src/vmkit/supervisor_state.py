@@ -49,7 +49,7 @@ from vmkit import savestate
 from vmkit.api import models
 from vmkit.config import validate_model
 from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
-from vmkit.machine import VmState
+from vmkit.states import VmState
 
 if TYPE_CHECKING:
     from vmkit.supervisor import Supervisor

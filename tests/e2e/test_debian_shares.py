@@ -140,9 +140,10 @@ def test_shares_on_debian(vmkit_home: Path, debian12: Image, tmp_path: Path) -> 
             os.kill(pid, signal.SIGKILL)
 
         def state() -> str:
-            return str(json.loads(vmkit("list", "--json").stdout)[0]["state"])
+            row = json.loads(vmkit("list", "--json").stdout)[0]
+            return f"{row['state']}/{row['health']}"
 
-        assert wait_until(lambda: state() == "running (degraded)", 30)
+        assert wait_until(lambda: state() == "running/degraded", 30)
         os.kill(servers[0], signal.SIGKILL)
         by_path: dict[str, str] = {}
 

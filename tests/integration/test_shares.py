@@ -116,7 +116,8 @@ def test_cli_mount_degraded_and_no_leftovers(vmkit_home: Path, micro_full_image:
         os.kill(pid, signal.SIGKILL)
 
     def degraded() -> bool:
-        return json.loads(vmkit("list", "--json").stdout)[0]["state"] == "running (degraded)"
+        row = json.loads(vmkit("list", "--json").stdout)[0]
+        return bool(row["state"] == "running" and row["health"] == "degraded")
 
     assert wait_until(degraded, 15)
     assert json.loads(vmkit("mount", "list", "dev", "--json").stdout)[0]["state"] == "failed (virtiofsd died)"

@@ -75,3 +75,14 @@ def test_config_errors_cross_the_api_with_their_field() -> None:
     assert fields["field"] == "timeout" and fields["type"] == "ConfigError" and fields["exit_code"] == 2
     back = error_from_fields(fields)
     assert isinstance(back, ConfigError) and back.problems[0].field == "timeout"
+
+
+def test_machine_states_are_the_same_list_everywhere() -> None:
+    from typing import get_args
+
+    from vmkit.api.models import MachineStateName
+    from vmkit.instance import LIVE
+    from vmkit.states import LIVE_STATES, VmState
+
+    assert set(get_args(MachineStateName)) == {s.value for s in VmState}
+    assert tuple(s.value for s in LIVE_STATES) == LIVE

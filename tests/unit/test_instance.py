@@ -254,3 +254,42 @@ def test_reconcile_of_a_cleanly_stopped_instance_changes_nothing(inst: Instance)
     status = inst.reconcile()
     assert (status.state, status.reason) == ("stopped", "guest powered off")
     assert inst.state_path.read_bytes() == before
+
+
+def _check_many(path: str, n: int) -> int:
+    from vmkit.instance import Instance
+
+    inst = Instance(Path(path).name, Path(path).parent)
+    return sum(inst.is_supervised() for _ in range(n))
+
+
+def test_concurrent_checks_never_see_each_other_as_a_supervisor(tmp_path: Path) -> None:
+    """Checking used to take the lock exclusively: two checking processes saw each other as a supervisor."""
+    import multiprocessing
+
+    from vmkit.instance import Instance, take_exclusive
+
+    inst = Instance("busy", tmp_path)
+    inst.dir.mkdir()
+    inst.lock_path.touch()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pending = [pool.apply_async(_check_many, (str(inst.dir), 8000)) for _ in range(2)]
+        # meanwhile a supervisor taking the lock is not put off by the checks
+        fd = inst.open_lock()
+        try:
+            assert take_exclusive(fd)
+            assert inst.is_supervised()
+            other = inst.open_lock()
+            try:
+                assert not take_exclusive(other, patience=0.2)  # a second supervisor is refused
+            finally:
+                os.close(other)
+        finally:
+            os.close(fd)
+        for p in pending:  # (some of these ran while our "supervisor" held the lock: True is right then)
+            p.get(timeout=120)
+    # with no holder at all, every answer of the two concurrent checkers must be False
+    with ctx.Pool(2) as pool:
+        assert [p.get(timeout=120) for p in [pool.apply_async(_check_many, (str(inst.dir), 8000))
+                                             for _ in range(2)]] == [0, 0]

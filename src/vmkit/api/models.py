@@ -21,6 +21,7 @@ from vmkit.config import Bool, Float
 API_VERSION = "v1"
 
 MachineStateName = Literal["stopped", "starting", "running", "pausing", "paused", "resuming", "stopping", "error"]
+"""The values of :class:`vmkit.states.VmState` (a test keeps the two equal)."""
 
 
 MAX_WAIT = 24 * 3600.0
@@ -224,3 +225,31 @@ class Event(Response):
     state: MachineStateName
     detail: dict[str, Any] = Field(default_factory=dict)
     timestamp: float | None = None
+
+
+# -- the client's own views (no route returns them; they are what vmkit.Client gives) --------------------
+class InstanceRow(Response):
+    """One machine as ``vmkit list`` shows it. ``state`` adds ``saved`` (a saved state waits to be
+    resumed) and ``broken`` (its files cannot be read: ``reason`` says why) to the machine states;
+    ``health`` is ``degraded`` while a share's helper is gone (``reason`` says which)."""
+
+    name: str
+    state: str
+    health: Literal["ok", "degraded"] = "ok"
+    cpus: int | None
+    memory: str | None
+    accel: str | None
+    uptime: float | None
+    reason: str
+
+
+class StartResult(Response):
+    """How a machine came up: booted, restored from a state file, or started from a snapshot."""
+
+    status: RuntimeStatus
+    restored: dict[str, Any] | None = Field(default=None, description="path, payload_bytes, seconds, saved_at, "
+                                                                     "suspended_seconds of the state it resumed")
+    snapshot: str | None = None
+    clock: ClockFix | None = None
+    fallback: str | None = Field(default=None, description="why the saved state was not used (a cold boot instead)")
+    discarded: str | None = Field(default=None, description="where an unusable saved state was moved aside")

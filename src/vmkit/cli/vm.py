@@ -103,13 +103,14 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     """List virtual machines."""
     rows = control.list_instances()
     if as_json:
-        print_json([r.to_dict() for r in rows])
+        print_json([r.model_dump(mode="json") for r in rows])
         return
     table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
     colors = {"running": "green", "paused": "yellow", "error": "red", control.BROKEN: "red"}
     for r in rows:
-        c = colors.get(r.state)
-        table.add_row(escape(r.name), f"[{c}]{r.state}[/]" if c else r.state, str(r.cpus or "-"), r.memory or "-",
+        c = "yellow" if r.health == "degraded" else colors.get(r.state)
+        state = f"{r.state} (degraded)" if r.health == "degraded" else r.state
+        table.add_row(escape(r.name), f"[{c}]{state}[/]" if c else state, str(r.cpus or "-"), r.memory or "-",
                       r.accel or "-", human_duration(r.uptime))
     out.print(table)
     for r in rows:
