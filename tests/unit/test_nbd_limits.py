@@ -159,7 +159,7 @@ async def test_buffer_budget_refuses_with_enomem_and_recovers(sockdir: Path) -> 
             await asyncio.sleep(0.02)
         assert 4 * MiB <= server.stats.buffer_bytes <= 8 * MiB
         async with await NbdClient.connect(unix_path=sockdir / "s", structured=False) as c:
-            with pytest.raises(Exception, match="ENOMEM|memory"):
+            with pytest.raises(Exception, match=r"ENOMEM|memory"):
                 await c.write(MiB * 16, b"y" * (4 * MiB))
             await c.write(0, b"small writes still work")  # the connection survived
             assert await c.read(0, 5) == b"small"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -124,7 +125,7 @@ def serve_command(
     if socket_path is None and port is None:
         socket_path = default_socket_path()
         paths.ensure_private_dir(socket_path.parent)
-    options = {
+    options: dict[str, Any] = {
         "tls": tls,
         "max_connections": max_connections,
         "max_connections_per_peer": max_per_peer,

@@ -81,7 +81,7 @@ _MAX_PENDING = 64  # deferred (threaded) requests per connection before we stop 
 _IN_INITIAL = 256 * 1024
 _IN_MAX = p.MAX_PAYLOAD + 64 * 1024  # a whole maximal WRITE fits
 _OUT_INITIAL = 256 * 1024
-_KEEP = 2 * 1024 * 1024  # larger buffers are unmapped as soon as they drain
+_KEEP = 8 * 1024 * 1024  # larger buffers are unmapped as soon as they drain
 _PAGE = mmap.PAGESIZE
 #: per connection: buffers above the initial ones plus data of requests running in threads
 MAX_CONNECTION_MEMORY = 128 * 1024 * 1024
@@ -418,9 +418,12 @@ class NbdServer:
         why = None
         if self._active >= self.max_connections:
             why = f"the server has {self._active} connections (max_connections)"
-        elif key is not None and self.max_connections_per_peer:
-            if self._per_peer.get(key, 0) >= self.max_connections_per_peer:
-                why = f"peer {_key_name(key)} has {self.max_connections_per_peer} (max_connections_per_peer)"
+        elif (
+            key is not None
+            and self.max_connections_per_peer
+            and self._per_peer.get(key, 0) >= self.max_connections_per_peer
+        ):
+            why = f"peer {_key_name(key)} has {self.max_connections_per_peer} (max_connections_per_peer)"
         if why is not None:
             self.stats.connections_refused += 1
             refused = self.stats.connections_refused
@@ -541,6 +544,12 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
 # ---------------------------------------------------------------------------------------------
 class _Connection:
     """One client: the handshake coroutine, then callback-driven transmission."""
+
+    # transmission buffers (set by _start_transmission)
+    ibuf: mmap.mmap
+    imv: memoryview
+    obuf: mmap.mmap
+    omv: memoryview
 
     def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
@@ -1067,24 +1076,34 @@ class _Connection:
             self.iend = n
 
     def _grow_input(self) -> None:
-        """The input buffer is full: make room by compacting, or grow it for a large WRITE.
+        """The input buffer is full: make room by compacting it, or grow it for a large WRITE.
 
         Growth only happens here, once the buffer is full of data that has arrived, so memory
-        follows what the client actually sent, not what its headers announce. Without budget
-        for the growth the WRITE is refused: its payload is dropped as it arrives, then ENOMEM.
+        follows what the client actually sent, not what its headers announce (up to 4x the
+        pending WRITE, as pipelined writes then rarely need moving). Without budget for the
+        growth the WRITE is refused: its payload is dropped as it arrives, then ENOMEM.
         """
+        size = len(self.ibuf)
+        unparsed = self.iend - self.istart
+        want = 0  # size of the WRITE waiting for its payload at istart, if any
+        cookie = 0
+        if unparsed >= 28:
+            _magic, _flags, cmd, cookie, _offset, length = _REQ_UNPACK(self.ibuf, self.istart)
+            if cmd == _CMD_WRITE:
+                want = 28 + length
+            elif not self.istart:  # cannot happen: anything else is served or blocks reading
+                raise AssertionError(f"input buffer full with a complete request ({cmd})")
+        if self.istart and (4 * want <= size or unparsed <= size >> 2):
+            self._compact_input()  # cheap, or the buffer is big enough
+            return
+        new = min(_IN_MAX, 2 * size)
+        if new > size and self._charge(new - size):
+            self._replace_input(new, charged=True)
+            return
         if self.istart:
             self._compact_input()
             return
-        # the request at the start of a full buffer is a WRITE still waiting for its payload
-        _magic, _flags, cmd, cookie, _offset, length = _REQ_UNPACK(self.ibuf, 0)
-        if cmd != _CMD_WRITE:  # cannot happen: anything else is served or blocks reading
-            raise AssertionError(f"input buffer full with a complete request ({cmd})")
-        size = min(_IN_MAX, max(2 * len(self.ibuf), 1))
-        if self._charge(size - len(self.ibuf)):
-            self._replace_input(size, charged=True)
-            return
-        self.skip = 28 + length - self.iend
+        self.skip = want - self.iend
         self.skip_cookie = cookie
         self.istart = self.iend = 0
 
@@ -1584,11 +1603,12 @@ class _TlsBridge:
         mine, inner = socket.socketpair()
         outer, plain = _Pump(), _Pump()
         outer.other, plain.other = plain, outer
-        transport: asyncio.BaseTransport | None = None
+        transport: asyncio.Transport | None = None
         try:
             await loop.connect_accepted_socket(lambda: plain, mine)
-            transport, _ = await loop.connect_accepted_socket(lambda: outer, raw)
-            assert isinstance(transport, asyncio.Transport)
+            raw_transport, _ = await loop.connect_accepted_socket(lambda: outer, raw)
+            assert isinstance(raw_transport, asyncio.Transport)
+            transport = raw_transport
             # start_tls pauses reading first: the ClientHello goes to TLS, never to ``plain``
             tls = await loop.start_tls(transport, outer, ctx, server_side=True)
             if tls is None:

@@ -48,7 +48,9 @@ def server_context(directory: str | os.PathLike[str], *, verify_peer: bool = Fal
     """
     d = Path(directory)
     if not d.is_dir():
-        raise NotFoundError("TLS credentials directory (--tls-dir)", str(d), hint=f"create it with `vmkit nbd tls-creds {d}`")
+        raise NotFoundError(
+            "TLS credentials directory (--tls-dir)", str(d), hint=f"create it with `vmkit nbd tls-creds {d}`"
+        )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -117,21 +119,25 @@ def generate_credentials(
     files = [CA_CERT, SERVER_CERT, SERVER_KEY] + ([CLIENT_CERT, CLIENT_KEY] if client else [])
     existing = [f for f in files if (d / f).exists()]
     if existing:
-        raise ConfigError.single("DIR", f"{d} already has {', '.join(existing)}; remove them or choose another directory")
+        raise ConfigError.single(
+            "DIR", f"{d} already has {', '.join(existing)}; remove them or choose another directory"
+        )
     sans: list[x509.GeneralName] = []
     for name in names:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             sans.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     def key() -> ec.EllipticCurvePrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
 
     def subject(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmkit"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmkit"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        )
 
     ca_key = key()
     ca_name = subject("vmkit NBD CA")
