@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.nbd import Export, MemoryBackend, NbdClient, NbdServer
+from vmkit.nbd import Capabilities, Export, MemoryBackend, NbdClient, NbdReplyError, NbdServer
 from vmkit.nbd import protocol as p
 
 MiB = 1 << 20
@@ -91,6 +92,8 @@ def server_process(sock: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -288,4 +291,31 @@ async def test_one_uid_cannot_take_every_slot_and_idle_handshakes_time_out(sockd
     finally:
         for s in hogs:
             s.close()
+        await server.close()
+
+
+class ThreadedMemory(MemoryBackend):
+    """A RAM disk the server must call from its I/O threads (as for slow, blocking backends)."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, inline=False)
+
+
+async def test_requests_to_threaded_backends_are_charged_too(sockdir: Path) -> None:
+    server = NbdServer(Export("", ThreadedMemory(8 * MiB)), max_buffer_memory=MiB)
+    await server.start(unix_path=sockdir / "s")
+    try:
+        async with await NbdClient.connect(unix_path=sockdir / "s") as c:
+            with pytest.raises(NbdReplyError, match=r"ENOMEM|memory"):
+                await c.read(0, 2 * MiB)  # more than the whole budget
+            await c.write(0, b"z" * (128 * 1024))
+            assert await c.read(0, 128 * 1024) == b"z" * (128 * 1024)
+        assert server.stats.enomem_replies == 1
+        for _ in range(100):
+            if server.stats.buffer_bytes == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.stats.buffer_bytes == 0
+    finally:
         await server.close()

@@ -125,3 +125,17 @@ async def test_starttls_without_tls_configured_is_unsupported(sockdir: Path, cre
         address = await server.start(unix_path=sockdir / "s")
         with pytest.raises(NbdReplyError, match="ERR_UNSUP"):
             await NbdClient.connect(unix_path=address.unix_path, tls=nbd_tls.client_context(creds))
+
+
+async def test_a_client_that_never_finishes_tls_is_dropped(creds: Path, sockdir: Path) -> None:
+    server = NbdServer(MemoryBackend(MiB), tls=nbd_tls.server_context(creds), handshake_timeout=0.5)
+    address = await server.start(unix_path=sockdir / "s")
+    try:
+        c = await NbdClient.open(unix_path=address.unix_path)
+        c._check(p.OPT_STARTTLS, await c.option(p.OPT_STARTTLS))  # ...and then no ClientHello
+        assert server.connection_count == 1
+        await asyncio.sleep(1.0)
+        assert server.connection_count == 0
+        c.close()
+    finally:
+        await server.close()
