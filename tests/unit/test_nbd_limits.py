@@ -319,3 +319,25 @@ async def test_requests_to_threaded_backends_are_charged_too(sockdir: Path) -> N
         assert server.stats.buffer_bytes == 0
     finally:
         await server.close()
+
+
+class PartlyFileBacked(MemoryBackend):
+    """Says it has file extents (so large reads try sendfile) but never covers a whole read."""
+
+    def file_extents(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        return []
+
+
+async def test_a_large_read_that_cannot_use_sendfile_respects_the_budget(sockdir: Path) -> None:
+    mem = PartlyFileBacked(8 * MiB)
+    mem.write(0, b"q" * (2 * MiB))
+    server = NbdServer(Export("", mem), max_buffer_memory=MiB, sendfile_min=4096)
+    await server.start(unix_path=sockdir / "s")
+    try:
+        async with await NbdClient.connect(unix_path=sockdir / "s") as c:
+            with pytest.raises(NbdReplyError, match=r"ENOMEM|memory"):
+                await c.read(0, 2 * MiB)
+            assert await c.read(0, 512 * 1024) == b"q" * (512 * 1024)  # the stream is intact
+        assert server.stats.peak_buffer_bytes <= MiB
+    finally:
+        await server.close()

@@ -1322,10 +1322,15 @@ class _Connection:
                 for fd, off, n in extents:
                     self.fsegs.append([opos, fd, off, n])
                 return
-            if len(obuf) - opos < hdr + length and not self._make_room(hdr + length):
-                # cannot happen after the room check in _process, but never overrun the arena
-                self._read_reply_late(cookie, offset, length)
-                return
+            if len(obuf) - opos < hdr + length:
+                if not self._make_room(hdr + length):
+                    # replies still queued: this one goes behind them (one at most, as the
+                    # queue blocks reading further requests)
+                    self._read_reply_late(cookie, offset, length)
+                    return
+                if len(self.obuf) - self.opos < hdr + length:
+                    self._enomem(cookie, f"READ of {length} bytes")
+                    return
             obuf = self.obuf
             opos = self.opos
         try:
