@@ -83,10 +83,13 @@ def serve_command(
 ) -> None:
     """Serve FILE (or a RAM disk with --memory) until interrupted.
 
-    Without --socket or --port it listens on a unix socket only this user (and root) can use:
-    $XDG_RUNTIME_DIR/vmkit/nbd.sock (or run/nbd.sock in the vmkit home). The first line on stdout
-    is the NBD URI to connect to, e.g. ``qemu-img info "$(vmkit nbd serve disk.img | head -1)"``.
-    Plain TCP (--port without --tls-dir) is open to every local user and anyone who can reach it.
+    Without --socket or --port it listens on a unix socket that only this user (and root) can use,
+    $XDG_RUNTIME_DIR/vmkit/nbd.sock (or run/nbd.sock in the vmkit home).
+
+    The first line on stdout is the NBD URI to connect to,
+    e.g. ``qemu-img info "$(vmkit nbd serve disk.img | head -1)"``.
+
+    Plain TCP (--port without --tls-dir) is open to every local user and to anyone who can reach it.
     """
     problems: list[Problem] = []
     if (file is None) == (memory is None):
