@@ -311,3 +311,72 @@ def test_cli_cow_backend_keeps_the_file(image: Path, sockdir: Path) -> None:
     with cli_server(str(image), "--backend", "cow", "--socket", str(sockdir / "c.sock")) as (_, uri):
         run("qemu-io", "-f", "raw", "-c", "write -P 9 0 1M", "-c", "read -P 9 0 1M", uri)
     assert sha(image) == before
+
+
+def test_cli_default_is_a_private_unix_socket(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = sockdir / "home"
+    monkeypatch.setenv("VMKIT_HOME", str(home))
+    with cli_server("--memory", "4M") as (proc, uri):
+        sock = home / "run" / "nbd.sock"
+        assert uri == f"nbd+unix:///?socket={sock}"
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", "-c", "read -P 7 0 1M", uri)
+        # another local user cannot connect
+        res = subprocess.run(["nbdinfo", uri], user="nobody", capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode != 0 and "denied" in res.stderr.lower(), res.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None and "warning" not in proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def tls_creds() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nbd-tls-", dir="/tmp")) / "creds"
+    res = run(sys.executable, "-m", "vmkit.nbd", "tls-creds", str(path))
+    assert "server-cert.pem" in res.stdout
+    yield path
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _qemu_tls(creds: Path, port: int) -> list[str]:
+    return [
+        "--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client",
+        "--image-opts", f"driver=nbd,server.type=inet,server.host=localhost,server.port={port},tls-creds=tls0",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("verify_peer", [False, True])
+def test_tls_with_qemu_and_libnbd(tls_creds: Path, verify_peer: bool) -> None:
+    args = ["--memory", "8M", "--port", "0", "--tls-dir", str(tls_creds)]
+    with cli_server(*args, *(["--tls-verify-peer"] if verify_peer else [])) as (proc, uri):
+        assert uri.startswith("nbds://127.0.0.1:")
+        port = int(uri.rsplit(":", 1)[1].split("/")[0])
+        info = run("qemu-img", "info", "--output=json", *_qemu_tls(tls_creds, port))
+        assert json.loads(info.stdout)["virtual-size"] == 8 * MiB
+        io = run("qemu-io", *_qemu_tls(tls_creds, port), "-c", "write -P 0x5a 0 2M", "-c", "read -P 0x5a 0 2M")
+        assert "failed" not in (io.stdout + io.stderr).lower(), io.stdout + io.stderr
+        nbds = f"nbds://localhost:{port}/?tls-certificates={tls_creds}"
+        data = json.loads(run("nbdinfo", "--json", nbds).stdout)
+        assert data["TLS"] is True and data["exports"][0]["export-size"] == 8 * MiB
+        # a plain client is refused: TLS is required
+        plain = run("qemu-img", "info", f"nbd://localhost:{port}/", check=False)
+        assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
+        plain = run("nbdinfo", f"nbd://localhost:{port}/", check=False)
+        assert plain.returncode != 0
+        if verify_peer:  # a client without a certificate is refused too
+            bare = tls_creds.parent / "bare"
+            bare.mkdir(exist_ok=True)
+            shutil.copy(tls_creds / "ca-cert.pem", bare)
+            res = run("qemu-img", "info", *_qemu_tls(bare, port), check=False)
+            assert res.returncode != 0, res.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None and "warning" not in proc.stderr.read()
+
+
+def test_plain_tcp_warns(sockdir: Path) -> None:
+    with cli_server("--memory", "1M", "--port", "0") as (proc, _uri):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None
+        assert "warning: plain TCP" in proc.stderr.read()

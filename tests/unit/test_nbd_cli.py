@@ -63,13 +63,24 @@ def test_serve_memory_read_only_on_tcp(served: list[dict[str, Any]]) -> None:
     assert (call["host"], call["port"]) == ("127.0.0.1", 0)
     assert not call["export"].writable and call["export"].description == "d"
     assert result.stdout.startswith("nbd://127.0.0.1:0/")
+    assert "warning: plain TCP" in result.stderr and "every local user" in result.stderr
+    assert call["tls"] is None
 
 
-def test_default_address_and_backends(served: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_default_address_and_backends(
+    served: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path / "home"))
     image = tmp_path / "disk.raw"
     image.write_bytes(b"base" + bytes(4092))
-    assert runner.invoke(cli.app, ["serve", str(image), "--backend", "cow"]).exit_code == 0
-    assert served[-1]["port"] == 10809
+    result = runner.invoke(cli.app, ["serve", str(image), "--backend", "cow"])
+    assert result.exit_code == 0, result.output
+    # the default is a unix socket in a private directory, not TCP
+    sock = tmp_path / "home" / "run" / "nbd.sock"
+    assert served[-1]["unix_path"] == sock and "port" not in served[-1]
+    assert result.stdout.splitlines()[0] == f"nbd+unix:///?socket={sock}"
+    assert (sock.parent.stat().st_mode & 0o777) == 0o700
+    assert "warning" not in result.output
     assert image.read_bytes()[:4] == b"base"  # cow: the write went to the overlay
     result = runner.invoke(cli.app, ["serve", str(image), "--backend", "dedup"])
     assert result.exit_code == 0
@@ -88,6 +99,10 @@ def test_default_address_and_backends(served: list[dict[str, Any]], tmp_path: Pa
         ["--memory", "1M", "--port", "70000"],
         ["--memory", "1M", "--backend", "nope"],
         ["--memory", "1M", "--backend", "file"],
+        ["--memory", "1M", "--tls-verify-peer"],
+        ["--memory", "1M", "--max-buffer-memory", "lots"],
+        ["--memory", "1M", "--max-connections", "0"],
+        ["--memory", "1M", "--handshake-timeout", "0"],
     ],
 )
 def test_bad_arguments_are_config_errors(served: list[dict[str, Any]], args: list[str]) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -480,8 +481,26 @@ async def test_address_in_use_and_stale_socket(sockdir: Path) -> None:
     with pytest.raises(NbdAddressInUseError):
         await second.start(unix_path=sockdir / "plain")
     with pytest.raises(ConfigError):
-        await second.start()
+        await second.start(unix_path=sockdir / "x", port=0)
     await first.close()
+
+
+async def test_unix_sockets_are_private_and_the_default_address_is_one(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMKIT_HOME", str(sockdir / "home"))
+    async with NbdServer(MemoryBackend(4096)) as server:
+        address = await server.start()  # no address: a unix socket in vmkit's private run dir
+        assert address.unix_path == sockdir / "home" / "run" / "nbd.sock"
+        assert stat.S_IMODE(address.unix_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(address.unix_path.parent.stat().st_mode) == 0o700
+        async with await NbdClient.connect(unix_path=address.unix_path) as c:
+            await c.write(0, b"x")
+    assert not address.unix_path.exists()
+    async with NbdServer(MemoryBackend(4096)) as server:
+        address = await server.start(unix_path=sockdir / "shared", unix_mode=0o660)
+        assert stat.S_IMODE((sockdir / "shared").stat().st_mode) == 0o660
+    assert sorted(p.name for p in sockdir.iterdir()) == ["home"]  # no temporary names left
 
 
 async def test_export_management() -> None:

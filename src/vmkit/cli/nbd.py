@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from vmkit import config
+from vmkit import config, paths
 from vmkit.cli.output import err, out
 from vmkit.errors import ConfigError, Problem
 from vmkit.nbd import Export, NbdAddress, create_backend, registered_backends, serve
+from vmkit.nbd import tls as nbd_tls
+from vmkit.nbd.server import DEFAULT_MAX_BUFFER_MEMORY, default_socket_path
 
 app = typer.Typer(
     help="Serve disks over NBD with vmkit's own server (QEMU, qemu-img, nbdinfo, nbdcopy connect to it).",
@@ -56,11 +59,37 @@ def serve_command(
         "dedup (content-addressed chunks), or a registered one",
     ),
     description: str = typer.Option("", "--description", help="export description shown to clients"),
+    tls_dir: Path | None = typer.Option(
+        None,
+        "--tls-dir",
+        help="require TLS (NBD STARTTLS) with the X.509 credentials in this directory "
+        "(server-cert.pem, server-key.pem; ca-cert.pem with --tls-verify-peer); see `vmkit nbd tls-creds`",
+    ),
+    tls_verify_peer: bool = typer.Option(
+        False, "--tls-verify-peer", help="with --tls-dir: clients must present a certificate signed by ca-cert.pem"
+    ),
+    max_connections: int = typer.Option(512, "--max-connections", help="connections at once, in all"),
+    max_per_peer: int = typer.Option(
+        64, "--max-connections-per-peer", help="connections at once from one uid (unix socket) or IP (TCP); 0: no limit"
+    ),
+    max_buffer_memory: str = typer.Option(
+        f"{DEFAULT_MAX_BUFFER_MEMORY >> 20}M",
+        "--max-buffer-memory",
+        help="request/reply buffer memory for all clients together; past it requests get ENOMEM",
+    ),
+    handshake_timeout: float = typer.Option(
+        10.0, "--handshake-timeout", help="seconds a client has to finish negotiating"
+    ),
 ) -> None:
     """Serve FILE (or a RAM disk with --memory) until interrupted.
 
-    Without --socket or --port it listens on TCP 127.0.0.1:10809. The first line on stdout is the
-    NBD URI to connect to, e.g. ``qemu-img info "$(vmkit nbd serve disk.img -k s.sock | head -1)"``.
+    Without --socket or --port it listens on a unix socket that only this user (and root) can use,
+    $XDG_RUNTIME_DIR/vmkit/nbd.sock (or run/nbd.sock in the vmkit home).
+
+    The first line on stdout is the NBD URI to connect to,
+    e.g. ``qemu-img info "$(vmkit nbd serve disk.img | head -1)"``.
+
+    Plain TCP (--port without --tls-dir) is open to every local user and to anyone who can reach it.
     """
     problems: list[Problem] = []
     if (file is None) == (memory is None):
@@ -69,12 +98,25 @@ def serve_command(
         problems.append(Problem("--socket", "give --socket or --port, not both"))
     if port is not None and not 0 <= port <= 65535:
         problems.append(Problem("--port", f"{port} is not a TCP port"))
+    if tls_verify_peer and tls_dir is None:
+        problems.append(Problem("--tls-verify-peer", "needs --tls-dir"))
+    if max_connections < 1:
+        problems.append(Problem("--max-connections", "must be at least 1"))
+    if max_per_peer < 0:
+        problems.append(Problem("--max-connections-per-peer", "must be 0 (no limit) or more"))
+    if handshake_timeout <= 0:
+        problems.append(Problem("--handshake-timeout", "must be more than 0 seconds"))
     size: int | None = None
     if memory is not None:
         try:
             size = parse_size(memory)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    buffer_memory = 0
+    try:
+        buffer_memory = parse_size(max_buffer_memory, "--max-buffer-memory")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     kind = backend or ("file" if file is not None else "memory")
     if kind not in registered_backends():
         problems.append(
@@ -82,6 +124,17 @@ def serve_command(
         )
     if problems:
         raise ConfigError(problems, context="arguments")
+    tls = nbd_tls.server_context(tls_dir, verify_peer=tls_verify_peer) if tls_dir is not None else None
+    if socket_path is None and port is None:
+        socket_path = default_socket_path()
+        paths.ensure_private_dir(socket_path.parent)
+    options: dict[str, Any] = {
+        "tls": tls,
+        "max_connections": max_connections,
+        "max_connections_per_peer": max_per_peer,
+        "max_buffer_memory": buffer_memory,
+        "handshake_timeout": handshake_timeout,
+    }
     store = create_backend(kind, path=file, size=size, read_only=read_only)
     try:
         exp = Export(export, store, read_only=read_only, description=description)
@@ -93,19 +146,45 @@ def serve_command(
             what = str(file) if file is not None else "RAM disk"
             err.print(
                 f"serving {what} as export {export!r} ({_human(store.size)}, {mode}, backend {kind}) "
-                f"on {address}; Ctrl-C to stop",
+                f"on {address}{' with TLS' if tls else ''}; Ctrl-C to stop",
                 highlight=False,
             )
+            if address.unix_path is None and tls is None:
+                err.print(
+                    f"warning: plain TCP on {address} has no authentication: every local user (and anyone "
+                    "who can reach this address) can read and write the export; use a unix socket "
+                    "(the default) or --tls-dir",
+                    highlight=False,
+                )
 
         if socket_path is not None:
-            serve(exp, unix_path=socket_path, on_ready=ready)
+            serve(exp, unix_path=socket_path, on_ready=ready, **options)
         else:
-            serve(exp, host=host, port=10809 if port is None else port, on_ready=ready)
+            serve(exp, host=host, port=port, on_ready=ready, **options)
         stats = store.stats()
         if stats:
             err.print("backend: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
     finally:
         store.close()
+
+
+@app.command("tls-creds")
+def tls_creds_command(
+    directory: Path = typer.Argument(..., help="directory to write the credentials into (created 0700)"),
+    names: list[str] = typer.Option(
+        list(nbd_tls.DEFAULT_NAMES), "--name", "-n", help="host name or IP address the server certificate is for"
+    ),
+    days: int = typer.Option(365, "--days", help="validity in days"),
+    client: bool = typer.Option(True, "--client/--no-client", help="also write a client certificate"),
+) -> None:
+    """Create a self-signed CA and server (and client) certificates for --tls-dir.
+
+    The layout is QEMU's tls-creds-x509 (ca-cert.pem, server-cert.pem, server-key.pem,
+    client-cert.pem, client-key.pem), so QEMU and nbdinfo can use the same directory.
+    The CA key is not kept.
+    """
+    for path in nbd_tls.generate_credentials(directory, names=names, days=days, client=client):
+        out.print(str(path), highlight=False)
 
 
 @app.command("backends")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 
@@ -80,8 +81,14 @@ class NbdClient:
         port: int | None = None,
         sock: socket.socket | None = None,
         no_zeroes: bool = True,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> NbdClient:
-        """Connect (or use a connected ``sock``) and do the greeting; then options or :meth:`go`."""
+        """Connect (or use a connected ``sock``) and do the greeting; then options or :meth:`go`.
+
+        With ``tls`` (e.g. :func:`vmkit.nbd.tls.client_context`), upgrade with NBD_OPT_STARTTLS
+        first; the certificate must match ``server_hostname`` (default: ``host``, else localhost).
+        """
         if sock is not None:
             reader, writer = await asyncio.open_connection(sock=sock)
         elif unix_path is not None:
@@ -91,6 +98,8 @@ class NbdClient:
         client = cls(reader, writer)
         try:
             await client._greet(no_zeroes)
+            if tls is not None:
+                await client.start_tls(tls, server_hostname or host or "localhost")
         except BaseException:
             writer.close()
             raise
@@ -108,9 +117,13 @@ class NbdClient:
         structured: bool = True,
         meta_contexts: tuple[str, ...] = (p.META_BASE_ALLOCATION,),
         use_go: bool = True,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> NbdClient:
         """Connect, negotiate, and enter transmission on ``export``."""
-        client = await cls.open(unix_path=unix_path, host=host, port=port, sock=sock)
+        client = await cls.open(
+            unix_path=unix_path, host=host, port=port, sock=sock, tls=tls, server_hostname=server_hostname
+        )
         try:
             if structured:
                 await client.start_structured_replies()
@@ -167,6 +180,12 @@ class NbdClient:
                 f"option {p.OPT_NAMES.get(opt, opt)} failed: {name}{': ' + text if text else ''}",
                 reply=last.kind,
             )
+
+    async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str | None = "localhost") -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake on this connection."""
+        replies = await self.option(p.OPT_STARTTLS)
+        self._check(p.OPT_STARTTLS, replies)
+        await self._w.start_tls(ctx, server_hostname=server_hostname if ctx.check_hostname else None)
 
     async def start_structured_replies(self) -> None:
         replies = await self.option(p.OPT_STRUCTURED_REPLY)

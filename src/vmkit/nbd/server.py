@@ -22,6 +22,20 @@ Design of the transmission phase (the hot path):
   backends) run in a small thread pool and reply when done (replies may come out of order, as
   the protocol allows).
 * Back-pressure: when the client stops reading replies, the connection stops reading requests.
+* Memory: buffers are anonymous mmaps (pages exist only once written). A WRITE's payload buffer
+  grows as its data arrives, never on the strength of its header; growth beyond the fixed initial
+  buffers is charged to a per-connection and a server-wide budget (``max_buffer_memory``); a
+  request that would exceed it gets ENOMEM (a WRITE's payload is read and dropped first).
+  Large buffers are unmapped as soon as they drain, and all of them when the connection ends.
+
+Admission: a connection counts from accept (through its handshake) against ``max_connections``
+and against ``max_connections_per_peer`` (per uid on unix sockets, via SO_PEERCRED; per IP on
+TCP); a client that does not finish negotiating within ``handshake_timeout`` is dropped.
+
+TLS: with ``tls`` (an :class:`ssl.SSLContext`, see :mod:`vmkit.nbd.tls`) the handshake offers
+NBD_OPT_STARTTLS and, by default, refuses every other option until TLS is up (as qemu-nbd's
+``--tls-creds`` and nbdkit's ``--tls=require``). The TLS session is bridged to the plain data
+path through a socketpair, so the transmission code is the same with and without TLS.
 
 Anything a client sends is validated before it reaches a backend; protocol violations close
 that connection only; an unexpected exception is logged and closes that connection only.
@@ -33,12 +47,16 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
+import mmap
 import os
+import secrets
 import signal
 import socket
+import ssl
 import stat
 import struct
 import threading
@@ -48,6 +66,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from vmkit import paths
 from vmkit.errors import ConfigError
 from vmkit.nbd import protocol as p
 from vmkit.nbd.backends import Backend, Extent
@@ -62,6 +81,11 @@ _MAX_PENDING = 64  # deferred (threaded) requests per connection before we stop 
 _IN_INITIAL = 256 * 1024
 _IN_MAX = p.MAX_PAYLOAD + 64 * 1024  # a whole maximal WRITE fits
 _OUT_INITIAL = 256 * 1024
+_KEEP = 8 * 1024 * 1024  # larger buffers are unmapped as soon as they drain
+_PAGE = mmap.PAGESIZE
+#: per connection: buffers above the initial ones plus data of requests running in threads
+MAX_CONNECTION_MEMORY = 128 * 1024 * 1024
+DEFAULT_MAX_BUFFER_MEMORY = 512 * 1024 * 1024
 _SOCK_BUFFER = 2 * 1024 * 1024
 
 _REQ = p.REQUEST
@@ -74,6 +98,14 @@ _STRUCT_MAGIC = p.STRUCTURED_REPLY_MAGIC
 _CMD_READ = p.CMD_READ
 _CMD_WRITE = p.CMD_WRITE
 _FUA = p.CMD_FLAG_FUA
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """A zeroed buffer whose pages only take memory once written (and go away when dropped)."""
+    return mmap.mmap(-1, size)
+
+
+_EMPTY = _buffer(1)
 
 
 class _Disconnect(Exception):
@@ -108,16 +140,18 @@ class NbdAddress:
     unix_path: Path | None = None
     host: str | None = None
     port: int | None = None
+    tls: bool = False
 
     def uri(self, export: str = "") -> str:
-        """The NBD URI (as QEMU, libnbd and nbdinfo take it) of one export."""
+        """The NBD URI (as QEMU, libnbd and nbdinfo take it) of one export (``nbds`` with TLS)."""
         name = quote(export, safe="")
+        scheme = "nbds" if self.tls else "nbd"
         if self.unix_path is not None:
-            return f"nbd+unix:///{name}?socket={quote(str(self.unix_path), safe='/')}"
+            return f"{scheme}+unix:///{name}?socket={quote(str(self.unix_path), safe='/')}"
         host = self.host or "localhost"
         if ":" in host:
             host = f"[{host}]"
-        return f"nbd://{host}:{self.port}/{name}"
+        return f"{scheme}://{host}:{self.port}/{name}"
 
     def __str__(self) -> str:
         return str(self.unix_path) if self.unix_path is not None else f"{self.host}:{self.port}"
@@ -127,9 +161,30 @@ class NbdAddress:
 class ServerStats:
     connections_total: int = 0
     connections_active: int = 0
+    connections_refused: int = 0
+    buffer_bytes: int = 0  # charged to max_buffer_memory now (above the fixed initial buffers)
+    peak_buffer_bytes: int = 0
+    enomem_replies: int = 0
     protocol_errors: int = 0
     internal_errors: int = 0
     exports_opened: dict[str, int] = field(default_factory=dict)
+
+
+def default_socket_path() -> Path:
+    """Where a server listens when given no address: a private (0700) runtime directory.
+
+    ``$VMKIT_HOME/run/nbd.sock`` when VMKIT_HOME is set, else ``$XDG_RUNTIME_DIR/vmkit/nbd.sock``,
+    else ``<vmkit data dir>/run/nbd.sock``.
+    """
+    home = os.environ.get("VMKIT_HOME")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if home:
+        base = paths.data_dir() / "run"
+    elif runtime and Path(runtime).is_dir():
+        base = Path(runtime) / "vmkit"
+    else:
+        base = paths.data_dir() / "run"
+    return base / "nbd.sock"
 
 
 def _as_exports(exports: Export | Backend | Iterable[Export] | Mapping[str, Backend]) -> list[Export]:
@@ -149,6 +204,13 @@ class NbdServer:
     one export, that one. ``io_threads`` is the size of the pool for blocking calls.
     ``sendfile_min``: reads of at least this many bytes from file-backed exports are sent
     with ``sendfile`` (0 disables it).
+
+    Limits: ``max_connections`` in all, ``max_connections_per_peer`` from one uid (unix
+    sockets) or one IP address (TCP; 0: no per-peer limit), ``handshake_timeout`` seconds to
+    finish negotiating, ``max_buffer_memory`` bytes of request/reply buffers beyond the small
+    fixed ones, server-wide (each connection also at most MAX_CONNECTION_MEMORY).
+    ``tls``: a server-side SSLContext to offer NBD_OPT_STARTTLS with; ``tls_required``
+    (default) refuses every other option before TLS.
     """
 
     def __init__(
@@ -156,11 +218,19 @@ class NbdServer:
         exports: Export | Backend | Iterable[Export] | Mapping[str, Backend] = (),
         *,
         default_export: str | None = None,
-        handshake_timeout: float | None = 30.0,
+        handshake_timeout: float | None = 10.0,
         io_threads: int = 4,
         sendfile_min: int = 128 * 1024,
         max_connections: int = 512,
+        max_connections_per_peer: int = 64,
+        max_buffer_memory: int = DEFAULT_MAX_BUFFER_MEMORY,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = True,
     ) -> None:
+        if max_connections < 1 or max_connections_per_peer < 0:
+            raise ConfigError.single("max_connections", "must be at least 1 (per peer: 0 for no limit)")
+        if max_buffer_memory < 0:
+            raise ConfigError.single("max_buffer_memory", "must not be negative")
         self._exports: dict[str, Export] = {}
         for export in _as_exports(exports):
             self.add_export(export)
@@ -168,6 +238,12 @@ class NbdServer:
         self.handshake_timeout = handshake_timeout
         self.sendfile_min = sendfile_min if sendfile_min > 0 else 1 << 62
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.max_buffer_memory = max_buffer_memory
+        self.tls = tls
+        self.tls_required = tls is not None and tls_required
+        self._active = 0  # admitted connections, counted from accept
+        self._per_peer: dict[object, int] = {}
         self._io_threads = max(1, io_threads)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._listener: socket.socket | None = None
@@ -212,16 +288,22 @@ class NbdServer:
         port: int | None = None,
         sock: socket.socket | None = None,
         backlog: int = 128,
+        unix_mode: int = 0o600,
     ) -> NbdAddress:
         """Listen on a unix socket, a TCP address (port 0: any free port) or a given socket.
 
+        With no address at all: the unix socket :func:`default_socket_path`. A unix socket is
+        created with ``unix_mode`` (default 0600: only this user and root may connect).
         Returns the bound address. Connections are served in the background until close().
         """
         if self._listener is not None:
             raise ConfigError.single("server", "already started")
         given = sum(x is not None for x in (unix_path, sock)) + (host is not None or port is not None)
-        if given != 1:
+        if given > 1:
             raise ConfigError.single("address", "give exactly one of a unix socket path, a TCP port, or a socket")
+        if given == 0:
+            unix_path = default_socket_path()
+            paths.ensure_private_dir(unix_path.parent)
         if sock is not None:
             lsock = sock
             if lsock.family == socket.AF_UNIX:
@@ -232,13 +314,15 @@ class NbdServer:
                 addr = NbdAddress(host=h, port=prt)
         elif unix_path is not None:
             path = Path(unix_path)
-            lsock = _bind_unix(path)
+            lsock = _bind_unix(path, unix_mode)
             self._unix_path = path
             addr = NbdAddress(unix_path=path)
         else:
             lsock = _bind_tcp(host or "127.0.0.1", DEFAULT_PORT if port is None else port)
             h, prt = lsock.getsockname()[:2]
             addr = NbdAddress(host=h, port=prt)
+        if self.tls is not None:
+            addr = dataclasses.replace(addr, tls=True)
         lsock.setblocking(False)
         if not lsock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             lsock.listen(backlog)
@@ -300,10 +384,13 @@ class NbdServer:
 
     @property
     def connection_count(self) -> int:
-        return len(self._conns)
+        """Connections admitted and not yet closed (including those still negotiating)."""
+        return self._active
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        # sock_accept returns at once while connections are queued: the limits below are checked
+        # and the connection counted before the next accept, so a burst cannot overshoot them
         while True:
             try:
                 conn, _ = await loop.sock_accept(lsock)
@@ -315,38 +402,94 @@ class NbdServer:
                 log.warning("NBD accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if len(self._conns) >= self.max_connections:
-                log.warning("NBD: too many connections (%d); refusing one", len(self._conns))
+            # admitted (and counted) here, before the next accept: the limits are exact
+            key = _peer_key(conn)
+            if not self._admit(key):
                 conn.close()
                 continue
-            self._spawn(conn)
+            task = loop.create_task(self._serve(conn, key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _spawn(self, sock: socket.socket) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self.handle_connection(sock))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _admit(self, key: object) -> bool:
+        """Count a new connection in, or refuse it (the server or this peer is at its limit)."""
+        if self._closing:
+            return False
+        why = None
+        if self._active >= self.max_connections:
+            why = f"the server has {self._active} connections (max_connections)"
+        elif (
+            key is not None
+            and self.max_connections_per_peer
+            and self._per_peer.get(key, 0) >= self.max_connections_per_peer
+        ):
+            why = f"peer {_key_name(key)} has {self.max_connections_per_peer} (max_connections_per_peer)"
+        if why is not None:
+            self.stats.connections_refused += 1
+            refused = self.stats.connections_refused
+            if refused & (refused - 1) == 0:  # 1, 2, 4, 8...: no log flood under attack
+                log.warning("NBD: refusing a connection: %s (%d refused so far)", why, refused)
+            return False
+        self._active += 1
+        if key is not None:
+            self._per_peer[key] = self._per_peer.get(key, 0) + 1
+        self.stats.connections_total += 1
+        self.stats.connections_active = self._active
+        return True
+
+    def _release(self, key: object) -> None:
+        self._active -= 1
+        self.stats.connections_active = self._active
+        if key is not None:
+            left = self._per_peer[key] - 1
+            if left:
+                self._per_peer[key] = left
+            else:
+                del self._per_peer[key]
 
     async def handle_connection(self, sock: socket.socket) -> None:
         """Serve one already-connected socket (e.g. one end of a socketpair) until it ends.
 
+        Counts against ``max_connections`` (not the per-peer limit: the caller chose this peer).
         Never raises for anything the peer does.
         """
-        if self._closing:
+        if not self._admit(None):
             sock.close()
             return
-        conn = _Connection(self, sock)
+        await self._serve(sock, None)
+
+    async def _serve(self, sock: socket.socket, key: object) -> None:
+        try:
+            conn = _Connection(self, sock)
+        except BaseException:
+            self._release(key)
+            sock.close()
+            raise
         self._conns.add(conn)
-        self.stats.connections_total += 1
-        self.stats.connections_active += 1
         try:
             await conn.run()
         finally:
             self._conns.discard(conn)
-            self.stats.connections_active -= 1
+            self._release(key)
 
 
-def _bind_unix(path: Path) -> socket.socket:
+def _peer_key(sock: socket.socket) -> object:
+    """Who is on the other end, for the per-peer limit: ("uid", n) or ("ip", address)."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            return ("uid", uid)
+        return ("ip", sock.getpeername()[0])
+    except OSError:
+        return ("unknown", 0)
+
+
+def _key_name(key: object) -> str:
+    return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _bind_unix(path: Path, mode: int = 0o600) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise NbdAddressInUseError(f"{path} exists and is not a socket", hint="choose another path")
@@ -360,12 +503,21 @@ def _bind_unix(path: Path) -> socket.socket:
         finally:
             probe.close()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # bind under a short temporary name, set the mode, then rename: the socket is never
+    # reachable with a wider mode than asked for
+    tmp = path.with_name(f".{secrets.token_hex(3)}")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.bind(str(path))
+        s.bind(str(tmp))
+        try:
+            os.chmod(tmp, mode)
+            os.rename(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as exc:
         s.close()
-        raise NbdAddressInUseError(f"cannot bind {path}: {exc.strerror}") from exc
+        raise NbdAddressInUseError(f"cannot bind {path}: {exc.strerror or exc}") from exc
     return s
 
 
@@ -393,6 +545,12 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
 class _Connection:
     """One client: the handshake coroutine, then callback-driven transmission."""
 
+    # transmission buffers (set by _start_transmission)
+    ibuf: mmap.mmap
+    imv: memoryview
+    obuf: mmap.mmap
+    omv: memoryview
+
     def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
@@ -408,6 +566,9 @@ class _Connection:
         self._done: asyncio.Future[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.charged = 0  # bytes of this connection in server.stats.buffer_bytes
+        self.tls_active = False
+        self._bridge: _TlsBridge | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -471,8 +632,31 @@ class _Connection:
                 self.loop.remove_writer(self.fd)
             if not self._done.done():
                 self._done.set_result(None)
+            # drop the buffers now (they are unmapped once the last view of them is gone)
+            self.imv.release()
+            self.omv.release()
+            self.ibuf = self.obuf = _EMPTY
+            self.late.clear()
+            self.fsegs.clear()
+        self._charge(-self.charged)
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self._bridge is not None:
+            self._bridge.close()
+
+    # --- memory budget ----------------------------------------------------------------------
+    def _charge(self, n: int) -> bool:
+        """Account ``n`` more bytes (negative: fewer) to this connection; False if over a limit."""
+        stats = self.server.stats
+        if n > 0 and (
+            stats.buffer_bytes + n > self.server.max_buffer_memory or self.charged + n > MAX_CONNECTION_MEMORY
+        ):
+            return False
+        self.charged += n
+        stats.buffer_bytes += n
+        if stats.buffer_bytes > stats.peak_buffer_bytes:
+            stats.peak_buffer_bytes = stats.buffer_bytes
+        return True
 
     # --- handshake ------------------------------------------------------------------------
     async def _recv_exact(self, n: int) -> bytes:
@@ -530,6 +714,15 @@ class _Connection:
 
     async def _option(self, opt: int, data: bytes) -> Export | bool | None:
         """Handle one option; an Export means 'enter transmission', False means 'close'."""
+        if self.server.tls is not None and not self.tls_active:
+            if opt == p.OPT_STARTTLS:
+                await self._opt_starttls(data)
+                return None
+            if self.server.tls_required and opt != p.OPT_ABORT:
+                if opt == p.OPT_EXPORT_NAME:  # cannot be answered with an error
+                    raise _Disconnect("EXPORT_NAME before STARTTLS, and TLS is required")
+                await self._reply(opt, p.REP_ERR_TLS_REQD, "TLS is required: negotiate NBD_OPT_STARTTLS first")
+                return None
         if opt == p.OPT_GO or opt == p.OPT_INFO:
             return await self._opt_info_go(opt, data)
         if opt == p.OPT_EXPORT_NAME:
@@ -558,10 +751,31 @@ class _Connection:
                 await self._reply(opt, p.REP_ACK)
             return False
         if opt == p.OPT_STARTTLS:
-            await self._reply(opt, p.REP_ERR_UNSUP, "TLS is not supported by this server")
+            if self.tls_active:
+                await self._reply(opt, p.REP_ERR_INVALID, "TLS is already active")
+            else:
+                await self._reply(opt, p.REP_ERR_UNSUP, "TLS is not configured on this server")
             return None
         await self._reply(opt, p.REP_ERR_UNSUP, f"option {opt} is not supported")
         return None
+
+    async def _opt_starttls(self, data: bytes) -> None:
+        if data:
+            await self._reply(p.OPT_STARTTLS, p.REP_ERR_INVALID, "STARTTLS takes no data")
+            return
+        assert self.server.tls is not None
+        await self._reply(p.OPT_STARTTLS, p.REP_ACK)
+        self._bridge = await _TlsBridge.start(self.loop, self.sock, self.server.tls)
+        self.sock = self._bridge.inner
+        self.fd = self.sock.fileno()
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUFFER)
+        self.tls_active = True
+        # what was negotiated in the clear does not carry over into TLS (NBD protocol)
+        self.structured = False
+        self.meta_export = None
+        self.meta_selected = False
+        log.debug("NBD %s: TLS established (%s)", self.peer, self._bridge.version)
 
     async def _opt_export_name(self, data: bytes) -> Export:
         try:
@@ -701,12 +915,14 @@ class _Connection:
         if self.flags & p.FLAG_SEND_FAST_ZERO:
             self.zero_flags |= p.CMD_FLAG_FAST_ZERO
         # input: one buffer, requests parsed in place
-        self.ibuf = bytearray(_IN_INITIAL)
+        self.ibuf = _buffer(_IN_INITIAL)
         self.imv = memoryview(self.ibuf)
         self.istart = 0
         self.iend = 0
+        self.skip = 0  # payload bytes still to drop (a WRITE refused for lack of memory)
+        self.skip_cookie = 0
         # output: one arena of packed replies, plus sendfile segments and late replies
-        self.obuf = bytearray(_OUT_INITIAL)
+        self.obuf = _buffer(_OUT_INITIAL)
         self.omv = memoryview(self.obuf)
         self.opos = 0
         self.osent = 0
@@ -756,7 +972,7 @@ class _Connection:
                 if self.istart == 0 and len(self.ibuf) >= _IN_MAX:
                     self._fatal("input buffer full")  # cannot happen: requests are bounded
                     return
-                self._need_input(self.iend - self.istart + 1)
+                self._grow_input()
             try:
                 n = self.sock.recv_into(self.imv[self.iend :])
             except (BlockingIOError, InterruptedError):
@@ -769,6 +985,8 @@ class _Connection:
                 self._set_reading(False)
             else:
                 self.iend += n
+                if self.skip:
+                    self._skip_input()
             self._process()
         except Exception:
             self._bug()
@@ -806,12 +1024,7 @@ class _Connection:
                     return
                 total = 28 + length
                 if avail < total:
-                    self.istart = pos
-                    self._need_input(total)
-                    buf = self.ibuf
-                    pos = self.istart
-                    end = self.iend
-                    break
+                    break  # the buffer grows as the payload arrives (_grow_input), not before
             else:
                 total = 28
             # room for the reply (inline READ data goes into the arena)
@@ -824,10 +1037,16 @@ class _Connection:
                 need = 28 + length
             else:
                 need = 4096 + 64
-            if (self.late or len(self.obuf) - self.opos < need) and not self._make_room(need):
-                self.blocked = True
-                self._set_reading(False)
-                break
+            if self.late or len(self.obuf) - self.opos < need:
+                if not self._make_room(need):
+                    self.blocked = True
+                    self._set_reading(False)
+                    break
+                if len(self.obuf) - self.opos < need:  # no memory for this reply
+                    pos += total
+                    self.istart = pos
+                    self._enomem(cookie, f"{p.CMD_NAMES.get(cmd, cmd)} of {length} bytes")
+                    continue
             pos += total
             self.istart = pos
             if cmd == _CMD_READ:
@@ -844,6 +1063,8 @@ class _Connection:
         self.istart = pos
         if pos == self.iend:
             self.istart = self.iend = 0
+            if len(self.ibuf) > _KEEP:
+                self._replace_input(_IN_INITIAL)
         elif len(self.ibuf) - self.iend < (len(self.ibuf) >> 2):
             self._compact_input()
 
@@ -854,25 +1075,66 @@ class _Connection:
             self.istart = 0
             self.iend = n
 
-    def _need_input(self, total: int) -> None:
-        """Make room for a request of ``total`` bytes starting at istart."""
-        if len(self.ibuf) >= total:
-            if len(self.ibuf) - self.istart < total:
-                self._compact_input()
-            return
-        # room for a few such requests, so big writes are rarely moved to the front
+    def _grow_input(self) -> None:
+        """The input buffer is full: make room by compacting it, or grow it for a large WRITE.
+
+        Growth only happens here, once the buffer is full of data that has arrived, so memory
+        follows what the client actually sent, not what its headers announce (up to 4x the
+        pending WRITE, as pipelined writes then rarely need moving). Without budget for the
+        growth the WRITE is refused: its payload is dropped as it arrives, then ENOMEM.
+        """
         size = len(self.ibuf)
-        while size < 4 * total and size < _IN_MAX:
-            size *= 2
-        size = min(size, _IN_MAX)
+        unparsed = self.iend - self.istart
+        want = 0  # size of the WRITE waiting for its payload at istart, if any
+        cookie = 0
+        if unparsed >= 28:
+            _magic, _flags, cmd, cookie, _offset, length = _REQ_UNPACK(self.ibuf, self.istart)
+            if cmd == _CMD_WRITE:
+                want = 28 + length
+            elif not self.istart:  # cannot happen: anything else is served or blocks reading
+                raise AssertionError(f"input buffer full with a complete request ({cmd})")
+        if self.istart and (4 * want <= size or unparsed <= size >> 2):
+            self._compact_input()  # cheap, or the buffer is big enough
+            return
+        new = min(_IN_MAX, 2 * size)
+        if new > size and self._charge(new - size):
+            self._replace_input(new, charged=True)
+            return
+        if self.istart:
+            self._compact_input()
+            return
+        self.skip = want - self.iend
+        self.skip_cookie = cookie
+        self.istart = self.iend = 0
+
+    def _replace_input(self, size: int, *, charged: bool = False) -> None:
+        """A new input buffer of ``size`` bytes holding the unparsed input (growth is charged)."""
         n = self.iend - self.istart
-        new = bytearray(size)
+        new = _buffer(size)
         new[:n] = self.imv[self.istart : self.iend]
+        old = len(self.ibuf)
         self.imv.release()
         self.ibuf = new
         self.imv = memoryview(new)
         self.istart = 0
         self.iend = n
+        if not charged:
+            self._charge(size - old)  # a shrink: always succeeds
+
+    def _skip_input(self) -> None:
+        """Drop payload of a WRITE refused for lack of memory; answer it once all has come."""
+        n = min(self.skip, self.iend - self.istart)
+        self.istart += n
+        self.skip -= n
+        if self.istart == self.iend:
+            self.istart = self.iend = 0
+        if not self.skip:
+            self._enomem(self.skip_cookie, "WRITE payload")
+
+    def _enomem(self, cookie: int, what: str) -> None:
+        self.server.stats.enomem_replies += 1
+        log.debug("NBD %s: no buffer memory for a %s", self.peer, what)
+        self._error(cookie, p.ENOMEM, f"the server is out of buffer memory for a {what} (max_buffer_memory)")
 
     # --- transmission: output ---------------------------------------------------------------
     def _make_room(self, need: int) -> bool:
@@ -881,14 +1143,21 @@ class _Connection:
             return False
         if len(self.obuf) - self.opos >= need:
             return True
-        # drained, so opos == 0 and the arena may be replaced
-        size = len(self.obuf)
-        while size < need:
-            size *= 2
-        self.omv.release()
-        self.obuf = bytearray(size)
-        self.omv = memoryview(self.obuf)
+        # drained, so opos == 0 and the arena may be replaced (if the budget allows: else the
+        # caller finds it still too small)
+        size = -(-max(need, 2 * len(self.obuf)) // _PAGE) * _PAGE
+        if self._charge(size - len(self.obuf)):
+            self._replace_output(size)
         return True
+
+    def _replace_output(self, size: int) -> None:
+        """A new (empty) reply arena; the caller has charged a growth, a shrink is charged here."""
+        old = len(self.obuf)
+        self.omv.release()
+        self.obuf = _buffer(size)
+        self.omv = memoryview(self.obuf)
+        if size < old:
+            self._charge(size - old)
 
     def _emit(self, data: bytes) -> None:
         """Queue one complete reply (for the cold paths)."""
@@ -934,6 +1203,8 @@ class _Connection:
                 else:
                     self.opos = self.osent = 0
                     self._set_writing(False)
+                    if len(self.obuf) > _KEEP:
+                        self._replace_output(_OUT_INITIAL)
                     return True
         except (BlockingIOError, InterruptedError):
             pass
@@ -1024,7 +1295,10 @@ class _Connection:
             self._read_reply(cookie, offset, b"")
             return
         if not self.inline:
-            self._defer(cookie, "READ", self.backend.read, offset, length, kind=_CMD_READ, arg=offset)
+            if not self._charge(length):
+                self._enomem(cookie, f"READ of {length} bytes")
+                return
+            self._defer(cookie, "READ", self.backend.read, offset, length, kind=_CMD_READ, arg=offset, mem=length)
             return
         obuf = self.obuf
         opos = self.opos
@@ -1048,10 +1322,15 @@ class _Connection:
                 for fd, off, n in extents:
                     self.fsegs.append([opos, fd, off, n])
                 return
-            if len(obuf) - opos < hdr + length and not self._make_room(hdr + length):
-                # cannot happen after the room check in _process, but never overrun the arena
-                self._read_reply_late(cookie, offset, length)
-                return
+            if len(obuf) - opos < hdr + length:
+                if not self._make_room(hdr + length):
+                    # replies still queued: this one goes behind them (one at most, as the
+                    # queue blocks reading further requests)
+                    self._read_reply_late(cookie, offset, length)
+                    return
+                if len(self.obuf) - self.opos < hdr + length:
+                    self._enomem(cookie, f"READ of {length} bytes")
+                    return
             obuf = self.obuf
             opos = self.opos
         try:
@@ -1091,8 +1370,11 @@ class _Connection:
             return
         fua = bool(flags & _FUA)
         if not self.inline:
+            if not self._charge(length):
+                self._enomem(cookie, f"WRITE of {length} bytes")
+                return
             data = bytes(self.imv[dpos : dpos + length])  # the input buffer is reused meanwhile
-            self._defer(cookie, "WRITE", functools.partial(self.backend.write, fua=fua), offset, data)
+            self._defer(cookie, "WRITE", functools.partial(self.backend.write, fua=fua), offset, data, mem=length)
             return
         try:
             self.backend.write(offset, self.imv[dpos : dpos + length])
@@ -1227,22 +1509,25 @@ class _Connection:
         kind: int = -1,
         arg: int = 0,
         req_one: bool = False,
+        mem: int = 0,
     ) -> None:
         """Run ``fn(*args)`` in the I/O threads; reply when it is done.
 
         ``kind``/``arg`` say how to turn the result into a reply: READ (arg: offset),
-        BLOCK_STATUS (arg: requested length), anything else: a plain success.
+        BLOCK_STATUS (arg: requested length), anything else: a plain success. ``mem``: bytes
+        charged for this request (its data), released when it is done.
         """
         self.pending += 1
         fut = self.loop.run_in_executor(self.server.executor, fn, *args)
-        fut.add_done_callback(functools.partial(self._deferred_done, cookie, what, kind, arg, req_one))
+        fut.add_done_callback(functools.partial(self._deferred_done, cookie, what, kind, arg, req_one, mem))
 
     def _deferred_done(
-        self, cookie: int, what: str, kind: int, arg: int, req_one: bool, fut: asyncio.Future[Any]
+        self, cookie: int, what: str, kind: int, arg: int, req_one: bool, mem: int, fut: asyncio.Future[Any]
     ) -> None:
         self.pending -= 1
         if self._closed:
-            return
+            return  # _close released everything charged
+        self._charge(-mem)
         try:
             if fut.cancelled():
                 self._error(cookie, p.ESHUTDOWN, "the server is shutting down")
@@ -1260,6 +1545,104 @@ class _Connection:
                 self._maybe_finish()
         except Exception:
             self._bug()
+
+
+class _Pump(asyncio.Protocol):
+    """One side of a :class:`_TlsBridge`: what its transport receives goes to the other side."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pump | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def _peer(self) -> asyncio.Transport | None:
+        return self.other.transport if self.other is not None else None
+
+    def data_received(self, data: bytes) -> None:
+        peer = self._peer()
+        if peer is not None and not peer.is_closing():
+            peer.write(data)
+
+    def eof_received(self) -> bool | None:
+        peer = self._peer()
+        if peer is not None and not peer.is_closing():
+            if peer.can_write_eof():
+                peer.write_eof()
+            else:
+                peer.close()
+        # a plain socket stays open for the other direction; TLS cannot be half-closed
+        return True if self.transport is not None and self.transport.can_write_eof() else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self._peer()
+        if peer is not None and not peer.is_closing():
+            peer.close()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+class _TlsBridge:
+    """A server-side TLS session on a client socket, relayed to one end of a socketpair.
+
+    The connection then serves ``inner`` exactly like a plain socket (same fast path, and
+    sendfile still works: into the socketpair). Flow control is passed through both ways.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outer: _Pump, plain: _Pump, inner: socket.socket) -> None:
+        self.loop = loop
+        self.outer = outer
+        self.plain = plain
+        self.inner = inner
+
+    @classmethod
+    async def start(cls, loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext) -> _TlsBridge:
+        mine, inner = socket.socketpair()
+        outer, plain = _Pump(), _Pump()
+        outer.other, plain.other = plain, outer
+        transport: asyncio.Transport | None = None
+        try:
+            await loop.connect_accepted_socket(lambda: plain, mine)
+            raw_transport, _ = await loop.connect_accepted_socket(lambda: outer, raw)
+            assert isinstance(raw_transport, asyncio.Transport)
+            transport = raw_transport
+            # start_tls pauses reading first: the ClientHello goes to TLS, never to ``plain``
+            tls = await loop.start_tls(transport, outer, ctx, server_side=True)
+            if tls is None:
+                raise ConnectionError("the connection closed during the TLS handshake")
+        except BaseException:
+            if transport is not None:
+                transport.abort()
+            if plain.transport is not None:
+                plain.transport.abort()
+            mine.close()
+            inner.close()
+            raise
+        outer.transport = tls
+        inner.setblocking(False)
+        return cls(loop, outer, plain, inner)
+
+    @property
+    def version(self) -> str:
+        obj = self.outer.transport.get_extra_info("ssl_object") if self.outer.transport else None
+        return str(obj.version()) if obj is not None else "?"
+
+    def close(self) -> None:
+        """Close both sides (TLS with close_notify, aborted if the peer does not read it in 5 s)."""
+        if self.plain.transport is not None:
+            self.plain.transport.close()
+        tls = self.outer.transport
+        if tls is not None and not tls.is_closing():
+            tls.close()
+            self.loop.call_later(5.0, tls.abort)
 
 
 def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
