@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmkit import paths
 from vmkit.api import SupervisorClient, models
 from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.cloudinstance import (
@@ -144,7 +145,7 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd), *supervisor_args],
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            start_new_session=True, cwd=inst.dir,
+            start_new_session=True, cwd=inst.dir, env=paths.child_env(),
         )
     os.close(write_fd)
     try:
