@@ -40,7 +40,7 @@ from vmkit.guest.agent import AGENT_SOCKET_NAME
 from vmkit.guest.channel import AgentChannel
 from vmkit.hotplug import HotDisk
 from vmkit.nbdwatch import NbdWatcher
-from vmkit.proc import child_setup
+from vmkit.proc import owned
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import AGENT_PORT_ID, Runtime, build_argv
 from vmkit.qemu.monitor import Monitor
@@ -271,8 +271,8 @@ class VirtualMachine:
                 errlog.flush()
                 try:
                     self._proc = await asyncio.create_subprocess_exec(
-                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), preexec_fn=child_setup,
+                        *owned(argv), stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), start_new_session=True,
                     )
                 except FileNotFoundError:
                     raise QemuError(f"{argv[0]} is not installed",

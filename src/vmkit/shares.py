@@ -33,7 +33,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig, Share
 from vmkit.errors import HostError
-from vmkit.proc import child_setup
+from vmkit.proc import owned
 from vmkit.qemu.cmdline import Runtime
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,9 @@ class ShareDaemons:
                 log_path = self.workdir / f"virtiofsd-{tag}.log"
                 with log_path.open("ab") as logf:
                     proc = await asyncio.create_subprocess_exec(
-                        *virtiofsd_argv(share, listener.fileno(), binary=binary),
+                        *owned(virtiofsd_argv(share, listener.fileno(), binary=binary)),
                         stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                        pass_fds=(listener.fileno(),), preexec_fn=child_setup,
+                        pass_fds=(listener.fileno(),), start_new_session=True,
                     )
             finally:
                 listener.close()

@@ -58,7 +58,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig, Share
 from vmkit.errors import ConfigError, HostError, VmkitError, VmTimeoutError
-from vmkit.proc import child_setup
+from vmkit.proc import owned
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +262,11 @@ class SshfsMounts:
                 root_dir = self.workdir / f"sftp-root-{tag}"
                 root_dir.mkdir(mode=0o700, exist_ok=True)
                 link.sftp = await asyncio.create_subprocess_exec(
-                    *sftp_server_argv(share, binary=binary, root_dir=root_dir), stdin=to_sftp_r, stdout=to_ssh_w,
-                    stderr=logf, preexec_fn=child_setup)
+                    *owned(sftp_server_argv(share, binary=binary, root_dir=root_dir)), stdin=to_sftp_r, stdout=to_ssh_w,
+                    stderr=logf, start_new_session=True)
                 link.ssh = await asyncio.create_subprocess_exec(
-                    *ssh_argv(ssh_config, self.config.name, share), stdin=to_ssh_r, stdout=to_sftp_w,
-                    stderr=asyncio.subprocess.PIPE, preexec_fn=child_setup)
+                    *owned(ssh_argv(ssh_config, self.config.name, share)), stdin=to_ssh_r, stdout=to_sftp_w,
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except BaseException:
             for p in link.procs():
                 with contextlib.suppress(ProcessLookupError):
