@@ -10,22 +10,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import re
-import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmkit import paths
 from vmkit.api import SupervisorClient, models
+from vmkit.api.transport import SupervisorGone
 from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.cloudinstance import (
     EXTRA_USER_DATA,
@@ -59,7 +59,7 @@ from vmkit.errors import (
 from vmkit.guest.execute import ExecResult
 from vmkit.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.images.store import ImageStore
-from vmkit.instance import LIVE, Instance, Status
+from vmkit.instance import LIVE, Instance, Status, take_exclusive
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
 from vmkit.serial import read_log, rotated_path
@@ -117,16 +117,19 @@ def dry_run_argv(name: str) -> list[str]:
 
 
 def start(name: str, *, progress: Progress | None = None, timeout: float | None = None,
-          supervisor_args: Sequence[str] = (), on_message: Callable[[dict[str, Any]], None] | None = None) -> Status:
+          plan: models.StartRequest | None = None,
+          on_message: Callable[[dict[str, Any]], None] | None = None) -> Status:
     """Start ``name`` under a new supervisor; return once the guest is ready (or raise why not).
 
     Ready includes shared folders: virtiofs and 9p shares are mounted by the guest at boot, before
     its agent answers, and the supervisor mounts sshfs shares before it reports success, so a
     returned start means every share is mounted ("mounted at boot" for sshfs; see vmkit.sshfs).
 
-    ``supervisor_args`` are passed to the supervisor (e.g. ``--restore PATH``, see
-    :class:`vmkit.supervisor_state.StartPlan`); ``on_message`` receives the interim JSON lines it
-    reports before the outcome (restore progress, what was restored).
+    This process takes the instance lock and makes the listening ``api.sock`` (no other start can
+    race it, and a client can connect before the supervisor is up), hands both to the supervisor,
+    and asks it to start with ``POST /v1/start`` (``plan``: from a state file or a snapshot, see
+    :class:`vmkit.api.models.StartRequest`). ``progress`` receives the guest's last console line
+    while it boots; ``on_message`` the other interim lines (restore progress, what was restored).
     """
     inst = get(name)
     status = inst.reconcile()
@@ -135,68 +138,72 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     config = inst.load_config()
     config.ensure_valid(host=True)
     accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
-    if inst.serial_log.exists():
-        inst.serial_log.replace(inst.dir / "serial.log.prev")
-    with contextlib.suppress(FileNotFoundError):  # the previous run's older part (see vmkit.serial)
-        rotated_path(inst.serial_log).unlink()
     limit = timeout if timeout is not None else config.readiness.timeout + 30
-    read_fd, write_fd = os.pipe()
-    with inst.supervisor_log.open("ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--ready-fd", str(write_fd), *supervisor_args],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            start_new_session=True, cwd=inst.dir, env=paths.child_env(),
-        )
-    os.close(write_fd)
+    lock_fd = inst.open_lock()
     try:
-        line = _read_report(read_fd, limit, inst, progress, on_message)
+        if not take_exclusive(lock_fd):
+            raise StateError("start", "running (another start got there first)", ["stopped", "error"])
+        if inst.serial_log.exists():
+            inst.serial_log.replace(inst.dir / "serial.log.prev")
+        with contextlib.suppress(FileNotFoundError):  # the previous run's older part (see vmkit.serial)
+            rotated_path(inst.serial_log).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            inst.api_socket.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(inst.api_socket))  # the instance directory is 0700: nobody else reaches it
+            inst.api_socket.chmod(0o600)
+            listener.listen(16)
+            with inst.supervisor_log.open("ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "vmkit.supervisor", str(inst.dir), "--lock-fd", str(lock_fd),
+                     "--listen-fd", str(listener.fileno())],
+                    pass_fds=(lock_fd, listener.fileno()), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    start_new_session=True, cwd=inst.dir, env=paths.child_env(),
+                )
+        finally:
+            listener.close()
     except BaseException:
-        # interrupted or timed out: take the half-started VM down with its supervisor
-        _terminate(proc)
+        with contextlib.suppress(FileNotFoundError):
+            inst.api_socket.unlink()
         raise
     finally:
-        os.close(read_fd)
-    if not line:
-        proc.wait(5)
-        tail = _tail(inst.supervisor_log, 8)
-        raise QemuError(f"{name}: the supervisor exited without reporting (status {proc.returncode})",
-                        hint=f"see {inst.supervisor_log}:\n{tail}")
-    report = json.loads(line)
-    if not report.get("ok"):
-        err = report.get("error", {})
+        os.close(lock_fd)  # the supervisor holds the lock now (it shares this open file)
+    body = (plan or models.StartRequest()).model_dump(mode="json", exclude_defaults=True)
+    api = SupervisorClient(inst.api_socket, timeout=limit)
+
+    async def follow() -> dict[str, Any] | None:
+        async for line in api.stream("POST", "/v1/start", body, timeout=limit):
+            if "result" in line or "error" in line:
+                return line
+            if "console" in line:
+                if progress is not None:
+                    progress(str(line["console"]))
+            elif on_message is not None:
+                on_message(line)
+        return None
+
+    try:
+        final = asyncio.run(follow())
+    except SupervisorGone:
+        final = None
+    except VmTimeoutError:
+        _terminate(proc)  # take the half-started VM down with its supervisor
+        raise VmTimeoutError(f"{name}: not ready after {limit:.0f} s",
+                             hint=f"last console lines:\n{_tail(inst.serial_log, 10)}") from None
+    except BaseException:
+        _terminate(proc)  # interrupted: take the half-started VM down with its supervisor
+        raise
+    if final is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        raise QemuError(f"{name}: the supervisor exited without reporting (status {proc.poll()})",
+                        hint=f"see {inst.supervisor_log}:\n{_tail(inst.supervisor_log, 8)}")
+    if "error" in final:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        raise error_from_fields(err)
+        raise error_from_fields(final["error"])
     return inst.read_status()
-
-
-def _read_report(fd: int, limit: float, inst: Instance, progress: Progress | None,
-                 on_message: Callable[[dict[str, Any]], None] | None = None) -> str:
-    deadline = time.monotonic() + limit
-    buf = b""
-    while True:
-        line, nl, rest = buf.partition(b"\n")
-        if nl:
-            interim = json.loads(line) if line.startswith(b"{") else None
-            if not isinstance(interim, dict) or "ok" in interim:
-                break  # the outcome
-            buf = rest
-            if on_message is not None:
-                on_message(interim)
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise VmTimeoutError(f"{inst.name}: not ready after {limit:.0f} s",
-                                 hint=f"last console lines:\n{_tail(inst.serial_log, 10)}")
-        ready, _, _ = select.select([fd], [], [], min(left, 0.25))
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-        elif progress is not None:
-            progress(last_console_line(inst))
-    return buf.decode().strip()
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

@@ -184,8 +184,7 @@ def _launch(name: str, plan: StartPlan, outcome: StartOutcome, *, progress: cont
             outcome.snapshot = started.get("snapshot")
             outcome.clock = started.get("clock")
 
-    outcome.status = control.start(name, progress=progress, timeout=timeout, supervisor_args=plan.args(),
-                                   on_message=on_message)
+    outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan, on_message=on_message)
     return outcome
 
 
@@ -224,7 +223,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
         header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
         say(Note("resuming", f"resuming {name} from its saved state (saved {_ago(header)}, "
                              f"{_mib(saved.stat().st_size)})"))
-        return _launch(name, StartPlan(restore=saved, consume=True), outcome, progress=progress,
+        return _launch(name, StartPlan(restore=str(saved), consume=True), outcome, progress=progress,
                        state_progress=state_progress, timeout=timeout)
     except VmkitError as exc:
         if not _is_state_file_problem(exc):
@@ -260,7 +259,7 @@ def restore(name: str, path: Path | None = None, *, force: bool = False, paused:
                             f"`vmkit save {name}`, or give a state file: vmkit restore {name} FILE")
     config = inst.load_config()
     savestate.precheck(target, config, accel_mod.choose(config.accel.value), force=force)
-    plan = StartPlan(restore=target, force=force, consume=own, paused=paused)
+    plan = StartPlan(restore=str(target), force=force, consume=own, paused=paused)
     return _launch(name, plan, StartOutcome(status=status), progress=progress, state_progress=state_progress,
                    timeout=timeout)
 

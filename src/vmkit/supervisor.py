@@ -45,8 +45,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ MAX_BODY = 64 << 10
 """Largest request body (and console input message) the API accepts."""
 CONSOLE_BACKLOG = 256 << 10
 """Most console output bytes that wait for one console client (see :class:`vmkit.serial.Backlog`)."""
+START_REQUEST_WAIT = 60.0
+"""How long a new supervisor waits for ``POST /v1/start`` before it gives up and exits."""
+CONSOLE_TICK = 0.25
+"""How often the start's stream reports the guest's last console line while it boots."""
 EVENTS_BACKLOG = 1000
 """Most events that wait for one ``/v1/events`` reader."""
 
@@ -91,9 +96,11 @@ def error_body(exc: VmkitError) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, instance: Instance, *, plan: StartPlan | None = None) -> None:
+    def __init__(self, instance: Instance) -> None:
         self.instance = instance
-        self.plan = plan or StartPlan()  # restore from a state file / snapshot instead of booting
+        self._start: asyncio.Task[None] | None = None
+        self._start_outcome: asyncio.Future[int | None] | None = None
+        """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
         self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
         self.config = instance.load_config()
         self.vm = VirtualMachine(self.config, instance.dir)
@@ -123,43 +130,28 @@ class Supervisor:
         return {"name": self.config.name, "config": self.config.to_dict(), "runtime": self.status.to_dict()}
 
     # -- run ------------------------------------------------------------------------------------------
-    async def run(self, ready_fd: int | None) -> int:
+    async def run(self, listen_fd: int | None = None) -> int:
+        """Serve the API at once, start the machine when ``POST /v1/start`` asks, then supervise it
+        until QEMU exits. Returns the process's exit code."""
         self.status = Status(state="starting", supervisor_pid=os.getpid(), accel=self.vm.accel.name,
                              accel_reason=self.vm.accel.reason)
         self.instance.write_status(self.status)
         self.vm.add_listener(self._record)
+        self._start_outcome = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
-        ready = False
+        await self._serve_api(listen_fd)
         try:
-            if self.plan.active:
-                await start_from_plan(self, self.plan, ready_fd)
-            else:
-                await self.vm.start()
-            self.status.qemu_pid = self.vm.pid
-            self.status.started_at = self.vm.started_at
-            self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
-            self.instance.write_status(self.status)
-            await self._serve_api()
-            if not self.plan.active:  # a restored guest printed its readiness marker long ago
-                await self.vm.wait_ready()
-            ready = True
-            if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
-                await self.vm.mount_sshfs()
-        except VmkitError as exc:
-            log.error("start failed: %s", exc)
-            if ready:  # the guest is up (an sshfs share failed): let it power off cleanly, so that
-                await self.vm.shutdown(timeout=20)  # what its first boot wrote reaches the disk
-            _report(ready_fd, {"ok": False, **error_body(exc)})
-            await self.vm.shutdown(timeout=2)
-            self.status.state = "error"
-            self.status.reason = exc.message.splitlines()[0]
-            self.status.qemu_pid = None
-            self.instance.write_status(self.status)
+            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+        except TimeoutError:
+            log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
+            failed = int(ExitCode.TIMEOUT)
+        if failed is not None:
+            if self._start is None:
+                self._record_failure("never started")
             await self._stop_api()
-            return int(exc.exit_code)
-        _report(ready_fd, {"ok": True, "state": self.vm.state.value})
+            return failed
         exit_info = await self.vm.wait()
         log.info("QEMU exited: %s", exit_info.reason)
         await self.vm.shutdown()
@@ -170,14 +162,82 @@ class Supervisor:
         await self._stop_api()
         return 0 if exit_info.clean else 5
 
+    def _record_failure(self, reason: str) -> None:
+        self.status.state = "error"
+        self.status.reason = reason
+        self.status.qemu_pid = None
+        self.instance.write_status(self.status)
+
+    async def _start_machine(self, plan: StartPlan, emit: Callable[[dict[str, Any]], None]) -> None:
+        """The start (boot, or from saved state); emits its progress and one ``result`` or ``error``."""
+        assert self._start_outcome is not None
+        ready = False
+        try:
+            if plan.active:
+                await start_from_plan(self, plan, emit)
+            else:
+                await self.vm.start()
+            self.status.qemu_pid = self.vm.pid
+            self.status.started_at = self.vm.started_at
+            self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
+            self.instance.write_status(self.status)
+            if not plan.active:  # a restored guest printed its readiness marker long ago
+                await self.vm.wait_ready()
+            ready = True
+            if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
+                await self.vm.mount_sshfs()
+        except Exception as raised:
+            exc = raised if isinstance(raised, VmkitError) else unexpected_error(raised)
+            log.error("start failed: %s", exc)
+            if ready:  # the guest is up (an sshfs share failed): let it power off cleanly, so that
+                await self.vm.shutdown(timeout=20)  # what its first boot wrote reaches the disk
+            emit(error_body(exc))
+            await self.vm.shutdown(timeout=2)
+            self._record_failure(exc.message.splitlines()[0])
+            self._start_outcome.set_result(int(exc.exit_code))
+            return
+        emit({"result": self.status.to_dict()})
+        self._start_outcome.set_result(None)
+
     async def _graceful_exit(self) -> None:
+        if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
+            self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
+    async def _h_start(self, request: web.Request) -> web.StreamResponse:
+        plan = await body_as(request, models.StartRequest)
+        if self._start is not None or self._start_outcome is None or self._start_outcome.done():
+            raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
+        lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        shown = ""
+        while True:
+            try:
+                line = await asyncio.wait_for(lines.get(), CONSOLE_TICK)
+            except TimeoutError:  # while the guest boots: its last console line, for spinners
+                last = self.vm.serial.tail_text(lines=1).strip()[:120]
+                if last == shown:
+                    continue
+                shown = last
+                line = {"console": last}
+            with contextlib.suppress(ConnectionError):  # the client left: the start goes on
+                await resp.write((json.dumps(line) + "\n").encode())
+            if "result" in line or "error" in line:
+                break
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+
     # -- HTTP API -------------------------------------------------------------------------------------
-    async def _serve_api(self) -> None:
+    async def _serve_api(self, listen_fd: int | None = None) -> None:
+        """Serve the API on ``listen_fd`` (the listening ``api.sock`` that ``vmkit start`` made and
+        passed on, so a client can connect before this process is even up), else on a new socket."""
         app = web.Application(middlewares=[_errors_middleware], client_max_size=MAX_BODY)
         app.add_routes([
+            web.post("/v1/start", self._h_start),
             web.get("/v1/state", self._h_state),
             web.get("/v1/info", self._h_info),
             web.post("/v1/pause", self._h_pause),
@@ -198,12 +258,14 @@ class Supervisor:
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        sock = self.instance.api_socket
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        site = web.UnixSite(self._runner, str(sock))
-        await site.start()
-        sock.chmod(0o600)
+        if listen_fd is not None:
+            await web.SockSite(self._runner, socket.socket(fileno=listen_fd)).start()
+        else:
+            sock = self.instance.api_socket
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            await web.UnixSite(self._runner, str(sock)).start()
+            sock.chmod(0o600)
         console = self.instance.console_socket
         with contextlib.suppress(FileNotFoundError):
             console.unlink()
@@ -458,36 +520,27 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> VmkitError:
     return err
 
 
-def _report(fd: int | None, payload: dict[str, Any]) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
-        os.close(fd)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmkit-supervisor")
     parser.add_argument("instance_dir", type=Path)
-    parser.add_argument("--ready-fd", type=int, default=None)
-    StartPlan.add_arguments(parser)
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="the instance lock, already taken by the caller (else this process takes it)")
+    parser.add_argument("--listen-fd", type=int, default=None,
+                        help="the listening api.sock made by the caller (else this process makes it)")
     args = parser.parse_args(argv)
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     inst_dir: Path = args.instance_dir.resolve()
     os.chdir(inst_dir)  # nothing may resolve against wherever `vmkit` was run
     instance = Instance(inst_dir.name, inst_dir.parent)
-    lock_fd = instance.open_lock()
-    if not take_exclusive(lock_fd):
+    lock_fd = args.lock_fd if args.lock_fd is not None else instance.open_lock()
+    if args.lock_fd is None and not take_exclusive(lock_fd):
         os.close(lock_fd)
-        _report(args.ready_fd, {"ok": False, "error": {"type": "StateError", "message":
-                f"{instance.name} already has a supervisor", "hint": None, "exit_code": 4}})
-        return 4
+        log.error("%s already has a supervisor", instance.name)
+        return int(ExitCode.WRONG_STATE)
     try:
-        sup = Supervisor(instance, plan=StartPlan.from_args(args))
-        return asyncio.run(sup.run(args.ready_fd))
+        return asyncio.run(Supervisor(instance).run(args.listen_fd))
     except VmkitError as exc:
-        _report(args.ready_fd, {"ok": False, **error_body(exc)})
         log.error("%s", exc)
         return int(exc.exit_code)
     finally:

@@ -19,16 +19,15 @@ operation that changes the machine (pause, resume, stop, port forwards, disks, a
 snapshot) is refused with a :class:`~vmkit.errors.StateError` (HTTP 409) naming what is in
 progress, and a save or snapshot is refused while one of those runs.
 
-A supervisor can also *start* a machine from saved state instead of booting it
-(:class:`StartPlan`, command-line options ``--restore PATH [--force] [--consume]`` or
-``--snapshot TAG``, plus ``--paused``). It then writes interim JSON lines on its ready pipe
-before the final report: ``{"progress": {"done", "total"}}`` while the state loads, and one
-``{"started": {...}}`` line saying what was restored and what happened to the guest clock.
+A supervisor can also *start* a machine from saved state instead of booting it: the start request
+(``POST /v1/start``, :class:`vmkit.api.models.StartRequest`) names a state file (``restore``, with
+``force`` and ``consume``) or a ``snapshot``, and ``paused``. :func:`start_from_plan` then emits
+``{"progress": {"done", "total"}}`` lines while the state loads, and one ``{"started": {...}}``
+line saying what was restored and what happened to the guest clock.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -38,7 +37,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,53 +57,8 @@ log = logging.getLogger("vmkit.supervisor")
 _PROGRESS_INTERVAL = 0.2
 
 
-@dataclass(frozen=True)
-class StartPlan:
-    """How a supervisor brings its machine up when it should not simply boot it."""
-
-    restore: Path | None = None
-    force: bool = False
-    consume: bool = False
-    """Delete the state file once the machine runs from it (the instance's own saved state)."""
-    snapshot: str | None = None
-    paused: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.restore is not None or self.snapshot is not None
-
-    def args(self) -> list[str]:
-        out: list[str] = []
-        if self.restore is not None:
-            out += ["--restore", str(self.restore)]
-        if self.force:
-            out.append("--force")
-        if self.consume:
-            out.append("--consume")
-        if self.snapshot is not None:
-            out += ["--snapshot", self.snapshot]
-        if self.paused:
-            out.append("--paused")
-        return out
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--restore", type=Path, default=None, help="start from this state file")
-        parser.add_argument("--force", action="store_true", help="restore even if the disks changed")
-        parser.add_argument("--consume", action="store_true", help="delete the state file once restored")
-        parser.add_argument("--snapshot", default=None, help="start from this snapshot")
-        parser.add_argument("--paused", action="store_true", help="stay paused after restoring")
-
-    @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> StartPlan:
-        return cls(restore=ns.restore, force=ns.force, consume=ns.consume, snapshot=ns.snapshot, paused=ns.paused)
-
-
-def _write_line(fd: int | None, payload: dict[str, Any]) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
+StartPlan = models.StartRequest
+"""How a supervisor brings its machine up when it should not simply boot it."""
 
 
 def _throttled(emit: Callable[[int, int | None], None]) -> Callable[[int, int | None], None]:
@@ -120,13 +73,15 @@ def _throttled(emit: Callable[[int, int | None], None]) -> Callable[[int, int | 
     return report
 
 
-async def start_from_plan(sup: Supervisor, plan: StartPlan, ready_fd: int | None) -> None:
+async def start_from_plan(sup: Supervisor, plan: StartPlan, emit: Callable[[dict[str, Any]], None]) -> None:
     """Bring the machine up from a state file or a snapshot (instead of booting it)."""
     vm = sup.vm
     started: dict[str, Any] = {}
-    progress = _throttled(lambda d, t: _write_line(ready_fd, {"progress": {"done": d, "total": t}}))
+    progress = _throttled(lambda d, t: emit({"progress": {"done": d, "total": t}}))
     if plan.restore is not None:
-        result = await savestate.restore_state(vm, plan.restore, progress, force=plan.force)
+        if not plan.restore.startswith("/") or "\0" in plan.restore:
+            raise ConfigError.single("restore", "give the state file's absolute path")
+        result = await savestate.restore_state(vm, Path(plan.restore), progress, force=plan.force)
         started["restored"] = result.to_dict()
         sup.status.reason = f"restored from {plan.restore}"
     elif plan.snapshot is not None:
@@ -142,8 +97,8 @@ async def start_from_plan(sup: Supervisor, plan: StartPlan, ready_fd: int | None
         started["clock"] = (await savestate.resume_and_fix_clock(vm)).to_dict()
     if plan.consume and plan.restore is not None:
         with contextlib.suppress(FileNotFoundError):
-            plan.restore.unlink()  # the machine has moved on: this state must not be resumed twice
-    _write_line(ready_fd, {"started": started})
+            os.unlink(plan.restore)  # the machine has moved on: this state must not be resumed twice
+    emit({"started": started})
 
 
 class OperationGate:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from vmkit import control, keys, savestate, statectl, statefile
 from vmkit.config import MachineConfig, parse_config
@@ -182,28 +183,16 @@ def test_snapshot_targets(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- supervisor plumbing
 
 
-def test_start_plan_round_trips_through_argv() -> None:
-    import argparse
-
-    plan = StartPlan(restore=Path("/x/saved.vmstate"), force=True, consume=True, paused=True)
-    parser = argparse.ArgumentParser()
-    StartPlan.add_arguments(parser)
-    assert StartPlan.from_args(parser.parse_args(plan.args())) == plan
-    assert StartPlan.from_args(parser.parse_args(["--snapshot", "t1"])) == StartPlan(snapshot="t1")
+def test_start_plan_is_the_typed_start_request() -> None:
+    plan = StartPlan(restore="/x/saved.vmstate", force=True, consume=True, paused=True)
+    body = plan.model_dump(mode="json", exclude_defaults=True)
+    assert StartPlan.model_validate(body) == plan
+    assert StartPlan.model_validate({"snapshot": "t1"}) == StartPlan(snapshot="t1")
     assert not StartPlan().active and plan.active
-
-
-def test_ready_pipe_interim_lines_reach_on_message(tmp_path: Path) -> None:
-    r, w = os.pipe()
-    os.write(w, b'{"progress": {"done": 1, "total": 2}}\n{"started": {"clock": null}}\n{"ok": true}\n')
-    os.close(w)
-    got: list[dict[str, Any]] = []
-    try:
-        line = control._read_report(r, 5, Instance("x", tmp_path), None, got.append)
-    finally:
-        os.close(r)
-    assert got == [{"progress": {"done": 1, "total": 2}}, {"started": {"clock": None}}]
-    assert line == '{"ok": true}'
+    with pytest.raises(ValidationError):
+        StartPlan.model_validate({"restore": "/x", "paused": "yes"})  # yes/no only as true/false
+    with pytest.raises(ValidationError):
+        StartPlan.model_validate({"resotre": "/x"})  # a typo is refused, not ignored
 
 
 # --------------------------------------------------------------------------- fallback policy
@@ -217,11 +206,12 @@ def instance(tmp_path: Path, home: Path) -> Instance:
 
 
 def fake_start(calls: list[list[str]], fail_restore: VmkitError | None = None) -> Any:
-    def start(name: str, *, supervisor_args: Any = (), on_message: Any = None, **_: Any) -> Status:
-        calls.append(list(supervisor_args))
-        if supervisor_args and fail_restore is not None:
+    def start(name: str, *, plan: StartPlan | None = None, on_message: Any = None, **_: Any) -> Status:
+        args = [] if plan is None else [f"{k}={v}" for k, v in plan.model_dump(exclude_defaults=True).items()]
+        calls.append(args)
+        if args and fail_restore is not None:
             raise fail_restore
-        if supervisor_args and on_message is not None:
+        if args and on_message is not None:
             on_message({"progress": {"done": 10, "total": 10}})
             on_message({"started": {"restored": {"path": "p"}, "clock": {"corrected": False}}})
         return Status(state="running")
@@ -237,7 +227,7 @@ def test_start_resumes_and_says_so(instance: Instance, tmp_path: Path, monkeypat
     notes: list[statectl.Note] = []
     progress: list[int] = []
     outcome = statectl.start("s", notice=notes.append, state_progress=lambda d, t: progress.append(d))
-    assert calls == [["--restore", str(instance.saved_state_path), "--consume"]]
+    assert calls == [[f"restore={instance.saved_state_path}", "consume=True"]]
     assert outcome.restored == {"path": "p"} and outcome.fallback is None and progress == [10]
     assert notes and notes[0].kind == "resuming" and not notes[0].warning
     assert notes[0].message.startswith("resuming s from its saved state")

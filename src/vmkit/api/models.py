@@ -99,6 +99,48 @@ class MachineInfo(Response):
     runtime: RuntimeStatus
 
 
+class Progress(Response):
+    done: int
+    total: int | None
+
+
+# -- start ---------------------------------------------------------------------------------------------
+class StartRequest(Request):
+    """How to bring the machine up: boot it (no fields), or start it from a state file or a snapshot."""
+
+    restore: str | None = Field(default=None, max_length=4096, description="absolute path of a state file")
+    force: Bool = Field(default=False, description="restore even if the disks changed since the save")
+    consume: Bool = Field(default=False, description="delete the state file once the machine runs from it")
+    snapshot: str | None = Field(default=None, max_length=63, description="start from this snapshot")
+    paused: Bool = Field(default=False, description="stay paused after restoring")
+
+    @property
+    def active(self) -> bool:
+        """Whether the machine starts from saved state rather than booting."""
+        return self.restore is not None or self.snapshot is not None
+
+
+class Started(Response):
+    """What a start from saved state did."""
+
+    restored: dict[str, Any] | None = Field(default=None, description="path, payload_bytes, seconds, saved_at, "
+                                                                     "suspended_seconds of the state it resumed")
+    snapshot: str | None = None
+    clock: ClockFix | None = None
+
+
+class StartLine(Response):
+    """One line of the start's NDJSON stream: ``progress`` (a state file loading), ``console`` (the
+    guest's last console line, while it boots), ``started`` (what was restored), then exactly one
+    ``result`` (the machine is ready) or ``error``."""
+
+    progress: Progress | None = None
+    console: str | None = None
+    started: Started | None = None
+    result: RuntimeStatus | None = None
+    error: ErrorDetail | None = None
+
+
 # -- lifecycle requests --------------------------------------------------------------------------------
 class RequestStop(Request):
     timeout: Float | None = Field(default=None, gt=0, le=MAX_WAIT,
@@ -169,11 +211,6 @@ class SaveRequest(Request):
                              description="absolute path of the state file; default: the machine's own")
     keep_running: Bool = False
     force: Bool = Field(default=False, description="replace an existing file that is not a vmkit state file")
-
-
-class Progress(Response):
-    done: int
-    total: int | None
 
 
 class SaveResult(Response):

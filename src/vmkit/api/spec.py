@@ -48,6 +48,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/openapi.json", "get_openapi", "This document", errors=()),
     Route("GET", "/v1/state", "get_state", "The machine's runtime status", response=m.RuntimeStatus, errors=()),
     Route("GET", "/v1/info", "get_info", "Configuration and runtime status", response=m.MachineInfo, errors=()),
+    Route("POST", "/v1/start", "start", "Start the machine (once, right after the supervisor is launched)",
+          request=m.StartRequest, response=m.StartLine, responds="ndjson", states=("starting",),
+          description="`vmkit start` launches a supervisor, which serves this API at once and waits for this "
+                      "call; the answer streams the start's progress as newline-delimited JSON and ends with "
+                      "one `result` line (the guest is ready) or one `error` line (the supervisor then exits)."),
     Route("POST", "/v1/pause", "pause", "Pause the guest's vCPUs", request=m.Empty, response=m.RuntimeStatus,
           states=("running",)),
     Route("POST", "/v1/resume", "resume", "Resume a paused guest and set its clock",

@@ -19,6 +19,15 @@ from vmkit.api import speccheck
 from vmkit.errors import VmkitError, VmTimeoutError, error_from_fields
 
 
+class SupervisorGone(VmkitError):
+    """The supervisor does not answer (it is not running, or it exited mid-request)."""
+
+
+def _gone(socket_path: Path, exc: BaseException) -> SupervisorGone:
+    return SupervisorGone(f"the supervisor at {socket_path} does not answer: {exc}",
+                          hint="see `vmkit list`; the VM may have just stopped")
+
+
 def _raise_from(body: dict[str, Any]) -> None:
     raise error_from_fields(body.get("error") or {})
 
@@ -40,11 +49,10 @@ class SupervisorClient:
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
                 data: Any = await r.json(content_type=None)
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
-                             hint="see `vmkit list`; the VM may have just stopped") from exc
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+        except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
+            raise _gone(self.socket_path, exc) from exc
         if speccheck.enabled():
             speccheck.check(method, path, status=r.status, response=data)
         if r.status >= 400:
@@ -75,11 +83,10 @@ class SupervisorClient:
                             speccheck.check(method, path, status=r.status, response=item,
                                             media="application/x-ndjson")
                         yield item
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
-                             hint="see `vmkit list`; the VM may have just stopped") from exc
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+        except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
+            raise _gone(self.socket_path, exc) from exc
 
     async def download(self, path: str, params: dict[str, str], timeout: float | None = None) -> AsyncIterator[bytes]:
         """``GET`` a binary stream (e.g. ``/v1/files``), piece by piece.
@@ -96,14 +103,13 @@ class SupervisorClient:
                 async for piece in r.content.iter_chunked(1 << 20):
                     total += len(piece)
                     yield piece
+        except TimeoutError as exc:
+            raise VmTimeoutError(f"the supervisor did not finish GET {path} in time") from exc
         except aiohttp.ClientPayloadError as exc:
             raise VmkitError(f"the transfer from the supervisor ended early after {total} bytes: {exc}",
                              hint="see the machine's supervisor.log") from exc
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
-                             hint="see `vmkit list`; the VM may have just stopped") from exc
-        except TimeoutError as exc:
-            raise VmTimeoutError(f"the supervisor did not finish GET {path} in time") from exc
+        except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
+            raise _gone(self.socket_path, exc) from exc
 
     async def upload(self, path: str, params: dict[str, str], source: AsyncIterator[bytes],
                      timeout: float | None = None) -> Any:
@@ -113,11 +119,10 @@ class SupervisorClient:
                     f"http://vmkit{path}", params=params, data=source,
                     headers={"Content-Type": "application/octet-stream"}) as r:
                 data: Any = await r.json(content_type=None)
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise VmkitError(f"the supervisor at {self.socket_path} does not answer: {exc}",
-                             hint="see `vmkit list`; the VM may have just stopped") from exc
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not finish PUT {path} in time") from exc
+        except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
+            raise _gone(self.socket_path, exc) from exc
         if speccheck.enabled():
             speccheck.check("PUT", path, status=r.status, response=data)
         if r.status >= 400:
