@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.cloudinit import FstabEntry, SeedSpec, make_seed_iso, new_instance_id
-from vmkit.config import MachineConfig, Share
+from vmkit.config import MachineConfig, Share, port_is_free
 from vmkit.errors import ConfigError
 from vmkit.fsutil import atomic_write
 from vmkit.guest import keys
@@ -79,6 +79,26 @@ def ssh_port(config: MachineConfig) -> int:
                 return fwd.host_port
     raise ConfigError.single("network.forwards", "no port forward to the guest's SSH port 22: "
                              "add one (e.g. --port 2222:22) to use vmkit shell")
+
+
+def claim_ssh_port(instance_dir: Path, config: MachineConfig) -> tuple[MachineConfig, str | None]:
+    """Before a start: if another program took the host port forwarded to the guest's SSH since the
+    machine was created (it is chosen then, so that ``vmkit ssh-config`` works on a stopped machine),
+    move the forward to a free port, and rewrite ``ssh_config``. Returns the configuration to save
+    and what changed (None if nothing did)."""
+    if not is_cloud_instance(instance_dir) or config.network is None:
+        return config, None
+    forwards = list(config.network.forwards)
+    for i, fwd in enumerate(forwards):
+        if fwd.guest_port == 22 and fwd.protocol == "tcp" and not port_is_free(fwd.host_addr, fwd.host_port, "tcp"):
+            new = fwd.model_copy(update={"host_port": free_port(fwd.host_addr)})
+            forwards[i] = new
+            network = config.network.model_copy(update={"forwards": tuple(forwards)})
+            updated = config.model_copy(update={"network": network})
+            write_ssh_config(instance_dir, config.name, new.host_port)
+            return updated, (f"host port {fwd.host_port} (SSH) was taken by another program: "
+                             f"forwarding {new.host_port} instead")
+    return config, None
 
 
 def provision(instance_dir: Path, config: MachineConfig, image: Image, options: CloudOptions) -> None:

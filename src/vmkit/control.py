@@ -30,6 +30,7 @@ from vmkit.builder import CreateOptions, config_from_options, disk_size_option, 
 from vmkit.cloudinstance import (
     EXTRA_USER_DATA,
     CloudOptions,
+    claim_ssh_port,
     free_port,
     is_cloud_instance,
     provision,
@@ -136,6 +137,11 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     if inst.is_supervised():
         raise StateError("start", status.state, ["stopped", "error"])
     config = inst.load_config()
+    config, moved = claim_ssh_port(inst.dir, config)
+    if moved is not None:
+        inst.save_config(config)
+        if on_message is not None:
+            on_message({"note": moved})
     config.ensure_valid(host=True)
     accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
     limit = timeout if timeout is not None else config.readiness.timeout + 30

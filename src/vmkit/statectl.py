@@ -173,8 +173,8 @@ def discard_saved_state(inst: Instance) -> Path:
     return dst
 
 
-def _launch(name: str, plan: StartPlan, outcome: StartOutcome, *, progress: control.Progress | None,
-            state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
+def _listener(outcome: StartOutcome, state_progress: ProgressCallback | None) -> Callable[[dict[str, Any]], None]:
+    """What a start reports before its outcome, recorded in ``outcome`` (and the byte progress)."""
     def on_message(msg: dict[str, Any]) -> None:
         if "progress" in msg and state_progress is not None:
             state_progress(int(msg["progress"]["done"]), msg["progress"].get("total"))
@@ -183,8 +183,16 @@ def _launch(name: str, plan: StartPlan, outcome: StartOutcome, *, progress: cont
             outcome.restored = started.get("restored")
             outcome.snapshot = started.get("snapshot")
             outcome.clock = started.get("clock")
+        elif "note" in msg:
+            outcome.notes.append(str(msg["note"]))
 
-    outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan, on_message=on_message)
+    return on_message
+
+
+def _launch(name: str, plan: StartPlan | None, outcome: StartOutcome, *, progress: control.Progress | None,
+            state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
+    outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan,
+                                   on_message=_listener(outcome, state_progress))
     return outcome
 
 
@@ -209,15 +217,13 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
     outcome = StartOutcome(status=inst.reconcile())
     saved = inst.saved_state_path
     if inst.is_supervised() or not saved.exists():
-        outcome.status = control.start(name, progress=progress, timeout=timeout)
-        return outcome
+        return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
     if cold:
         outcome.discarded = discard_saved_state(inst)
         outcome.fallback = "a cold boot was asked for"
         say(Note("booting", f"{name}: not resuming its saved state (cold boot asked for); "
                             f"it was kept as {outcome.discarded}"))
-        outcome.status = control.start(name, progress=progress, timeout=timeout)
-        return outcome
+        return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
     try:
         config = inst.load_config()
         header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
@@ -235,8 +241,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
         say(Note("booting", f"the saved state of {name} cannot be used: {exc.message}{kept}\n"
                             f"cold-booting {name}: the guest starts afresh (what it had not written to disk "
                             "before the save is lost)", warning=True))
-    outcome.status = control.start(name, progress=progress, timeout=timeout)
-    return outcome
+    return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
 
 
 def restore(name: str, path: Path | None = None, *, force: bool = False, paused: bool = False,

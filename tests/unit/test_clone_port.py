@@ -58,3 +58,31 @@ def test_clone_copies_instance_disks_and_refuses_shared_writable_ones(home: Path
     assert any("18081" in n for n in notes)
     copied = new.storage[0].attachment.path  # type: ignore[union-attr]
     assert copied == inst.dir / "data.raw" and copied.read_bytes()[:4] == b"DATA"
+
+
+def test_a_taken_ssh_port_moves_at_start(tmp_path: Path) -> None:
+    """The SSH forward is chosen at create: a program that takes the port before the start must not
+    make the start fail; the forward moves to a free port and ssh_config follows."""
+    import socket as sk
+
+    from vmkit.cloudinstance import SEED, claim_ssh_port, ssh_port, write_ssh_config
+    from vmkit.config import parse_config
+
+    inst = tmp_path / "web"
+    inst.mkdir()
+    (inst / SEED).write_bytes(b"seed")
+    with sk.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        taken = squatter.getsockname()[1]
+        cfg = parse_config({"name": "web", "boot": {"kernel": "/boot/vmlinuz"},
+                            "network": {"forwards": [{"host_port": taken, "guest_port": 22},
+                                                     {"host_port": 8080, "guest_port": 80}]}})
+        write_ssh_config(inst, "web", taken)
+        new, note = claim_ssh_port(inst, cfg)
+        assert note is not None and str(taken) in note
+        port = ssh_port(new)
+        assert port != taken and f"Port {port}" in (inst / "ssh_config").read_text()
+        assert [f.host_port for f in new.network.forwards if f.guest_port == 80] == [8080]  # others untouched
+    same, nothing = claim_ssh_port(inst, new)  # a free port stays as it is
+    assert nothing is None and same == new

@@ -79,6 +79,8 @@ def _size(n: int) -> str:
 
 def describe_start(name: str, outcome: StartOutcome) -> None:
     """Say how ``name`` came up (restored or booted) and what happened to its clock."""
+    for note in outcome.notes:
+        err.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     st = outcome.status
     if outcome.restored:
         r = outcome.restored
