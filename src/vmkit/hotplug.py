@@ -23,14 +23,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from vmkit.config import DiskImage, NbdAttachment, StorageDevice, device_problems
+from vmkit.config import DiskImage, MachineConfig, NbdAttachment, StorageDevice, device_problems
 from vmkit.errors import ConfigError, NotFoundError, Problem, QemuError, VmkitError, VmTimeoutError
+from vmkit.nbdwatch import NbdWatcher
 from vmkit.qemu.cmdline import blockdev_spec, device_id, device_spec
-
-if TYPE_CHECKING:
-    from vmkit.machine import VirtualMachine
 
 log = logging.getLogger(__name__)
 _background: set[asyncio.Task[None]] = set()
@@ -43,12 +41,34 @@ class HotDisk:
     port: str | None  # the PCIe root port it occupies
 
 
-def _used_ids(vm: VirtualMachine) -> set[str]:
+class HotplugMachine(Protocol):
+    """What hot-plugging needs of the machine (:class:`vmkit.machine.VirtualMachine`, which keeps the
+    hot-plugged disks and the detaches in progress)."""
+
+    @property
+    def config(self) -> MachineConfig: ...
+
+    @property
+    def nbd(self) -> NbdWatcher: ...
+
+    @property
+    def hot_disks(self) -> dict[str, HotDisk]: ...
+
+    @property
+    def unplugs(self) -> dict[str, asyncio.Future[None]]: ...
+
+    @property
+    def detached_late(self) -> set[str]: ...
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
+
+
+def _used_ids(vm: HotplugMachine) -> set[str]:
     boot = {device_id(i, d) for i, d in enumerate(vm.config.storage)}
     return boot | set(vm.hot_disks)
 
 
-def _free_port(vm: VirtualMachine) -> str:
+def _free_port(vm: HotplugMachine) -> str:
     if vm.config.machine != "q35":
         raise ConfigError.single("machine", "hot-plugging PCI disks needs machine: q35 (PCIe root ports)")
     taken = {d.port for d in vm.hot_disks.values()}
@@ -59,7 +79,7 @@ def _free_port(vm: VirtualMachine) -> str:
                              "detach a disk, or raise hotplug_slots in vm.yaml (takes effect at next start)")
 
 
-def disk_table(vm: VirtualMachine) -> list[dict[str, object]]:
+def disk_table(vm: HotplugMachine) -> list[dict[str, object]]:
     """Every disk of the running machine: id, kind, what it is attached to, how, and its state."""
     rows: list[dict[str, object]] = []
     entries = [(device_id(i, d), d, "boot") for i, d in enumerate(vm.config.storage)]
@@ -74,7 +94,7 @@ def disk_table(vm: VirtualMachine) -> list[dict[str, object]]:
     return rows
 
 
-async def attach_disk(vm: VirtualMachine, dev: StorageDevice) -> HotDisk:
+async def attach_disk(vm: HotplugMachine, dev: StorageDevice) -> HotDisk:
     """Attach ``dev`` to the running machine; returns its id (for ``detach_disk``)."""
     problems = device_problems(dev, "", _files_in_use(vm))
     if problems:
@@ -110,7 +130,7 @@ async def attach_disk(vm: VirtualMachine, dev: StorageDevice) -> HotDisk:
     return disk
 
 
-def _files_in_use(vm: VirtualMachine) -> dict[Path, str]:
+def _files_in_use(vm: HotplugMachine) -> dict[Path, str]:
     used = {}
     for i, d in enumerate(vm.config.storage):
         if isinstance(d.attachment, DiskImage):
@@ -121,7 +141,7 @@ def _files_in_use(vm: VirtualMachine) -> dict[Path, str]:
     return used
 
 
-async def detach_disk(vm: VirtualMachine, disk_id: str, timeout: float = 30.0) -> None:
+async def detach_disk(vm: HotplugMachine, disk_id: str, timeout: float = 30.0) -> None:
     """Detach a hot-plugged disk; the guest must release it within ``timeout`` seconds.
 
     On :class:`VmTimeoutError` the request stands: the disk is detached whenever the guest
@@ -156,7 +176,7 @@ async def detach_disk(vm: VirtualMachine, disk_id: str, timeout: float = 30.0) -
     vm.detached_late.discard(disk_id)
 
 
-def device_deleted(vm: VirtualMachine, data: dict[str, Any]) -> None:
+def device_deleted(vm: HotplugMachine, data: dict[str, Any]) -> None:
     """QEMU's ``DEVICE_DELETED`` event: if the device is a hot-plugged disk's, remove its backend
     and forget the disk (also when the guest released it after ``detach_disk`` gave up)."""
     device = data.get("device")
@@ -169,20 +189,20 @@ def device_deleted(vm: VirtualMachine, data: dict[str, Any]) -> None:
         _finish_in_background(vm, disk_id)
 
 
-def _unplugging(vm: VirtualMachine, disk_id: str) -> asyncio.Future[None]:
+def _unplugging(vm: HotplugMachine, disk_id: str) -> asyncio.Future[None]:
     released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     released.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting any more
     vm.unplugs[disk_id] = released
     return released
 
 
-def _finish_in_background(vm: VirtualMachine, disk_id: str) -> None:
+def _finish_in_background(vm: HotplugMachine, disk_id: str) -> None:
     task = asyncio.ensure_future(_remove_backend(vm, disk_id))
     _background.add(task)
     task.add_done_callback(_background.discard)
 
 
-async def _remove_backend(vm: VirtualMachine, disk_id: str) -> None:
+async def _remove_backend(vm: HotplugMachine, disk_id: str) -> None:
     released = vm.unplugs[disk_id]
     try:
         await vm.execute("blockdev-del", {"node-name": disk_id})

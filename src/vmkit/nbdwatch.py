@@ -29,13 +29,23 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from vmkit.config import NbdAttachment, NbdServerAddress, parse_nbd_url
+from vmkit.config import MachineConfig, NbdAttachment, NbdServerAddress, parse_nbd_url
 from vmkit.qemu.cmdline import device_id
+from vmkit.states import VmState
 
-if TYPE_CHECKING:
-    from vmkit.machine import VirtualMachine
+
+class WatchedMachine(Protocol):
+    """What the watcher needs of its machine (:class:`vmkit.machine.VirtualMachine`, which owns it)."""
+
+    @property
+    def config(self) -> MachineConfig: ...
+
+    @property
+    def state(self) -> VmState: ...
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +86,7 @@ class _Disk:
 
 
 class NbdWatcher:
-    def __init__(self, vm: VirtualMachine, emit: Callable[..., None], *, give_up_after: float = 600.0,
+    def __init__(self, vm: WatchedMachine, emit: Callable[..., None], *, give_up_after: float = 600.0,
                  settle: float = 3.0) -> None:
         self.vm = vm
         self._emit = emit
@@ -139,7 +149,6 @@ class NbdWatcher:
 
     async def _recover(self) -> None:
         from vmkit.errors import QemuError
-        from vmkit.states import VmState
 
         delay = 0.2
         deadline = time.monotonic() + self.give_up_after

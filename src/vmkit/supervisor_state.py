@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -47,10 +47,19 @@ from vmkit import savestate
 from vmkit.api import models
 from vmkit.config import validate_model
 from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
+from vmkit.instance import Instance, Status
+from vmkit.machine import VirtualMachine
 from vmkit.states import VmState
 
-if TYPE_CHECKING:
-    from vmkit.supervisor import Supervisor
+
+class Supervisor(Protocol):
+    """What these routes need of the supervisor (:class:`vmkit.supervisor.Supervisor`)."""
+
+    vm: VirtualMachine
+    instance: Instance
+    status: Status
+    ops: OperationGate
+    exit_reason: str | None
 
 log = logging.getLogger("vmkit.supervisor")
 
