@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from vmkit import control, keys, savestate
 from vmkit.api import SupervisorClient
+from vmkit.api.models import StartRequest
 from vmkit.errors import STATE_FILE_CODES, NotFoundError, StateError, VmkitError, error_from_fields
 from vmkit.instance import LIVE, Instance, Status, take_exclusive
 from vmkit.qemu import accel as accel_mod
@@ -55,7 +56,6 @@ from vmkit.statefile import (
     read_info,
     reencrypt,
 )
-from vmkit.supervisor_state import StartPlan
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def _listener(outcome: StartOutcome, state_progress: ProgressCallback | None) ->
     return on_message
 
 
-def _launch(name: str, plan: StartPlan | None, outcome: StartOutcome, *, progress: control.Progress | None,
+def _launch(name: str, plan: StartRequest | None, outcome: StartOutcome, *, progress: control.Progress | None,
             state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
     outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan,
                                    on_message=_listener(outcome, state_progress))
@@ -229,7 +229,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
         header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
         say(Note("resuming", f"resuming {name} from its saved state (saved {_ago(header)}, "
                              f"{_mib(saved.stat().st_size)})"))
-        return _launch(name, StartPlan(restore=str(saved), consume=True), outcome, progress=progress,
+        return _launch(name, StartRequest(restore=str(saved), consume=True), outcome, progress=progress,
                        state_progress=state_progress, timeout=timeout)
     except VmkitError as exc:
         if not _is_state_file_problem(exc):
@@ -264,7 +264,7 @@ def restore(name: str, path: Path | None = None, *, force: bool = False, paused:
                             f"`vmkit save {name}`, or give a state file: vmkit restore {name} FILE")
     config = inst.load_config()
     savestate.precheck(target, config, accel_mod.choose(config.accel.value), force=force)
-    plan = StartPlan(restore=str(target), force=force, consume=own, paused=paused)
+    plan = StartRequest(restore=str(target), force=force, consume=own, paused=paused)
     return _launch(name, plan, StartOutcome(status=status), progress=progress, state_progress=state_progress,
                    timeout=timeout)
 
@@ -336,7 +336,7 @@ def snapshot_revert(name: str, tag: str, *, progress: control.Progress | None = 
         if notice is not None:
             notice(Note("discarded", f"{name}: its saved state was moved aside to {outcome.discarded} "
                                      "(reverting to a snapshot)", warning=True))
-    return _launch(name, StartPlan(snapshot=tag), outcome, progress=progress, state_progress=None, timeout=timeout)
+    return _launch(name, StartRequest(snapshot=tag), outcome, progress=progress, state_progress=None, timeout=timeout)
 
 
 def snapshot_delete(name: str, tag: str) -> None:

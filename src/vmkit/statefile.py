@@ -101,10 +101,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vmkit import __version__
 from vmkit.errors import ExitCode, VmkitError
 from vmkit.fsutil import fsync_dir
 from vmkit.keys import KEY_SIZE, key_id
+from vmkit.version import __version__
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -16,9 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from vmkit import __version__
 from vmkit.api import models as m
 from vmkit.config import PortForward, StorageDevice
+from vmkit.version import __version__
 
 LIVE = ("running", "paused")
 Body = Literal["json", "ndjson", "binary", "websocket"]
