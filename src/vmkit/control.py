@@ -60,6 +60,7 @@ from vmkit.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status
 from vmkit.listing import BROKEN as BROKEN  # re-exported: the operations on instances, in one place
+from vmkit.listing import inspect as inspect
 from vmkit.listing import list_instances as list_instances
 from vmkit.listing import view as view
 from vmkit.qemu import accel as accel_mod
@@ -280,18 +281,6 @@ def wait_unsupervised(inst: Instance, timeout: float) -> None:
             raise VmTimeoutError(f"{inst.name}: the supervisor did not exit within {timeout:.0f} s",
                                  hint=f"see {inst.supervisor_log}")
         time.sleep(0.05)
-
-
-def inspect(name: str) -> dict[str, Any]:
-    inst = get(name)
-    status = inst.reconcile()
-    config = inst.load_config()
-    return {
-        "name": name,
-        "directory": str(inst.dir),
-        "config": config.to_dict(),
-        "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
-    }
 
 
 def delete(name: str, *, force: bool = False) -> None:

@@ -1,14 +1,16 @@
-"""The rows of ``vmkit list``: every instance with its state, size and uptime.
+"""What ``vmkit list`` and ``vmkit inspect`` show: every instance with its state, size and uptime;
+one instance's configuration and runtime status.
 
-Kept apart from :mod:`vmkit.control` so that listing imports only what it needs (the instance
-records, the configuration model and the result model): ``vmkit list`` is typed all day and must
-answer at once. Per instance it reads ``state.json`` and ``vm.yaml`` (with libyaml) and tests the
-supervisor's lock; nothing else.
+Kept apart from :mod:`vmkit.control` (which re-exports it) so that these read-only views import only
+what they need (the instance records, the configuration model and the result model): they are
+typed all day and must answer at once. Per instance, listing reads ``state.json`` and ``vm.yaml``
+(with libyaml) and tests the supervisor's lock; nothing else.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from vmkit.api.models import InstanceRow
 from vmkit.config import format_size
@@ -48,3 +50,16 @@ def list_instances() -> list[InstanceRow]:
             rows.append(InstanceRow(name=inst.name, state=BROKEN, cpus=None, memory=None, accel=None,
                                     uptime=None, reason=" ".join(reason.split())))
     return rows
+
+
+def inspect(name: str) -> dict[str, Any]:
+    """``vmkit inspect``: the configuration and the runtime status of ``name``."""
+    inst = Instance(name).require()
+    status = inst.reconcile()
+    config = inst.load_config()
+    return {
+        "name": name,
+        "directory": str(inst.dir),
+        "config": config.to_dict(),
+        "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
+    }

@@ -240,9 +240,9 @@ class Instance:
 
     def info(self) -> dict[str, Any]:
         """Configuration and runtime status (``vmkit inspect``)."""
-        from vmkit import control
+        from vmkit import listing
 
-        return self._call(control.inspect, self.name)
+        return self._call(listing.inspect, self.name)
 
     @property
     def config(self) -> MachineConfig:
