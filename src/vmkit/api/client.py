@@ -21,12 +21,8 @@ with the same shape is :class:`vmkit.aio.Client`.
 from __future__ import annotations
 
 import builtins
-import contextvars
-import queue
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -98,6 +94,9 @@ class Client:
 
         if not _in_event_loop():
             return run()
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(1, thread_name_prefix="vmkit-client") as pool:
             return pool.submit(contextvars.copy_context().run, run).result()
 
@@ -470,6 +469,8 @@ class Instance:
 
         Close the iterator (or leave the ``for`` loop) to stop listening."""
         import asyncio
+        import queue
+        import threading
 
         from vmkit import control
 
