@@ -242,6 +242,8 @@ def test_help_imports_no_heavy_module(tmp_path: Path) -> None:
                                     "    main(['--help'])")
     assert [m for m in helped if m.startswith(HEAVY)] == []
     assert "vmkit.cli.vm" in helped and "typer.rich_utils" in helped  # it did render the help
+    # the command groups (vmkit.cli.groups) are listed by name and help only
+    assert [m for m in helped if m in ("vmkit.cli.nbd", "vmkit.cli.image", "vmkit.cli.bench", "vmkit.cli.disk")] == []
 
 
 def test_list_imports_no_operations(tmp_path: Path) -> None:

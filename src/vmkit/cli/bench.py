@@ -6,10 +6,11 @@ from pathlib import Path
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import err, machine, out
 from vmkit.errors import ExitCode
 
-app = typer.Typer(help="Benchmarks run inside a machine.", no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("bench"), no_args_is_help=True)
 
 
 @app.command("fs")

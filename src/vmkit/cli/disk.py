@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import machine, out, print_json
 
-app = typer.Typer(help="Attach, detach and list the disks of a running machine.", no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("disk"), no_args_is_help=True)
 
 
 @app.command()

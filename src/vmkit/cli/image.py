@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import err, out, print_json, spinner
 from vmkit.errors import ConfigError
 from vmkit.images import catalogue
@@ -15,7 +16,7 @@ from vmkit.images import catalogue
 if TYPE_CHECKING:
     from vmkit.images.store import Image, ImageStore
 
-app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("image"), no_args_is_help=True)
 
 
 def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import client, out, print_json
 
-app = typer.Typer(help="The state-file key (it encrypts and authenticates saved machine states).",
-                  no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("key"), no_args_is_help=True)
 
 
 @app.command()

@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from vmkit.cli import _deferred, bench, disk, guest, image, key, mount, nbd, port, state, system, vm
+from vmkit.cli import _deferred, guest, state, system, vm
+from vmkit.cli.groups import VmkitGroup
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
 
@@ -16,6 +17,7 @@ from vmkit.errors import ExitCode, VmkitError
 _deferred.defer_unused_help_modules()
 
 app = typer.Typer(
+    cls=VmkitGroup,  # the command groups (image, nbd, disk, ...): imported when used, see vmkit.cli.groups
     name="vmkit",
     help="Create, run and manage Linux virtual machines on QEMU.",
     no_args_is_help=True,
@@ -25,13 +27,6 @@ app = typer.Typer(
 vm.register(app)
 guest.register(app)
 system.register(app)
-app.add_typer(image.app, name="image")
-app.add_typer(nbd.app, name="nbd")
-app.add_typer(disk.app, name="disk")
-app.add_typer(mount.app, name="mount")
-app.add_typer(port.app, name="port")
-app.add_typer(bench.app, name="bench")
-app.add_typer(key.app, name="key")
 state.register(app)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import machine, out, print_json
 
-app = typer.Typer(help="Host folders shared into a machine (set with `vmkit create --mount`).", no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("mount"), no_args_is_help=True)
 
 
 @app.command("list")

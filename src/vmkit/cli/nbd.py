@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import err, out
 from vmkit.errors import ConfigError, Problem
 from vmkit.nbd.defaults import DEFAULT_MAX_BUFFER_MEMORY, DEFAULT_NAMES
@@ -15,10 +16,7 @@ from vmkit.nbd.defaults import DEFAULT_MAX_BUFFER_MEMORY, DEFAULT_NAMES
 if TYPE_CHECKING:
     from vmkit.nbd import NbdAddress
 
-app = typer.Typer(
-    help="Serve disks over NBD with vmkit's own server (QEMU, qemu-img, nbdinfo, nbdcopy connect to it).",
-    no_args_is_help=True,
-)
+app = typer.Typer(help=groups.help_of("nbd"), no_args_is_help=True)
 
 
 def parse_size(text: str, field: str = "--memory") -> int:

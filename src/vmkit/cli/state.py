@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from vmkit.cli import groups
 from vmkit.cli.output import err, machine, out, print_json
 
 if TYPE_CHECKING:
@@ -20,14 +21,12 @@ if TYPE_CHECKING:
     from vmkit.api.models import ClockFix, SaveOutcome, StartResult
     from vmkit.statectl import Note
 
-snapshot_app = typer.Typer(help="Snapshots: machine state and disks together (rewind and go forward again).",
-                           no_args_is_help=True)
+snapshot_app = typer.Typer(help=groups.help_of("snapshot"), no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.command("save")(save)
-    app.command("restore")(restore)
-    app.add_typer(snapshot_app, name="snapshot")
+    app.command("restore")(restore)  # `snapshot` is a group of vmkit.cli.groups
 
 
 # --------------------------------------------------------------------------- rendering
