@@ -342,16 +342,17 @@ DETACH = b"\x1d"
 """Ctrl-]: the byte that detaches from an attached console (as telnet and ``virsh console``)."""
 
 
-def attach_console(name: str, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes = DETACH,
+def attach_console(name: str, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
                    on_connected: Callable[[], None] | None = None) -> None:
     """Connect ``input_fd`` and ``on_output`` to the running machine's serial console.
 
     What is read from ``input_fd`` goes to the guest until end of file or the ``detach`` byte (what
     came before it is still sent); everything the guest prints goes to ``on_output``. Returns when
-    the user detaches or the machine stops. ``on_connected`` runs once the console is reached (a
-    machine that is not running raises :class:`StateError` before).
+    the user detaches or the machine stops (``detach`` defaults to :data:`DETACH`). ``on_connected``
+    runs once the console is reached (a machine that is not running raises :class:`StateError` before).
     """
     api = client(name)
+    detach = detach or DETACH
 
     async def attach() -> None:
         loop = asyncio.get_running_loop()

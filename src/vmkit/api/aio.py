@@ -159,7 +159,7 @@ class Instance:
     async def wait_console(self, pattern: str, *, timeout: float = 60.0) -> str:
         return await asyncio.to_thread(self._sync.wait_console, pattern, timeout=timeout)
 
-    async def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes = b"\x1d",
+    async def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
                              on_connected: Callable[[], None] | None = None) -> None:
         """As :meth:`vmkit.Instance.attach_console` (the callbacks run in a worker thread)."""
         await asyncio.to_thread(self._sync.attach_console, input_fd, on_output, detach=detach,

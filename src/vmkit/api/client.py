@@ -370,10 +370,10 @@ class Instance:
 
         return self._call(control.wait_console, self.name, pattern, timeout)
 
-    def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes = b"\x1d",
+    def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
                        on_connected: Callable[[], None] | None = None) -> None:
         """Connect the serial console: bytes read from ``input_fd`` go to the guest until end of file
-        or ``detach`` (Ctrl-]); what the guest prints goes to ``on_output``. ``on_connected`` runs once
+        or ``detach`` (default Ctrl-]); what the guest prints goes to ``on_output``. ``on_connected`` runs once
         the console is reached. Returns when detached or the machine stops."""
         from vmkit import control
 
