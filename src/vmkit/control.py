@@ -43,7 +43,6 @@ from vmkit.config import (
     MachineConfig,
     NbdAttachment,
     PortForward,
-    format_size,
     port_is_free,
     validate_disk_id,
     validate_name,
@@ -61,6 +60,10 @@ from vmkit.guest.execute import ExecResult
 from vmkit.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.images.store import ImageStore
 from vmkit.instance import LIVE, Instance, Status, take_exclusive
+from vmkit.listing import BROKEN as BROKEN  # re-exported: the operations on instances, in one place
+from vmkit.listing import inspect as inspect
+from vmkit.listing import list_instances as list_instances
+from vmkit.listing import view as view
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu.cmdline import Runtime, build_argv
 from vmkit.serial import read_log, rotated_path
@@ -68,11 +71,7 @@ from vmkit.serial import read_log, rotated_path
 Progress = Callable[[str], None]
 
 
-BROKEN = "broken"
-"""The state ``vmkit list`` shows for an instance whose vm.yaml or state.json cannot be used."""
-
-
-InstanceView = models.InstanceRow  # one row of ``vmkit list``
+InstanceView = models.InstanceRow  # one row of ``vmkit list`` (see vmkit.listing: BROKEN, view, list_instances)
 
 
 def create(config: MachineConfig) -> Instance:
@@ -297,48 +296,6 @@ def wait_unsupervised(inst: Instance, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def view(inst: Instance) -> InstanceView:
-    status = inst.reconcile()
-    config = inst.load_config()
-    live = status.state in LIVE and inst.is_supervised()
-    saved = not live and inst.saved_state_path.exists()  # `vmkit start` resumes it
-    return InstanceView(
-        name=inst.name,
-        state="saved" if saved else status.state,
-        health="degraded" if live and status.degraded else "ok",
-        cpus=config.cpus, memory=format_size(config.memory),
-        accel=status.accel if live else None,
-        uptime=(time.time() - status.started_at) if live and status.started_at else None,
-        reason=status.reason,
-    )
-
-
-def list_instances() -> list[InstanceView]:
-    """Every instance; one whose files cannot be used is ``broken`` (the reason names the file),
-    never an error that hides the others."""
-    rows = []
-    for inst in Instance.all():
-        try:
-            rows.append(view(inst))
-        except (VmkitError, OSError) as exc:
-            reason = exc.message if isinstance(exc, VmkitError) else str(exc)
-            rows.append(InstanceView(name=inst.name, state=BROKEN, cpus=None, memory=None, accel=None,
-                                     uptime=None, reason=" ".join(reason.split())))
-    return rows
-
-
-def inspect(name: str) -> dict[str, Any]:
-    inst = get(name)
-    status = inst.reconcile()
-    config = inst.load_config()
-    return {
-        "name": name,
-        "directory": str(inst.dir),
-        "config": config.to_dict(),
-        "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
-    }
-
-
 def delete(name: str, *, force: bool = False) -> None:
     inst = get(name)
     if force and inst.is_supervised():
@@ -392,6 +349,44 @@ def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
                              hint=f"last console lines:\n{_tail(inst.serial_log, 10)}")
 
     return asyncio.run(follow())
+
+
+DETACH = b"\x1d"
+"""Ctrl-]: the byte that detaches from an attached console (as telnet and ``virsh console``)."""
+
+
+def attach_console(name: str, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
+                   on_connected: Callable[[], None] | None = None) -> None:
+    """Connect ``input_fd`` and ``on_output`` to the running machine's serial console.
+
+    What is read from ``input_fd`` goes to the guest until end of file or the ``detach`` byte (what
+    came before it is still sent); everything the guest prints goes to ``on_output``. Returns when
+    the user detaches or the machine stops (``detach`` defaults to :data:`DETACH`). ``on_connected``
+    runs once the console is reached (a machine that is not running raises :class:`StateError` before).
+    """
+    api = client(name)
+    detach = detach or DETACH
+
+    async def attach() -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def on_input() -> None:
+            data = os.read(input_fd, 1024)
+            if not data or detach in data:
+                loop.remove_reader(input_fd)
+                q.put_nowait(data.split(detach)[0] or None)
+                q.put_nowait(None)
+                return
+            q.put_nowait(data)
+
+        loop.add_reader(input_fd, on_input)
+        try:
+            await api.console(on_output, q, on_connected=on_connected)
+        finally:
+            loop.remove_reader(input_fd)
+
+    asyncio.run(attach())
 
 
 def list_disks(name: str) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from typing import Any
 
 from vmkit import control
 from vmkit.cloudinstance import fstab_entry
-from vmkit.config import MachineConfig, Share, format_size
+from vmkit.config import MachineConfig, Share, format_size, parse_size
 from vmkit.errors import ConfigError, ExitCode, HostError, Problem, StateError, VmkitError, VmTimeoutError
 from vmkit.fsutil import atomic_write
 from vmkit.guest.execute import ExecResult
@@ -151,6 +151,29 @@ class Settings:
 
 
 QUICK_SETTINGS = Settings(size=4 << 20, runtime=1)
+
+
+def select_jobs(jobs: str | None = None, *, quick: bool = False) -> list[Job]:
+    """The rows to run: ``jobs`` (``--jobs``, comma-separated names), else the quick set, else all 30."""
+    if jobs is not None:
+        return parse_jobs(jobs)
+    if quick:
+        return [job_by_name(n) for n in QUICK_JOBS]
+    return all_jobs()
+
+
+def settings_for(*, quick: bool = False, size: str | None = None, runtime: int | None = None,
+                 buffered: bool = False) -> Settings:
+    """The fio settings from ``bench fs``'s options: the quick or the default ones, with ``size``
+    (e.g. ``64M``: ``--size``) and ``runtime`` (seconds) replaced if given; ``buffered``: direct=0."""
+    base = QUICK_SETTINGS if quick else Settings()
+    size_bytes = base.size
+    if size is not None:
+        try:
+            size_bytes = parse_size(size)
+        except ValueError as exc:
+            raise ConfigError([Problem("--size", str(exc))]) from None
+    return Settings(size=size_bytes, runtime=base.runtime if runtime is None else runtime, direct=not buffered)
 
 
 def fio_dir_escape(directory: str) -> str:

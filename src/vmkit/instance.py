@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -75,7 +76,10 @@ class Status:
         return asdict(self)
 
 
-_STATUS: TypeAdapter[Status] = TypeAdapter(Status)
+@functools.cache
+def _status_adapter() -> TypeAdapter[Status]:
+    """Validates state.json (built on first use: most listed instances have none)."""
+    return TypeAdapter(Status)
 
 
 class Instance:
@@ -202,7 +206,8 @@ class Instance:
         if not isinstance(data, dict):
             raise self._damaged_status(f"holds a JSON {type(data).__name__}, not a status object")
         try:
-            return _STATUS.validate_python({k: v for k, v in data.items() if k in Status.__dataclass_fields__})
+            known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
+            return _status_adapter().validate_python(known)
         except ValidationError as exc:
             problems = "; ".join(str(p) for p in problems_from_validation(exc))
             raise self._damaged_status(f"is not a valid status ({problems})") from None

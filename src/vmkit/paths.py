@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
-import platformdirs
-
 from vmkit.errors import HostError
 
 APP = "vmkit"
@@ -67,14 +65,24 @@ def _checked(path: Path, home: Path | None, default: str) -> Path:
     return check_owned_tree(path, f"VMKIT_HOME ({home})" if home else f"{default} {path}")
 
 
+def _xdg(kind: str) -> Path:
+    """The XDG directory ``kind`` (data, cache, config) of vmkit; platformdirs is imported only when
+    ``VMKIT_HOME`` does not say where everything is."""
+    import platformdirs
+
+    where = {"data": platformdirs.user_data_dir, "cache": platformdirs.user_cache_dir,
+             "config": platformdirs.user_config_dir}[kind]
+    return Path(where(APP))
+
+
 def data_dir() -> Path:
     home = _home()
-    return _checked(home if home else Path(platformdirs.user_data_dir(APP)), home, "the vmkit data directory")
+    return _checked(home if home else _xdg("data"), home, "the vmkit data directory")
 
 
 def instances_dir() -> Path:
     home = _home()
-    base = home if home else Path(platformdirs.user_data_dir(APP))
+    base = home if home else _xdg("data")
     return _checked(base / "instances", home, "the vmkit instances directory")
 
 
@@ -84,13 +92,13 @@ def image_cache_dir() -> Path:
         path = Path(override).expanduser().resolve()
         return check_owned_tree(path, f"VMKIT_IMAGE_CACHE ({path})")
     home = _home()
-    base = home if home else Path(platformdirs.user_cache_dir(APP))
+    base = home if home else _xdg("cache")
     return _checked(base / "images", home, "the vmkit image cache")
 
 
 def config_dir() -> Path:
     home = _home()
-    return _checked(home / "config" if home else Path(platformdirs.user_config_dir(APP)), home,
+    return _checked(home / "config" if home else _xdg("config"), home,
                     "the vmkit config directory")
 
 

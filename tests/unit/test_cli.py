@@ -192,6 +192,99 @@ def test_delete_then_gone(tmp_path: Path) -> None:
     assert json.loads(vmkit(tmp_path, "list", "--json").out) == []
 
 
+def test_clone_mount_list_and_key_show_through_the_cli(tmp_path: Path) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    share = tmp_path / "src"
+    share.mkdir()
+    port = free_port()
+    r = vmkit(tmp_path, "create", "a", "--kernel", str(kernel), "--port", f"{port}:80",
+              "--mount", f"{share}:/mnt/src:ro,type=9p")
+    assert r.code == 0, r.err
+    clone, key, mounts, mount_table = vmkit_many(tmp_path, ["clone", "a", "b"], ["key", "show", "--json"],
+                                                 ["mount", "list", "a", "--json"], ["mount", "list", "a"])
+    assert clone.code == 0, clone.err
+    assert f"note: port forward 127.0.0.1:{port}->80/tcp not copied (the host port belongs to a)" in one_line(clone.err)
+    assert one_line(clone.out) == f"cloned a to b in {tmp_path / 'instances' / 'b'}"
+    assert key.code == 0 and json.loads(key.out) == {"path": str(tmp_path / "config" / "state.key"),
+                                                     "key_id": None, "retired_key_ids": []}
+    assert json.loads(mounts.out) == [{"tag": "share0", "type": "9p", "host_path": str(share),
+                                       "guest_path": "/mnt/src", "read_only": True, "state": "stopped"}]
+    assert "share0" in mount_table.out and "stopped" in mount_table.out and "ro" in mount_table.out
+    rows = json.loads(vmkit(tmp_path, "list", "--json").out)
+    assert [(row["name"], row["state"]) for row in rows] == [("a", "stopped"), ("b", "stopped")]
+
+
+# --------------------------------------------------------------------------- answering at once
+
+HEAVY = ("aiohttp", "cryptography", "pydantic", "yaml", "markdown_it", "pygments", "vmkit.control",
+         "vmkit.statectl", "vmkit.fsbench", "vmkit.config", "vmkit.api", "vmkit.instance", "vmkit.builder",
+         "vmkit.cloudinstance", "vmkit.nbd.server", "vmkit.images.micro", "vmkit.images.store")
+"""What `vmkit --help` must not import (typer builds the command tree from the commands' signatures)."""
+
+
+def _imported_by(home: Path, code: str) -> list[str]:
+    script = (f"import sys, contextlib, io\n{code}\n"
+              "print(' '.join(sorted(sys.modules)))")
+    env = {**os.environ, "VMKIT_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True)
+    return r.stdout.split("\n")[-2].split()
+
+
+def test_help_imports_no_heavy_module(tmp_path: Path) -> None:
+    """The command tree and `vmkit --help` import neither the operations nor pydantic, aiohttp,
+    cryptography, yaml: every command imports what it needs when it runs (a functional check; the
+    timings are benchmarks/cli_bench.py's)."""
+    loaded = _imported_by(tmp_path, "import vmkit.cli.main")
+    assert [m for m in loaded if m.startswith(HEAVY)] == []
+    helped = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
+                                    "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+                                    "    main(['--help'])")
+    assert [m for m in helped if m.startswith(HEAVY)] == []
+    assert "vmkit.cli.vm" in helped and "typer.rich_utils" in helped  # it did render the help
+    # the command groups (vmkit.cli.groups) are listed by name and help only
+    assert [m for m in helped if m in ("vmkit.cli.nbd", "vmkit.cli.image", "vmkit.cli.bench", "vmkit.cli.disk")] == []
+
+
+def test_list_imports_no_operations(tmp_path: Path) -> None:
+    """`vmkit list` reads the instance records only: no supervisor client, no operations."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert vmkit(tmp_path, "create", "a", "--kernel", str(kernel)).code == 0
+    listed = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
+                                    "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+                                    "    main(['list'])")
+    assert "vmkit.listing" in listed
+    assert [m for m in listed if m.startswith(("aiohttp", "cryptography", "vmkit.control", "vmkit.statectl",
+                                               "vmkit.fsbench", "vmkit.builder", "vmkit.cloudinstance",
+                                               "vmkit.api.transport", "vmkit.supervisor"))] == []
+
+
+def test_deferred_help_modules_still_work_when_used() -> None:
+    """rich.markdown and rich.traceback stand in until used (vmkit.cli._deferred); used, they are real."""
+    script = """
+import io, sys
+import vmkit.cli.main
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.traceback import Traceback
+assert type(sys.modules["rich.markdown"]).__name__ == "_StandInModule"
+console = Console(file=io.StringIO(), width=60, color_system=None)
+console.print(Markdown("# Title\\n\\n* item"))
+try:
+    1 / 0
+except ZeroDivisionError as exc:
+    console.print(Traceback.from_exception(type(exc), exc, exc.__traceback__))
+from rich.markdown import Heading
+print(type(sys.modules["rich.markdown"]).__name__, Heading.__module__)
+print(console.file.getvalue())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("module rich.markdown")
+    assert "Title" in r.stdout and "item" in r.stdout and "ZeroDivisionError" in r.stdout
+
+
 # --------------------------------------------------------------------------- schema and doctor
 
 

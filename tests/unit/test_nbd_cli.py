@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import vmkit.cli.nbd as cli
+import vmkit.nbd
 from vmkit.errors import ConfigError, ExitCode, NotFoundError
 from vmkit.nbd import Export, NbdAddress
 
@@ -28,7 +29,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         kw["on_ready"](address)
         export.backend.write(0, b"served") if export.writable else None
 
-    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(vmkit.nbd, "serve", fake_serve)  # the command imports it when it runs
     return calls
 
 

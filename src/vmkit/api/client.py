@@ -20,35 +20,63 @@ with the same shape is :class:`vmkit.aio.Client`.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import contextvars
-import queue
-import threading
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmkit import paths
 from vmkit.api import models
-from vmkit.config import MachineConfig, PortForward, parse_config
+
+if TYPE_CHECKING:
+    from vmkit.config import MachineConfig, PortForward
+    from vmkit.fsbench import Job, Report, Settings, Step
+    from vmkit.statectl import Note
 
 T = TypeVar("T")
 
+ConsoleProgress = Callable[[str], None]
+"""Receives the last line the guest printed on its console, while a machine boots (for a spinner)."""
+ByteProgress = Callable[[int, "int | None"], None]
+"""Receives (bytes done, total or None) while a machine state is saved or restored (for a byte bar)."""
+Notice = Callable[["Note"], None]
+"""Receives what the user should be told while a machine comes up (:class:`vmkit.statectl.Note`)."""
+
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
-                             "run", "accel", "cpus", "memory"})
+                             "run", "accel", "cpus", "memory", "from_file"})
+_CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (without importing asyncio: no module, no loop)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _status(st: Any) -> models.RuntimeStatus:
     return models.RuntimeStatus.model_validate(st.to_dict())
 
 
+def _clock(clock: dict[str, Any] | None) -> models.ClockFix | None:
+    return models.ClockFix.model_validate(clock) if clock else None
+
+
 def _start_result(outcome: Any) -> models.StartResult:
     return models.StartResult(
         status=_status(outcome.status), restored=outcome.restored, snapshot=outcome.snapshot,
-        clock=models.ClockFix.model_validate(outcome.clock) if outcome.clock else None,
-        fallback=outcome.fallback, discarded=str(outcome.discarded) if outcome.discarded else None)
+        clock=_clock(outcome.clock), fallback=outcome.fallback,
+        discarded=str(outcome.discarded) if outcome.discarded else None, notes=list(outcome.notes))
+
+
+def _path(p: str | Path | None) -> Path | None:
+    return Path(p) if p is not None else None
 
 
 class Client:
@@ -64,10 +92,11 @@ class Client:
             with paths.using_home(self.home):
                 return fn(*args, **kwargs)
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if not _in_event_loop():
             return run()
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(1, thread_name_prefix="vmkit-client") as pool:
             return pool.submit(contextvars.copy_context().run, run).result()
 
@@ -77,27 +106,32 @@ class Client:
 
         * ``create(config)``: a :class:`~vmkit.config.MachineConfig` or a vm.yaml mapping;
         * ``create(name, image="debian-12", cpus=2, memory="1G", disks=["20G"], ports=["8080:80"],
-          mounts=["~/src"], user_data=Path(...))``: as ``vmkit create`` (with ``image`` or ``kernel``);
+          mounts=["~/src"], user_data=Path(...))``: as ``vmkit create`` (with ``image``, ``kernel`` or
+          ``from_file``, a vm.yaml to start from; options given as None are not set);
         * ``create(name, **vm_yaml_fields)``: any other keywords are vm.yaml's fields.
         """
         from vmkit import control
         from vmkit.builder import CreateOptions
+        from vmkit.config import MachineConfig, parse_config
 
         if isinstance(spec, MachineConfig):
             inst = self._call(control.create, spec)
         elif isinstance(spec, dict):
             inst = self._call(control.create, parse_config(spec))
-        elif "image" in options or "kernel" in options:
+        elif options.keys() & {"image", "kernel", "from_file"}:
             unknown = set(options) - _CREATE_OPTIONS
             if unknown:
                 from vmkit.errors import ConfigError
 
                 raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
                                          f"use {', '.join(sorted(_CREATE_OPTIONS))}")
-            opts: dict[str, Any] = {k: (Path(v) if k in ("kernel", "initrd", "user_data") and v is not None else v)
-                                    for k, v in options.items()}
+            opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
+                                    for k, v in options.items() if v is not None}
             if "memory" in opts:
                 opts["memory"] = str(opts["memory"])
+            for listed in ("disks", "ports", "mounts"):
+                if listed in opts:
+                    opts[listed] = [str(v) for v in opts[listed]]
             inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
         else:
             inst = self._call(control.create, parse_config({"name": spec, **options}))
@@ -105,9 +139,9 @@ class Client:
 
     def get(self, name: str) -> Instance:
         """The machine ``name`` (``NotFoundError`` if there is none)."""
-        from vmkit import control
+        from vmkit.instance import Instance as Record
 
-        return Instance(self, self._call(control.get, name).name)
+        return Instance(self, self._call(lambda: Record(name).require()).name)
 
     def list(self) -> list[Instance]:
         """Every machine, by name."""
@@ -115,15 +149,59 @@ class Client:
 
     def rows(self) -> builtins.list[models.InstanceRow]:
         """Every machine as ``vmkit list`` shows it (a broken one included, with the reason)."""
-        from vmkit import control
+        from vmkit import listing
 
-        return self._call(control.list_instances)
+        return self._call(listing.list_instances)
 
     def delete(self, name: str, *, force: bool = False) -> None:
         """Delete a stopped machine and its directory (``force``: stop it first)."""
         from vmkit import control
 
         self._call(control.delete, name, force=force)
+
+    def clone(self, src: str, dst: str, *, notice: Callable[[str], None] | None = None) -> Instance:
+        """An independent copy ``dst`` of the stopped machine ``src`` (new identity, keys, MAC and SSH
+        port); ``notice`` receives what was not copied (host port forwards belong to ``src``)."""
+        from vmkit import control
+
+        inst, notes = self._call(control.clone, src, dst)
+        for note in notes:
+            if notice is not None:
+                notice(note)
+        return Instance(self, inst.name)
+
+    def copy(self, src: str, dst: str) -> int:
+        """``vmkit cp``: exactly one of ``src`` and ``dst`` is ``NAME:/guest/path``, the other a host path;
+        returns the bytes copied (see :meth:`Instance.copy_in`, :meth:`Instance.copy_out`)."""
+        from vmkit import control
+
+        return self._call(control.copy, src, dst)
+
+    # -- the state-file key ------------------------------------------------------------------------
+    def key_info(self) -> models.KeyInfo:
+        """The state-file key that encrypts saved machine states: where, its fingerprint, retired keys."""
+        from vmkit import keys
+
+        def info() -> models.KeyInfo:
+            path = keys.key_path()
+            return models.KeyInfo(path=str(path), key_id=keys.key_id(keys.load_key()) if path.exists() else None,
+                                  retired_key_ids=[keys.key_id(k) for k in keys.load_retired_keys()])
+
+        return self._call(info)
+
+    def rotate_key(self, files: Sequence[str | Path] = ()) -> models.KeyRotation:
+        """A new state-file key; every machine's saved state and ``files`` are re-encrypted with it
+        (no machine may run). See :func:`vmkit.statectl.rotate_key`."""
+        from vmkit import keys, statectl
+
+        def rotate() -> models.KeyRotation:
+            done = statectl.rotate_key([Path(f) for f in files])
+            return models.KeyRotation(
+                path=str(keys.key_path()), old_key_id=done.old_key_id, new_key_id=done.new_key_id,
+                reencrypted=[str(p) for p in done.reencrypted],
+                skipped=[models.SkippedFile(path=str(p), reason=why) for p, why in done.skipped])
+
+        return self._call(rotate)
 
     def __repr__(self) -> str:
         return f"vmkit.Client(home={str(self.home) if self.home else None!r})"
@@ -149,34 +227,53 @@ class Instance:
         return self.row().state
 
     def row(self) -> models.InstanceRow:
-        from vmkit import control
+        from vmkit import listing
+        from vmkit.instance import Instance as Record
 
-        return self._call(lambda: control.view(control.get(self.name)))
+        return self._call(lambda: listing.view(Record(self.name).require()))
 
     def status(self) -> models.RuntimeStatus:
-        from vmkit import control
+        from vmkit.instance import Instance as Record
 
-        return _status(self._call(lambda: control.get(self.name).reconcile()))
+        return _status(self._call(lambda: Record(self.name).require().reconcile()))
 
     def info(self) -> dict[str, Any]:
         """Configuration and runtime status (``vmkit inspect``)."""
-        from vmkit import control
+        from vmkit import listing
 
-        return self._call(control.inspect, self.name)
+        return self._call(listing.inspect, self.name)
 
     @property
     def config(self) -> MachineConfig:
+        from vmkit.instance import Instance as Record
+
+        return self._call(lambda: Record(self.name).require().load_config())
+
+    @property
+    def directory(self) -> Path:
+        """The instance directory (vm.yaml, logs, sockets, disks made by vmkit)."""
+        from vmkit.instance import Instance as Record
+
+        return self._call(lambda: Record(self.name).require().dir)
+
+    def qemu_argv(self) -> list[str]:
+        """The QEMU command line :meth:`start` would run (``vmkit start --dry-run``; file descriptors
+        shown as the supervisor passes them)."""
         from vmkit import control
 
-        return self._call(lambda: control.get(self.name).load_config())
+        return self._call(control.dry_run_argv, self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, *, timeout: float | None = None, cold: bool = False) -> models.StartResult:
+    def start(self, *, timeout: float | None = None, cold: bool = False, progress: ConsoleProgress | None = None,
+              state_progress: ByteProgress | None = None, notice: Notice | None = None) -> models.StartResult:
         """Boot the machine, or resume its saved state if it has one (``cold``: boot anyway); returns
-        once the guest is ready."""
+        once the guest is ready. ``progress`` receives console lines while it boots,
+        ``state_progress`` the bytes of a saved state being resumed, ``notice`` what to tell the user
+        (resuming, or why the saved state was not used)."""
         from vmkit import statectl
 
-        return _start_result(self._call(statectl.start, self.name, timeout=timeout, cold=cold))
+        return _start_result(self._call(statectl.start, self.name, timeout=timeout, cold=cold, progress=progress,
+                                        state_progress=state_progress, notice=notice))
 
     def stop(self, *, force: bool = False, save: bool = False, timeout: float = 30.0) -> models.RuntimeStatus:
         """ACPI power button, then a hard stop after ``timeout`` s (``force``: hard stop now;
@@ -198,27 +295,34 @@ class Instance:
         resumed = self._call(control.resume, self.name)
         return models.ResumeResult.model_validate({**resumed.status.to_dict(), "clock": resumed.clock})
 
-    def save(self, path: str | Path | None = None, *, keep_running: bool = False,
-             force: bool = False) -> models.SaveResult:
-        """Save the running state to ``path`` (default: the machine's own, resumed by :meth:`start`)."""
+    def save(self, path: str | Path | None = None, *, keep_running: bool = False, force: bool = False,
+             progress: ByteProgress | None = None) -> models.SaveOutcome:
+        """Save the running state to ``path`` (default: the machine's own, resumed by :meth:`start`);
+        ``progress`` receives the bytes written."""
         from vmkit import statectl
 
-        out = self._call(statectl.save, self.name, Path(path) if path is not None else None,
-                         keep_running=keep_running, force=force)
-        return models.SaveResult(path=str(out.path), payload_bytes=out.payload_bytes, file_bytes=out.file_bytes,
-                                 seconds=out.seconds, keep_running=out.keep_running,
-                                 clock=models.ClockFix.model_validate(out.clock) if out.clock else None)
+        out = self._call(statectl.save, self.name, _path(path), keep_running=keep_running, force=force,
+                         progress=progress)
+        return models.SaveOutcome(path=str(out.path), payload_bytes=out.payload_bytes, file_bytes=out.file_bytes,
+                                  seconds=out.seconds, keep_running=out.keep_running, clock=_clock(out.clock),
+                                  status=_status(out.status))
 
-    def restore(self, path: str | Path | None = None, *, force: bool = False,
-                paused: bool = False) -> models.StartResult:
-        """Start the stopped machine from a state file (``force``: even if its disks changed)."""
+    def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
+                timeout: float | None = None, progress: ConsoleProgress | None = None,
+                state_progress: ByteProgress | None = None) -> models.StartResult:
+        """Start the stopped machine from a state file (default: its own saved state; ``force``: even
+        if its disks changed; ``paused``: leave it paused)."""
         from vmkit import statectl
 
-        return _start_result(self._call(statectl.restore, self.name, Path(path) if path is not None else None,
-                                        force=force, paused=paused))
+        return _start_result(self._call(statectl.restore, self.name, _path(path), force=force, paused=paused,
+                                        timeout=timeout, progress=progress, state_progress=state_progress))
 
     def delete(self, *, force: bool = False) -> None:
         self.client.delete(self.name, force=force)
+
+    def clone(self, name: str, *, notice: Callable[[str], None] | None = None) -> Instance:
+        """An independent copy of this stopped machine, named ``name`` (see :meth:`Client.clone`)."""
+        return self.client.clone(self.name, name, notice=notice)
 
     # -- the guest ---------------------------------------------------------------------------------
     def exec(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float = 60.0) -> models.ExecResult:
@@ -230,26 +334,50 @@ class Instance:
 
     def copy_in(self, local: str | Path, remote: str) -> int:
         """Copy a host file into the guest (``remote`` ending in ``/``: into that directory)."""
-        from vmkit import control
-
-        return self._call(control.copy, str(local), f"{self.name}:{remote}")
+        return self.client.copy(str(local), f"{self.name}:{remote}")
 
     def copy_out(self, remote: str, local: str | Path) -> int:
         """Copy a guest file to the host (atomically; a directory ``local`` receives it by name)."""
+        return self.client.copy(f"{self.name}:{remote}", str(local))
+
+    def ssh_argv(self, command: Sequence[str] = (), *, tty: bool = False) -> list[str]:
+        """The ``ssh`` command line that logs in (or runs ``command``) with the pinned host key and the
+        machine's own key (``vmkit shell``; cloud images only)."""
         from vmkit import control
 
-        return self._call(control.copy, f"{self.name}:{remote}", str(local))
+        return self._call(control.ssh_argv, self.name, list(command), tty=tty)
+
+    def ssh_config(self) -> str:
+        """An OpenSSH config for the machine (``ssh -F FILE NAME``; cloud images only)."""
+        from vmkit import control
+
+        return self._call(control.ssh_config, self.name)
 
     def console_log(self) -> str:
         """What the guest has printed on its serial console so far."""
+        return self.console_bytes().decode("utf-8", errors="replace")
+
+    def console_bytes(self) -> bytes:
+        """What the guest has printed on its serial console so far, as it printed it."""
+        from vmkit.instance import Instance as Record
         from vmkit.serial import read_log
 
-        return self._call(lambda: read_log(self._dir() / "serial.log").decode("utf-8", errors="replace"))
+        return self._call(lambda: read_log(Record(self.name).require().serial_log))
 
-    def _dir(self) -> Path:
+    def wait_console(self, pattern: str, *, timeout: float = 60.0) -> str:
+        """Wait until the console log matches ``pattern`` (a multiline regex); return the log so far."""
         from vmkit import control
 
-        return self._call(lambda: control.get(self.name).dir)
+        return self._call(control.wait_console, self.name, pattern, timeout)
+
+    def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
+                       on_connected: Callable[[], None] | None = None) -> None:
+        """Connect the serial console: bytes read from ``input_fd`` go to the guest until end of file
+        or ``detach`` (default Ctrl-]); what the guest prints goes to ``on_output``. ``on_connected`` runs once
+        the console is reached. Returns when detached or the machine stops."""
+        from vmkit import control
+
+        self._call(control.attach_console, self.name, input_fd, on_output, detach=detach, on_connected=on_connected)
 
     # -- devices -----------------------------------------------------------------------------------
     @property
@@ -280,6 +408,13 @@ class Instance:
 
         self._call(control.detach_disk, self.name, disk_id, timeout=timeout)
 
+    @property
+    def mounts(self) -> list[models.ShareRow]:
+        """The shared folders, with whether each is active (``vmkit mount list``)."""
+        from vmkit import control
+
+        return [models.ShareRow.model_validate(r) for r in self._call(control.list_mounts, self.name)]
+
     # -- snapshots ---------------------------------------------------------------------------------
     @property
     def snapshots(self) -> list[models.SnapshotInfo]:
@@ -293,21 +428,50 @@ class Instance:
 
         return models.SnapshotInfo.model_validate(self._call(statectl.snapshot_create, self.name, tag).to_dict())
 
-    def revert(self, tag: str) -> models.StartResult:
+    def revert(self, tag: str, *, timeout: float | None = None, progress: ConsoleProgress | None = None,
+               notice: Notice | None = None) -> models.StartResult:
+        """Go back to snapshot ``tag`` (RAM and disks); a stopped machine is started from it."""
         from vmkit import statectl
 
-        return _start_result(self._call(statectl.snapshot_revert, self.name, tag))
+        return _start_result(self._call(statectl.snapshot_revert, self.name, tag, timeout=timeout,
+                                        progress=progress, notice=notice))
 
     def delete_snapshot(self, tag: str) -> None:
         from vmkit import statectl
 
         self._call(statectl.snapshot_delete, self.name, tag)
 
+    # -- benchmarks --------------------------------------------------------------------------------
+    def bench_fs(self, jobs: Sequence[Job], settings: Settings, *, shares: Sequence[str] | None = None,
+                 disk: bool = True, progress: Callable[[Step], None] | None = None) -> Report:
+        """fio in the running guest on every mounted share (``shares``: only these tags) and on its
+        own disk (``disk``); see :mod:`vmkit.fsbench` (:func:`~vmkit.fsbench.select_jobs`,
+        :func:`~vmkit.fsbench.settings_for`)."""
+        from vmkit import fsbench
+
+        return self._call(fsbench.bench, self.name, jobs, settings, shares=shares, disk=disk, progress=progress)
+
+    def write_bench_report(self, report: Report, json_path: str | Path | None = None,
+                           markdown_path: str | Path | None = None) -> builtins.list[Path]:
+        """Write a :meth:`bench_fs` report as JSON and Markdown (default: ``fsbench-TIME.json`` and
+        ``.md`` in the instance directory); returns the paths written."""
+        from vmkit import fsbench
+
+        def write() -> builtins.list[Path]:
+            default_json, default_md = fsbench.default_output_paths(self.name, report.started)
+            return fsbench.write_report(report, _path(json_path) or default_json, _path(markdown_path) or default_md)
+
+        return self._call(write)
+
     # -- events ------------------------------------------------------------------------------------
     def events(self) -> Iterator[models.Event]:
         """The machine's events as they happen (the first says its state now); ends when it stops.
 
         Close the iterator (or leave the ``for`` loop) to stop listening."""
+        import asyncio
+        import queue
+        import threading
+
         from vmkit import control
 
         api = self._call(control.client, self.name)

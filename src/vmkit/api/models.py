@@ -31,7 +31,7 @@ MAX_WAIT = 24 * 3600.0
 class Request(BaseModel):
     """A request body: unknown fields refused, numbers and yes/no values as such."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Empty(Request):
@@ -39,7 +39,7 @@ class Empty(Request):
 
 
 class Response(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -290,3 +290,48 @@ class StartResult(Response):
     clock: ClockFix | None = None
     fallback: str | None = Field(default=None, description="why the saved state was not used (a cold boot instead)")
     discarded: str | None = Field(default=None, description="where an unusable saved state was moved aside")
+    notes: list[str] = Field(default_factory=list, description="what the user should know, e.g. a moved SSH port")
+
+
+class SaveOutcome(SaveResult):
+    """A save as the client reports it: the result, and the machine's status after it (``stopped``, or
+    ``running``/``paused`` with ``keep_running``)."""
+
+    status: RuntimeStatus
+
+
+class ShareRow(Response):
+    """One shared folder of a machine (``vmkit mount list``). ``state``: ``stopped`` (the machine is not
+    running), ``active``, or ``failed (...)`` with why (its virtiofsd died, its sshfs link ended)."""
+
+    tag: str
+    type: str
+    host_path: str
+    guest_path: str
+    read_only: bool
+    state: str
+
+
+class KeyInfo(Response):
+    """The state-file key of this user (``vmkit key show``): where it is, its fingerprint (``key_id``,
+    None before the first save creates it), and keys kept by an unfinished rotation."""
+
+    path: str
+    key_id: str | None
+    retired_key_ids: list[str]
+
+
+class SkippedFile(Response):
+    path: str
+    reason: str
+
+
+class KeyRotation(Response):
+    """What ``vmkit key rotate`` did: the new key (in ``path``) replaced the old one, these files were
+    re-encrypted, and these discarded saved states could not be read and were left as they were."""
+
+    path: str
+    old_key_id: str
+    new_key_id: str
+    reencrypted: list[str]
+    skipped: list[SkippedFile] = Field(default_factory=list)

@@ -5,28 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from vmkit import fsbench
-from vmkit.cli.output import err, out
-from vmkit.config import format_size, parse_size
-from vmkit.errors import ConfigError, ExitCode, Problem
+from vmkit.cli import groups
+from vmkit.cli.output import err, machine, out
+from vmkit.errors import ExitCode
 
-app = typer.Typer(help="Benchmarks run inside a machine.", no_args_is_help=True)
-
-
-def _settings(quick: bool, size: str | None, runtime: int | None, buffered: bool) -> fsbench.Settings:
-    base = fsbench.QUICK_SETTINGS if quick else fsbench.Settings()
-    size_bytes = base.size
-    if size is not None:
-        try:
-            size_bytes = parse_size(size)
-        except ValueError as exc:
-            raise ConfigError([Problem("--size", str(exc))]) from None
-    return fsbench.Settings(size=size_bytes, runtime=base.runtime if runtime is None else runtime,
-                            direct=not buffered)
+app = typer.Typer(help=groups.help_of("bench"), no_args_is_help=True)
 
 
 @app.command("fs")
@@ -51,14 +35,16 @@ def fs(
     psync, mmap and libaio engines, 1 job and 4 jobs); the fastest share of each row is marked.
     Shares must already be mounted in the guest; read-only shares are skipped.
     """
-    if jobs is not None:
-        selected = fsbench.parse_jobs(jobs)
-    elif quick:
-        selected = [fsbench.job_by_name(n) for n in fsbench.QUICK_JOBS]
-    else:
-        selected = fsbench.all_jobs()
-    settings = _settings(quick, size, runtime, buffered)
-    default_json, default_md = fsbench.default_output_paths(name)
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from vmkit import fsbench
+    from vmkit.config import format_size
+
+    selected = fsbench.select_jobs(jobs, quick=quick)
+    settings = fsbench.settings_for(quick=quick, size=size, runtime=runtime, buffered=buffered)
+    handle = machine(name)
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -74,7 +60,7 @@ def fs(
             bar.update(task, description=escape(text), total=step.total, completed=step.index)
 
         try:
-            report = fsbench.bench(name, selected, settings, shares=share or None, disk=disk, progress=show)
+            report = handle.bench_fs(selected, settings, shares=share or None, disk=disk, progress=show)
         except KeyboardInterrupt:
             bar.stop()
             err.print("interrupted: fio in the guest stopped, scratch files removed", highlight=False)
@@ -97,6 +83,5 @@ def fs(
         out.print(f"note: {escape(note)}", highlight=False)
     for line in fsbench.summary_lines(report):
         out.print(escape(line), highlight=False)
-    written = fsbench.write_report(report, json_path or default_json, markdown_path or default_md)
-    for path in written:
+    for path in handle.write_bench_report(report, json_path, markdown_path):
         out.print(f"wrote {escape(str(path))}", highlight=False)

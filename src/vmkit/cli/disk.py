@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from vmkit import control
-from vmkit.cli.output import out, print_json
+from vmkit.cli import groups
+from vmkit.cli.output import machine, out, print_json
 
-app = typer.Typer(help="Attach, detach and list the disks of a running machine.", no_args_is_help=True)
+app = typer.Typer(help=groups.help_of("disk"), no_args_is_help=True)
 
 
 @app.command()
@@ -18,8 +17,8 @@ def attach(
     disk_id: str | None = typer.Option(None, "--id", help="device id (default: the next free diskN)"),
 ) -> None:
     """Attach a disk to a running machine (until it stops: vm.yaml is not changed)."""
-    result = control.attach_disk(name, spec, disk_id=disk_id)
-    out.print(f"attached [bold]{result['id']}[/] to {name} (live only; add it to vm.yaml to keep it)")
+    result = machine(name).attach_disk(spec, disk_id=disk_id)
+    out.print(f"attached [bold]{result.id}[/] to {name} (live only; add it to vm.yaml to keep it)")
 
 
 @app.command()
@@ -29,19 +28,20 @@ def detach(
     timeout: float = typer.Option(30.0, "--timeout", help="seconds the guest gets to release the disk"),
 ) -> None:
     """Detach a hot-plugged disk; the guest is asked to release it first."""
-    control.detach_disk(name, disk_id, timeout=timeout)
+    machine(name).detach_disk(disk_id, timeout=timeout)
     out.print(f"detached [bold]{disk_id}[/] from {name}")
 
 
 @app.command("list")
 def list_(name: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """The disks of a running machine, with NBD connection state."""
-    rows = control.list_disks(name)
+    from rich.table import Table
+
+    rows = machine(name).disks
     if as_json:
-        print_json(rows)
+        print_json([r.model_dump(mode="json") for r in rows])
         return
     table = Table("id", "kind", "attachment", "target", "mode", "origin", "state")
     for r in rows:
-        table.add_row(str(r["id"]), str(r["kind"]), str(r["attachment"]), str(r["target"]),
-                      "ro" if r["read_only"] else "rw", str(r["origin"]), str(r["state"]))
+        table.add_row(r.id, r.kind, r.attachment, r.target, "ro" if r.read_only else "rw", r.origin, r.state)
     out.print(table)

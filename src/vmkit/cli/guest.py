@@ -7,8 +7,7 @@ import sys
 
 import typer
 
-from vmkit import control
-from vmkit.cli.output import out, report_error
+from vmkit.cli.output import machine, out, report_error
 from vmkit.errors import CommandCannotRun, ExitCode, VmkitError
 
 
@@ -32,7 +31,7 @@ def exec_(
     """
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer.read()
     try:
-        result = control.exec_in_guest(name, list(ctx.args), timeout=timeout, stdin=stdin or None)
+        result = machine(name).exec(list(ctx.args), timeout=timeout, stdin=stdin or None)
     except VmkitError as exc:  # never mistaken for the command's own exit code
         report_error(exc)
         raise typer.Exit(exc.exit_code if isinstance(exc, CommandCannotRun) else ExitCode.EXEC_FAILED) from None
@@ -48,17 +47,19 @@ def shell(ctx: typer.Context, name: str) -> None:
 
     Exits with the remote command's exit code.
     """
-    argv = control.ssh_argv(name, list(ctx.args), tty=sys.stdin.isatty())
+    argv = machine(name).ssh_argv(list(ctx.args), tty=sys.stdin.isatty())
     sys.stdout.flush()
     os.execvp(argv[0], argv)  # noqa: S606 - ssh replaces us: its exit code is ours
 
 
 def ssh_config(name: str) -> None:
     """Print an OpenSSH config for the instance (use with ssh -F FILE NAME)."""
-    out.print(control.ssh_config(name), markup=False, highlight=False, end="")
+    out.print(machine(name).ssh_config(), markup=False, highlight=False, end="")
 
 
 def cp(src: str, dst: str) -> None:
     """Copy a file between host and guest through the guest agent: vmkit cp FILE NAME:/path, or NAME:/path FILE."""
-    n = control.copy(src, dst)
+    from vmkit.cli.output import client
+
+    n = client().copy(src, dst)
     out.print(f"copied {n} bytes")

@@ -4,43 +4,51 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
+from vmkit.cli import groups
 from vmkit.cli.output import err, out, print_json, spinner
 from vmkit.errors import ConfigError
-from vmkit.images import debian, micro
-from vmkit.images import pull as pull_mod
-from vmkit.images.store import Image, ImageStore
+from vmkit.images import catalogue
 
-app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from vmkit.images.store import Image, ImageStore
+
+app = typer.Typer(help=groups.help_of("image"), no_args_is_help=True)
+
 
 def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:
+    from vmkit.images import debian
+
     def show(p: debian.BuildProgress) -> None:
         progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
 
     return debian.build_debian(store, force=force, progress=show)
 
 
-BUILDERS: dict[str, Callable[..., Image]] = {
-    micro.NAME: micro.build_micro,
-    micro.FULL_NAME: micro.build_micro_full,
-    "debian-12": _build_debian,
-}
+def _builders() -> dict[str, Callable[..., Image]]:
+    from vmkit.images import micro
+
+    return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: micro.build_micro_full,
+            catalogue.DEBIAN_12: _build_debian}
 
 
 @app.command()
 def build(
-    name: str = typer.Argument(..., help=f"image to build: {', '.join(BUILDERS)}"),
+    name: str = typer.Argument(..., help=f"image to build: {', '.join(catalogue.BUILDABLE)}"),
     force: bool = typer.Option(False, "--force", help="rebuild even if the image exists"),
 ) -> None:
     """Build a guest image from Debian packages into the image cache."""
-    builder = BUILDERS.get(name)
+    from rich.markup import escape
+
+    from vmkit.images import debian
+    from vmkit.images.store import ImageStore
+
+    builder = _builders().get(name)
     if builder is None:
-        raise ConfigError.single("NAME", f"no builder for {name!r}: choose one of {', '.join(BUILDERS)}")
+        raise ConfigError.single("NAME", f"no builder for {name!r}: choose one of {', '.join(catalogue.BUILDABLE)}")
     started = time.monotonic()
     with spinner(f"building image {name}") as update:
         image = builder(ImageStore(), force=force, progress=update)
@@ -52,6 +60,12 @@ def build(
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List images in the cache."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vmkit.images import debian
+    from vmkit.images.store import ImageStore
+
     images = ImageStore().list()
     if as_json:
         print_json([{"name": i.name, "kind": i.manifest.kind, "directory": str(i.directory),
@@ -74,13 +88,15 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
 @app.command("rm")
 def rm(name: str) -> None:
     """Remove an image from the cache."""
+    from vmkit.images.store import ImageStore
+
     ImageStore().remove(name)
     out.print(f"removed image {name}")
 
 
 @app.command()
 def pull(
-    source: str = typer.Argument(..., help=f"a catalogue name ({', '.join(pull_mod.CATALOGUE)}) or an http(s) URL"),
+    source: str = typer.Argument(..., help=f"a catalogue name ({', '.join(catalogue.CATALOGUE)}) or an http(s) URL"),
     sums_url: str | None = typer.Option(
         None, "--sums-url", help="checksum file for a URL (default: SHA256SUMS beside it)"),
     name: str | None = typer.Option(None, "--name", help="store the image under this name"),
@@ -91,6 +107,11 @@ def pull(
     An interrupted download resumes; a wrong checksum leaves nothing in the cache.
     Set VMKIT_PULL_BASE_URL to use a mirror.
     """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from vmkit.images import pull as pull_mod
+    from vmkit.images.store import ImageStore
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task(f"pulling {source}", total=None)

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from vmkit import config, paths
+from vmkit.cli import groups
 from vmkit.cli.output import err, out
 from vmkit.errors import ConfigError, Problem
-from vmkit.nbd import Export, NbdAddress, create_backend, registered_backends, serve
-from vmkit.nbd import tls as nbd_tls
-from vmkit.nbd.server import DEFAULT_MAX_BUFFER_MEMORY, default_socket_path
+from vmkit.nbd.defaults import DEFAULT_MAX_BUFFER_MEMORY, DEFAULT_NAMES
 
-app = typer.Typer(
-    help="Serve disks over NBD with vmkit's own server (QEMU, qemu-img, nbdinfo, nbdcopy connect to it).",
-    no_args_is_help=True,
-)
+if TYPE_CHECKING:
+    from vmkit.nbd import NbdAddress
+
+app = typer.Typer(help=groups.help_of("nbd"), no_args_is_help=True)
 
 
 def parse_size(text: str, field: str = "--memory") -> int:
     """``"512M"``, ``"1G"``, ``"1GiB"``, ``"4096"`` -> bytes (binary units), as in vm.yaml."""
+    from vmkit import config
+
     try:
         return config.parse_size(text)
     except ValueError as exc:
@@ -91,6 +91,11 @@ def serve_command(
 
     Plain TCP (--port without --tls-dir) is open to every local user and to anyone who can reach it.
     """
+    from vmkit import paths
+    from vmkit.nbd import Export, create_backend, registered_backends, serve
+    from vmkit.nbd import tls as nbd_tls
+    from vmkit.nbd.server import default_socket_path
+
     problems: list[Problem] = []
     if (file is None) == (memory is None):
         problems.append(Problem("FILE", "give a FILE or --memory SIZE (exactly one)"))
@@ -172,7 +177,7 @@ def serve_command(
 def tls_creds_command(
     directory: Path = typer.Argument(..., help="directory to write the credentials into (created 0700)"),
     names: list[str] = typer.Option(
-        list(nbd_tls.DEFAULT_NAMES), "--name", "-n", help="host name or IP address the server certificate is for"
+        list(DEFAULT_NAMES), "--name", "-n", help="host name or IP address the server certificate is for"
     ),
     days: int = typer.Option(365, "--days", help="validity in days"),
     client: bool = typer.Option(True, "--client/--no-client", help="also write a client certificate"),
@@ -183,6 +188,8 @@ def tls_creds_command(
     client-cert.pem, client-key.pem), so QEMU and nbdinfo can use the same directory.
     The CA key is not kept.
     """
+    from vmkit.nbd import tls as nbd_tls
+
     for path in nbd_tls.generate_credentials(directory, names=names, days=days, client=client):
         out.print(str(path), highlight=False)
 
@@ -190,5 +197,7 @@ def tls_creds_command(
 @app.command("backends")
 def backends_command() -> None:
     """List the storage backends --backend accepts (built-in and registered)."""
+    from vmkit.nbd import registered_backends
+
     for name in registered_backends():
         out.print(name, highlight=False)

@@ -6,15 +6,30 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from vmkit.errors import VmkitError
 
+if TYPE_CHECKING:
+    from vmkit.api.client import Client, Instance
+
 out = Console()
 err = Console(stderr=True)
+
+
+def client() -> Client:
+    """The public client every command goes through (the home: ``VMKIT_HOME``, else the XDG one)."""
+    from vmkit.api.client import Client
+
+    return Client()
+
+
+def machine(name: str) -> Instance:
+    """The machine ``name`` (``NotFoundError`` if there is none)."""
+    return client().get(name)
 
 
 def report_error(exc: VmkitError) -> None:

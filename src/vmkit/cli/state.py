@@ -8,34 +8,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from vmkit import statectl
-from vmkit.cli.output import err, out, print_json
-from vmkit.statectl import StartOutcome
+from vmkit.cli import groups
+from vmkit.cli.output import err, machine, out, print_json
 
-snapshot_app = typer.Typer(help="Snapshots: machine state and disks together (rewind and go forward again).",
-                           no_args_is_help=True)
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from vmkit.api.models import ClockFix, SaveOutcome, StartResult
+    from vmkit.statectl import Note
+
+snapshot_app = typer.Typer(help=groups.help_of("snapshot"), no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.command("save")(save)
-    app.command("restore")(restore)
-    app.add_typer(snapshot_app, name="snapshot")
+    app.command("restore")(restore)  # `snapshot` is a group of vmkit.cli.groups
 
 
 # --------------------------------------------------------------------------- rendering
@@ -54,19 +45,33 @@ class _Ui:
         self.progress.update(self.task, completed=done, total=total)
 
     def console_line(self, line: str) -> None:
+        from rich.markup import escape
+
         self.progress.update(self.task, description=f"{self.label} [dim]{escape(line)}[/]" if line else self.label)
 
     def relabel(self, label: str) -> None:
         self.label = label
         self.progress.reset(self.task, total=None, description=label)
 
-    def notice(self, note: statectl.Note) -> None:
+    def notice(self, note: Note) -> None:
+        from rich.markup import escape
+
         text = escape(note.message)
         self.progress.console.print(f"[yellow]{text}[/]" if note.warning else text, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
 def progress_ui(label: str) -> Iterator[_Ui]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
         task = progress.add_task(label, total=None)
@@ -77,8 +82,10 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def describe_start(name: str, outcome: StartOutcome) -> None:
+def describe_start(name: str, outcome: StartResult) -> None:
     """Say how ``name`` came up (restored or booted) and what happened to its clock."""
+    from rich.markup import escape
+
     for note in outcome.notes:
         err.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     st = outcome.status
@@ -95,36 +102,42 @@ def describe_start(name: str, outcome: StartOutcome) -> None:
     describe_clock(outcome.clock)
 
 
-def describe_clock(clock: dict[str, Any] | None) -> None:
+def describe_clock(clock: ClockFix | None) -> None:
     """Say what happened to the guest's clock after it stood still (paused, saved, reverted)."""
+    from rich.markup import escape
+
     if clock is not None:
-        style = "green" if clock.get("corrected") else "yellow"
-        out.print(f"[{style}]clock:[/] {escape(str(clock.get('message')))}", highlight=False)
+        style = "green" if clock.corrected else "yellow"
+        out.print(f"[{style}]clock:[/] {escape(clock.message)}", highlight=False)
 
 
-def start_instance(name: str, *, timeout: float | None, cold: bool) -> StartOutcome:
+def start_instance(name: str, *, timeout: float | None, cold: bool) -> StartResult:
     """``vmkit start``'s work: resume the saved state if there is one (with a byte bar), else boot."""
+    handle = machine(name)
     with progress_ui(f"starting {name}") as ui:
 
-        def notice(note: statectl.Note) -> None:
+        def notice(note: Note) -> None:
             ui.notice(note)
             if note.kind == "resuming":
                 ui.relabel(f"resuming {name}")
             elif note.kind == "booting":
                 ui.relabel(f"booting {name}")
 
-        outcome = statectl.start(name, progress=ui.console_line, timeout=timeout, cold=cold,
-                                 state_progress=ui.transfer, notice=notice)
+        outcome = handle.start(timeout=timeout, cold=cold, progress=ui.console_line, state_progress=ui.transfer,
+                               notice=notice)
     describe_start(name, outcome)
     return outcome
 
 
-def save_instance(name: str, file: Path | None, *, keep_running: bool, force: bool = False) -> statectl.SaveOutcome:
+def save_instance(name: str, file: Path | None, *, keep_running: bool, force: bool = False) -> SaveOutcome:
     """``vmkit save`` / ``vmkit stop --save``: save with a byte counter, then say where it went."""
+    from rich.markup import escape
+
+    handle = machine(name)
     with progress_ui(f"saving {name}") as ui:
-        outcome = statectl.save(name, file, keep_running=keep_running, force=force, progress=ui.transfer)
+        outcome = handle.save(file, keep_running=keep_running, force=force, progress=ui.transfer)
     state = outcome.status.state
-    out.print(f"saved [bold]{name}[/] to {escape(str(outcome.path))} ({_size(outcome.file_bytes)} in "
+    out.print(f"saved [bold]{name}[/] to {escape(outcome.path)} ({_size(outcome.file_bytes)} in "
               f"{outcome.seconds:.1f} s); it is {'saved' if state == 'stopped' and file is None else state}",
               highlight=False)
     describe_clock(outcome.clock)
@@ -156,9 +169,10 @@ def restore(
     timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the restore"),
 ) -> None:
     """Start a stopped machine from a saved state (it continues where it was saved)."""
+    handle = machine(name)
     with progress_ui(f"restoring {name}") as ui:
-        outcome = statectl.restore(name, file, force=force, paused=paused, progress=ui.console_line,
-                                   state_progress=ui.transfer, timeout=timeout)
+        outcome = handle.restore(file, force=force, paused=paused, timeout=timeout, progress=ui.console_line,
+                                 state_progress=ui.transfer)
     describe_start(name, outcome)
 
 
@@ -168,8 +182,11 @@ def snapshot_create(
     tag: str | None = typer.Argument(None, help="snapshot name (default: snap-DATE-TIME)"),
 ) -> None:
     """Snapshot a running or paused machine: RAM and every writable (qcow2) disk together."""
+    from rich.markup import escape
+
+    handle = machine(name)
     with progress_ui(f"snapshotting {name}"):
-        info = statectl.snapshot_create(name, tag)
+        info = handle.snapshot(tag)
     out.print(f"created snapshot [bold]{escape(info.tag)}[/] of {name} ({_size(info.vm_state_bytes)} machine state)",
               highlight=False)
 
@@ -177,9 +194,12 @@ def snapshot_create(
 @snapshot_app.command("list")
 def snapshot_list(name: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List a machine's snapshots."""
-    rows = statectl.snapshot_list(name)
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = machine(name).snapshots
     if as_json:
-        print_json([r.to_dict() for r in rows])
+        print_json([r.model_dump(mode="json") for r in rows])
         return
     table = Table("tag", "created", "machine state", "guest clock")
     for r in rows:
@@ -195,14 +215,16 @@ def snapshot_revert(
     timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait (stopped machine)"),
 ) -> None:
     """Go back to a snapshot (RAM and disks). A stopped machine is started from it."""
+    handle = machine(name)
     with progress_ui(f"reverting {name} to {tag}") as ui:
-        outcome = statectl.snapshot_revert(name, tag, progress=ui.console_line, timeout=timeout, notice=ui.notice)
+        outcome = handle.revert(tag, timeout=timeout, progress=ui.console_line, notice=ui.notice)
     describe_start(name, outcome)
 
 
 @snapshot_app.command("delete")
 def snapshot_delete(name: str, tag: str) -> None:
     """Delete a snapshot (from every disk that holds it)."""
-    statectl.snapshot_delete(name, tag)
-    out.print(f"deleted snapshot [bold]{escape(tag)}[/] of {name}", highlight=False)
+    from rich.markup import escape
 
+    machine(name).delete_snapshot(tag)
+    out.print(f"deleted snapshot [bold]{escape(tag)}[/] of {name}", highlight=False)

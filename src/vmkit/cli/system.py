@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
 
-from vmkit import config, host
 from vmkit.cli.output import out
 from vmkit.errors import ExitCode
 
@@ -19,6 +17,10 @@ def register(app: typer.Typer) -> None:
 
 def doctor() -> None:
     """Check the host: tools vmkit needs (with install hints) and which accelerator it will use, and why."""
+    from rich.table import Table
+
+    from vmkit import host
+
     table = Table("check", "status", "detail", "fix")
     missing_required = False
     for c in host.checks():
@@ -32,4 +34,6 @@ def doctor() -> None:
 
 def schema() -> None:
     """Print the JSON schema of vm.yaml (for editors and validation)."""
+    from vmkit import config
+
     out.print(json.dumps(config.json_schema(), indent=2), markup=False, highlight=False, soft_wrap=True)

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
-import termios
-import tty
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from vmkit import control
-from vmkit.builder import CreateOptions
 from vmkit.cli import state as state_cli
-from vmkit.cli.output import err, human_duration, out, print_json, print_json_line, spinner
-from vmkit.qemu.cmdline import render
-from vmkit.serial import read_log
-
-DETACH = b"\x1d"  # Ctrl-]
+from vmkit.cli.output import client, err, human_duration, machine, out, print_json, print_json_line, spinner
 
 
 def register(app: typer.Typer) -> None:
@@ -48,11 +37,10 @@ def create(
     user_data: Path | None = typer.Option(None, "--user-data", help="cloud images: extra cloud-config to merge"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
-    inst = control.create_from_options(CreateOptions(
-        name=name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline, disks=disk,
-        ports=port, mounts=mount, image=image, run=run, accel=accel, from_file=from_file, user_data=user_data,
-    ))
-    out.print(f"created [bold]{name}[/] in {inst.dir}")
+    inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
+                           disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
+                           from_file=from_file, user_data=user_data)
+    out.print(f"created [bold]{name}[/] in {inst.directory}")
 
 
 def start(
@@ -66,7 +54,9 @@ def start(
     A machine stopped with `stop --save` resumes from its saved state (falling back to a boot).
     """
     if dry_run:
-        out.print(render(control.dry_run_argv(name)), markup=False, highlight=False, soft_wrap=True)
+        from vmkit.qemu.cmdline import render
+
+        out.print(render(machine(name).qemu_argv()), markup=False, highlight=False, soft_wrap=True)
         return
     state_cli.start_instance(name, timeout=timeout, cold=cold)
 
@@ -81,32 +71,38 @@ def stop(
     if save:
         state_cli.save_instance(name, None, keep_running=False)
         return
+    handle = machine(name)
     with spinner(f"stopping {name}"):
-        status = control.stop(name, force=force, timeout=timeout)
+        status = handle.stop(force=force, timeout=timeout)
     out.print(f"[bold]{name}[/] is {status.state}" + (f" ({status.reason})" if status.reason else ""))
 
 
 def pause(name: str) -> None:
     """Pause a running virtual machine (its vCPUs stop; memory stays)."""
-    control.pause(name)
+    machine(name).pause()
     out.print(f"[bold]{name}[/] is paused")
 
 
 def resume(name: str) -> None:
     """Resume a paused virtual machine."""
-    resumed = control.resume(name)
+    resumed = machine(name).resume()
     out.print(f"[bold]{name}[/] is running")
     state_cli.describe_clock(resumed.clock)
 
 
 def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List virtual machines."""
-    rows = control.list_instances()
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vmkit.listing import BROKEN
+
+    rows = client().rows()
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
         return
     table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
-    colors = {"running": "green", "paused": "yellow", "error": "red", control.BROKEN: "red"}
+    colors = {"running": "green", "paused": "yellow", "error": "red", BROKEN: "red"}
     for r in rows:
         c = "yellow" if r.health == "degraded" else colors.get(r.state)
         state = f"{r.state} (degraded)" if r.health == "degraded" else r.state
@@ -114,13 +110,13 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
                       r.accel or "-", human_duration(r.uptime))
     out.print(table)
     for r in rows:
-        if r.state == control.BROKEN:
+        if r.state == BROKEN:
             err.print(f"[red]{escape(r.name)} is broken:[/] {escape(r.reason)}", highlight=False, soft_wrap=True)
 
 
 def inspect(name: str) -> None:
     """Configuration and runtime state of a virtual machine, as JSON."""
-    print_json(control.inspect(name))
+    print_json(machine(name).info())
 
 
 def console(
@@ -133,66 +129,45 @@ def console(
     timeout: float = typer.Option(60.0, "--timeout", help="seconds --until waits"),
 ) -> None:
     """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed."""
-    inst = control.get(name)
+    handle = machine(name)
     if until is not None:
-        sys.stdout.write(control.wait_console(name, until, timeout))
+        sys.stdout.write(handle.wait_console(until, timeout=timeout))
         sys.stdout.flush()
         return
     if log:
-        sys.stdout.buffer.write(read_log(inst.serial_log))  # with serial.log.1, its older part
+        sys.stdout.buffer.write(handle.console_bytes())  # with serial.log.1, its older part
         sys.stdout.buffer.flush()
         return
-    api = control.client(name)
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
     interactive = sys.stdin.isatty()
-    if interactive:
-        err.print(f"attached to {name}'s console; detach with Ctrl-]")
+    saved: list[Any] = []
 
-    async def attach() -> None:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[bytes | None] = asyncio.Queue()
-        fd = sys.stdin.fileno()
-
-        def on_input() -> None:
-            data = os.read(fd, 1024)
-            if not data or DETACH in data:
-                loop.remove_reader(fd)
-                q.put_nowait(data.split(DETACH)[0] or None)
-                q.put_nowait(None)
-                return
-            q.put_nowait(data)
-
-        loop.add_reader(fd, on_input)
-
-        def on_output(data: bytes) -> None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-
-        try:
-            await api.console(on_output, q)
-        finally:
-            loop.remove_reader(fd)
-
-    saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
-    try:
+    def on_connected() -> None:  # the terminal goes raw only once the console is there
         if interactive:
-            tty.setraw(sys.stdin.fileno())
-        asyncio.run(attach())
+            err.print(f"attached to {name}'s console; detach with Ctrl-]")
+            saved.append(termios.tcgetattr(fd))
+            tty.setraw(fd)
+
+    def on_output(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    try:
+        handle.attach_console(fd, on_output, on_connected=on_connected)
     finally:
-        if saved is not None:
-            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        if saved:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved[0])
     if interactive:
         err.print("\ndetached")
 
 
 def events(name: str) -> None:
     """Print the machine's events as they happen, one JSON object per line (NDJSON), until it stops."""
-    api = control.client(name)
-
-    async def follow() -> None:
-        async for ev in api.events():
-            print_json_line(ev)
-
-    asyncio.run(follow())
+    for ev in machine(name).events():
+        print_json_line(ev.model_dump(mode="json", exclude_unset=True))
 
 
 def delete(
@@ -200,13 +175,11 @@ def delete(
     force: bool = typer.Option(False, "--force", "-f", help="stop it first if it is running"),
 ) -> None:
     """Delete a virtual machine and its directory (disks, logs, state)."""
-    control.delete(name, force=force)
+    client().delete(name, force=force)
     out.print(f"deleted [bold]{name}[/]")
 
 
 def clone(src: str, dst: str) -> None:
     """Make an independent copy of a stopped machine (new identity, keys and MAC); both can run at once."""
-    inst, notes = control.clone(src, dst)
-    for note in notes:
-        err.print(f"note: {note}")
-    out.print(f"cloned [bold]{src}[/] to [bold]{dst}[/] in {inst.dir}")
+    inst = client().clone(src, dst, notice=lambda note: err.print(f"note: {note}"))
+    out.print(f"cloned [bold]{src}[/] to [bold]{dst}[/] in {inst.directory}")

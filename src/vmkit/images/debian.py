@@ -74,10 +74,10 @@ from pathlib import Path
 from vmkit.cloudinit import FINAL_MARKER
 from vmkit.errors import ConfigError, HostError, ImageError
 from vmkit.fsutil import atomic_write
-from vmkit.images import qemuimg
+from vmkit.images import catalogue, qemuimg
 from vmkit.images.store import Image, ImageManifest, ImageStore
 
-RELEASES: dict[str, str] = {"bookworm": "debian-12"}
+RELEASES: dict[str, str] = {"bookworm": catalogue.DEBIAN_12}
 DEFAULT_RELEASE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"

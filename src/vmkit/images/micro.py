@@ -76,11 +76,11 @@ from pathlib import Path
 
 from vmkit import paths
 from vmkit.errors import ConfigError, HostError, ImageError
-from vmkit.images import debpkg
+from vmkit.images import catalogue, debpkg
 from vmkit.images.initramfs import CpioArchive
 from vmkit.images.store import Image, ImageManifest, ImageStore
 
-NAME = "micro"
+NAME = catalogue.MICRO
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
@@ -601,7 +601,7 @@ def build_micro(
                 return store.commit(staging, manifest)
 
 
-FULL_NAME = "micro-full"
+FULL_NAME = catalogue.MICRO_FULL
 FULL_KERNEL_PACKAGE = "linux-image-amd64"
 
 

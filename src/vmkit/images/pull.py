@@ -35,53 +35,14 @@ from pathlib import Path
 
 from vmkit import paths
 from vmkit.errors import ConfigError, ImageError
+from vmkit.images.catalogue import CATALOGUE as CATALOGUE  # re-exported: pull is where it is used
+from vmkit.images.catalogue import CatalogueEntry as CatalogueEntry
 from vmkit.images.store import Image, ImageFile, ImageManifest, ImageStore, validate_image_name
 
 BASE_URL_ENV = "VMKIT_PULL_BASE_URL"
 USER_AGENT = "vmkit/0.1 (+https://github.com/vmkit)"
 CHUNK = 1 << 20
 DOWNLOADS = ".downloads"
-
-
-@dataclass(frozen=True)
-class CatalogueEntry:
-    """An official cloud image: where it is and where its publisher's checksums are."""
-
-    name: str  # what the user types: vmkit image pull NAME
-    image_name: str  # the name in the store
-    base_url: str  # directory holding the image and the checksum file
-    filename: str
-    sums_filename: str
-    description: str
-
-    @property
-    def url(self) -> str:
-        return f"{self.base_url}/{self.filename}"
-
-    @property
-    def sums_url(self) -> str:
-        return f"{self.base_url}/{self.sums_filename}"
-
-
-CATALOGUE: dict[str, CatalogueEntry] = {
-    "ubuntu-24.04": CatalogueEntry(
-        name="ubuntu-24.04",
-        image_name="ubuntu-24.04",
-        base_url="https://cloud-images.ubuntu.com/releases/24.04/release",
-        filename="ubuntu-24.04-server-cloudimg-amd64.img",
-        sums_filename="SHA256SUMS",
-        description="Ubuntu 24.04 LTS (Noble) server cloud image, amd64, qcow2",
-    ),
-    # Stored as debian-12-cloud: "debian-12" is the image vmkit builds itself.
-    "debian-12": CatalogueEntry(
-        name="debian-12",
-        image_name="debian-12-cloud",
-        base_url="https://cloud.debian.org/images/cloud/bookworm/latest",
-        filename="debian-12-genericcloud-amd64.qcow2",
-        sums_filename="SHA512SUMS",  # Debian publishes SHA512SUMS (no SHA256SUMS)
-        description="Debian 12 (bookworm) genericcloud image, amd64, qcow2",
-    ),
-}
 
 
 @dataclass(frozen=True)

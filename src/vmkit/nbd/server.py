@@ -70,6 +70,7 @@ from vmkit import paths
 from vmkit.errors import ConfigError
 from vmkit.nbd import protocol as p
 from vmkit.nbd.backends import Backend, Extent
+from vmkit.nbd.defaults import DEFAULT_MAX_BUFFER_MEMORY as DEFAULT_MAX_BUFFER_MEMORY
 from vmkit.nbd.errors import BackendError, NbdAddressInUseError, nbd_errno_for
 
 log = logging.getLogger("vmkit.nbd")
@@ -85,7 +86,6 @@ _KEEP = 8 * 1024 * 1024  # larger buffers are unmapped as soon as they drain
 _PAGE = mmap.PAGESIZE
 #: per connection: buffers above the initial ones plus data of requests running in threads
 MAX_CONNECTION_MEMORY = 128 * 1024 * 1024
-DEFAULT_MAX_BUFFER_MEMORY = 512 * 1024 * 1024
 _SOCK_BUFFER = 2 * 1024 * 1024
 
 _REQ = p.REQUEST

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.errors import ConfigError, NotFoundError
+from vmkit.nbd.defaults import DEFAULT_NAMES as DEFAULT_NAMES
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
-DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def _need(directory: Path, name: str, field: str) -> Path:
