@@ -79,12 +79,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmkit import cloudinit
-from vmkit.cloudinstance import free_port
-from vmkit.guest import keys
-from vmkit.guest.agent import GuestAgent, GuestAgentError
-from vmkit.images import debian, qemuimg
-from vmkit.images.store import Image, ImageStore
+from vmkit.host import cloudinit
+from vmkit.host import sshkeys as keys
+from vmkit.host.images import debian, qemuimg
+from vmkit.host.images.store import Image, ImageStore
+from vmkit.host.provision import free_port
+from vmkit.runtime.guest.agent import GuestAgent, GuestAgentError
 
 REPO = Path(__file__).resolve().parent.parent
 VMKIT = [sys.executable, "-m", "vmkit.cli.main"] if not (REPO / ".venv/bin/vmkit").exists() \

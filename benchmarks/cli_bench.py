@@ -42,7 +42,7 @@ def timed(argv: list[str], env: dict[str, str], repeat: int) -> list[float]:
 def define_machines(home: Path, n: int) -> None:
     """``n`` stopped micro-sized machines, written the way ``vmkit create`` writes them."""
     from vmkit.config import parse_config
-    from vmkit.instance import Instance
+    from vmkit.host.instance import Instance
 
     kernel = home / "vmlinuz"
     kernel.write_bytes(b"not a kernel: never booted")

@@ -34,11 +34,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from _table import med_best, print_table, ratio, settle
-from vmkit import keys, savestate
 from vmkit.config import MachineConfig, parse_config
-from vmkit.images import micro
-from vmkit.images.store import Image, ImageStore
-from vmkit.machine import VirtualMachine, VmEvent
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image, ImageStore
+from vmkit.runtime.machine import VirtualMachine, VmEvent
+from vmkit.state import key as keys
+from vmkit.state import savestate
 
 REPO = Path(__file__).resolve().parent.parent
 

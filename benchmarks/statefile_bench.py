@@ -40,7 +40,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from _table import med_best, print_table, ratio, settle
-from vmkit.statefile import DEFAULT_CHUNK_SIZE, StateHeader, restore_to_fd, save_from_fd
+from vmkit.state.file import DEFAULT_CHUNK_SIZE, StateHeader, restore_to_fd, save_from_fd
 
 BLOCK = 4 << 20
 

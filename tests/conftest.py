@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from vmkit.images.micro import build_micro, build_micro_full
-from vmkit.images.store import Image, ImageStore
+from vmkit.host.images.micro import build_micro, build_micro_full
+from vmkit.host.images.store import Image, ImageStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def micro_full_image() -> Image:
 
 def build_current_debian(store: ImageStore, **kwargs: Any) -> Image:
     """``debian-12`` from the cache, rebuilt first if an older vmkit recipe made it."""
-    from vmkit.images import debian
+    from vmkit.host.images import debian
 
     outdated = store.exists("debian-12") and debian.is_outdated(store.get("debian-12"))
     return debian.build_debian(store, force=outdated, **kwargs)

@@ -14,12 +14,12 @@ from vmkit.version import __version__
 __all__ = ["Client", "Instance", "__version__"]
 
 if TYPE_CHECKING:
-    from vmkit.api.client import Client, Instance
+    from vmkit.client.sync import Client, Instance
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Client", "Instance"):
-        from vmkit.api import client
+        from vmkit.client import sync as client
 
         return getattr(client, name)
     raise AttributeError(f"module 'vmkit' has no attribute {name!r}")

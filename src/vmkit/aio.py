@@ -1,5 +1,5 @@
-"""``vmkit.aio.Client``: the asynchronous public client (see :mod:`vmkit.api.aio`)."""
+"""``vmkit.aio.Client``: the asynchronous public client (see :mod:`vmkit.client.aio`)."""
 
-from vmkit.api.aio import Client, Instance
+from vmkit.client.aio import Client, Instance
 
 __all__ = ["Client", "Instance"]

@@ -306,7 +306,7 @@ class Share(_Model):
     ``virtiofs`` (a virtiofsd per share, guest RAM in shared memory), ``9p`` (QEMU's own
     virtio-9p server; needs a guest kernel with 9p, not Debian's cloud kernel) or ``sshfs``
     (the guest mounts the folder over its SSH connection back to the host, see
-    :mod:`vmkit.sshfs`; needs a guest with SSH and sshfs). ``read_only`` is enforced on the host
+    :mod:`vmkit.runtime.sshfs`; needs a guest with SSH and sshfs). ``read_only`` is enforced on the host
     side. Cloud-image guests mount every share at boot (virtiofs and 9p through ``/etc/fstab``,
     sshfs before ``vmkit start`` returns).
     """

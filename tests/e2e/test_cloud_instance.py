@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_mentioning, vmkit
-from vmkit.cloudinstance import free_port
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
+from vmkit.host.provision import free_port
 
 pytestmark = pytest.mark.e2e
 

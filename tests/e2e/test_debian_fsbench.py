@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_mentioning, vmkit
-from vmkit.fsbench import QUICK_JOBS
-from vmkit.images.store import Image
+from vmkit.bench.fs import QUICK_JOBS
+from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import vmkit
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.e2e
 

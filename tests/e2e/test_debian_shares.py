@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import pid_alive, processes_mentioning, vmkit, wait_until
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="virtiofsd and read-only bind mounts need root")]

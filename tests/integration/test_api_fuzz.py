@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from conftest import image_cache_dir, pid_alive, vmkit
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.integration]
 

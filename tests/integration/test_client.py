@@ -16,7 +16,7 @@ from conftest import image_cache_dir
 from conftest import vmkit as cli
 from vmkit.api import models
 from vmkit.errors import ConfigError, NotFoundError, StateError
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
 

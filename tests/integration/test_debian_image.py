@@ -22,13 +22,13 @@ import pytest
 import yaml
 
 from conftest import build_current_debian
-from vmkit import cloudinit
-from vmkit.cloudinstance import free_port
 from vmkit.errors import ConfigError
-from vmkit.guest import keys
-from vmkit.images import debian, qemuimg
-from vmkit.images.debian import READY_MARKER, BuildProgress, build_debian
-from vmkit.images.store import Image, ImageStore
+from vmkit.host import cloudinit
+from vmkit.host import sshkeys as keys
+from vmkit.host.images import debian, qemuimg
+from vmkit.host.images.debian import READY_MARKER, BuildProgress, build_debian
+from vmkit.host.images.store import Image, ImageStore
+from vmkit.host.provision import free_port
 
 # The VM tests are marked e2e (slow, they need the image); the build-recipe tests at the end are fast.
 

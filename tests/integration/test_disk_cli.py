@@ -12,7 +12,7 @@ import pytest
 from test_storage import NbdServerProcess
 from test_supervisor import vmkit
 
-from vmkit.images.store import Image
+from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
 

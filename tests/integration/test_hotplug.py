@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import hotplug
 from vmkit.config import StorageDevice, parse_config
 from vmkit.errors import NotFoundError
-from vmkit.images import micro
-from vmkit.images.store import Image
-from vmkit.machine import VirtualMachine
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+from vmkit.runtime import hotplug
+from vmkit.runtime.machine import VirtualMachine
 
 pytestmark = pytest.mark.integration
 

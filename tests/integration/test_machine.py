@@ -13,9 +13,9 @@ import pytest
 from conftest import pid_alive
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import QemuError, StateError
-from vmkit.images import micro
-from vmkit.images.store import Image
-from vmkit.machine import VirtualMachine, VmEvent, VmState
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+from vmkit.runtime.machine import VirtualMachine, VmEvent, VmState
 
 pytestmark = pytest.mark.integration
 

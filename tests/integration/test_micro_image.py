@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 
-from vmkit.images.micro import (
+from vmkit.host.images.micro import (
     POWEROFF_MARKER,
     READY_MARKER,
     build_micro,
@@ -28,7 +28,7 @@ from vmkit.images.micro import (
     parse_run_output,
     parse_ticks,
 )
-from vmkit.images.store import Image, ImageStore
+from vmkit.host.images.store import Image, ImageStore
 
 pytestmark = [
     pytest.mark.integration,

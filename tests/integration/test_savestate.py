@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 
 from conftest import pid_alive
-from vmkit import keys, savestate
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import STATE_FILE_CODES, AlreadyExistsError, ExitCode, NotFoundError, StateError, VmkitError
-from vmkit.guest.agent import GuestAgent
-from vmkit.images import micro
-from vmkit.images.store import Image
-from vmkit.machine import VirtualMachine, VmState
-from vmkit.statefile import (
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+from vmkit.runtime.guest.agent import GuestAgent
+from vmkit.runtime.machine import VirtualMachine, VmState
+from vmkit.state import key as keys
+from vmkit.state import savestate
+from vmkit.state.file import (
     AuthenticationFailed,
     ConfigMismatch,
     DisksChanged,

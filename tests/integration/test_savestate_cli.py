@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import vmkit
-from vmkit.images import micro
-from vmkit.images.store import Image
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
 
@@ -216,7 +216,7 @@ def test_save_refuses_targets_it_would_destroy(vmkit_home: Path, micro_image: Im
 
 
 def test_key_rotation_keeps_saved_machines_resumable(vmkit_home: Path, micro_image: Image, tmp_path: Path) -> None:
-    from vmkit.statefile import AuthenticationFailed, StateFileReader
+    from vmkit.state.file import AuthenticationFailed, StateFileReader
 
     vmkit("create", "kr", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1")
     inst = vmkit_home / "instances" / "kr"

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import pid_alive
 from vmkit.config import MachineConfig, parse_config
-from vmkit.images import micro
-from vmkit.images.store import Image
-from vmkit.machine import VirtualMachine, VmEvent, VmState
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+from vmkit.runtime.machine import VirtualMachine, VmEvent, VmState
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="virtiofsd and read-only bind mounts need root")]

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from vmkit.config import MachineConfig, parse_config
-from vmkit.images import micro
-from vmkit.images.store import Image
-from vmkit.machine import VirtualMachine, VmEvent, VmState
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+from vmkit.runtime.machine import VirtualMachine, VmEvent, VmState
 
 pytestmark = pytest.mark.integration
 

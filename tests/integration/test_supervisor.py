@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import pid_alive, processes_mentioning, vmkit, wait_until
-from vmkit.images.store import Image
-from vmkit.instance import Instance
+from vmkit.host.images.store import Image
+from vmkit.host.instance import Instance
 
 pytestmark = pytest.mark.integration
 

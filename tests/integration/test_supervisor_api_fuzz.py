@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 
 from conftest import image_cache_dir, pid_alive, processes_mentioning, vmkit, wait_until
-from vmkit import keys, statefile
-from vmkit.images.store import Image
-from vmkit.instance import Instance
+from vmkit.host.images.store import Image
+from vmkit.host.instance import Instance
+from vmkit.state import file as statefile
+from vmkit.state import key as keys
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import pid_alive, vmkit, wait_until
-from vmkit.images.store import Image
-from vmkit.instance import Instance
+from vmkit.host.images.store import Image
+from vmkit.host.instance import Instance
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmkit.errors import ExitCode, HostError
-from vmkit.qemu.accel import choose, kvm_status
+from vmkit.runtime.qemu.accel import choose, kvm_status
 
 
 @pytest.fixture

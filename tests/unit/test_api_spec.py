@@ -81,8 +81,8 @@ def test_machine_states_are_the_same_list_everywhere() -> None:
     from typing import get_args
 
     from vmkit.api.models import MachineStateName
-    from vmkit.instance import LIVE
-    from vmkit.states import LIVE_STATES, VmState
+    from vmkit.host.instance import LIVE
+    from vmkit.runtime.states import LIVE_STATES, VmState
 
     assert set(get_args(MachineStateName)) == {s.value for s in VmState}
     assert tuple(s.value for s in LIVE_STATES) == LIVE

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
-from vmkit.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.config import MachineConfig
 from vmkit.errors import ConfigError, ExitCode
-from vmkit.images import micro
-from vmkit.images.store import ImageManifest, ImageStore
+from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
+from vmkit.host.images import micro
+from vmkit.host.images.store import ImageManifest, ImageStore
 
 
 def add_image(store: ImageStore, name: str, kind: str = "initramfs", *, kernel: bool = True) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from vmkit.cloudinstance import free_port
+from vmkit.host.provision import free_port
 
 VMKIT = Path(sys.executable).with_name("vmkit")
 ENTRY = [str(VMKIT)] if VMKIT.exists() else [sys.executable, "-m", "vmkit.cli.main"]
@@ -217,9 +217,10 @@ def test_clone_mount_list_and_key_show_through_the_cli(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- answering at once
 
-HEAVY = ("aiohttp", "cryptography", "pydantic", "yaml", "markdown_it", "pygments", "vmkit.control",
-         "vmkit.statectl", "vmkit.fsbench", "vmkit.config", "vmkit.api", "vmkit.instance", "vmkit.builder",
-         "vmkit.cloudinstance", "vmkit.nbd.server", "vmkit.images.micro", "vmkit.images.store")
+HEAVY = ("aiohttp", "cryptography", "pydantic", "yaml", "markdown_it", "pygments", "vmkit.backends.local.control",
+         "vmkit.backends.local.statectl", "vmkit.bench.fs", "vmkit.config", "vmkit.api", "vmkit.host.instance",
+         "vmkit.host.builder", "vmkit.host.provision", "vmkit.nbd.server", "vmkit.host.images.micro",
+         "vmkit.host.images.store")
 """What `vmkit --help` must not import (typer builds the command tree from the commands' signatures)."""
 
 
@@ -254,10 +255,11 @@ def test_list_imports_no_operations(tmp_path: Path) -> None:
     listed = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
                                     "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
                                     "    main(['list'])")
-    assert "vmkit.listing" in listed
-    assert [m for m in listed if m.startswith(("aiohttp", "cryptography", "vmkit.control", "vmkit.statectl",
-                                               "vmkit.fsbench", "vmkit.builder", "vmkit.cloudinstance",
-                                               "vmkit.api.transport", "vmkit.supervisor"))] == []
+    assert "vmkit.backends.local.listing" in listed
+    operations = ("aiohttp", "cryptography", "vmkit.backends.local.control", "vmkit.backends.local.statectl",
+                  "vmkit.bench.fs", "vmkit.host.builder", "vmkit.host.provision", "vmkit.api.transport",
+                  "vmkit.daemon.supervisor")
+    assert [m for m in listed if m.startswith(operations)] == []
 
 
 def test_deferred_help_modules_still_work_when_used() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import control
+from vmkit.backends.local import control
 from vmkit.config import parse_config
 from vmkit.errors import ConfigError
 
@@ -65,8 +65,8 @@ def test_a_taken_ssh_port_moves_at_start(tmp_path: Path) -> None:
     make the start fail; the forward moves to a free port and ssh_config follows."""
     import socket as sk
 
-    from vmkit.cloudinstance import SEED, claim_ssh_port, ssh_port, write_ssh_config
     from vmkit.config import parse_config
+    from vmkit.host.provision import SEED, claim_ssh_port, ssh_port, write_ssh_config
 
     inst = tmp_path / "web"
     inst.mkdir()

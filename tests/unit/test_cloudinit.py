@@ -12,9 +12,9 @@ import pycdlib
 import pytest
 import yaml
 
-from vmkit import cloudinit
 from vmkit.errors import ConfigError
-from vmkit.guest import keys
+from vmkit.host import cloudinit
+from vmkit.host import sshkeys as keys
 
 MAC = "52:54:00:12:34:56"
 

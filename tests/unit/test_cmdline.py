@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from vmkit.config import DiskImage, MachineConfig, StorageDevice, parse_config
-from vmkit.qemu import cmdline
-from vmkit.qemu.accel import AccelChoice
-from vmkit.qemu.cmdline import Runtime
+from vmkit.runtime.qemu import cmdline
+from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.runtime.qemu.cmdline import Runtime
 
 GOLDEN = Path(__file__).parent / "golden"
 TCG = AccelChoice("tcg", "test")

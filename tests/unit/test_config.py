@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from vmkit.cloudinstance import free_port
 from vmkit.config import (
     DiskImage,
     MachineConfig,
@@ -24,6 +23,7 @@ from vmkit.config import (
     port_is_free,
 )
 from vmkit.errors import ConfigError, ExitCode, Problem
+from vmkit.host.provision import free_port
 
 
 @pytest.fixture

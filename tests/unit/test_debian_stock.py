@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from vmkit.images import debian
-from vmkit.images.debian import BuildProgress, build_debian
-from vmkit.images.store import ImageManifest, ImageStore
+from vmkit.host.images import debian
+from vmkit.host.images.debian import BuildProgress, build_debian
+from vmkit.host.images.store import ImageManifest, ImageStore
 
 
 def _argv(tmp_path: Path, *, stock: bool) -> list[str]:

@@ -13,8 +13,8 @@ from vmkit.errors import (
     error_fields,
     error_from_fields,
 )
-from vmkit.savestate import RestoreFailed
-from vmkit.statefile import AuthenticationFailed, ConfigMismatch, StateFileError
+from vmkit.state.file import AuthenticationFailed, ConfigMismatch, StateFileError
+from vmkit.state.savestate import RestoreFailed
 
 
 def test_a_known_class_comes_back_as_itself() -> None:

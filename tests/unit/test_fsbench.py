@@ -2,7 +2,7 @@
 report, the guest's mount table, winners and the JSON/Markdown outputs.
 
 The fio reports in ``data/fsbench`` are real: made by fio 3.33 (the host's, and for the failing
-mmap on 9p and the mount table, the Debian guest's) from :func:`vmkit.fsbench.fio_argv`.
+mmap on 9p and the mount table, the Debian guest's) from :func:`vmkit.bench.fs.fio_argv`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmkit import fsbench as fb
+from vmkit.bench import fs as fb
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import ConfigError, ExitCode
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vmkit.errors import VmkitError
-from vmkit.guest.agent import GuestAgent, GuestAgentError, agent_socket, correct_guest_clock
+from vmkit.runtime.guest.agent import GuestAgent, GuestAgentError, agent_socket, correct_guest_clock
 
 
 @dataclass

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from vmkit.errors import ConfigError
-from vmkit.guest.agent import GuestAgentError
-from vmkit.guest.channel import AgentChannel
-from vmkit.guest.files import copy_from_guest, copy_to_guest, current_umask, host_destination
+from vmkit.runtime.guest.agent import GuestAgentError
+from vmkit.runtime.guest.channel import AgentChannel
+from vmkit.runtime.guest.files import copy_from_guest, copy_to_guest, current_umask, host_destination
 
 
 @dataclass

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vmkit.errors import ConfigError
-from vmkit.guest import keys
+from vmkit.host import sshkeys as keys
 
 
 def test_user_keypair_is_ed25519_openssh() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from vmkit.errors import ConfigError, ImageError
-from vmkit.images import debpkg, micro
-from vmkit.images.initramfs import CpioArchive, normalize_path, read_archive
+from vmkit.host.images import debpkg, micro
+from vmkit.host.images.initramfs import CpioArchive, normalize_path, read_archive
 
 # --------------------------------------------------------------------------- cpio writer
 

@@ -14,7 +14,7 @@ import pytest
 
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import AlreadyExistsError, ConfigError, ExitCode, NotFoundError, StateError
-from vmkit.instance import Instance, Status
+from vmkit.host.instance import Instance, Status
 
 
 def make_config(name: str = "vm1") -> MachineConfig:
@@ -257,7 +257,7 @@ def test_reconcile_of_a_cleanly_stopped_instance_changes_nothing(inst: Instance)
 
 
 def _check_many(path: str, n: int) -> int:
-    from vmkit.instance import Instance
+    from vmkit.host.instance import Instance
 
     inst = Instance(Path(path).name, Path(path).parent)
     return sum(inst.is_supervised() for _ in range(n))
@@ -267,7 +267,7 @@ def test_concurrent_checks_never_see_each_other_as_a_supervisor(tmp_path: Path) 
     """Checking used to take the lock exclusively: two checking processes saw each other as a supervisor."""
     import multiprocessing
 
-    from vmkit.instance import Instance, take_exclusive
+    from vmkit.host.instance import Instance, take_exclusive
 
     inst = Instance("busy", tmp_path)
     inst.dir.mkdir()

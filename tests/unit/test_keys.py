@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import keys
 from vmkit.errors import ExitCode
-from vmkit.keys import KEY_SIZE, KeyFileError, key_id, key_path, load_key, load_or_create_key
+from vmkit.state import key as keys
+from vmkit.state.key import KEY_SIZE, KeyFileError, key_id, key_path, load_key, load_or_create_key
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from vmkit.config import parse_config
 from vmkit.errors import ExitCode, StateError, VmkitError
-from vmkit.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
-from vmkit.qemu.accel import AccelChoice
+from vmkit.runtime.machine import LIVE_STATES, VirtualMachine, VmEvent, VmState
+from vmkit.runtime.qemu.accel import AccelChoice
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import paths
 from vmkit.errors import ExitCode, HostError
+from vmkit.host import paths
 
 OTHER_UID = 65534  # nobody
 

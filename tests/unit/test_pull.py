@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from vmkit.errors import ConfigError, ImageError
-from vmkit.images import pull as pullmod
-from vmkit.images.store import ImageStore
+from vmkit.host.images import pull as pullmod
+from vmkit.host.images.store import ImageStore
 
 IMAGE = b"QFI\xfb" + os.urandom(3 * 1024 * 1024 + 123)  # qcow2 magic + ~3 MiB of noise
 IMAGE_NAME = "ubuntu-24.04-server-cloudimg-amd64.img"

@@ -12,19 +12,22 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from vmkit import control, keys, savestate, statectl, statefile
+from vmkit.backends.local import control, statectl
 from vmkit.config import MachineConfig, parse_config
+from vmkit.daemon.state_routes import StartPlan
 from vmkit.errors import ConfigError, ExitCode, VmkitError
-from vmkit.instance import Instance, Status
-from vmkit.qemu.accel import AccelChoice
-from vmkit.statefile import (
+from vmkit.host.instance import Instance, Status
+from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.state import file as statefile
+from vmkit.state import key as keys
+from vmkit.state import savestate
+from vmkit.state.file import (
     AuthenticationFailed,
     ConfigMismatch,
     DisksChanged,
     NotAStateFile,
     StateFileWriter,
 )
-from vmkit.supervisor_state import StartPlan
 
 TCG = AccelChoice("tcg", "test")
 

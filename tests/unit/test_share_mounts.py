@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from vmkit import cloudinit
-from vmkit.cloudinstance import boot_mounts, fstab_entry, guest_uid
 from vmkit.config import MachineConfig, parse_config
-from vmkit.guest import keys
-from vmkit.qemu.cmdline import NINEP_MSIZE
-from vmkit.sshfs import guest_command, sftp_server_argv, ssh_argv, sshfs_options
+from vmkit.host import cloudinit
+from vmkit.host import sshkeys as keys
+from vmkit.host.provision import boot_mounts, fstab_entry, guest_uid
+from vmkit.runtime.qemu.cmdline import NINEP_MSIZE
+from vmkit.runtime.sshfs import guest_command, sftp_server_argv, ssh_argv, sshfs_options
 
 
 def cfg(tmp_path: Path, shares: list[dict[str, Any]], *, ssh: bool = True) -> MachineConfig:

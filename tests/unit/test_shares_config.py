@@ -10,8 +10,8 @@ from test_cmdline import check_golden
 
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import ConfigError
-from vmkit.qemu import cmdline
-from vmkit.shares import virtiofsd_argv
+from vmkit.runtime.qemu import cmdline
+from vmkit.runtime.virtiofs import virtiofsd_argv
 
 
 def cfg(tmp_path: Path, shares: list[dict[str, Any]], **extra: Any) -> MachineConfig:
@@ -120,7 +120,7 @@ def test_cpu_model_is_refused_unless_plain_qemu_syntax(tmp_path: Path, model: st
 
 
 def test_fio_directory_is_escaped() -> None:
-    from vmkit.fsbench import fio_dir_escape
+    from vmkit.bench.fs import fio_dir_escape
 
     assert fio_dir_escape("/mnt/a:b/.vmkit-fsbench-x") == "/mnt/a\\:b/.vmkit-fsbench-x"
     with pytest.raises(ConfigError):
@@ -135,13 +135,13 @@ def test_fio_directory_is_escaped() -> None:
                                      "tag": "code"}),
 ])
 def test_parse_mount(spec: str, expected: dict[str, Any]) -> None:
-    from vmkit.builder import parse_mount
+    from vmkit.host.builder import parse_mount
 
     assert parse_mount(spec) == expected
 
 
 def test_bad_mount_option_names_the_option() -> None:
-    from vmkit.builder import parse_mount
+    from vmkit.host.builder import parse_mount
 
     with pytest.raises(ValueError, match="unknown mount option 'speed=9'"):
         parse_mount("/src,speed=9")

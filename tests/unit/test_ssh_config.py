@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.cloudinstance import ssh_config_text
 from vmkit.errors import ConfigError
+from vmkit.host.provision import ssh_config_text
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh")
 

@@ -21,10 +21,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from vmkit import statefile
 from vmkit.errors import STATE_FILE_CODES, ExitCode, VmkitError
-from vmkit.keys import key_id
-from vmkit.statefile import (
+from vmkit.state import file as statefile
+from vmkit.state.file import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMPRESSION_LEVEL,
     FORMAT_VERSION,
@@ -52,6 +51,7 @@ from vmkit.statefile import (
     restore_to_fd,
     save_from_fd,
 )
+from vmkit.state.key import key_id
 
 SMALL_CHUNK = 64 << 10
 REC = 8  # format 2 record header: u32 flags | stored length, u32 plaintext length

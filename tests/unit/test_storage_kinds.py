@@ -10,7 +10,7 @@ from test_cmdline import check_golden
 
 from vmkit.config import MachineConfig, parse_config, parse_nbd_url
 from vmkit.errors import ConfigError
-from vmkit.qemu import cmdline
+from vmkit.runtime.qemu import cmdline
 
 
 def cfg(tmp_path: Path, storage: list[dict[str, Any]], **extra: Any) -> MachineConfig:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from vmkit.config import PortForward, Readiness, Serial, validate_model
+from vmkit.daemon.state_routes import OperationGate
 from vmkit.errors import ConfigError, StateError
-from vmkit.serial import Backlog, SerialConsole, read_log
-from vmkit.supervisor_state import OperationGate
+from vmkit.runtime.serial import Backlog, SerialConsole, read_log
 
 
 async def test_serial_log_rotates_at_log_max_and_read_log_joins_both_parts(tmp_path: Path) -> None:

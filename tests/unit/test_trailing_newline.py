@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from vmkit import cloudinit, savestate, statefile
 from vmkit.config import (
     MachineConfig,
     Network,
@@ -22,9 +21,12 @@ from vmkit.config import (
     validate_name,
 )
 from vmkit.errors import ConfigError, ImageError, VmkitError
-from vmkit.images import debpkg
-from vmkit.images.store import ImageStore, validate_image_name
-from vmkit.instance import Instance
+from vmkit.host import cloudinit
+from vmkit.host.images import debpkg
+from vmkit.host.images.store import ImageStore, validate_image_name
+from vmkit.host.instance import Instance
+from vmkit.state import file as statefile
+from vmkit.state import savestate
 
 
 def _config(**extra: Any) -> MachineConfig:

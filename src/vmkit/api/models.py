@@ -21,7 +21,7 @@ from vmkit.config import Bool, Float
 API_VERSION = "v1"
 
 MachineStateName = Literal["stopped", "starting", "running", "pausing", "paused", "resuming", "stopping", "error"]
-"""The values of :class:`vmkit.states.VmState` (a test keeps the two equal)."""
+"""The values of :class:`vmkit.runtime.states.VmState` (a test keeps the two equal)."""
 
 
 MAX_WAIT = 24 * 3600.0

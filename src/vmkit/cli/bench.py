@@ -39,7 +39,7 @@ def fs(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from vmkit import fsbench
+    from vmkit.bench import fs as fsbench
     from vmkit.config import format_size
 
     selected = fsbench.select_jobs(jobs, quick=quick)

@@ -11,16 +11,16 @@ import typer
 from vmkit.cli import groups
 from vmkit.cli.output import err, out, print_json, spinner
 from vmkit.errors import ConfigError
-from vmkit.images import catalogue
+from vmkit.host.images import catalogue
 
 if TYPE_CHECKING:
-    from vmkit.images.store import Image, ImageStore
+    from vmkit.host.images.store import Image, ImageStore
 
 app = typer.Typer(help=groups.help_of("image"), no_args_is_help=True)
 
 
 def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:
-    from vmkit.images import debian
+    from vmkit.host.images import debian
 
     def show(p: debian.BuildProgress) -> None:
         progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
@@ -29,7 +29,7 @@ def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], N
 
 
 def _builders() -> dict[str, Callable[..., Image]]:
-    from vmkit.images import micro
+    from vmkit.host.images import micro
 
     return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: micro.build_micro_full,
             catalogue.DEBIAN_12: _build_debian}
@@ -43,8 +43,8 @@ def build(
     """Build a guest image from Debian packages into the image cache."""
     from rich.markup import escape
 
-    from vmkit.images import debian
-    from vmkit.images.store import ImageStore
+    from vmkit.host.images import debian
+    from vmkit.host.images.store import ImageStore
 
     builder = _builders().get(name)
     if builder is None:
@@ -63,8 +63,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     from rich.markup import escape
     from rich.table import Table
 
-    from vmkit.images import debian
-    from vmkit.images.store import ImageStore
+    from vmkit.host.images import debian
+    from vmkit.host.images.store import ImageStore
 
     images = ImageStore().list()
     if as_json:
@@ -88,7 +88,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
 @app.command("rm")
 def rm(name: str) -> None:
     """Remove an image from the cache."""
-    from vmkit.images.store import ImageStore
+    from vmkit.host.images.store import ImageStore
 
     ImageStore().remove(name)
     out.print(f"removed image {name}")
@@ -109,8 +109,8 @@ def pull(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from vmkit.images import pull as pull_mod
-    from vmkit.images.store import ImageStore
+    from vmkit.host.images import pull as pull_mod
+    from vmkit.host.images.store import ImageStore
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err) as bar:

@@ -91,7 +91,7 @@ def serve_command(
 
     Plain TCP (--port without --tls-dir) is open to every local user and to anyone who can reach it.
     """
-    from vmkit import paths
+    from vmkit.host import paths
     from vmkit.nbd import Export, create_backend, registered_backends, serve
     from vmkit.nbd import tls as nbd_tls
     from vmkit.nbd.server import default_socket_path

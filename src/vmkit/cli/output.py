@@ -14,7 +14,7 @@ from rich.markup import escape
 from vmkit.errors import VmkitError
 
 if TYPE_CHECKING:
-    from vmkit.api.client import Client, Instance
+    from vmkit.client.sync import Client, Instance
 
 out = Console()
 err = Console(stderr=True)
@@ -22,7 +22,7 @@ err = Console(stderr=True)
 
 def client() -> Client:
     """The public client every command goes through (the home: ``VMKIT_HOME``, else the XDG one)."""
-    from vmkit.api.client import Client
+    from vmkit.client.sync import Client
 
     return Client()
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from vmkit.api.models import ClockFix, SaveOutcome, StartResult
-    from vmkit.statectl import Note
+    from vmkit.backends.local.statectl import Note
 
 snapshot_app = typer.Typer(help=groups.help_of("snapshot"), no_args_is_help=True)
 

@@ -19,7 +19,7 @@ def doctor() -> None:
     """Check the host: tools vmkit needs (with install hints) and which accelerator it will use, and why."""
     from rich.table import Table
 
-    from vmkit import host
+    from vmkit.host import doctor as host
 
     table = Table("check", "status", "detail", "fix")
     missing_required = False

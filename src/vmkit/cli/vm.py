@@ -54,7 +54,7 @@ def start(
     A machine stopped with `stop --save` resumes from its saved state (falling back to a boot).
     """
     if dry_run:
-        from vmkit.qemu.cmdline import render
+        from vmkit.runtime.qemu.cmdline import render
 
         out.print(render(machine(name).qemu_argv()), markup=False, highlight=False, soft_wrap=True)
         return
@@ -95,7 +95,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     from rich.markup import escape
     from rich.table import Table
 
-    from vmkit.listing import BROKEN
+    from vmkit.backends.local.listing import BROKEN
 
     rows = client().rows()
     if as_json:

@@ -66,8 +66,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from vmkit import paths
 from vmkit.errors import ConfigError
+from vmkit.host import paths
 from vmkit.nbd import protocol as p
 from vmkit.nbd.backends import Backend, Extent
 from vmkit.nbd.defaults import DEFAULT_MAX_BUFFER_MEMORY as DEFAULT_MAX_BUFFER_MEMORY

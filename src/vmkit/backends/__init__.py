@@ -1,0 +1,1 @@
+"""Where machines run. ``local``: this host, through supervisors (the only backend so far)."""

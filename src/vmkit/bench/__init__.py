@@ -1,0 +1,1 @@
+"""Benchmarks that run inside a machine (``vmkit bench``)."""

@@ -1,0 +1,501 @@
+"""The public Python client: :class:`Client` and its :class:`Instance` handles (synchronous).
+
+It sees the same machines as the ``vmkit`` command (the same home, the same supervisors), and
+every result is one of the typed models of the REST API (:mod:`vmkit.api.models`)::
+
+    import vmkit
+
+    client = vmkit.Client()                       # or Client(home="/srv/vmkit")
+    web = client.create("web", image="debian-12", cpus=2, memory="1G", ports=["8080:80"])
+    web.start()
+    print(web.exec(["uname", "-a"]).stdout.decode())
+    web.copy_in("notes.txt", "/tmp/notes.txt")
+    web.stop()
+
+Errors are :mod:`vmkit.errors` classes (``NotFoundError``, ``StateError``, ``ConfigError``...),
+also for failures that happened inside a supervisor. It works inside a running event loop too
+(Jupyter, an asyncio program): each call then runs in a worker thread. The asynchronous client
+with the same shape is :class:`vmkit.aio.Client`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vmkit.api import models
+from vmkit.host import paths
+
+if TYPE_CHECKING:
+    from vmkit.backends.local.statectl import Note
+    from vmkit.bench.fs import Job, Report, Settings, Step
+    from vmkit.config import MachineConfig, PortForward
+
+T = TypeVar("T")
+
+ConsoleProgress = Callable[[str], None]
+"""Receives the last line the guest printed on its console, while a machine boots (for a spinner)."""
+ByteProgress = Callable[[int, "int | None"], None]
+"""Receives (bytes done, total or None) while a machine state is saved or restored (for a byte bar)."""
+Notice = Callable[["Note"], None]
+"""Receives what the user should be told while a machine comes up (:class:`vmkit.backends.local.statectl.Note`)."""
+
+_CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
+                             "run", "accel", "cpus", "memory", "from_file"})
+_CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (without importing asyncio: no module, no loop)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _status(st: Any) -> models.RuntimeStatus:
+    return models.RuntimeStatus.model_validate(st.to_dict())
+
+
+def _clock(clock: dict[str, Any] | None) -> models.ClockFix | None:
+    return models.ClockFix.model_validate(clock) if clock else None
+
+
+def _start_result(outcome: Any) -> models.StartResult:
+    return models.StartResult(
+        status=_status(outcome.status), restored=outcome.restored, snapshot=outcome.snapshot,
+        clock=_clock(outcome.clock), fallback=outcome.fallback,
+        discarded=str(outcome.discarded) if outcome.discarded else None, notes=list(outcome.notes))
+
+
+def _path(p: str | Path | None) -> Path | None:
+    return Path(p) if p is not None else None
+
+
+class Client:
+    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory)."""
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.home = Path(home).expanduser().resolve() if home is not None else None
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one operation with this client's home; in a worker thread inside a running event loop
+        (the operations drive supervisors with their own short-lived loops)."""
+        def run() -> T:
+            with paths.using_home(self.home):
+                return fn(*args, **kwargs)
+
+        if not _in_event_loop():
+            return run()
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="vmkit-client") as pool:
+            return pool.submit(contextvars.copy_context().run, run).result()
+
+    # -- machines ----------------------------------------------------------------------------------
+    def create(self, spec: str | MachineConfig | dict[str, Any], /, **options: Any) -> Instance:
+        """Create a machine and return its handle.
+
+        * ``create(config)``: a :class:`~vmkit.config.MachineConfig` or a vm.yaml mapping;
+        * ``create(name, image="debian-12", cpus=2, memory="1G", disks=["20G"], ports=["8080:80"],
+          mounts=["~/src"], user_data=Path(...))``: as ``vmkit create`` (with ``image``, ``kernel`` or
+          ``from_file``, a vm.yaml to start from; options given as None are not set);
+        * ``create(name, **vm_yaml_fields)``: any other keywords are vm.yaml's fields.
+        """
+        from vmkit.backends.local import control
+        from vmkit.config import MachineConfig, parse_config
+        from vmkit.host.builder import CreateOptions
+
+        if isinstance(spec, MachineConfig):
+            inst = self._call(control.create, spec)
+        elif isinstance(spec, dict):
+            inst = self._call(control.create, parse_config(spec))
+        elif options.keys() & {"image", "kernel", "from_file"}:
+            unknown = set(options) - _CREATE_OPTIONS
+            if unknown:
+                from vmkit.errors import ConfigError
+
+                raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
+                                         f"use {', '.join(sorted(_CREATE_OPTIONS))}")
+            opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
+                                    for k, v in options.items() if v is not None}
+            if "memory" in opts:
+                opts["memory"] = str(opts["memory"])
+            for listed in ("disks", "ports", "mounts"):
+                if listed in opts:
+                    opts[listed] = [str(v) for v in opts[listed]]
+            inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
+        else:
+            inst = self._call(control.create, parse_config({"name": spec, **options}))
+        return Instance(self, inst.name)
+
+    def get(self, name: str) -> Instance:
+        """The machine ``name`` (``NotFoundError`` if there is none)."""
+        from vmkit.host.instance import Instance as Record
+
+        return Instance(self, self._call(lambda: Record(name).require()).name)
+
+    def list(self) -> list[Instance]:
+        """Every machine, by name."""
+        return [Instance(self, row.name) for row in self.rows()]
+
+    def rows(self) -> builtins.list[models.InstanceRow]:
+        """Every machine as ``vmkit list`` shows it (a broken one included, with the reason)."""
+        from vmkit.backends.local import listing
+
+        return self._call(listing.list_instances)
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        """Delete a stopped machine and its directory (``force``: stop it first)."""
+        from vmkit.backends.local import control
+
+        self._call(control.delete, name, force=force)
+
+    def clone(self, src: str, dst: str, *, notice: Callable[[str], None] | None = None) -> Instance:
+        """An independent copy ``dst`` of the stopped machine ``src`` (new identity, keys, MAC and SSH
+        port); ``notice`` receives what was not copied (host port forwards belong to ``src``)."""
+        from vmkit.backends.local import control
+
+        inst, notes = self._call(control.clone, src, dst)
+        for note in notes:
+            if notice is not None:
+                notice(note)
+        return Instance(self, inst.name)
+
+    def copy(self, src: str, dst: str) -> int:
+        """``vmkit cp``: exactly one of ``src`` and ``dst`` is ``NAME:/guest/path``, the other a host path;
+        returns the bytes copied (see :meth:`Instance.copy_in`, :meth:`Instance.copy_out`)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.copy, src, dst)
+
+    # -- the state-file key ------------------------------------------------------------------------
+    def key_info(self) -> models.KeyInfo:
+        """The state-file key that encrypts saved machine states: where, its fingerprint, retired keys."""
+        from vmkit.state import key as keys
+
+        def info() -> models.KeyInfo:
+            path = keys.key_path()
+            return models.KeyInfo(path=str(path), key_id=keys.key_id(keys.load_key()) if path.exists() else None,
+                                  retired_key_ids=[keys.key_id(k) for k in keys.load_retired_keys()])
+
+        return self._call(info)
+
+    def rotate_key(self, files: Sequence[str | Path] = ()) -> models.KeyRotation:
+        """A new state-file key; every machine's saved state and ``files`` are re-encrypted with it
+        (no machine may run). See :func:`vmkit.backends.local.statectl.rotate_key`."""
+        from vmkit.backends.local import statectl
+        from vmkit.state import key as keys
+
+        def rotate() -> models.KeyRotation:
+            done = statectl.rotate_key([Path(f) for f in files])
+            return models.KeyRotation(
+                path=str(keys.key_path()), old_key_id=done.old_key_id, new_key_id=done.new_key_id,
+                reencrypted=[str(p) for p in done.reencrypted],
+                skipped=[models.SkippedFile(path=str(p), reason=why) for p, why in done.skipped])
+
+        return self._call(rotate)
+
+    def __repr__(self) -> str:
+        return f"vmkit.Client(home={str(self.home) if self.home else None!r})"
+
+
+class Instance:
+    """A handle on one machine; every call reads or changes the machine as it is now."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<vmkit.Instance {self.name}>"
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.client._call(fn, *args, **kwargs)
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``stopped``, ``running``, ``paused``, ..., ``saved`` or ``broken``, as ``vmkit list`` shows it."""
+        return self.row().state
+
+    def row(self) -> models.InstanceRow:
+        from vmkit.backends.local import listing
+        from vmkit.host.instance import Instance as Record
+
+        return self._call(lambda: listing.view(Record(self.name).require()))
+
+    def status(self) -> models.RuntimeStatus:
+        from vmkit.host.instance import Instance as Record
+
+        return _status(self._call(lambda: Record(self.name).require().reconcile()))
+
+    def info(self) -> dict[str, Any]:
+        """Configuration and runtime status (``vmkit inspect``)."""
+        from vmkit.backends.local import listing
+
+        return self._call(listing.inspect, self.name)
+
+    @property
+    def config(self) -> MachineConfig:
+        from vmkit.host.instance import Instance as Record
+
+        return self._call(lambda: Record(self.name).require().load_config())
+
+    @property
+    def directory(self) -> Path:
+        """The instance directory (vm.yaml, logs, sockets, disks made by vmkit)."""
+        from vmkit.host.instance import Instance as Record
+
+        return self._call(lambda: Record(self.name).require().dir)
+
+    def qemu_argv(self) -> list[str]:
+        """The QEMU command line :meth:`start` would run (``vmkit start --dry-run``; file descriptors
+        shown as the supervisor passes them)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.dry_run_argv, self.name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, *, timeout: float | None = None, cold: bool = False, progress: ConsoleProgress | None = None,
+              state_progress: ByteProgress | None = None, notice: Notice | None = None) -> models.StartResult:
+        """Boot the machine, or resume its saved state if it has one (``cold``: boot anyway); returns
+        once the guest is ready. ``progress`` receives console lines while it boots,
+        ``state_progress`` the bytes of a saved state being resumed, ``notice`` what to tell the user
+        (resuming, or why the saved state was not used)."""
+        from vmkit.backends.local import statectl
+
+        return _start_result(self._call(statectl.start, self.name, timeout=timeout, cold=cold, progress=progress,
+                                        state_progress=state_progress, notice=notice))
+
+    def stop(self, *, force: bool = False, save: bool = False, timeout: float = 30.0) -> models.RuntimeStatus:
+        """ACPI power button, then a hard stop after ``timeout`` s (``force``: hard stop now;
+        ``save``: save the running state first, so that :meth:`start` resumes it)."""
+        from vmkit.backends.local import control, statectl
+
+        if save:
+            return _status(self._call(statectl.save, self.name, keep_running=False).status)
+        return _status(self._call(control.stop, self.name, force=force, timeout=timeout))
+
+    def pause(self) -> models.RuntimeStatus:
+        from vmkit.backends.local import control
+
+        return _status(self._call(control.pause, self.name))
+
+    def resume(self) -> models.ResumeResult:
+        from vmkit.backends.local import control
+
+        resumed = self._call(control.resume, self.name)
+        return models.ResumeResult.model_validate({**resumed.status.to_dict(), "clock": resumed.clock})
+
+    def save(self, path: str | Path | None = None, *, keep_running: bool = False, force: bool = False,
+             progress: ByteProgress | None = None) -> models.SaveOutcome:
+        """Save the running state to ``path`` (default: the machine's own, resumed by :meth:`start`);
+        ``progress`` receives the bytes written."""
+        from vmkit.backends.local import statectl
+
+        out = self._call(statectl.save, self.name, _path(path), keep_running=keep_running, force=force,
+                         progress=progress)
+        return models.SaveOutcome(path=str(out.path), payload_bytes=out.payload_bytes, file_bytes=out.file_bytes,
+                                  seconds=out.seconds, keep_running=out.keep_running, clock=_clock(out.clock),
+                                  status=_status(out.status))
+
+    def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
+                timeout: float | None = None, progress: ConsoleProgress | None = None,
+                state_progress: ByteProgress | None = None) -> models.StartResult:
+        """Start the stopped machine from a state file (default: its own saved state; ``force``: even
+        if its disks changed; ``paused``: leave it paused)."""
+        from vmkit.backends.local import statectl
+
+        return _start_result(self._call(statectl.restore, self.name, _path(path), force=force, paused=paused,
+                                        timeout=timeout, progress=progress, state_progress=state_progress))
+
+    def delete(self, *, force: bool = False) -> None:
+        self.client.delete(self.name, force=force)
+
+    def clone(self, name: str, *, notice: Callable[[str], None] | None = None) -> Instance:
+        """An independent copy of this stopped machine, named ``name`` (see :meth:`Client.clone`)."""
+        return self.client.clone(self.name, name, notice=notice)
+
+    # -- the guest ---------------------------------------------------------------------------------
+    def exec(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float = 60.0) -> models.ExecResult:
+        """Run ``argv`` in the guest through its agent: ``.exit_code``, ``.stdout``, ``.stderr`` (bytes)."""
+        from vmkit.backends.local import control
+
+        res = self._call(control.exec_in_guest, self.name, list(argv), timeout=timeout, stdin=stdin)
+        return models.ExecResult.of(res.exit_code, res.stdout, res.stderr, res.signal)
+
+    def copy_in(self, local: str | Path, remote: str) -> int:
+        """Copy a host file into the guest (``remote`` ending in ``/``: into that directory)."""
+        return self.client.copy(str(local), f"{self.name}:{remote}")
+
+    def copy_out(self, remote: str, local: str | Path) -> int:
+        """Copy a guest file to the host (atomically; a directory ``local`` receives it by name)."""
+        return self.client.copy(f"{self.name}:{remote}", str(local))
+
+    def ssh_argv(self, command: Sequence[str] = (), *, tty: bool = False) -> list[str]:
+        """The ``ssh`` command line that logs in (or runs ``command``) with the pinned host key and the
+        machine's own key (``vmkit shell``; cloud images only)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.ssh_argv, self.name, list(command), tty=tty)
+
+    def ssh_config(self) -> str:
+        """An OpenSSH config for the machine (``ssh -F FILE NAME``; cloud images only)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.ssh_config, self.name)
+
+    def console_log(self) -> str:
+        """What the guest has printed on its serial console so far."""
+        return self.console_bytes().decode("utf-8", errors="replace")
+
+    def console_bytes(self) -> bytes:
+        """What the guest has printed on its serial console so far, as it printed it."""
+        from vmkit.host.instance import Instance as Record
+        from vmkit.runtime.serial import read_log
+
+        return self._call(lambda: read_log(Record(self.name).require().serial_log))
+
+    def wait_console(self, pattern: str, *, timeout: float = 60.0) -> str:
+        """Wait until the console log matches ``pattern`` (a multiline regex); return the log so far."""
+        from vmkit.backends.local import control
+
+        return self._call(control.wait_console, self.name, pattern, timeout)
+
+    def attach_console(self, input_fd: int, on_output: Callable[[bytes], None], *, detach: bytes | None = None,
+                       on_connected: Callable[[], None] | None = None) -> None:
+        """Connect the serial console: bytes read from ``input_fd`` go to the guest until end of file
+        or ``detach`` (default Ctrl-]); what the guest prints goes to ``on_output``. ``on_connected`` runs once
+        the console is reached. Returns when detached or the machine stops."""
+        from vmkit.backends.local import control
+
+        self._call(control.attach_console, self.name, input_fd, on_output, detach=detach, on_connected=on_connected)
+
+    # -- devices -----------------------------------------------------------------------------------
+    @property
+    def ports(self) -> list[PortForward]:
+        from vmkit.backends.local import control
+
+        return self._call(control.port_list, self.name)
+
+    def add_port(self, spec: str) -> PortForward:
+        """Forward a host port (``8080:80``, ``127.0.0.1:5353:53/udp``): live if running, and in vm.yaml."""
+        from vmkit.backends.local import control
+
+        return self._call(control.port_add, self.name, spec)
+
+    @property
+    def disks(self) -> list[models.DiskRow]:
+        from vmkit.backends.local import control
+
+        return [models.DiskRow.model_validate(r) for r in self._call(control.list_disks, self.name)]
+
+    def attach_disk(self, spec: str, *, disk_id: str | None = None) -> models.DiskAttached:
+        from vmkit.backends.local import control
+
+        return models.DiskAttached.model_validate(self._call(control.attach_disk, self.name, spec, disk_id=disk_id))
+
+    def detach_disk(self, disk_id: str, *, timeout: float = 30.0) -> None:
+        from vmkit.backends.local import control
+
+        self._call(control.detach_disk, self.name, disk_id, timeout=timeout)
+
+    @property
+    def mounts(self) -> list[models.ShareRow]:
+        """The shared folders, with whether each is active (``vmkit mount list``)."""
+        from vmkit.backends.local import control
+
+        return [models.ShareRow.model_validate(r) for r in self._call(control.list_mounts, self.name)]
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    @property
+    def snapshots(self) -> list[models.SnapshotInfo]:
+        from vmkit.backends.local import statectl
+
+        return [models.SnapshotInfo.model_validate(s.to_dict()) for s in self._call(statectl.snapshot_list, self.name)]
+
+    def snapshot(self, tag: str | None = None) -> models.SnapshotInfo:
+        """Snapshot RAM and disks (qcow2) under ``tag`` (default: a timestamp)."""
+        from vmkit.backends.local import statectl
+
+        return models.SnapshotInfo.model_validate(self._call(statectl.snapshot_create, self.name, tag).to_dict())
+
+    def revert(self, tag: str, *, timeout: float | None = None, progress: ConsoleProgress | None = None,
+               notice: Notice | None = None) -> models.StartResult:
+        """Go back to snapshot ``tag`` (RAM and disks); a stopped machine is started from it."""
+        from vmkit.backends.local import statectl
+
+        return _start_result(self._call(statectl.snapshot_revert, self.name, tag, timeout=timeout,
+                                        progress=progress, notice=notice))
+
+    def delete_snapshot(self, tag: str) -> None:
+        from vmkit.backends.local import statectl
+
+        self._call(statectl.snapshot_delete, self.name, tag)
+
+    # -- benchmarks --------------------------------------------------------------------------------
+    def bench_fs(self, jobs: Sequence[Job], settings: Settings, *, shares: Sequence[str] | None = None,
+                 disk: bool = True, progress: Callable[[Step], None] | None = None) -> Report:
+        """fio in the running guest on every mounted share (``shares``: only these tags) and on its
+        own disk (``disk``); see :mod:`vmkit.bench.fs` (:func:`~vmkit.bench.fs.select_jobs`,
+        :func:`~vmkit.bench.fs.settings_for`)."""
+        from vmkit.bench import fs as fsbench
+
+        return self._call(fsbench.bench, self.name, jobs, settings, shares=shares, disk=disk, progress=progress)
+
+    def write_bench_report(self, report: Report, json_path: str | Path | None = None,
+                           markdown_path: str | Path | None = None) -> builtins.list[Path]:
+        """Write a :meth:`bench_fs` report as JSON and Markdown (default: ``fsbench-TIME.json`` and
+        ``.md`` in the instance directory); returns the paths written."""
+        from vmkit.bench import fs as fsbench
+
+        def write() -> builtins.list[Path]:
+            default_json, default_md = fsbench.default_output_paths(self.name, report.started)
+            return fsbench.write_report(report, _path(json_path) or default_json, _path(markdown_path) or default_md)
+
+        return self._call(write)
+
+    # -- events ------------------------------------------------------------------------------------
+    def events(self) -> Iterator[models.Event]:
+        """The machine's events as they happen (the first says its state now); ends when it stops.
+
+        Close the iterator (or leave the ``for`` loop) to stop listening."""
+        import asyncio
+        import queue
+        import threading
+
+        from vmkit.backends.local import control
+
+        api = self._call(control.client, self.name)
+        items: queue.Queue[models.Event | BaseException | None] = queue.Queue(maxsize=1000)
+        stop = threading.Event()
+
+        async def pump() -> None:
+            try:
+                async for item in api.events():
+                    if stop.is_set():
+                        return
+                    items.put(models.Event.model_validate(item))
+            except Exception as exc:  # handed to the reader
+                items.put(exc)
+            finally:
+                items.put(None)
+
+        reader = threading.Thread(target=lambda: asyncio.run(pump()), name="vmkit-events", daemon=True)
+        reader.start()
+        try:
+            while (item := items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

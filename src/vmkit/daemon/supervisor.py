@@ -1,0 +1,552 @@
+"""The per-instance supervisor: owns QEMU and serves a JSON HTTP API on ``api.sock``.
+
+Started detached by :func:`vmkit.backends.local.control.start` as ``python -m vmkit.daemon.supervisor DIR``. It
+holds the instance lock for its whole life, starts the machine, reports the outcome on a
+pipe (so ``vmkit start`` returns exactly when the guest is running or has failed), then
+serves until QEMU exits, records why in ``state.json`` and exits itself.
+
+API (all JSON; every error, bad input, unknown path or method and unexpected failure alike, is
+``{"error": {"type", "message", "hint", "exit_code"}}``, plus ``"field"`` for bad input; bodies
+are checked as vm.yaml is, and are at most 64 KiB)::
+
+    GET  /v1/state            runtime status
+    GET  /v1/info             configuration + runtime status
+    POST /v1/pause | /v1/resume
+    POST /v1/request-stop     {"timeout": s}  ACPI power button, wait up to timeout
+    POST /v1/stop             hard stop
+    GET  /v1/events           newline-delimited JSON events as they happen
+    GET  /v1/console          websocket: binary frames both ways (the serial console)
+    GET  /v1/disks            disks: boot and hot-plugged, with NBD connection state
+    POST /v1/disks            attach a disk (a StorageDevice as JSON)
+    DELETE /v1/disks/ID       detach a hot-plugged disk
+    POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
+                              save/restore and snapshots (see vmkit.daemon.state_routes)
+
+Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
+
+Console clients (``console.sock`` and ``/v1/console``) each get at most
+:data:`CONSOLE_BACKLOG` bytes of output waiting for them; a client that reads more slowly than
+the guest prints loses what does not fit, and reads a notice saying how much once it catches up
+(see :class:`vmkit.runtime.serial.Backlog`). An ``/v1/events`` reader more than :data:`EVENTS_BACKLOG`
+events behind gets an ``events-dropped`` event and the stream ends. Save and snapshot operations
+exclude every other operation that changes the machine (see
+:class:`vmkit.daemon.state_routes.OperationGate`): those are refused with HTTP 409.
+
+The supervisor runs in the instance directory (its working directory), so nothing it opens
+can depend on where ``vmkit`` was started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from vmkit.api import models, spec
+from vmkit.config import PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.daemon.state_routes import (
+    OperationGate,
+    StartPlan,
+    StateRoutes,
+    body_as,
+    json_body,
+    start_from_plan,
+    unexpected_error,
+)
+from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
+from vmkit.host.instance import Instance, Status, take_exclusive
+from vmkit.runtime import hotplug
+from vmkit.runtime.guest.agent import GuestAgentError
+from vmkit.runtime.guest.channel import AgentChannel
+from vmkit.runtime.guest.execute import guest_exec
+from vmkit.runtime.guest.files import CHUNK as FILE_CHUNK
+from vmkit.runtime.guest.files import check_remote, read_guest_file, write_guest_file
+from vmkit.runtime.hotplug import disk_table
+from vmkit.runtime.machine import VirtualMachine, VmEvent
+from vmkit.runtime.serial import Backlog
+from vmkit.runtime.states import LIVE_STATES, VmState
+from vmkit.state import savestate
+
+log = logging.getLogger("vmkit.daemon.supervisor")
+
+MAX_BODY = 64 << 10
+"""Largest request body (and console input message) the API accepts."""
+CONSOLE_BACKLOG = 256 << 10
+"""Most console output bytes that wait for one console client (see :class:`vmkit.runtime.serial.Backlog`)."""
+START_REQUEST_WAIT = 60.0
+"""How long a new supervisor waits for ``POST /v1/start`` before it gives up and exits."""
+CONSOLE_TICK = 0.25
+"""How often the start's stream reports the guest's last console line while it boots."""
+EVENTS_BACKLOG = 1000
+"""Most events that wait for one ``/v1/events`` reader."""
+
+
+def error_body(exc: VmkitError) -> dict[str, Any]:
+    return {"error": error_fields(exc)}
+
+
+class Supervisor:
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+        self._start: asyncio.Task[None] | None = None
+        self._start_outcome: asyncio.Future[int | None] | None = None
+        """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
+        self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
+        self.config = instance.load_config()
+        self.vm = VirtualMachine(self.config, instance.dir)
+        self.status = Status()
+        self._done = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._console_server: asyncio.Server | None = None
+        self.ops = OperationGate()
+
+    # -- status bookkeeping -------------------------------------------------------------------------
+    def _record(self, ev: VmEvent) -> None:
+        if ev.kind == "share-failed":
+            reason = str(ev.detail.get("reason"))
+            old = self.status.degraded
+            self.status.degraded = f"{old}; {reason}" if old and reason not in old else reason
+            self.instance.write_status(self.status)
+            return
+        if ev.kind not in ("state-changed", "guest-stopped", "stopped-with-error"):
+            return
+        self.status.state = ev.state.value
+        if "reason" in ev.detail:
+            self.status.reason = str(ev.detail["reason"])
+        self.status.qemu_pid = self.vm.pid if ev.state in LIVE_STATES else None
+        self.instance.write_status(self.status)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.config.name, "config": self.config.to_dict(), "runtime": self.status.to_dict()}
+
+    # -- run ------------------------------------------------------------------------------------------
+    async def run(self, listen_fd: int | None = None) -> int:
+        """Serve the API at once, start the machine when ``POST /v1/start`` asks, then supervise it
+        until QEMU exits. Returns the process's exit code."""
+        self.status = Status(state="starting", supervisor_pid=os.getpid(), accel=self.vm.accel.name,
+                             accel_reason=self.vm.accel.reason)
+        self.instance.write_status(self.status)
+        self.vm.add_listener(self._record)
+        self._start_outcome = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
+        await self._serve_api(listen_fd)
+        try:
+            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+        except TimeoutError:
+            log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
+            failed = int(ExitCode.TIMEOUT)
+        if failed is not None:
+            if self._start is None:
+                self._record_failure("never started")
+            await self._stop_api()
+            return failed
+        exit_info = await self.vm.wait()
+        log.info("QEMU exited: %s", exit_info.reason)
+        await self.vm.shutdown()
+        self.status.state = "stopped" if exit_info.clean else "error"
+        self.status.reason = self.exit_reason or exit_info.reason
+        self.status.qemu_pid = None
+        self.instance.write_status(self.status)
+        await self._stop_api()
+        return 0 if exit_info.clean else 5
+
+    def _record_failure(self, reason: str) -> None:
+        self.status.state = "error"
+        self.status.reason = reason
+        self.status.qemu_pid = None
+        self.instance.write_status(self.status)
+
+    async def _start_machine(self, plan: StartPlan, emit: Callable[[dict[str, Any]], None]) -> None:
+        """The start (boot, or from saved state); emits its progress and one ``result`` or ``error``."""
+        assert self._start_outcome is not None
+        ready = False
+        try:
+            if plan.active:
+                await start_from_plan(self, plan, emit)
+            else:
+                await self.vm.start()
+            self.status.qemu_pid = self.vm.pid
+            self.status.started_at = self.vm.started_at
+            self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
+            self.instance.write_status(self.status)
+            if not plan.active:  # a restored guest printed its readiness marker long ago
+                await self.vm.wait_ready()
+            ready = True
+            if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
+                await self.vm.mount_sshfs()
+        except Exception as raised:
+            exc = raised if isinstance(raised, VmkitError) else unexpected_error(raised)
+            log.error("start failed: %s", exc)
+            if ready:  # the guest is up (an sshfs share failed): let it power off cleanly, so that
+                await self.vm.shutdown(timeout=20)  # what its first boot wrote reaches the disk
+            emit(error_body(exc))
+            await self.vm.shutdown(timeout=2)
+            self._record_failure(exc.message.splitlines()[0])
+            self._start_outcome.set_result(int(exc.exit_code))
+            return
+        emit({"result": self.status.to_dict()})
+        self._start_outcome.set_result(None)
+
+    async def _graceful_exit(self) -> None:
+        if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
+            self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+        if self.vm.state in LIVE_STATES:
+            await self.vm.shutdown(timeout=10)
+
+    async def _h_start(self, request: web.Request) -> web.StreamResponse:
+        plan = await body_as(request, models.StartRequest)
+        if self._start is not None or self._start_outcome is None or self._start_outcome.done():
+            raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
+        lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        shown = ""
+        while True:
+            try:
+                line = await asyncio.wait_for(lines.get(), CONSOLE_TICK)
+            except TimeoutError:  # while the guest boots: its last console line, for spinners
+                last = self.vm.serial.tail_text(lines=1).strip()[:120]
+                if last == shown:
+                    continue
+                shown = last
+                line = {"console": last}
+            with contextlib.suppress(ConnectionError):  # the client left: the start goes on
+                await resp.write((json.dumps(line) + "\n").encode())
+            if "result" in line or "error" in line:
+                break
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+
+    # -- HTTP API -------------------------------------------------------------------------------------
+    async def _serve_api(self, listen_fd: int | None = None) -> None:
+        """Serve the API on ``listen_fd`` (the listening ``api.sock`` that ``vmkit start`` made and
+        passed on, so a client can connect before this process is even up), else on a new socket."""
+        app = web.Application(middlewares=[_errors_middleware], client_max_size=MAX_BODY)
+        app.add_routes([
+            web.post("/v1/start", self._h_start),
+            web.get("/v1/state", self._h_state),
+            web.get("/v1/info", self._h_info),
+            web.post("/v1/pause", self._h_pause),
+            web.post("/v1/resume", self._h_resume),
+            web.post("/v1/request-stop", self._h_request_stop),
+            web.post("/v1/stop", self._h_stop),
+            web.get("/v1/events", self._h_events),
+            web.get("/v1/console", self._h_console),
+            web.get("/v1/openapi.json", self._h_openapi),
+            web.post("/v1/exec", self._h_exec),
+            web.get("/v1/files", self._h_read_file),
+            web.put("/v1/files", self._h_write_file),
+            web.post("/v1/ports", self._h_port_add),
+            web.get("/v1/disks", self._h_disks),
+            web.post("/v1/disks", self._h_disk_attach),
+            web.delete("/v1/disks/{id}", self._h_disk_detach),
+            *StateRoutes(self).routes(),
+        ])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        if listen_fd is not None:
+            await web.SockSite(self._runner, socket.socket(fileno=listen_fd)).start()
+        else:
+            sock = self.instance.api_socket
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            await web.UnixSite(self._runner, str(sock)).start()
+            sock.chmod(0o600)
+        console = self.instance.console_socket
+        with contextlib.suppress(FileNotFoundError):
+            console.unlink()
+        self._console_server = await asyncio.start_unix_server(self._raw_console, path=str(console))
+        console.chmod(0o600)
+
+    async def _raw_console(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``console.sock``: the serial console as a plain byte stream, both ways."""
+        backlog = Backlog("a console.sock client", CONSOLE_BACKLOG)
+        remove = self.vm.serial.add_listener(backlog.put)
+
+        async def pump() -> None:
+            while (data := await backlog.get()) is not None:
+                writer.write(data)
+                await writer.drain()
+
+        task = asyncio.create_task(pump())
+        try:
+            while data := await reader.read(4096):
+                await self.vm.serial.write(data)
+        except (EOFError, ConnectionError):
+            pass
+        finally:
+            remove()
+            backlog.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
+            writer.close()
+
+    async def _stop_api(self) -> None:
+        if self._console_server is not None:
+            self._console_server.close()
+            self._console_server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.instance.console_socket.unlink()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            self.instance.api_socket.unlink()
+
+    async def _h_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status.to_dict())
+
+    async def _h_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.info())
+
+    async def _h_pause(self, request: web.Request) -> web.Response:
+        await body_as(request, models.Empty)
+        with self.ops.shared("pause", "pausing"):
+            await self.vm.pause()
+        return web.json_response(self.status.to_dict())
+
+    async def _h_resume(self, request: web.Request) -> web.Response:
+        await body_as(request, models.Empty)
+        with self.ops.shared("resume", "resuming"):
+            clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
+            if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now
+                await self.vm.mount_sshfs()
+        return web.json_response({**self.status.to_dict(), "clock": clock.to_dict()})
+
+    async def _h_request_stop(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.RequestStop)
+        with self.ops.shared("request a stop", "stopping"):
+            await self.vm.request_stop(timeout=body.timeout)
+        return web.json_response(self.status.to_dict())
+
+    async def _h_stop(self, request: web.Request) -> web.Response:
+        await body_as(request, models.Empty)
+        with self.ops.shared("stop", "stopping"):
+            info = await self.vm.stop()
+        return web.json_response({**self.status.to_dict(), "exit": info.reason})
+
+    async def _h_events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        async with self.vm.subscribe(limit=EVENTS_BACKLOG) as q:
+            await resp.write((json.dumps({"kind": "hello", "state": self.vm.state.value}) + "\n").encode())
+            while True:
+                ev = await q.get()
+                await resp.write((json.dumps(ev.to_dict()) + "\n").encode())
+                if ev.kind == "events-dropped":
+                    break
+                if ev.state in (VmState.STOPPED, VmState.ERROR) and ev.kind != "state-changed":
+                    break
+        return resp
+
+    async def _h_port_add(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        fwd = validate_model(PortForward, body, context="port forward")
+        if self.config.network is None:
+            raise ConfigError.single("network", "this machine has no network: port forwards need one")
+        if not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
+            raise ConfigError.single("host_port", f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
+                                     "is already taken on this host: pick a free port")
+        rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
+        with self.ops.shared("add a port forward", "adding a port forward"):
+            reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})
+        if reply:  # HMP answers with text only when it fails
+            raise QemuError(f"QEMU refused the port forward {fwd}: {str(reply).strip()}")
+        return web.json_response({"forward": str(fwd)})
+
+    async def _h_openapi(self, request: web.Request) -> web.Response:
+        return web.Response(text=spec.openapi_json(), content_type="application/json")
+
+    def _agent(self, operation: str) -> AgentChannel:
+        """The shared agent channel of the running guest, or a clear error."""
+        if self.vm.agent is None:
+            raise ConfigError.single("agent", f"{self.config.name} has no guest agent channel: use `vmkit shell`, "
+                                     "or create it from a cloud image")
+        if self.vm.state != VmState.RUNNING:
+            raise StateError(operation, self.vm.state.value, [VmState.RUNNING.value])
+        return self.vm.agent
+
+    async def _h_exec(self, request: web.Request) -> web.Response:
+        req = await body_as(request, models.ExecRequest)
+        agent = self._agent("run a command in the guest")
+        res = await guest_exec(agent, req.argv, timeout=req.timeout, stdin=req.stdin)
+        return web.json_response(models.ExecResult.of(res.exit_code, res.stdout, res.stderr, res.signal)
+                                 .model_dump(mode="json"))
+
+    @staticmethod
+    def _guest_path(request: web.Request) -> str:
+        path = request.query.get("path")
+        if not path:
+            raise ConfigError.single("path", "give the guest file's absolute path (?path=/...)")
+        check_remote(path)
+        return path
+
+    async def _h_read_file(self, request: web.Request) -> web.StreamResponse:
+        path = self._guest_path(request)
+        pieces = read_guest_file(self._agent("read a file in the guest"), path)
+        try:
+            try:
+                first = await anext(pieces, b"")  # opens the file: a failure is still an error response
+            except GuestAgentError as exc:
+                raise _guest_file_error(exc, path) from None
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await resp.prepare(request)
+            if first:
+                await resp.write(first)
+            async for piece in pieces:  # a failure from here on ends the stream early: the client sees it
+                await resp.write(piece)
+            await resp.write_eof()
+            return resp
+        finally:
+            await pieces.aclose()  # closes the guest file also when the client went away
+
+    async def _h_write_file(self, request: web.Request) -> web.Response:
+        path = self._guest_path(request)
+        agent = self._agent("write a file in the guest")
+
+        async def body() -> AsyncIterator[bytes]:
+            while chunk := await request.content.read(FILE_CHUNK):
+                yield chunk
+
+        try:
+            written = await write_guest_file(agent, path, body())
+        except GuestAgentError as exc:
+            raise _guest_file_error(exc, path) from None
+        return web.json_response(models.FileWritten(path=path, bytes=written).model_dump(mode="json"))
+
+    async def _h_disks(self, request: web.Request) -> web.Response:
+        return web.json_response(disk_table(self.vm))
+
+    async def _h_disk_attach(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        dev = validate_model(StorageDevice, body, context="disk")
+        with self.ops.shared("attach a disk", "attaching a disk"):
+            disk = await hotplug.attach_disk(self.vm, dev)
+        return web.json_response({"id": disk.id, "port": disk.port})
+
+    async def _h_disk_detach(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.DetachDisk)
+        disk_id = request.match_info["id"]
+        with self.ops.shared("detach a disk", f"detaching disk {disk_id}"):
+            await hotplug.detach_disk(self.vm, disk_id, timeout=body.timeout)
+        return web.json_response({"id": disk_id, "detached": True})
+
+    async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY)
+        backlog = Backlog("a /v1/console client", CONSOLE_BACKLOG)
+        remove = self.vm.serial.add_listener(backlog.put)  # before the handshake: nothing is missed
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            remove()
+            raise
+
+        async def pump() -> None:
+            while (data := await backlog.get()) is not None:
+                await ws.send_bytes(data)
+
+        task = asyncio.create_task(pump())
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self.vm.serial.write(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await self.vm.serial.write(msg.data.encode())
+        except EOFError:
+            pass
+        finally:
+            remove()
+            backlog.close()
+            task.cancel()
+        return ws
+
+
+def _guest_file_error(exc: GuestAgentError, path: str) -> VmkitError:
+    if exc.error_class is not None and "No such file" in exc.message:  # the agent's strerror
+        return NotFoundError("guest file", path)
+    return exc
+
+
+_HTTP_STATUS = {2: 400, 3: 404, 4: 409, 8: 504, 9: 409}
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure as the one JSON error object: vmkit's errors, aiohttp's HTTP errors (unknown
+    path or method, body too large, bad websocket handshake) and anything unexpected."""
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except VmkitError as exc:
+        return web.json_response(error_body(exc), status=_HTTP_STATUS.get(int(exc.exit_code), 500))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(error_body(_http_error(request, exc)), status=exc.status)
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away
+    except Exception as exc:
+        return web.json_response(error_body(unexpected_error(exc)), status=500)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> VmkitError:
+    where = f"{request.method} {request.path}"
+    if exc.status == 404:
+        return NotFoundError("API path", request.path, hint="see the routes in `vmkit.daemon.supervisor`")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        return ConfigError.single("<method>", f"{where} is not allowed: use {allowed or 'another method'}")
+    if exc.status == 413:
+        return ConfigError.single("<body>", f"the request body is too large: at most {MAX_BODY} bytes")
+    if exc.status < 500:
+        return ConfigError.single("<request>", f"{where}: {exc.reason}: {exc.text or ''}".rstrip(": "))
+    err = VmkitError(f"{where} failed: {exc.reason}")
+    err.exit_code = ExitCode.ERROR
+    return err
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmkit-supervisor")
+    parser.add_argument("instance_dir", type=Path)
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="the instance lock, already taken by the caller (else this process takes it)")
+    parser.add_argument("--listen-fd", type=int, default=None,
+                        help="the listening api.sock made by the caller (else this process makes it)")
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    inst_dir: Path = args.instance_dir.resolve()
+    os.chdir(inst_dir)  # nothing may resolve against wherever `vmkit` was run
+    instance = Instance(inst_dir.name, inst_dir.parent)
+    lock_fd = args.lock_fd if args.lock_fd is not None else instance.open_lock()
+    if args.lock_fd is None and not take_exclusive(lock_fd):
+        os.close(lock_fd)
+        log.error("%s already has a supervisor", instance.name)
+        return int(ExitCode.WRONG_STATE)
+    try:
+        return asyncio.run(Supervisor(instance).run(args.listen_fd))
+    except VmkitError as exc:
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    finally:
+        os.close(lock_fd)  # releases the lock: the instance is no longer supervised
+
+
+if __name__ == "__main__":
+    sys.exit(main())

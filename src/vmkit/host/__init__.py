@@ -1,0 +1,1 @@
+"""The host side: where things live, instance directories, images, provisioning of cloud guests."""

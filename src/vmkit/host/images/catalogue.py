@@ -1,0 +1,58 @@
+"""The images vmkit offers, by name: the ones it builds (``vmkit image build``) and the official cloud
+images it downloads (``vmkit image pull``). Nothing but names and addresses, so ``--help`` can list
+them without loading the builders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MICRO = "micro"
+"""The micro guest: a small kernel and a busybox initramfs (:mod:`vmkit.host.images.micro`)."""
+MICRO_FULL = "micro-full"
+"""The micro guest on Debian's generic kernel (USB storage, 9p)."""
+DEBIAN_12 = "debian-12"
+"""Debian 12 built by vmkit from Debian packages (:mod:`vmkit.host.images.debian`)."""
+
+BUILDABLE: tuple[str, ...] = (MICRO, MICRO_FULL, DEBIAN_12)
+"""What ``vmkit image build`` builds."""
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """An official cloud image: where it is and where its publisher's checksums are."""
+
+    name: str  # what the user types: vmkit image pull NAME
+    image_name: str  # the name in the store
+    base_url: str  # directory holding the image and the checksum file
+    filename: str
+    sums_filename: str
+    description: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/{self.filename}"
+
+    @property
+    def sums_url(self) -> str:
+        return f"{self.base_url}/{self.sums_filename}"
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    "ubuntu-24.04": CatalogueEntry(
+        name="ubuntu-24.04",
+        image_name="ubuntu-24.04",
+        base_url="https://cloud-images.ubuntu.com/releases/24.04/release",
+        filename="ubuntu-24.04-server-cloudimg-amd64.img",
+        sums_filename="SHA256SUMS",
+        description="Ubuntu 24.04 LTS (Noble) server cloud image, amd64, qcow2",
+    ),
+    # Stored as debian-12-cloud: "debian-12" is the image vmkit builds itself.
+    "debian-12": CatalogueEntry(
+        name="debian-12",
+        image_name="debian-12-cloud",
+        base_url="https://cloud.debian.org/images/cloud/bookworm/latest",
+        filename="debian-12-genericcloud-amd64.qcow2",
+        sums_filename="SHA512SUMS",  # Debian publishes SHA512SUMS (no SHA256SUMS)
+        description="Debian 12 (bookworm) genericcloud image, amd64, qcow2",
+    ),
+}

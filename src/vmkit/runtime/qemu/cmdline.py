@@ -1,0 +1,261 @@
+"""Pure functions from a configuration to QEMU's argv.
+
+One small builder per device kind; :func:`build_argv` concatenates them. Nothing here
+touches the host: paths and file descriptors come in through :class:`Runtime`, so the
+output is golden-testable and ``vmkit start --dry-run`` shows exactly what will run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.config import Attachment, DiskImage, MachineConfig, NbdAttachment, Network, StorageDevice, parse_nbd_url
+from vmkit.runtime.qemu.accel import AccelChoice
+
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Host-side endpoints the command line refers to.
+
+    ``qmp_fd`` and ``serial_fd`` are connected sockets the parent passes to QEMU (one
+    end of a socketpair each), so nothing races on socket paths.
+    """
+
+    qmp_fd: int
+    serial_fd: int
+    pidfile: Path | None = None
+    share_dir: Path | None = None  # where the virtiofs vhost-user sockets live (the instance dir)
+    machine_type: str | None = None
+    """A versioned machine type to run instead of the configuration's alias (``pc-q35-7.1`` for
+    ``q35``): a restore runs the type the state was saved with, as libvirt pins it."""
+
+    def virtiofs_socket(self, tag: str) -> Path:
+        return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return (self.share_dir or Path(".")) / "qga.sock"
+
+
+def opt_escape(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax (commas are doubled)."""
+    return value.replace(",", ",,")
+
+
+def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
+    cpu = config.cpu_model or accel.default_cpu
+    machine = machine_type or config.machine
+    return [
+        "-name", f"{opt_escape(config.name)},debug-threads=on",
+        "-machine", f"{machine},memory-backend=mem" if config.needs_shared_memory else machine,
+        *accel.argv,
+        "-cpu", cpu,
+        "-smp", str(config.cpus),
+        "-m", f"{config.memory >> 20}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-S",  # start paused: vmkit connects QMP and subscribes to events, then sends 'cont'
+    ]
+
+
+def boot_args(config: MachineConfig) -> list[str]:
+    boot = config.boot
+    out = ["-kernel", str(boot.kernel)]
+    if boot.initrd is not None:
+        out += ["-initrd", str(boot.initrd)]
+    if boot.cmdline:
+        out += ["-append", boot.cmdline]
+    return out
+
+
+def monitor_args(runtime: Runtime) -> list[str]:
+    return [
+        "-chardev", f"socket,id=qmp,fd={runtime.qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+
+
+def serial_args(runtime: Runtime) -> list[str]:
+    return [
+        "-chardev", f"socket,id=serial0,fd={runtime.serial_fd}",
+        "-serial", "chardev:serial0",
+    ]
+
+
+def blockdev_spec(node: str, att: Attachment) -> dict[str, object]:
+    """The ``-blockdev`` / QMP ``blockdev-add`` argument for one attachment."""
+    if isinstance(att, NbdAttachment):
+        addr = parse_nbd_url(att.url)
+        server: dict[str, object] = (
+            {"type": "unix", "path": addr.unix_path} if addr.unix_path
+            else {"type": "inet", "host": addr.host, "port": str(addr.port)}
+        )
+        return {"driver": "nbd", "node-name": node, "server": server, "export": addr.export,
+                "reconnect-delay": att.reconnect_delay, "read-only": att.read_only}
+    cache_direct = att.cache in ("none", "directsync")
+    cache_no_flush = att.cache == "unsafe"
+    proto: dict[str, object] = {
+        "driver": "file",
+        "filename": str(att.path),
+        "node-name": f"{node}-file",
+        "cache": {"direct": cache_direct, "no-flush": cache_no_flush},
+        "read-only": att.read_only,
+    }
+    if not att.read_only:
+        proto["locking"] = "on"
+    return {
+        "driver": att.format,
+        "node-name": node,
+        "file": proto,
+        "read-only": att.read_only,
+        "cache": {"direct": cache_direct, "no-flush": cache_no_flush},
+    }
+
+
+def blockdev_json(node: str, att: Attachment) -> str:
+    return json.dumps(blockdev_spec(node, att), separators=(",", ":"))
+
+
+def device_id(index: int, dev: StorageDevice) -> str:
+    """The node name of a storage device's backend (its guest device is ``<id>-dev``)."""
+    return dev.id or f"disk{index}"
+
+
+def device_spec(node: str, dev: StorageDevice) -> dict[str, object]:
+    """The ``-device`` / QMP ``device_add`` properties of one storage device."""
+    spec: dict[str, object] = {"driver": _DEVICE_DRIVER[dev.kind], "drive": node, "id": f"{node}-dev"}
+    if dev.kind == "usb-storage":
+        spec["bus"] = "xhci.0"
+    if dev.kind == "nvme":
+        spec["serial"] = dev.serial or node  # QEMU's nvme requires a serial
+    elif dev.serial:
+        spec["serial"] = dev.serial
+    att = dev.attachment
+    if isinstance(att, DiskImage) and att.cache in ("writethrough", "directsync") and dev.kind == "virtio-blk":
+        spec["write-cache"] = "off"
+    if isinstance(att, NbdAttachment) and dev.kind != "nvme":
+        policy = "stop" if att.on_error == "pause" else "report"
+        spec["werror"] = policy
+        spec["rerror"] = policy
+    return spec
+
+
+_DEVICE_DRIVER = {"virtio-blk": "virtio-blk-pci", "nvme": "nvme", "usb-storage": "usb-storage"}
+
+
+def device_arg(spec: dict[str, object]) -> str:
+    rest = ",".join(f"{k}={opt_escape(str(v))}" for k, v in spec.items() if k != "driver")
+    return f"{spec['driver']},{rest}"
+
+
+def storage_args(index: int, dev: StorageDevice) -> list[str]:
+    node = device_id(index, dev)
+    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device_arg(device_spec(node, dev))]
+
+
+def controller_args(config: MachineConfig) -> list[str]:
+    """Buses the devices need: PCIe root ports for hot-plug (q35), xHCI for USB storage."""
+    out: list[str] = []
+    if config.machine == "q35":
+        for i in range(config.hotplug_slots):
+            out += ["-device", f"pcie-root-port,id=hotplug{i},chassis={i + 1},bus=pcie.0"]
+    if any(d.kind == "usb-storage" for d in config.storage) or config.usb:
+        out += ["-device", "qemu-xhci,id=xhci"]
+    return out
+
+
+def shared_memory_args(config: MachineConfig) -> list[str]:
+    if not config.needs_shared_memory:
+        return []
+    return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on"]
+
+
+# The 9p message size guests mount with (``msize=``). QEMU's virtio-9p server takes what the guest
+# asks for; Linux's virtio transport allows at most 125 pages (512000 bytes, it clamps larger
+# values down to that), which is also the fastest setting for large reads and writes.
+NINEP_MSIZE = 512000
+
+
+def share_args(config: MachineConfig, runtime: Runtime) -> list[str]:
+    """virtiofs: a vhost-user-fs device per share (virtiofsd serves it); 9p: QEMU's -virtfs.
+
+    9p uses ``security_model=none`` (as Lima does): files the guest creates belong to the
+    user running QEMU, and the guest sees host ownership and modes as they are.
+    sshfs shares need nothing on the QEMU command line.
+    """
+    out: list[str] = []
+    for i, share in enumerate(config.shares):
+        tag = config.share_tag(i)
+        if share.type == "virtiofs":
+            sock = opt_escape(str(runtime.virtiofs_socket(tag)))
+            out += ["-chardev", f"socket,id=fs{i},path={sock}",
+                    "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag},queue-size=1024"]
+        elif share.type == "9p":
+            ro = ",readonly=on" if share.read_only else ""
+            out += ["-virtfs", f"local,id=fs{i},path={opt_escape(str(share.host_path))},mount_tag={tag},"
+                               f"security_model=none{ro}"]
+    return out
+
+
+AGENT_PORT_ID = "qga0-port"
+"""The agent's virtio-serial port: QEMU names it in VSERPORT_CHANGE when the guest opens or closes it."""
+
+
+def agent_args(runtime: Runtime) -> list[str]:
+    """qemu-guest-agent's channel: a virtio-serial port named as the agent expects, served on
+    ``qga.sock`` in the instance directory (one client at a time)."""
+    sock = opt_escape(str(runtime.agent_socket))
+    return ["-chardev", f"socket,id=qga0,path={sock},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vserial0",
+            "-device", f"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id={AGENT_PORT_ID}"]
+
+
+def network_args(net: Network) -> list[str]:
+    netdev = "user,id=net0"
+    for fwd in net.forwards:
+        netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
+    device = "virtio-net-pci,netdev=net0,id=net0-dev"
+    if net.mac:
+        device += f",mac={net.mac}"
+    return ["-netdev", netdev, "-device", device]
+
+
+def entropy_args() -> list[str]:
+    return [
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+    ]
+
+
+def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
+               *, binary: str | None = None) -> list[str]:
+    """The full QEMU argv for ``config``."""
+    argv = [binary or QEMU_BINARY[config.arch]]
+    argv += base_args(config, accel, runtime.machine_type)
+    argv += boot_args(config)
+    argv += monitor_args(runtime)
+    argv += serial_args(runtime)
+    argv += shared_memory_args(config)
+    argv += controller_args(config)
+    for i, dev in enumerate(config.storage):
+        argv += storage_args(i, dev)
+    argv += share_args(config, runtime)
+    if config.network is not None:
+        argv += network_args(config.network)
+    if config.agent:
+        argv += agent_args(runtime)
+    if config.entropy:
+        argv += entropy_args()
+    if runtime.pidfile is not None:
+        argv += ["-pidfile", str(runtime.pidfile)]
+    return argv
+
+
+def render(argv: list[str]) -> str:
+    return shlex.join(argv)

@@ -1,0 +1,1 @@
+"""Saved machine state: the encrypted file format, the per-user key, save, restore and snapshots."""
