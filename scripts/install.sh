@@ -8,6 +8,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
+  libvirt-clients                                 # virsh: benchmarks/cli_bench.py sets `vmkit list` beside `virsh list`
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   python3 python3-venv python3-pip                # vmkit itself
   ca-certificates
