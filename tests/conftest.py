@@ -3,6 +3,7 @@ finaliser that kills every QEMU a test left behind and shows its serial log on f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.asynccontextmanager
+async def serving_unix(handler: Any, path: Path) -> AsyncIterator[None]:
+    """A protocol-level fake (a guest agent, an NBD peer...) serving ``handler`` on a unix socket."""
+    server = await asyncio.start_unix_server(handler, path=str(path))
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def processes_mentioning(needle: str) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from conftest import serving_unix
 from vmkit.errors import VmkitError
 from vmkit.runtime.guest.agent import GuestAgent, GuestAgentError, agent_socket, correct_guest_clock
 
@@ -71,12 +72,8 @@ class FakeAgent:
 
 @contextlib.asynccontextmanager
 async def serving(agent: FakeAgent) -> AsyncIterator[FakeAgent]:
-    server = await asyncio.start_unix_server(agent.handle, path=str(agent.path))
-    try:
+    async with serving_unix(agent.handle, agent.path):
         yield agent
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.fixture
@@ -202,12 +199,8 @@ class HostileAgent:
 
 @contextlib.asynccontextmanager
 async def hostile(agent: HostileAgent) -> AsyncIterator[HostileAgent]:
-    server = await asyncio.start_unix_server(agent.handle, path=str(agent.path))
-    try:
+    async with serving_unix(agent.handle, agent.path):
         yield agent
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_an_endless_message_is_cut_off_at_the_limit(sock: Path) -> None:

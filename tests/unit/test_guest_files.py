@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import serving_unix
 from vmkit.errors import ConfigError
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
@@ -118,12 +119,8 @@ def _json(obj: Any) -> bytes:
 
 @contextlib.asynccontextmanager
 async def serving(agent: FileAgent) -> AsyncIterator[FileAgent]:
-    server = await asyncio.start_unix_server(agent.handle, path=str(agent.path))
-    try:
+    async with serving_unix(agent.handle, agent.path):
         yield agent
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.fixture

@@ -44,10 +44,14 @@ class SupervisorClient:
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
+        """One call with a JSON body (or none) and a JSON answer; failures as vmkit's errors."""
         if speccheck.enabled():
             speccheck.check(method, path, request=body)
+        return await self._json_answer(method, path, timeout, json=body)
+
+    async def _json_answer(self, method: str, path: str, timeout: float | None, **send: Any) -> Any:
         try:
-            async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
+            async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", **send) as r:
                 data: Any = await r.json(content_type=None)
         except TimeoutError as exc:
             raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
@@ -114,20 +118,8 @@ class SupervisorClient:
     async def upload(self, path: str, params: dict[str, str], source: AsyncIterator[bytes],
                      timeout: float | None = None) -> Any:
         """``PUT`` a binary stream (e.g. ``/v1/files``); returns the JSON answer."""
-        try:
-            async with self._session(timeout) as s, s.put(
-                    f"http://vmkit{path}", params=params, data=source,
-                    headers={"Content-Type": "application/octet-stream"}) as r:
-                data: Any = await r.json(content_type=None)
-        except TimeoutError as exc:
-            raise VmTimeoutError(f"the supervisor did not finish PUT {path} in time") from exc
-        except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
-            raise _gone(self.socket_path, exc) from exc
-        if speccheck.enabled():
-            speccheck.check("PUT", path, status=r.status, response=data)
-        if r.status >= 400:
-            _raise_from(data)
-        return data
+        return await self._json_answer("PUT", path, timeout, params=params, data=source,
+                                       headers={"Content-Type": "application/octet-stream"})
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         check = speccheck.enabled()

@@ -148,20 +148,31 @@ def rotation_lock() -> Iterator[None]:
         os.close(fd)
 
 
+def _private_temp(path: Path, data: bytes) -> str:
+    """A private (0600) temp file beside ``path`` holding ``data``, fsynced; its name (the caller
+    renames or links it into place, and removes it on failure)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``path`` (0600) atomically: a private temp file, fsynced, renamed over it, directory fsynced."""
     try:
         paths.ensure_private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = _private_temp(path, data)
     except OSError as exc:
         raise KeyFileError(path, f"cannot be written: {exc.strerror}") from exc
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
@@ -212,16 +223,10 @@ def _create_key(path: Path) -> bytes:
         raise KeyFileError(path, f"cannot create directory {path.parent}: {exc.strerror}") from exc
     key = secrets.token_bytes(KEY_SIZE)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = _private_temp(path, key)
     except OSError as exc:
         raise KeyFileError(path, f"cannot be created: {exc.strerror}") from exc
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)  # atomic, and never replaces a key another process just made
         except FileExistsError:
