@@ -380,6 +380,11 @@ class MachineConfig(_Model):
     network: Network | None = Network()
     serial: Serial = Serial()
     entropy: Bool = True
+    balloon: Bool = Field(default=True, description="a virtio-balloon device (deflate-on-oom, free page reporting): "
+                                                    "`vmkit set --balloon` moves the guest's usable memory live, "
+                                                    "`vmkit stats` reads its guest memory statistics")
+    memory_merge: Bool = Field(default=True, description="let the host's KSM merge this guest's identical pages "
+                                                         "(QEMU mem-merge; `vmkit host ksm on` turns KSM on)")
     readiness: Readiness = Readiness()
     image: str | None = Field(default=None, description="the image this machine was created from")
 

@@ -94,6 +94,26 @@ def test_golden_entropy_args() -> None:
     check_golden("entropy", cmdline.entropy_args())
 
 
+def test_golden_balloon_args() -> None:
+    check_golden("balloon", cmdline.balloon_args())
+
+
+def test_balloon_on_by_default_and_off_when_asked() -> None:
+    on = cmdline.build_argv(config(), TCG, RUNTIME)
+    assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on" in option_values(on, "-device")
+    off = cmdline.build_argv(config(balloon=False), TCG, RUNTIME)
+    assert not any(d.startswith("virtio-balloon") for d in option_values(off, "-device"))
+
+
+def test_memory_merge_off_is_on_the_machine_option() -> None:
+    assert option_values(cmdline.build_argv(config(), TCG, RUNTIME), "-machine") == ["q35"]
+    argv = cmdline.build_argv(config(memory_merge=False), TCG, RUNTIME)
+    assert option_values(argv, "-machine") == ["q35,mem-merge=off"]
+    shared = config(memory_merge=False, shares=[{"type": "virtiofs", "host_path": "/srv"}])
+    assert option_values(cmdline.build_argv(shared, TCG, RUNTIME), "-machine") == [
+        "q35,memory-backend=mem,mem-merge=off"]
+
+
 def test_golden_full_argv() -> None:
     cfg = config(
         cpus=2, memory="768M",

@@ -73,7 +73,7 @@ def test_digest_is_stable_and_ignores_what_does_not_matter(tmp_path: Path) -> No
     assert savestate.config_digest(savestate.machine_fields(config(tmp_path), TCG)) == digest
     moved = tmp_path / "elsewhere.qcow2"
     moved.write_bytes(b"QFI\xfb")
-    same = [config(tmp_path, name="other"),
+    same = [config(tmp_path, name="other"), config(tmp_path, memory_merge=False),
             config(tmp_path, readiness={"serial_marker": "X"}),
             config(tmp_path, network={"mac": "52:54:00:00:00:01", "forwards": [{"host_port": 2222, "guest_port": 22}]}),
             config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(moved)}}])]
@@ -82,7 +82,7 @@ def test_digest_is_stable_and_ignores_what_does_not_matter(tmp_path: Path) -> No
     different = [config(tmp_path, memory="512M"), config(tmp_path, cpus=2),
                  config(tmp_path, boot={"kernel": str(tmp_path / "vmlinuz"), "cmdline": "quiet"}),
                  config(tmp_path, network={"mac": "52:54:00:00:00:02"}), config(tmp_path, network=None),
-                 config(tmp_path, entropy=False), config(tmp_path, cpu_model="qemu64"),
+                 config(tmp_path, entropy=False), config(tmp_path, balloon=False), config(tmp_path, cpu_model="qemu64"),
                  config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(moved),
                                                            "read_only": True}}])]
     digests = {savestate.config_digest(savestate.machine_fields(cfg, TCG)) for cfg in different}

@@ -252,6 +252,43 @@ class SnapshotDeleted(Response):
     deleted: bool
 
 
+# -- memory and statistics -----------------------------------------------------------------------------
+class BalloonRequest(Request):
+    """Move the guest's usable memory: the balloon takes the rest back (at most the machine's memory,
+    at least 64 MiB)."""
+
+    target: int = Field(strict=True, gt=0, description="the guest's usable memory, in bytes")
+    timeout: Float = Field(default=10.0, ge=0, le=MAX_WAIT,
+                           description="seconds to wait for the guest to reach the target (0: do not wait)")
+
+
+class BalloonResult(Response):
+    """Where the balloon stands: ``reached`` says whether the guest got within 1 MiB of the target
+    before the request's timeout (it goes on moving towards it either way)."""
+
+    target_bytes: int
+    actual_bytes: int
+    reached: bool
+
+
+class MachineStats(Response):
+    """A running machine's resources now (``vmkit stats``)."""
+
+    balloon_bytes: int | None = Field(description="the guest's usable memory (the balloon's actual size); "
+                                                  "None without a balloon")
+    memory_bytes: int = Field(description="the memory the machine was booted with")
+    guest_mem_total_bytes: int | None = Field(description="MemTotal as the guest's balloon driver reports it "
+                                                          "(None until it has reported)")
+    guest_mem_available_bytes: int | None = Field(description="MemAvailable as the guest's balloon driver "
+                                                              "reports it (None until it has reported)")
+    host_rss_bytes: int = Field(description="resident memory of the QEMU process on the host")
+    ksm_shared_bytes: int | None = Field(description="memory KSM saves on the whole host (host-wide, not this "
+                                                     "machine's share); None without KSM")
+    vcpus: int = Field(description="configured virtual CPUs")
+    cpu_percent: float = Field(description="QEMU's CPU use in percent of one core, since the previous stats "
+                                           "request (or over a quarter second)")
+
+
 # -- events ----------------------------------------------------------------------------------------------
 class Event(Response):
     """One line of ``GET /v1/events``. ``kind``: ``hello`` (first line: the state now), ``state-changed``,

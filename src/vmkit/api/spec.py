@@ -86,6 +86,13 @@ ROUTES: tuple[Route, ...] = (
           response=m.FileWritten, states=("running",),
           query=(("path", "absolute path in the guest", True),
                  ("mode", "octal mode for a new file, e.g. 0644", False))),
+    Route("POST", "/v1/balloon", "set_balloon", "Move the guest's usable memory (memory balloon)",
+          request=m.BalloonRequest, response=m.BalloonResult, states=LIVE,
+          description="QEMU reports each step of the guest's balloon driver as a `qmp` event "
+                      "with `detail.event` = `BALLOON_CHANGE`. The target holds until the machine stops "
+                      "(a new boot starts with all its memory)."),
+    Route("GET", "/v1/stats", "get_stats", "Memory and CPU use now", response=m.MachineStats, states=LIVE,
+          errors=(409, 500)),
     Route("POST", "/v1/save", "save", "Save the machine's running state to a file", request=m.SaveRequest,
           response=m.SaveLine, responds="ndjson", states=LIVE,
           description="Newline-delimited JSON: `progress` lines, then one line with `result` or `error`. "

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from vmkit.cli import _deferred, guest, state, system, vm
+from vmkit.cli import _deferred, guest, resources, state, system, vm
 from vmkit.cli.groups import VmkitGroup
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
@@ -28,6 +28,7 @@ vm.register(app)
 guest.register(app)
 system.register(app)
 state.register(app)
+resources.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

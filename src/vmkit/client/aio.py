@@ -180,6 +180,12 @@ class Instance:
     async def detach_disk(self, disk_id: str, *, timeout: float = 30.0) -> None:
         await asyncio.to_thread(self._sync.detach_disk, disk_id, timeout=timeout)
 
+    async def set_balloon(self, size: int | str, *, timeout: float = 10.0) -> models.BalloonResult:
+        return await asyncio.to_thread(self._sync.set_balloon, size, timeout=timeout)
+
+    async def stats(self) -> models.MachineStats:
+        return await asyncio.to_thread(self._sync.stats)
+
     async def mounts(self) -> list[models.ShareRow]:
         return await asyncio.to_thread(lambda: self._sync.mounts)
 

@@ -409,6 +409,21 @@ class Instance:
 
         self._call(control.detach_disk, self.name, disk_id, timeout=timeout)
 
+    # -- memory and statistics ---------------------------------------------------------------------
+    def set_balloon(self, size: int | str, *, timeout: float = 10.0) -> models.BalloonResult:
+        """Move the running guest's usable memory to ``size`` (bytes or ``512M``; at most the machine's
+        memory, at least 64M) with its balloon, waiting up to ``timeout`` s for the guest to get there
+        (``reached``). Lasts until the machine stops; vm.yaml is not changed."""
+        from vmkit.backends.local import control
+
+        return self._call(control.set_balloon, self.name, size, timeout=timeout)
+
+    def stats(self) -> models.MachineStats:
+        """Memory (balloon, guest, QEMU's RSS, host-wide KSM savings) and CPU use of the running machine."""
+        from vmkit.backends.local import control
+
+        return self._call(control.stats, self.name)
+
     @property
     def mounts(self) -> list[models.ShareRow]:
         """The shared folders, with whether each is active (``vmkit mount list``)."""

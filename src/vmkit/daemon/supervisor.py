@@ -19,6 +19,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     GET  /v1/disks            disks: boot and hot-plugged, with NBD connection state
     POST /v1/disks            attach a disk (a StorageDevice as JSON)
     DELETE /v1/disks/ID       detach a hot-plugged disk
+    POST /v1/balloon          {"target": bytes}  move the guest's usable memory (memory balloon)
+    GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM) and CPU use now
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
 
@@ -65,8 +67,9 @@ from vmkit.daemon.state_routes import (
     unexpected_error,
 )
 from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
+from vmkit.host import ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
-from vmkit.runtime import hotplug
+from vmkit.runtime import balloon, hotplug
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.execute import guest_exec
@@ -110,6 +113,7 @@ class Supervisor:
         self._runner: web.AppRunner | None = None
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
+        self._cpu = balloon.CpuMeter()
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -255,6 +259,8 @@ class Supervisor:
             web.get("/v1/disks", self._h_disks),
             web.post("/v1/disks", self._h_disk_attach),
             web.delete("/v1/disks/{id}", self._h_disk_detach),
+            web.post("/v1/balloon", self._h_balloon),
+            web.get("/v1/stats", self._h_stats),
             *StateRoutes(self).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -446,6 +452,36 @@ class Supervisor:
         with self.ops.shared("detach a disk", f"detaching disk {disk_id}"):
             await hotplug.detach_disk(self.vm, disk_id, timeout=body.timeout)
         return web.json_response({"id": disk_id, "detached": True})
+
+    def _live(self, operation: str) -> int:
+        """QEMU's pid, if the machine is running or paused (else a StateError)."""
+        pid = self.vm.pid
+        if self.vm.state not in (VmState.RUNNING, VmState.PAUSED) or pid is None:
+            raise StateError(operation, self.vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
+        return pid
+
+    async def _h_balloon(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.BalloonRequest)
+        target = balloon.check_target(self.config, body.target)
+        self._live("set the memory balloon")
+        with self.ops.shared("set the memory balloon", "moving the memory balloon"):
+            actual = await balloon.set_target(self.vm, target, timeout=body.timeout)
+        result = models.BalloonResult(target_bytes=target, actual_bytes=actual,
+                                      reached=abs(actual - target) < balloon.CLOSE_ENOUGH)
+        return web.json_response(result.model_dump(mode="json"))
+
+    async def _h_stats(self, request: web.Request) -> web.Response:
+        pid = self._live("read the machine's statistics")
+        size: int | None = None
+        guest = balloon.GuestMemory(None, None)
+        if self.config.balloon:
+            size = await balloon.actual(self.vm)
+            guest = await balloon.guest_memory(self.vm)
+        stats = models.MachineStats(
+            balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
+            guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
+            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
+        return web.json_response(stats.model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY)

@@ -35,7 +35,7 @@ from typing import Any
 
 from vmkit.config import MachineConfig
 from vmkit.errors import QemuError, StateError, VmTimeoutError
-from vmkit.runtime import hotplug
+from vmkit.runtime import balloon, hotplug
 from vmkit.runtime.guest.agent import AGENT_SOCKET_NAME
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.hotplug import HotDisk
@@ -294,6 +294,8 @@ class VirtualMachine:
             self.qmp = Monitor(self.config.name)
             await self._connect_qmp(qmp_parent)
             self._tasks.append(asyncio.create_task(self._watch_events(), name="vmkit-events"))
+            if self.config.balloon:
+                await balloon.enable_stats(self.qmp)
             if incoming or paused:
                 self._set_state(VmState.PAUSED)
             else:

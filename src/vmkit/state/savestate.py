@@ -39,9 +39,9 @@ initrd and command line: a guest that reboots after a restore must boot what it 
 the storage devices without their paths (kind, format, read-only, cache mode, serial: disks may
 move, their identities are checked separately), the shared-folder devices (type and tag; not the
 host folder), the guest agent channel, the hot-plug ports and USB controller, whether there is a NIC and its MAC, and
-whether there is a virtio-rng. Left out on purpose: the name, port forwards (host side only), serial
-logging, readiness and the image name. The fields themselves are stored in the header too
-(``machine``; not authenticated by themselves, but checked against the authenticated digest
+whether there is a virtio-rng and a virtio-balloon. Left out on purpose: the name, port forwards (host side
+only), mem-merge (host side only), serial logging, readiness and the image name. The fields themselves are stored in the
+header too (``machine``; not authenticated by themselves, but checked against the authenticated digest
 before use) so that a mismatch can name the field that changed.
 
 Snapshots
@@ -203,6 +203,7 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         "usb": data.get("usb"),
         "network": None if net is None else {"mac": net.get("mac")},
         "entropy": data["entropy"],
+        "balloon": data["balloon"],  # the virtio-balloon device (mem-merge is host-side only: left out)
     }
 
 

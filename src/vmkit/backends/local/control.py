@@ -34,6 +34,7 @@ from vmkit.config import (
     MachineConfig,
     NbdAttachment,
     PortForward,
+    parse_size,
     port_is_free,
     validate_disk_id,
     validate_name,
@@ -63,6 +64,7 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
+from vmkit.runtime import balloon
 from vmkit.runtime.guest.execute import ExecResult
 from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.runtime.qemu import accel as accel_mod
@@ -421,6 +423,23 @@ def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str
 def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
     validate_disk_id(disk_id, field="ID")  # it goes into the request's URL
     client(name).call("DELETE", f"/v1/disks/{disk_id}", {"timeout": timeout}, timeout=timeout + 15)
+
+
+def set_balloon(name: str, size: int | str, *, timeout: float = 10.0, field: str = "size") -> models.BalloonResult:
+    """Move the running guest's usable memory to ``size`` (bytes, or ``512M``) with its balloon; waits up
+    to ``timeout`` s for the guest to get there. ``field`` names the input in errors."""
+    try:
+        target = parse_size(size)
+    except ValueError as exc:
+        raise ConfigError.single(field, str(exc)) from None
+    balloon.check_target(get(name).load_config(), target, field=field)
+    data = client(name).call("POST", "/v1/balloon", {"target": target, "timeout": timeout}, timeout=timeout + 15)
+    return models.BalloonResult.model_validate(data)
+
+
+def stats(name: str) -> models.MachineStats:
+    """The running machine's memory and CPU use now."""
+    return models.MachineStats.model_validate(client(name).call("GET", "/v1/stats"))
 
 
 def list_mounts(name: str) -> list[dict[str, Any]]:

@@ -50,9 +50,13 @@ def opt_escape(value: str) -> str:
 def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
+    if config.needs_shared_memory:
+        machine += ",memory-backend=mem"
+    if not config.memory_merge:  # QEMU's default is on (KSM may merge the guest's pages)
+        machine += ",mem-merge=off"
     return [
         "-name", f"{opt_escape(config.name)},debug-threads=on",
-        "-machine", f"{machine},memory-backend=mem" if config.needs_shared_memory else machine,
+        "-machine", machine,
         *accel.argv,
         "-cpu", cpu,
         "-smp", str(config.cpus),
@@ -233,6 +237,16 @@ def entropy_args() -> list[str]:
     ]
 
 
+BALLOON_ID = "balloon0"
+"""The balloon device's id: QOM path ``/machine/peripheral/balloon0`` (its guest statistics)."""
+
+
+def balloon_args() -> list[str]:
+    """virtio-balloon: the guest gives memory back when asked (``balloon``), takes it back before it
+    would run out (``deflate-on-oom``), and reports the pages it frees (``free-page-reporting``)."""
+    return ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting=on"]
+
+
 def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
@@ -252,6 +266,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += agent_args(runtime)
     if config.entropy:
         argv += entropy_args()
+    if config.balloon:
+        argv += balloon_args()
     if runtime.pidfile is not None:
         argv += ["-pidfile", str(runtime.pidfile)]
     return argv
