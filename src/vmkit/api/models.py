@@ -258,7 +258,7 @@ class BalloonRequest(Request):
     at least 64 MiB)."""
 
     target: int = Field(strict=True, gt=0, description="the guest's usable memory, in bytes")
-    timeout: Float = Field(default=10.0, ge=0, le=MAX_WAIT,
+    timeout: Float = Field(default=10.0, ge=0, le=300,
                            description="seconds to wait for the guest to reach the target (0: do not wait)")
 
 
