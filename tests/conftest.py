@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,14 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return bool(callable(predicate) and predicate())
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (pytest's tmp_path can exceed the 108-byte socket path limit)."""
+    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

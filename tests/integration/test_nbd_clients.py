@@ -84,13 +84,6 @@ class ThreadedServer:
 
 
 @pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.raw"
     block = os.urandom(MiB)

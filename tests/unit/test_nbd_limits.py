@@ -12,11 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +26,6 @@ from vmkit.nbd import protocol as p
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # --- helpers: blocking raw clients (the server may be another process) -------------------------

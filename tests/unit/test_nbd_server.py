@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,14 +32,6 @@ from vmkit.nbd import protocol as p
 from vmkit.nbd.errors import NbdProtocolError
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # unix socket paths are limited to 108 bytes: pytest's tmp_path can be longer
-    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Env:

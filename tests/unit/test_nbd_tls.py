@@ -33,13 +33,6 @@ def creds() -> Iterator[Path]:
 
 
 @pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 async def tls_server(creds: Path) -> AsyncIterator[tuple[NbdServer, int]]:
     server = NbdServer(Export("disk", MemoryBackend(4 * MiB)), tls=nbd_tls.server_context(creds))
     address = await server.start(host="127.0.0.1", port=0)
