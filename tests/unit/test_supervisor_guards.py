@@ -32,6 +32,43 @@ async def test_serial_log_rotates_at_log_max_and_read_log_joins_both_parts(tmp_p
     assert read_log(tmp_path / "none.log") == b""
 
 
+async def test_serial_log_never_goes_missing_while_it_rotates(tmp_path: Path) -> None:
+    """A reader (vmkit console --log, a test watching the size) must always find serial.log: it
+    used to be renamed away before the new one was created."""
+    import threading
+
+    log = tmp_path / "serial.log"
+    console = SerialConsole(log, log_max=200)
+    ours, qemu = socket.socketpair()
+    console.attach(ours)
+    missing: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                log.stat()
+            except FileNotFoundError:
+                missing.append("serial.log")
+            if read_log(log) == b"" and log.exists() and (tmp_path / "serial.log.1").exists():
+                missing.append("both parts empty")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(400):  # about 100 rotations
+            qemu.sendall(f"line {i:05d} of the flood\n".encode()[:50])
+            await asyncio.sleep(0.001)
+        qemu.close()
+        await console.drain()
+    finally:
+        stop.set()
+        watcher.join(10)
+        console.close()
+    assert not missing, missing[:5]
+    assert not list(tmp_path.glob(".serial.log*"))  # no temporary names left behind
+
+
 async def test_backlog_drops_what_a_slow_client_cannot_take_and_tells_it() -> None:
     b = Backlog("test client", limit=100)
     for _ in range(10):

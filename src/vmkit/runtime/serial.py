@@ -192,9 +192,22 @@ class SerialConsole:
         self._notify()
 
     def _rotate(self) -> None:
+        """``serial.log`` becomes ``serial.log.1`` and starts afresh, and the name never goes missing
+        for a reader: the full log is hard-linked to the rotated name first (a reader then sees one
+        file under both names: :func:`read_log` reads it once), then an empty file replaces
+        ``serial.log`` in one rename."""
         assert self.log_path is not None
         self._close_log()
-        os.replace(self.log_path, rotated_path(self.log_path))
+        older = rotated_path(self.log_path)
+        linked = older.with_name(f".{older.name}.tmp")
+        fresh = self.log_path.with_name(f".{self.log_path.name}.new")
+        for leftover in (linked, fresh):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        os.link(self.log_path, linked)
+        os.replace(linked, older)
+        fresh.open("xb").close()
+        os.replace(fresh, self.log_path)
         self._log = self.log_path.open("ab")
         self._log_size = 0
 
