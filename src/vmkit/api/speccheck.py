@@ -37,7 +37,8 @@ def _load(path: str) -> tuple[dict[str, Any], list[tuple[re.Pattern[str], str]],
     from jsonschema import Draft202012Validator  # noqa: F401  (fails early if missing)
     from referencing import Registry, Resource
 
-    doc = json.loads(Path(path).read_text())
+    # the document's references, made absolute once, resolve in the registry below
+    doc = json.loads(Path(path).read_text().replace('"#/components/', '"urn:vmkit-openapi#/components/'))
     templates = [(re.compile("^" + re.sub(r"\{[^/]+\}", "[^/]+", p) + "$"), p) for p in doc["paths"]]
     registry: Any = Registry().with_resource("urn:vmkit-openapi", Resource.from_contents(
         {"$schema": "https://json-schema.org/draft/2020-12/schema", "components": doc["components"]}))
@@ -47,7 +48,6 @@ def _load(path: str) -> tuple[dict[str, Any], list[tuple[re.Pattern[str], str]],
 def _validate(schema: dict[str, Any], instance: Any, registry: Any) -> str | None:
     from jsonschema import Draft202012Validator
 
-    schema = json.loads(json.dumps(schema).replace('"#/components/', '"urn:vmkit-openapi#/components/'))
     errors = sorted(Draft202012Validator(schema, registry=registry).iter_errors(instance), key=lambda e: e.path)
     if not errors:
         return None
