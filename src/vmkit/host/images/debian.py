@@ -95,6 +95,8 @@ PACKAGES: tuple[str, ...] = (
     "iproute2", "netbase", "ca-certificates", "sudo",
     # shares and their benchmark: sshfs for reverse-sshfs shares, fio for "vmkit bench fs"
     "sshfs", "fio",
+    # the network benchmark (iperf3 between guests and to the host)
+    "iperf3",
 )
 
 ROOT_LABEL = "vmkit-root"
@@ -103,13 +105,22 @@ CMDLINE = "root=/dev/vda rw console=ttyS0 rootfstype=ext4 random.trust_cpu=on cr
 READY_MARKER = FINAL_MARKER  # printed by cloud-init (final_message) when it is done
 # The stock variant: a Debian cloud image's kind of command line (root read-only until fstab says rw).
 STOCK_SUFFIX = "-stock"
-RECIPE = "debian/3"
+RECIPE = "debian/4"
 """Bumped whenever what goes into the image changes (packages, trims, kernel command line), so an
 image built by an older vmkit is reported as outdated (3: sshfs and fio added, udev left out of
-the initrd, more generators masked, python3-jsonschema removed)."""
+the initrd, more generators masked, python3-jsonschema removed; 4: iperf3, the GPU drivers kept
+and modprobe@drm unmasked for a display, hot-added CPUs and memory onlined by udev)."""
 STOCK_CMDLINE = "root=/dev/vda ro console=ttyS0,115200"
 # Debian 12 cloud images run systemd-networkd (configured through netplan, not installed here).
 STOCK_ENABLED_UNITS = ("systemd-networkd.service",)
+
+# Hot-added vCPUs and memory blocks (``vmkit set --cpus/--memory``) arrive offline; udev onlines
+# them at once (memory as movable, so that virtio-mem can take it back again).
+HOTPLUG_RULES = (
+    'SUBSYSTEM=="cpu", ACTION=="add", TEST=="online", ATTR{online}=="0", ATTR{online}="1"',
+    'SUBSYSTEM=="memory", ACTION=="add", TEST=="state", ATTR{state}=="offline", ATTR{state}="online_movable"',
+)
+HOTPLUG_RULES_PATH = "/etc/udev/rules.d/80-vmkit-hotplug.rules"
 STOCK_CLOUD_INIT_NOTE = ("stock: packaged cloud.cfg and units (all datasources, cloud-init-local), "
                          "cloud-init renders the network config for systemd-networkd")
 SLIRP_DNS = "10.0.2.3"
@@ -126,7 +137,7 @@ DOC_EXCLUDES = (
 PATH_EXCLUDES = (
     *DOC_EXCLUDES,
     *(f"{lib}/modules/*/kernel/{sub}/*" for lib in ("/lib", "/usr/lib") for sub in (
-        "drivers/gpu", "drivers/media", "sound", "drivers/net/wireless", "net/wireless",
+        "drivers/media", "sound", "drivers/net/wireless", "net/wireless",
         "net/mac80211", "drivers/bluetooth", "net/bluetooth", "drivers/infiniband",
         "drivers/staging", "drivers/isdn", "drivers/iio", "drivers/net/can", "net/can",
         "drivers/mtd", "drivers/net/ethernet/mellanox", "drivers/net/ethernet/chelsio",
@@ -154,9 +165,17 @@ MASKED_UNITS = (
     "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
     "e2scrub_reap.service", "fstrim.timer", "getty@tty1.service", "systemd-pstore.service",
     "cloud-init-hotplugd.socket", "cloud-init-hotplugd.service", "remote-fs.target",
-    "cloud-init-local.service", "modprobe@drm.service", "modprobe@dm_mod.service",
+    "cloud-init-local.service", "modprobe@dm_mod.service",
 )
 ENABLED_UNITS = ("systemd-networkd.service",)
+
+# Hot-added vCPUs and memory blocks (``vmkit set --cpus/--memory``) arrive offline; udev onlines
+# them at once (memory as movable, so that virtio-mem can take it back again).
+HOTPLUG_RULES = (
+    'SUBSYSTEM=="cpu", ACTION=="add", TEST=="online", ATTR{online}=="0", ATTR{online}="1"',
+    'SUBSYSTEM=="memory", ACTION=="add", TEST=="state", ATTR{state}=="offline", ATTR{state}="online_movable"',
+)
+HOTPLUG_RULES_PATH = "/etc/udev/rules.d/80-vmkit-hotplug.rules"
 
 # Modules udev would load for emulated q35/CPU features that a headless VM never uses (kvm for
 # nested virtualisation, the ICH9 watchdog/SMBus/LPC, PC speaker, PS/2 mouse). Blacklisting only
@@ -297,6 +316,8 @@ chroot "$1" systemctl enable {" ".join(STOCK_ENABLED_UNITS)}
 set -eu
 chroot "$1" systemctl enable {" ".join(ENABLED_UNITS)}
 chroot "$1" systemctl mask {" ".join(MASKED_UNITS)}
+printf '%s\\n' '# Written by vmkit: online hot-added CPUs and memory.' \\
+    {" ".join(shlex.quote(r) for r in HOTPLUG_RULES)} > "$1{HOTPLUG_RULES_PATH}"
 """
 
 
