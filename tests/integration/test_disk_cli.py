@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_storage import NbdServerProcess
-from test_supervisor import vmkit
 
+from conftest import NbdServerProcess, vmkit
 from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
