@@ -1,8 +1,8 @@
-"""Entry point: builds the typer app and maps errors to messages and exit codes."""
+"""The typer app: every command, and errors mapped to messages and exit codes (entry point:
+:func:`vmkit.cli.main.main`)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
@@ -31,24 +31,15 @@ state.register(app)
 resources.register(app)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
+def run(argv: list[str] | None = None) -> None:
+    """Run a command; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
 
-    Usage errors exit 2 (bad input), like every other bad-input error.
-
-    The command loads no pydantic plugins (their discovery scans every installed package's
-    metadata, ~30 ms a command) unless ``PYDANTIC_DISABLE_PLUGINS`` says otherwise (set it empty).
-    """
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    Usage errors exit 2 (bad input), like every other bad-input error."""
     try:
-        app(args=argv)
+        app(args=argv, prog_name="vmkit")
     except VmkitError as exc:
         report_error(exc)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(ExitCode.INTERRUPTED)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,44 @@
+"""Entry point of the ``vmkit`` command (:func:`main`).
+
+It imports nothing but the standard library before it knows the command: ``vmkit list`` into a
+pipe is served by :mod:`vmkit.cli.plain` without typer, rich or pydantic (about what ``virsh list``
+costs); everything else, and ``list`` on a terminal, goes to the typer app (:mod:`vmkit.cli.app`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+_QUICK_LIST = (["list"], ["list", "--json"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
+
+    The command loads no pydantic plugins (their discovery scans every installed package's
+    metadata, ~30 ms a command) unless ``PYDANTIC_DISABLE_PLUGINS`` says otherwise (set it empty).
+    """
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    args = sys.argv[1:] if argv is None else argv
+    if args in _QUICK_LIST and not sys.stdout.isatty():
+        from vmkit.cli import plain
+
+        if plain.list_machines(as_json=len(args) == 2):
+            return
+    from vmkit.cli.app import run
+
+    run(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the typer app, for tests and documentation tools
+        from vmkit.cli.app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    main()
