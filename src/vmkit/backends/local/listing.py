@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -102,7 +103,10 @@ class _Cache:
 
 
 def _stat_key(path: Path) -> list[int]:
+    """What tells one version of a regular file from another (raises OSError, also if not a file)."""
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(path)
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
@@ -123,8 +127,9 @@ def _optional(value: object, kind: type | tuple[type, ...]) -> bool:
     return value is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
-def _quick(d: Path, cache: _Cache) -> Row | None:
-    """The row of the instance in ``d`` from its files as they are, or None if it needs the full path."""
+def _quick(d: Path, config_key: list[int], cache: _Cache) -> Row | None:
+    """The row of the instance in ``d`` (its vm.yaml's stat: ``config_key``) from its files as they
+    are, or None if it needs the full path."""
     supervised = held_exclusively(d / "lock")
     try:
         status = json.loads((d / "state.json").read_bytes())
@@ -145,10 +150,7 @@ def _quick(d: Path, cache: _Cache) -> Row | None:
     if not (isinstance(reason, str) and _optional(degraded, str) and _optional(accel, str)
             and _optional(started_at, (int, float))):
         return None
-    try:
-        known = cache.get(d.name, _stat_key(d / "vm.yaml"))
-    except OSError:
-        return None
+    known = cache.get(d.name, config_key)
     if known is None:
         return None
     return _row(d.name, state=state, live=live, saved=not live and (d / "saved.vmstate").exists(),
@@ -191,11 +193,15 @@ def rows() -> list[Row]:
     out: list[Row] = []
     names: set[str] = set()
     for entry in entries:
-        d = Path(entry.path)
-        if entry.name.startswith(".") or not entry.is_dir() or not (d / "vm.yaml").is_file():
+        if entry.name.startswith(".") or not entry.is_dir():
             continue
+        d = Path(entry.path)
+        try:
+            config_key = _stat_key(d / "vm.yaml")
+        except OSError:
+            continue  # no vm.yaml: not an instance (a directory being made or removed)
         names.add(entry.name)
-        row = _quick(d, cache)
+        row = _quick(d, config_key, cache)
         if row is None:
             row = _slow(entry.name, base, cache)
         if row is not None:
