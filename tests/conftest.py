@@ -121,8 +121,11 @@ def vmkit(*args: str, check: bool = True, env: dict[str, str | None] | None = No
             out, err = stdout.getvalue().decode(), stderr.getvalue().decode("utf-8", "backslashreplace")
     finally:
         output.out._width, output.err._width = widths
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for key in os.environ.keys() - saved_env.keys():  # what the command set (never clear(): threads read it)
+            del os.environ[key]
+        for key, value in saved_env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
     proc = subprocess.CompletedProcess(["vmkit", *args], code, out, err)
     if check and code != 0:
         raise AssertionError(f"vmkit {' '.join(args)} exited {code}:\n{out}\n{err}")
