@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from vmkit.errors import ExitCode
 
 DAMAGE: dict[str, tuple[str, bytes, str]] = {
@@ -27,10 +28,8 @@ DAMAGE: dict[str, tuple[str, bytes, str]] = {
 
 
 def vmkit(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VMKIT_HOME": str(home), "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
-    env.pop("VMKIT_IMAGE_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60)
+    """The CLI, in-process."""
+    return conftest.vmkit(*args, check=False, env={"VMKIT_HOME": str(home), "VMKIT_IMAGE_CACHE": None})
 
 
 def one_line(text: str) -> str:
