@@ -67,6 +67,17 @@ def test_a_second_listing_reads_no_vm_yaml(home: Path) -> None:
     assert [(x["name"], x["cpus"], x["memory"]) for x in rows] == [("a", 2, "512M"), ("b", 1, "256M")]
 
 
+def test_the_cache_follows_deletes(home: Path) -> None:
+    a, b = make(home, "a"), make(home, "b")
+    listing.rows()
+    cache = home / "instances" / listing.CACHE_NAME
+    assert set(json.loads(cache.read_text())) == {"a", "b"}
+    a.delete()
+    assert [r["name"] for r in listing.rows()] == ["b"] and set(json.loads(cache.read_text())) == {"b"}
+    b.delete()
+    assert listing.rows() == [] and not cache.exists()
+
+
 def test_an_edited_vm_yaml_is_read_again(home: Path) -> None:
     inst = make(home, "a", cpus=2)
     assert by_name(listing.rows())["a"]["cpus"] == 2

@@ -96,6 +96,10 @@ class _Cache:
             return
         for name in stale:
             del self.entries[name]
+        if not self.entries:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return
         from vmkit.fsutil import atomic_write
 
         with contextlib.suppress(OSError):  # only a cache: a read-only home lists as well, more slowly
