@@ -278,6 +278,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[speccheck.LOG_ENV] = str(log_dir / f"{worker}.ndjson")
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the tests also run without xdist
 def pytest_configure_node(node: Any) -> None:
     """(xdist controller) tell each worker where the violation logs go."""
     node.workerinput["vmkit_spec_log_dir"] = str(_spec_log_dir(node.config))
