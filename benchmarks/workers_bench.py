@@ -37,6 +37,9 @@ def run(paths: list[str], workers: int) -> tuple[float, str, str, str]:
     wall = time.perf_counter() - t0
     summary = next((ln for ln in reversed(proc.stdout.splitlines()) if re.search(r"passed|failed|error", ln)),
                    f"exit {proc.returncode}")
+    for line in proc.stdout.splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            print(f"({'-n ' + str(workers) if workers else 'serial'}) {line}")
     return wall, summary.strip("= "), load_before, f"{os.getloadavg()[0]:.1f}"
 
 
