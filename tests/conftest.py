@@ -227,10 +227,12 @@ def sockdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A fresh VMKIT_HOME; afterwards no process that mentions it may survive."""
-    home = tmp_path / "home"
-    home.mkdir()
+def vmkit_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh VMKIT_HOME; afterwards no process that mentions it may survive.
+
+    It is a short directory in /tmp, not under tmp_path: an instance's sockets must fit the 108
+    bytes of a unix socket address, and pytest-xdist's tmp_path is longer (``popen-gwN/``)."""
+    home = Path(tempfile.mkdtemp(prefix="vmkit-home-", dir="/tmp"))
     monkeypatch.setenv("VMKIT_HOME", str(home))
     monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
     yield home
@@ -243,6 +245,7 @@ def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
         for log in sorted(home.glob("instances/*/*.log")):
             print(f"\n===== {log} (last 40 lines) =====")
             print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    shutil.rmtree(home, ignore_errors=True)
     assert not leftovers, f"processes outlived the test: {leftovers}"
 
 
