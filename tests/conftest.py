@@ -97,8 +97,8 @@ def vmkit(*args: str, check: bool = True, env: dict[str, str | None] | None = No
     parsing, rendering, messages and exit codes), and return what it printed and its exit code.
 
     ``env`` changes the environment for the call (None removes a variable). Output is not a
-    terminal and 250 columns wide, so JSON and messages are not wrapped. About 100 times cheaper
-    than a fresh interpreter; :func:`vmkit_process` runs a real one."""
+    terminal and 250 columns wide, so JSON and messages are not wrapped. No fresh interpreter
+    and imports for each call; :func:`vmkit_process` runs a real one."""
     from click.testing import CliRunner
 
     from vmkit.cli import output
