@@ -80,6 +80,7 @@ def main() -> None:
         env0 = {**os.environ, "VMKIT_HOME": str(empty)}
         envn = {**os.environ, "VMKIT_HOME": str(full)}
         cases = [
+            ("python -c pass (the interpreter: the floor)", [sys.executable, "-c", "pass"], env0, None),
             ("vmkit --help", [*VMKIT, "--help"], env0, 0.150),
             ("vmkit list (0 machines)", [*VMKIT, "list"], env0, None),
             (f"vmkit list ({ARGS.machines} machines)", [*VMKIT, "list"], envn, 0.300),
