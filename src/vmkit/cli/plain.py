@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vmkit.backends.local import listing
+if TYPE_CHECKING:
+    from vmkit.backends.local.listing import Row
 
 LIST_COLUMNS = ("name", "state", "cpus", "memory", "accelerator", "uptime")
 
@@ -27,7 +28,7 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def list_cells(row: listing.Row) -> list[str]:
+def list_cells(row: Row) -> list[str]:
     """The cells of one ``vmkit list`` row (the rich table colours the same cells)."""
     state = f"{row['state']} (degraded)" if row["health"] == "degraded" else row["state"]
     return [row["name"], state, str(row["cpus"] or "-"), row["memory"] or "-", row["accel"] or "-",
@@ -44,6 +45,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> 
 def list_machines(as_json: bool) -> bool:
     """``vmkit list [--json]`` for a pipe; False (nothing printed) if the full command must answer
     (an error to report, a terminal to colour)."""
+    from vmkit.backends.local import listing
     from vmkit.errors import VmkitError
 
     try:
