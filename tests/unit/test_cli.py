@@ -283,6 +283,23 @@ def test_list_imports_no_operations(tmp_path: Path) -> None:
     assert [m for m in listed if m.startswith(operations)] == []
 
 
+def test_list_into_a_pipe_imports_only_the_standard_library(tmp_path: Path) -> None:
+    """`vmkit list` not on a terminal, once it knows the machines' sizes: no typer, rich, pydantic or
+    yaml (what makes it as quick as `virsh list`; the timings are benchmarks/cli_bench.py's)."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert vmkit(tmp_path, "create", "a", "--kernel", str(kernel)).code == 0
+    os.utime(tmp_path / "instances" / "a" / "vm.yaml", (1e9, 1e9))  # made a while ago
+    assert "a" in vmkit(tmp_path, "list").out  # the first listing reads vm.yaml (and remembers its size)
+    for argv in (["list"], ["list", "--json"]):
+        loaded = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
+                                        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+                                        f"    main({argv!r})\n"
+                                        "assert 'a' in out.getvalue()")
+        assert [m for m in loaded if m.startswith(("typer", "click", "rich", "pydantic", "yaml", "vmkit.config",
+                                                   "vmkit.host.instance", "vmkit.api"))] == [], argv
+
+
 def test_deferred_help_modules_still_work_when_used() -> None:
     """rich.markdown and rich.traceback stand in until used (vmkit.cli._deferred); used, they are real."""
     script = """
