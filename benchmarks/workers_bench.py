@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Should the test command run the tests in parallel? Runs a subset of the suite serially and with
-pytest-xdist (``-n N --dist loadgroup``, what ``VMKIT_TEST_WORKERS=N bash scripts/test.sh`` does)
+pytest-xdist (``-n N --dist loadfile``, what ``VMKIT_TEST_WORKERS=N bash scripts/test.sh`` does)
 and prints the wall time of each, with the host's load average before and after (TCG guests are
 CPU-bound: on a busy or small host more workers can be slower).
 
@@ -30,7 +30,7 @@ DEFAULT = ["tests/integration/test_shares.py", "tests/integration/test_hotplug.p
 def run(paths: list[str], workers: int) -> tuple[float, str, str, str]:
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
     if workers:
-        argv[3:3] = ["-n", str(workers), "--dist", "loadgroup"]
+        argv[3:3] = ["-n", str(workers), "--dist", "loadfile"]
     load_before = f"{os.getloadavg()[0]:.1f}"
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)

@@ -1,11 +1,13 @@
 """Shared fixtures: the micro guest image (built once, cached), throw-away vmkit homes, and a
 finaliser that kills every QEMU a test left behind and shows its serial log on failure.
 
-Runs serially or under pytest-xdist (``-n 2``, what ``VMKIT_TEST_WORKERS`` in scripts/test.sh sets):
-image builds take a file lock (two workers never build the same image at once), the tests of a
-file that shares a guest (a module- or session-scoped fixture of its own) stay on one worker
-(``--dist loadgroup``), and the spec-violation log and the time per layer are gathered by the
-controller from every worker.
+Runs serially or under pytest-xdist (``-n 2 --dist loadfile``, what ``VMKIT_TEST_WORKERS`` in
+scripts/test.sh sets): the tests of one file run on one worker, so a guest a file shares between
+its tests (a module-scoped fixture of that file: the only kind of shared guest here; keep it so)
+boots once; image builds take a file lock (two workers never build the same image at once); the
+spec-violation log and the time per layer are gathered by the controller from every worker.
+(``--dist loadgroup`` with ``xdist_group`` markers would spread a file's other tests, but
+pytest-xdist 3.8 cannot mark pytest 9.2's node ids with the group: the tests ran anywhere.)
 """
 
 from __future__ import annotations
@@ -308,37 +310,26 @@ def _layer(item: pytest.Item) -> str:
     return "integration" if item.get_closest_marker("integration") else "unit"
 
 
-SHARED_SCOPES = ("module", "package", "session")
-
-
-def _shares_a_guest(item: pytest.Item) -> bool:
-    """Whether the test uses a fixture that its file shares between tests (module or session scope,
-    defined in the test file itself: a booted guest, a served disk); conftest.py's shared fixtures
-    are images, which the build lock makes safe to share between processes."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return False
-    here = str(item.fspath)
-    for defs in info.name2fixturedefs.values():
-        for fixturedef in defs:
-            func = getattr(fixturedef, "func", None)
-            code = getattr(func, "__code__", None)
-            if fixturedef.scope in SHARED_SCOPES and code is not None and code.co_filename == here:
-                return True
-    return False
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # before every other plugin's (xdist's reads the node ids)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    # Schemathesis gives every operation's test one node id: xdist tells tests apart by node id, and
+    # ran only one of them (the rest out of order). Each gets its name (`...[GET /v1/state]`).
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
+    for item in items:
+        if seen[item.nodeid] > 1 and item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+            if hasattr(item, "_id"):  # pytest >= 9: structured node ids
+                item._id = item.parent.id.child(item.name)
+            else:
+                item._nodeid = f"{item.parent.nodeid}::{item.name}"
     for item in items:
         folder = Path(str(item.fspath)).parent.name
         if folder == "e2e" or "debian12" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
         elif folder == "integration":
             item.add_marker(pytest.mark.integration)
-        # under `--dist loadgroup`, a file's tests that share its guest run on one worker
-        if _shares_a_guest(item) and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).name))
+    yield
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
