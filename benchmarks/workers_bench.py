@@ -55,7 +55,7 @@ def main() -> None:
         walls[workers] = wall
         rows.append([f"-n {workers}" if workers else "serial", f"{wall:.0f}", before, after, summary])
     rows.append([f"-n {args.workers} / serial", f"{walls[args.workers] / walls[0]:.2f}x", "", "", ""])
-    print(f"{len(args.paths)} test files on {os.cpu_count()} cores: wall seconds; load average (1 min) "
+    print(f"{' '.join(args.paths)} on {os.cpu_count()} cores: wall seconds; load average (1 min) "
           "before and after each run")
     print_table(["run", "wall s", "load before", "load after", "pytest says"], rows)
 
