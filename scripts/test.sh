@@ -9,4 +9,10 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
+# VMKIT_TEST_WORKERS=N runs the tests in N processes (pytest-xdist), each file's tests on one worker
+# (--dist loadfile: a guest a file shares between its tests boots once). 0 or unset: serial.
+workers="${VMKIT_TEST_WORKERS:-0}"
+if [ "$workers" != 0 ]; then
+    exec .venv/bin/pytest -n "$workers" --dist loadfile "$@"
+fi
 exec .venv/bin/pytest "$@"

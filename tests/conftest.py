@@ -1,10 +1,20 @@
 """Shared fixtures: the micro guest image (built once, cached), throw-away vmkit homes, and a
-finaliser that kills every QEMU a test left behind and shows its serial log on failure."""
+finaliser that kills every QEMU a test left behind and shows its serial log on failure.
+
+Runs serially or under pytest-xdist (``-n 2 --dist loadfile``, what ``VMKIT_TEST_WORKERS`` in
+scripts/test.sh sets): the tests of one file run on one worker, so a guest a file shares between
+its tests (a module-scoped fixture of that file: the only kind of shared guest here; keep it so)
+boots once; image builds take a file lock (two workers never build the same image at once); the
+spec-violation log and the time per layer are gathered by the controller from every worker.
+(``--dist loadgroup`` with ``xdist_group`` markers would spread a file's other tests, but
+pytest-xdist 3.8 cannot mark pytest 9.2's node ids with the group: the tests ran anywhere.)
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -28,24 +38,41 @@ def image_cache_dir() -> Path:
     return Path(os.environ.get("VMKIT_IMAGE_CACHE") or REPO / ".cache" / "images")
 
 
+@contextlib.contextmanager
+def image_build_lock(name: str) -> Iterator[None]:
+    """Held while a session fixture builds (or finds) image ``name``: test processes running side by
+    side (pytest-xdist workers, two test runs) build it once, the others wait and find it built."""
+    cache = image_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / f".{name}.build-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="session")
 def micro_image() -> Image:
     """The micro guest, built through apt once and reused across test runs (.cache/ is gitignored)."""
-    return build_micro(ImageStore(image_cache_dir()))
+    with image_build_lock("micro"):
+        return build_micro(ImageStore(image_cache_dir()))
 
 
 @pytest.fixture(scope="session")
 def micro_full_image() -> Image:
     """The micro guest on Debian's generic kernel (USB storage, 9p)."""
-    return build_micro_full(ImageStore(image_cache_dir()))
+    with image_build_lock("micro-full"):
+        return build_micro_full(ImageStore(image_cache_dir()))
 
 
 def build_current_debian(store: ImageStore, **kwargs: Any) -> Image:
     """``debian-12`` from the cache, rebuilt first if an older vmkit recipe made it."""
     from vmkit.host.images import debian
 
-    outdated = store.exists("debian-12") and debian.is_outdated(store.get("debian-12"))
-    return debian.build_debian(store, force=outdated, **kwargs)
+    with image_build_lock("debian-12"):
+        outdated = store.exists("debian-12") and debian.is_outdated(store.get("debian-12"))
+        return debian.build_debian(store, force=outdated, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +81,101 @@ def debian12() -> Image:
     return build_current_debian(ImageStore(image_cache_dir()))
 
 
-def vmkit(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess (wide output so JSON and messages are not wrapped)."""
+def vmkit_process(*args: str, check: bool = True, timeout: float = 400,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (wide output so JSON and messages are not wrapped): for what
+    needs a process boundary (the entry point, exit codes as a shell sees them, signals, stdin)."""
     proc = subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+                          timeout=timeout, env={**os.environ, "COLUMNS": "250", **(env or {})},
+                          stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def vmkit(*args: str, check: bool = True, env: dict[str, str | None] | None = None,
+          input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process, as the ``vmkit`` command would (``vmkit.cli.main.main``: the same
+    parsing, rendering, messages and exit codes), and return what it printed and its exit code.
+
+    ``env`` changes the environment for the call (None removes a variable). Output is not a
+    terminal and 250 columns wide, so JSON and messages are not wrapped. No fresh interpreter
+    and imports for each call; :func:`vmkit_process` runs a real one."""
+    from click.testing import CliRunner
+
+    from vmkit.cli import output
+    from vmkit.cli.main import main
+
+    saved_env = dict(os.environ)
+    widths = (output.out._width, output.err._width)  # what they were made with (None: the terminal's)
+    code: int = 0
+    runner = CliRunner()
+    try:
+        with runner.isolation(input=input, env={"COLUMNS": "250", **(env or {})}) as (stdout, stderr, _):
+            output.out.width = output.err.width = 250
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            out, err = stdout.getvalue().decode(), stderr.getvalue().decode("utf-8", "backslashreplace")
+    finally:
+        output.out._width, output.err._width = widths
+        for key in os.environ.keys() - saved_env.keys():  # what the command set (never clear(): threads read it)
+            del os.environ[key]
+        for key, value in saved_env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+    proc = subprocess.CompletedProcess(["vmkit", *args], code, out, err)
+    if check and code != 0:
+        raise AssertionError(f"vmkit {' '.join(args)} exited {code}:\n{out}\n{err}")
+    return proc
+
+
+GOLDEN = REPO / "tests" / "unit" / "golden"
+
+
+def check_golden(name: str, argv: list[str]) -> None:
+    """``argv`` equals the golden file tests/unit/golden/NAME.txt (one argument a line)."""
+    assert all(isinstance(a, str) and "\n" not in a for a in argv), argv
+    path = GOLDEN / f"{name}.txt"
+    text = "".join(f"{a}\n" for a in argv)
+    if os.environ.get("VMKIT_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.is_file(), f"{path} is missing: run with VMKIT_UPDATE_GOLDEN=1 to create it"
+    expected = path.read_text().splitlines()
+    assert argv == expected, f"argv differs from {path} (VMKIT_UPDATE_GOLDEN=1 regenerates it)"
+
+
+class NbdServerProcess:
+    """``vmkit nbd serve`` as a separate process, so a test can kill it like a crash."""
+
+    def __init__(self, image: Path, sock: Path) -> None:
+        self.image, self.sock = image, sock
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmkit.cli.main", "nbd", "serve", str(self.image), "--export", "data",
+             "--socket", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the URI: the server is listening
+        assert line.startswith(b"nbd"), line
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"nbd+unix:///data?socket={self.sock}"
 
 
 @contextlib.asynccontextmanager
@@ -114,10 +229,12 @@ def sockdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A fresh VMKIT_HOME; afterwards no process that mentions it may survive."""
-    home = tmp_path / "home"
-    home.mkdir()
+def vmkit_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh VMKIT_HOME; afterwards no process that mentions it may survive.
+
+    It is a short directory in /tmp, not under tmp_path: an instance's sockets must fit the 108
+    bytes of a unix socket address, and pytest-xdist's tmp_path is longer (``popen-gwN/``)."""
+    home = Path(tempfile.mkdtemp(prefix="vmkit-home-", dir="/tmp"))
     monkeypatch.setenv("VMKIT_HOME", str(home))
     monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
     yield home
@@ -130,6 +247,7 @@ def vmkit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
         for log in sorted(home.glob("instances/*/*.log")):
             print(f"\n===== {log} (last 40 lines) =====")
             print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    shutil.rmtree(home, ignore_errors=True)
     assert not leftovers, f"processes outlived the test: {leftovers}"
 
 
@@ -142,7 +260,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 # -- one contract: every request and response in the tests is checked against docs/openapi.json ---------
-SPEC_LOG = Path(tempfile.gettempdir()) / f"vmkit-api-violations-{os.getpid()}.ndjson"
+# Each test process (the controller, or every xdist worker) and the CLI subprocesses it runs append
+# to a file of their own in one directory; the controller reads them all at the end.
+def _spec_log_dir(config: pytest.Config) -> Path:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return Path(workerinput["vmkit_spec_log_dir"])
+    return Path(tempfile.gettempdir()) / f"vmkit-api-violations-{os.getpid()}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -150,17 +274,30 @@ def pytest_configure(config: pytest.Config) -> None:
     sends and receives against the committed OpenAPI document (see vmkit.api.speccheck)."""
     from vmkit.api import speccheck
 
-    SPEC_LOG.unlink(missing_ok=True)
+    log_dir = _spec_log_dir(config)
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(mode=0o700)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     os.environ[speccheck.ENV] = str(REPO / "docs" / "openapi.json")
-    os.environ[speccheck.LOG_ENV] = str(SPEC_LOG)
+    os.environ[speccheck.LOG_ENV] = str(log_dir / f"{worker}.ndjson")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the tests also run without xdist
+def pytest_configure_node(node: Any) -> None:
+    """(xdist controller) tell each worker where the violation logs go."""
+    node.workerinput["vmkit_spec_log_dir"] = str(_spec_log_dir(node.config))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if SPEC_LOG.exists() and SPEC_LOG.read_text().strip():
-        lines = SPEC_LOG.read_text().splitlines()
+    if hasattr(session.config, "workerinput"):
+        return  # the controller reports for every worker
+    log_dir = _spec_log_dir(session.config)
+    lines = [line for log in sorted(log_dir.glob("*.ndjson")) for line in log.read_text().splitlines() if line]
+    if lines:
         print(f"\n{len(lines)} request(s) or response(s) broke docs/openapi.json:\n" + "\n".join(lines[:20]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    SPEC_LOG.unlink(missing_ok=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 # -- markers follow folders; a Debian boot is e2e wherever it is --------------------------------------
@@ -173,13 +310,26 @@ def _layer(item: pytest.Item) -> str:
     return "integration" if item.get_closest_marker("integration") else "unit"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # before every other plugin's (xdist's reads the node ids)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    # Schemathesis gives every operation's test one node id: xdist tells tests apart by node id, and
+    # ran only one of them (the rest out of order). Each gets its name (`...[GET /v1/state]`).
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
+    for item in items:
+        if seen[item.nodeid] > 1 and item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+            if hasattr(item, "_id"):  # pytest >= 9: structured node ids
+                item._id = item.parent.id.child(item.name)
+            else:
+                item._nodeid = f"{item.parent.nodeid}::{item.name}"
     for item in items:
         folder = Path(str(item.fspath)).parent.name
         if folder == "e2e" or "debian12" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
         elif folder == "integration":
             item.add_marker(pytest.mark.integration)
+    yield
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

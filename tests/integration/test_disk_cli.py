@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_storage import NbdServerProcess
-from test_supervisor import vmkit
 
+from conftest import NbdServerProcess, vmkit
 from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
@@ -34,6 +33,8 @@ def test_disk_attach_list_detach_and_nbd_events(vmkit_home: Path, micro_image: I
         follower = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "d"],
                                     stdout=subprocess.PIPE, text=True)
         try:
+            assert follower.stdout is not None
+            assert json.loads(follower.stdout.readline())["kind"] == "hello"  # subscribed: nothing is missed
             rows = json.loads(vmkit("disk", "list", "d", "--json").stdout)
             assert [(r["id"], r["attachment"], r["state"]) for r in rows] == [("disk0", "nbd", "connected")]
 

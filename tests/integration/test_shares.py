@@ -98,9 +98,7 @@ async def test_dead_virtiofsd_is_reported(micro_full_image: Image, tmp_path: Pat
 def test_cli_mount_degraded_and_no_leftovers(vmkit_home: Path, micro_full_image: Image, tmp_path: Path) -> None:
     import json
 
-    from test_supervisor import vmkit
-
-    from conftest import wait_until
+    from conftest import vmkit, wait_until
 
     src = folder(tmp_path, "src")
     vmkit("create", "dev", "--image", "micro-full", "--memory", "256M", "--mount", f"{src}:/mnt/src",

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import NbdServerProcess
 from vmkit.config import MachineConfig, parse_config
 from vmkit.host.images import micro
 from vmkit.host.images.store import Image
@@ -81,33 +77,6 @@ async def test_guest_sees_usb_storage(micro_full_image: Image, tmp_path: Path) -
     assert res.rc == 0, res.output
     assert "sda=HOST-USB!!!!" in res.output
     assert c.read_bytes()[512:521] == b"GUEST-sda"
-
-
-class NbdServerProcess:
-    """``vmkit nbd serve`` as a separate process, so a test can kill it like a crash."""
-
-    def __init__(self, image: Path, sock: Path) -> None:
-        self.image, self.sock = image, sock
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmkit.cli.main", "nbd", "serve", str(self.image), "--export", "data",
-             "--socket", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the URI: the server is listening
-        assert line.startswith(b"nbd"), line
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"nbd+unix:///data?socket={self.sock}"
 
 
 async def test_data_disk_on_vmkit_nbd_server(micro_image: Image, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -97,14 +96,16 @@ def test_force_stop_and_events(vmkit_home: Path, micro_image: Image) -> None:
     follower = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "ev"],
                                 stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # let the stream subscribe
+        assert follower.stdout is not None
+        hello = follower.stdout.readline()  # subscribed: nothing after this is missed
+        assert json.loads(hello)["kind"] == "hello"
         vmkit("pause", "ev")
         vmkit("resume", "ev")
         vmkit("stop", "--force", "ev")
         out, _ = follower.communicate(timeout=30)
     finally:
         follower.kill()
-    states = [json.loads(line)["state"] for line in out.splitlines()]
+    states = [json.loads(line)["state"] for line in [hello, *out.splitlines()]]
     assert "paused" in states and "running" in states and states[-1] == "stopped"
     assert listed("ev")["state"] == "stopped"
 
@@ -119,7 +120,8 @@ def test_qemu_killed_is_recorded(vmkit_home: Path, micro_image: Image) -> None:
     row = listed("victim")
     assert row["state"] == "error"
     assert "SIGKILL" in str(row["reason"])
-    assert processes_mentioning(str(vmkit_home)) == []
+    # the lock goes a moment before the supervisor's process does
+    assert wait_until(lambda: processes_mentioning(str(vmkit_home)) == [], 15), processes_mentioning(str(vmkit_home))
 
 
 def test_killed_supervisor_leaves_no_orphan(vmkit_home: Path, micro_image: Image) -> None:

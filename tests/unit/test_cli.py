@@ -1,4 +1,6 @@
-"""Unit tests: the real `vmkit` command in a subprocess (exit codes, messages, JSON output, --dry-run).
+"""Unit tests of the `vmkit` command (exit codes, messages, JSON output, --dry-run), run in-process as
+the entry point runs it (conftest.vmkit); a few run it as a real process (the entry point, exit codes
+as a shell sees them, what `--help` imports).
 
 No VM is started. Each test gets its own VMKIT_HOME; the "created" tests share one home with an
 instance made by `vmkit create` (created but never started).
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import conftest
 from vmkit.host.provision import free_port
 
 VMKIT = Path(sys.executable).with_name("vmkit")
@@ -30,8 +33,18 @@ class Result:
     err: str
 
 
+def vmkit(home: Path, *args: str) -> Result:
+    """``vmkit ARGS`` with VMKIT_HOME=home, in this process."""
+    r = conftest.vmkit(*args, check=False, env={"VMKIT_HOME": str(home), "VMKIT_IMAGE_CACHE": None})
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
 def vmkit_many(home: Path, *commands: list[str]) -> list[Result]:
-    """Run independent ``vmkit`` commands side by side (each starts a fresh interpreter: ~0.5 s)."""
+    return [vmkit(home, *args) for args in commands]
+
+
+def processes(home: Path, *commands: list[str]) -> list[Result]:
+    """Run independent ``vmkit`` commands as real processes, side by side."""
     env = {**os.environ, "VMKIT_HOME": str(home), "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("VMKIT_IMAGE_CACHE", None)
     procs = [subprocess.Popen([*ENTRY, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -47,10 +60,6 @@ def vmkit_many(home: Path, *commands: list[str]) -> list[Result]:
                 proc.kill()
                 proc.communicate()
     return results
-
-
-def vmkit(home: Path, *args: str) -> Result:
-    return vmkit_many(home, list(args))[0]
 
 
 def one_line(text: str) -> str:
@@ -121,6 +130,18 @@ def test_missing_instance_is_not_found(tmp_path: Path) -> None:
         assert r.code == 3, (command, r)
         assert "'ghost' not found" in r.err, command
         assert r.out == "", command
+
+
+def test_the_entry_point_exits_with_the_error_family_code(tmp_path: Path) -> None:
+    """The installed `vmkit` command as a shell runs it: exit codes, stdout and stderr apart."""
+    missing, usage, bad, helped, listed = processes(
+        tmp_path, ["inspect", "ghost"], ["create", "vm1", "--colour", "blue"],
+        ["create", "vm1", "--kernel", "/nonexistent"], ["--help"], ["list", "--json"])
+    assert (missing.code, missing.out) == (3, "") and "'ghost' not found" in missing.err
+    assert (usage.code, usage.out) == (2, "") and "No such option" in usage.err and "Usage: vmkit" in usage.err
+    assert bad.code == 2 and "boot.kernel" in bad.err and "Traceback" not in bad.err
+    assert helped.code == 0 and "Usage: vmkit" in helped.out and helped.err == ""
+    assert (listed.code, json.loads(listed.out), listed.err) == (0, [], "")
 
 
 # --------------------------------------------------------------------------- a created instance
@@ -262,11 +283,28 @@ def test_list_imports_no_operations(tmp_path: Path) -> None:
     assert [m for m in listed if m.startswith(operations)] == []
 
 
+def test_list_into_a_pipe_imports_only_the_standard_library(tmp_path: Path) -> None:
+    """`vmkit list` not on a terminal, once it knows the machines' sizes: no typer, rich, pydantic or
+    yaml (what makes it as quick as `virsh list`; the timings are benchmarks/cli_bench.py's)."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert vmkit(tmp_path, "create", "a", "--kernel", str(kernel)).code == 0
+    os.utime(tmp_path / "instances" / "a" / "vm.yaml", (1e9, 1e9))  # made a while ago
+    assert "a" in vmkit(tmp_path, "list").out  # the first listing reads vm.yaml (and remembers its size)
+    for argv in (["list"], ["list", "--json"]):
+        loaded = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
+                                        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+                                        f"    main({argv!r})\n"
+                                        "assert 'a' in out.getvalue()")
+        assert [m for m in loaded if m.startswith(("typer", "click", "rich", "pydantic", "yaml", "vmkit.config",
+                                                   "vmkit.host.instance", "vmkit.api"))] == [], argv
+
+
 def test_deferred_help_modules_still_work_when_used() -> None:
     """rich.markdown and rich.traceback stand in until used (vmkit.cli._deferred); used, they are real."""
     script = """
 import io, sys
-import vmkit.cli.main
+import vmkit.cli.app
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.traceback import Traceback

@@ -8,13 +8,13 @@ and review the diff.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import check_golden
 from vmkit.config import DiskImage, MachineConfig, StorageDevice, parse_config
 from vmkit.runtime.qemu import cmdline
 from vmkit.runtime.qemu.accel import AccelChoice
@@ -24,19 +24,6 @@ GOLDEN = Path(__file__).parent / "golden"
 TCG = AccelChoice("tcg", "test")
 KVM = AccelChoice("kvm", "test")
 RUNTIME = Runtime(qmp_fd=3, serial_fd=4, pidfile=Path("/run/vmkit/vm1/qemu.pid"))
-
-
-def check_golden(name: str, argv: list[str]) -> None:
-    assert all(isinstance(a, str) and "\n" not in a for a in argv), argv
-    path = GOLDEN / f"{name}.txt"
-    text = "".join(f"{a}\n" for a in argv)
-    if os.environ.get("VMKIT_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    assert path.is_file(), f"{path} is missing: run with VMKIT_UPDATE_GOLDEN=1 to create it"
-    expected = path.read_text().splitlines()
-    assert argv == expected, f"argv differs from {path} (VMKIT_UPDATE_GOLDEN=1 regenerates it)"
 
 
 def config(**overrides: Any) -> MachineConfig:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import conftest
 from vmkit.errors import ExitCode, HostError
 from vmkit.host import paths
 
@@ -18,11 +18,8 @@ OTHER_UID = 65534  # nobody
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI (VMKIT_IMAGE_CACHE only if the test gives one)."""
-    base = {k: v for k, v in os.environ.items() if k != "VMKIT_IMAGE_CACHE"}
-    return subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args],
-                          env={**base, "COLUMNS": "250", "NO_COLOR": "1", **env},
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    """The CLI, in-process (VMKIT_IMAGE_CACHE only if the test gives one)."""
+    return conftest.vmkit(*args, check=False, env={"VMKIT_IMAGE_CACHE": None, **env})
 
 
 def one_line(text: str) -> str:

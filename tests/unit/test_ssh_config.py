@@ -7,12 +7,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+import conftest
 from vmkit.errors import ConfigError
 from vmkit.host.provision import ssh_config_text
 
@@ -75,8 +75,7 @@ def test_unrepresentable_paths_are_refused(tmp_path: Path, bad: str) -> None:
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cache = os.environ.get("VMKIT_IMAGE_CACHE") or str(Path(__file__).resolve().parents[2] / ".cache" / "images")
     env = {**os.environ, "VMKIT_HOME": str(home), "VMKIT_IMAGE_CACHE": cache, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "vmkit.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return conftest.vmkit(*args, check=False, env=env)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cmdline import check_golden
 
+from conftest import check_golden
 from vmkit.config import MachineConfig, parse_config, parse_nbd_url
 from vmkit.errors import ConfigError
 from vmkit.runtime.qemu import cmdline

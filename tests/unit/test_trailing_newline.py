@@ -80,13 +80,9 @@ def test_snapshot_create_refuses_a_tag_with_a_newline_before_anything_else() -> 
 
 
 def test_cli_refuses_an_instance_name_with_a_newline(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
+    from conftest import vmkit
 
-    env = {**os.environ, "VMKIT_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "create", "web\n", "--kernel", "/etc/hostname"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = vmkit("create", "web\n", "--kernel", "/etc/hostname", check=False, env={"VMKIT_HOME": str(tmp_path / "home")})
     assert r.returncode == 2, r.stderr
     assert "not a valid name" in r.stderr
     assert not (tmp_path / "home" / "instances").exists() or not any((tmp_path / "home" / "instances").iterdir())

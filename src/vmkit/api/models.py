@@ -18,11 +18,11 @@ from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
 from vmkit.config import Bool, Float
 
+# defined with the state file they describe (below the API), re-exported as part of the contract
+from vmkit.host.status import MachineStateName as MachineStateName
+from vmkit.host.status import RuntimeStatus as RuntimeStatus
+
 API_VERSION = "v1"
-
-MachineStateName = Literal["stopped", "starting", "running", "pausing", "paused", "resuming", "stopping", "error"]
-"""The values of :class:`vmkit.runtime.states.VmState` (a test keeps the two equal)."""
-
 
 MAX_WAIT = 24 * 3600.0
 """The longest any request may ask the supervisor to wait (seconds)."""
@@ -62,21 +62,6 @@ class ErrorResponse(Response):
 
 
 # -- status --------------------------------------------------------------------------------------------
-class RuntimeStatus(Response):
-    """The machine's runtime status (also recorded in the instance's ``state.json``)."""
-
-    state: MachineStateName
-    reason: str = ""
-    supervisor_pid: int | None = None
-    qemu_pid: int | None = None
-    started_at: float | None = None
-    accel: str | None = None
-    accel_reason: str | None = None
-    qemu_version: str | None = None
-    degraded: str | None = Field(default=None, description="why the machine runs degraded (a share died)")
-    updated_at: float
-
-
 class ClockFix(Response):
     """What the clock fix-up did after the guest's clock stood still (pause, restore, revert)."""
 
@@ -86,10 +71,14 @@ class ClockFix(Response):
 
 
 class ResumeResult(RuntimeStatus):
+    model_config = ConfigDict(frozen=True)
+
     clock: ClockFix
 
 
 class StopResult(RuntimeStatus):
+    model_config = ConfigDict(frozen=True)
+
     exit: str = Field(description="how QEMU ended")
 
 
@@ -315,6 +304,16 @@ class InstanceRow(Response):
     accel: str | None
     uptime: float | None
     reason: str
+
+
+class MachineTop(Response):
+    """One running machine as ``vmkit top`` shows it: its state and its :class:`MachineStats` now
+    (``stats`` None and ``error`` set if they could not be read, e.g. it stopped meanwhile)."""
+
+    name: str
+    state: str
+    stats: MachineStats | None = None
+    error: str | None = None
 
 
 class StartResult(Response):

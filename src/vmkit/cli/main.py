@@ -1,53 +1,43 @@
-"""Entry point: builds the typer app and maps errors to messages and exit codes."""
+"""Entry point of the ``vmkit`` command (:func:`main`).
+
+It imports nothing but the standard library before it knows the command: ``vmkit list`` into a
+pipe is served by :mod:`vmkit.cli.plain` without typer, rich or pydantic (about what ``virsh list``
+costs); everything else, and ``list`` on a terminal, goes to the typer app (:mod:`vmkit.cli.app`).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
-import typer
-
-from vmkit.cli import _deferred, guest, resources, state, system, vm
-from vmkit.cli.groups import VmkitGroup
-from vmkit.cli.output import err, report_error
-from vmkit.errors import ExitCode, VmkitError
-
-# Every module a command does not need is imported inside that command, so that `vmkit --help`
-# and `vmkit list` answer at once (benchmarks/cli_bench.py; tests/unit/test_cli.py checks it).
-_deferred.defer_unused_help_modules()
-
-app = typer.Typer(
-    cls=VmkitGroup,  # the command groups (image, nbd, disk, ...): imported when used, see vmkit.cli.groups
-    name="vmkit",
-    help="Create, run and manage Linux virtual machines on QEMU.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-vm.register(app)
-guest.register(app)
-system.register(app)
-state.register(app)
-resources.register(app)
+_QUICK_LIST = (["list"], ["list", "--json"])
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
 
-    Usage errors exit 2 (bad input), like every other bad-input error.
-
     The command loads no pydantic plugins (their discovery scans every installed package's
     metadata, ~30 ms a command) unless ``PYDANTIC_DISABLE_PLUGINS`` says otherwise (set it empty).
     """
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    try:
-        app(args=argv)
-    except VmkitError as exc:
-        report_error(exc)
-        sys.exit(int(exc.exit_code))
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(ExitCode.INTERRUPTED)
+    args = sys.argv[1:] if argv is None else argv
+    if args in _QUICK_LIST and not sys.stdout.isatty():
+        from vmkit.cli import plain
+
+        if plain.list_machines(as_json=len(args) == 2):
+            return
+    from vmkit.cli.app import run
+
+    run(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the typer app, for tests and documentation tools
+        from vmkit.cli.app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

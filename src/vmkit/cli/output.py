@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
+from vmkit.cli.plain import human_duration as human_duration
 from vmkit.errors import VmkitError
 
 if TYPE_CHECKING:
@@ -58,14 +59,3 @@ def spinner(message: str) -> Iterator[Callable[[str], None]]:
             status.update(f"{message} [dim]{detail}[/dim]" if detail else message)
 
         yield update
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

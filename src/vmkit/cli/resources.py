@@ -1,16 +1,24 @@
-"""A running machine's resources: ``vmkit set`` (change them live) and ``vmkit stats`` (see them)."""
+"""A running machine's resources: ``vmkit set`` (change them live), ``vmkit stats`` (see them) and
+``vmkit top`` (every running machine, live)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import typer
 
-from vmkit.cli.output import machine, out, print_json
+from vmkit.cli.output import client, machine, out, print_json
 from vmkit.errors import ConfigError, Problem
 
 
 def register(app: typer.Typer) -> None:
     app.command("set")(set_)
     app.command()(stats)
+    app.command()(top)
 
 
 def set_(
@@ -58,3 +66,135 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("vCPUs", str(s.vcpus))
     table.add_row("CPU", f"{s.cpu_percent:.1f} %")
     out.print(table)
+
+
+# -- vmkit top ------------------------------------------------------------------------------------------
+# Every field of MachineStats becomes a column, in this order first, then any other (newer) field
+# in the model's order; a header and a unit come from here or from the field's name (`_bytes`: MiB,
+# `_percent`: %). Host-wide fields go in the caption, once.
+_TOP_ORDER = ("vcpus", "vcpus_online", "cpu_percent", "steal_percent", "memory_bytes", "balloon_bytes",
+              "guest_mem_total_bytes", "guest_mem_available_bytes", "host_rss_bytes")
+_TOP_HEADERS = {"vcpus": "vCPUs", "vcpus_online": "online", "cpu_percent": "CPU %", "steal_percent": "steal %",
+                "memory_bytes": "memory", "balloon_bytes": "usable", "guest_mem_total_bytes": "guest total",
+                "guest_mem_available_bytes": "guest avail", "host_rss_bytes": "host RSS"}
+_HOST_WIDE = {"ksm_shared_bytes": "KSM saves {} on this host"}
+
+
+def _top_fields() -> list[str]:
+    from vmkit.api.models import MachineStats
+
+    names = [n for n in MachineStats.model_fields if n not in _HOST_WIDE]
+    return [n for n in _TOP_ORDER if n in names] + [n for n in names if n not in _TOP_ORDER]
+
+
+def _top_header(field: str) -> str:
+    if field in _TOP_HEADERS:
+        return _TOP_HEADERS[field]
+    return field.removesuffix("_bytes").replace("_percent", " %").replace("_", " ")
+
+
+def _top_cell(field: str, value: object) -> str:
+    from pydantic import BaseModel
+
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if field.endswith("_bytes") and isinstance(value, int):
+        return _mib(value)
+    if field.endswith("_percent") and isinstance(value, int | float):
+        return f"{value:.1f}"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_top_cell(str(k), v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ",".join(_top_cell(field, v) for v in value) or "-"
+    return str(value)
+
+
+def top_table(machines: list[Any], *, footer: str = "") -> Any:
+    """One frame of ``vmkit top``: a row per machine (:class:`vmkit.api.models.MachineTop`)."""
+    import time
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    fields = _top_fields()
+    caption = []
+    for m in machines:
+        if m.stats is not None:
+            caption += [text.format(_top_cell(f, getattr(m.stats, f))) for f, text in _HOST_WIDE.items()]
+            break
+    caption += [time.strftime("%H:%M:%S"), *([footer] if footer else [])]
+    table = Table("name", "state", *(_top_header(f) for f in fields), caption=" · ".join(caption),
+                  title=f"{len(machines)} running machine{'s' if len(machines) != 1 else ''}")
+    for col in table.columns[2:]:
+        col.justify = "right"
+    for m in machines:
+        state = f"[green]{m.state}[/]" if m.state == "running" else f"[yellow]{escape(m.state)}[/]"
+        if m.stats is None:
+            table.add_row(escape(m.name), state, f"[red]{escape(m.error or 'no statistics')}[/]",
+                          *([""] * (len(fields) - 1)))
+        else:
+            table.add_row(escape(m.name), state, *(escape(_top_cell(f, getattr(m.stats, f))) for f in fields))
+    return table
+
+
+@contextlib.contextmanager
+def _keypresses() -> Iterator[Callable[[float], str | None]]:
+    """Yields wait(seconds) -> the key pressed meanwhile, or None. The terminal is in cbreak mode
+    (keys arrive unbuffered, unechoed) until the block ends; without a terminal on stdin it just waits."""
+    import select
+    import time
+
+    if not sys.stdin.isatty():
+        def sleep(seconds: float) -> str | None:
+            time.sleep(seconds)
+            return None
+
+        yield sleep
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def wait(seconds: float) -> str | None:
+        ready, _, _ = select.select([fd], [], [], seconds)
+        return os.read(fd, 1).decode(errors="replace") if ready else None
+
+    try:
+        yield wait
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def top(
+    once: bool = typer.Option(False, "--once", help="print one frame and exit (also when not on a terminal)"),
+    as_json: bool = typer.Option(False, "--json", help="one snapshot, machine-readable"),
+    interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes"),
+) -> None:
+    """A live table of every running machine: CPU, vCPUs and memory (balloon, guest, host). q quits."""
+    if not interval > 0:
+        raise ConfigError.single("--interval", f"{interval} is not a positive number of seconds, e.g. 1 or 0.5")
+    c = client()
+    if as_json:
+        print_json([m.model_dump(mode="json") for m in c.top()])
+        return
+    if once or not out.is_terminal:
+        out.print(top_table(c.top()))
+        return
+    from rich.live import Live
+
+    def frame() -> Any:
+        return top_table(c.top(), footer="q quits")
+
+    try:
+        with _keypresses() as wait, Live(frame(), console=out, screen=True, auto_refresh=False) as live:
+            while wait(interval) not in ("q", "Q"):
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how one leaves top, not an interruption

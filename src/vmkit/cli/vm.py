@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from vmkit.cli import state as state_cli
-from vmkit.cli.output import client, err, human_duration, machine, out, print_json, print_json_line, spinner
+from vmkit.cli.output import client, err, machine, out, print_json, print_json_line, spinner
 
 
 def register(app: typer.Typer) -> None:
@@ -96,18 +96,19 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     from rich.table import Table
 
     from vmkit.backends.local.listing import BROKEN
+    from vmkit.cli.plain import LIST_COLUMNS, list_cells
 
     rows = client().rows()
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
         return
-    table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
+    # a pipe gets the same cells without rich (vmkit.cli.main serves it before this module loads)
+    table = Table(*LIST_COLUMNS)
     colors = {"running": "green", "paused": "yellow", "error": "red", BROKEN: "red"}
     for r in rows:
         c = "yellow" if r.health == "degraded" else colors.get(r.state)
-        state = f"{r.state} (degraded)" if r.health == "degraded" else r.state
-        table.add_row(escape(r.name), f"[{c}]{state}[/]" if c else state, str(r.cpus or "-"), r.memory or "-",
-                      r.accel or "-", human_duration(r.uptime))
+        name, state, *rest = (escape(cell) for cell in list_cells(r.model_dump()))  # type: ignore[arg-type]
+        table.add_row(name, f"[{c}]{state}[/]" if c else state, *rest)
     out.print(table)
     for r in rows:
         if r.state == BROKEN:

@@ -55,6 +55,10 @@ class Client:
     async def rows(self) -> builtins.list[models.InstanceRow]:
         return await asyncio.to_thread(self._sync.rows)
 
+    async def top(self, *, workers: int = 8) -> builtins.list[models.MachineTop]:
+        """As :meth:`vmkit.Client.top`."""
+        return await asyncio.to_thread(self._sync.top, workers=workers)
+
     async def delete(self, name: str, *, force: bool = False) -> None:
         await asyncio.to_thread(self._sync.delete, name, force=force)
 

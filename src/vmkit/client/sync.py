@@ -60,8 +60,9 @@ def _in_event_loop() -> bool:
     return True
 
 
-def _status(st: Any) -> models.RuntimeStatus:
-    return models.RuntimeStatus.model_validate(st.to_dict())
+def _status(st: models.RuntimeStatus) -> models.RuntimeStatus:
+    """A status the backend read (the state file's model is the API's: a copy, not a conversion)."""
+    return st.model_copy()
 
 
 def _clock(clock: dict[str, Any] | None) -> models.ClockFix | None:
@@ -152,6 +153,28 @@ class Client:
         from vmkit.backends.local import listing
 
         return self._call(listing.list_instances)
+
+    def top(self, *, workers: int = 8) -> builtins.list[models.MachineTop]:
+        """Every live machine (running, paused, ...) with its statistics now (``vmkit top``): one
+        ``GET /v1/stats`` per machine, up to ``workers`` at once, so one slow supervisor does not
+        hold up the others. A machine whose statistics cannot be read has ``error`` instead."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vmkit.errors import VmkitError
+        from vmkit.host.instance import LIVE
+
+        live = [r for r in self.rows() if r.state in LIVE]
+
+        def one(row: models.InstanceRow) -> models.MachineTop:
+            try:
+                return models.MachineTop(name=row.name, state=row.state, stats=Instance(self, row.name).stats())
+            except VmkitError as exc:
+                return models.MachineTop(name=row.name, state=row.state, error=exc.message)
+
+        if len(live) <= 1:
+            return [one(r) for r in live]
+        with ThreadPoolExecutor(min(workers, len(live)), thread_name_prefix="vmkit-top") as pool:
+            return builtins.list(pool.map(one, live))
 
     def delete(self, name: str, *, force: bool = False) -> None:
         """Delete a stopped machine and its directory (``force``: stop it first)."""

@@ -29,57 +29,30 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from vmkit.config import MachineConfig, load_config, problems_from_validation, validate_name
 from vmkit.errors import AlreadyExistsError, ConfigError, NotFoundError, Problem, StateError
 from vmkit.fsutil import atomic_write
 from vmkit.host import paths
+from vmkit.host.lock import held_exclusively
+from vmkit.host.status import RuntimeStatus
 from vmkit.runtime.states import LIVE_STATES
 
 LIVE = tuple(s.value for s in LIVE_STATES)
 """The recorded states in which a supervisor should hold the machine."""
 
 
-@dataclass
-class Status:
-    """Runtime status of an instance as recorded in ``state.json``."""
-
-    state: str = "stopped"
-    reason: str = ""
-    supervisor_pid: int | None = None
-    qemu_pid: int | None = None
-    started_at: float | None = None
-    accel: str | None = None
-    accel_reason: str | None = None
-    qemu_version: str | None = None
-    degraded: str | None = None  # why the machine runs degraded (e.g. a virtiofsd died)
-    updated_at: float = field(default_factory=time.time)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Status:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@functools.cache
-def _status_adapter() -> TypeAdapter[Status]:
-    """Validates state.json (built on first use: most listed instances have none)."""
-    return TypeAdapter(Status)
+Status = RuntimeStatus
+"""The runtime status recorded in ``state.json``: the API's model (:mod:`vmkit.host.status`)."""
 
 
 class Instance:
@@ -206,8 +179,7 @@ class Instance:
         if not isinstance(data, dict):
             raise self._damaged_status(f"holds a JSON {type(data).__name__}, not a status object")
         try:
-            known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
-            return _status_adapter().validate_python(known)
+            return Status.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(str(p) for p in problems_from_validation(exc))
             raise self._damaged_status(f"is not a valid status ({problems})") from None
@@ -223,23 +195,8 @@ class Instance:
         atomic_write(self.state_path, json.dumps(status.to_dict(), indent=2), 0o600)
 
     def is_supervised(self) -> bool:
-        """True while a supervisor holds the instance lock (exclusively).
-
-        The check takes the lock *shared* for an instant: that fails only against an exclusive
-        holder, so checks running at the same time never see each other as a supervisor (taking it
-        exclusively did: 118 wrong answers in 40,000 checks from two processes)."""
-        if not self.lock_path.exists():
-            return False
-        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        """True while a supervisor holds the instance lock (see :func:`vmkit.host.lock.held_exclusively`)."""
+        return held_exclusively(self.lock_path)
 
     def open_lock(self) -> int:
         """The lock file, opened for :func:`take_exclusive`."""
