@@ -365,6 +365,10 @@ QEMU_OVERHEAD = 128 << 20
 a cgroup ``memory_max`` below ``memory`` plus this is refused."""
 
 
+MAX_LIMIT = 1 << 50
+"""The largest memory limit accepted (1 PiB): beyond it a limit means nothing, and the kernel's parser overflows."""
+
+
 def parse_cpu_list(text: str) -> tuple[int, ...]:
     """``"0-2,5"`` -> ``(0, 1, 2, 5)`` (sorted, each CPU once); a ValueError says what is wrong."""
     if not isinstance(text, str) or not _CPU_LIST_RE.fullmatch(text.strip()):
@@ -405,14 +409,17 @@ class Limits(_Model):
                                 description="CPU cap in percent of one host core (150 = one and a half cores)")
     cpu_pin: str | None = Field(default=None, description="host CPUs the machine runs on, e.g. 0-1,3; each vCPU "
                                                           "thread is pinned to one of them in turn")
-    memory_min: Size | None = Field(default=None, description="memory reservation (v2 memory.min; v1 has none: "
-                                                              "memory.soft_limit_in_bytes)")
-    memory_high: Size | None = Field(default=None, description="throttle and reclaim above this (v2 memory.high; "
-                                                               "v1 memory.soft_limit_in_bytes)")
-    memory_max: Size | None = Field(default=None, description="hard memory limit of QEMU and its helpers "
-                                                              "(at least memory + 128M)")
-    swap_max: Size | None = Field(default=None, description="host swap the machine may use (v2 memory.swap.max; "
-                                                            "v1 memory.memsw.limit_in_bytes = memory_max + this)")
+    memory_min: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="memory reservation (v2 memory.min; v1 has none: "
+                                                "memory.soft_limit_in_bytes)")
+    memory_high: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="throttle and reclaim above this (v2 memory.high; "
+                                                "v1 memory.soft_limit_in_bytes)")
+    memory_max: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="hard memory limit of QEMU and its helpers (at least memory + 128M)")
+    swap_max: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="host swap the machine may use (v2 memory.swap.max; "
+                                                "v1 memory.memsw.limit_in_bytes = memory_max + this)")
 
     @field_validator("cpu_pin")
     @classmethod

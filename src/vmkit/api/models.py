@@ -308,10 +308,10 @@ class LimitsRequest(Request):
     cpu_weight: int | None = Field(default=None, strict=True, ge=1, le=10000)
     cpu_max: int | None = Field(default=None, strict=True, ge=1, le=6400)
     cpu_pin: str | None = Field(default=None, max_length=200)
-    memory_min: int | None = Field(default=None, strict=True, ge=0)
-    memory_high: int | None = Field(default=None, strict=True, ge=0)
-    memory_max: int | None = Field(default=None, strict=True, ge=0)
-    swap_max: int | None = Field(default=None, strict=True, ge=0)
+    memory_min: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    memory_high: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    memory_max: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    swap_max: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
 
 
 class LimitsResult(Response):
