@@ -368,3 +368,20 @@ def test_steal_meter_reads_real_schedstat() -> None:
     meter = StealMeter(interval=0.05)
     value = asyncio.run(meter.percent(pid, [pid]))
     assert 0.0 <= value <= 100.0
+
+
+def test_the_parent_weighs_as_much_as_its_machines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = FakeV1(tmp_path / "cg", monkeypatch)
+    driver = cgroups.detect(kernel.mounts())
+    assert driver is not None
+    parent = tmp_path / "cg" / "cpu" / "vmkit" / "cpu.shares"
+    with cgroups.parent_lock(driver):
+        a = cgroups.create(driver, "a", Limits(cpu_weight=200))
+        b = cgroups.create(driver, "b", Limits())
+    assert parent.read_text() == str(2048 + 1024)
+    b.apply(Limits(cpu_weight=50))
+    assert parent.read_text() == str(2048 + 512)
+    b.remove()
+    assert parent.read_text() == "2048"
+    a.remove()
+    assert parent.read_text() == "1024"  # no machine: the default

@@ -299,7 +299,7 @@ class Supervisor:
             raise HostError(f"{self.config.name} runs without a cgroup (this host offered none when it started)",
                             hint="see `vmkit doctor`")
         with self.ops.shared("change the limits", "changing the limits"):
-            written = self.cgroup.apply(new)
+            written = await asyncio.to_thread(self.cgroup.apply, new)  # may wait for the parent lock
             pinned = await self._pin(new)
         self.config = self.config.model_copy(update={"limits": new})
         self.vm.config = self.config

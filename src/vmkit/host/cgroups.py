@@ -33,6 +33,11 @@ cpu_max       cpu.max "QUOTA 100000"      cpu.cfs_quota_us = QUOTA, cpu.cfs_peri
 cpu_pin       cpuset.cpus                 cpuset.cpus (and cpuset.mems, copied from the parent)
 ============  ==========================  ===========================================================
 
+The ``vmkit`` parent weighs as much as its machines together (its ``cpu.shares`` or ``cpu.weight`` is
+the sum of theirs, kept so as machines start, stop and change weight): otherwise all machines together
+would get the CPU share of one process against the rest of the host (on v1 without systemd, every
+other process at the root competes with the whole ``vmkit`` group).
+
 An unset setting writes the controller's default (``max``, ``-1``, weight 100, the parent's CPUs),
 so clearing a limit live works.
 """
@@ -444,8 +449,15 @@ class MachineCgroup:
             return str(self.driver.mounts["memory"] / self.rel)
         return str(self.driver.dirs(self.rel)[0])
 
-    def apply(self, limits: Limits) -> list[Write]:
-        return self.driver.apply(self.rel, limits)
+    def apply(self, limits: Limits, *, balance: bool = True) -> list[Write]:
+        """Write ``limits`` (after :meth:`Driver.check`); the parent's weight follows (see
+        :func:`balance_parent`). Blocks while another supervisor holds the parent lock."""
+        written = self.driver.apply(self.rel, limits)
+        if not balance:
+            return written
+        with parent_lock(self.driver):
+            balance_parent(self.driver)
+        return written
 
     def pids(self) -> set[int]:
         return self.driver.pids(self.rel)
@@ -454,7 +466,10 @@ class MachineCgroup:
         return self.driver.cpu_usage_ns(self.rel)
 
     def remove(self) -> None:
+        """Remove the cgroup (its processes must have exited), and weigh the parent again."""
         self.driver.rmdir(self.rel)
+        with contextlib.suppress(HostError, OSError), parent_lock(self.driver, timeout=5):
+            balance_parent(self.driver)
 
 
 def lock_parent(driver: Driver, *, timeout: float = 60.0) -> int:
@@ -484,6 +499,24 @@ def parent_lock(driver: Driver, *, timeout: float = 60.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def balance_parent(driver: Driver) -> str | None:
+    """Give the ``vmkit`` parent the CPU weight of its machines together (v1 ``cpu.shares``, v2
+    ``cpu.weight``: the sum of its children's), so grouping the machines does not make them, together,
+    weigh as little as one process against the rest of the host. Call with :func:`parent_lock` held.
+    Returns the value written (None: no cpu controller)."""
+    if "cpu" not in driver.controllers:
+        return None
+    name, default, low, high = ("cpu.shares", 1024, 2, 262144) if driver.version == 1 else \
+        ("cpu.weight", 100, 1, 10000)
+    total = 0
+    for child in driver.children(PARENT):
+        text = driver.read("cpu", f"{PARENT}/{child}", name)
+        total += int(text) if text and text.isdigit() else default
+    value = str(min(high, max(low, total or default)))
+    driver.write(PARENT, [Write("cpu" if driver.version == 1 else "", name, value)])
+    return value
 
 
 def clean_stale(driver: Driver) -> list[str]:
@@ -517,7 +550,8 @@ def create(driver: Driver, name: str, limits: Limits) -> MachineCgroup:
     driver.mkdir(rel, parent=PARENT)
     group = MachineCgroup(driver, rel)
     try:
-        group.apply(limits)
+        group.apply(limits, balance=False)  # the caller holds the lock
+        balance_parent(driver)
     except BaseException:
         with contextlib.suppress(HostError):
             group.remove()
