@@ -256,6 +256,12 @@ class Supervisor:
                 log.info("%s", note)
                 self.cgroup_notes.append(note)
             self.cgroup = cgroups.create(driver, self.config.name, limits)
+        except HostError as exc:
+            os.close(lock)
+            if not limits.is_empty():
+                raise
+            log.warning("the machine runs without a cgroup: %s", exc.message)
+            return None
         except BaseException:
             os.close(lock)
             raise

@@ -196,7 +196,7 @@ class Driver(ABC):
                 with contextlib.suppress(OSError):
                     d.rmdir()
             raise HostError(f"cannot create the cgroup {rel}: {exc.strerror} ({exc.filename})",
-                            hint="vmkit needs root (or a delegated cgroup) for limits; see `vmkit doctor`") from None
+                            hint="vmkit needs root for cgroup limits; see `vmkit doctor`") from None
 
     def exists(self, rel: str) -> bool:
         return any(d.is_dir() for d in self.dirs(rel))

@@ -77,4 +77,4 @@ def cgroup_check(driver: cgroups.Driver | bool | None = True) -> Check:
     detail = (f"v{found.version} ({layout}): vmkit can use {', '.join(found.controllers)}; {swap}; machines run "
               f"in {found.dirs(cgroups.PARENT)[0]}/<name>")
     return Check(name="cgroups", ok=writable, detail=detail if writable else f"{detail}, which this user cannot "
-                 "create", hint=None if writable else "limits need root or a delegated cgroup", required=False)
+                 "create", hint=None if writable else "machines' limits need root", required=False)
