@@ -158,3 +158,23 @@ def test_limits_of_a_stopped_machine_apply_at_its_next_start(vmkit_home: Path, m
     files = stats("cgcold")["cgroup_files"]
     assert files["cpu.cfs_quota_us"] == "25000" and files["cpu.shares"] == "512"
     vmkit("stop", "cgcold", "--force")
+
+
+@needs_cgroups
+def test_machines_started_at_once_each_get_their_cgroup(vmkit_home: Path, micro_image: Image) -> None:
+    """Starts take the vmkit parent's lock only until their first child is in: concurrent starts all work,
+    and none cleans away another's new, still empty cgroup."""
+    assert DRIVER is not None
+    names = ("cgpar1", "cgpar2", "cgpar3")
+    for n in names:
+        vmkit("create", n, "--image", "micro", "--memory", "128M")
+    starts = [subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "start", n], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for n in names]
+    for p in starts:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (out, err)
+    for n in names:
+        qemu = json.loads((vmkit_home / "instances" / n / "state.json").read_text())["qemu_pid"]
+        assert qemu in DRIVER.pids(group_of(n))
+    for n in names:
+        vmkit("stop", n, "--force")

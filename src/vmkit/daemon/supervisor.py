@@ -194,17 +194,18 @@ class Supervisor:
         assert self._start_outcome is not None
         ready = False
         try:
-            lock = await self._make_cgroup()
+            lock = _Lock(await self._make_cgroup())
             for note in self.cgroup_notes:
                 emit({"note": note})
+            joined = asyncio.create_task(self._unlock_when_joined(lock), name="vmkit-cgroup-joined")
             try:
                 if plan.active:
                     await start_from_plan(self, plan, emit)
                 else:
                     await self.vm.start()
             finally:
-                if lock is not None:
-                    os.close(lock)  # QEMU and its helpers are in the cgroup: a cleaner sees it in use
+                joined.cancel()
+                lock.close()
             await self._pin(self.config.limits)
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at
@@ -232,7 +233,7 @@ class Supervisor:
     # -- the machine's cgroup (vmkit.host.cgroups) -------------------------------------------------------
     async def _make_cgroup(self) -> int | None:
         """Create the machine's cgroup with its limits and make every child join it; returns the parent
-        lock, held until QEMU and its helpers are in (close it then). Empty cgroups left by supervisors
+        lock, held until the first child is in (close it then). Empty cgroups left by supervisors
         that were killed are removed first, and said so in the log and the events."""
         limits = self.config.limits
         driver = cgroups.detect()
@@ -268,6 +269,15 @@ class Supervisor:
         log.info("cgroup %s (%s), limits: %s", self.cgroup.path, driver.describe(), cgroups.summary(limits))
         proc.place_children([str(p) for p in driver.procs_files(self.cgroup.rel)])
         return lock
+
+    async def _unlock_when_joined(self, lock: _Lock) -> None:
+        """Release the parent lock as soon as a child (virtiofsd or QEMU) is in the machine's cgroup: from
+        then on a cleaner sees it in use, and other supervisors need not wait for this start to end."""
+        while lock.fd is not None and self.cgroup is not None:
+            if self.cgroup.pids():
+                lock.close()
+                return
+            await asyncio.sleep(0.02)
 
     def _remove_cgroup(self) -> None:
         group, self.cgroup = self.cgroup, None
@@ -630,6 +640,18 @@ class Supervisor:
             backlog.close()
             task.cancel()
         return ws
+
+
+class _Lock:
+    """A lock's descriptor that can be closed more than once."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _guest_file_error(exc: GuestAgentError, path: str) -> VmkitError:

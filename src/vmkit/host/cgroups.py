@@ -11,10 +11,11 @@ and ``memory``). The supervisor creates it before QEMU starts (children join it 
 execute, see :func:`vmkit.runtime.proc.place_children`), writes the limits, and removes it when the
 machine stops. A supervisor that was killed leaves an empty cgroup behind: the next start of any
 machine removes every empty one under ``vmkit`` and says which. Creating, cleaning and the first
-child joining happen under an ``flock`` on the ``vmkit`` directory, so a cleaner never removes a
-cgroup that another supervisor has just made. A name taken by a live machine of another vmkit home
-gets ``-2``, ``-3``...; names that could be mistaken for cgroup files (``tasks``, ``cpu.x``,
-``cgroup.x``) are prefixed with ``_`` (as libvirt escapes them).
+child joining happen under an ``flock`` on the ``vmkit`` directory (the supervisor releases it as
+soon as a child is in), so a cleaner never removes a cgroup that another supervisor has just made.
+A name taken by a live machine of another vmkit home gets ``-2``, ``-3``...; names that could be
+mistaken for cgroup files (``tasks``, ``cpu.x``, ``cgroup.x``) are prefixed with ``_`` (as libvirt
+escapes them).
 
 What each setting becomes:
 
