@@ -359,6 +359,97 @@ class Readiness(_Model):
     timeout: Float = Field(default=120.0, gt=0)
 
 
+_CPU_LIST_RE = re.compile(r"\d{1,4}(-\d{1,4})?(,\d{1,4}(-\d{1,4})?)*")
+QEMU_OVERHEAD = 128 << 20
+"""Memory a QEMU process needs beside the guest's RAM (code, TCG's translation cache, device buffers):
+a cgroup ``memory_max`` below ``memory`` plus this is refused."""
+
+
+MAX_LIMIT = 1 << 50
+"""The largest memory limit accepted (1 PiB): beyond it a limit means nothing, and the kernel's parser overflows."""
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0-2,5"`` -> ``(0, 1, 2, 5)`` (sorted, each CPU once); a ValueError says what is wrong."""
+    if not isinstance(text, str) or not _CPU_LIST_RE.fullmatch(text.strip()):
+        raise ValueError(f"{text!r} is not a CPU list: use host CPU numbers and ranges, e.g. 0-1,3")
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if last < first:
+            raise ValueError(f"{part!r} is a backwards range in {text!r}: write the lower CPU first, e.g. 0-3")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpu_list(cpus: tuple[int, ...] | list[int]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    out: list[str] = []
+    ordered = sorted(set(cpus))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+class Limits(_Model):
+    """Reservations, limits and CPU placement of the machine's QEMU and helpers, through its cgroup
+    (``vmkit/<name>``; see :mod:`vmkit.host.cgroups` for what each becomes on cgroup v1 and v2).
+    Every field is optional: unset means no limit (the cgroup's default)."""
+
+    cpu_weight: Int | None = Field(default=None, ge=1, le=10000,
+                                   description="relative CPU share against other machines (default 100; "
+                                               "cgroup v2 cpu.weight, v1 cpu.shares = weight x 1024 / 100)")
+    cpu_max: Int | None = Field(default=None, ge=1, le=6400,
+                                description="CPU cap in percent of one host core (150 = one and a half cores)")
+    cpu_pin: str | None = Field(default=None, description="host CPUs the machine runs on, e.g. 0-1,3; each vCPU "
+                                                          "thread is pinned to one of them in turn")
+    memory_min: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="memory reservation (v2 memory.min; v1 has none: "
+                                                "memory.soft_limit_in_bytes)")
+    memory_high: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="throttle and reclaim above this (v2 memory.high; "
+                                                "v1 memory.soft_limit_in_bytes)")
+    memory_max: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="hard memory limit of QEMU and its helpers (at least memory + 128M)")
+    swap_max: Size | None = Field(
+        default=None, le=MAX_LIMIT, description="host swap the machine may use (v2 memory.swap.max; "
+                                                "v1 memory.memsw.limit_in_bytes = memory_max + this)")
+
+    @field_validator("cpu_pin")
+    @classmethod
+    def _cpu_pin(cls, v: str | None) -> str | None:
+        return None if v is None else format_cpu_list(parse_cpu_list(v))
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return parse_cpu_list(self.cpu_pin) if self.cpu_pin is not None else ()
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f) is None for f in type(self).model_fields)
+
+    def problems(self, memory: int, *, prefix: str = "limits.") -> list[Problem]:
+        """What is wrong with these limits for a guest of ``memory`` bytes: a memory_max it cannot run
+        under, a reservation above a limit (min <= high <= max)."""
+        problems = []
+        for low, high in (("memory_min", "memory_high"), ("memory_min", "memory_max"), ("memory_high", "memory_max")):
+            a, b = getattr(self, low), getattr(self, high)
+            if a is not None and b is not None and a > b:
+                problems.append(Problem(f"{prefix}{low}", f"{format_size(a)} is above {high} ({format_size(b)}): "
+                                        f"give a {low} at most the {high}"))
+        need = memory + QEMU_OVERHEAD
+        if self.memory_max is not None and self.memory_max < need:
+            problems.append(Problem(f"{prefix}memory_max", f"{format_size(self.memory_max)} is less than the guest's "
+                            f"memory ({format_size(memory)}) plus what QEMU itself needs "
+                            f"({format_size(QEMU_OVERHEAD)}): give at least {format_size(need)}"))
+        return problems
+
+
 class MachineConfig(_Model):
     """Everything that defines one virtual machine."""
 
@@ -386,6 +477,8 @@ class MachineConfig(_Model):
     memory_merge: Bool = Field(default=True, description="let the host's KSM merge this guest's identical pages "
                                                          "(QEMU mem-merge; `vmkit host ksm on` turns KSM on)")
     readiness: Readiness = Readiness()
+    limits: Limits = Field(default=Limits(), description="cgroup reservations and limits, CPU weight, cap and "
+                                                         "pinning (`vmkit set` changes them live)")
     image: str | None = Field(default=None, description="the image this machine was created from")
 
     @field_validator("name")
@@ -436,6 +529,7 @@ class MachineConfig(_Model):
             ids[dev_id] = f"storage[{i}]"
             problems += device_problems(dev, f"storage[{i}]", seen, host=host)
         problems += self._share_problems(host)
+        problems += self.limits.problems(self.memory)
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
             for i, fwd in enumerate(self.network.forwards):

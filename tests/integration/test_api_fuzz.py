@@ -4,7 +4,9 @@ input refused with 4xx, and the machine still running afterwards.
 
 Operations that end the machine or stream forever (stop, request-stop, save, console, events) are
 left out; the hostile-input suite covers them by hand. So is set_balloon: a valid target the guest
-cannot reach makes it wait out its timeout (up to minutes); tests/integration/test_memory.py covers it.
+cannot reach makes it wait out its timeout (up to minutes); tests/integration/test_memory.py covers it. And
+set_limits: a valid cpu_max of 1 % or a memory_high of a few bytes would starve the shared guest for the rest of
+the run; test_supervisor_api_fuzz.py sends it hostile bodies and tests/integration/test_cgroups_live.py the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ pytestmark = [pytest.mark.integration]
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 RELAYED: list[int] = []  # one entry per connection the fuzzer made
-LEFT_OUT = ["stop", "request_stop", "save", "console", "events", "revert_snapshot", "set_balloon"]
+LEFT_OUT = ["stop", "request_stop", "save", "console", "events", "revert_snapshot", "set_balloon", "set_limits"]
 
 
 def _forward(unix_path: Path) -> tuple[str, asyncio.AbstractEventLoop]:

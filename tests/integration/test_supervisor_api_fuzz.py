@@ -217,6 +217,21 @@ def test_detach_body_is_checked(live: Live) -> None:
     live.assert_running()
 
 
+def test_limits_body_is_checked(live: Live) -> None:
+    for body in HOSTILE:
+        check(call(live.sock, "PUT", "/v1/limits", body), bad=True)
+    for fields, field in (({"cpu_weight": "200"}, "cpu_weight"), ({"cpu_weight": 0}, "cpu_weight"),
+                          ({"cpu_max": True}, "cpu_max"), ({"cpu_pin": "0-4095"}, "cpu_pin"),
+                          ({"cpu_pin": "0;reboot"}, "cpu_pin"), ({"memory_max": 1}, "memory_max"),
+                          ({"memory_max": 1 << 70}, "memory_max"), ({"swap_max": 1 << 30}, "swap_max"),
+                          ({"memory_min": 1 << 40, "memory_max": 1 << 30}, "memory_min")):
+        ans = check(call(live.sock, "PUT", "/v1/limits", json.dumps(fields).encode()), bad=True)
+        assert ans.status == 400 and ans.body["error"]["field"] == field, (fields, ans.body)
+    same = check(call(live.sock, "PUT", "/v1/limits", b"{}"))
+    assert same.status == 200 and same.body["limits"]["cpu_max"] is None
+    live.assert_running()
+
+
 def test_save_and_snapshot_bodies(live: Live) -> None:
     for body in ({"path": "relative/state"}, {"path": "/tmp/x\u0000y"}, {"path": 5}, {"keep_running": "yes"},
                  {"keep_running": 1}, {"force": "yes"}, {"path": "/tmp/x", "keep_running": True, "forced": True}):

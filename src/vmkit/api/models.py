@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
-from vmkit.config import Bool, Float
+from vmkit.config import Bool, Float, Limits
 
 # defined with the state file they describe (below the API), re-exported as part of the contract
 from vmkit.host.status import MachineStateName as MachineStateName
@@ -126,6 +126,7 @@ class StartLine(Response):
     progress: Progress | None = None
     console: str | None = None
     started: Started | None = None
+    note: str | None = Field(default=None, description="what the user should know (e.g. a stale cgroup removed)")
     result: RuntimeStatus | None = None
     error: ErrorDetail | None = None
 
@@ -276,13 +277,49 @@ class MachineStats(Response):
     vcpus: int = Field(description="configured virtual CPUs")
     cpu_percent: float = Field(description="QEMU's CPU use in percent of one core, since the previous stats "
                                            "request (or over a quarter second)")
+    steal_percent: float | None = Field(default=None, description="time the vCPU threads were runnable but "
+                                        "waited for a host CPU (or were held back by cpu_max), in percent, averaged "
+                                        "over the vCPUs, since the previous stats request (the host's view: a TCG "
+                                        "guest sees no steal)")
+    limits: Limits = Field(default_factory=Limits, description="the cgroup limits in force (as in vm.yaml)")
+    cgroup: str | None = Field(default=None, description="the machine's cgroup directory (v1: the memory "
+                                                         "hierarchy's; None without a cgroup)")
+    cgroup_version: int | None = Field(default=None, description="1 or 2 (None without a cgroup)")
+    cgroup_files: dict[str, str | None] = Field(default_factory=dict,
+                                                description="what the kernel holds now, file name -> value")
+
+
+class LimitsRequest(Request):
+    """Change the machine's cgroup limits live (``vmkit set``): a field given replaces the value in force,
+    ``null`` removes that limit, a field left out stays as it is. Sizes in bytes, ``cpu_max`` in percent
+    of one host core, ``cpu_pin`` a host CPU list such as ``0-1,3``."""
+
+    cpu_weight: int | None = Field(default=None, strict=True, ge=1, le=10000)
+    cpu_max: int | None = Field(default=None, strict=True, ge=1, le=6400)
+    cpu_pin: str | None = Field(default=None, max_length=200)
+    memory_min: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    memory_high: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    memory_max: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+    swap_max: int | None = Field(default=None, strict=True, ge=0, le=1 << 50)
+
+
+class LimitsResult(Response):
+    """The limits now in force (also written to vm.yaml), what was written to the cgroup, and the host
+    CPU each vCPU thread is pinned to (in vCPU order; empty without ``cpu_pin``)."""
+
+    limits: Limits
+    cgroup: str | None
+    cgroup_version: int | None
+    written: list[str] = Field(description="FILE=VALUE, in the order written")
+    pinned: list[int] = Field(default_factory=list)
 
 
 # -- events ----------------------------------------------------------------------------------------------
 class Event(Response):
     """One line of ``GET /v1/events``. ``kind``: ``hello`` (first line: the state now), ``state-changed``,
     ``guest-stopped``, ``stopped-with-error``, ``qmp`` (any other QEMU event, named in
-    ``detail.event``), ``share-failed``, ``nbd-*`` (disk connection changes), ``clock-fixed``..."""
+    ``detail.event``), ``share-failed``, ``nbd-*`` (disk connection changes), ``clock-fixed``,
+    ``limits-changed`` (``detail``: ``limits`` now in force, ``cgroup``, ``written``)..."""
 
     kind: str
     state: MachineStateName

@@ -93,6 +93,11 @@ ROUTES: tuple[Route, ...] = (
                       "(a new boot starts with all its memory)."),
     Route("GET", "/v1/stats", "get_stats", "Memory and CPU use now", response=m.MachineStats, states=LIVE,
           errors=(409, 500)),
+    Route("PUT", "/v1/limits", "set_limits", "Change the cgroup limits live (weight, cap, pinning, memory)",
+          request=m.LimitsRequest, response=m.LimitsResult, states=LIVE,
+          description="Checked first (ranges, CPUs the host has, memory_max above the guest's memory plus "
+                      "QEMU's needs, swap accounting, min <= high <= max); then written to the machine's "
+                      "cgroup, the vCPU threads pinned, vm.yaml updated and a `limits-changed` event emitted."),
     Route("POST", "/v1/save", "save", "Save the machine's running state to a file", request=m.SaveRequest,
           response=m.SaveLine, responds="ndjson", states=LIVE,
           description="Newline-delimited JSON: `progress` lines, then one line with `result` or `error`. "

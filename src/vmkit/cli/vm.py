@@ -35,11 +35,21 @@ def create(
     accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),
     from_file: Path | None = typer.Option(None, "--from", help="start from this vm.yaml"),
     user_data: Path | None = typer.Option(None, "--user-data", help="cloud images: extra cloud-config to merge"),
+    cpu_weight: str | None = typer.Option(None, "--cpu-weight", help="cgroup CPU weight 1-10000 (default 100)"),
+    cpu_max: str | None = typer.Option(None, "--cpu-max", help="CPU cap, percent of one host core"),
+    cpu_pin: str | None = typer.Option(None, "--cpu-pin", help="host CPUs to run on, e.g. 0-1,3"),
+    memory_min: str | None = typer.Option(None, "--memory-min", help="memory reservation (cgroup)"),
+    memory_high: str | None = typer.Option(None, "--memory-high", help="memory throttle point (cgroup)"),
+    memory_max: str | None = typer.Option(None, "--memory-max", help="hard memory limit of QEMU and helpers"),
+    swap_max: str | None = typer.Option(None, "--swap-max", help="host swap the machine may use"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
+    limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
+                                "memory_min": memory_min, "memory_high": memory_high, "memory_max": memory_max,
+                                "swap_max": swap_max}.items() if v is not None}
     inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
-                           from_file=from_file, user_data=user_data)
+                           from_file=from_file, user_data=user_data, limits=limits or None)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
 
 

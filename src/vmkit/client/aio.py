@@ -187,6 +187,9 @@ class Instance:
     async def set_balloon(self, size: int | str, *, timeout: float = 10.0) -> models.BalloonResult:
         return await asyncio.to_thread(self._sync.set_balloon, size, timeout=timeout)
 
+    async def set_limits(self, **changes: int | str | None) -> models.LimitsResult:
+        return await asyncio.to_thread(self._sync.set_limits, **changes)
+
     async def stats(self) -> models.MachineStats:
         return await asyncio.to_thread(self._sync.stats)
 

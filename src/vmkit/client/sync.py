@@ -44,7 +44,7 @@ Notice = Callable[["Note"], None]
 """Receives what the user should be told while a machine comes up (:class:`vmkit.backends.local.statectl.Note`)."""
 
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
-                             "run", "accel", "cpus", "memory", "from_file"})
+                             "run", "accel", "cpus", "memory", "from_file", "limits"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -107,8 +107,8 @@ class Client:
 
         * ``create(config)``: a :class:`~vmkit.config.MachineConfig` or a vm.yaml mapping;
         * ``create(name, image="debian-12", cpus=2, memory="1G", disks=["20G"], ports=["8080:80"],
-          mounts=["~/src"], user_data=Path(...))``: as ``vmkit create`` (with ``image``, ``kernel`` or
-          ``from_file``, a vm.yaml to start from; options given as None are not set);
+          mounts=["~/src"], user_data=Path(...), limits={"cpu_max": 50})``: as ``vmkit create`` (with
+          ``image``, ``kernel`` or ``from_file``, a vm.yaml to start from; options given as None are not set);
         * ``create(name, **vm_yaml_fields)``: any other keywords are vm.yaml's fields.
         """
         from vmkit.backends.local import control
@@ -440,6 +440,15 @@ class Instance:
         from vmkit.backends.local import control
 
         return self._call(control.set_balloon, self.name, size, timeout=timeout)
+
+    def set_limits(self, **changes: int | str | None) -> models.LimitsResult:
+        """Change the machine's cgroup limits: ``cpu_weight`` (1-10000), ``cpu_max`` (percent of one host
+        core), ``cpu_pin`` (``"0-1,3"``), ``memory_min``, ``memory_high``, ``memory_max``, ``swap_max``
+        (bytes or ``"1G"``); ``None`` or ``"none"`` removes one. Live when it runs (and written to
+        vm.yaml), else for its next start."""
+        from vmkit.backends.local import control
+
+        return self._call(control.set_limits, self.name, dict(changes))
 
     def stats(self) -> models.MachineStats:
         """Memory (balloon, guest, QEMU's RSS, host-wide KSM savings) and CPU use of the running machine."""

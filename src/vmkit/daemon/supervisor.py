@@ -20,7 +20,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     POST /v1/disks            attach a disk (a StorageDevice as JSON)
     DELETE /v1/disks/ID       detach a hot-plugged disk
     POST /v1/balloon          {"target": bytes}  move the guest's usable memory (memory balloon)
-    GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM) and CPU use now
+    GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM), CPU use, steal and the limits now
+    PUT  /v1/limits           change the cgroup limits live (see vmkit.host.cgroups)
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
 
@@ -56,7 +57,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from vmkit.api import models, spec
-from vmkit.config import PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.config import Limits, PortForward, StorageDevice, port_is_free, validate_model
 from vmkit.daemon.state_routes import (
     OperationGate,
     StartPlan,
@@ -66,10 +67,19 @@ from vmkit.daemon.state_routes import (
     start_from_plan,
     unexpected_error,
 )
-from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
-from vmkit.host import ksm
+from vmkit.errors import (
+    ConfigError,
+    ExitCode,
+    HostError,
+    NotFoundError,
+    QemuError,
+    StateError,
+    VmkitError,
+    error_fields,
+)
+from vmkit.host import cgroups, ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
-from vmkit.runtime import balloon, hotplug
+from vmkit.runtime import balloon, hotplug, proc, vcputhreads
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.execute import guest_exec
@@ -114,6 +124,10 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self._steal = vcputhreads.StealMeter()
+        self.cgroup: cgroups.MachineCgroup | None = None
+        """The machine's cgroup while it runs (None: the host offers none, and no limits were asked for)."""
+        self.cgroup_notes: list[str] = []
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -155,11 +169,13 @@ class Supervisor:
         if failed is not None:
             if self._start is None:
                 self._record_failure("never started")
+            self._remove_cgroup()
             await self._stop_api()
             return failed
         exit_info = await self.vm.wait()
         log.info("QEMU exited: %s", exit_info.reason)
         await self.vm.shutdown()
+        self._remove_cgroup()
         self.status.state = "stopped" if exit_info.clean else "error"
         self.status.reason = self.exit_reason or exit_info.reason
         self.status.qemu_pid = None
@@ -178,10 +194,19 @@ class Supervisor:
         assert self._start_outcome is not None
         ready = False
         try:
-            if plan.active:
-                await start_from_plan(self, plan, emit)
-            else:
-                await self.vm.start()
+            lock = _Lock(await self._make_cgroup())
+            for note in self.cgroup_notes:
+                emit({"note": note})
+            joined = asyncio.create_task(self._unlock_when_joined(lock), name="vmkit-cgroup-joined")
+            try:
+                if plan.active:
+                    await start_from_plan(self, plan, emit)
+                else:
+                    await self.vm.start()
+            finally:
+                joined.cancel()
+                lock.close()
+            await self._pin(self.config.limits)
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at
             self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
@@ -198,11 +223,108 @@ class Supervisor:
                 await self.vm.shutdown(timeout=20)  # what its first boot wrote reaches the disk
             emit(error_body(exc))
             await self.vm.shutdown(timeout=2)
+            self._remove_cgroup()
             self._record_failure(exc.message.splitlines()[0])
             self._start_outcome.set_result(int(exc.exit_code))
             return
         emit({"result": self.status.to_dict()})
         self._start_outcome.set_result(None)
+
+    # -- the machine's cgroup (vmkit.host.cgroups) -------------------------------------------------------
+    async def _make_cgroup(self) -> int | None:
+        """Create the machine's cgroup with its limits and make every child join it; returns the parent
+        lock, held until the first child is in (close it then). Empty cgroups left by supervisors
+        that were killed are removed first, and said so in the log and the events."""
+        limits = self.config.limits
+        driver = cgroups.detect()
+        if driver is None or not driver.controllers:
+            if not limits.is_empty():
+                raise HostError("this host offers no cgroup controllers: the machine's limits cannot be applied",
+                                hint="remove `limits:` from vm.yaml, or see `vmkit doctor`")
+            log.warning("no cgroup controllers on this host: the machine runs without a cgroup")
+            return None
+        try:
+            lock = await asyncio.to_thread(cgroups.lock_parent, driver)
+        except HostError as exc:
+            if not limits.is_empty():
+                raise
+            log.warning("the machine runs without a cgroup: %s", exc.message)
+            return None
+        try:
+            cleaned = cgroups.clean_stale(driver)
+            for rel in cleaned:
+                note = f"removed the stale empty cgroup {rel} (left by a supervisor that was killed)"
+                log.info("%s", note)
+                self.cgroup_notes.append(note)
+            self.cgroup = cgroups.create(driver, self.config.name, limits)
+        except HostError as exc:
+            os.close(lock)
+            if not limits.is_empty():
+                raise
+            log.warning("the machine runs without a cgroup: %s", exc.message)
+            return None
+        except BaseException:
+            os.close(lock)
+            raise
+        log.info("cgroup %s (%s), limits: %s", self.cgroup.path, driver.describe(), cgroups.summary(limits))
+        proc.place_children([str(p) for p in driver.procs_files(self.cgroup.rel)])
+        return lock
+
+    async def _unlock_when_joined(self, lock: _Lock) -> None:
+        """Release the parent lock as soon as a child (virtiofsd or QEMU) is in the machine's cgroup: from
+        then on a cleaner sees it in use, and other supervisors need not wait for this start to end."""
+        while lock.fd is not None and self.cgroup is not None:
+            if self.cgroup.pids():
+                lock.close()
+                return
+            await asyncio.sleep(0.02)
+
+    def _remove_cgroup(self) -> None:
+        group, self.cgroup = self.cgroup, None
+        proc.place_children(())
+        if group is not None:
+            try:
+                group.remove()
+                log.info("removed the cgroup %s", group.rel)
+            except HostError as exc:
+                log.error("%s", exc.message)
+
+    async def _pin(self, limits: Limits) -> list[int]:
+        """Pin each vCPU thread to one CPU of ``limits.cpu_pin`` (round robin), or let them run on every
+        CPU of the cgroup again. Returns the CPU of each vCPU (empty: not pinned)."""
+        if self.vm.qmp is None:
+            return []
+        threads = await vcputhreads.vcpu_threads(self.vm)
+        if not limits.cpus:
+            if self.cgroup is not None:
+                vcputhreads.unpin(threads, self.cgroup.driver.host_cpus())
+            return []
+        placed = vcputhreads.pin(threads, limits.cpus)
+        return [placed[t] for t in threads if t in placed]
+
+    async def _h_limits(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.LimitsRequest)
+        self._live("change the limits")
+        current = self.config.limits
+        merged = {**current.model_dump(mode="json"), **{k: getattr(body, k) for k in body.model_fields_set}}
+        new = validate_model(Limits, merged, context="limits")
+        problems = new.problems(self.config.memory, prefix="")
+        if problems:
+            raise ConfigError(problems)
+        if self.cgroup is None:
+            raise HostError(f"{self.config.name} runs without a cgroup (this host offered none when it started)",
+                            hint="see `vmkit doctor`")
+        with self.ops.shared("change the limits", "changing the limits"):
+            written = await asyncio.to_thread(self.cgroup.apply, new)  # may wait for the parent lock
+            pinned = await self._pin(new)
+        self.config = self.config.model_copy(update={"limits": new})
+        self.vm.config = self.config
+        self.instance.save_config(self.config)
+        result = models.LimitsResult(limits=new, cgroup=self.cgroup.path, cgroup_version=self.cgroup.driver.version,
+                                     written=[str(w) for w in written], pinned=pinned)
+        self.vm.emit("limits-changed", limits=new.model_dump(mode="json"), cgroup=result.cgroup,
+                     written=result.written)
+        return web.json_response(result.model_dump(mode="json"))
 
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
@@ -261,6 +383,7 @@ class Supervisor:
             web.delete("/v1/disks/{id}", self._h_disk_detach),
             web.post("/v1/balloon", self._h_balloon),
             web.get("/v1/stats", self._h_stats),
+            web.put("/v1/limits", self._h_limits),
             *StateRoutes(self).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -477,10 +600,16 @@ class Supervisor:
         if self.config.balloon:
             size = await balloon.actual(self.vm)
             guest = await balloon.guest_memory(self.vm)
+        threads = await vcputhreads.vcpu_threads(self.vm)
+        cpu, steal = await asyncio.gather(self._cpu.percent(pid), self._steal.percent(pid, threads))
+        group = self.cgroup
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
-            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
+            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=cpu,
+            steal_percent=steal, limits=self.config.limits,
+            cgroup=group.path if group else None, cgroup_version=group.driver.version if group else None,
+            cgroup_files=cgroups.kernel_values(group.driver, group.rel) if group else {})
         return web.json_response(stats.model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
@@ -511,6 +640,18 @@ class Supervisor:
             backlog.close()
             task.cancel()
         return ws
+
+
+class _Lock:
+    """A lock's descriptor that can be closed more than once."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _guest_file_error(exc: GuestAgentError, path: str) -> VmkitError:

@@ -14,6 +14,7 @@ import yaml
 
 from vmkit.config import MachineConfig, PortForward, parse_config, parse_size
 from vmkit.errors import ConfigError, NotFoundError, Problem
+from vmkit.host import cgroups
 from vmkit.host.images import micro
 from vmkit.host.images.store import ImageStore
 from vmkit.host.instance import Instance
@@ -36,6 +37,8 @@ class CreateOptions:
     run: str | None = None
     accel: str | None = None
     from_file: Path | None = None
+    limits: dict[str, str] = field(default_factory=dict)
+    """cgroup limits by field (``cpu_max``: ``"50"``, ``memory_max``: ``"1G"``), as ``vmkit set`` takes them."""
 
 
 def disk_size_option(opts: CreateOptions) -> str | None:
@@ -138,6 +141,11 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             problems.append(Problem("--memory", str(exc)))
     if opts.accel is not None:
         data["accel"] = opts.accel
+    if opts.limits:
+        try:
+            data["limits"] = {**(data.get("limits") or {}), **cgroups.parse_limit_changes(dict(opts.limits))}
+        except ConfigError as exc:
+            problems += [Problem(cgroups.option_name(p.field), p.message) for p in exc.problems]
 
     boot: dict[str, Any] = dict(data.get("boot") or {})
     extra_cmdline = [opts.cmdline] if opts.cmdline else []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.host import cgroups
 from vmkit.runtime.qemu import accel as accel_mod
 
 
@@ -58,4 +60,21 @@ def checks() -> list[Check]:
     kvm = accel_mod.kvm_status()
     out.append(Check(name="accelerator", ok=True, detail=f"{choice.name}: {choice.reason}",
                      hint=None if kvm.usable else "TCG works everywhere but is slower than KVM", required=True))
+    out.append(cgroup_check())
     return out
+
+
+def cgroup_check(driver: cgroups.Driver | bool | None = True) -> Check:
+    """Which cgroup version is in use and which controllers vmkit can use (for machines' ``limits``)."""
+    found = cgroups.detect() if driver is True else driver
+    if not isinstance(found, cgroups.Driver) or not found.controllers:
+        return Check(name="cgroups", ok=False, detail="no cgroup controllers: machines run without limits",
+                     hint="mount cgroup v2 with controllers, or the v1 cpu, cpuacct, cpuset and memory hierarchies",
+                     required=False)
+    writable = all(os.access(d.parent, os.W_OK) for d in found.dirs(cgroups.PARENT))
+    layout = "unified" if found.version == 2 else "per-controller mounts"
+    swap = "swap accounting" if found.swap_accounting() else "no swap accounting (swap_max refused)"
+    detail = (f"v{found.version} ({layout}): vmkit can use {', '.join(found.controllers)}; {swap}; machines run "
+              f"in {found.dirs(cgroups.PARENT)[0]}/<name>")
+    return Check(name="cgroups", ok=writable, detail=detail if writable else f"{detail}, which this user cannot "
+                 "create", hint=None if writable else "machines' limits need root", required=False)

@@ -176,6 +176,10 @@ class VirtualMachine:
             if q in self._subscribers:
                 self._subscribers.remove(q)
 
+    def emit(self, kind: str, **detail: Any) -> None:
+        """Send an event of the supervisor's own (e.g. ``limits-changed``) to every subscriber."""
+        self._emit(kind, **detail)
+
     def _emit(self, kind: str, **detail: Any) -> None:
         ev = VmEvent(kind, self._state, detail)
         for q in list(self._subscribers):

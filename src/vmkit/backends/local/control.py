@@ -31,12 +31,14 @@ from vmkit.backends.local.listing import inspect as inspect
 from vmkit.backends.local.listing import list_instances as list_instances
 from vmkit.backends.local.listing import view as view
 from vmkit.config import (
+    Limits,
     MachineConfig,
     NbdAttachment,
     PortForward,
     parse_size,
     port_is_free,
     validate_disk_id,
+    validate_model,
     validate_name,
 )
 from vmkit.errors import (
@@ -48,7 +50,7 @@ from vmkit.errors import (
     VmTimeoutError,
     error_from_fields,
 )
-from vmkit.host import paths
+from vmkit.host import cgroups, paths
 from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.host.images.store import ImageStore
 from vmkit.host.instance import LIVE, Instance, Status, take_exclusive
@@ -435,6 +437,35 @@ def set_balloon(name: str, size: int | str, *, timeout: float = 10.0, field: str
     balloon.check_target(get(name).load_config(), target, field=field)
     data = client(name).call("POST", "/v1/balloon", {"target": target, "timeout": timeout}, timeout=timeout + 15)
     return models.BalloonResult.model_validate(data)
+
+
+def set_limits(name: str, changes: dict[str, int | str | None]) -> models.LimitsResult:
+    """Change ``name``'s cgroup limits (see :class:`vmkit.config.Limits`): live through its supervisor
+    when it runs (also written to vm.yaml), else in vm.yaml for its next start. A value of ``None`` or
+    ``"none"`` removes that limit; fields not given stay."""
+    values = cgroups.parse_limit_changes(changes)
+    if not values:
+        raise ConfigError.single("limits", "say what to change, e.g. cpu_max=50")
+    inst = get(name)
+    config = inst.load_config()
+    merged = validate_model(Limits, {**config.limits.model_dump(mode="json"), **values}, context="limits")
+    problems = merged.problems(config.memory, prefix="")
+    if problems:
+        raise ConfigError(problems)
+    driver = cgroups.detect()
+    if driver is not None and not merged.is_empty():
+        driver.check(merged)  # what this host cannot do, each problem naming its field
+    if inst.is_supervised():
+        data = client(name).call("PUT", "/v1/limits", values)
+        return models.LimitsResult.model_validate(data)
+    lock = inst.open_lock()
+    try:
+        if not take_exclusive(lock):
+            raise StateError("change the limits", "starting", ["stopped", "running"])
+        inst.save_config(inst.load_config().model_copy(update={"limits": merged}))
+    finally:
+        os.close(lock)
+    return models.LimitsResult(limits=merged, cgroup=None, cgroup_version=None, written=[], pinned=[])
 
 
 def stats(name: str) -> models.MachineStats:
