@@ -20,6 +20,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     POST /v1/disks            attach a disk (a StorageDevice as JSON)
     DELETE /v1/disks/ID       detach a hot-plugged disk
     POST /v1/balloon          {"target": bytes}  move the guest's usable memory (memory balloon)
+    POST /v1/cpus             {"cpus": n}  add or remove vCPUs live (written to vm.yaml)
+    POST /v1/memory           {"memory": bytes}  grow or shrink the memory live (virtio-mem; written to vm.yaml)
     GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM) and CPU use now
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
@@ -69,7 +71,7 @@ from vmkit.daemon.state_routes import (
 from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
 from vmkit.host import ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
-from vmkit.runtime import balloon, hotplug
+from vmkit.runtime import balloon, hotmem, hotplug, vcpus
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.execute import guest_exec
@@ -114,6 +116,7 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self._resizing = asyncio.Lock()  # one vCPU or memory change at a time
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -142,6 +145,7 @@ class Supervisor:
                              accel_reason=self.vm.accel.reason)
         self.instance.write_status(self.status)
         self.vm.add_listener(self._record)
+        self.vm.add_listener(self._cpu_released)
         self._start_outcome = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -260,6 +264,8 @@ class Supervisor:
             web.post("/v1/disks", self._h_disk_attach),
             web.delete("/v1/disks/{id}", self._h_disk_detach),
             web.post("/v1/balloon", self._h_balloon),
+            web.post("/v1/cpus", self._h_cpus),
+            web.post("/v1/memory", self._h_memory),
             web.get("/v1/stats", self._h_stats),
             *StateRoutes(self).routes(),
         ])
@@ -470,6 +476,68 @@ class Supervisor:
                                       reached=abs(actual - target) < balloon.CLOSE_ENOUGH)
         return web.json_response(result.model_dump(mode="json"))
 
+    # -- vCPUs and memory, live (see vmkit.runtime.vcpus and vmkit.runtime.hotmem) ------------------------
+    def _persist(self, **changes: Any) -> None:
+        """Apply ``changes`` to the running machine's configuration and to vm.yaml (what the next boot and a
+        restore start from). vm.yaml is read again first: only these fields change in it."""
+        self.config = self.config.model_copy(update=changes)
+        self.vm.config = self.config
+        try:
+            on_disk = self.instance.load_config()
+        except ConfigError as exc:  # edited into something invalid meanwhile: keep the running machine's
+            log.warning("vm.yaml cannot be read (%s): writing the running machine's configuration", exc)
+            on_disk = self.config
+        updated = validate_model(type(on_disk), {**on_disk.to_dict(), **self.config.model_dump(
+            mode="json", include=set(changes))}, context="vm.yaml")
+        self.instance.save_config(updated)
+
+    async def _sync_cpus(self) -> int:
+        """vm.yaml's ``cpus`` made what QEMU has (after a change, or a release that came late)."""
+        count = await vcpus.online(self.vm)
+        if count != self.config.cpus:
+            self._persist(cpus=count)
+        return count
+
+    def _cpu_released(self, ev: VmEvent) -> None:
+        """A vCPU the guest released after ``set_cpus`` stopped waiting: vm.yaml follows."""
+        if (ev.kind == "qmp" and ev.detail.get("event") == "DEVICE_DELETED" and not self._resizing.locked()
+                and self.vm.state in (VmState.RUNNING, VmState.PAUSED)):
+            task = asyncio.ensure_future(self._sync_cpus())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _h_cpus(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.CpusRequest)
+        vcpus.check_cpus(self.config, body.cpus)
+        self._live("change the vCPUs")
+        before = self.config.cpus
+        with self.ops.shared("change the vCPUs", "changing the vCPUs"):
+            async with self._resizing:
+                try:
+                    change = await vcpus.set_cpus(self.vm, body.cpus, timeout=body.timeout)
+                finally:
+                    with contextlib.suppress(VmkitError):
+                        now = await self._sync_cpus()
+                        if now != before:
+                            self.vm.emit("cpus-changed", cpus=now, vcpus_online=now, previous=before)
+        result = models.CpusResult(cpus=body.cpus, vcpus_online=change.online, max_cpus=change.ceiling,
+                                   added=list(change.added), removed=list(change.removed))
+        return web.json_response(result.model_dump(mode="json"))
+
+    async def _h_memory(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.MemoryRequest)
+        requested = hotmem.check_memory(self.config, body.memory)
+        self._live("change the memory")
+        with self.ops.shared("change the memory", "changing the memory"):
+            async with self._resizing:
+                now = await hotmem.set_plugged(self.vm, requested, timeout=body.timeout)
+                self._persist(plugged_memory=requested)
+        assert self.config.max_memory is not None
+        self.vm.emit("memory-changed", memory_bytes=body.memory, plugged_bytes=now.plugged)
+        result = models.MemoryResult(memory_bytes=body.memory, plugged_bytes=now.plugged,
+                                     boot_memory_bytes=self.config.memory, max_memory_bytes=self.config.max_memory,
+                                     reached=now.plugged == requested)
+        return web.json_response(result.model_dump(mode="json"))
+
     async def _h_stats(self, request: web.Request) -> web.Response:
         pid = self._live("read the machine's statistics")
         size: int | None = None
@@ -477,10 +545,13 @@ class Supervisor:
         if self.config.balloon:
             size = await balloon.actual(self.vm)
             guest = await balloon.guest_memory(self.vm)
+        plugged = (await hotmem.plugged(self.vm)).plugged if self.config.max_memory is not None else None
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
-            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
+            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm),
+            max_cpus=self.config.cpu_ceiling, memory_plugged_bytes=plugged, max_memory_bytes=self.config.max_memory,
+            cpu_percent=await self._cpu.percent(pid))
         return web.json_response(stats.model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:

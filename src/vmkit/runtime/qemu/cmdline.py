@@ -59,13 +59,41 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
         "-machine", machine,
         *accel.argv,
         "-cpu", cpu,
-        "-smp", str(config.cpus),
-        "-m", f"{config.memory >> 20}M",
+        "-smp", f"{config.cpus},maxcpus={config.cpu_ceiling}",
+        "-m", memory_arg(config),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
         "-S",  # start paused: vmkit connects QMP and subscribes to events, then sends 'cont'
     ]
+
+
+def memory_arg(config: MachineConfig) -> str:
+    """``-m``: the boot memory, and room for the virtio-mem region when there is one."""
+    arg = f"{config.memory >> 20}M"
+    if config.max_memory is not None:
+        arg += f",maxmem={config.max_memory >> 20}M"
+    return arg
+
+
+VMEM_ID = "vmem0"
+"""The virtio-mem device's id: QOM path ``/machine/peripheral/vmem0``; its backend is ``vmem0-mem``."""
+VMEM_BLOCK_SIZE = "2M"
+
+
+def hotplug_memory_args(config: MachineConfig) -> list[str]:
+    """A virtio-mem device over a backend as large as the region (``max_memory`` - ``memory``), with
+    ``plugged_memory`` requested from the start. Its backend shares the guest's memory when the main
+    one does (virtiofsd maps all of it) and follows mem-merge."""
+    if config.max_memory is None:
+        return []
+    size = config.hotplug_memory >> 20
+    merge = "" if config.memory_merge else ",merge=off"
+    backend = (f"memory-backend-memfd,id={VMEM_ID}-mem,size={size}M,share=on{merge}" if config.needs_shared_memory
+               else f"memory-backend-ram,id={VMEM_ID}-mem,size={size}M{merge}")
+    return ["-object", backend,
+            "-device", f"virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,block-size={VMEM_BLOCK_SIZE},"
+                       f"requested-size={config.plugged_memory >> 20}M"]
 
 
 def boot_args(config: MachineConfig) -> list[str]:
@@ -256,6 +284,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
     argv += shared_memory_args(config)
+    argv += hotplug_memory_args(config)
     argv += controller_args(config)
     for i, dev in enumerate(config.storage):
         argv += storage_args(i, dev)
