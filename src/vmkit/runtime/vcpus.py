@@ -13,6 +13,12 @@ guest's cooperation: QEMU asks it to eject the CPU (ACPI) and removes the CPU on
 has taken it offline and acknowledged, with a ``DEVICE_DELETED`` event. A guest that does not
 answer within the timeout gets a :class:`~vmkit.errors.VmTimeoutError` naming the vCPUs it kept;
 QEMU's request stays pending, and a late release still removes them.
+
+Under TCG, QEMU 7.2 crashes (SIGSEGV) when a vCPU is added after one was removed in the same
+process (measured: remove then add, or add a fresh slot after two removals; removals alone and
+additions alone are stable). :func:`set_cpus` therefore refuses to add vCPUs to a TCG machine that
+has removed one since it started, with a :class:`~vmkit.errors.StateError` saying to restart it
+(its vm.yaml already has the new count; a restored save is a new process too).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmkit.config import MAX_VCPUS, MachineConfig
-from vmkit.errors import ConfigError, VmTimeoutError
+from vmkit.errors import ConfigError, StateError, VmTimeoutError
 from vmkit.runtime.machine import VirtualMachine
 
 _TOPOLOGY = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
@@ -88,6 +94,12 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     all_slots = await slots(vm)
     filled = [s for s in all_slots if s.qom_path is not None]
     if count > len(filled):
+        if vm.vcpus_removed and vm.accel.name == "tcg":
+            exc = StateError("add vCPUs", f"running on TCG and has removed {vm.vcpus_removed} vCPU(s) since it "
+                             "started (QEMU 7.2 crashes adding one after that)", ["freshly started"])
+            exc.hint = (f"stop it and start it again (vm.yaml already says cpus: {len(filled)}), then add "
+                        "them; or save it (vmkit stop --save) and start it")
+            raise exc
         added = []
         for slot in [s for s in all_slots if s.qom_path is None][:count - len(filled)]:
             await vm.execute("device_add", {"driver": slot.driver, "id": f"{ID_PREFIX}{slot.index}", **slot.props})
@@ -97,6 +109,7 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     if not going:
         return CpuChange(count, len(filled), len(all_slots))
     paths = {str(s.qom_path): s.index for s in going}
+    vm.vcpus_removed += len(going)  # asked for: a refused eject can still complete later
     async with vm.subscribe() as events:
         for path in paths:
             await vm.execute("device_del", {"id": path})
