@@ -107,6 +107,8 @@ class Supervisor:
         self._start: asyncio.Task[None] | None = None
         self._start_outcome: asyncio.Future[int | None] | None = None
         """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
+        self._start_asked = asyncio.Event()
+        """Set once ``POST /v1/start`` came (or the supervisor was asked to go before it did)."""
         self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
         self.config = instance.load_config()
         self.vm = VirtualMachine(self.config, instance.dir)
@@ -152,7 +154,10 @@ class Supervisor:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
         try:
-            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+            # only the request has a deadline: the start itself takes as long as the guest needs to be
+            # ready (its readiness timeout), which on a loaded TCG host is more than this
+            await asyncio.wait_for(self._start_asked.wait(), START_REQUEST_WAIT)
+            failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
             log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
             failed = int(ExitCode.TIMEOUT)
@@ -211,6 +216,7 @@ class Supervisor:
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
             self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+            self._start_asked.set()
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
@@ -220,6 +226,7 @@ class Supervisor:
             raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        self._start_asked.set()
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         shown = ""
