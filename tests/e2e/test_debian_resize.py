@@ -95,3 +95,17 @@ def test_memtotal_follows_set_memory_up_and_down(deb: Path) -> None:
     assert yaml.safe_load((deb / "instances" / "deb" / "vm.yaml").read_text())["plugged_memory"] == "256M"
     # the guest keeps working with what it has
     assert guest("sh", "-c", "head -c 200000000 /dev/zero | tail -c 1 | wc -c") == "1"
+
+
+def test_save_and_restore_keep_the_vcpus_and_plugged_memory(deb: Path) -> None:
+    """A state saved after live changes restores into a QEMU with the same vCPUs and virtio-mem device
+    (vm.yaml has them), and the guest still sees what it had; the new process can add vCPUs again."""
+    vmkit("set", "deb", "--memory", "1536M", "--timeout", "30")
+    cpus, total = guest("nproc"), mem_total()
+    vmkit("stop", "deb", "--save")
+    assert "resumed from" in vmkit("start", "deb").stdout
+    assert guest("nproc") == cpus and mem_total() == total
+    stats = json.loads(vmkit("stats", "deb", "--json").stdout)
+    assert stats["memory_plugged_bytes"] == 512 * MiB and stats["vcpus_online"] == int(cpus)
+    vmkit("set", "deb", "--cpus", "3")
+    seen(lambda: guest("nproc") == "3", "3 CPUs after the restore")
