@@ -63,15 +63,17 @@ def seen(check: Callable[[], bool], what: str) -> float:
     return time.monotonic() - start
 
 
-def test_nproc_follows_set_cpus_up_and_down(deb: Path) -> None:
+def test_nproc_follows_set_cpus(deb: Path) -> None:
+    """Up live; down is refused under TCG (QEMU 7.2 corrupts its heap removing a vCPU: the removal path
+    is tested on the micro guest and measured by benchmarks/hotplug_bench.py, which let it through)."""
     assert guest("nproc") == "1"
-    vmkit("set", "deb", "--cpus", "3")
-    took = seen(lambda: guest("nproc") == "3", "3 CPUs")
-    print(f"1 -> 3 vCPUs: nproc after {took:.1f} s")
-    assert guest("cat", "/sys/devices/system/cpu/online") == "0-2"
     vmkit("set", "deb", "--cpus", "2")
     took = seen(lambda: guest("nproc") == "2", "2 CPUs")
-    print(f"3 -> 2 vCPUs: nproc after {took:.1f} s")
+    print(f"1 -> 2 vCPUs: nproc after {took:.1f} s")
+    assert guest("cat", "/sys/devices/system/cpu/online") == "0-1"
+    down = vmkit("set", "deb", "--cpus", "1", check=False)
+    assert down.returncode == 4 and "TCG" in down.stderr, down.stderr
+    assert guest("nproc") == "2"
     stats = json.loads(vmkit("stats", "deb", "--json").stdout)
     assert stats["vcpus_online"] == 2 and stats["vcpus"] == 2 and stats["max_cpus"] == 3
     assert yaml.safe_load((deb / "instances" / "deb" / "vm.yaml").read_text())["cpus"] == 2
@@ -102,6 +104,7 @@ def test_save_and_restore_keep_the_vcpus_and_plugged_memory(deb: Path) -> None:
     (vm.yaml has them), and the guest still sees what it had; the new process can add vCPUs again."""
     vmkit("set", "deb", "--memory", "1536M", "--timeout", "30")
     cpus, total = guest("nproc"), mem_total()
+    assert cpus == "2"
     vmkit("stop", "deb", "--save")
     assert "resumed from" in vmkit("start", "deb").stdout
     assert guest("nproc") == cpus and mem_total() == total

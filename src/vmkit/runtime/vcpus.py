@@ -14,16 +14,19 @@ has taken it offline and acknowledged, with a ``DEVICE_DELETED`` event. A guest 
 answer within the timeout gets a :class:`~vmkit.errors.VmTimeoutError` naming the vCPUs it kept;
 QEMU's request stays pending, and a late release still removes them.
 
-Under TCG, QEMU 7.2 crashes (SIGSEGV) when a vCPU is added after one was removed in the same
-process (measured: remove then add, or add a fresh slot after two removals; removals alone and
-additions alone are stable). :func:`set_cpus` therefore refuses to add vCPUs to a TCG machine that
-has removed one since it started, with a :class:`~vmkit.errors.StateError` saying to restart it
-(its vm.yaml already has the new count; a restored save is a new process too).
+Under TCG, QEMU 7.2 corrupts its own heap when a vCPU is removed (measured: a later ``device_add``
+crashes it with SIGSEGV, a save's ``migrate`` with a glibc malloc assertion, ``quit`` with SIGSEGV;
+the guest itself runs on). :func:`set_cpus` therefore refuses to remove vCPUs from a TCG machine
+(a :class:`~vmkit.errors.StateError` saying to stop it, lower ``cpus`` and start it again) unless
+:data:`UNSAFE_TCG_UNPLUG` is set in the supervisor's environment (tests and benchmarks of the
+removal path); after such a removal it still refuses to add vCPUs. Under KVM both directions are
+live.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,8 @@ from vmkit.errors import ConfigError, StateError, VmTimeoutError
 from vmkit.runtime.machine import VirtualMachine
 
 _TOPOLOGY = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
+UNSAFE_TCG_UNPLUG = "VMKIT_UNSAFE_TCG_VCPU_UNPLUG"
+"""Environment variable: ``1`` lets a TCG machine remove vCPUs although QEMU 7.2 may crash later."""
 ID_PREFIX = "vcpu"
 """Hot-added vCPUs are named ``vcpu<N>`` (N: the slot's index, as QEMU numbers its CPUs)."""
 
@@ -108,6 +113,12 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
     if not going:
         return CpuChange(count, len(filled), len(all_slots))
+    if vm.accel.name == "tcg" and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
+        exc = StateError("remove vCPUs live", "running on TCG, where QEMU 7.2 corrupts its memory removing one "
+                         "(it crashes later)", ["running on KVM"])
+        exc.hint = (f"stop it, lower its vCPUs for the next start (vmkit set {vm.config.name} --cpus {count}) "
+                    "and start it again")
+        raise exc
     paths = {str(s.qom_path): s.index for s in going}
     vm.vcpus_removed += len(going)  # asked for: a refused eject can still complete later
     async with vm.subscribe() as events:
