@@ -108,6 +108,10 @@ def test_vcpu_ceiling_and_memory_region_on_the_command_line() -> None:
     assert argv[argv.index("-smp") + 1] == "3,maxcpus=6"  # default: twice cpus
     assert argv[argv.index("-m") + 1] == "512M"
     assert "virtio-mem-pci" not in " ".join(argv)  # no max_memory: no region
+    # a virtio-blk's queues follow the ceiling, not the vCPUs now (a hot-plug must not change the device)
+    disk = config(cpus=3, storage=[{"attachment": {"type": "disk-image", "path": "/d.img"}}])
+    argv = cmdline.build_argv(disk, TCG, RUNTIME)
+    assert any(a.startswith("virtio-blk-pci,") and "num-queues=6" in a for a in argv)
     shared = config(memory="1G", max_memory="1152M", memory_merge=False,
                     shares=[{"type": "virtiofs", "host_path": "/srv"}])
     argv = cmdline.build_argv(shared, TCG, RUNTIME)

@@ -192,7 +192,7 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
     net = data.get("network")
     return {
         "cpus": data["cpus"],
-        "max_cpus": config.cpu_ceiling,  # QEMU's possible vCPUs (the ACPI CPU hot-plug state has one per CPU)
+        "max_cpus": config.cpu_ceiling,  # possible vCPUs (ACPI CPU hot-plug state; virtio-blk queues)
         "memory": data["memory"],
         "max_memory": data["max_memory"],  # the virtio-mem region (what is plugged travels in the stream)
         "arch": data["arch"],

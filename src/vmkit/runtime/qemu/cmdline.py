@@ -159,9 +159,15 @@ def device_id(index: int, dev: StorageDevice) -> str:
     return dev.id or f"disk{index}"
 
 
-def device_spec(node: str, dev: StorageDevice) -> dict[str, object]:
-    """The ``-device`` / QMP ``device_add`` properties of one storage device."""
+def device_spec(node: str, dev: StorageDevice, *, queues: int | None = None) -> dict[str, object]:
+    """The ``-device`` / QMP ``device_add`` properties of one storage device.
+
+    ``queues``: a virtio-blk's queue count (QEMU's default is the vCPUs at start, which a vCPU hot-plug
+    changes: a state saved after one would not load into a machine started with the new count). vmkit
+    gives the machine's vCPU ceiling, which never changes while it exists."""
     spec: dict[str, object] = {"driver": _DEVICE_DRIVER[dev.kind], "drive": node, "id": f"{node}-dev"}
+    if dev.kind == "virtio-blk" and queues is not None:
+        spec["num-queues"] = queues
     if dev.kind == "usb-storage":
         spec["bus"] = "xhci.0"
     if dev.kind == "nvme":
@@ -186,9 +192,10 @@ def device_arg(spec: dict[str, object]) -> str:
     return f"{spec['driver']},{rest}"
 
 
-def storage_args(index: int, dev: StorageDevice) -> list[str]:
+def storage_args(index: int, dev: StorageDevice, *, queues: int | None = None) -> list[str]:
     node = device_id(index, dev)
-    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device_arg(device_spec(node, dev))]
+    return ["-blockdev", blockdev_json(node, dev.attachment),
+            "-device", device_arg(device_spec(node, dev, queues=queues))]
 
 
 def controller_args(config: MachineConfig) -> list[str]:
@@ -287,7 +294,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += hotplug_memory_args(config)
     argv += controller_args(config)
     for i, dev in enumerate(config.storage):
-        argv += storage_args(i, dev)
+        argv += storage_args(i, dev, queues=config.cpu_ceiling)
     argv += share_args(config, runtime)
     if config.network is not None:
         argv += network_args(config.network)
