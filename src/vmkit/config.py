@@ -29,6 +29,7 @@ from pydantic import (
     PlainSerializer,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -448,14 +449,38 @@ class Limits(_Model):
                             f"memory ({format_size(memory)}) plus what QEMU itself needs "
                             f"({format_size(QEMU_OVERHEAD)}): give at least {format_size(need)}"))
         return problems
+MAX_VCPUS = 64
+"""The most vCPUs a machine may have (``cpus`` and ``max_cpus``)."""
+VMEM_BLOCK = 2 << 20
+"""virtio-mem's block size: hot-plugged memory grows and shrinks in steps of this."""
+VMEM_REGION_STEP = 128 << 20
+"""The hot-pluggable region (``max_memory`` - ``memory``) comes in steps of this: Linux adds memory
+to the guest in 128 MiB memory blocks (x86-64) and cannot use a partial block at the end."""
+
+
+def default_max_cpus(cpus: int) -> int:
+    """The vCPU ceiling when vm.yaml gives no ``max_cpus``: room to double, at least 4, at most
+    :data:`MAX_VCPUS`. An absent vCPU costs the guest only its per-CPU areas and QEMU nothing at
+    all (no thread), so a little headroom is cheap; a larger ceiling is one vm.yaml line."""
+    return min(MAX_VCPUS, max(4, 2 * cpus))
 
 
 class MachineConfig(_Model):
     """Everything that defines one virtual machine."""
 
     name: str
-    cpus: Int = Field(default=1, ge=1, le=64)
-    memory: Size = 512 << 20
+    cpus: Int = Field(default=1, ge=1, le=MAX_VCPUS, description="vCPUs the machine has; `vmkit set --cpus` "
+                      "changes it live (and here, for the next boot)")
+    max_cpus: Int | None = Field(default=None, ge=1, le=MAX_VCPUS,
+                                 description="the most vCPUs `vmkit set --cpus` can give the running machine "
+                                             "(QEMU's maxcpus); default: twice cpus, at least 4, at most 64")
+    memory: Size = Field(default=512 << 20, description="the memory the machine boots with (QEMU's -m)")
+    max_memory: Size | None = Field(default=None, description="a virtio-mem region: `vmkit set --memory` grows "
+                                    "the machine's memory live up to this (and shrinks it back as far as the "
+                                    "guest lets it); memory + a multiple of 128M. Default: none")
+    plugged_memory: Size = Field(default=0, description="memory plugged into the virtio-mem region on top of "
+                                 "memory (a multiple of 2M); `vmkit set --memory` keeps it up to date, and a new "
+                                 "boot plugs it again")
     arch: Literal["x86_64"] = "x86_64"
     accel: Accelerator = Accelerator.AUTO
     machine: Literal["q35", "pc"] = "q35"
@@ -508,6 +533,62 @@ class MachineConfig(_Model):
             raise ValueError(f"{v} bytes is not a whole number of MiB: use e.g. 512M")
         return v
 
+    @field_validator("max_cpus")
+    @classmethod
+    def _max_cpus(cls, v: int | None, info: ValidationInfo) -> int | None:
+        cpus = info.data.get("cpus")
+        if v is not None and cpus is not None and v < cpus:
+            raise ValueError(f"{v} is less than cpus ({cpus}): give at least {cpus}, or leave it out")
+        return v
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: int | None, info: ValidationInfo) -> int | None:
+        memory = info.data.get("memory")
+        if v is None or memory is None:
+            return v
+        region = v - memory
+        if region <= 0:
+            raise ValueError(f"{format_size(v)} is not more than memory ({format_size(memory)}): give more, "
+                             "or leave it out (no memory hot-plug)")
+        if region % VMEM_REGION_STEP:
+            up = memory + -(-region // VMEM_REGION_STEP) * VMEM_REGION_STEP
+            raise ValueError(f"max_memory - memory ({format_size(region)}) is not a multiple of 128M (the guest "
+                             f"adds memory in 128M blocks): use e.g. {format_size(up)}")
+        return v
+
+    @field_validator("plugged_memory")
+    @classmethod
+    def _plugged_memory(cls, v: int, info: ValidationInfo) -> int:
+        if not v:
+            return v
+        if "max_memory" not in info.data or "memory" not in info.data:
+            return v  # reported there
+        memory, max_memory = info.data["memory"], info.data["max_memory"]
+        if max_memory is None:
+            raise ValueError("needs a virtio-mem region: set max_memory too, or leave this out")
+        if v % VMEM_BLOCK:
+            raise ValueError(f"{v} bytes is not a multiple of 2M (virtio-mem's block size)")
+        if memory + v > max_memory:
+            raise ValueError(f"memory + plugged_memory ({format_size(memory + v)}) is more than max_memory "
+                             f"({format_size(max_memory)})")
+        return v
+
+    @property
+    def cpu_ceiling(self) -> int:
+        """The most vCPUs the machine can have while it runs (``max_cpus`` or its default)."""
+        return self.max_cpus if self.max_cpus is not None else max(self.cpus, default_max_cpus(self.cpus))
+
+    @property
+    def hotplug_memory(self) -> int:
+        """The size of the virtio-mem region (0: none)."""
+        return 0 if self.max_memory is None else self.max_memory - self.memory
+
+    @property
+    def total_memory(self) -> int:
+        """Boot memory plus what is plugged into the virtio-mem region."""
+        return self.memory + self.plugged_memory
+
     # -- checks beyond structure -------------------------------------------------------------
     def validate(self, *, host: bool = True) -> list[Problem]:  # type: ignore[override]
         """Every problem with this configuration, each naming its field path.
@@ -529,7 +610,7 @@ class MachineConfig(_Model):
             ids[dev_id] = f"storage[{i}]"
             problems += device_problems(dev, f"storage[{i}]", seen, host=host)
         problems += self._share_problems(host)
-        problems += self.limits.problems(self.memory)
+        problems += self.limits.problems(self.total_memory)
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
             for i, fwd in enumerate(self.network.forwards):

@@ -85,6 +85,29 @@ def test_golden_balloon_args() -> None:
     check_golden("balloon", cmdline.balloon_args())
 
 
+def test_golden_hotplug_memory_args() -> None:
+    cfg = config(memory="512M", max_memory="2G", plugged_memory="256M", cpus=2, max_cpus=6)
+    check_golden("hotplug", [*cmdline.base_args(cfg, TCG), *cmdline.hotplug_memory_args(cfg)])
+
+
+def test_vcpu_ceiling_and_memory_region_on_the_command_line() -> None:
+    argv = cmdline.build_argv(config(cpus=3), TCG, RUNTIME)
+    assert argv[argv.index("-smp") + 1] == "3,maxcpus=6"  # default: twice cpus
+    assert argv[argv.index("-m") + 1] == "512M"
+    assert "virtio-mem-pci" not in " ".join(argv)  # no max_memory: no region
+    # a virtio-blk's queues follow the ceiling, not the vCPUs now (a hot-plug must not change the device)
+    disk = config(cpus=3, storage=[{"attachment": {"type": "disk-image", "path": "/d.img"}}])
+    argv = cmdline.build_argv(disk, TCG, RUNTIME)
+    assert any(a.startswith("virtio-blk-pci,") and "num-queues=6" in a for a in argv)
+    shared = config(memory="1G", max_memory="1152M", memory_merge=False,
+                    shares=[{"type": "virtiofs", "host_path": "/srv"}])
+    argv = cmdline.build_argv(shared, TCG, RUNTIME)
+    assert argv[argv.index("-m") + 1] == "1024M,maxmem=1152M"
+    backend = next(a for a in argv if a.startswith("memory-backend-") and "vmem0-mem" in a)
+    assert backend == "memory-backend-memfd,id=vmem0-mem,size=128M,share=on,merge=off"  # virtiofsd maps it too
+    assert "virtio-mem-pci,id=vmem0,memdev=vmem0-mem,block-size=2M,requested-size=0M" in argv
+
+
 def test_balloon_on_by_default_and_off_when_asked() -> None:
     on = cmdline.build_argv(config(), TCG, RUNTIME)
     assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on" in option_values(on, "-device")
@@ -244,7 +267,7 @@ def test_configured_cpu_model_wins_over_the_default() -> None:
 
 def test_memory_and_cpus() -> None:
     argv = cmdline.base_args(config(cpus=3, memory="2G"), TCG)
-    assert option_values(argv, "-smp") == ["3"]
+    assert option_values(argv, "-smp") == ["3,maxcpus=6"]
     assert option_values(argv, "-m") == ["2048M"]
     assert option_values(argv, "-machine") == ["q35"]
     assert option_values(cmdline.base_args(config(machine="pc"), TCG), "-machine") == ["pc"]

@@ -261,11 +261,52 @@ class BalloonResult(Response):
     reached: bool
 
 
+class CpusRequest(Request):
+    """Give the running machine this many vCPUs (at least 1, at most its max_cpus)."""
+
+    cpus: int = Field(strict=True, ge=1, le=64, description="the number of vCPUs the machine should have")
+    timeout: Float = Field(default=30.0, ge=0, le=300,
+                           description="seconds to wait for the guest to release vCPUs it gives up")
+
+
+class CpusResult(Response):
+    """The vCPUs after the change (also written to vm.yaml as ``cpus``, what the next boot starts with)."""
+
+    cpus: int = Field(description="the vCPUs asked for")
+    vcpus_online: int | None = Field(description="the vCPUs QEMU has now (None: the machine is stopped, and "
+                                                 "only vm.yaml changed)")
+    max_cpus: int = Field(description="the most the machine can have while it runs")
+    added: list[int] = Field(description="indexes of the vCPUs added")
+    removed: list[int] = Field(description="indexes of the vCPUs removed")
+
+
+class MemoryRequest(Request):
+    """Give the running machine this much memory: its boot memory plus what the virtio-mem region
+    plugs (at most max_memory; the part above the boot memory a multiple of 2 MiB)."""
+
+    memory: int = Field(strict=True, gt=0, description="the machine's memory in bytes, boot memory included")
+    timeout: Float = Field(default=10.0, ge=0, le=300,
+                           description="seconds to wait for the guest to plug or unplug it (0: do not wait)")
+
+
+class MemoryResult(Response):
+    """Where the memory stands: ``reached`` says whether the guest plugged exactly what was asked
+    before the timeout (it goes on trying either way; a shrinking guest may keep memory it uses)."""
+
+    memory_bytes: int = Field(description="the memory asked for (written to vm.yaml: memory + plugged_memory)")
+    plugged_bytes: int | None = Field(description="memory the guest has plugged above its boot memory now "
+                                                  "(None: the machine is stopped, and only vm.yaml changed)")
+    boot_memory_bytes: int = Field(description="the memory the machine booted with (cannot be unplugged)")
+    max_memory_bytes: int = Field(description="the most the machine can have")
+    reached: bool
+
+
 class MachineStats(Response):
     """A running machine's resources now (``vmkit stats``)."""
 
-    balloon_bytes: int | None = Field(description="the guest's usable memory (the balloon's actual size); "
-                                                  "None without a balloon")
+    balloon_bytes: int | None = Field(description="the guest's usable boot memory (the balloon's actual size: "
+                                                  "the balloon works on memory_bytes only; add "
+                                                  "memory_plugged_bytes for all it can use); None without a balloon")
     memory_bytes: int = Field(description="the memory the machine was booted with")
     guest_mem_total_bytes: int | None = Field(description="MemTotal as the guest's balloon driver reports it "
                                                           "(None until it has reported)")
@@ -274,7 +315,13 @@ class MachineStats(Response):
     host_rss_bytes: int = Field(description="resident memory of the QEMU process on the host")
     ksm_shared_bytes: int | None = Field(description="memory KSM saves on the whole host (host-wide, not this "
                                                      "machine's share); None without KSM")
-    vcpus: int = Field(description="configured virtual CPUs")
+    vcpus: int = Field(description="configured virtual CPUs (vm.yaml's cpus, which `vmkit set --cpus` changes)")
+    vcpus_online: int = Field(description="the vCPUs QEMU has now (query-cpus-fast)")
+    max_cpus: int = Field(description="the most vCPUs the machine can have while it runs")
+    memory_plugged_bytes: int | None = Field(description="memory the guest has plugged into its virtio-mem "
+                                                         "region, above memory_bytes; None without one")
+    max_memory_bytes: int | None = Field(description="the most memory the machine can have (max_memory); "
+                                                     "None without a virtio-mem region")
     cpu_percent: float = Field(description="QEMU's CPU use in percent of one core, since the previous stats "
                                            "request (or over a quarter second)")
     steal_percent: float | None = Field(default=None, description="time the vCPU threads were runnable but "
@@ -319,7 +366,9 @@ class Event(Response):
     """One line of ``GET /v1/events``. ``kind``: ``hello`` (first line: the state now), ``state-changed``,
     ``guest-stopped``, ``stopped-with-error``, ``qmp`` (any other QEMU event, named in
     ``detail.event``), ``share-failed``, ``nbd-*`` (disk connection changes), ``clock-fixed``,
-    ``limits-changed`` (``detail``: ``limits`` now in force, ``cgroup``, ``written``)..."""
+    ``limits-changed`` (``detail``: ``limits`` now in force, ``cgroup``, ``written``),
+    ``cpus-changed`` (``detail``: ``cpus``, ``vcpus_online``, ``previous``), ``memory-changed``
+    (``detail``: ``memory_bytes``, ``plugged_bytes``)..."""
 
     kind: str
     state: MachineStateName

@@ -91,6 +91,18 @@ ROUTES: tuple[Route, ...] = (
           description="QEMU reports each step of the guest's balloon driver as a `qmp` event "
                       "with `detail.event` = `BALLOON_CHANGE`. The target holds until the machine stops "
                       "(a new boot starts with all its memory)."),
+    Route("POST", "/v1/cpus", "set_cpus", "Add or remove vCPUs live (CPU hot-plug)",
+          request=m.CpusRequest, response=m.CpusResult, states=LIVE, errors=(400, 409, 500, 504),
+          description="Adds the lowest free vCPUs (`device_add`) or removes the highest ones (`device_del`, "
+                      "waiting for the guest to release them: 504 if it does not within the timeout). The new "
+                      "count is written to vm.yaml (`cpus`, what the next boot starts with) and reported as a "
+                      "`cpus-changed` event."),
+    Route("POST", "/v1/memory", "set_memory", "Grow or shrink the memory live (virtio-mem)",
+          request=m.MemoryRequest, response=m.MemoryResult, states=LIVE,
+          description="Sets the virtio-mem device's requested size to `memory` minus the boot memory and waits "
+                      "for the guest to plug or unplug it. Needs `max_memory` in vm.yaml. The request is "
+                      "written to vm.yaml (`plugged_memory`: a new boot plugs it again) and reported as a "
+                      "`memory-changed` event."),
     Route("GET", "/v1/stats", "get_stats", "Memory and CPU use now", response=m.MachineStats, states=LIVE,
           errors=(409, 500)),
     Route("PUT", "/v1/limits", "set_limits", "Change the cgroup limits live (weight, cap, pinning, memory)",

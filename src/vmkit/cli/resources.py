@@ -23,10 +23,17 @@ def register(app: typer.Typer) -> None:
 
 def set_(
     name: str,
+    cpus: int | None = typer.Option(
+        None, "--cpus", help="give it this many vCPUs (1 to its max_cpus), live; vm.yaml follows (a stopped "
+                             "machine gets them at its next start)"),
+    memory: str | None = typer.Option(
+        None, "--memory", help="give it this much memory (e.g. 3G: its boot memory up to its max_memory) through "
+                               "its virtio-mem region, live; vm.yaml follows"),
     balloon: str | None = typer.Option(
         None, "--balloon", help="move the guest's usable memory to SIZE (e.g. 256M; at most its memory, at least "
                                 "64M) with the memory balloon, live; lasts until the machine stops"),
-    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the guest to get there"),
+    timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the guest to get there "
+                                         "(default: 30 for --cpus, 10 for --memory and --balloon)"),
     cpu_weight: str | None = typer.Option(None, "--cpu-weight", help="CPU weight 1-10000 against other machines "
                                                                      "(default 100; none removes it)"),
     cpu_max: str | None = typer.Option(None, "--cpu-max", help="CPU cap in percent of one host core (e.g. 50)"),
@@ -39,17 +46,59 @@ def set_(
                                                                      "(at least memory + 128M)"),
     swap_max: str | None = typer.Option(None, "--swap-max", help="host swap the machine may use"),
 ) -> None:
-    """Change a machine's resources: live while it runs (limits are also kept in vm.yaml; on a stopped
-    machine they apply at its next start). Give `none` to remove a limit."""
+    """Change a machine's resources: live while it runs (everything is also kept in vm.yaml; on a stopped
+    machine it applies at its next start). Give `none` to remove a limit."""
     limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
                                 "memory_min": memory_min, "memory_high": memory_high, "memory_max": memory_max,
                                 "swap_max": swap_max}.items() if v is not None}
-    if balloon is None and not limits:
-        raise ConfigError.single("--balloon", "say what to change, e.g. --balloon 256M or --cpu-max 50")
+    if cpus is None and memory is None and balloon is None and not limits:
+        raise ConfigError.single("--cpus", "say what to change, e.g. --cpus 2, --memory 2G, --balloon 256M "
+                                 "or --cpu-max 50")
     if limits:
         _set_limits(name, limits)
-    if balloon is None:
-        return
+    _set_hotplug(name, cpus, memory, timeout)
+    if balloon is not None:
+        _set_balloon(name, balloon, 10.0 if timeout is None else timeout)
+
+
+def _set_hotplug(name: str, cpus: int | None, memory: str | None, timeout: float | None) -> None:
+    """``--cpus`` and ``--memory``: vCPU hot-plug and virtio-mem (see vmkit.runtime.vcpus and .hotmem)."""
+    inst = machine(name)
+    if cpus is not None:
+        with _option("cpus", "--cpus"):
+            c = inst.set_cpus(cpus, timeout=30.0 if timeout is None else timeout)
+        if c.vcpus_online is None:
+            out.print(f"[bold]{name}[/] is stopped: vm.yaml now says cpus: {c.cpus} (from its next start)")
+        else:
+            what = (f", added vCPU {', '.join(map(str, c.added))}" if c.added else
+                    f", removed vCPU {', '.join(map(str, c.removed))}" if c.removed else "")
+            out.print(f"[bold]{name}[/]: {c.vcpus_online} vCPUs (of at most {c.max_cpus}){what}")
+    if memory is not None:
+        with _option("memory", "--memory"):
+            m = inst.set_memory(memory, timeout=10.0 if timeout is None else timeout)
+        booted = _mib(m.boot_memory_bytes)
+        if m.plugged_bytes is None:
+            out.print(f"[bold]{name}[/] is stopped: vm.yaml now plugs {_mib(m.memory_bytes - m.boot_memory_bytes)} "
+                      f"on top of its {booted} (from its next start)")
+        elif m.reached:
+            out.print(f"[bold]{name}[/]: {_mib(m.memory_bytes)} of memory ({booted} booted + "
+                      f"{_mib(m.plugged_bytes)} plugged; at most {_mib(m.max_memory_bytes)})")
+        else:
+            out.print(f"[bold]{name}[/]: {_mib(m.boot_memory_bytes + m.plugged_bytes)} of memory so far "
+                      f"({_mib(m.plugged_bytes)} plugged; asked for {_mib(m.memory_bytes)}): the guest goes on "
+                      "trying (a guest keeps memory it cannot move off)")
+
+
+@contextlib.contextmanager
+def _option(field: str, option: str) -> Iterator[None]:
+    """Problems with ``field`` (as the API names it) are the command-line option's."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError([Problem(option, p.message) if p.field == field else p for p in exc.problems]) from None
+
+
+def _set_balloon(name: str, balloon: str, timeout: float) -> None:
     try:
         result = machine(name).set_balloon(balloon, timeout=timeout)
     except ConfigError as exc:  # the size's problems are the option's
@@ -97,7 +146,9 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("guest available", _mib(s.guest_mem_available_bytes))
     table.add_row("QEMU resident (host)", _mib(s.host_rss_bytes))
     table.add_row("KSM saved (whole host)", _mib(s.ksm_shared_bytes))
-    table.add_row("vCPUs", str(s.vcpus))
+    table.add_row("memory plugged (virtio-mem)", "-" if s.max_memory_bytes is None else
+                  f"{_mib(s.memory_plugged_bytes)} (at most {_mib(s.max_memory_bytes)} in all)")
+    table.add_row("vCPUs", f"{s.vcpus_online} (at most {s.max_cpus})")
     table.add_row("CPU", f"{s.cpu_percent:.1f} %")
     table.add_row("steal (vCPUs waiting)", "-" if s.steal_percent is None else f"{s.steal_percent:.1f} %")
     from vmkit.host.cgroups import summary

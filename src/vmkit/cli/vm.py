@@ -22,6 +22,10 @@ def create(
     name: str = typer.Argument(..., help="instance name (letters, digits, '.', '_', '-')"),
     cpus: int | None = typer.Option(None, "--cpus", help="number of virtual CPUs"),
     memory: str | None = typer.Option(None, "--memory", help="guest RAM, e.g. 512M or 2G"),
+    max_cpus: int | None = typer.Option(None, "--max-cpus", help="most vCPUs `vmkit set --cpus` can give it "
+                                        "while it runs (default: twice --cpus, at least 4, at most 64)"),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="memory `vmkit set --memory` can grow it "
+                                          "to while it runs (a virtio-mem region; --memory + a multiple of 128M)"),
     image: str | None = typer.Option(None, "--image", help="boot an image from the cache (e.g. micro)"),
     kernel: Path | None = typer.Option(None, "--kernel", help="Linux kernel to boot directly"),
     initrd: Path | None = typer.Option(None, "--initrd", help="initrd for --kernel"),
@@ -49,7 +53,8 @@ def create(
                                 "swap_max": swap_max}.items() if v is not None}
     inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
-                           from_file=from_file, user_data=user_data, limits=limits or None)
+                           from_file=from_file, user_data=user_data, limits=limits or None,
+                           max_cpus=max_cpus, max_memory=max_memory)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
 
 

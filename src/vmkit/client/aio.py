@@ -189,6 +189,11 @@ class Instance:
 
     async def set_limits(self, **changes: int | str | None) -> models.LimitsResult:
         return await asyncio.to_thread(self._sync.set_limits, **changes)
+    async def set_cpus(self, count: int, *, timeout: float = 30.0) -> models.CpusResult:
+        return await asyncio.to_thread(self._sync.set_cpus, count, timeout=timeout)
+
+    async def set_memory(self, size: int | str, *, timeout: float = 10.0) -> models.MemoryResult:
+        return await asyncio.to_thread(self._sync.set_memory, size, timeout=timeout)
 
     async def stats(self) -> models.MachineStats:
         return await asyncio.to_thread(self._sync.stats)

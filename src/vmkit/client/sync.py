@@ -44,7 +44,7 @@ Notice = Callable[["Note"], None]
 """Receives what the user should be told while a machine comes up (:class:`vmkit.backends.local.statectl.Note`)."""
 
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
-                             "run", "accel", "cpus", "memory", "from_file", "limits"})
+                             "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -128,8 +128,9 @@ class Client:
                                          f"use {', '.join(sorted(_CREATE_OPTIONS))}")
             opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
                                     for k, v in options.items() if v is not None}
-            if "memory" in opts:
-                opts["memory"] = str(opts["memory"])
+            for size in ("memory", "max_memory"):
+                if size in opts:
+                    opts[size] = str(opts[size])
             for listed in ("disks", "ports", "mounts"):
                 if listed in opts:
                     opts[listed] = [str(v) for v in opts[listed]]
@@ -449,6 +450,21 @@ class Instance:
         from vmkit.backends.local import control
 
         return self._call(control.set_limits, self.name, dict(changes))
+
+    def set_cpus(self, count: int, *, timeout: float = 30.0) -> models.CpusResult:
+        """Give the machine ``count`` vCPUs (1 to its max_cpus). Running: live, waiting up to ``timeout`` s
+        for the guest to release vCPUs it gives up; stopped: for its next start. vm.yaml's ``cpus`` follows."""
+        from vmkit.backends.local import control
+
+        return self._call(control.set_cpus, self.name, count, timeout=timeout)
+
+    def set_memory(self, size: int | str, *, timeout: float = 10.0) -> models.MemoryResult:
+        """Give the machine ``size`` of memory (bytes or ``3G``: its boot memory up to its max_memory) through
+        its virtio-mem region. Running: live, waiting up to ``timeout`` s for the guest (``reached``);
+        stopped: for its next start. vm.yaml's ``plugged_memory`` follows."""
+        from vmkit.backends.local import control
+
+        return self._call(control.set_memory, self.name, size, timeout=timeout)
 
     def stats(self) -> models.MachineStats:
         """Memory (balloon, guest, QEMU's RSS, host-wide KSM savings) and CPU use of the running machine."""

@@ -20,6 +20,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     POST /v1/disks            attach a disk (a StorageDevice as JSON)
     DELETE /v1/disks/ID       detach a hot-plugged disk
     POST /v1/balloon          {"target": bytes}  move the guest's usable memory (memory balloon)
+    POST /v1/cpus             {"cpus": n}  add or remove vCPUs live (written to vm.yaml)
+    POST /v1/memory           {"memory": bytes}  grow or shrink the memory live (virtio-mem; written to vm.yaml)
     GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM), CPU use, steal and the limits now
     PUT  /v1/limits           change the cgroup limits live (see vmkit.host.cgroups)
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
@@ -79,7 +81,7 @@ from vmkit.errors import (
 )
 from vmkit.host import cgroups, ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
-from vmkit.runtime import balloon, hotplug, proc, vcputhreads
+from vmkit.runtime import balloon, hotmem, hotplug, proc, vcpus, vcputhreads
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.execute import guest_exec
@@ -115,6 +117,8 @@ class Supervisor:
         self._start: asyncio.Task[None] | None = None
         self._start_outcome: asyncio.Future[int | None] | None = None
         """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
+        self._start_asked = asyncio.Event()
+        """Set once ``POST /v1/start`` came (or the supervisor was asked to go before it did)."""
         self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
         self.config = instance.load_config()
         self.vm = VirtualMachine(self.config, instance.dir)
@@ -128,6 +132,7 @@ class Supervisor:
         self.cgroup: cgroups.MachineCgroup | None = None
         """The machine's cgroup while it runs (None: the host offers none, and no limits were asked for)."""
         self.cgroup_notes: list[str] = []
+        self._resizing = asyncio.Lock()  # one vCPU or memory change at a time
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -156,13 +161,17 @@ class Supervisor:
                              accel_reason=self.vm.accel.reason)
         self.instance.write_status(self.status)
         self.vm.add_listener(self._record)
+        self.vm.add_listener(self._cpu_released)
         self._start_outcome = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
         try:
-            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+            # only the request has a deadline: the start itself takes as long as the guest needs to be
+            # ready (its readiness timeout), which on a loaded TCG host is more than this
+            await asyncio.wait_for(self._start_asked.wait(), START_REQUEST_WAIT)
+            failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
             log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
             failed = int(ExitCode.TIMEOUT)
@@ -308,7 +317,7 @@ class Supervisor:
         current = self.config.limits
         merged = {**current.model_dump(mode="json"), **{k: getattr(body, k) for k in body.model_fields_set}}
         new = validate_model(Limits, merged, context="limits")
-        problems = new.problems(self.config.memory, prefix="")
+        problems = new.problems(self.config.total_memory, prefix="")
         if problems:
             raise ConfigError(problems)
         if self.cgroup is None:
@@ -329,6 +338,7 @@ class Supervisor:
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
             self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+            self._start_asked.set()
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
@@ -338,6 +348,7 @@ class Supervisor:
             raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        self._start_asked.set()
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         shown = ""
@@ -382,6 +393,8 @@ class Supervisor:
             web.post("/v1/disks", self._h_disk_attach),
             web.delete("/v1/disks/{id}", self._h_disk_detach),
             web.post("/v1/balloon", self._h_balloon),
+            web.post("/v1/cpus", self._h_cpus),
+            web.post("/v1/memory", self._h_memory),
             web.get("/v1/stats", self._h_stats),
             web.put("/v1/limits", self._h_limits),
             *StateRoutes(self).routes(),
@@ -593,6 +606,68 @@ class Supervisor:
                                       reached=abs(actual - target) < balloon.CLOSE_ENOUGH)
         return web.json_response(result.model_dump(mode="json"))
 
+    # -- vCPUs and memory, live (see vmkit.runtime.vcpus and vmkit.runtime.hotmem) ------------------------
+    def _persist(self, **changes: Any) -> None:
+        """Apply ``changes`` to the running machine's configuration and to vm.yaml (what the next boot and a
+        restore start from). vm.yaml is read again first: only these fields change in it."""
+        self.config = self.config.model_copy(update=changes)
+        self.vm.config = self.config
+        try:
+            on_disk = self.instance.load_config()
+        except ConfigError as exc:  # edited into something invalid meanwhile: keep the running machine's
+            log.warning("vm.yaml cannot be read (%s): writing the running machine's configuration", exc)
+            on_disk = self.config
+        updated = validate_model(type(on_disk), {**on_disk.to_dict(), **self.config.model_dump(
+            mode="json", include=set(changes))}, context="vm.yaml")
+        self.instance.save_config(updated)
+
+    async def _sync_cpus(self) -> int:
+        """vm.yaml's ``cpus`` made what QEMU has (after a change, or a release that came late)."""
+        count = await vcpus.online(self.vm)
+        if count != self.config.cpus:
+            self._persist(cpus=count)
+        return count
+
+    def _cpu_released(self, ev: VmEvent) -> None:
+        """A vCPU the guest released after ``set_cpus`` stopped waiting: vm.yaml follows."""
+        if (ev.kind == "qmp" and ev.detail.get("event") == "DEVICE_DELETED" and not self._resizing.locked()
+                and self.vm.state in (VmState.RUNNING, VmState.PAUSED)):
+            task = asyncio.ensure_future(self._sync_cpus())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _h_cpus(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.CpusRequest)
+        vcpus.check_cpus(self.config, body.cpus)
+        self._live("change the vCPUs")
+        before = self.config.cpus
+        with self.ops.shared("change the vCPUs", "changing the vCPUs"):
+            async with self._resizing:
+                try:
+                    change = await vcpus.set_cpus(self.vm, body.cpus, timeout=body.timeout)
+                finally:
+                    with contextlib.suppress(VmkitError):
+                        now = await self._sync_cpus()
+                        if now != before:
+                            self.vm.emit("cpus-changed", cpus=now, vcpus_online=now, previous=before)
+        result = models.CpusResult(cpus=body.cpus, vcpus_online=change.online, max_cpus=change.ceiling,
+                                   added=list(change.added), removed=list(change.removed))
+        return web.json_response(result.model_dump(mode="json"))
+
+    async def _h_memory(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.MemoryRequest)
+        requested = hotmem.check_memory(self.config, body.memory)
+        self._live("change the memory")
+        with self.ops.shared("change the memory", "changing the memory"):
+            async with self._resizing:
+                now = await hotmem.set_plugged(self.vm, requested, timeout=body.timeout)
+                self._persist(plugged_memory=requested)
+        assert self.config.max_memory is not None
+        self.vm.emit("memory-changed", memory_bytes=body.memory, plugged_bytes=now.plugged)
+        result = models.MemoryResult(memory_bytes=body.memory, plugged_bytes=now.plugged,
+                                     boot_memory_bytes=self.config.memory, max_memory_bytes=self.config.max_memory,
+                                     reached=now.plugged == requested)
+        return web.json_response(result.model_dump(mode="json"))
+
     async def _h_stats(self, request: web.Request) -> web.Response:
         pid = self._live("read the machine's statistics")
         size: int | None = None
@@ -603,11 +678,13 @@ class Supervisor:
         threads = await vcputhreads.vcpu_threads(self.vm)
         cpu, steal = await asyncio.gather(self._cpu.percent(pid), self._steal.percent(pid, threads))
         group = self.cgroup
+        plugged = (await hotmem.plugged(self.vm)).plugged if self.config.max_memory is not None else None
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
-            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=cpu,
-            steal_percent=steal, limits=self.config.limits,
+            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm),
+            max_cpus=self.config.cpu_ceiling, memory_plugged_bytes=plugged, max_memory_bytes=self.config.max_memory,
+            cpu_percent=cpu, steal_percent=steal, limits=self.config.limits,
             cgroup=group.path if group else None, cgroup_version=group.driver.version if group else None,
             cgroup_files=cgroups.kernel_values(group.driver, group.rel) if group else {})
         return web.json_response(stats.model_dump(mode="json"))

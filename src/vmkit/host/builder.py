@@ -26,6 +26,8 @@ class CreateOptions:
     name: str
     cpus: int | None = None
     memory: str | None = None
+    max_cpus: int | None = None
+    max_memory: str | None = None
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str | None = None
@@ -139,6 +141,13 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             data["memory"] = parse_size(opts.memory)
         except ValueError as exc:
             problems.append(Problem("--memory", str(exc)))
+    if opts.max_cpus is not None:
+        data["max_cpus"] = opts.max_cpus
+    if opts.max_memory is not None:
+        try:
+            data["max_memory"] = parse_size(opts.max_memory)
+        except ValueError as exc:
+            problems.append(Problem("--max-memory", str(exc)))
     if opts.accel is not None:
         data["accel"] = opts.accel
     if opts.limits:

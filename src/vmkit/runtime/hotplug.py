@@ -105,7 +105,7 @@ async def attach_disk(vm: HotplugMachine, dev: StorageDevice) -> HotDisk:
         raise ConfigError.single("id", f"{node!r} is already a disk of this machine: pick another id")
     vm.detached_late.discard(node)
     port = None
-    spec = device_spec(node, dev)
+    spec = device_spec(node, dev, queues=vm.config.cpu_ceiling)
     if dev.kind == "usb-storage":
         if not (vm.config.usb or any(d.kind == "usb-storage" for d in vm.config.storage)):
             raise ConfigError.single("kind", "this machine has no USB controller: set usb: true in vm.yaml "

@@ -132,6 +132,8 @@ class VirtualMachine:
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.runtime.hotplug
         self.unplugs: dict[str, asyncio.Future[None]] = {}  # hot disks being detached (see vmkit.runtime.hotplug)
         self.detached_late: set[str] = set()  # ... and those released after their detach_disk gave up
+        self.vcpus_removed = 0
+        """vCPUs this QEMU process was asked to remove (vmkit.runtime.vcpus: under TCG none are added after)."""
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
         self.agent: AgentChannel | None = AgentChannel(workdir / AGENT_SOCKET_NAME) if config.agent else None
         """The one connection to the guest agent, shared by every caller (see vmkit.runtime.guest.channel)."""
@@ -177,7 +179,7 @@ class VirtualMachine:
                 self._subscribers.remove(q)
 
     def emit(self, kind: str, **detail: Any) -> None:
-        """Send an event of the supervisor's own (e.g. ``limits-changed``) to every subscriber."""
+        """Report something that happened to the machine to every subscriber (``cpus-changed`` ...)."""
         self._emit(kind, **detail)
 
     def _emit(self, kind: str, **detail: Any) -> None:
@@ -260,6 +262,7 @@ class VirtualMachine:
         self.hot_disks.clear()
         self.unplugs.clear()
         self.detached_late.clear()
+        self.vcpus_removed = 0
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

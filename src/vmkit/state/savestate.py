@@ -31,18 +31,21 @@ disks' state after the save; :func:`save_state` re-checks them before it commits
 
 The configuration digest
 ------------------------
-``sha256:`` + SHA-256 of the canonical JSON (sorted keys, no spaces) of :func:`machine_fields`:
-what decides whether QEMU's migration stream fits the machine or what the guest sees of it:
-``cpus``, ``memory``, ``arch``, ``machine``, the CPU model as it is resolved (``cpu_model`` or the
-accelerator's default), the accelerator (TCG state cannot be loaded under KVM), ``boot`` (kernel,
-initrd and command line: a guest that reboots after a restore must boot what it booted from),
-the storage devices without their paths (kind, format, read-only, cache mode, serial: disks may
-move, their identities are checked separately), the shared-folder devices (type and tag; not the
-host folder), the guest agent channel, the hot-plug ports and USB controller, whether there is a NIC and its MAC, and
-whether there is a virtio-rng and a virtio-balloon. Left out on purpose: the name, port forwards (host side
-only), mem-merge (host side only), serial logging, readiness and the image name. The fields themselves are stored in the
-header too (``machine``; not authenticated by themselves, but checked against the authenticated digest
-before use) so that a mismatch can name the field that changed.
+``sha256:`` + SHA-256 of the canonical JSON (sorted keys, no spaces) of :func:`machine_fields`: what
+decides whether QEMU's migration stream fits the machine or what the guest sees of it: ``cpus`` (kept up
+to date by ``vmkit set --cpus``: a restore boots that many, and hot-plugged vCPUs are always the lowest
+free ones, so the set is the same), ``max_cpus`` as it is resolved, ``memory``, ``max_memory`` (the
+virtio-mem region; the plugged part travels in the migration stream), ``arch``, ``machine``, the CPU
+model as it is resolved (``cpu_model`` or the accelerator's default), the accelerator (TCG state cannot
+be loaded under KVM), ``boot`` (kernel, initrd and command line: a guest that reboots after a restore
+must boot what it booted from), the storage devices without their paths (kind, format, read-only, cache
+mode, serial: disks may move, their identities are checked separately), the shared-folder devices (type
+and tag; not the host folder), the guest agent channel, the hot-plug ports and USB controller, whether
+there is a NIC and its MAC, and whether there is a virtio-rng and a virtio-balloon. Left out on purpose:
+the name, port forwards (host side only), mem-merge (host side only), serial logging, readiness and the
+image name. The fields themselves are stored in the header too (``machine``; not authenticated by
+themselves, but checked against the authenticated digest before use) so that a mismatch can name the
+field that changed.
 
 Snapshots
 =========
@@ -189,7 +192,9 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
     net = data.get("network")
     return {
         "cpus": data["cpus"],
+        "max_cpus": config.cpu_ceiling,  # possible vCPUs (ACPI CPU hot-plug state; virtio-blk queues)
         "memory": data["memory"],
+        "max_memory": data["max_memory"],  # the virtio-mem region (what is plugged travels in the stream)
         "arch": data["arch"],
         "machine": data["machine"],
         "cpu_model": config.cpu_model or accel.default_cpu,

@@ -66,7 +66,7 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
-from vmkit.runtime import balloon
+from vmkit.runtime import balloon, hotmem, vcpus
 from vmkit.runtime.guest.execute import ExecResult
 from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.runtime.qemu import accel as accel_mod
@@ -449,7 +449,7 @@ def set_limits(name: str, changes: dict[str, int | str | None]) -> models.Limits
     inst = get(name)
     config = inst.load_config()
     merged = validate_model(Limits, {**config.limits.model_dump(mode="json"), **values}, context="limits")
-    problems = merged.problems(config.memory, prefix="")
+    problems = merged.problems(config.total_memory, prefix="")
     if problems:
         raise ConfigError(problems)
     driver = cgroups.detect()
@@ -466,6 +466,65 @@ def set_limits(name: str, changes: dict[str, int | str | None]) -> models.Limits
     finally:
         os.close(lock)
     return models.LimitsResult(limits=merged, cgroup=None, cgroup_version=None, written=[], pinned=[])
+def set_cpus(name: str, count: int, *, timeout: float = 30.0, field: str = "cpus") -> models.CpusResult:
+    """Give the machine ``count`` vCPUs: live if it runs (waiting up to ``timeout`` s for the guest to
+    release vCPUs it gives up), else in vm.yaml for its next start (``vcpus_online`` is None then)."""
+    inst = get(name)
+    config = inst.load_config()
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ConfigError.single(field, f"{count!r} is not a number of vCPUs: give a whole number, e.g. 2")
+    vcpus.check_cpus(config, count, field=field)
+    if _running(inst):
+        data = client(name).call("POST", "/v1/cpus", {"cpus": count, "timeout": timeout}, timeout=timeout + 15)
+        return models.CpusResult.model_validate(data)
+    _edit_stopped(inst, field, cpus=count)
+    return models.CpusResult(cpus=count, vcpus_online=None, max_cpus=config.cpu_ceiling, added=[], removed=[])
+
+
+def set_memory(name: str, size: int | str, *, timeout: float = 10.0, field: str = "memory") -> models.MemoryResult:
+    """Give the machine ``size`` of memory (bytes or ``3G``; boot memory plus its virtio-mem region's plugged
+    part): live if it runs (waiting up to ``timeout`` s for the guest), else in vm.yaml for its next start."""
+    try:
+        total = parse_size(size)
+    except ValueError as exc:
+        raise ConfigError.single(field, str(exc)) from None
+    inst = get(name)
+    config = inst.load_config()
+    requested = hotmem.check_memory(config, total, field=field)
+    assert config.max_memory is not None  # check_memory says so otherwise
+    if _running(inst):
+        data = client(name).call("POST", "/v1/memory", {"memory": total, "timeout": timeout}, timeout=timeout + 15)
+        return models.MemoryResult.model_validate(data)
+    _edit_stopped(inst, field, plugged_memory=requested)
+    return models.MemoryResult(memory_bytes=total, plugged_bytes=None, boot_memory_bytes=config.memory,
+                               max_memory_bytes=config.max_memory, reached=False)
+
+
+def _running(inst: Instance) -> bool:
+    status = inst.reconcile()
+    if inst.is_supervised():
+        if status.state not in LIVE:
+            raise StateError("change a machine's resources", status.state, ["running", "paused", "stopped"])
+        return True
+    return False
+
+
+def _edit_stopped(inst: Instance, field: str, **changes: Any) -> None:
+    """Change vm.yaml of a stopped machine, holding its lock (nothing starts it meanwhile)."""
+    fd = inst.open_lock()
+    try:
+        if not take_exclusive(fd, patience=0.5):
+            raise StateError("change a machine's resources", inst.read_status().state, ["running", "stopped"])
+        if inst.saved_state_path.exists():
+            raise ConfigError.single(field, f"{inst.name} has a saved state, which must resume with the vCPUs and "
+                                     f"memory it was saved with: resume it first (vmkit start {inst.name}), then "
+                                     "change them live")
+        config = inst.load_config()
+        inst.save_config(validate_model(MachineConfig, {**config.to_dict(), **config.model_copy(update=changes)
+                                                        .model_dump(mode="json", include=set(changes))},
+                                        context="vm.yaml"))
+    finally:
+        os.close(fd)
 
 
 def stats(name: str) -> models.MachineStats:

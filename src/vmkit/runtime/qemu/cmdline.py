@@ -59,13 +59,41 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
         "-machine", machine,
         *accel.argv,
         "-cpu", cpu,
-        "-smp", str(config.cpus),
-        "-m", f"{config.memory >> 20}M",
+        "-smp", f"{config.cpus},maxcpus={config.cpu_ceiling}",
+        "-m", memory_arg(config),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
         "-S",  # start paused: vmkit connects QMP and subscribes to events, then sends 'cont'
     ]
+
+
+def memory_arg(config: MachineConfig) -> str:
+    """``-m``: the boot memory, and room for the virtio-mem region when there is one."""
+    arg = f"{config.memory >> 20}M"
+    if config.max_memory is not None:
+        arg += f",maxmem={config.max_memory >> 20}M"
+    return arg
+
+
+VMEM_ID = "vmem0"
+"""The virtio-mem device's id: QOM path ``/machine/peripheral/vmem0``; its backend is ``vmem0-mem``."""
+VMEM_BLOCK_SIZE = "2M"
+
+
+def hotplug_memory_args(config: MachineConfig) -> list[str]:
+    """A virtio-mem device over a backend as large as the region (``max_memory`` - ``memory``), with
+    ``plugged_memory`` requested from the start. Its backend shares the guest's memory when the main
+    one does (virtiofsd maps all of it) and follows mem-merge."""
+    if config.max_memory is None:
+        return []
+    size = config.hotplug_memory >> 20
+    merge = "" if config.memory_merge else ",merge=off"
+    backend = (f"memory-backend-memfd,id={VMEM_ID}-mem,size={size}M,share=on{merge}" if config.needs_shared_memory
+               else f"memory-backend-ram,id={VMEM_ID}-mem,size={size}M{merge}")
+    return ["-object", backend,
+            "-device", f"virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,block-size={VMEM_BLOCK_SIZE},"
+                       f"requested-size={config.plugged_memory >> 20}M"]
 
 
 def boot_args(config: MachineConfig) -> list[str]:
@@ -131,9 +159,15 @@ def device_id(index: int, dev: StorageDevice) -> str:
     return dev.id or f"disk{index}"
 
 
-def device_spec(node: str, dev: StorageDevice) -> dict[str, object]:
-    """The ``-device`` / QMP ``device_add`` properties of one storage device."""
+def device_spec(node: str, dev: StorageDevice, *, queues: int | None = None) -> dict[str, object]:
+    """The ``-device`` / QMP ``device_add`` properties of one storage device.
+
+    ``queues``: a virtio-blk's queue count (QEMU's default is the vCPUs at start, which a vCPU hot-plug
+    changes: a state saved after one would not load into a machine started with the new count). vmkit
+    gives the machine's vCPU ceiling, which never changes while it exists."""
     spec: dict[str, object] = {"driver": _DEVICE_DRIVER[dev.kind], "drive": node, "id": f"{node}-dev"}
+    if dev.kind == "virtio-blk" and queues is not None:
+        spec["num-queues"] = queues
     if dev.kind == "usb-storage":
         spec["bus"] = "xhci.0"
     if dev.kind == "nvme":
@@ -158,9 +192,10 @@ def device_arg(spec: dict[str, object]) -> str:
     return f"{spec['driver']},{rest}"
 
 
-def storage_args(index: int, dev: StorageDevice) -> list[str]:
+def storage_args(index: int, dev: StorageDevice, *, queues: int | None = None) -> list[str]:
     node = device_id(index, dev)
-    return ["-blockdev", blockdev_json(node, dev.attachment), "-device", device_arg(device_spec(node, dev))]
+    return ["-blockdev", blockdev_json(node, dev.attachment),
+            "-device", device_arg(device_spec(node, dev, queues=queues))]
 
 
 def controller_args(config: MachineConfig) -> list[str]:
@@ -256,9 +291,10 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
     argv += shared_memory_args(config)
+    argv += hotplug_memory_args(config)
     argv += controller_args(config)
     for i, dev in enumerate(config.storage):
-        argv += storage_args(i, dev)
+        argv += storage_args(i, dev, queues=config.cpu_ceiling)
     argv += share_args(config, runtime)
     if config.network is not None:
         argv += network_args(config.network)

@@ -1,0 +1,159 @@
+"""vCPUs added to and removed from a running machine.
+
+QEMU starts the machine with ``-smp CPUS,maxcpus=MAX`` (see :meth:`vmkit.config.MachineConfig.cpu_ceiling`):
+MAX possible vCPU slots, CPUS of them filled. ``query-hotpluggable-cpus`` lists every slot with the
+properties (socket, core, thread ids) that place a CPU in it, and the QOM path of the CPU that fills
+it, if any. :func:`set_cpus` fills the lowest free slots (``device_add`` of the CPU model QEMU names)
+or empties the highest filled ones (``device_del``), so the filled slots are always the first CPUS:
+exactly what ``-smp CPUS`` gives at the next boot, and what a saved state restores into.
+
+Adding is immediate for QEMU; the guest sees an ACPI notification and a new, offline CPU, which
+its userspace brings online (the debian-12 image has a udev rule for it). Removing needs the
+guest's cooperation: QEMU asks it to eject the CPU (ACPI) and removes the CPU only when the guest
+has taken it offline and acknowledged, with a ``DEVICE_DELETED`` event. A guest that does not
+answer within the timeout gets a :class:`~vmkit.errors.VmTimeoutError` naming the vCPUs it kept;
+QEMU's request stays pending, and a late release still removes them.
+
+Under TCG, QEMU 7.2 corrupts its own heap when a vCPU is removed (measured: a later ``device_add``
+crashes it with SIGSEGV, a save's ``migrate`` with a glibc malloc assertion, ``quit`` with SIGSEGV;
+the guest itself runs on). :func:`set_cpus` therefore refuses to remove vCPUs from a TCG machine
+(a :class:`~vmkit.errors.StateError` saying to stop it, lower ``cpus`` and start it again) unless
+:data:`UNSAFE_TCG_UNPLUG` is set in the supervisor's environment (tests and benchmarks of the
+removal path); after such a removal it still refuses to add vCPUs. Under KVM both directions are
+live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vmkit.config import MAX_VCPUS, MachineConfig
+from vmkit.errors import ConfigError, StateError, VmTimeoutError
+from vmkit.runtime.machine import VirtualMachine
+
+_TOPOLOGY = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
+UNSAFE_TCG_UNPLUG = "VMKIT_UNSAFE_TCG_VCPU_UNPLUG"
+"""Environment variable: ``1`` lets a TCG machine remove vCPUs although QEMU 7.2 may crash later."""
+ID_PREFIX = "vcpu"
+"""Hot-added vCPUs are named ``vcpu<N>`` (N: the slot's index, as QEMU numbers its CPUs)."""
+
+
+def check_cpus(config: MachineConfig, count: int, *, field: str = "cpus") -> int:
+    """``count`` if a machine made from ``config`` can have that many vCPUs, else a :class:`ConfigError`
+    naming ``field``."""
+    if count < 1:
+        raise ConfigError.single(field, f"{count} vCPUs: a machine needs at least 1")
+    ceiling = config.cpu_ceiling
+    if count > ceiling:
+        hint = (f"raise max_cpus in its vm.yaml (at most {MAX_VCPUS}) and start it again" if ceiling < MAX_VCPUS
+                else f"{MAX_VCPUS} is vmkit's limit")
+        raise ConfigError.single(field, f"{count} vCPUs is more than {config.name} can have while it runs "
+                                 f"(max_cpus: {ceiling}): give at most {ceiling}, or {hint}")
+    return count
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One possible vCPU: its place (``props``), the CPU model to put there, the CPU that fills it."""
+
+    index: int
+    driver: str
+    props: dict[str, Any]
+    qom_path: str | None
+
+
+def _key(props: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(int(props.get(k, 0)) for k in _TOPOLOGY)
+
+
+async def slots(vm: VirtualMachine) -> list[Slot]:
+    """Every possible vCPU slot, in QEMU's CPU order (``query-hotpluggable-cpus`` lists them backwards)."""
+    reply: list[dict[str, Any]] = await vm.execute("query-hotpluggable-cpus")
+    ordered = sorted(reply, key=lambda s: _key(s["props"]))
+    return [Slot(i, str(s["type"]), dict(s["props"]), s.get("qom-path")) for i, s in enumerate(ordered)]
+
+
+async def online(vm: VirtualMachine) -> int:
+    """How many vCPUs QEMU has now (``query-cpus-fast``)."""
+    return len(await vm.execute("query-cpus-fast"))
+
+
+@dataclass(frozen=True)
+class CpuChange:
+    requested: int
+    online: int
+    """vCPUs QEMU has after the change."""
+    ceiling: int
+    added: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+
+
+async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> CpuChange:
+    """Give the running machine ``count`` vCPUs; waits up to ``timeout`` s for the guest to release
+    the ones it gives up (:class:`VmTimeoutError` if it keeps some)."""
+    check_cpus(vm.config, count)
+    all_slots = await slots(vm)
+    filled = [s for s in all_slots if s.qom_path is not None]
+    if count > len(filled):
+        if vm.vcpus_removed and vm.accel.name == "tcg":
+            exc = StateError("add vCPUs", f"running on TCG and has removed {vm.vcpus_removed} vCPU(s) since it "
+                             "started (QEMU 7.2 crashes adding one after that)", ["freshly started"])
+            exc.hint = (f"stop it and start it again (vm.yaml already says cpus: {len(filled)}), then add "
+                        "them; or save it (vmkit stop --save) and start it")
+            raise exc
+        added = []
+        for slot in [s for s in all_slots if s.qom_path is None][:count - len(filled)]:
+            await vm.execute("device_add", {"driver": slot.driver, "id": f"{ID_PREFIX}{slot.index}", **slot.props})
+            added.append(slot.index)
+        return CpuChange(count, await online(vm), len(all_slots), added=tuple(added))
+    going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
+    if not going:
+        return CpuChange(count, len(filled), len(all_slots))
+    if vm.accel.name == "tcg" and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
+        exc = StateError("remove vCPUs live", "running on TCG, where QEMU 7.2 corrupts its memory removing one "
+                         "(it crashes later)", ["running on KVM"])
+        exc.hint = (f"stop it, lower its vCPUs for the next start (vmkit set {vm.config.name} --cpus {count}) "
+                    "and start it again")
+        raise exc
+    paths = {str(s.qom_path): s.index for s in going}
+    vm.vcpus_removed += len(going)  # asked for: a refused eject can still complete later
+    async with vm.subscribe() as events:
+        for path in paths:
+            await vm.execute("device_del", {"id": path})
+        await _wait_released(vm, events, set(paths), timeout)
+    now = await slots(vm)
+    kept = [s.index for s in now if s.qom_path in paths]
+    if kept:
+        raise VmTimeoutError(f"{vm.config.name}: the guest did not release vCPU{'s' if len(kept) > 1 else ''} "
+                             f"{', '.join(map(str, kept))} within {timeout:.0f} s, so it still has "
+                             f"{sum(s.qom_path is not None for s in now)}: it may not support CPU hot-unplug "
+                             "(ACPI eject) or may be busy; QEMU's request stays pending (try again, or give "
+                             "a longer --timeout)")
+    return CpuChange(count, sum(s.qom_path is not None for s in now), len(now),
+                     removed=tuple(sorted(paths.values())))
+
+
+async def _wait_released(vm: VirtualMachine, events: asyncio.Queue[Any], paths: set[str], timeout: float) -> None:
+    """Until QEMU no longer has any of the vCPUs at ``paths``, or ``timeout``. Woken by each
+    ``DEVICE_DELETED``; QEMU's slots are also looked at once a second, so an event that does not name
+    the vCPU as expected (measured with the Debian guest: the wait ran into its timeout although the vCPU
+    was gone) costs at most that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not paths & {str(s.qom_path) for s in await slots(vm) if s.qom_path is not None}:
+            return
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = await asyncio.wait_for(events.get(), min(left, 1.0))
+            except TimeoutError:
+                break
+            if ev.kind == "qmp" and ev.detail.get("event") == "DEVICE_DELETED":
+                break
+            if ev.kind in ("guest-stopped", "stopped-with-error", "events-dropped"):
+                return
+        if deadline - time.monotonic() <= 0:
+            return
