@@ -18,11 +18,30 @@ def set_(
     balloon: str | None = typer.Option(
         None, "--balloon", help="move the guest's usable memory to SIZE (e.g. 256M; at most its memory, at least "
                                 "64M) with the memory balloon, live; lasts until the machine stops"),
+    balloon_min: str | None = typer.Option(
+        None, "--balloon-min", help="automatic ballooning leaves the guest at least SIZE (vm.yaml; holds at once)"),
+    balloon_shares: int | None = typer.Option(
+        None, "--balloon-shares", help="automatic ballooning: its share of the host's memory (default 1000; 0: "
+                                       "leave its balloon alone; vm.yaml; holds at once)"),
     timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the guest to get there"),
 ) -> None:
     """Change a running machine's resources live."""
-    if balloon is None:
+    if balloon is None and balloon_min is None and balloon_shares is None:
         raise ConfigError.single("--balloon", "say what to change, e.g. --balloon 256M")
+    if balloon_min is not None or balloon_shares is not None:
+        _set_balloon_policy(name, balloon_min, balloon_shares)
+    if balloon is not None:
+        _set_balloon(name, balloon, timeout)
+
+
+def _set_balloon_policy(name: str, balloon_min: str | None, balloon_shares: int | None) -> None:
+    config = machine(name).set_balloon_policy(balloon_min=balloon_min, balloon_shares=balloon_shares)
+    shares = "leaves its balloon alone" if config.balloon_shares == 0 else f"shares {config.balloon_shares}"
+    out.print(f"[bold]{name}[/]: automatic ballooning keeps at least {_mib(config.balloon_floor)} usable, "
+              f"{shares} (in vm.yaml)")
+
+
+def _set_balloon(name: str, balloon: str, timeout: float) -> None:
     try:
         result = machine(name).set_balloon(balloon, timeout=timeout)
     except ConfigError as exc:  # the size's problems are the option's

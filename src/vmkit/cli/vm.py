@@ -35,11 +35,16 @@ def create(
     accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),
     from_file: Path | None = typer.Option(None, "--from", help="start from this vm.yaml"),
     user_data: Path | None = typer.Option(None, "--user-data", help="cloud images: extra cloud-config to merge"),
+    balloon_min: str | None = typer.Option(None, "--balloon-min", help="automatic ballooning leaves the guest at "
+                                                                       "least this much memory (default: half)"),
+    balloon_shares: int | None = typer.Option(None, "--balloon-shares", help="automatic ballooning: its share of "
+                                              "the host's memory (default 1000; 0: leave its balloon alone)"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
     inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
-                           from_file=from_file, user_data=user_data)
+                           from_file=from_file, user_data=user_data, balloon_min=balloon_min,
+                           balloon_shares=balloon_shares)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
 
 

@@ -36,6 +36,8 @@ class CreateOptions:
     run: str | None = None
     accel: str | None = None
     from_file: Path | None = None
+    balloon_min: str | None = None  # automatic ballooning: the least usable memory (a size)
+    balloon_shares: int | None = None
 
 
 def disk_size_option(opts: CreateOptions) -> str | None:
@@ -138,6 +140,13 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             problems.append(Problem("--memory", str(exc)))
     if opts.accel is not None:
         data["accel"] = opts.accel
+    if opts.balloon_min is not None:
+        try:
+            data["balloon_min"] = parse_size(opts.balloon_min)
+        except ValueError as exc:
+            problems.append(Problem("--balloon-min", str(exc)))
+    if opts.balloon_shares is not None:
+        data["balloon_shares"] = opts.balloon_shares
 
     boot: dict[str, Any] = dict(data.get("boot") or {})
     extra_cmdline = [opts.cmdline] if opts.cmdline else []
@@ -233,4 +242,11 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
         except ConfigError as exc:
             problems += [p for p in exc.problems if p.field not in ("boot.kernel", "boot")]
         raise ConfigError(problems, context="options")
-    return parse_config(data)
+    try:
+        return parse_config(data)
+    except ConfigError as exc:  # the settings given as options are the options' problems
+        raise ConfigError([Problem(_OPTION_FIELDS.get(p.field, p.field), p.message) for p in exc.problems],
+                          context="options") from None
+
+
+_OPTION_FIELDS = {"balloon_min": "--balloon-min", "balloon_shares": "--balloon-shares"}

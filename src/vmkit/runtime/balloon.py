@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vmkit.config import MachineConfig, format_size
+from vmkit.config import BALLOON_FLOOR, MachineConfig, format_size
 from vmkit.errors import ConfigError
 from vmkit.runtime.qemu.cmdline import BALLOON_ID
 
@@ -30,7 +30,7 @@ class Qmp(Protocol):
 BALLOON_PATH = f"/machine/peripheral/{BALLOON_ID}"
 STATS_POLL_SECONDS = 2
 """How often the guest driver reports its memory statistics."""
-MIN_TARGET = 64 << 20
+MIN_TARGET = BALLOON_FLOOR
 """The smallest balloon target accepted: below it a Linux guest is likely to stall or run out of memory."""
 CLOSE_ENOUGH = 1 << 20
 """A balloon within this many bytes of its target has reached it (the guest moves whole pages)."""
