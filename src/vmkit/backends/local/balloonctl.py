@@ -373,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Controller(settings, status_file=_status_path(d), alive=_lock_path(d).exists).run(stop)
     finally:
-        log.info("stopped")
-        with contextlib.suppress(OSError):
-            os.close(args.lock_fd)
+        log.info("stopped")  # the lock (args.lock_fd) is released when this process is gone
     return 0
 
 
