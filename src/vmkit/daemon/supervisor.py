@@ -72,6 +72,7 @@ from vmkit.host.instance import Instance, Status, take_exclusive
 from vmkit.runtime import balloon, hotplug
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
+from vmkit.runtime.guest.clock import ClockKeeper, ClockReading
 from vmkit.runtime.guest.execute import guest_exec
 from vmkit.runtime.guest.files import CHUNK as FILE_CHUNK
 from vmkit.runtime.guest.files import check_remote, read_guest_file, write_guest_file
@@ -114,6 +115,7 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self._clock_task: asyncio.Task[None] | None = None
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -159,6 +161,8 @@ class Supervisor:
             return failed
         exit_info = await self.vm.wait()
         log.info("QEMU exited: %s", exit_info.reason)
+        if self._clock_task is not None:
+            self._clock_task.cancel()
         await self.vm.shutdown()
         self.status.state = "stopped" if exit_info.clean else "error"
         self.status.reason = self.exit_reason or exit_info.reason
@@ -189,6 +193,7 @@ class Supervisor:
             if not plan.active:  # a restored guest printed its readiness marker long ago
                 await self.vm.wait_ready()
             ready = True
+            self._keep_clock()
             if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
                 await self.vm.mount_sshfs()
         except Exception as raised:
@@ -203,6 +208,19 @@ class Supervisor:
             return
         emit({"result": self.status.to_dict()})
         self._start_outcome.set_result(None)
+
+    def _keep_clock(self) -> None:
+        """The periodic clock fix-up (``clock_sync`` in vm.yaml; needs the guest agent)."""
+        sync = self.config.clock_sync
+        if self.vm.agent is None or not sync.enabled:
+            return
+
+        def fixed(reading: ClockReading) -> None:
+            self.vm.emit("clock-fixed", offset_seconds=round(reading.offset, 3), periodic=True)
+
+        keeper = ClockKeeper(self.vm.agent, interval=sync.interval, threshold=sync.threshold, on_fix=fixed,
+                             running=lambda: self.vm.state == VmState.RUNNING and self.ops.busy is None)
+        self._clock_task = asyncio.create_task(keeper.run(), name="vmkit-clock")
 
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():

@@ -176,6 +176,10 @@ class VirtualMachine:
             if q in self._subscribers:
                 self._subscribers.remove(q)
 
+    def emit(self, kind: str, **detail: Any) -> None:
+        """Report an event about this machine that its owner (the supervisor) observed, e.g. ``clock-fixed``."""
+        self._emit(kind, **detail)
+
     def _emit(self, kind: str, **detail: Any) -> None:
         ev = VmEvent(kind, self._state, detail)
         for q in list(self._subscribers):
