@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,14 @@ def scratch_home(prefix: str) -> Iterator[vmkit.Client]:
         client = vmkit.Client(home)
         try:
             yield client
+        except BaseException:
+            for inst in client.list():  # say why before the home goes away
+                with contextlib.suppress(Exception):
+                    print(f"--- {inst.name}: {inst.status().state} ({inst.status().reason})", file=sys.stderr)
+                    for log in ("supervisor.log", "qemu.log", "serial.log"):
+                        text = (inst.directory / log).read_text(errors="replace").splitlines()[-15:]
+                        print(f"--- {log}:\n" + "\n".join(text), file=sys.stderr)
+            raise
         finally:
             for inst in client.list():
                 with contextlib.suppress(Exception):

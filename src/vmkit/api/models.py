@@ -284,6 +284,8 @@ class MachineStats(Response):
     host_rss_bytes: int = Field(description="resident memory of the QEMU process on the host")
     ksm_shared_bytes: int | None = Field(description="memory KSM saves on the whole host (host-wide, not this "
                                                      "machine's share); None without KSM")
+    ksm_merged_bytes: int | None = Field(default=None, description="this machine's memory that KSM merged with "
+                                                                  "identical pages (Linux 6.1+; None where unknown)")
     vcpus: int = Field(description="configured virtual CPUs")
     cpu_percent: float = Field(description="QEMU's CPU use in percent of one core, since the previous stats "
                                            "request (or over a quarter second)")

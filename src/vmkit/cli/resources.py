@@ -73,6 +73,7 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("guest total", _mib(s.guest_mem_total_bytes))
     table.add_row("guest available", _mib(s.guest_mem_available_bytes))
     table.add_row("QEMU resident (host)", _mib(s.host_rss_bytes))
+    table.add_row("KSM merged (this machine)", _mib(s.ksm_merged_bytes))
     table.add_row("KSM saved (whole host)", _mib(s.ksm_shared_bytes))
     table.add_row("vCPUs", str(s.vcpus))
     table.add_row("CPU", f"{s.cpu_percent:.1f} %")

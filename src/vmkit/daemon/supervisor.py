@@ -498,7 +498,8 @@ class Supervisor:
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
-            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
+            ksm_shared_bytes=ksm.shared_bytes(), ksm_merged_bytes=balloon.ksm_merged_bytes(pid),
+            vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
         return web.json_response(stats.model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:

@@ -109,6 +109,16 @@ def rss_bytes(pid: int, *, proc: str = "/proc") -> int:
     return 0  # a zombie has no VmRSS
 
 
+def ksm_merged_bytes(pid: int, *, proc: str = "/proc") -> int | None:
+    """Memory of process ``pid`` that KSM has merged with identical pages (``ksm_merging_pages``,
+    Linux 6.1 and later); None where the kernel does not say."""
+    try:
+        with open(f"{proc}/{pid}/ksm_merging_pages") as f:
+            return int(f.read().strip()) * os.sysconf("SC_PAGE_SIZE")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def cpu_seconds(pid: int, *, proc: str = "/proc") -> float:
     """CPU time used by process ``pid`` (user + system, every thread), in seconds."""
     with open(f"{proc}/{pid}/stat") as f:
