@@ -44,7 +44,8 @@ async def read_offset(agent: AgentCommands, *, timeout: float = 5.0) -> ClockRea
     return ClockReading(offset=(guest - (before + after) / 2) / 1e9, uncertainty=(after - before) / 2e9)
 
 
-async def set_to_host(agent: AgentCommands, *, timeout: float = 5.0) -> None:
+async def set_to_host(agent: AgentCommands, *, timeout: float = 20.0) -> None:
+    """Set the guest's clock to the host's (the agent also writes the RTC: ``hwclock``, slow under TCG)."""
     await agent.execute("guest-set-time", {"time": time.time_ns()}, timeout=timeout)
 
 
