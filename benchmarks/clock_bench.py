@@ -25,22 +25,33 @@ import time
 import vmkit
 from _guests import debian, load, scratch_home
 from _table import print_table
+from vmkit.errors import VmkitError
 
-BUSY = "for i in $(seq $(nproc)); do setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & done; nproc"
+BUSY = ("for i in $(seq $(nproc)); do setsid nice -n 19 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & "
+        "done; nproc")
+"""A busy loop on every vCPU, at the lowest priority: the vCPUs are always busy for the host, and the guest
+agent (which reads the clock) still gets its turn in the guest."""
 
 
 def offset(inst: vmkit.Instance) -> tuple[float, float]:
     """(guest - host, uncertainty) in seconds: the best of three readings."""
     best: tuple[float, float] | None = None
-    for _ in range(3):
+    for attempt in range(6):
+        if best is not None and attempt >= 3:
+            break
         t0 = time.time()
-        res = inst.exec(["date", "+%s.%N"], timeout=60)
+        try:
+            res = inst.exec(["date", "+%s.%N"], timeout=60)
+        except VmkitError as exc:  # the agent starved for a moment: read again
+            print(f"  (reading failed: {exc.message})", flush=True)
+            continue
         t1 = time.time()
         guest = float(res.stdout.decode().strip())
         reading = (guest - (t0 + t1) / 2, (t1 - t0) / 2)
         if best is None or reading[1] < best[1]:
             best = reading
-    assert best is not None
+    if best is None:
+        raise SystemExit("the guest agent did not answer six times in a row")
     return best
 
 
@@ -49,6 +60,7 @@ def run_case(fixup: bool, vcpus: int, duration: float, every: float) -> tuple[li
         inst = debian(client, "clock", memory="1G", cpus=vcpus, clock_sync={"enabled": fixup})
         busy = inst.exec(["sh", "-c", BUSY], timeout=60)
         lines = [f"{'on' if fixup else 'off'}: busy loops on {busy.stdout.decode().strip()} vCPUs"]
+        print(lines[0], flush=True)
         first, unc = offset(inst)
         start = time.monotonic()
         worst, last, worst_unc, largest = 0.0, 0.0, unc, abs(first)
@@ -62,6 +74,7 @@ def run_case(fixup: bool, vcpus: int, duration: float, every: float) -> tuple[li
                 worst = last
             at = time.monotonic() - start
             lines.append(f"  {at:7.0f} s  offset {off:+.3f} s  drift {last:+.3f} s  (+-{unc:.3f})")
+            print(lines[-1], flush=True)
         fixes = sum(1 for e in (inst.directory / "supervisor.log").read_text().splitlines()
                     if "guest clock was" in e)
         inst.stop(force=True)
@@ -80,8 +93,6 @@ def main() -> None:
                     "twice the host's cores)")
     args = ap.parse_args()
     results = [run_case(c == "on", args.vcpus, args.duration, args.every) for c in args.cases.split(",")]
-    for _, lines in results:
-        print("\n".join(lines))
     print()
     print(f"A Debian guest with {args.vcpus} busy vCPUs on {os.cpu_count()} host CPUs, {args.duration:.0f} s per case; "
           "offsets are guest - host (negative: behind)")
