@@ -332,6 +332,8 @@ class Share(_Model):
 
 
 SERIAL_LOG_MIN = 64 << 10
+BALLOON_FLOOR = 64 << 20
+"""The least usable memory a balloon may leave a guest: below it a Linux guest is likely to stall."""
 
 
 class Serial(_Model):
@@ -465,6 +467,17 @@ def default_max_cpus(cpus: int) -> int:
     return min(MAX_VCPUS, max(4, 2 * cpus))
 
 
+class ClockSync(_Model):
+    """The supervisor keeps a running guest's clock right (needs the guest agent): every ``interval``
+    seconds it reads the guest's clock (``guest-get-time``) and sets it to the host's time
+    (``guest-set-time``) when it is off by more than ``threshold`` seconds, as it does after a resume
+    or restore. Guests drift when their vCPUs wait for host CPUs (oversubscription)."""
+
+    enabled: Bool = True
+    interval: Float = Field(default=30.0, ge=1, le=86400, description="seconds between two checks")
+    threshold: Float = Field(default=0.25, gt=0, le=3600, description="seconds off that make it set the clock")
+
+
 class MachineConfig(_Model):
     """Everything that defines one virtual machine."""
 
@@ -501,6 +514,13 @@ class MachineConfig(_Model):
                                                     "`vmkit stats` reads its guest memory statistics")
     memory_merge: Bool = Field(default=True, description="let the host's KSM merge this guest's identical pages "
                                                          "(QEMU mem-merge; `vmkit host ksm on` turns KSM on)")
+    balloon_min: Size | None = Field(default=None, description="automatic ballooning (`vmkit host autoballoon on`) "
+                                     "never takes the guest below this much usable memory (default: half its memory)")
+    balloon_shares: Int = Field(default=1000, ge=0, le=50000,
+                                description="automatic ballooning shares the host's memory above each guest's "
+                                            "balloon_min in proportion to these (0: leave this machine's balloon "
+                                            "alone)")
+    clock_sync: ClockSync = ClockSync()
     readiness: Readiness = Readiness()
     limits: Limits = Field(default=Limits(), description="cgroup reservations and limits, CPU weight, cap and "
                                                          "pinning (`vmkit set` changes them live)")
@@ -523,6 +543,27 @@ class MachineConfig(_Model):
             raise ValueError(f"{v!r} is not a QEMU CPU model: give a model name, optionally with features "
                              "(letters, digits, '.', '_', '-'), e.g. max or max,+pdpe1gb,la57=off")
         return v
+
+    @field_validator("balloon_min")
+    @classmethod
+    def _balloon_min(cls, v: int | None, info: ValidationInfo) -> int | None:
+        memory = info.data.get("memory")
+        if v is None:
+            return v
+        if v < BALLOON_FLOOR:
+            raise ValueError(f"{format_size(v)} is too little for the guest: give at least "
+                             f"{format_size(BALLOON_FLOOR)}")
+        if isinstance(memory, int) and v > memory:
+            raise ValueError(f"{format_size(v)} is more than the machine's memory ({format_size(memory)}): "
+                             "give at most that")
+        return v
+
+    @property
+    def balloon_floor(self) -> int:
+        """The least usable memory automatic ballooning leaves the guest (balloon_min, default half its memory)."""
+        if self.balloon_min is not None:
+            return self.balloon_min
+        return min(self.memory, max(BALLOON_FLOOR, self.memory // 2))
 
     @field_validator("memory")
     @classmethod

@@ -78,6 +78,15 @@ def test_proc_readings_of_this_process() -> None:
     assert balloon.cpu_seconds(os.getpid()) > 0
 
 
+def test_ksm_merged_bytes_of_a_process(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "ksm_merging_pages").write_text("256\n")
+    assert balloon.ksm_merged_bytes(42, proc=str(tmp_path)) == 256 * os.sysconf("SC_PAGE_SIZE")
+    assert balloon.ksm_merged_bytes(43, proc=str(tmp_path)) is None  # an older kernel: unknown
+    if Path(f"/proc/{os.getpid()}/ksm_merging_pages").exists():
+        assert balloon.ksm_merged_bytes(os.getpid()) == 0  # nothing of this process is mergeable
+
+
 def cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "vmkit.cli.main", *args]
     if user is not None:  # a real unprivileged user (writing KSM's knobs needs root)

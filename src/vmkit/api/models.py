@@ -315,6 +315,8 @@ class MachineStats(Response):
     host_rss_bytes: int = Field(description="resident memory of the QEMU process on the host")
     ksm_shared_bytes: int | None = Field(description="memory KSM saves on the whole host (host-wide, not this "
                                                      "machine's share); None without KSM")
+    ksm_merged_bytes: int | None = Field(default=None, description="this machine's memory that KSM merged with "
+                                                                  "identical pages (Linux 6.1+; None where unknown)")
     vcpus: int = Field(description="configured virtual CPUs (vm.yaml's cpus, which `vmkit set --cpus` changes)")
     vcpus_online: int = Field(description="the vCPUs QEMU has now (query-cpus-fast)")
     max_cpus: int = Field(description="the most vCPUs the machine can have while it runs")
@@ -359,6 +361,43 @@ class LimitsResult(Response):
     cgroup_version: int | None
     written: list[str] = Field(description="FILE=VALUE, in the order written")
     pinned: list[int] = Field(default_factory=list)
+
+
+# -- automatic ballooning (host-wide; no supervisor route: vmkit.backends.local.balloonctl) ---------------
+class AutoballoonGuest(Response):
+    """One running machine as the automatic balloon controller saw it in its last round."""
+
+    name: str
+    memory_bytes: int
+    balloon_bytes: int
+    guest_mem_available_bytes: int | None
+    balloon_min_bytes: int
+    balloon_shares: int
+    pressure: bool = Field(description="short of memory: grown first, shrunk last")
+    target_bytes: int | None = Field(default=None, description="the balloon target set in that round, if any")
+
+
+class AutoballoonStatus(Response):
+    """``vmkit host autoballoon status``: whether the controller runs, its settings, and its last round."""
+
+    running: bool
+    pid: int | None = None
+    already_running: bool = Field(default=False, description="`on` found it running and changed nothing")
+    target_percent: float | None = None
+    step_bytes: int | None = None
+    interval_seconds: float | None = None
+    meminfo: str | None = Field(default=None, description="where it reads the host's memory figures")
+    rounds: int = 0
+    changes: int = Field(default=0, description="balloon targets set since it started")
+    last_round_at: str | None = None
+    host_total_bytes: int | None = None
+    host_used_bytes: int | None = None
+    goal_bytes: int | None = Field(default=None, description="target - used: positive = room for the guests, "
+                                                             "negative = memory to take back")
+    action: str | None = Field(default=None, description="grow, shrink or none (the last round)")
+    guests: list[AutoballoonGuest] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list, description="what went wrong in the last round")
+    log: str | None = None
 
 
 # -- events ----------------------------------------------------------------------------------------------

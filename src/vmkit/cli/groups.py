@@ -26,7 +26,8 @@ GROUPS: dict[str, tuple[str, str, str]] = {
     "port": ("vmkit.cli.port", "app", "Forward host ports into a machine."),
     "bench": ("vmkit.cli.bench", "app", "Benchmarks run inside a machine."),
     "key": ("vmkit.cli.key", "app", "The state-file key (it encrypts and authenticates saved machine states)."),
-    "host": ("vmkit.cli.host", "app", "Settings of the host that all machines share (KSM page merging)."),
+    "host": ("vmkit.cli.host", "app",
+             "Settings of the host that all machines share (KSM page merging, automatic ballooning)."),
     "snapshot": ("vmkit.cli.state", "snapshot_app",
                  "Snapshots: machine state and disks together (rewind and go forward again)."),
 }

@@ -32,6 +32,11 @@ def set_(
     balloon: str | None = typer.Option(
         None, "--balloon", help="move the guest's usable memory to SIZE (e.g. 256M; at most its memory, at least "
                                 "64M) with the memory balloon, live; lasts until the machine stops"),
+    balloon_min: str | None = typer.Option(
+        None, "--balloon-min", help="automatic ballooning leaves the guest at least SIZE (vm.yaml; holds at once)"),
+    balloon_shares: int | None = typer.Option(
+        None, "--balloon-shares", help="automatic ballooning: its share of the host's memory (default 1000; 0: "
+                                       "leave its balloon alone; vm.yaml; holds at once)"),
     timeout: float | None = typer.Option(None, "--timeout", help="seconds to wait for the guest to get there "
                                          "(default: 30 for --cpus, 10 for --memory and --balloon)"),
     cpu_weight: str | None = typer.Option(None, "--cpu-weight", help="CPU weight 1-10000 against other machines "
@@ -51,11 +56,14 @@ def set_(
     limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
                                 "memory_min": memory_min, "memory_high": memory_high, "memory_max": memory_max,
                                 "swap_max": swap_max}.items() if v is not None}
-    if cpus is None and memory is None and balloon is None and not limits:
+    if cpus is None and memory is None and balloon is None and not limits and balloon_min is None \
+            and balloon_shares is None:
         raise ConfigError.single("--cpus", "say what to change, e.g. --cpus 2, --memory 2G, --balloon 256M "
                                  "or --cpu-max 50")
     if limits:
         _set_limits(name, limits)
+    if balloon_min is not None or balloon_shares is not None:
+        _set_balloon_policy(name, balloon_min, balloon_shares)
     _set_hotplug(name, cpus, memory, timeout)
     if balloon is not None:
         _set_balloon(name, balloon, 10.0 if timeout is None else timeout)
@@ -96,6 +104,13 @@ def _option(field: str, option: str) -> Iterator[None]:
         yield
     except ConfigError as exc:
         raise ConfigError([Problem(option, p.message) if p.field == field else p for p in exc.problems]) from None
+
+
+def _set_balloon_policy(name: str, balloon_min: str | None, balloon_shares: int | None) -> None:
+    config = machine(name).set_balloon_policy(balloon_min=balloon_min, balloon_shares=balloon_shares)
+    shares = "leaves its balloon alone" if config.balloon_shares == 0 else f"shares {config.balloon_shares}"
+    out.print(f"[bold]{name}[/]: automatic ballooning keeps at least {_mib(config.balloon_floor)} usable, "
+              f"{shares} (in vm.yaml)")
 
 
 def _set_balloon(name: str, balloon: str, timeout: float) -> None:
@@ -145,6 +160,7 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("guest total", _mib(s.guest_mem_total_bytes))
     table.add_row("guest available", _mib(s.guest_mem_available_bytes))
     table.add_row("QEMU resident (host)", _mib(s.host_rss_bytes))
+    table.add_row("KSM merged (this machine)", _mib(s.ksm_merged_bytes))
     table.add_row("KSM saved (whole host)", _mib(s.ksm_shared_bytes))
     table.add_row("memory plugged (virtio-mem)", "-" if s.max_memory_bytes is None else
                   f"{_mib(s.memory_plugged_bytes)} (at most {_mib(s.max_memory_bytes)} in all)")

@@ -46,6 +46,10 @@ def create(
     memory_high: str | None = typer.Option(None, "--memory-high", help="memory throttle point (cgroup)"),
     memory_max: str | None = typer.Option(None, "--memory-max", help="hard memory limit of QEMU and helpers"),
     swap_max: str | None = typer.Option(None, "--swap-max", help="host swap the machine may use"),
+    balloon_min: str | None = typer.Option(None, "--balloon-min", help="automatic ballooning leaves the guest at "
+                                                                       "least this much memory (default: half)"),
+    balloon_shares: int | None = typer.Option(None, "--balloon-shares", help="automatic ballooning: its share of "
+                                              "the host's memory (default 1000; 0: leave its balloon alone)"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
     limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
@@ -54,7 +58,8 @@ def create(
     inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
                            from_file=from_file, user_data=user_data, limits=limits or None,
-                           max_cpus=max_cpus, max_memory=max_memory)
+                           max_cpus=max_cpus, max_memory=max_memory,
+                           balloon_min=balloon_min, balloon_shares=balloon_shares)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
 
 

@@ -74,6 +74,17 @@ class Client:
     async def rotate_key(self, files: Sequence[str | Path] = ()) -> models.KeyRotation:
         return await asyncio.to_thread(self._sync.rotate_key, files)
 
+    async def autoballoon_start(self, *, target_percent: float = 80.0, step: int | str = "100M",
+                                interval: float = 5.0, meminfo: str | Path | None = None) -> models.AutoballoonStatus:
+        return await asyncio.to_thread(self._sync.autoballoon_start, target_percent=target_percent, step=step,
+                                       interval=interval, meminfo=meminfo)
+
+    async def autoballoon_stop(self) -> models.AutoballoonStatus:
+        return await asyncio.to_thread(self._sync.autoballoon_stop)
+
+    async def autoballoon_status(self) -> models.AutoballoonStatus:
+        return await asyncio.to_thread(self._sync.autoballoon_status)
+
 
 class Instance:
     """A handle on one machine (see :class:`vmkit.Instance`); every method is a coroutine."""
@@ -194,6 +205,11 @@ class Instance:
 
     async def set_memory(self, size: int | str, *, timeout: float = 10.0) -> models.MemoryResult:
         return await asyncio.to_thread(self._sync.set_memory, size, timeout=timeout)
+
+    async def set_balloon_policy(self, *, balloon_min: int | str | None = None,
+                                 balloon_shares: int | None = None) -> MachineConfig:
+        return await asyncio.to_thread(self._sync.set_balloon_policy, balloon_min=balloon_min,
+                                       balloon_shares=balloon_shares)
 
     async def stats(self) -> models.MachineStats:
         return await asyncio.to_thread(self._sync.stats)

@@ -44,7 +44,8 @@ Notice = Callable[["Note"], None]
 """Receives what the user should be told while a machine comes up (:class:`vmkit.backends.local.statectl.Note`)."""
 
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
-                             "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits"})
+                             "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
+                             "balloon_min", "balloon_shares"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -227,6 +228,35 @@ class Client:
                 skipped=[models.SkippedFile(path=str(p), reason=why) for p, why in done.skipped])
 
         return self._call(rotate)
+
+    # -- automatic ballooning (host-wide, one controller per home) ----------------------------------
+    def autoballoon_start(self, *, target_percent: float = 80.0, step: int | str = "100M", interval: float = 5.0,
+                          meminfo: str | Path | None = None) -> models.AutoballoonStatus:
+        """Start the automatic balloon controller of this home (``vmkit host autoballoon on``): it keeps the
+        host at ``target_percent`` of its memory by moving running guests' balloons, ``step`` at a
+        time, every ``interval`` s. ``meminfo``: read the host's figures from this file (the format of
+        /proc/meminfo) instead: a simulated host. Already running: nothing changes
+        (``already_running`` in the result)."""
+        from vmkit.backends.local import balloonctl
+
+        def start() -> models.AutoballoonStatus:
+            settings = balloonctl.settings_from_options(target_percent, step, interval, meminfo)
+            return balloonctl.start(settings)
+
+        return self._call(start)
+
+    def autoballoon_stop(self) -> models.AutoballoonStatus:
+        """Stop the controller; the balloons stay where it left them."""
+        from vmkit.backends.local import balloonctl
+
+        return self._call(balloonctl.stop)
+
+    def autoballoon_status(self) -> models.AutoballoonStatus:
+        """Whether the controller runs, its settings and its last round (host figures, each guest, the
+        targets it set)."""
+        from vmkit.backends.local import balloonctl
+
+        return self._call(balloonctl.status)
 
     def __repr__(self) -> str:
         return f"vmkit.Client(home={str(self.home) if self.home else None!r})"
@@ -465,6 +495,16 @@ class Instance:
         from vmkit.backends.local import control
 
         return self._call(control.set_memory, self.name, size, timeout=timeout)
+
+    def set_balloon_policy(self, *, balloon_min: int | str | None = None,
+                           balloon_shares: int | None = None) -> MachineConfig:
+        """What automatic ballooning may do with this machine: leave it at least ``balloon_min`` (e.g.
+        ``"512M"``) and share the host's memory by ``balloon_shares`` (0: leave its balloon alone).
+        Written to vm.yaml; holds at once. Returns the new configuration."""
+        from vmkit.backends.local import control
+
+        return self._call(control.set_balloon_policy, self.name, balloon_min=balloon_min,
+                          balloon_shares=balloon_shares)
 
     def stats(self) -> models.MachineStats:
         """Memory (balloon, guest, QEMU's RSS, host-wide KSM savings) and CPU use of the running machine."""

@@ -84,6 +84,7 @@ from vmkit.host.instance import Instance, Status, take_exclusive
 from vmkit.runtime import balloon, hotmem, hotplug, proc, vcpus, vcputhreads
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
+from vmkit.runtime.guest.clock import ClockKeeper, ClockReading
 from vmkit.runtime.guest.execute import guest_exec
 from vmkit.runtime.guest.files import CHUNK as FILE_CHUNK
 from vmkit.runtime.guest.files import check_remote, read_guest_file, write_guest_file
@@ -133,6 +134,7 @@ class Supervisor:
         """The machine's cgroup while it runs (None: the host offers none, and no limits were asked for)."""
         self.cgroup_notes: list[str] = []
         self._resizing = asyncio.Lock()  # one vCPU or memory change at a time
+        self._clock_task: asyncio.Task[None] | None = None
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -173,8 +175,11 @@ class Supervisor:
             await asyncio.wait_for(self._start_asked.wait(), START_REQUEST_WAIT)
             failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
-            log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
-            failed = int(ExitCode.TIMEOUT)
+            if self._start is None:
+                log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
+                failed = int(ExitCode.TIMEOUT)
+            else:  # asked in time: a slow boot (a loaded host) takes as long as the start's own timeout
+                failed = await self._start_outcome
         if failed is not None:
             if self._start is None:
                 self._record_failure("never started")
@@ -183,6 +188,8 @@ class Supervisor:
             return failed
         exit_info = await self.vm.wait()
         log.info("QEMU exited: %s", exit_info.reason)
+        if self._clock_task is not None:
+            self._clock_task.cancel()
         await self.vm.shutdown()
         self._remove_cgroup()
         self.status.state = "stopped" if exit_info.clean else "error"
@@ -223,6 +230,7 @@ class Supervisor:
             if not plan.active:  # a restored guest printed its readiness marker long ago
                 await self.vm.wait_ready()
             ready = True
+            self._keep_clock()
             if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
                 await self.vm.mount_sshfs()
         except Exception as raised:
@@ -334,6 +342,19 @@ class Supervisor:
         self.vm.emit("limits-changed", limits=new.model_dump(mode="json"), cgroup=result.cgroup,
                      written=result.written)
         return web.json_response(result.model_dump(mode="json"))
+
+    def _keep_clock(self) -> None:
+        """The periodic clock fix-up (``clock_sync`` in vm.yaml; needs the guest agent)."""
+        sync = self.config.clock_sync
+        if self.vm.agent is None or not sync.enabled:
+            return
+
+        def fixed(reading: ClockReading) -> None:
+            self.vm.emit("clock-fixed", offset_seconds=round(reading.offset, 3), periodic=True)
+
+        keeper = ClockKeeper(self.vm.agent, interval=sync.interval, threshold=sync.threshold, on_fix=fixed,
+                             running=lambda: self.vm.state == VmState.RUNNING and self.ops.busy is None)
+        self._clock_task = asyncio.create_task(keeper.run(), name="vmkit-clock")
 
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
@@ -682,7 +703,8 @@ class Supervisor:
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
-            ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm),
+            ksm_shared_bytes=ksm.shared_bytes(), ksm_merged_bytes=balloon.ksm_merged_bytes(pid),
+            vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm),
             max_cpus=self.config.cpu_ceiling, memory_plugged_bytes=plugged, max_memory_bytes=self.config.max_memory,
             cpu_percent=cpu, steal_percent=steal, limits=self.config.limits,
             cgroup=group.path if group else None, cgroup_version=group.driver.version if group else None,

@@ -41,6 +41,8 @@ class CreateOptions:
     from_file: Path | None = None
     limits: dict[str, str] = field(default_factory=dict)
     """cgroup limits by field (``cpu_max``: ``"50"``, ``memory_max``: ``"1G"``), as ``vmkit set`` takes them."""
+    balloon_min: str | None = None  # automatic ballooning: the least usable memory (a size)
+    balloon_shares: int | None = None
 
 
 def disk_size_option(opts: CreateOptions) -> str | None:
@@ -155,6 +157,13 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             data["limits"] = {**(data.get("limits") or {}), **cgroups.parse_limit_changes(dict(opts.limits))}
         except ConfigError as exc:
             problems += [Problem(cgroups.option_name(p.field), p.message) for p in exc.problems]
+    if opts.balloon_min is not None:
+        try:
+            data["balloon_min"] = parse_size(opts.balloon_min)
+        except ValueError as exc:
+            problems.append(Problem("--balloon-min", str(exc)))
+    if opts.balloon_shares is not None:
+        data["balloon_shares"] = opts.balloon_shares
 
     boot: dict[str, Any] = dict(data.get("boot") or {})
     extra_cmdline = [opts.cmdline] if opts.cmdline else []
@@ -250,4 +259,11 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
         except ConfigError as exc:
             problems += [p for p in exc.problems if p.field not in ("boot.kernel", "boot")]
         raise ConfigError(problems, context="options")
-    return parse_config(data)
+    try:
+        return parse_config(data)
+    except ConfigError as exc:  # the settings given as options are the options' problems
+        raise ConfigError([Problem(_OPTION_FIELDS.get(p.field, p.field), p.message) for p in exc.problems],
+                          context="options") from None
+
+
+_OPTION_FIELDS = {"balloon_min": "--balloon-min", "balloon_shares": "--balloon-shares"}

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vmkit.config import MachineConfig, format_size
+from vmkit.config import BALLOON_FLOOR, MachineConfig, format_size
 from vmkit.errors import ConfigError
 from vmkit.runtime.qemu.cmdline import BALLOON_ID
 
@@ -30,7 +30,7 @@ class Qmp(Protocol):
 BALLOON_PATH = f"/machine/peripheral/{BALLOON_ID}"
 STATS_POLL_SECONDS = 2
 """How often the guest driver reports its memory statistics."""
-MIN_TARGET = 64 << 20
+MIN_TARGET = BALLOON_FLOOR
 """The smallest balloon target accepted: below it a Linux guest is likely to stall or run out of memory."""
 CLOSE_ENOUGH = 1 << 20
 """A balloon within this many bytes of its target has reached it (the guest moves whole pages)."""
@@ -107,6 +107,16 @@ def rss_bytes(pid: int, *, proc: str = "/proc") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) << 10
     return 0  # a zombie has no VmRSS
+
+
+def ksm_merged_bytes(pid: int, *, proc: str = "/proc") -> int | None:
+    """Memory of process ``pid`` that KSM has merged with identical pages (``ksm_merging_pages``,
+    Linux 6.1 and later); None where the kernel does not say."""
+    try:
+        with open(f"{proc}/{pid}/ksm_merging_pages") as f:
+            return int(f.read().strip()) * os.sysconf("SC_PAGE_SIZE")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def cpu_seconds(pid: int, *, proc: str = "/proc") -> float:

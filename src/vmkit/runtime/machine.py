@@ -179,7 +179,8 @@ class VirtualMachine:
                 self._subscribers.remove(q)
 
     def emit(self, kind: str, **detail: Any) -> None:
-        """Report something that happened to the machine to every subscriber (``cpus-changed`` ...)."""
+        """Report something that happened to the machine, observed by its owner (the supervisor), to every
+        subscriber (``cpus-changed``, ``clock-fixed`` ...)."""
         self._emit(kind, **detail)
 
     def _emit(self, kind: str, **detail: Any) -> None:

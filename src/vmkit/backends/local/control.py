@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from vmkit.api import SupervisorClient, models
 from vmkit.api.transport import SupervisorGone
 from vmkit.backends.local.listing import BROKEN as BROKEN  # re-exported: the operations on instances, in one place
@@ -37,6 +39,7 @@ from vmkit.config import (
     PortForward,
     parse_size,
     port_is_free,
+    problems_from_validation,
     validate_disk_id,
     validate_model,
     validate_name,
@@ -44,6 +47,7 @@ from vmkit.config import (
 from vmkit.errors import (
     ConfigError,
     NotFoundError,
+    Problem,
     QemuError,
     StateError,
     VmkitError,
@@ -525,6 +529,32 @@ def _edit_stopped(inst: Instance, field: str, **changes: Any) -> None:
                                         context="vm.yaml"))
     finally:
         os.close(fd)
+
+
+def set_balloon_policy(name: str, *, balloon_min: int | str | None = None,
+                       balloon_shares: int | None = None) -> MachineConfig:
+    """Change what automatic ballooning may do with this machine (its vm.yaml; the controller reads it
+    every round, so it holds at once, running or not). Errors name ``--balloon-min`` and
+    ``--balloon-shares``."""
+    inst = get(name)
+    config = inst.load_config()
+    fields: dict[str, Any] = {}
+    if balloon_min is not None:
+        try:
+            fields["balloon_min"] = parse_size(balloon_min)
+        except ValueError as exc:
+            raise ConfigError.single("--balloon-min", str(exc)) from None
+    if balloon_shares is not None:
+        fields["balloon_shares"] = balloon_shares
+    if not fields:
+        return config
+    try:
+        new = MachineConfig.model_validate({**config.to_dict(), **fields})
+    except ValidationError as exc:
+        raise ConfigError([Problem("--" + p.field.replace("_", "-"), p.message)
+                           for p in problems_from_validation(exc)]) from None
+    inst.save_config(new)
+    return new
 
 
 def stats(name: str) -> models.MachineStats:
