@@ -35,12 +35,17 @@ def create(
     accel: str | None = typer.Option(None, "--accel", help="auto, kvm or tcg"),
     from_file: Path | None = typer.Option(None, "--from", help="start from this vm.yaml"),
     user_data: Path | None = typer.Option(None, "--user-data", help="cloud images: extra cloud-config to merge"),
+    network: list[str] = typer.Option(
+        [], "--network", help="join a vmkit network: NAME[,model=virtio|e1000|e1000e|rtl8139] (repeatable; "
+                              "'user' is QEMU's user-mode NAT, the default when none is given)"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
     inst = client().create(name, cpus=cpus, memory=memory, kernel=kernel, initrd=initrd, cmdline=cmdline,
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
-                           from_file=from_file, user_data=user_data)
+                           from_file=from_file, user_data=user_data, networks=network or None)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
+    for n in inst.row().addresses.items():
+        out.print(f"  on network {n[0]}: {n[1]}")
 
 
 def start(
@@ -101,13 +106,15 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
         return
-    table = Table("name", "state", "cpus", "memory", "accelerator", "uptime")
+    on_networks = any(r.addresses for r in rows)
+    table = Table("name", "state", "cpus", "memory", "accelerator", "uptime", *(["addresses"] if on_networks else []))
     colors = {"running": "green", "paused": "yellow", "error": "red", BROKEN: "red"}
     for r in rows:
         c = "yellow" if r.health == "degraded" else colors.get(r.state)
         state = f"{r.state} (degraded)" if r.health == "degraded" else r.state
+        addresses = [" ".join(f"{a} ({n})" for n, a in r.addresses.items()) or "-"] if on_networks else []
         table.add_row(escape(r.name), f"[{c}]{state}[/]" if c else state, str(r.cpus or "-"), r.memory or "-",
-                      r.accel or "-", human_duration(r.uptime))
+                      r.accel or "-", human_duration(r.uptime), *addresses)
     out.print(table)
     for r in rows:
         if r.state == BROKEN:

@@ -69,6 +69,8 @@ from vmkit.daemon.state_routes import (
 from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
 from vmkit.host import ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
+from vmkit.net.forward import Forwarder
+from vmkit.net.store import NetworkStore, close_nics
 from vmkit.runtime import balloon, hotplug
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
@@ -114,6 +116,8 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self.forwarder: Forwarder | None = None
+        """Host port forwards of a machine without a user-mode NIC (to its address on its first network)."""
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -159,6 +163,8 @@ class Supervisor:
             return failed
         exit_info = await self.vm.wait()
         log.info("QEMU exited: %s", exit_info.reason)
+        if self.forwarder is not None:
+            await self.forwarder.close()
         await self.vm.shutdown()
         self.status.state = "stopped" if exit_info.clean else "error"
         self.status.reason = self.exit_reason or exit_info.reason
@@ -178,10 +184,15 @@ class Supervisor:
         assert self._start_outcome is not None
         ready = False
         try:
-            if plan.active:
-                await start_from_plan(self, plan, emit)
-            else:
-                await self.vm.start()
+            await self._attach_networks(emit)
+            try:
+                if plan.active:
+                    await start_from_plan(self, plan, emit)
+                else:
+                    await self.vm.start()
+            finally:  # QEMU holds the taps now (or failed): the kernel removes them when it exits
+                close_nics(self.vm.nics)
+            await self._start_forwards()
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at
             self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
@@ -203,6 +214,30 @@ class Supervisor:
             return
         emit({"result": self.status.to_dict()})
         self._start_outcome.set_result(None)
+
+    async def _attach_networks(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        """Bring the machine's networks up and open its NICs' host ends (taps), after removing what an
+        earlier crash may have left on the host (and saying what)."""
+        if not self.config.networks:
+            return
+        store = NetworkStore(self.instance.root.parent / "networks")
+        cleaned = await asyncio.to_thread(store.sweep)
+        for item in cleaned:
+            log.warning("removed a leftover: %s", item)
+            emit({"note": f"removed a leftover: {item}"})
+        self.vm.nics = await asyncio.to_thread(store.attach, self.instance.dir, self.config.name,
+                                               self.config.networks)
+
+    async def _start_forwards(self) -> None:
+        net = self.config.network
+        if net is None or net.mode != "none" or not self.config.networks:
+            return
+        address = self.config.networks[0].address
+        if address is None:
+            return
+        self.forwarder = Forwarder(address)
+        for fwd in net.forwards:
+            await self.forwarder.add(fwd)
 
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
@@ -369,6 +404,16 @@ class Supervisor:
         if not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
             raise ConfigError.single("host_port", f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
                                      "is already taken on this host: pick a free port")
+        if self.config.user_nic is None:  # on a vmkit network: forwarded here, to the guest's address
+            if self.forwarder is None:
+                address = self.config.networks[0].address if self.config.networks else None
+                if address is None:
+                    raise ConfigError.single("network", "this machine has no address to forward to: "
+                                             "join a vmkit network (--network NAME)")
+                self.forwarder = Forwarder(address)
+            with self.ops.shared("add a port forward", "adding a port forward"):
+                await self.forwarder.add(fwd)
+            return web.json_response({"forward": str(fwd)})
         rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
         with self.ops.shared("add a port forward", "adding a port forward"):
             reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})

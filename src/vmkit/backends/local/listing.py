@@ -35,6 +35,7 @@ def view(inst: Instance) -> InstanceRow:
         accel=status.accel if live else None,
         uptime=(time.time() - status.started_at) if live and status.started_at else None,
         reason=status.reason,
+        addresses={n.network: n.address for n in config.networks if n.address},
     )
 
 
@@ -61,5 +62,6 @@ def inspect(name: str) -> dict[str, Any]:
         "name": name,
         "directory": str(inst.dir),
         "config": config.to_dict(),
+        "addresses": {n.network: n.address for n in config.networks if n.address},
         "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
     }
