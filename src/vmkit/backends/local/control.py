@@ -117,7 +117,8 @@ def create_from_options(opts: CreateOptions) -> Instance:
         networks.leave_all(config)
         raise
     try:
-        provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data))
+        provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data,
+                                                        resolv_conf=networks.resolv_conf(config)))
         config.ensure_valid(host=True)
     except BaseException:
         shutil.rmtree(inst.dir, ignore_errors=True)
@@ -625,7 +626,7 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
             extra = source.dir / EXTRA_USER_DATA
             if extra.exists():
                 shutil.copy2(extra, inst.dir / EXTRA_USER_DATA)
-            reidentify(inst.dir, new_config)
+            reidentify(inst.dir, new_config, resolv_conf=networks.resolv_conf(new_config))
         new_config.ensure_valid(host=True)
     except BaseException:
         shutil.rmtree(inst.dir, ignore_errors=True)
