@@ -116,6 +116,8 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self._start_requested = asyncio.Event()
+        """Set by ``POST /v1/start`` (or a signal before it): the 60 s wait is for the request, not the boot."""
         self.forwarder: Forwarder | None = None
         """Host port forwards of a machine without a user-mode NIC (to its address on its first network)."""
 
@@ -151,11 +153,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
+        # wait for the request (not for the start itself: a guest may take longer than this to boot)
+        outcome = self._start_outcome
         try:
-            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+            await asyncio.wait_for(self._start_requested.wait(), START_REQUEST_WAIT)
         except TimeoutError:
             log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
-            failed = int(ExitCode.TIMEOUT)
+            failed: int | None = int(ExitCode.TIMEOUT)
+        else:
+            failed = await outcome
         if failed is not None:
             if self._start is None:
                 self._record_failure("never started")
@@ -242,6 +248,7 @@ class Supervisor:
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
             self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+            self._start_requested.set()  # nothing more to wait for
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
@@ -250,6 +257,7 @@ class Supervisor:
         if self._start is not None or self._start_outcome is None or self._start_outcome.done():
             raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._start_requested.set()
         self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
