@@ -197,7 +197,7 @@ class Supervisor:
                 else:
                     await self.vm.start()
             finally:  # QEMU holds the taps now (or failed): the kernel removes them when it exits
-                close_nics(self.vm.nics)
+                close_nics(self.vm.nics, sockets=False)
             await self._start_forwards()
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at

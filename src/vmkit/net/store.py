@@ -354,12 +354,14 @@ class NetworkStore:
         return tuple(backends)
 
 
-def close_nics(backends: tuple[NicBackend, ...]) -> None:
+def close_nics(backends: tuple[NicBackend, ...], *, sockets: bool = True) -> None:
+    """Close the tap descriptors (QEMU has its own once started) and, unless ``sockets`` is false,
+    remove the rootless NICs' sockets (only when QEMU does not use them: it bound them)."""
     for b in backends:
         if b.tap_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(b.tap_fd)
-        if b.local is not None:
+        if sockets and b.local is not None:
             with contextlib.suppress(OSError):
                 b.local.unlink()
 
