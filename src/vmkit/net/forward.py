@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from vmkit.config import PortForward
 
@@ -92,8 +92,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
         self.clients: dict[tuple[str, int], tuple[socket.socket, asyncio.TimerHandle]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # the selector's is not a subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
