@@ -23,7 +23,8 @@ from conftest import vmkit
 from vmkit.host.images.store import Image
 from vmkit.host.provision import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(os.geteuid() != 0, reason="bridged networks need root")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500),  # the first test also waits for two Debian boots
+              pytest.mark.skipif(os.geteuid() != 0, reason="bridged networks need root")]
 
 NETNS = "vmknet-outside"
 VETH_HOST, VETH_NS = "vmkno-h", "vmkno-n"
