@@ -159,3 +159,17 @@ def test_network_options_and_config(tmp_path: Path) -> None:
     assert [p.field for p in lonely.validate(host=False)] == ["network.forwards"]
     with pytest.raises(ConfigError, match=r"networks\[0\]\.address"):
         parse_config({**base, "networks": [{"network": "lab", "address": "10.1.2.300"}]})
+
+
+def test_seed_writes_the_networks_resolver_at_every_boot() -> None:
+    import yaml
+
+    from vmkit.host.cloudinit import SeedSpec, render_seed
+
+    text = "search lab\nnameserver 10.117.3.1\nnameserver 10.0.2.3\n"
+    seed = render_seed(SeedSpec(instance_id="i-1", hostname="web", authorized_keys=("ssh-ed25519 AAAA x",),
+                                resolv_conf=text))
+    user_data = yaml.safe_load(seed.user_data)
+    assert user_data["bootcmd"][0][-1] == text and "/etc/resolv.conf" in user_data["bootcmd"][0][2]
+    plain = render_seed(SeedSpec(instance_id="i-1", hostname="web", authorized_keys=("ssh-ed25519 AAAA x",)))
+    assert "resolv.conf" not in plain.user_data
