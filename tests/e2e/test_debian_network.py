@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import vmkit
 from vmkit.host.images.store import Image
@@ -58,6 +59,10 @@ def pair(debian12: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         net = json.loads(vmkit("network", "inspect", "lab").stdout)
         for name in ("a", "b"):
             vmkit("create", name, "--image", "debian-12", "--network", "lab")
+            vm_yaml = home / "instances" / name / "vm.yaml"  # two boots on a shared TCG host: be patient
+            config = yaml.safe_load(vm_yaml.read_text())
+            config["readiness"]["timeout"] = 1200
+            vm_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         t0 = time.monotonic()
         results: dict[str, subprocess.CompletedProcess[str]] = {}
         threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, vmkit("start", n, check=False,
