@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
 import contextlib
 
@@ -87,6 +89,11 @@ def main() -> int:
         nics = ["user", "nbv", "nbe,model=e1000"]
         s = client.create("s", image="debian-12", networks=nics, ports=[f"127.0.0.1:{fwd}:5201"])
         c = client.create("c", image="debian-12", networks=nics)
+        for inst in (s, c):  # a loaded TCG host boots slowly: give the readiness check more time
+            vm_yaml = inst.directory / "vm.yaml"
+            config = yaml.safe_load(vm_yaml.read_text())
+            config["readiness"]["timeout"] = 1200
+            vm_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         t0 = time.monotonic()
         s.start()
         print(f"s up in {time.monotonic() - t0:.0f} s", flush=True)
