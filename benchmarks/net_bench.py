@@ -9,13 +9,14 @@ One pair of ``debian-12`` guests (``s`` serves, ``c`` measures), each with three
   user    QEMU's user-mode NAT (slirp; virtio-net-pci). Two guests cannot reach each other there: ``c``
           goes to the host (10.0.2.2) and through ``s``'s host port forward to its iperf3.
 
-Per path, iperf3 (``-t SECONDS``, TCP, one stream, ``c`` sends) gives Mbit/s as received, and
-``ping -c 20 -i 0.2`` the average round trip (user-mode NAT: only its own gateway answers ping, so
-guest to guest is n/a there). Guest to host: an iperf3 server on the host (port 5301, all local
-addresses; the guests reach it at their network's gateway, or at 10.0.2.2 through the NAT).
+Per path, iperf3 (``-t SECONDS``, TCP, one stream, ``c`` sends) gives Mbit/s as received, and an
+ICMP echo (20, 0.2 s apart; from Python, the image has no ping) the average round trip (user-mode
+NAT: only its own gateway answers ICMP, so guest to guest is n/a there). Guest to host: an iperf3
+server on the host (port 5301, all local addresses; the guests reach it at their network's gateway,
+or at 10.0.2.2 through the NAT).
 
 The start-to-name time: ``s`` runs; ``vmkit start c`` is launched, and as soon as it returns the
-guest pings ``s`` by name (``ping -c1 -W1 s``, again every 0.2 s) until it answers.
+guest pings ``s`` by name (one ICMP echo, again every 0.2 s) until it answers.
 
 Everything runs under TCG on a shared host: figures are noisy; the load average is printed.
 
@@ -48,6 +49,23 @@ from vmkit.errors import VmkitError
 from vmkit.host.provision import free_port
 
 HOST_PORT = 5301
+PING = (  # the debian-12 image has no ping: ICMP echo from Python (root, a raw socket) by name or address
+    "import socket, struct, sys, time\n"
+    "def csum(b):\n"
+    "    s = sum(struct.unpack('!%dH' % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16\n"
+    "    return ~s & 0xffff\n"
+    "host = socket.gethostbyname(sys.argv[1]); n = int(sys.argv[2]); rtts = []\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(5)\n"
+    "for i in range(n):\n"
+    "    p = struct.pack('!BBHHH', 8, 0, 0, 0x4242, i) + b'vmkit-ping-16byt'\n"
+    "    p = p[:2] + struct.pack('!H', csum(p)) + p[4:]\n"
+    "    t = time.perf_counter(); s.sendto(p, (host, 0))\n"
+    "    while True:\n"
+    "        d, a = s.recvfrom(2048); h = (d[0] & 15) * 4\n"
+    "        if a[0] == host and d[h] == 0 and d[h + 4:h + 8] == struct.pack('!HH', 0x4242, i): break\n"
+    "    rtts.append((time.perf_counter() - t) * 1000); time.sleep(0.2)\n"
+    "print(host, 'avg_ms=%.3f' % (sum(rtts) / n))\n"
+)
 
 
 def guest(inst: vmkit.Instance, argv: list[str], timeout: float = 120) -> str:
@@ -63,8 +81,8 @@ def iperf(c: vmkit.Instance, addr: str, port: int, seconds: int) -> float:
 
 
 def ping_ms(c: vmkit.Instance, addr: str) -> float:
-    out = guest(c, ["ping", "-c", "20", "-i", "0.2", "-q", addr], timeout=60)
-    m = re.search(r"= [\d.]+/([\d.]+)/", out)
+    out = guest(c, ["python3", "-c", PING, addr, "20"], timeout=60)
+    m = re.search(r"avg_ms=([\d.]+)", out)
     if not m:
         raise RuntimeError(f"no ping summary: {out}")
     return float(m.group(1))
@@ -101,7 +119,7 @@ def main() -> int:
         c.start()
         started = time.monotonic() - t0
         while True:
-            res = c.exec(["ping", "-c", "1", "-W", "1", "s"], timeout=30)
+            res = c.exec(["python3", "-c", PING, "s", "1"], timeout=30)
             if res.exit_code == 0:
                 break
             time.sleep(0.2)
