@@ -282,22 +282,75 @@ _CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(,[+-]?[A-Za-z0-9._-]+(=[
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
-class Network(_Model):
-    """User-mode NAT networking (QEMU's slirp) with port forwards."""
+NicModel = Literal["virtio", "e1000", "e1000e", "rtl8139"]
+"""The guest's NIC: paravirtual virtio-net (default, fastest) or an emulated card for guests without virtio."""
 
-    mode: Literal["user"] = "user"
+NETWORK_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+"""A vmkit network's name: it becomes a DNS domain and reaches ip, nft and dnsmasq (``fullmatch``)."""
+
+
+def check_network_name(v: str) -> str:
+    if not isinstance(v, str) or not NETWORK_NAME_RE.fullmatch(v) or v.endswith("-") or v == "user":
+        raise ValueError(f"{v!r} is not a network name: use 1-31 lower-case letters, digits or '-', starting "
+                         "with a letter and not ending with '-' ('user' is QEMU's user-mode NAT)")
+    return v
+
+
+def _check_mac(v: str | None) -> str | None:
+    if v is not None:
+        v = v.lower()
+        if not _MAC_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a MAC address: use six hex pairs, e.g. 52:54:00:12:34:56")
+        if int(v[:2], 16) & 1:
+            raise ValueError(f"{v!r} is a multicast MAC address: the first byte must be even")
+    return v
+
+
+class Network(_Model):
+    """User-mode NAT networking (QEMU's slirp) and the host port forwards.
+
+    ``mode: none``: no user-mode NIC (the machine is on vmkit networks, see ``networks``); the
+    forwards then go to the machine's address on its first vmkit network (the supervisor forwards
+    them on the host)."""
+
+    mode: Literal["user", "none"] = "user"
     mac: str | None = None
+    model: NicModel = "virtio"
     forwards: tuple[PortForward, ...] = ()
 
     @field_validator("mac")
     @classmethod
     def _mac(cls, v: str | None) -> str | None:
+        return _check_mac(v)
+
+
+class NetworkInterface(_Model):
+    """A NIC on a vmkit network (``vmkit network create``): a stable MAC and a static address,
+    both given when the machine joins."""
+
+    network: str = Field(description="the vmkit network's name")
+    model: NicModel = "virtio"
+    mac: str | None = None
+    address: str | None = Field(default=None, description="the static IPv4 address (given when the machine joins)")
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str) -> str:
+        return check_network_name(v)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        return _check_mac(v)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
         if v is not None:
-            v = v.lower()
-            if not _MAC_RE.fullmatch(v):
-                raise ValueError(f"{v!r} is not a MAC address: use six hex pairs, e.g. 52:54:00:12:34:56")
-            if int(v[:2], 16) & 1:
-                raise ValueError(f"{v!r} is a multicast MAC address: the first byte must be even")
+            try:
+                return str(ipaddress.IPv4Address(v))
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IPv4 address") from None
         return v
 
 
@@ -507,6 +560,8 @@ class MachineConfig(_Model):
     shares: tuple[Share, ...] = ()
     agent: Bool = Field(default=False, description="a virtio-serial channel for qemu-guest-agent (qga.sock)")
     network: Network | None = Network()
+    networks: tuple[NetworkInterface, ...] = Field(default=(), description="vmkit networks this machine is on "
+                                                   "(one NIC each; `vmkit network create`)")
     serial: Serial = Serial()
     entropy: Bool = True
     balloon: Bool = Field(default=True, description="a virtio-balloon device (deflate-on-oom, free page reporting): "
@@ -652,6 +707,7 @@ class MachineConfig(_Model):
             problems += device_problems(dev, f"storage[{i}]", seen, host=host)
         problems += self._share_problems(host)
         problems += self.limits.problems(self.total_memory)
+        problems += self._network_problems()
         if self.network is not None:
             ports: dict[tuple[str, int], str] = {}
             for i, fwd in enumerate(self.network.forwards):
@@ -666,6 +722,32 @@ class MachineConfig(_Model):
                     problems.append(Problem(field, f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
                                             "is already taken on this host: pick a free port"))
         return problems
+
+    def _network_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        seen: dict[str, int] = {}
+        macs: dict[str, str] = {}
+        if self.network is not None and self.network.mode == "user" and self.network.mac:
+            macs[self.network.mac] = "network.mac"
+        for i, iface in enumerate(self.networks):
+            if iface.network in seen:
+                problems.append(Problem(f"networks[{i}].network", f"already joined by networks[{seen[iface.network]}]:"
+                                        " join each network once"))
+            seen[iface.network] = i
+            if iface.mac is not None:
+                if iface.mac in macs:
+                    problems.append(Problem(f"networks[{i}].mac", f"{iface.mac} is already the MAC of "
+                                            f"{macs[iface.mac]}: give each NIC its own"))
+                macs[iface.mac] = f"networks[{i}]"
+        if self.network is not None and self.network.mode == "none" and self.network.forwards and not self.networks:
+            problems.append(Problem("network.forwards", "port forwards need a network: with mode none, join a vmkit "
+                                    "network (networks: / --network NAME) or use mode user"))
+        return problems
+
+    @property
+    def user_nic(self) -> Network | None:
+        """The user-mode NAT NIC's settings, None if the machine has none."""
+        return self.network if self.network is not None and self.network.mode == "user" else None
 
     @property
     def needs_shared_memory(self) -> bool:

@@ -13,25 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 from rich.console import Console
 
 from vmkit.api import models
 from vmkit.cli import resources
+from vmkit.config import Limits
 
 MiB = 1 << 20
 
 
-class Limits(BaseModel):
-    memory_max_bytes: int | None = None
-    cpu_weight: int | None = None
-
-
 class NewerStats(models.MachineStats):
-    vcpus_online: int
-    steal_percent: float
-    limits: Limits
+    """What a later vmkit may add: a field top has never heard of."""
+
     swap_bytes: int | None = None
+    guest_pressure: bool = False
 
 
 def render(table: object) -> str:
@@ -44,19 +39,21 @@ def test_new_stats_fields_get_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "MachineStats", NewerStats)
     stats = NewerStats(balloon_bytes=128 * MiB, memory_bytes=256 * MiB, guest_mem_total_bytes=None,
                        guest_mem_available_bytes=100 * MiB, host_rss_bytes=300 * MiB, ksm_shared_bytes=64 * MiB,
-                       vcpus=4, cpu_percent=12.345, vcpus_online=3, steal_percent=7.25,
-                       limits=Limits(memory_max_bytes=512 * MiB, cpu_weight=200))
+                       ksm_merged_bytes=10 * MiB, vcpus=4, vcpus_online=3, max_cpus=8, memory_plugged_bytes=None,
+                       max_memory_bytes=None, cpu_percent=12.345, steal_percent=7.25,
+                       limits=Limits(memory_max=512 * MiB, cpu_weight=200), cgroup="/sys/fs/cgroup/memory/vmkit/web",
+                       cgroup_version=1, cgroup_files={"memory.limit_in_bytes": "536870912"}, swap_bytes=5 * MiB)
     machines = [models.MachineTop(name="web", state="running", stats=stats),
                 models.MachineTop(name="gone", state="running", error="the machine is stopped")]
     text = render(resources.top_table(machines))
     header = next(line for line in text.splitlines() if "name" in line)
     cols = [c.strip() for c in header.strip("┃ ").split("┃")]
     assert cols == ["name", "state", "vCPUs", "online", "CPU %", "steal %", "memory", "usable", "guest total",
-                    "guest avail", "host RSS", "limits", "swap"]
+                    "guest avail", "host RSS", "ksm merged", "memory plugged", "limits", "swap", "guest pressure"]
     web = next(line for line in text.splitlines() if "web" in line)
     cells = [c.strip() for c in web.strip("│ ").split("│")]
     assert cells == ["web", "running", "4", "3", "12.3", "7.2", "256 MiB", "128 MiB", "-", "100 MiB", "300 MiB",
-                     "memory_max_bytes=512 MiB cpu_weight=200", "-"]
+                     "10 MiB", "-", "cpu_weight=200 memory_max=512M", "5 MiB", "no"]
     assert "KSM saves 64 MiB on this host" in text  # host-wide: once, not per machine
     gone = next(line for line in text.splitlines() if "gone" in line)
     assert "the machine is stopped" in gone

@@ -24,6 +24,8 @@ GROUPS: dict[str, tuple[str, str, str]] = {
     "disk": ("vmkit.cli.disk", "app", "Attach, detach and list the disks of a running machine."),
     "mount": ("vmkit.cli.mount", "app", "Host folders shared into a machine (set with `vmkit create --mount`)."),
     "port": ("vmkit.cli.port", "app", "Forward host ports into a machine."),
+    "network": ("vmkit.cli.network", "app",
+                "Virtual networks: machines on one reach each other by name (NAT, isolated, routed, rootless)."),
     "bench": ("vmkit.cli.bench", "app", "Benchmarks run inside a machine."),
     "key": ("vmkit.cli.key", "app", "The state-file key (it encrypts and authenticates saved machine states)."),
     "host": ("vmkit.cli.host", "app",

@@ -28,11 +28,19 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def list_cells(row: Row) -> list[str]:
+def list_columns(rows: Sequence[Row]) -> tuple[str, ...]:
+    """The columns of ``vmkit list``: an ``addresses`` column once a machine is on a vmkit network."""
+    return (*LIST_COLUMNS, "addresses") if any(r["addresses"] for r in rows) else LIST_COLUMNS
+
+
+def list_cells(row: Row, *, addresses: bool = False) -> list[str]:
     """The cells of one ``vmkit list`` row (the rich table colours the same cells)."""
     state = f"{row['state']} (degraded)" if row["health"] == "degraded" else row["state"]
-    return [row["name"], state, str(row["cpus"] or "-"), row["memory"] or "-", row["accel"] or "-",
-            human_duration(row["uptime"])]
+    cells = [row["name"], state, str(row["cpus"] or "-"), row["memory"] or "-", row["accel"] or "-",
+             human_duration(row["uptime"])]
+    if addresses:
+        cells.append(" ".join(f"{a} ({n})" for n, a in row["addresses"].items()) or "-")
+    return cells
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
@@ -55,7 +63,8 @@ def list_machines(as_json: bool) -> bool:
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return True
-    table(LIST_COLUMNS, [list_cells(r) for r in rows], sys.stdout)
+    columns = list_columns(rows)
+    table(columns, [list_cells(r, addresses=len(columns) > len(LIST_COLUMNS)) for r in rows], sys.stdout)
     for r in rows:
         if r["state"] == listing.BROKEN:
             sys.stderr.write(f"{r['name']} is broken: {r['reason']}\n")

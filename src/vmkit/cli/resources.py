@@ -184,12 +184,14 @@ _TOP_HEADERS = {"vcpus": "vCPUs", "vcpus_online": "online", "cpu_percent": "CPU 
                 "memory_bytes": "memory", "balloon_bytes": "usable", "guest_mem_total_bytes": "guest total",
                 "guest_mem_available_bytes": "guest avail", "host_rss_bytes": "host RSS"}
 _HOST_WIDE = {"ksm_shared_bytes": "KSM saves {} on this host"}
+# Details `vmkit stats NAME` shows, too wide or too static for a live table of every machine.
+_TOP_HIDDEN = frozenset({"max_cpus", "max_memory_bytes", "cgroup", "cgroup_version", "cgroup_files"})
 
 
 def _top_fields() -> list[str]:
     from vmkit.api.models import MachineStats
 
-    names = [n for n in MachineStats.model_fields if n not in _HOST_WIDE]
+    names = [n for n in MachineStats.model_fields if n not in _HOST_WIDE and n not in _TOP_HIDDEN]
     return [n for n in _TOP_ORDER if n in names] + [n for n in names if n not in _TOP_ORDER]
 
 

@@ -50,6 +50,9 @@ def create(
                                                                        "least this much memory (default: half)"),
     balloon_shares: int | None = typer.Option(None, "--balloon-shares", help="automatic ballooning: its share of "
                                               "the host's memory (default 1000; 0: leave its balloon alone)"),
+    network: list[str] = typer.Option(
+        [], "--network", help="join a vmkit network: NAME[,model=virtio|e1000|e1000e|rtl8139] (repeatable; "
+                              "'user' is QEMU's user-mode NAT, the default when none is given)"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
     limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
@@ -59,8 +62,11 @@ def create(
                            disks=disk, ports=port, mounts=mount, image=image, run=run, accel=accel,
                            from_file=from_file, user_data=user_data, limits=limits or None,
                            max_cpus=max_cpus, max_memory=max_memory,
-                           balloon_min=balloon_min, balloon_shares=balloon_shares)
+                           balloon_min=balloon_min, balloon_shares=balloon_shares,
+                           networks=network or None)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
+    for n in inst.row().addresses.items():
+        out.print(f"  on network {n[0]}: {n[1]}")
 
 
 def start(
@@ -116,18 +122,21 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     from rich.table import Table
 
     from vmkit.backends.local.listing import BROKEN
-    from vmkit.cli.plain import LIST_COLUMNS, list_cells
+    from vmkit.cli.plain import LIST_COLUMNS, list_cells, list_columns
 
     rows = client().rows()
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
         return
     # a pipe gets the same cells without rich (vmkit.cli.main serves it before this module loads)
-    table = Table(*LIST_COLUMNS)
+    plain_rows = [r.model_dump() for r in rows]
+    columns = list_columns(plain_rows)  # type: ignore[arg-type]
+    table = Table(*columns)
     colors = {"running": "green", "paused": "yellow", "error": "red", BROKEN: "red"}
-    for r in rows:
+    for r, plain in zip(rows, plain_rows, strict=True):
         c = "yellow" if r.health == "degraded" else colors.get(r.state)
-        name, state, *rest = (escape(cell) for cell in list_cells(r.model_dump()))  # type: ignore[arg-type]
+        cells = list_cells(plain, addresses=len(columns) > len(LIST_COLUMNS))  # type: ignore[arg-type]
+        name, state, *rest = (escape(cell) for cell in cells)
         table.add_row(name, f"[{c}]{state}[/]" if c else state, *rest)
     out.print(table)
     for r in rows:

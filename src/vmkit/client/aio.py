@@ -68,6 +68,23 @@ class Client:
     async def copy(self, src: str, dst: str) -> int:
         return await asyncio.to_thread(self._sync.copy, src, dst)
 
+    async def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",
+                             domain: str | None = None) -> models.NetworkView:
+        """As :meth:`vmkit.Client.create_network`."""
+        return await asyncio.to_thread(self._sync.create_network, name, subnet=subnet, mode=mode, domain=domain)
+
+    async def networks(self) -> builtins.list[models.NetworkView]:
+        return await asyncio.to_thread(self._sync.networks)
+
+    async def network(self, name: str) -> models.NetworkView:
+        return await asyncio.to_thread(self._sync.network, name)
+
+    async def delete_network(self, name: str, *, force: bool = False) -> models.NetworkDeleted:
+        return await asyncio.to_thread(self._sync.delete_network, name, force=force)
+
+    async def clean_networks(self) -> builtins.list[str]:
+        return await asyncio.to_thread(self._sync.clean_networks)
+
     async def key_info(self) -> models.KeyInfo:
         return await asyncio.to_thread(self._sync.key_info)
 

@@ -45,7 +45,7 @@ Notice = Callable[["Note"], None]
 
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
                              "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
-                             "balloon_min", "balloon_shares"})
+                             "balloon_min", "balloon_shares", "networks"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -132,7 +132,7 @@ class Client:
             for size in ("memory", "max_memory"):
                 if size in opts:
                     opts[size] = str(opts[size])
-            for listed in ("disks", "ports", "mounts"):
+            for listed in ("disks", "ports", "mounts", "networks"):
                 if listed in opts:
                     opts[listed] = [str(v) for v in opts[listed]]
             inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
@@ -201,6 +201,40 @@ class Client:
         from vmkit.backends.local import control
 
         return self._call(control.copy, src, dst)
+
+    # -- networks ----------------------------------------------------------------------------------
+    def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",
+                       domain: str | None = None) -> models.NetworkView:
+        """A vmkit network (``vmkit network create``): ``mode`` nat, isolated, routed (these need root)
+        or rootless; ``subnet`` an IPv4 CIDR (default: a free /24 in 10.117.0.0/16); ``domain``
+        the DNS domain machines are found under (default: the name). It is up when this returns."""
+        from vmkit.backends.local import networks
+
+        return self._call(networks.create, name, subnet=subnet, mode=mode, domain=domain)
+
+    def networks(self) -> builtins.list[models.NetworkView]:
+        """Every vmkit network of this home."""
+        from vmkit.backends.local import networks
+
+        return self._call(networks.list_networks)
+
+    def network(self, name: str) -> models.NetworkView:
+        """One network: its definition, whether it is up, and its machines with their addresses."""
+        from vmkit.backends.local import networks
+
+        return self._call(networks.inspect, name)
+
+    def delete_network(self, name: str, *, force: bool = False) -> models.NetworkDeleted:
+        """Take a network down and remove it; refused while machines on it run (``force``: stop them hard)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.delete_network, name, force=force)
+
+    def clean_networks(self) -> builtins.list[str]:
+        """Remove what vmkit left on the host for networks that no longer exist; returns what it removed."""
+        from vmkit.backends.local import networks
+
+        return self._call(networks.sweep)
 
     # -- the state-file key ------------------------------------------------------------------------
     def key_info(self) -> models.KeyInfo:

@@ -81,6 +81,8 @@ from vmkit.errors import (
 )
 from vmkit.host import cgroups, ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
+from vmkit.net.forward import Forwarder
+from vmkit.net.store import NetworkStore, close_nics
 from vmkit.runtime import balloon, hotmem, hotplug, proc, vcpus, vcputhreads
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
@@ -135,6 +137,8 @@ class Supervisor:
         self.cgroup_notes: list[str] = []
         self._resizing = asyncio.Lock()  # one vCPU or memory change at a time
         self._clock_task: asyncio.Task[None] | None = None
+        self.forwarder: Forwarder | None = None
+        """Host port forwards of a machine without a user-mode NIC (to its address on its first network)."""
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -169,17 +173,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
+        # wait for the request (not for the start itself: a guest may take longer than this to boot)
+        outcome = self._start_outcome
         try:
-            # only the request has a deadline: the start itself takes as long as the guest needs to be
-            # ready (its readiness timeout), which on a loaded TCG host is more than this
             await asyncio.wait_for(self._start_asked.wait(), START_REQUEST_WAIT)
-            failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
-            if self._start is None:
-                log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
-                failed = int(ExitCode.TIMEOUT)
-            else:  # asked in time: a slow boot (a loaded host) takes as long as the start's own timeout
-                failed = await self._start_outcome
+            log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
+            failed: int | None = int(ExitCode.TIMEOUT)
+        else:
+            failed = await outcome
         if failed is not None:
             if self._start is None:
                 self._record_failure("never started")
@@ -190,6 +192,8 @@ class Supervisor:
         log.info("QEMU exited: %s", exit_info.reason)
         if self._clock_task is not None:
             self._clock_task.cancel()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         await self.vm.shutdown()
         self._remove_cgroup()
         self.status.state = "stopped" if exit_info.clean else "error"
@@ -215,14 +219,17 @@ class Supervisor:
                 emit({"note": note})
             joined = asyncio.create_task(self._unlock_when_joined(lock), name="vmkit-cgroup-joined")
             try:
+                await self._attach_networks(emit)
                 if plan.active:
                     await start_from_plan(self, plan, emit)
                 else:
                     await self.vm.start()
-            finally:
+            finally:  # QEMU holds the taps now (or failed): the kernel removes them when it exits
+                close_nics(self.vm.nics, sockets=False)
                 joined.cancel()
                 lock.close()
             await self._pin(self.config.limits)
+            await self._start_forwards()
             self.status.qemu_pid = self.vm.pid
             self.status.started_at = self.vm.started_at
             self.status.qemu_version = self.vm.qmp.qemu_version if self.vm.qmp else None
@@ -355,6 +362,30 @@ class Supervisor:
         keeper = ClockKeeper(self.vm.agent, interval=sync.interval, threshold=sync.threshold, on_fix=fixed,
                              running=lambda: self.vm.state == VmState.RUNNING and self.ops.busy is None)
         self._clock_task = asyncio.create_task(keeper.run(), name="vmkit-clock")
+
+    async def _attach_networks(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        """Bring the machine's networks up and open its NICs' host ends (taps), after removing what an
+        earlier crash may have left on the host (and saying what)."""
+        if not self.config.networks:
+            return
+        store = NetworkStore(self.instance.root.parent / "networks")
+        cleaned = await asyncio.to_thread(store.sweep)
+        for item in cleaned:
+            log.warning("removed a leftover: %s", item)
+            emit({"note": f"removed a leftover: {item}"})
+        self.vm.nics = await asyncio.to_thread(store.attach, self.instance.dir, self.config.name,
+                                               self.config.networks)
+
+    async def _start_forwards(self) -> None:
+        net = self.config.network
+        if net is None or net.mode != "none" or not self.config.networks:
+            return
+        address = self.config.networks[0].address
+        if address is None:
+            return
+        self.forwarder = Forwarder(address)
+        for fwd in net.forwards:
+            await self.forwarder.add(fwd)
 
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
@@ -526,6 +557,16 @@ class Supervisor:
         if not port_is_free(fwd.host_addr, fwd.host_port, fwd.protocol):
             raise ConfigError.single("host_port", f"host port {fwd.host_addr}:{fwd.host_port}/{fwd.protocol} "
                                      "is already taken on this host: pick a free port")
+        if self.config.user_nic is None:  # on a vmkit network: forwarded here, to the guest's address
+            if self.forwarder is None:
+                address = self.config.networks[0].address if self.config.networks else None
+                if address is None:
+                    raise ConfigError.single("network", "this machine has no address to forward to: "
+                                             "join a vmkit network (--network NAME)")
+                self.forwarder = Forwarder(address)
+            with self.ops.shared("add a port forward", "adding a port forward"):
+                await self.forwarder.add(fwd)
+            return web.json_response({"forward": str(fwd)})
         rule = f"{fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
         with self.ops.shared("add a port forward", "adding a port forward"):
             reply = await self.vm.execute("human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"})

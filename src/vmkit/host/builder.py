@@ -43,6 +43,8 @@ class CreateOptions:
     """cgroup limits by field (``cpu_max``: ``"50"``, ``memory_max``: ``"1G"``), as ``vmkit set`` takes them."""
     balloon_min: str | None = None  # automatic ballooning: the least usable memory (a size)
     balloon_shares: int | None = None
+    networks: list[str] = field(default_factory=list)
+    """``--network NAME[,model=MODEL][,mac=MAC]`` (repeatable); ``user`` is QEMU's user-mode NAT."""
 
 
 def disk_size_option(opts: CreateOptions) -> str | None:
@@ -120,6 +122,25 @@ def parse_mount(spec: str) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown mount option {opt!r}: use type=, tag= or cache=")
     return share
+
+
+NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
+
+
+def parse_network(spec: str) -> dict[str, Any]:
+    """``NAME[,model=MODEL][,mac=MAC]`` -> ``{"network": NAME, ...}`` (``user``: the user-mode NIC)."""
+    name, *opts = spec.split(",")
+    out: dict[str, Any] = {"network": name}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("model", "mac"):
+            raise ValueError(f"{opt!r} in {spec!r} is not a NIC option: use NAME[,model=MODEL][,mac=MAC]")
+        if key == "model" and value not in NIC_MODELS:
+            raise ValueError(f"{value!r} is not a NIC model: use one of {', '.join(NIC_MODELS)}")
+        out[key] = value
+    if not name:
+        raise ValueError(f"{spec!r} names no network: use NAME[,model=MODEL] (see `vmkit network list`)")
+    return out
 
 
 def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:
@@ -239,6 +260,26 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
     data["storage"] = storage
 
     network = dict(data.get("network") or {"mode": "user"}) if data.get("network", {}) is not None else None
+    if opts.networks:
+        nics: list[dict[str, Any]] = []
+        user: dict[str, Any] | None = None
+        for spec in opts.networks:
+            try:
+                nic = parse_network(spec)
+            except ValueError as exc:
+                problems.append(Problem("--network", str(exc)))
+                continue
+            if nic["network"] == "user":
+                user = nic
+            else:
+                nics.append(nic)
+        data["networks"] = [*(data.get("networks") or []), *nics]
+        network = dict(network or {})
+        if user is not None:
+            network["mode"] = "user"
+            network.update({k: v for k, v in user.items() if k != "network"})
+        else:
+            network["mode"] = "none"  # only vmkit networks: forwards go to the machine's address there
     if network is not None:
         forwards = list(network.get("forwards") or [])
         for spec in opts.ports:

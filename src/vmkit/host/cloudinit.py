@@ -134,6 +134,7 @@ class SeedSpec:
     extra_user_data: str | Mapping[str, Any] | None = None
     mounts: tuple[FstabEntry, ...] = ()  # shared folders mounted at every boot
     uid: int | None = None  # the user's uid; None: the first free one (1000)
+    resolv_conf: str | None = None  # /etc/resolv.conf written at every boot (machines on vmkit networks)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,9 @@ def render_seed(spec: SeedSpec) -> SeedFiles:
     _check(spec)
     cfg = base_user_data(hostname=spec.hostname, user=spec.user, authorized_keys=spec.authorized_keys,
                          host_keys=spec.host_keys, mounts=spec.mounts, uid=spec.uid)
+    if spec.resolv_conf is not None:  # the image's resolv.conf names QEMU's user-mode DNS
+        cfg["bootcmd"] = [["sh", "-c", 'printf "%s" "$1" > /etc/resolv.conf', "vmkit-resolv", spec.resolv_conf],
+                          *cfg.get("bootcmd", [])]
     parts: list[tuple[str, str]] = []
     if spec.extra_user_data is not None:
         extra, parts = parse_extra_user_data(spec.extra_user_data)

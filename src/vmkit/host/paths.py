@@ -86,6 +86,13 @@ def instances_dir() -> Path:
     return _checked(base / "instances", home, "the vmkit instances directory")
 
 
+def networks_dir() -> Path:
+    """Where vmkit network definitions live (``networks/NAME/``), beside the instances."""
+    home = _home()
+    base = home if home else _xdg("data")
+    return _checked(base / "networks", home, "the vmkit networks directory")
+
+
 def image_cache_dir() -> Path:
     override = os.environ.get("VMKIT_IMAGE_CACHE")
     if override:

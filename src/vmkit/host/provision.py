@@ -51,6 +51,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class CloudOptions:
     disk_size: str | None = None
     user_data: str | None = None  # extra user-data (merged into vmkit's)
+    resolv_conf: str | None = None  # the guest's /etc/resolv.conf (machines on vmkit networks: their DNS)
 
 
 def config_additions(instance_dir: Path, image: Image, *, ssh_port: int) -> dict[str, Any]:
@@ -161,6 +162,7 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
         instance_id=instance_id, hostname=config.name, authorized_keys=(user_key.public_openssh,),
         host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
         extra_user_data=options.user_data, mounts=boot_mounts(config), uid=guest_uid(),
+        resolv_conf=options.resolv_conf,
     ))
     write_ssh_config(instance_dir, config.name, port)
 
@@ -214,8 +216,8 @@ def is_cloud_instance(instance_dir: Path) -> bool:
     return (instance_dir / "ssh_config").exists() and (instance_dir / SEED).exists()
 
 
-def reidentify(instance_dir: Path, config: MachineConfig) -> None:
+def reidentify(instance_dir: Path, config: MachineConfig, *, resolv_conf: str | None = None) -> None:
     """A clone's own identity: new instance-id, user and host keys, seed (same extra user-data)."""
     extra = instance_dir / EXTRA_USER_DATA
-    options = CloudOptions(user_data=extra.read_text() if extra.exists() else None)
+    options = CloudOptions(user_data=extra.read_text() if extra.exists() else None, resolv_conf=resolv_conf)
     write_identity(instance_dir, config, options, new_instance_id())

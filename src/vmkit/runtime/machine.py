@@ -42,7 +42,7 @@ from vmkit.runtime.hotplug import HotDisk
 from vmkit.runtime.nbdwatch import NbdWatcher
 from vmkit.runtime.proc import owned
 from vmkit.runtime.qemu import accel as accel_mod
-from vmkit.runtime.qemu.cmdline import AGENT_PORT_ID, Runtime, build_argv
+from vmkit.runtime.qemu.cmdline import AGENT_PORT_ID, NicBackend, Runtime, build_argv
 from vmkit.runtime.qemu.monitor import Monitor
 from vmkit.runtime.serial import SerialConsole
 from vmkit.runtime.sshfs import SshfsMounts
@@ -139,6 +139,9 @@ class VirtualMachine:
         """The one connection to the guest agent, shared by every caller (see vmkit.runtime.guest.channel)."""
         self._agent_port_open = asyncio.Event()  # VSERPORT_CHANGE: the guest opened the agent's port
         self.sshfs = SshfsMounts(config, workdir, self._emit, self._gone_or_stopping)
+        self.nics: tuple[NicBackend, ...] = ()
+        """How each ``config.networks`` NIC reaches its network (the supervisor opens the taps
+        before the start; QEMU gets the tap file descriptors)."""
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -268,7 +271,8 @@ class VirtualMachine:
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
-                          pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type)
+                          pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type,
+                          nics=self.nics)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]
@@ -280,7 +284,9 @@ class VirtualMachine:
                 try:
                     self._proc = await asyncio.create_subprocess_exec(
                         *owned(argv), stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                        pass_fds=(qmp_child.fileno(), ser_child.fileno()), start_new_session=True,
+                        pass_fds=(qmp_child.fileno(), ser_child.fileno(),
+                                  *(n.tap_fd for n in self.nics if n.tap_fd is not None)),
+                        start_new_session=True,
                     )
                 except FileNotFoundError:
                     raise QemuError(f"{argv[0]} is not installed",

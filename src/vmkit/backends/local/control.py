@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from vmkit.api import SupervisorClient, models
 from vmkit.api.transport import SupervisorGone
+from vmkit.backends.local import networks
 from vmkit.backends.local.listing import BROKEN as BROKEN  # re-exported: the operations on instances, in one place
 from vmkit.backends.local.listing import inspect as inspect
 from vmkit.backends.local.listing import list_instances as list_instances
@@ -45,6 +46,7 @@ from vmkit.config import (
     validate_name,
 )
 from vmkit.errors import (
+    AlreadyExistsError,
     ConfigError,
     NotFoundError,
     Problem,
@@ -84,9 +86,18 @@ InstanceView = models.InstanceRow  # one row of ``vmkit list`` (see .listing: BR
 
 
 def create(config: MachineConfig) -> Instance:
-    """Validate ``config`` (every problem at once) and create its instance directory."""
+    """Validate ``config`` (every problem at once) and create its instance directory (joining its
+    vmkit networks: a MAC and an address on each)."""
     config.ensure_valid(host=True)
-    return Instance.create(config)
+    if Instance(config.name).exists():
+        raise AlreadyExistsError("instance", config.name, hint=f"delete it first: vmkit delete {config.name}")
+    joined = networks.join_all(config)
+    try:
+        return Instance.create(joined)
+    except BaseException:
+        if joined.networks:
+            networks.leave_all(joined)
+        raise
 
 
 def create_from_options(opts: CreateOptions) -> Instance:
@@ -103,14 +114,29 @@ def create_from_options(opts: CreateOptions) -> Instance:
         except OSError as exc:
             raise ConfigError.single("--user-data", f"{opts.user_data}: {exc.strerror}") from None
     config.ensure_valid(host=False)
-    inst = Instance.create(config)
+    if Instance(config.name).exists():
+        raise AlreadyExistsError("instance", config.name, hint=f"delete it first: vmkit delete {config.name}")
+    config = networks.join_all(config)
     try:
-        provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data))
+        inst = Instance.create(config)
+    except BaseException:
+        networks.leave_all(config)
+        raise
+    try:
+        provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data,
+                                                        resolv_conf=networks.resolv_conf(config)))
         config.ensure_valid(host=True)
     except BaseException:
         shutil.rmtree(inst.dir, ignore_errors=True)
+        networks.leave_all(config)
         raise
     return inst
+
+
+def delete_network(name: str, *, force: bool = False) -> models.NetworkDeleted:
+    """``vmkit network delete``: refused while machines on it run, unless ``force`` (they are stopped hard)."""
+    removed = networks.delete(name, force=force, stop=lambda machine: stop(machine, force=True))
+    return models.NetworkDeleted(name=name, removed=removed)
 
 
 def get(name: str) -> Instance:
@@ -151,6 +177,12 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         if on_message is not None:
             on_message({"note": moved})
     config.ensure_valid(host=True)
+    if config.networks:
+        networks.check_can_start(config)
+        joined = networks.join_all(config)  # a vm.yaml written by hand, or a home where the network is new
+        if joined != config:
+            inst.save_config(joined)
+            config = joined
     accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
     limit = timeout if timeout is not None else config.readiness.timeout + 30
     lock_fd = inst.open_lock()
@@ -320,7 +352,13 @@ def delete(name: str, *, force: bool = False) -> None:
     inst = get(name)
     if force and inst.is_supervised():
         stop(name, force=True)
+    try:
+        config: MachineConfig | None = inst.load_config()
+    except VmkitError:
+        config = None
     inst.delete()
+    if config is not None and config.networks:
+        networks.leave_all(config)
 
 
 def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
@@ -689,9 +727,17 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
             else:
                 notes.append(f"port forward {fwd} not copied (the host port belongs to {src})")
         network = network.model_copy(update={"mac": random_mac(), "forwards": tuple(kept)})
+    fresh_nics = tuple(n.model_copy(update={"mac": None, "address": None}) for n in config.networks)
     new_config = config.model_copy(update={"name": validate_name(dst), "storage": tuple(storage),
-                                           "network": network})
-    inst = Instance.create(new_config)
+                                           "network": network, "networks": fresh_nics})
+    if Instance(dst).exists():
+        raise AlreadyExistsError("instance", dst, hint=f"delete it first: vmkit delete {dst}")
+    new_config = networks.join_all(new_config)  # the clone's own MAC and address on each network
+    try:
+        inst = Instance.create(new_config)
+    except BaseException:
+        networks.leave_all(new_config)
+        raise
     try:
         for a, b in copies:
             b.parent.mkdir(parents=True, exist_ok=True)
@@ -700,10 +746,11 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
             extra = source.dir / EXTRA_USER_DATA
             if extra.exists():
                 shutil.copy2(extra, inst.dir / EXTRA_USER_DATA)
-            reidentify(inst.dir, new_config)
+            reidentify(inst.dir, new_config, resolv_conf=networks.resolv_conf(new_config))
         new_config.ensure_valid(host=True)
     except BaseException:
         shutil.rmtree(inst.dir, ignore_errors=True)
+        networks.leave_all(new_config)
         raise
     return inst, notes
 

@@ -61,10 +61,12 @@ class Row(TypedDict):
     accel: str | None
     uptime: float | None
     reason: str
+    addresses: dict[str, str]
 
 
 class _Cache:
-    """``.list-cache.json``: {name: {"stat": [ino, size, mtime_ns], "cpus": int, "memory": str}}."""
+    """``.list-cache.json``: {name: {"stat": [ino, size, mtime_ns], "cpus": int, "memory": str,
+    "addresses": {network: address}}}."""
 
     def __init__(self, base: Path) -> None:
         self.path = base / CACHE_NAME
@@ -75,19 +77,20 @@ class _Cache:
             if isinstance(data, dict):
                 self.entries = data
 
-    def get(self, name: str, key: list[int]) -> tuple[int, str] | None:
+    def get(self, name: str, key: list[int]) -> tuple[int, str, dict[str, str]] | None:
         entry = self.entries.get(name)
         if not isinstance(entry, dict) or entry.get("stat") != key:
             return None
-        cpus, memory = entry.get("cpus"), entry.get("memory")
-        if type(cpus) is not int or not isinstance(memory, str):
+        cpus, memory, addresses = entry.get("cpus"), entry.get("memory"), entry.get("addresses")
+        if type(cpus) is not int or not isinstance(memory, str) or not isinstance(addresses, dict) \
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in addresses.items()):
             return None
-        return cpus, memory
+        return cpus, memory, addresses
 
-    def put(self, name: str, key: list[int], cpus: int, memory: str) -> None:
+    def put(self, name: str, key: list[int], cpus: int, memory: str, addresses: dict[str, str]) -> None:
         if time.time_ns() - key[2] < _SETTLE_NS:
             return
-        self.entries[name] = {"stat": key, "cpus": cpus, "memory": memory}
+        self.entries[name] = {"stat": key, "cpus": cpus, "memory": memory, "addresses": addresses}
         self.changed = True
 
     def save(self, names: set[str]) -> None:
@@ -115,7 +118,8 @@ def _stat_key(path: Path) -> list[int]:
 
 
 def _row(name: str, *, state: str, live: bool, saved: bool, degraded: str | None, accel: str | None,
-         started_at: float | None, reason: str, cpus: int | None, memory: str | None) -> Row:
+         started_at: float | None, reason: str, cpus: int | None, memory: str | None,
+         addresses: dict[str, str]) -> Row:
     return Row(
         name=name,
         state="saved" if saved else state,
@@ -124,6 +128,7 @@ def _row(name: str, *, state: str, live: bool, saved: bool, degraded: str | None
         accel=accel if live else None,
         uptime=(time.time() - started_at) if live and started_at else None,
         reason=reason,
+        addresses=addresses,
     )
 
 
@@ -159,7 +164,7 @@ def _quick(d: Path, config_key: list[int], cache: _Cache) -> Row | None:
         return None
     return _row(d.name, state=state, live=live, saved=not live and (d / "saved.vmstate").exists(),
                 degraded=degraded, accel=accel, started_at=started_at, reason=reason,
-                cpus=known[0], memory=known[1])
+                cpus=known[0], memory=known[1], addresses=known[2])
 
 
 def _full(inst: Instance, cache: _Cache | None = None) -> Row:
@@ -171,18 +176,19 @@ def _full(inst: Instance, cache: _Cache | None = None) -> Row:
     key = _stat_key(inst.config_path)  # before reading: a change after it shows as a different key
     config = inst.load_config()
     memory = format_size(config.memory)
+    addresses = {n.network: n.address for n in config.networks if n.address}
     if cache is not None:
-        cache.put(inst.name, key, config.cpus, memory)
+        cache.put(inst.name, key, config.cpus, memory, addresses)
     live = status.state in _LIVE and inst.is_supervised()
     return _row(inst.name, state=status.state, live=live, saved=not live and inst.saved_state_path.exists(),
                 degraded=status.degraded, accel=status.accel, started_at=status.started_at, reason=status.reason,
-                cpus=config.cpus, memory=memory)
+                cpus=config.cpus, memory=memory, addresses=addresses)
 
 
 def _broken(name: str, exc: Exception) -> Row:
     reason = exc.message if isinstance(exc, VmkitError) else str(exc)
     return Row(name=name, state=BROKEN, health="ok", cpus=None, memory=None, accel=None, uptime=None,
-               reason=" ".join(reason.split()))
+               reason=" ".join(reason.split()), addresses={})
 
 
 def rows() -> list[Row]:
@@ -252,5 +258,6 @@ def inspect(name: str) -> dict[str, Any]:
         "name": name,
         "directory": str(inst.dir),
         "config": config.to_dict(),
+        "addresses": {n.network: n.address for n in config.networks if n.address},
         "runtime": {**status.to_dict(), "supervised": inst.is_supervised()},
     }

@@ -12,10 +12,30 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmkit.config import Attachment, DiskImage, MachineConfig, NbdAttachment, Network, StorageDevice, parse_nbd_url
+from vmkit.config import (
+    Attachment,
+    DiskImage,
+    MachineConfig,
+    NbdAttachment,
+    Network,
+    NetworkInterface,
+    StorageDevice,
+    parse_nbd_url,
+)
 from vmkit.runtime.qemu.accel import AccelChoice
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
+
+
+@dataclass(frozen=True)
+class NicBackend:
+    """How one vmkit-network NIC reaches its network: a tap device QEMU gets as an open file
+    descriptor (``tap_fd``), or, rootless, a unix datagram socket pair with the network's switch
+    (``local`` is this NIC's socket, ``remote`` the switch's)."""
+
+    tap_fd: int | None = None
+    local: Path | None = None
+    remote: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +50,8 @@ class Runtime:
     serial_fd: int
     pidfile: Path | None = None
     share_dir: Path | None = None  # where the virtiofs vhost-user sockets live (the instance dir)
+    nics: tuple[NicBackend, ...] = ()
+    """One per ``config.networks`` entry, in order (the supervisor opens the taps)."""
     machine_type: str | None = None
     """A versioned machine type to run instead of the configuration's alias (``pc-q35-7.1`` for
     ``q35``): a restore runs the type the state was saved with, as libvirt pins it."""
@@ -255,13 +277,33 @@ def agent_args(runtime: Runtime) -> list[str]:
             "-device", f"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id={AGENT_PORT_ID}"]
 
 
+NIC_DRIVER = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139"}
+"""QEMU's device for each NIC model."""
+
+
 def network_args(net: Network) -> list[str]:
+    """The user-mode NAT NIC (``net0``, where ``hostfwd_add`` adds forwards)."""
     netdev = "user,id=net0"
     for fwd in net.forwards:
         netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
-    device = "virtio-net-pci,netdev=net0,id=net0-dev"
+    device = f"{NIC_DRIVER[net.model]},netdev=net0,id=net0-dev"
     if net.mac:
         device += f",mac={net.mac}"
+    return ["-netdev", netdev, "-device", device]
+
+
+def nic_args(index: int, iface: NetworkInterface, backend: NicBackend) -> list[str]:
+    """One NIC on a vmkit network: ``vnetN`` on a tap (an fd) or, rootless, a datagram socket."""
+    nid = f"vnet{index}"
+    if backend.local is not None and backend.remote is not None:
+        netdev = (f"dgram,id={nid},local.type=unix,local.path={opt_escape(str(backend.local))},"
+                  f"remote.type=unix,remote.path={opt_escape(str(backend.remote))}")
+    else:
+        # no vhost: vhost-net needs KVM's ioeventfds; under TCG QEMU's own backend carries the frames
+        netdev = f"tap,id={nid},fd={backend.tap_fd if backend.tap_fd is not None else -1}"
+    device = f"{NIC_DRIVER[iface.model]},netdev={nid},id={nid}-dev"
+    if iface.mac:
+        device += f",mac={iface.mac}"
     return ["-netdev", netdev, "-device", device]
 
 
@@ -296,8 +338,10 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     for i, dev in enumerate(config.storage):
         argv += storage_args(i, dev, queues=config.cpu_ceiling)
     argv += share_args(config, runtime)
-    if config.network is not None:
-        argv += network_args(config.network)
+    if config.user_nic is not None:
+        argv += network_args(config.user_nic)
+    for i, iface in enumerate(config.networks):
+        argv += nic_args(i, iface, runtime.nics[i] if i < len(runtime.nics) else NicBackend())
     if config.agent:
         argv += agent_args(runtime)
     if config.entropy:
