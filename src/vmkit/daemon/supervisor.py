@@ -21,6 +21,9 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     DELETE /v1/disks/ID       detach a hot-plugged disk
     POST /v1/balloon          {"target": bytes}  move the guest's usable memory (memory balloon)
     GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM) and CPU use now
+    GET  /v1/screenshot       the screen as PNG          POST /v1/keys | /v1/type   key presses, typed text
+    GET|POST /v1/display      the display's size; ask for another one
+    POST /v1/web-console      serve the web console on a loopback port; a one-time URL (vmkit.daemon.webconsole)
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
 
@@ -56,7 +59,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from vmkit.api import models, spec
-from vmkit.config import PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.config import Display, PortForward, StorageDevice, port_is_free, validate_model
 from vmkit.daemon.state_routes import (
     OperationGate,
     StartPlan,
@@ -66,10 +69,11 @@ from vmkit.daemon.state_routes import (
     start_from_plan,
     unexpected_error,
 )
+from vmkit.daemon.webconsole import Actions, WebConsole
 from vmkit.errors import ConfigError, ExitCode, NotFoundError, QemuError, StateError, VmkitError, error_fields
 from vmkit.host import ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
-from vmkit.runtime import balloon, hotplug
+from vmkit.runtime import balloon, display, hotplug
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.execute import guest_exec
@@ -104,6 +108,7 @@ class Supervisor:
         self.instance = instance
         self._start: asyncio.Task[None] | None = None
         self._start_outcome: asyncio.Future[int | None] | None = None
+        self._start_requested = asyncio.Event()
         """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
         self.exit_reason: str | None = None  # why QEMU was stopped on purpose (e.g. "state saved to ...")
         self.config = instance.load_config()
@@ -114,6 +119,10 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self.web = WebConsole(self.config.name, Actions(
+            serial_add_listener=self.vm.serial.add_listener, serial_write=self.vm.serial.write,
+            serial_log=instance.serial_log, vnc_socket=instance.dir / display.VNC_SOCKET_NAME,
+            keys=self._send_keys, type_text=self._type_text, screenshot=self._screenshot))
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -147,8 +156,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
-        try:
-            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+        try:  # the wait is for the request; the start itself takes what it takes (its own timeout)
+            await asyncio.wait_for(self._start_requested.wait(), START_REQUEST_WAIT)
+            failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
             log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
             failed = int(ExitCode.TIMEOUT)
@@ -207,6 +217,7 @@ class Supervisor:
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
             self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+            self._start_requested.set()
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
@@ -216,6 +227,7 @@ class Supervisor:
             raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        self._start_requested.set()
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         shown = ""
@@ -261,6 +273,12 @@ class Supervisor:
             web.delete("/v1/disks/{id}", self._h_disk_detach),
             web.post("/v1/balloon", self._h_balloon),
             web.get("/v1/stats", self._h_stats),
+            web.get("/v1/screenshot", self._h_screenshot),
+            web.post("/v1/keys", self._h_keys),
+            web.post("/v1/type", self._h_type),
+            web.get("/v1/display", self._h_display),
+            web.post("/v1/display", self._h_resize_display),
+            web.post("/v1/web-console", self._h_web_console),
             *StateRoutes(self).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -304,6 +322,7 @@ class Supervisor:
             writer.close()
 
     async def _stop_api(self) -> None:
+        await self.web.close()
         if self._console_server is not None:
             self._console_server.close()
             self._console_server = None
@@ -482,6 +501,63 @@ class Supervisor:
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
             ksm_shared_bytes=ksm.shared_bytes(), vcpus=self.config.cpus, cpu_percent=await self._cpu.percent(pid))
         return web.json_response(stats.model_dump(mode="json"))
+
+    # -- screen and keyboard ----------------------------------------------------------------------
+    def _display(self, operation: str, *allowed: VmState) -> tuple[Display, Path]:
+        """The display's configuration and VNC socket, if the machine has one and is in ``allowed``."""
+        if self.config.display is None:
+            raise ConfigError.single("display", f"{self.config.name} has no display: add one with `vmkit create "
+                                     "--display` (or display: in vm.yaml) and start the machine again")
+        allowed = allowed or (VmState.RUNNING, VmState.PAUSED)
+        if self.vm.state not in allowed:
+            raise StateError(operation, self.vm.state.value, [s.value for s in allowed])
+        return self.config.display, self.instance.dir / display.VNC_SOCKET_NAME
+
+    async def _screenshot(self) -> bytes:
+        self._display("take a screenshot")
+        return await display.screenshot(self.vm, self.instance.dir)
+
+    async def _send_keys(self, req: models.KeysRequest) -> models.KeysSent:
+        self._display("press keys", VmState.RUNNING)
+        presses = [display.parse_combo(k, field=f"keys[{i}]") for i, k in enumerate(req.keys)]
+        return models.KeysSent(presses=await display.send_presses(self.vm, presses, req.hold_ms))
+
+    async def _type_text(self, req: models.TypeRequest) -> models.KeysSent:
+        self._display("type text", VmState.RUNNING)
+        presses = display.text_keys(req.text)
+        return models.KeysSent(presses=await display.send_presses(self.vm, presses, req.hold_ms))
+
+    async def _h_screenshot(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self._screenshot(), content_type="image/png")
+
+    async def _h_keys(self, request: web.Request) -> web.Response:
+        sent = await self._send_keys(await body_as(request, models.KeysRequest))
+        return web.json_response(sent.model_dump(mode="json"))
+
+    async def _h_type(self, request: web.Request) -> web.Response:
+        sent = await self._type_text(await body_as(request, models.TypeRequest))
+        return web.json_response(sent.model_dump(mode="json"))
+
+    async def _h_display(self, request: web.Request) -> web.Response:
+        conf, sock = self._display("read the display's size")
+        width, height = await display.desktop_size(sock)
+        info = models.DisplayInfo(type=conf.type, width=width, height=height, boot_width=conf.width,
+                                  boot_height=conf.height)
+        return web.json_response(info.model_dump(mode="json"))
+
+    async def _h_resize_display(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.DisplayResize)
+        _, sock = self._display("resize the display", VmState.RUNNING)
+        width, height = await display.set_desktop_size(sock, body.width, body.height, timeout=body.timeout)
+        result = models.DisplayResized(width=width, height=height, requested_width=body.width,
+                                       requested_height=body.height,
+                                       reached=(width, height) == (body.width, body.height))
+        return web.json_response(result.model_dump(mode="json"))
+
+    async def _h_web_console(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.WebConsoleRequest)
+        self._display("open the web console")
+        return web.json_response((await self.web.url(body.port)).model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY)

@@ -161,6 +161,7 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
         instance_id=instance_id, hostname=config.name, authorized_keys=(user_key.public_openssh,),
         host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
         extra_user_data=options.user_data, mounts=boot_mounts(config), uid=guest_uid(),
+        login_screen=config.display is not None,
     ))
     write_ssh_config(instance_dir, config.name, port)
 
