@@ -120,6 +120,7 @@ class WebConsole:
             web.post("/api/keys", self._h_keys),
             web.post("/api/type", self._h_type),
             web.get("/api/screenshot.png", self._h_screenshot),
+            web.get("/favicon.ico", self._h_no_icon),
         ])
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -285,6 +286,9 @@ class WebConsole:
     async def _h_type(self, request: web.Request) -> web.StreamResponse:
         sent = await self.actions.type_text(await self._body(request, models.TypeRequest))
         return web.json_response(sent.model_dump(mode="json"))
+
+    async def _h_no_icon(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
 
     async def _h_screenshot(self, request: web.Request) -> web.StreamResponse:
         png = await self.actions.screenshot()

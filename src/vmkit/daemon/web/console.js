@@ -40,7 +40,7 @@ async function post(path, body) {
   return resp.ok;
 }
 
-window.addEventListener("DOMContentLoaded", () => {
+function start() {
   const term = new Terminal({ scrollback: 5000, fontSize: 13, convertEol: false });
   const fit = new FitAddon.FitAddon();
   term.loadAddon(fit);
@@ -68,4 +68,6 @@ window.addEventListener("DOMContentLoaded", () => {
     a.click();
     a.remove();
   });
-});
+}
+
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start); else start();
