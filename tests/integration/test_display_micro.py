@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,11 @@ import aiohttp
 import pytest
 from PIL import Image as PilImage
 
+from browser import CANVAS_STATS, CHROMIUM, HAVE_CHROMIUM, SERIAL_TEXT, assert_same_picture, png_stats
 from conftest import image_cache_dir, processes_mentioning, vmkit
 from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,8 @@ async def _door_checks(url: str) -> None:
             assert "scr" in await r.text()
         async with s.get(base + "/assets/vendor/novnc/core/rfb.js") as r:
             assert r.status == 200 and r.content_type == "text/javascript"
-        for sneaky in ("/assets/../webconsole.py", "/assets/vendor/../../webconsole.py", "/assets/%2e%2e/webconsole.py"):
+        for sneaky in ("/assets/../webconsole.py", "/assets/vendor/../../webconsole.py",
+                       "/assets/%2e%2e/webconsole.py"):
             async with s.get(base + sneaky) as r:
                 assert r.status in (403, 404), sneaky
         # another Host (DNS rebinding) and another Origin are refused, on the page and the sockets
@@ -171,7 +170,7 @@ def test_web_console_door(micro_screen: Path) -> None:
     assert not [a for a in listening if a.endswith(f":{port:04X}") and a != f"0100007F:{port:04X}"]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (scripts/install.sh)")
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason="Debian's chromium is not installed (scripts/install.sh)")
 def test_the_page_shows_the_screen_in_chromium(micro_screen: Path, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -186,23 +185,11 @@ def test_the_page_shows_the_screen_in_chromium(micro_screen: Path, tmp_path: Pat
             page.wait_for_function("window.vmkit.serialBytes > 0", timeout=30_000)
             page.wait_for_timeout(1500)  # the first full update
             vmkit("screenshot", "scr", str(shot))
-            canvas = page.evaluate("""() => {
-                const c = document.querySelector('#screen canvas');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let lit = 0, sum = 0;
-                for (let i = 0; i < d.length; i += 4) { const l = (d[i] + d[i+1] + d[i+2]) / 3; sum += l; if (l > 64) lit++; }
-                return {w: c.width, h: c.height, lit: lit, mean: sum / (d.length / 4)};
-            }""")
-            serial = page.evaluate("""() => { const b = window.vmkit.term.buffer.active; let t = '';
-                for (let i = 0; i < b.length; i++) t += b.getLine(i).translateToString(true) + '\\n'; return t; }""")
+            canvas = page.evaluate(CANVAS_STATS)
+            serial = page.evaluate(SERIAL_TEXT)
         finally:
             browser.close()
-    with PilImage.open(shot) as img:
-        gray = img.convert("L")
-    hist = gray.histogram()
-    assert (canvas["w"], canvas["h"]) == gray.size == (720, 400)  # text mode cannot resize: shown as it is
-    lit = sum(hist[65:])
-    assert lit > 0
-    assert abs(canvas["lit"] - lit) <= max(50, lit * 0.05), (canvas["lit"], lit)
-    assert abs(canvas["mean"] - sum(i * n for i, n in enumerate(hist)) / sum(hist)) < 3
+    dump = png_stats(shot)
+    assert (dump["w"], dump["h"]) == (720, 400)  # text mode cannot resize: the page shows it as it is
+    assert_same_picture(canvas, dump)
     assert "VMKIT-READY" in serial  # the serial pane shows the boot
