@@ -196,3 +196,15 @@ async def test_rfb_refusal_and_no_server(sockdir: Path) -> None:
             await display.set_desktop_size(sock, 1024, 768, timeout=5)
     with pytest.raises(QemuError, match="does not answer"):
         await display.desktop_size(sockdir / "none.sock")
+
+
+def test_saved_states_know_the_display() -> None:
+    from vmkit.runtime.qemu.accel import AccelChoice
+    from vmkit.state.savestate import config_digest, machine_fields
+
+    tcg = AccelChoice("tcg", "t")
+    headless = machine_fields(config(), tcg)
+    assert "display" not in headless  # states saved before displays existed stay valid
+    with_screen = machine_fields(config(display={"width": 1024, "height": 768}), tcg)
+    assert with_screen["display"] == {"type": "virtio-vga", "width": 1024, "height": 768}
+    assert config_digest(with_screen) != config_digest(headless)

@@ -39,7 +39,8 @@ initrd and command line: a guest that reboots after a restore must boot what it 
 the storage devices without their paths (kind, format, read-only, cache mode, serial: disks may
 move, their identities are checked separately), the shared-folder devices (type and tag; not the
 host folder), the guest agent channel, the hot-plug ports and USB controller, whether there is a NIC and its MAC, and
-whether there is a virtio-rng and a virtio-balloon. Left out on purpose: the name, port forwards (host side
+whether there is a virtio-rng and a virtio-balloon, and the display (device and boot-time size; the
+field is there only for a machine with a display). Left out on purpose: the name, port forwards (host side
 only), mem-merge (host side only), serial logging, readiness and the image name. The fields themselves are stored in the
 header too (``machine``; not authenticated by themselves, but checked against the authenticated digest
 before use) so that a mismatch can name the field that changed.
@@ -187,7 +188,7 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         att = {k: v for k, v in dict(dev.get("attachment") or {}).items() if k != "path"}
         storage.append({**dev, "attachment": att})
     net = data.get("network")
-    return {
+    fields: dict[str, Any] = {
         "cpus": data["cpus"],
         "memory": data["memory"],
         "arch": data["arch"],
@@ -205,6 +206,9 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         "entropy": data["entropy"],
         "balloon": data["balloon"],  # the virtio-balloon device (mem-merge is host-side only: left out)
     }
+    if config.display is not None:  # only when there is one: headless machines' saved states stay valid
+        fields["display"] = data["display"]
+    return fields
 
 
 def _canonical(obj: Any) -> bytes:
