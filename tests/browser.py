@@ -25,8 +25,12 @@ CANVAS_STATS = """() => {
 """The canvas's size, its pixels brighter than 64 and its mean brightness (0-255)."""
 
 SERIAL_TEXT = """() => { const b = window.vmkit.term.buffer.active; let t = '';
-    for (let i = 0; i < b.length; i++) t += b.getLine(i).translateToString(true) + '\\n'; return t; }"""
-"""The serial pane's text (xterm.js's buffer, scrollback included)."""
+    for (let i = 0; i < b.length; i++) {
+        const line = b.getLine(i);
+        t += (line.isWrapped ? '' : '\\n') + line.translateToString(true);
+    }
+    return t; }"""
+"""The serial pane's text (xterm.js's buffer, scrollback included; wrapped lines joined)."""
 
 CANVAS_SIZE = "() => { const c = document.querySelector('#screen canvas'); return c ? [c.width, c.height] : null; }"
 

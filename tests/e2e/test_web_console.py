@@ -73,9 +73,12 @@ def test_cli_screen_login_prompt_and_sizes(desk: Path, tmp_path: Path) -> None:
     small = shot(tmp_path, "small")
     assert (small["w"], small["h"]) == (1024, 768)
     # Linux's fbdev console cannot grow past its boot-time framebuffer: the guest caps the request
-    out = vmkit("display", NAME, "--size", "1600x1000").stdout
-    assert "1280x800" in out and "asked for 1600x1000" in " ".join(out.split())
-    assert (shot(tmp_path, "capped")["w"], shot(tmp_path, "capped2")["h"]) == (1280, 800)
+    capped = json.loads(vmkit("display", NAME, "--size", "1600x1000", "--json").stdout)
+    assert not capped["reached"] and capped["width"] <= 1280 and capped["height"] <= 800, capped
+    dump = shot(tmp_path, "capped")
+    assert (dump["w"], dump["h"]) == (capped["width"], capped["height"])
+    out = vmkit("display", NAME, "--size", "1280x800").stdout
+    assert "the display is 1280x800" in out
 
 
 def test_cli_keys_and_text_reach_a_shell_on_the_screen(desk: Path) -> None:
@@ -112,19 +115,22 @@ def test_the_web_console_in_chromium(desk: Path, tmp_path: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            context = browser.new_context(viewport={"width": 1500, "height": 900}, bypass_csp=True,
+            # the screen pane gets 3/5 of the width: 720x665 here, inside the boot-time 1280x800 (a larger
+            # request is capped by the guest to one of its modes that fits, see test_cli_screen...)
+            context = browser.new_context(viewport={"width": 1200, "height": 700}, bypass_csp=True,
                                           accept_downloads=True)
             page = context.new_page()
             _open(page, url)
             # the display followed the screen pane's size (smaller than the boot-time 1280x800)
             first = _wait_size_settled(page, tmp_path, not_size=(1280, 800))
-            assert first["w"] < 1280
+            assert first["w"] < 1280 and first["h"] < 800
             # the canvas shows what screendump shows
             page.wait_for_timeout(1500)
             canvas = page.evaluate(CANVAS_STATS)
             assert_same_picture(canvas, shot(tmp_path, "compare"))
             # the serial pane shows the boot
-            assert "cloud-init final done" in page.evaluate(SERIAL_TEXT)
+            serial = page.evaluate(SERIAL_TEXT)
+            assert "Linux version" in serial and "Cloud-init v." in serial, serial[-2000:]
 
             # keys typed in the page reach the shell on the screen
             shell_on_screen()
@@ -144,7 +150,7 @@ def test_the_web_console_in_chromium(desk: Path, tmp_path: Path) -> None:
             assert png_stats(saved)["w"] == first["w"]
 
             # the guest's display follows the browser window
-            page.set_viewport_size({"width": 1100, "height": 700})
+            page.set_viewport_size({"width": 1000, "height": 560})
             second = _wait_size_settled(page, tmp_path, not_size=(int(first["w"]), int(first["h"])))
             assert second["w"] < first["w"] and second["h"] < first["h"]
 

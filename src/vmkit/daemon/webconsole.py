@@ -171,7 +171,7 @@ class WebConsole:
             resp = await handler(request)
         except VmkitError as exc:
             return web.json_response({"error": {"type": type(exc).__name__, "message": exc.message}},
-                                     status=409 if exc.exit_code == 4 else 400)
+                                     status=_STATUS.get(int(exc.exit_code), 500))
         _harden(resp, self.port)
         return resp
 
@@ -294,6 +294,9 @@ class WebConsole:
         png = await self.actions.screenshot()
         return web.Response(body=png, content_type="image/png", headers={
             "Content-Disposition": f'attachment; filename="{self.name}-{time.strftime("%Y%m%d-%H%M%S")}.png"'})
+
+
+_STATUS = {2: 400, 3: 404, 4: 409, 8: 504}
 
 
 def _refuse(status: int, message: str) -> web.Response:
