@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from PIL import Image as PilImage
 
@@ -50,3 +51,23 @@ def assert_same_picture(canvas: dict[str, float], dump: dict[str, float]) -> Non
     assert dump["lit"] > 0, "the screen is black"
     assert abs(canvas["lit"] - dump["lit"]) <= max(50, dump["lit"] * 0.05), (canvas, dump)
     assert abs(canvas["mean"] - dump["mean"]) < 3, (canvas, dump)
+
+
+_US_SHIFTED = {"!": "Digit1", "@": "Digit2", "#": "Digit3", "$": "Digit4", "%": "Digit5", "^": "Digit6",
+               "&": "Digit7", "*": "Digit8", "(": "Digit9", ")": "Digit0", "_": "Minus", "+": "Equal",
+               "{": "BracketLeft", "}": "BracketRight", ":": "Semicolon", '"': "Quote", "~": "Backquote",
+               "|": "Backslash", "<": "Comma", ">": "Period", "?": "Slash"}
+
+
+def type_like_a_person(page: Any, text: str) -> None:
+    """Type ``text`` as a person does on a US keyboard: Shift held for capitals and symbols.
+
+    (Playwright's ``keyboard.type`` sends ``$`` as a Digit4 key without Shift; noVNC forwards the
+    physical key to QEMU, so the guest would see ``4``.)"""
+    for ch in text:
+        if ch in _US_SHIFTED:
+            page.keyboard.press(f"Shift+{_US_SHIFTED[ch]}")
+        elif "A" <= ch <= "Z":
+            page.keyboard.press(f"Shift+Key{ch}")
+        else:
+            page.keyboard.type(ch)

@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from browser import CANVAS_SIZE, CANVAS_STATS, CHROMIUM, HAVE_CHROMIUM, SERIAL_TEXT, assert_same_picture, png_stats
+from browser import (
+    CANVAS_SIZE,
+    CANVAS_STATS,
+    CHROMIUM,
+    HAVE_CHROMIUM,
+    SERIAL_TEXT,
+    assert_same_picture,
+    png_stats,
+    type_like_a_person,
+)
 from conftest import image_cache_dir, processes_mentioning, vmkit
 from vmkit.host.images.store import Image
 
@@ -135,7 +144,7 @@ def test_the_web_console_in_chromium(desk: Path, tmp_path: Path) -> None:
             # keys typed in the page reach the shell on the screen
             shell_on_screen()
             page.click("#screen canvas")
-            page.keyboard.type("echo web-typed-$((6*7)) > /dev/ttyS0")
+            type_like_a_person(page, "echo web-typed-$((6*7)) > /dev/ttyS0")
             page.keyboard.press("Enter")
             wait_console("web-typed-42")
             # the paste box types its text
