@@ -56,6 +56,8 @@ def shot(tmp_path: Path, tag: str) -> dict[str, float]:
 
 def shell_on_screen() -> None:
     """A root shell on tty1 in place of the login prompt (the test's stand-in for logging in)."""
+    if vmkit("exec", NAME, "--", "systemctl", "is-active", "vt1-shell", check=False).stdout.strip() == "active":
+        return
     vmkit("exec", NAME, "--", "systemctl", "stop", "getty@tty1.service")
     vmkit("exec", NAME, "--", "systemd-run", "--unit=vt1-shell", "-p", "TTYPath=/dev/tty1", "-p", "StandardInput=tty",
           "-p", "StandardOutput=tty", "-p", "StandardError=tty", "-p", "TTYReset=yes", "/bin/sh")
@@ -147,10 +149,14 @@ def test_the_web_console_in_chromium(desk: Path, tmp_path: Path) -> None:
             type_like_a_person(page, "echo web-typed-$((6*7)) > /dev/ttyS0")
             page.keyboard.press("Enter")
             wait_console("web-typed-42")
-            # the paste box types its text
+            # the paste box types its text, newlines included (the Type button)...
             page.fill("#paste", "echo web-pasted-$((6*7)) > /dev/ttyS0\n")
             page.click("#type")
             wait_console("web-pasted-42")
+            # ... and Enter in the box types it and presses Enter
+            page.fill("#paste", "echo web-entered-$((6*7)) > /dev/ttyS0")
+            page.press("#paste", "Enter")
+            wait_console("web-entered-42")
             # the screenshot button downloads the screen
             with page.expect_download() as download:
                 page.click("#shot")

@@ -57,9 +57,15 @@ function start() {
   setInterval(showSize, 500);
 
   $("cad").addEventListener("click", () => vmkit.rfb && vmkit.rfb.sendCtrlAltDel());
-  const typeIt = async () => { const text = $("paste").value; if (text && await post("/api/type", { text })) $("paste").value = ""; };
-  $("type").addEventListener("click", typeIt);
-  $("paste").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); typeIt(); } });
+  // the box keeps pasted newlines (each types Enter); Enter in the box types the text and then Enter
+  const typeIt = async (suffix) => {
+    const text = $("paste").value + suffix;
+    if (text && await post("/api/type", { text })) $("paste").value = "";
+  };
+  $("type").addEventListener("click", () => typeIt(""));
+  $("paste").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); typeIt("\n"); }
+  });
   $("shot").addEventListener("click", () => {
     const a = document.createElement("a");
     a.href = "/api/screenshot.png";
