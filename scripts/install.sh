@@ -12,6 +12,7 @@ APT_PACKAGES=(
   libvirt-clients                                 # virsh: benchmarks/cli_bench.py sets `vmkit list` beside `virsh list`
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   python3 python3-venv python3-pip                # vmkit itself
+  chromium                                        # the web console's tests (headless, driven by Playwright)
   ca-certificates
 )
 
@@ -42,4 +43,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+# The web console's noVNC and xterm.js: fetched from the npm registry (pinned, checksums verified)
+# into src/vmkit/daemon/web/vendor/ (not in git); a complete copy is kept
+python3 scripts/vendor_web.py
 echo "==> vmkit installed: $(.venv/bin/vmkit --help >/dev/null && echo ok) (.venv/bin/vmkit)"

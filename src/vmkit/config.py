@@ -406,6 +406,22 @@ class Serial(_Model):
         return v
 
 
+class Display(_Model):
+    """A screen and keyboard: a display device (virtio-vga: VGA text mode at boot, then the guest's
+    virtio-gpu driver; virtio-gpu: no VGA) with an EDID whose preferred mode is ``width`` x ``height``,
+    served by QEMU's VNC server on ``vnc.sock`` in the instance directory (0600, no TCP port).
+
+    ``width`` x ``height`` is the size the guest boots with, and the largest its fbdev console
+    can show later: a VNC client (``vmkit console --web``) or ``vmkit display --size`` can make the
+    display smaller and back, not larger than that (a guest with a KMS client, such as a desktop,
+    can follow further).
+    """
+
+    type: Literal["virtio-vga", "virtio-gpu"] = "virtio-vga"
+    width: Int = Field(default=1280, ge=320, le=8192)
+    height: Int = Field(default=800, ge=200, le=8192)
+
+
 class Readiness(_Model):
     """How ``start`` knows the guest is up: a line on the serial console and/or the guest agent
     answering, within a timeout."""
@@ -576,6 +592,8 @@ class MachineConfig(_Model):
                                             "balloon_min in proportion to these (0: leave this machine's balloon "
                                             "alone)")
     clock_sync: ClockSync = ClockSync()
+    display: Display | None = Field(default=None, description="a screen and keyboard (VNC on vnc.sock); "
+                                                            "none for a headless machine")
     readiness: Readiness = Readiness()
     limits: Limits = Field(default=Limits(), description="cgroup reservations and limits, CPU weight, cap and "
                                                          "pinning (`vmkit set` changes them live)")

@@ -49,6 +49,7 @@ def test_stock_argv_has_the_same_packages_and_no_boot_trims(tmp_path: Path) -> N
     # every kernel module is unpacked; docs are still left out (size only)
     assert not any("/kernel/" in a for a in stock if a.startswith("--dpkgopt=path-exclude="))
     assert any("/kernel/drivers/media" in a for a in trimmed)
+    assert not any("/kernel/drivers/gpu" in a for a in trimmed)  # a display needs virtio_gpu (debian/4)
     assert "--dpkgopt=path-exclude=/usr/share/doc/*" in stock
     for trim in debian.BOOT_EXCLUDES:  # the initrd without udev
         assert f"--dpkgopt=path-exclude={trim}" in trimmed

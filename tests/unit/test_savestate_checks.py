@@ -83,6 +83,8 @@ def test_digest_is_stable_and_ignores_what_does_not_matter(tmp_path: Path) -> No
                  config(tmp_path, boot={"kernel": str(tmp_path / "vmlinuz"), "cmdline": "quiet"}),
                  config(tmp_path, network={"mac": "52:54:00:00:00:02"}), config(tmp_path, network=None),
                  config(tmp_path, entropy=False), config(tmp_path, balloon=False), config(tmp_path, cpu_model="qemu64"),
+                 config(tmp_path, networks=[{"network": "lab", "mac": "52:54:00:00:00:03"}]),
+                 config(tmp_path, networks=[{"network": "lab", "mac": "52:54:00:00:00:03", "model": "e1000"}]),
                  config(tmp_path, storage=[{"attachment": {"type": "disk-image", "path": str(moved),
                                                            "read_only": True}}])]
     digests = {savestate.config_digest(savestate.machine_fields(cfg, TCG)) for cfg in different}

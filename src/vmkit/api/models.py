@@ -400,6 +400,72 @@ class AutoballoonStatus(Response):
     log: str | None = None
 
 
+# -- screen and keyboard -------------------------------------------------------------------------------
+HoldMs = Field(default=50, strict=True, ge=1, le=10_000, description="how long each press is held (ms)")
+
+
+class KeysRequest(Request):
+    """Key presses, one after the other; each is a QEMU key name (``a``, ``ret``, ``f2``, ``ctrl``...) or
+    a combination pressed together, joined with ``-`` (``ctrl-alt-delete``; the minus key is ``minus``)."""
+
+    keys: list[str] = Field(min_length=1, max_length=4096)
+    hold_ms: int = HoldMs
+
+
+class TypeRequest(Request):
+    """Text typed on a US keyboard layout (printable ASCII, newlines and tabs; shift where needed)."""
+
+    text: str = Field(min_length=1, max_length=4096)
+    hold_ms: int = HoldMs
+
+
+class KeysSent(Response):
+    """The presses were queued in QEMU, which delivers them to the guest one after the other."""
+
+    presses: int
+
+
+class DisplayInfo(Response):
+    """The machine's display: its device, its size now, and the size it booted with (the largest its
+    fbdev console can show)."""
+
+    type: str
+    width: int
+    height: int
+    boot_width: int
+    boot_height: int
+
+
+class DisplayResize(Request):
+    width: int = Field(strict=True, ge=320, le=8192)
+    height: int = Field(strict=True, ge=200, le=8192)
+    timeout: Float = Field(default=10.0, ge=0, le=120, description="seconds to wait for the guest to change mode")
+
+
+class DisplayResized(Response):
+    """The display's size after the request: ``reached`` says whether it is the size asked for (a
+    guest caps a larger one to the largest mode it can show)."""
+
+    width: int
+    height: int
+    requested_width: int
+    requested_height: int
+    reached: bool
+
+
+class WebConsoleRequest(Request):
+    port: int = Field(default=0, strict=True, ge=0, le=65535,
+                      description="loopback port to serve the page on the first time (0: any free port)")
+
+
+class WebConsole(Response):
+    """Open ``url`` in a browser on this host: its token works once, within ``expires_in`` seconds."""
+
+    url: str
+    port: int
+    expires_in: float
+
+
 # -- events ----------------------------------------------------------------------------------------------
 class Event(Response):
     """One line of ``GET /v1/events``. ``kind``: ``hello`` (first line: the state now), ``state-changed``,

@@ -21,7 +21,7 @@ from vmkit.config import PortForward, StorageDevice
 from vmkit.version import __version__
 
 LIVE = ("running", "paused")
-Body = Literal["json", "ndjson", "binary", "websocket"]
+Body = Literal["json", "ndjson", "binary", "png", "websocket"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,26 @@ ROUTES: tuple[Route, ...] = (
           description="Checked first (ranges, CPUs the host has, memory_max above the guest's memory plus "
                       "QEMU's needs, swap accounting, min <= high <= max); then written to the machine's "
                       "cgroup, the vCPU threads pinned, vm.yaml updated and a `limits-changed` event emitted."),
+    Route("GET", "/v1/screenshot", "screenshot", "The screen now, as a PNG image (QMP screendump)",
+          responds="png", states=LIVE, errors=(400, 409, 500)),
+    Route("POST", "/v1/keys", "send_keys", "Press keys on the machine's keyboard", request=m.KeysRequest,
+          response=m.KeysSent, states=("running",),
+          description="Each item is pressed and released in turn; a combination such as `ctrl-alt-delete` "
+                      "is pressed together. The call returns once QEMU has queued them."),
+    Route("POST", "/v1/type", "type_text", "Type text on the machine's keyboard (US layout)",
+          request=m.TypeRequest, response=m.KeysSent, states=("running",)),
+    Route("GET", "/v1/display", "get_display", "The display's device and size", response=m.DisplayInfo,
+          states=LIVE, errors=(400, 409, 500)),
+    Route("POST", "/v1/display", "resize_display", "Ask the guest for another display size",
+          request=m.DisplayResize, response=m.DisplayResized, states=("running",), errors=(400, 409, 500, 504),
+          description="As a VNC client's SetDesktopSize: the display device offers the size as its preferred "
+                      "mode and the guest takes it, or the largest mode it can show (Linux's fbdev console: "
+                      "at most the size it booted with)."),
+    Route("POST", "/v1/web-console", "web_console", "Serve the web console on a loopback port; a one-time URL",
+          request=m.WebConsoleRequest, response=m.WebConsole, states=LIVE,
+          description="The supervisor serves a page with the screen (noVNC) and the serial console "
+                      "(xterm.js) on 127.0.0.1. Each call returns a new URL whose token works once; the "
+                      "page then holds a session cookie, and its WebSockets refuse other origins."),
     Route("POST", "/v1/save", "save", "Save the machine's running state to a file", request=m.SaveRequest,
           response=m.SaveLine, responds="ndjson", states=LIVE,
           description="Newline-delimited JSON: `progress` lines, then one line with `result` or `error`. "
@@ -174,6 +194,9 @@ def openapi() -> dict[str, Any]:
         ok: dict[str, Any]
         if r.responds == "websocket":
             ok = {"101": {"description": "Switching to the WebSocket protocol"}}
+        elif r.responds == "png":
+            ok = {"200": {"description": "A PNG image", "content": {"image/png": {"schema": {
+                "type": "string", "contentMediaType": "image/png"}}}}}
         elif r.responds == "binary":
             ok = {"200": {"description": "The file's bytes", "content": {"application/octet-stream": {
                 "schema": _BINARY}}}}

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from vmkit.cli import _deferred, guest, resources, state, system, vm
+from vmkit.cli import _deferred, guest, resources, screen, state, system, vm
 from vmkit.cli.groups import VmkitGroup
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
@@ -29,6 +29,7 @@ guest.register(app)
 system.register(app)
 state.register(app)
 resources.register(app)
+screen.register(app)
 
 
 def run(argv: list[str] | None = None) -> None:

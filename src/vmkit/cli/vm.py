@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,17 @@ def create(
     network: list[str] = typer.Option(
         [], "--network", help="join a vmkit network: NAME[,model=virtio|e1000|e1000e|rtl8139] (repeatable; "
                               "'user' is QEMU's user-mode NAT, the default when none is given)"),
+    display: bool = typer.Option(False, "--display", help="a screen and keyboard (virtio-vga, VNC on vnc.sock; "
+                                                          "see vmkit console --web)"),
+    display_size: str | None = typer.Option(None, "--display-size",
+                                            help="with --display: the boot-time size WIDTHxHEIGHT (default "
+                                                 "1280x800), also the largest Linux's console can show later"),
 ) -> None:
     """Create a virtual machine (does not start it)."""
+    if display_size is not None and not display:
+        from vmkit.errors import ConfigError
+
+        raise ConfigError.single("--display-size", "give --display too (a size needs a display)")
     limits = {k: v for k, v in {"cpu_weight": cpu_weight, "cpu_max": cpu_max, "cpu_pin": cpu_pin,
                                 "memory_min": memory_min, "memory_high": memory_high, "memory_max": memory_max,
                                 "swap_max": swap_max}.items() if v is not None}
@@ -63,7 +73,7 @@ def create(
                            from_file=from_file, user_data=user_data, limits=limits or None,
                            max_cpus=max_cpus, max_memory=max_memory,
                            balloon_min=balloon_min, balloon_shares=balloon_shares,
-                           networks=network or None)
+                           networks=network or None, display=(display_size or True) if display else None)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
     for n in inst.row().addresses.items():
         out.print(f"  on network {n[0]}: {n[1]}")
@@ -157,9 +167,17 @@ def console(
         help="with --log: first wait until the log matches this regex (multiline; it can match a line "
              "still being written: end it with \\n to wait for the whole line)"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds --until waits"),
+    web: bool = typer.Option(False, "--web", help="screen and serial console in a browser: print a one-time "
+                                                  "URL on 127.0.0.1 (and open it when a browser is at hand)"),
+    port: int = typer.Option(0, "--port", help="with --web: the loopback port, the first time (0: any free one)"),
+    no_browser: bool = typer.Option(False, "--no-browser", help="with --web: only print the URL"),
 ) -> None:
-    """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed."""
+    """Attach to the serial console (detach with Ctrl-]); --log prints what the guest has printed;
+    --web opens the screen and the serial console in a browser."""
     handle = machine(name)
+    if web:
+        _web_console(name, port=port, open_browser=not no_browser)
+        return
     if until is not None:
         sys.stdout.write(handle.wait_console(until, timeout=timeout))
         sys.stdout.flush()
@@ -192,6 +210,20 @@ def console(
             termios.tcsetattr(fd, termios.TCSADRAIN, saved[0])
     if interactive:
         err.print("\ndetached")
+
+
+def _web_console(name: str, *, port: int, open_browser: bool) -> None:
+    import os
+
+    console = machine(name).web_console(port=port)
+    out.print(console.url, markup=False, highlight=False, soft_wrap=True)
+    err.print(f"the link works once, within {console.expires_in:.0f} s; the supervisor serves the page on "
+              f"127.0.0.1:{console.port} while {name} runs")
+    if open_browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        with contextlib.suppress(webbrowser.Error):
+            webbrowser.open(console.url)
 
 
 def events(name: str) -> None:

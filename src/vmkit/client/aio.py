@@ -231,6 +231,24 @@ class Instance:
     async def stats(self) -> models.MachineStats:
         return await asyncio.to_thread(self._sync.stats)
 
+    async def screenshot(self, path: str | Path | None = None) -> bytes:
+        return await asyncio.to_thread(self._sync.screenshot, path)
+
+    async def send_keys(self, keys: Sequence[str], *, hold_ms: int = 50) -> models.KeysSent:
+        return await asyncio.to_thread(self._sync.send_keys, keys, hold_ms=hold_ms)
+
+    async def type(self, text: str, *, hold_ms: int = 50) -> models.KeysSent:
+        return await asyncio.to_thread(self._sync.type, text, hold_ms=hold_ms)
+
+    async def display(self) -> models.DisplayInfo:
+        return await asyncio.to_thread(self._sync.display)
+
+    async def resize_display(self, size: str, *, timeout: float = 10.0) -> models.DisplayResized:
+        return await asyncio.to_thread(self._sync.resize_display, size, timeout=timeout)
+
+    async def web_console(self, *, port: int = 0) -> models.WebConsole:
+        return await asyncio.to_thread(self._sync.web_console, port=port)
+
     async def mounts(self) -> list[models.ShareRow]:
         return await asyncio.to_thread(lambda: self._sync.mounts)
 

@@ -45,7 +45,8 @@ Notice = Callable[["Note"], None]
 
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
                              "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
-                             "balloon_min", "balloon_shares", "networks"})
+                             "balloon_min", "balloon_shares", "networks",
+                             "display"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -108,7 +109,8 @@ class Client:
 
         * ``create(config)``: a :class:`~vmkit.config.MachineConfig` or a vm.yaml mapping;
         * ``create(name, image="debian-12", cpus=2, memory="1G", disks=["20G"], ports=["8080:80"],
-          mounts=["~/src"], user_data=Path(...), limits={"cpu_max": 50})``: as ``vmkit create`` (with
+          mounts=["~/src"], user_data=Path(...), limits={"cpu_max": 50},
+          display=True or "1920x1080")``: as ``vmkit create`` (with
           ``image``, ``kernel`` or ``from_file``, a vm.yaml to start from; options given as None are not set);
         * ``create(name, **vm_yaml_fields)``: any other keywords are vm.yaml's fields.
         """
@@ -132,6 +134,11 @@ class Client:
             for size in ("memory", "max_memory"):
                 if size in opts:
                     opts[size] = str(opts[size])
+            if "display" in opts:
+                if opts["display"] is False:
+                    del opts["display"]
+                else:
+                    opts["display"] = "default" if opts["display"] is True else str(opts["display"])
             for listed in ("disks", "ports", "mounts", "networks"):
                 if listed in opts:
                     opts[listed] = [str(v) for v in opts[listed]]
@@ -545,6 +552,48 @@ class Instance:
         from vmkit.backends.local import control
 
         return self._call(control.stats, self.name)
+
+    # -- screen and keyboard (a machine with a display) ---------------------------------------------
+    def screenshot(self, path: str | Path | None = None) -> bytes:
+        """The screen now as PNG bytes (also written to ``path`` if given)."""
+        from vmkit.backends.local import control
+
+        png = self._call(control.screenshot, self.name)
+        if path is not None:
+            from vmkit.fsutil import atomic_write
+
+            atomic_write(Path(path), png, 0o644)
+        return png
+
+    def send_keys(self, keys: Sequence[str], *, hold_ms: int = 50) -> models.KeysSent:
+        """Press keys in turn: QEMU key names (``ret``, ``a``, ``f2``); ``ctrl-alt-delete`` together."""
+        from vmkit.backends.local import control
+
+        return self._call(control.send_keys, self.name, list(keys), hold_ms=hold_ms)
+
+    def type(self, text: str, *, hold_ms: int = 50) -> models.KeysSent:
+        """Type ``text`` on the machine's keyboard (US layout: printable ASCII, newlines, tabs)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.type_text, self.name, text, hold_ms=hold_ms)
+
+    def display(self) -> models.DisplayInfo:
+        """The display's device, its size now and the size it booted with."""
+        from vmkit.backends.local import control
+
+        return self._call(control.display_info, self.name)
+
+    def resize_display(self, size: str, *, timeout: float = 10.0) -> models.DisplayResized:
+        """Ask the guest for display size ``size`` (``1024x768``); what it shows then."""
+        from vmkit.backends.local import control
+
+        return self._call(control.resize_display, self.name, size, timeout=timeout)
+
+    def web_console(self, *, port: int = 0) -> models.WebConsole:
+        """The web console's one-time URL (the supervisor serves it on 127.0.0.1)."""
+        from vmkit.backends.local import control
+
+        return self._call(control.web_console, self.name, port=port)
 
     @property
     def mounts(self) -> list[models.ShareRow]:

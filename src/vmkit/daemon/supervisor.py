@@ -24,6 +24,9 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     POST /v1/memory           {"memory": bytes}  grow or shrink the memory live (virtio-mem; written to vm.yaml)
     GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM), CPU use, steal and the limits now
     PUT  /v1/limits           change the cgroup limits live (see vmkit.host.cgroups)
+    GET  /v1/screenshot       the screen as PNG          POST /v1/keys | /v1/type   key presses, typed text
+    GET|POST /v1/display      the display's size; ask for another one
+    POST /v1/web-console      serve the web console on a loopback port; a one-time URL (vmkit.daemon.webconsole)
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
 
@@ -59,7 +62,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from vmkit.api import models, spec
-from vmkit.config import Limits, PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.config import Display, Limits, PortForward, StorageDevice, port_is_free, validate_model
 from vmkit.daemon.state_routes import (
     OperationGate,
     StartPlan,
@@ -69,6 +72,7 @@ from vmkit.daemon.state_routes import (
     start_from_plan,
     unexpected_error,
 )
+from vmkit.daemon.webconsole import Actions, WebConsole
 from vmkit.errors import (
     ConfigError,
     ExitCode,
@@ -83,7 +87,7 @@ from vmkit.host import cgroups, ksm
 from vmkit.host.instance import Instance, Status, take_exclusive
 from vmkit.net.forward import Forwarder
 from vmkit.net.store import NetworkStore, close_nics
-from vmkit.runtime import balloon, hotmem, hotplug, proc, vcpus, vcputhreads
+from vmkit.runtime import balloon, display, hotmem, hotplug, proc, vcpus, vcputhreads
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.clock import ClockKeeper, ClockReading
@@ -119,6 +123,7 @@ class Supervisor:
         self.instance = instance
         self._start: asyncio.Task[None] | None = None
         self._start_outcome: asyncio.Future[int | None] | None = None
+        self._start_requested = asyncio.Event()
         """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
         self._start_asked = asyncio.Event()
         """Set once ``POST /v1/start`` came (or the supervisor was asked to go before it did)."""
@@ -139,6 +144,10 @@ class Supervisor:
         self._clock_task: asyncio.Task[None] | None = None
         self.forwarder: Forwarder | None = None
         """Host port forwards of a machine without a user-mode NIC (to its address on its first network)."""
+        self.web = WebConsole(self.config.name, Actions(
+            serial_add_listener=self.vm.serial.add_listener, serial_write=self.vm.serial.write,
+            serial_log=instance.serial_log, vnc_socket=instance.dir / display.VNC_SOCKET_NAME,
+            keys=self._send_keys, type_text=self._type_text, screenshot=self._screenshot))
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -449,6 +458,12 @@ class Supervisor:
             web.post("/v1/memory", self._h_memory),
             web.get("/v1/stats", self._h_stats),
             web.put("/v1/limits", self._h_limits),
+            web.get("/v1/screenshot", self._h_screenshot),
+            web.post("/v1/keys", self._h_keys),
+            web.post("/v1/type", self._h_type),
+            web.get("/v1/display", self._h_display),
+            web.post("/v1/display", self._h_resize_display),
+            web.post("/v1/web-console", self._h_web_console),
             *StateRoutes(self).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -492,6 +507,7 @@ class Supervisor:
             writer.close()
 
     async def _stop_api(self) -> None:
+        await self.web.close()
         if self._console_server is not None:
             self._console_server.close()
             self._console_server = None
@@ -751,6 +767,63 @@ class Supervisor:
             cgroup=group.path if group else None, cgroup_version=group.driver.version if group else None,
             cgroup_files=cgroups.kernel_values(group.driver, group.rel) if group else {})
         return web.json_response(stats.model_dump(mode="json"))
+
+    # -- screen and keyboard ----------------------------------------------------------------------
+    def _display(self, operation: str, *allowed: VmState) -> tuple[Display, Path]:
+        """The display's configuration and VNC socket, if the machine has one and is in ``allowed``."""
+        if self.config.display is None:
+            raise ConfigError.single("display", f"{self.config.name} has no display: add one with `vmkit create "
+                                     "--display` (or display: in vm.yaml) and start the machine again")
+        allowed = allowed or (VmState.RUNNING, VmState.PAUSED)
+        if self.vm.state not in allowed:
+            raise StateError(operation, self.vm.state.value, [s.value for s in allowed])
+        return self.config.display, self.instance.dir / display.VNC_SOCKET_NAME
+
+    async def _screenshot(self) -> bytes:
+        self._display("take a screenshot")
+        return await display.screenshot(self.vm, self.instance.dir)
+
+    async def _send_keys(self, req: models.KeysRequest) -> models.KeysSent:
+        self._display("press keys", VmState.RUNNING)
+        presses = [display.parse_combo(k, field=f"keys[{i}]") for i, k in enumerate(req.keys)]
+        return models.KeysSent(presses=await display.send_presses(self.vm, presses, req.hold_ms))
+
+    async def _type_text(self, req: models.TypeRequest) -> models.KeysSent:
+        self._display("type text", VmState.RUNNING)
+        presses = display.text_keys(req.text)
+        return models.KeysSent(presses=await display.send_presses(self.vm, presses, req.hold_ms))
+
+    async def _h_screenshot(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self._screenshot(), content_type="image/png")
+
+    async def _h_keys(self, request: web.Request) -> web.Response:
+        sent = await self._send_keys(await body_as(request, models.KeysRequest))
+        return web.json_response(sent.model_dump(mode="json"))
+
+    async def _h_type(self, request: web.Request) -> web.Response:
+        sent = await self._type_text(await body_as(request, models.TypeRequest))
+        return web.json_response(sent.model_dump(mode="json"))
+
+    async def _h_display(self, request: web.Request) -> web.Response:
+        conf, sock = self._display("read the display's size")
+        width, height = await display.desktop_size(sock)
+        info = models.DisplayInfo(type=conf.type, width=width, height=height, boot_width=conf.width,
+                                  boot_height=conf.height)
+        return web.json_response(info.model_dump(mode="json"))
+
+    async def _h_resize_display(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.DisplayResize)
+        _, sock = self._display("resize the display", VmState.RUNNING)
+        width, height = await display.set_desktop_size(sock, body.width, body.height, timeout=body.timeout)
+        result = models.DisplayResized(width=width, height=height, requested_width=body.width,
+                                       requested_height=body.height,
+                                       reached=(width, height) == (body.width, body.height))
+        return web.json_response(result.model_dump(mode="json"))
+
+    async def _h_web_console(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.WebConsoleRequest)
+        self._display("open the web console")
+        return web.json_response((await self.web.url(body.port)).model_dump(mode="json"))
 
     async def _h_console(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY)

@@ -5,6 +5,7 @@ All problems in the options are collected and reported together, each naming the
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,30 @@ class CreateOptions:
     balloon_shares: int | None = None
     networks: list[str] = field(default_factory=list)
     """``--network NAME[,model=MODEL][,mac=MAC]`` (repeatable); ``user`` is QEMU's user-mode NAT."""
+    display: str | None = None
+    """A screen (``vmkit create --display``): ``default`` (1280x800) or ``WIDTHxHEIGHT``; None: headless."""
+
+
+def display_config(spec: str) -> dict[str, Any]:
+    """``--display``'s value as vm.yaml's ``display:`` (ValueError saying what to give)."""
+    if spec == "default":
+        return {"type": "virtio-vga"}
+    m = re.fullmatch(r"(\d{1,5})[xX](\d{1,5})", spec.strip())
+    if not m:
+        raise ValueError(f"{spec!r} is not a display size: use WIDTHxHEIGHT, e.g. 1920x1080")
+    return {"type": "virtio-vga", "width": int(m.group(1)), "height": int(m.group(2))}
+
+
+def with_screen_console(cmdline: str) -> str:
+    """The kernel also writes to the screen (``console=tty0`` before ``console=ttyS0``: the serial
+    port stays ``/dev/console``, where systemd's messages and the readiness marker go)."""
+    words = cmdline.split()
+    if "console=tty0" in words:
+        return cmdline
+    for i, w in enumerate(words):
+        if w.startswith("console=ttyS"):
+            return " ".join([*words[:i], "console=tty0", *words[i:]])
+    return " ".join([*words, "console=tty0"])
 
 
 def disk_size_option(opts: CreateOptions) -> str | None:
@@ -233,6 +258,13 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
                 problems += [Problem("--run", p.message) for p in exc.problems]
     if extra_cmdline:
         boot["cmdline"] = " ".join(filter(None, [boot.get("cmdline", ""), *extra_cmdline]))
+    if opts.display is not None:
+        try:
+            data["display"] = display_config(opts.display)
+        except ValueError as exc:
+            problems.append(Problem("--display", str(exc)))
+        else:
+            boot["cmdline"] = with_screen_console(boot.get("cmdline") or "")
     if not boot.get("kernel"):
         problems.append(Problem("--kernel", "no kernel: give --kernel PATH or --image NAME "
                                 "(build one with `vmkit image build micro`)"))

@@ -135,6 +135,7 @@ class SeedSpec:
     mounts: tuple[FstabEntry, ...] = ()  # shared folders mounted at every boot
     uid: int | None = None  # the user's uid; None: the first free one (1000)
     resolv_conf: str | None = None  # /etc/resolv.conf written at every boot (machines on vmkit networks)
+    login_screen: bool = False  # a machine with a display: a login prompt on its screen (tty1)
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,14 @@ def network_config(mac: str | None = None) -> dict[str, Any]:
     }
 
 
+LOGIN_SCREEN_CMD = ["sh", "-c", "systemctl unmask getty@tty1.service && systemctl start --no-block getty@tty1.service"]
+"""bootcmd of a machine with a display: vmkit's Debian image masks the screen's getty (a headless
+machine has no use for it); this brings the login prompt back on tty1 (every boot, idempotent)."""
+
+
 def base_user_data(*, hostname: str, user: str, authorized_keys: Sequence[str],
                    host_keys: HostKeys | None, mounts: Sequence[FstabEntry] = (),
-                   uid: int | None = None) -> dict[str, Any]:
+                   uid: int | None = None, login_screen: bool = False) -> dict[str, Any]:
     """The cloud-config vmkit generates, before extra user-data is merged in."""
     cfg: dict[str, Any] = {
         "hostname": hostname,
@@ -236,6 +242,8 @@ def base_user_data(*, hostname: str, user: str, authorized_keys: Sequence[str],
         cfg["users"][0]["uid"] = uid
     if mounts:
         cfg["bootcmd"] = [boot_mounts_cmd(mounts)]
+    if login_screen:
+        cfg["bootcmd"] = [*cfg.get("bootcmd", []), LOGIN_SCREEN_CMD]
     if host_keys is not None:
         cfg["ssh_keys"] = host_keys.cloud_config()
     # Only used when no ssh_keys are given (cloud-init then generates host keys): ed25519 only.
@@ -321,7 +329,8 @@ def render_seed(spec: SeedSpec) -> SeedFiles:
     """The three seed files for ``spec`` (validated first; raises :class:`ConfigError`)."""
     _check(spec)
     cfg = base_user_data(hostname=spec.hostname, user=spec.user, authorized_keys=spec.authorized_keys,
-                         host_keys=spec.host_keys, mounts=spec.mounts, uid=spec.uid)
+                         host_keys=spec.host_keys, mounts=spec.mounts, uid=spec.uid,
+                         login_screen=spec.login_screen)
     if spec.resolv_conf is not None:  # the image's resolv.conf names QEMU's user-mode DNS
         cfg["bootcmd"] = [["sh", "-c", 'printf "%s" "$1" > /etc/resolv.conf', "vmkit-resolv", spec.resolv_conf],
                           *cfg.get("bootcmd", [])]

@@ -224,7 +224,7 @@ class Instance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leftover, signal.SIGKILL)
             _wait_gone(leftover, 5.0)
-        for p in (self.api_socket, self.console_socket, self.qemu_pidfile):
+        for p in (self.api_socket, self.console_socket, self.qemu_pidfile, self.dir / "vnc.sock"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 

@@ -163,6 +163,7 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
         host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
         extra_user_data=options.user_data, mounts=boot_mounts(config), uid=guest_uid(),
         resolv_conf=options.resolv_conf,
+        login_screen=config.display is not None,
     ))
     write_ssh_config(instance_dir, config.name, port)
 

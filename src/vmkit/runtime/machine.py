@@ -308,6 +308,8 @@ class VirtualMachine:
             self.qmp = Monitor(self.config.name)
             await self._connect_qmp(qmp_parent)
             self._tasks.append(asyncio.create_task(self._watch_events(), name="vmkit-events"))
+            if self.config.display is not None:  # QEMU made it with its umask: the screen is the owner's alone
+                (self.workdir / "vnc.sock").chmod(0o600)
             if self.config.balloon:
                 await balloon.enable_stats(self.qmp)
             if incoming or paused:

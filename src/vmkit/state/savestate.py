@@ -41,8 +41,10 @@ be loaded under KVM), ``boot`` (kernel, initrd and command line: a guest that re
 must boot what it booted from), the storage devices without their paths (kind, format, read-only, cache
 mode, serial: disks may move, their identities are checked separately), the shared-folder devices (type
 and tag; not the host folder), the guest agent channel, the hot-plug ports and USB controller, whether
-there is a NIC and its MAC, and whether there is a virtio-rng and a virtio-balloon. Left out on purpose:
-the name, port forwards (host side only), mem-merge (host side only), serial logging, readiness and the
+there is a NIC and its MAC, whether there is a virtio-rng and a virtio-balloon, the display (device
+and boot-time size) and the NICs on vmkit networks (model and MAC; these two fields are there only
+for a machine that has them). Left out on
+purpose: the name, port forwards (host side only), mem-merge (host side only), serial logging, readiness and the
 image name. The fields themselves are stored in the header too (``machine``; not authenticated by
 themselves, but checked against the authenticated digest before use) so that a mismatch can name the
 field that changed.
@@ -190,7 +192,7 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         att = {k: v for k, v in dict(dev.get("attachment") or {}).items() if k != "path"}
         storage.append({**dev, "attachment": att})
     net = data.get("network")
-    return {
+    fields: dict[str, Any] = {
         "cpus": data["cpus"],
         "max_cpus": config.cpu_ceiling,  # possible vCPUs (ACPI CPU hot-plug state; virtio-blk queues)
         "memory": data["memory"],
@@ -210,6 +212,11 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         "entropy": data["entropy"],
         "balloon": data["balloon"],  # the virtio-balloon device (mem-merge is host-side only: left out)
     }
+    if config.display is not None:  # only when there is one: headless machines' saved states stay valid
+        fields["display"] = data["display"]
+    if config.networks:  # NICs on vmkit networks: devices the guest has (only when there are some, as above)
+        fields["networks"] = [{"model": n.model, "mac": n.mac} for n in config.networks]
+    return fields
 
 
 def _canonical(obj: Any) -> bytes:

@@ -72,7 +72,7 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
-from vmkit.runtime import balloon, hotmem, vcpus
+from vmkit.runtime import balloon, display, hotmem, vcpus
 from vmkit.runtime.guest.execute import ExecResult
 from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.runtime.qemu import accel as accel_mod
@@ -598,6 +598,60 @@ def set_balloon_policy(name: str, *, balloon_min: int | str | None = None,
 def stats(name: str) -> models.MachineStats:
     """The running machine's memory and CPU use now."""
     return models.MachineStats.model_validate(client(name).call("GET", "/v1/stats"))
+
+
+# -- screen and keyboard ------------------------------------------------------------------------------
+def _display_client(name: str) -> SupervisorClient:
+    """The supervisor of a running machine that has a display (else a ConfigError naming ``display``)."""
+    inst = get(name)
+    if inst.load_config().display is None:
+        raise ConfigError.single("display", f"{name} has no display: create it with `vmkit create --display` "
+                                 "(or add display: to its vm.yaml while it is stopped) and start it again")
+    return client(name)
+
+
+def screenshot(name: str) -> bytes:
+    """The running machine's screen now, as PNG bytes."""
+    api = _display_client(name)
+
+    async def fetch() -> bytes:
+        return b"".join([piece async for piece in api.download("/v1/screenshot", {})])
+
+    return asyncio.run(fetch())
+
+
+def send_keys(name: str, keys: list[str], *, hold_ms: int = 50) -> models.KeysSent:
+    """Press ``keys`` in turn (QEMU key names; ``ctrl-alt-delete`` pressed together)."""
+    for i, combo in enumerate(keys):
+        display.parse_combo(combo, field=f"KEY {i + 1}")  # bad names are refused before anything is sent
+    data = _display_client(name).call("POST", "/v1/keys", {"keys": keys, "hold_ms": hold_ms})
+    return models.KeysSent.model_validate(data)
+
+
+def type_text(name: str, text: str, *, hold_ms: int = 50) -> models.KeysSent:
+    """Type ``text`` on the machine's keyboard (US layout)."""
+    display.text_keys(text, field="TEXT")
+    data = _display_client(name).call("POST", "/v1/type", {"text": text, "hold_ms": hold_ms})
+    return models.KeysSent.model_validate(data)
+
+
+def display_info(name: str) -> models.DisplayInfo:
+    return models.DisplayInfo.model_validate(_display_client(name).call("GET", "/v1/display"))
+
+
+def resize_display(name: str, size: str, *, timeout: float = 10.0) -> models.DisplayResized:
+    """Ask the running guest for display size ``size`` (``WIDTHxHEIGHT``)."""
+    width, height = display.parse_size(size)
+    data = _display_client(name).call("POST", "/v1/display", {"width": width, "height": height, "timeout": timeout},
+                                      timeout=timeout + 15)
+    return models.DisplayResized.model_validate(data)
+
+
+def web_console(name: str, *, port: int = 0) -> models.WebConsole:
+    """Have the machine's supervisor serve the web console; a URL that works once."""
+    if not 0 <= port <= 65535:
+        raise ConfigError.single("--port", f"{port} is not a port: give 1-65535, or 0 for any free port")
+    return models.WebConsole.model_validate(_display_client(name).call("POST", "/v1/web-console", {"port": port}))
 
 
 def list_mounts(name: str) -> list[dict[str, Any]]:

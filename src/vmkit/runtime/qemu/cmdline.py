@@ -15,6 +15,7 @@ from pathlib import Path
 from vmkit.config import (
     Attachment,
     DiskImage,
+    Display,
     MachineConfig,
     NbdAttachment,
     Network,
@@ -62,6 +63,10 @@ class Runtime:
     @property
     def agent_socket(self) -> Path:
         return (self.share_dir or Path(".")) / "qga.sock"
+
+    @property
+    def vnc_socket(self) -> Path:
+        return (self.share_dir or Path(".")) / "vnc.sock"
 
 
 def opt_escape(value: str) -> str:
@@ -324,6 +329,21 @@ def balloon_args() -> list[str]:
     return ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting=on"]
 
 
+DISPLAY_ID = "video0"
+_DISPLAY_DRIVER = {"virtio-vga": "virtio-vga", "virtio-gpu": "virtio-gpu-pci"}
+
+
+def display_args(display: Display, runtime: Runtime) -> list[str]:
+    """The display device (EDID on: the guest reads ``width`` x ``height`` as its preferred mode, and
+    a new one when a VNC client asks for another size) and QEMU's VNC server on ``vnc.sock`` (a unix
+    socket only: no TCP port). The keyboard is the machine's own PS/2 one. ``-display none`` stays:
+    VNC is a server, not a window."""
+    sock = opt_escape(str(runtime.vnc_socket))
+    return ["-device", f"{_DISPLAY_DRIVER[display.type]},id={DISPLAY_ID},edid=on,"
+                       f"xres={display.width},yres={display.height}",
+            "-vnc", f"unix:{sock}"]
+
+
 def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
@@ -348,6 +368,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += entropy_args()
     if config.balloon:
         argv += balloon_args()
+    if config.display is not None:
+        argv += display_args(config.display, runtime)
     if runtime.pidfile is not None:
         argv += ["-pidfile", str(runtime.pidfile)]
     return argv
