@@ -107,7 +107,7 @@ UsePAM no
 StrictModes no
 PrintMotd no
 AcceptEnv VMKIT_*
-SetEnv VMKIT_HOME=$LAB/$ns/home VMKIT_IMAGE_CACHE=${VMKIT_IMAGE_CACHE:-$REPO/.cache/images} PYTHONPATH=${PYTHONPATH:-} PATH=$LAB/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin VMKIT_LAB_HOST=$ns
+SetEnv VMKIT_HOME=$LAB/$ns/home VMKIT_SSH_CONFIG=$LAB/ssh_config VMKIT_IMAGE_CACHE=${VMKIT_IMAGE_CACHE:-$REPO/.cache/images} PYTHONPATH=${PYTHONPATH:-} PATH=$LAB/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin VMKIT_LAB_HOST=$ns
 Subsystem sftp /usr/lib/openssh/sftp-server
 EOF
     ip netns exec "$ns" /usr/sbin/sshd -f "$LAB/$ns/sshd_config" -E "$LAB/$ns/sshd.log"

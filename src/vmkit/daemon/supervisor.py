@@ -23,6 +23,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     GET  /v1/stats            memory (balloon, guest, QEMU's RSS, KSM) and CPU use now
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
+    POST /v1/migrate, /v1/migrate/finish, /v1/migrate/cancel, /v1/memory-digest, GET /v1/migration
+                              live migration (see vmkit.daemon.migrate_routes)
 
 Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
 
@@ -57,6 +59,7 @@ from aiohttp import WSMsgType, web
 
 from vmkit.api import models, spec
 from vmkit.config import PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.daemon.migrate_routes import MigrateRoutes, start_incoming
 from vmkit.daemon.state_routes import (
     OperationGate,
     StartPlan,
@@ -114,6 +117,7 @@ class Supervisor:
         self._console_server: asyncio.Server | None = None
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
+        self.migration = MigrateRoutes(self)
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -178,7 +182,9 @@ class Supervisor:
         assert self._start_outcome is not None
         ready = False
         try:
-            if plan.active:
+            if plan.incoming is not None:
+                emit({"started": await start_incoming(self, plan.incoming)})
+            elif plan.active:
                 await start_from_plan(self, plan, emit)
             else:
                 await self.vm.start()
@@ -262,6 +268,7 @@ class Supervisor:
             web.post("/v1/balloon", self._h_balloon),
             web.get("/v1/stats", self._h_stats),
             *StateRoutes(self).routes(),
+            *self.migration.routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

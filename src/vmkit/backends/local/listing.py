@@ -27,14 +27,16 @@ def view(inst: Instance) -> InstanceRow:
     config = inst.load_config()
     live = status.state in LIVE and inst.is_supervised()
     saved = not live and inst.saved_state_path.exists()  # `vmkit start` resumes it
+    migrated = not live and inst.migrated_to is not None  # it runs on another host now
     return InstanceRow(
         name=inst.name,
-        state="saved" if saved else status.state,
+        state="migrated" if migrated else "saved" if saved else status.state,
         health="degraded" if live and status.degraded else "ok",
         cpus=config.cpus, memory=format_size(config.memory),
         accel=status.accel if live else None,
         uptime=(time.time() - status.started_at) if live and status.started_at else None,
-        reason=status.reason,
+        reason=f"runs on {inst.migrated_to} (vmkit delete {inst.name} removes this copy)" if migrated
+        else status.reason,
     )
 
 
