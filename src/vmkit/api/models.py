@@ -308,7 +308,9 @@ class MigrationReport(Response):
     method: Literal["live", "paused", "postcopy"]
     method_reason: str
     total_time_ms: int | None
-    downtime_ms: int | None
+    downtime_ms: int | None = Field(description="QEMU's downtime: from its final stop to completion")
+    paused_ms: int | None = Field(default=None, description="how long the guest stood paused here: QEMU's "
+                                                              "downtime, or the whole copy when it was copied paused")
     setup_time_ms: int | None
     rounds: int
     transferred_bytes: int

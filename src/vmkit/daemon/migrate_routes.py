@@ -145,10 +145,12 @@ class MigrateRoutes:
                                          postcopy_ram=body.postcopy)
         await migration.set_parameters(vm, downtime_limit=body.downtime_limit_ms,
                                        max_bandwidth=body.bandwidth_bytes)
+        paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
         if method == "paused":
             await note(f"copying with the guest paused: {reason}")
             if vm.state == VmState.RUNNING:
                 await vm.pause()
+                paused_at = time.monotonic()
         self.sup.status.reason = f"migrating to {body.uri}"
         self.sup.instance.write_status(self.sup.status)
         await vm.execute("migrate", {"uri": body.uri})
@@ -176,6 +178,7 @@ class MigrateRoutes:
             elif (status == "active" and prog["rounds"] > body.max_rounds and vm.state == VmState.RUNNING
                   and not postcopy_started):
                 await vm.pause()
+                paused_at = time.monotonic()
                 method = "paused"
                 await note(f"not converging after {prog['rounds']} rounds (the guest dirties "
                            f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
@@ -186,7 +189,9 @@ class MigrateRoutes:
             raise QemuError(f"{vm.config.name}: the migration {status}: {why}",
                             hint="the machine runs on here as before")
         ram = info.get("ram") or {}
+        paused_ms = round((time.monotonic() - paused_at) * 1000) if paused_at is not None else info.get("downtime")
         return models.MigrationReport(
+            paused_ms=paused_ms,
             uri=body.uri, method=method, method_reason=reason,
             total_time_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
             setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
