@@ -111,6 +111,11 @@ class IncomingRequest(Request):
     uri: str = Field(pattern=r"^tcp:(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}$",
                      description="where QEMU listens: tcp:ADDRESS:PORT")
     postcopy: Bool = Field(default=False, description="accept a switch to post-copy (both sides must agree)")
+    nbd_port: int | None = Field(default=None, strict=True, ge=1, le=65535,
+                                 description="serve the disks in `exports` over NBD on this port (same address), "
+                                             "writable, for the source's mirror jobs (the storage copy)")
+    exports: list[str] = Field(default_factory=list, max_length=64,
+                               description="node names of the disks to receive (their device ids)")
 
 
 class StartRequest(Request):
@@ -264,6 +269,16 @@ class SnapshotDeleted(Response):
 
 
 # -- migration -----------------------------------------------------------------------------------------
+class MirrorDisk(Request):
+    """One disk copied to the target: every write the guest makes from the start is mirrored too."""
+
+    node: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$", description="the disk's node name (its id)")
+    target: str = Field(pattern=r"^nbd://(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}/[A-Za-z][A-Za-z0-9_-]{0,31}$",
+                        description="the target's export: nbd://ADDRESS:PORT/NODE")
+    sync: Literal["full", "top"] = Field(default="full", description="top: only this image's own layer (the "
+                                                                       "target has the same backing image)")
+
+
 class MigrateRequest(Request):
     """Send the running (or paused) machine to a QEMU waiting at ``uri`` (``vmkit migrate``).
 
@@ -283,6 +298,9 @@ class MigrateRequest(Request):
                                                             "memory faster than the link carries it")
     postcopy: Bool = Field(default=False, description="switch to post-copy after the first round (the target "
                                                        "then runs the guest; a failure from there loses it)")
+    mirror: list[MirrorDisk] = Field(default_factory=list, max_length=64,
+                                     description="local disks to copy to the target while the guest runs, "
+                                                 "before its memory (QEMU's drive-mirror to the target's NBD server)")
     max_rounds: int = Field(default=30, strict=True, ge=2, le=100_000,
                             description="after this many rounds without converging, pause the guest so the "
                                         "copy completes (the migration never runs forever)")
@@ -315,6 +333,8 @@ class MigrationReport(Response):
     rounds: int
     transferred_bytes: int
     throttle_percent: int | None = None
+    disks_copied: list[str] = Field(default_factory=list, description="disks mirrored to the target")
+    disk_bytes: int = Field(default=0, description="bytes the disk mirrors copied")
     notes: list[str] = Field(default_factory=list)
     query: dict[str, Any] = Field(description="QEMU's query-migrate answer at the end, as it is")
 
@@ -324,9 +344,15 @@ class MigrateLine(Response):
     ``result`` or ``error``."""
 
     progress: MigrationProgress | None = None
+    disks: Progress | None = Field(default=None, description="the disk mirrors: bytes copied of the total")
     note: str | None = None
     result: MigrationReport | None = None
     error: ErrorDetail | None = None
+
+
+class Takeover(Request):
+    timeout: Float = Field(default=120.0, gt=0, le=MAX_WAIT,
+                           description="seconds to wait for the incoming migration to complete")
 
 
 class MigrateFinish(Request):

@@ -11,6 +11,14 @@ Routes (errors as everywhere else)::
                               did not take over: the guest runs on here, as before.
     GET  /v1/migration        QEMU's query-migrate (the target polls it to see its migration complete)
     POST /v1/memory-digest    a hash of every page of the paused guest's RAM (the migration check)
+    POST /v1/migrate/takeover the target side: once its migration has completed, stop serving the disks
+                              to the source's mirrors and run the guest.
+
+Local disks move with the machine when the request names ``mirror`` disks: QEMU's ``drive-mirror``
+copies each to the target's NBD export (started with the incoming QEMU, writable) while the guest
+runs, every write mirrored synchronously once a copy has caught up (``write-blocking``); the memory
+migration starts when every mirror is ready, and the mirrors end (``block-job-cancel``: the source
+keeps using its own disks) once it has completed. This is QEMU's iotest 194.
 
 A migration is an exclusive operation (:class:`~vmkit.daemon.state_routes.OperationGate`). Every
 failure on the way (the target refuses or dies, the client goes away, a cancel) ends with the guest
@@ -30,7 +38,7 @@ from aiohttp import web
 
 from vmkit.api import models
 from vmkit.daemon.state_routes import Supervisor, body_as, unexpected_error
-from vmkit.errors import QemuError, StateError, VmkitError, error_fields
+from vmkit.errors import QemuError, StateError, VmkitError, VmTimeoutError, error_fields
 from vmkit.runtime import migration
 from vmkit.runtime.states import VmState
 from vmkit.state import savestate
@@ -49,6 +57,13 @@ async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[
     try:
         await migration.set_capabilities(vm, events=True, postcopy_ram=plan.postcopy)
         await vm.execute("migrate-incoming", {"uri": plan.uri})
+        if plan.exports and plan.nbd_port is not None:
+            host = plan.uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
+            await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+                "host": host, "port": str(plan.nbd_port)}}})
+            for node in plan.exports:
+                await vm.execute("block-export-add", {"type": "nbd", "id": f"mig-{node}", "node-name": node,
+                                                      "name": node, "writable": True})
     except BaseException:
         await vm.shutdown(timeout=2)
         raise
@@ -73,6 +88,7 @@ class MigrateRoutes:
             web.post("/v1/migrate/cancel", self.cancel),
             web.get("/v1/migration", self.info),
             web.post("/v1/memory-digest", self.digest),
+            web.post("/v1/migrate/takeover", self.takeover),
         ]
 
     async def info(self, request: web.Request) -> web.Response:
@@ -153,6 +169,10 @@ class MigrateRoutes:
                 paused_at = time.monotonic()
         self.sup.status.reason = f"migrating to {body.uri}"
         self.sup.instance.write_status(self.sup.status)
+        disk_bytes = 0
+        if body.mirror:
+            await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
+            disk_bytes = await self._mirror(body.mirror, resp)
         await vm.execute("migrate", {"uri": body.uri})
         postcopy_started = False
         info: dict[str, Any] = {}
@@ -184,6 +204,8 @@ class MigrateRoutes:
                            f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
             await asyncio.sleep(POLL)
         status = str(info.get("status"))
+        if status == "completed" and body.mirror:
+            await self._end_mirrors()  # the target has every block: the source keeps its own disks
         if status != "completed":
             why = info.get("error-desc") or ("cancelled" if status == "cancelled" else "QEMU gave no reason")
             raise QemuError(f"{vm.config.name}: the migration {status}: {why}",
@@ -196,12 +218,65 @@ class MigrateRoutes:
             total_time_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
             setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
             transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
-            notes=notes, query=info)
+            disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
+
+    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse) -> int:
+        """Start a mirror per disk and wait until every one has caught up (then writes are mirrored as
+        they happen). Returns the bytes copied so far."""
+        vm = self.sup.vm
+        for d in disks:
+            await vm.execute("drive-mirror", {"job-id": f"mirror-{d.node}", "device": d.node, "target": d.target,
+                                              "format": "raw", "mode": "existing", "sync": d.sync,
+                                              "copy-mode": "write-blocking", "auto-dismiss": False})
+        last = 0.0
+        while True:
+            if self._cancel.is_set():
+                raise QemuError(f"{vm.config.name}: the migration was cancelled while its disks were copied")
+            jobs = {j["device"]: j for j in await vm.execute("query-block-jobs")}
+            mine = [jobs.get(f"mirror-{d.node}") for d in disks]
+            gone = [d.node for d, j in zip(disks, mine, strict=True) if j is None or j.get("status") == "concluded"]
+            if gone:
+                errors = [str(j.get("error")) for j in mine if j is not None and j.get("error")]
+                raise QemuError(f"{vm.config.name}: copying disk(s) {', '.join(gone)} to the target failed"
+                                + (f": {'; '.join(errors)}" if errors else ""))
+            done = sum(int(j["offset"]) for j in mine if j is not None)
+            total = sum(int(j["len"]) for j in mine if j is not None)
+            now = time.monotonic()
+            ready = all(j is not None and j.get("ready") for j in mine)
+            if now - last >= 0.5 or ready:
+                last = now
+                await _line(resp, {"disks": {"done": done, "total": total}})
+            if ready:
+                return done
+            await asyncio.sleep(POLL)
+
+    async def _end_mirrors(self, *, force: bool = False) -> None:
+        """End every mirror job without switching the source to the copy."""
+        vm = self.sup.vm
+        with contextlib.suppress(VmkitError):
+            for j in await vm.execute("query-block-jobs"):
+                if str(j.get("device", "")).startswith("mirror-"):
+                    with contextlib.suppress(VmkitError):
+                        if j.get("status") == "concluded":
+                            await vm.execute("job-dismiss", {"id": j["device"]})
+                        else:
+                            await vm.execute("block-job-cancel", {"device": j["device"], "force": force})
+            for _ in range(300):
+                jobs = [j for j in await vm.execute("query-block-jobs")
+                        if str(j.get("device", "")).startswith("mirror-")]
+                for j in jobs:
+                    if j.get("status") == "concluded":
+                        with contextlib.suppress(VmkitError):
+                            await vm.execute("job-dismiss", {"id": j["device"]})
+                if not jobs:
+                    return
+                await asyncio.sleep(0.1)
 
     async def _take_back(self) -> None:
         """After a failed, cancelled or abandoned migration: the guest runs here again as it did.
         Not after a switch to post-copy: the target ran the guest since, so this copy is stale."""
         vm = self.sup.vm
+        await self._end_mirrors(force=True)
         if self._postcopy:
             log.error("the migration failed in post-copy: the guest's state here is stale, it stays paused")
             self.sup.status.reason = "migration failed in post-copy: this copy is stale and stays paused"
@@ -220,6 +295,38 @@ class MigrateRoutes:
         self.completed_to = None
         self.sup.status.reason = "migration abandoned: running here as before"
         self.sup.instance.write_status(self.sup.status)
+
+    async def takeover(self, request: web.Request) -> web.Response:
+        """The target side: wait for the incoming migration to complete, end the disk exports, run the guest."""
+        body = await body_as(request, models.Takeover)
+        vm = self.sup.vm
+        deadline = time.monotonic() + body.timeout
+        while True:
+            if vm.state not in (VmState.PAUSED, VmState.RUNNING):
+                raise StateError("take over the migrated machine", vm.state.value, [VmState.PAUSED.value])
+            status = str((await migration.query(vm)).get("status", "none"))
+            if status == "completed" or (status == "postcopy-active" and vm.state == VmState.RUNNING):
+                break
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"{vm.config.name}: the incoming migration {status}")
+            if time.monotonic() > deadline:
+                raise VmTimeoutError(f"{vm.config.name}: the incoming migration is still {status} after "
+                                     f"{body.timeout:.0f} s")
+            await asyncio.sleep(0.01)
+        exports = await vm.execute("query-block-exports")
+        for exp in exports if isinstance(exports, list) else []:
+            with contextlib.suppress(VmkitError):
+                await vm.execute("block-export-del", {"id": exp["id"]})
+        if exports:
+            with contextlib.suppress(VmkitError):
+                await vm.execute("nbd-server-stop")
+        clock = None
+        if vm.state == VmState.PAUSED:
+            clock = (await savestate.resume_and_fix_clock(vm)).to_dict()
+        self.sup.status.reason = "migrated here"
+        self.sup.instance.write_status(self.sup.status)
+        return web.json_response({**self.sup.status.to_dict(), "clock": clock or {
+            "corrected": False, "behind_seconds": None, "message": "the guest ran on (post-copy)"}})
 
     async def cancel(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)

@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.runtime import migration
 from vmkit.runtime.qemu import accel as accel_mod
 
 
@@ -58,4 +59,18 @@ def checks() -> list[Check]:
     kvm = accel_mod.kvm_status()
     out.append(Check(name="accelerator", ok=True, detail=f"{choice.name}: {choice.reason}",
                      hint=None if kvm.usable else "TCG works everywhere but is slower than KVM", required=True))
+    out.append(migration_check(choice.name))
     return out
+
+
+def migration_check(accel: str) -> Check:
+    """What `vmkit migrate` does on this host: live pre-copy, or a paused copy where that would corrupt."""
+    version = migration.host_qemu_version()
+    one, many = migration.live_safety(accel, 1, version), migration.live_safety(accel, 2, version)
+    if many.live:
+        detail = f"live pre-copy for every machine ({many.reason})"
+    else:
+        detail = f"live pre-copy with 1 vCPU; machines with more vCPUs are copied paused: {many.reason}"
+    return Check(name="migration", ok=one.live, detail=detail,
+                 hint=None if many.live else "give machines that must move live 1 vCPU, or use KVM or QEMU >= 9.0",
+                 required=False)

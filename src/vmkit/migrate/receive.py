@@ -42,6 +42,20 @@ COMMIT_WAIT = 120.0
 """How long the commit waits for QEMU here to report the migration completed (seconds)."""
 
 
+class DiskToCopy(BaseModel):
+    """A local disk the target makes empty (same size, format and backing image) for the mirror to fill."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    path: str = Field(description="its path on the source (under the source's instance directory)")
+    format: str = Field(pattern=r"^(raw|qcow2)$")
+    virtual_size: int = Field(ge=0)
+    allocated: int = Field(ge=0, description="bytes the source's image takes (for the disk-space check)")
+    backing: str | None = None
+    backing_format: str | None = Field(default=None, pattern=r"^(raw|qcow2)$")
+
+
 class Manifest(BaseModel):
     """What the target needs to make the same machine."""
 
@@ -52,6 +66,7 @@ class Manifest(BaseModel):
     source_dir: str = Field(description="the instance directory on the source (paths under it move here)")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> base64 content")
     postcopy: bool = False
+    disks: list[DiskToCopy] = Field(default_factory=list, description="local disks copied while the guest runs")
     listen: str | None = Field(default=None, description="the address QEMU listens on (default: the one the "
                                                          "SSH connection came to)")
 
@@ -136,6 +151,13 @@ class Receiver:
                                  "or put shared disks at the same paths")
         check_machine_type(config.machine)
         need = sum(len(base64.b64decode(v)) for v in manifest.files.values()) + (16 << 20)
+        need += sum(d.allocated for d in manifest.disks)
+        for d in manifest.disks:
+            if d.backing is not None and not Path(d.backing).exists():
+                raise HostError(f"the target lacks {d.backing}, the backing image of disk {d.node}"
+                                + (f" (image {config.image})" if config.image else ""),
+                                hint="build or pull the image there first "
+                                     f"(vmkit image build {config.image or 'NAME'})")
         where = paths.instances_dir()
         free = shutil.disk_usage(where if where.exists() else where.parent).free
         if free < need:
@@ -151,11 +173,27 @@ class Receiver:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(base64.b64decode(content))
+        for d in manifest.disks:
+            dest = self.inst.dir / Path(d.path).relative_to(manifest.source_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            args = ["qemu-img", "create", "-q", "-f", d.format]
+            if d.backing is not None:
+                args += ["-b", d.backing, "-F", d.backing_format or "qcow2"]
+            res = subprocess.run([*args, str(dest), str(d.virtual_size)], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                raise HostError(f"cannot make disk {d.node} on the target: {res.stderr.strip()}")
+            dest.chmod(0o600)
         address = manifest.listen or listen_address()
         uri = migration.tcp_uri(address, free_port(address))
-        plan = models.StartRequest(incoming=models.IncomingRequest(uri=uri, postcopy=manifest.postcopy))
+        nbd_port = free_port(address) if manifest.disks else None
+        plan = models.StartRequest(incoming=models.IncomingRequest(
+            uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks]))
         control.start(manifest.name, plan=plan, timeout=120)
-        self.say({"ready": {"uri": uri}})
+        ready: dict[str, Any] = {"uri": uri}
+        if nbd_port is not None:
+            host = f"[{address}]" if ":" in address else address
+            ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}
+        self.say({"ready": ready})
 
     def api(self) -> SupervisorClient:
         assert self.inst is not None
@@ -179,10 +217,8 @@ class Receiver:
             time.sleep(0.02)
 
     def commit(self) -> None:
-        self.wait_completed()
         api = self.api()
-        if api.call("GET", "/v1/state")["state"] == "paused":
-            api.call("POST", "/v1/resume")
+        api.call("POST", "/v1/migrate/takeover", {"timeout": COMMIT_WAIT})
         self.committed = True
         self.say({"running": api.call("GET", "/v1/state")})
 

@@ -37,10 +37,12 @@ from vmkit.backends import ssh
 from vmkit.backends.local import control
 from vmkit.config import NbdAttachment
 from vmkit.errors import ConfigError, MigrationError, StateError, VmkitError, error_from_fields
+from vmkit.host.images import qemuimg
 from vmkit.host.instance import Instance
 from vmkit.host.provision import is_cloud_instance
-from vmkit.migrate.receive import Manifest
+from vmkit.migrate.receive import DiskToCopy, Manifest
 from vmkit.runtime import migration
+from vmkit.runtime.qemu.cmdline import device_id
 
 PREPARE_WAIT = 180.0
 """How long the target may take to prepare the machine (seconds)."""
@@ -155,15 +157,24 @@ class Remote:
 def manifest(inst: Instance, opts: Options) -> Manifest:
     """The configuration and the small files of ``inst`` that the target needs."""
     config = inst.load_config()
+    disks: list[DiskToCopy] = []
     for i, dev in enumerate(config.storage):
         att = dev.attachment
         if isinstance(att, NbdAttachment):
             continue  # shared storage: the NBD server is reached from both hosts
         path = Path(att.path)
-        if path.is_relative_to(inst.dir) and not opts.shared_storage:
-            raise ConfigError.single(f"storage[{i}]", f"{path} lives in the machine's directory: it must be copied, "
-                                     "which this vmkit does not do live yet; stop the machine and copy it, or use a "
-                                     "disk both hosts reach (NBD, or a shared filesystem with --shared-storage)")
+        local = path.is_relative_to(inst.dir)
+        if opts.copy_storage and local:  # disks elsewhere are shared: the target must see them at their path
+            info = qemuimg.info(path)
+            backing = info.backing_file
+            disks.append(DiskToCopy(node=device_id(i, dev), path=str(path), format=info.format,
+                                    virtual_size=info.virtual_size, allocated=info.actual_size or info.virtual_size,
+                                    backing=str(Path(path.parent, backing)) if backing else None,
+                                    backing_format=info.backing_format))
+        elif local and not opts.shared_storage:
+            raise ConfigError.single(f"storage[{i}]", f"{path} lives in the machine's directory: copy it with "
+                                     "--copy-storage, or, if the target sees it at the same path (a shared "
+                                     "filesystem), say --shared-storage")
     files: dict[str, str] = {}
     if is_cloud_instance(inst.dir):
         for p in sorted(inst.dir.rglob("*")):
@@ -173,12 +184,14 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
             if p.stat().st_size <= SMALL_FILE:
                 files[str(rel)] = base64.b64encode(p.read_bytes()).decode("ascii")
     return Manifest(name=inst.name, config=config.to_dict(), source_dir=str(inst.dir), files=files,
-                    postcopy=opts.postcopy)
+                    postcopy=opts.postcopy, disks=disks)
 
 
-def _request(opts: Options, uri: str) -> dict[str, Any]:
+def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) -> dict[str, Any]:
+    mirror = [models.MirrorDisk(node=d.node, target=targets[d.node], sync="top" if d.backing else "full")
+              for d in man.disks]
     return models.MigrateRequest(
-        uri=uri, method=opts.method, downtime_limit_ms=opts.downtime_limit_ms,
+        uri=uri, mirror=mirror, method=opts.method, downtime_limit_ms=opts.downtime_limit_ms,
         bandwidth_bytes=opts.bandwidth_bytes, auto_converge=opts.auto_converge, postcopy=opts.postcopy,
         max_rounds=opts.max_rounds).model_dump(mode="json", exclude_defaults=True)
 
@@ -188,9 +201,6 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     opts = opts or Options()
     emit = on_event or (lambda _: None)
     host = ssh.parse(target, field="TARGET")
-    if opts.copy_storage:
-        raise ConfigError.single("--copy-storage", "copying local disks while the machine runs is not built yet: "
-                                 "use disks both hosts reach (--shared-storage), or stop the machine first")
     inst = control.get(name)
     status = inst.reconcile()
     if not inst.is_supervised() or status.state not in ("running", "paused"):
@@ -204,9 +214,10 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     completed = False
     try:
         remote.send("prepare", man.model_dump(mode="json"))
-        uri = str(remote.answer("ready", PREPARE_WAIT)["uri"])
+        ready = remote.answer("ready", PREPARE_WAIT)
+        uri = str(ready["uri"])
         emit({"step": f"the target waits at {uri}: sending"})
-        report = _send(api, _request(opts, uri), emit)
+        report = _send(api, _request(opts, uri, man, dict(ready.get("disks") or {})), emit)
         completed = True
         out = Outcome(name=name, target=host.uri, report=report)
         if opts.verify:
