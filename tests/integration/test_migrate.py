@@ -205,3 +205,38 @@ def test_every_failure_leaves_the_machine_running_on_the_source(vmkit_home: Path
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and re.search(r"migration (failed|cancelled)", err), err
     still_here(subprocess.CompletedProcess([], proc.returncode, "", err), proc.returncode, "the migration")
+    vmkit("stop", "--force", "mf")
+
+
+def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_image: Image, lab: str,
+                                                       on_target: list[str]) -> None:
+    # 8 MiB of random data, then a writer that keeps rewriting MiB 20 with MiB 0 (the same bytes on
+    # both hosts, so the disks can be compared after the target ran on)
+    writer = ("head -c 8m /dev/urandom > /dev/vda; sync; echo DISK-WRITTEN; (while :; do "
+              "dd if=/dev/vda of=/dev/vda bs=1M count=1 seek=20 conv=notrunc 2>/dev/null; sync; done) &")
+    vmkit("create", "ms", "--image", "micro", "--memory", "128M", "--cmdline",
+          f"vmkit.counter=1 {micro.run_parameter(writer)}")
+    on_target.append("ms")
+    inst = vmkit_home / "instances" / "ms"
+    disk = inst / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    config = inst / "vm.yaml"  # a disk in the machine's own directory, as a cloud image's overlay is
+    text = config.read_text().replace("storage: []", "storage:\n- kind: virtio-blk\n  attachment:\n"
+                                      f"    type: disk-image\n    path: {disk}\n    format: qcow2")
+    config.write_text(text)
+    vmkit("start", "ms")
+    vmkit("console", "ms", "--log", "--until", "DISK-WRITTEN", "--timeout", "60")
+
+    refused = vmkit("migrate", "ms", lab, check=False)
+    assert refused.returncode == 2 and "--copy-storage" in refused.stderr
+    assert state_of("ms") == "running" and "ms" not in target_rows(lab)
+
+    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--verify", "--json").stdout)
+    assert out["bad_pages"] == 0
+    assert out["report"]["disks_copied"] == ["disk0"] and out["report"]["disk_bytes"] >= 8 << 20
+    assert target_rows(lab)["ms"]["state"] == "running"
+    copy = LAB / "vmklab1" / "home" / "instances" / "ms" / "data.qcow2"
+    vmkit("--host", lab, "stop", "--force", "ms")
+    cmp = subprocess.run(["qemu-img", "compare", str(disk), str(copy)], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert "identical" in cmp.stdout

@@ -19,7 +19,8 @@ def _size(n: int) -> str:
 def migrate(
     name: str,
     target: str = typer.Argument(..., metavar="ssh://[user@]HOST[:PORT]", help="the host to move it to"),
-    offline: bool = typer.Option(False, "--offline", help="move a stopped or saved machine (not built yet)"),
+    offline: bool = typer.Option(False, "--offline",
+                                 help="move a stopped or saved machine (disks; its saved state re-encrypted there)"),
     copy_storage: bool = typer.Option(False, "--copy-storage",
                                       help="copy its local disks while it runs (QEMU's NBD mirror)"),
     shared_storage: bool = typer.Option(False, "--shared-storage",
@@ -40,12 +41,23 @@ def migrate(
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
-    if offline:
-        raise ConfigError.single("--offline", "moving a stopped machine is not built yet: start it and migrate it "
-                                 "live, or copy its directory")
+    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify):
+        raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
+                                 "migration options do not apply")
     if copy_storage and shared_storage:
         raise ConfigError.single("--copy-storage", "give --copy-storage or --shared-storage, not both")
     handle = machine(name)
+    if offline:
+        moved = handle.move(target, on_event=lambda line: None if as_json else err.print(str(line.get("step", "")),
+                                                                                          highlight=False))
+        if as_json:
+            print_json(moved)
+            return
+        out.print(f"moved [bold]{name}[/] to {moved['target']} in {moved['seconds']:.1f} s "
+                  f"({_size(int(moved['bytes_sent']))} sent); `vmkit --host {moved['target']} start {name}` "
+                  + ("resumes it" if moved["state"] else "boots it"), highlight=False)
+        out.print(f"  here it is `migrated` until `vmkit delete {name}`", highlight=False)
+        return
     last = [""]
 
     def on_event(line: dict[str, object]) -> None:

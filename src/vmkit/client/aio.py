@@ -132,6 +132,10 @@ class Instance:
             bandwidth_bytes=bandwidth_bytes, auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds,
             verify=verify, shared_storage=shared_storage, copy_storage=copy_storage, on_event=on_event)
 
+    async def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
+        return await asyncio.to_thread(self._sync.move, target, on_event=on_event)
+
     async def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
                       timeout: float | None = None, progress: ConsoleProgress | None = None,
                       state_progress: ByteProgress | None = None) -> models.StartResult:

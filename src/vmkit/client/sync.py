@@ -322,6 +322,13 @@ class Instance:
                             shared_storage=shared_storage, copy_storage=copy_storage)
         return self._call(send.migrate, self.name, target, opts, on_event=on_event).to_dict()
 
+    def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Move the stopped or saved machine to ``target`` (``vmkit migrate --offline``): disks, files
+        and its saved state (re-encrypted there for that user), so that starting it there resumes it."""
+        from vmkit.migrate import send
+
+        return self._call(send.move_offline, self.name, target, on_event=on_event)
+
     def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
                 timeout: float | None = None, progress: ConsoleProgress | None = None,
                 state_progress: ByteProgress | None = None) -> models.StartResult:

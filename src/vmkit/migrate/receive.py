@@ -9,6 +9,13 @@
    guest's memory (the migration check), answered as ``{"digest": MemoryDigest}``.
 3. ``{"commit": {}}``: once QEMU here has the whole machine, run it; answered ``{"running": status}``.
 
+An offline move (``vmkit migrate --offline``, a stopped or saved machine) sends ``{"offline":
+Manifest}`` instead (answered ``{"ready": {}}``), then ``{"chunk": {"path", "offset", "data"}}`` lines
+with the disks' bytes (runs of zeros left out) and ``{"size": {"path", "size"}}``, then the saved
+state, if any: ``{"state": {"header", "chunk_size", "compression"}}`` and its records
+``{"record": {"final", "compressed", "size", "stored"}}`` as stored (compressed), re-sealed here with
+this user's state-file key; ``{"commit": {}}`` puts the files in place: ``{"moved": {...}}``.
+
 Anything else, ``{"abort": {}}``, or the end of stdin before the commit (the source failed, was
 interrupted or lost the connection) stops the machine here and removes its directory: a migration
 that did not complete leaves nothing behind on the target. Every failure is ``{"error": ...}``.
@@ -37,6 +44,7 @@ from vmkit.errors import ConfigError, HostError, StateError, VmkitError, error_f
 from vmkit.host import paths
 from vmkit.host.instance import Instance
 from vmkit.runtime import migration
+from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
 
 COMMIT_WAIT = 120.0
 """How long the commit waits for QEMU here to report the migration completed (seconds)."""
@@ -131,12 +139,15 @@ class Receiver:
         self.out = out
         self.inst: Instance | None = None
         self.committed = False
+        self.offline = False
+        self.writer: StateFileWriter | None = None
+        self.files: dict[str, int] = {}
 
     def say(self, payload: dict[str, Any]) -> None:
         self.out.write(json.dumps(payload) + "\n")
         self.out.flush()
 
-    def prepare(self, manifest: Manifest) -> None:
+    def prepare(self, manifest: Manifest, *, offline: bool = False) -> None:
         inst = Instance(manifest.name)
         if inst.exists():
             raise StateError(f"receive {manifest.name}", "a machine of that name exists on the target",
@@ -173,6 +184,10 @@ class Receiver:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(base64.b64decode(content))
+        if offline:
+            self.offline = True
+            self.say({"ready": {}})
+            return
         for d in manifest.disks:
             dest = self.inst.dir / Path(d.path).relative_to(manifest.source_dir)
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -194,6 +209,60 @@ class Receiver:
             host = f"[{address}]" if ":" in address else address
             ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}
         self.say({"ready": ready})
+
+    def _own(self, rel: str) -> Path:
+        assert self.inst is not None and self.offline
+        rp = PurePosixPath(rel)
+        if rp.is_absolute() or ".." in rp.parts or not rp.parts or rp.parts[0] in ("vm.yaml", "saved.vmstate"):
+            raise ConfigError.single("path", f"{rel!r} is not a disk inside the instance directory")
+        return self.inst.dir / rp
+
+    def chunk(self, rel: str, offset: int, data: bytes) -> None:
+        path = self._own(rel)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def size(self, rel: str, size: int) -> None:
+        path = self._own(rel)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def state(self, header: dict[str, Any], chunk_size: int, compression: bool) -> None:
+        from vmkit.runtime.qemu import accel as accel_mod
+        from vmkit.state import key as keys
+        from vmkit.state import savestate
+
+        assert self.inst is not None and self.offline
+        config = self.inst.load_config()
+        doc = savestate.moved_header(header, config, accel_mod.choose(config.accel.value))
+        parsed = savestate.VmStateHeader.model_validate(doc)
+        self.writer = StateFileWriter(self.inst.saved_state_path, parsed, keys.load_or_create_key(),
+                                      chunk_size=chunk_size, header_document=doc,
+                                      compression_level=DEFAULT_COMPRESSION_LEVEL if compression else None)
+
+    def record(self, final: bool, compressed: bool, size: int, stored: bytes) -> None:
+        if self.writer is None:
+            raise ConfigError.single("record", "a state record before the state header")
+        self.writer._put_record(stored, size, compressed=compressed, final=final)
+        self.writer.payload_bytes += size
+
+    def commit_offline(self) -> None:
+        assert self.inst is not None
+        moved: dict[str, Any] = {"state": False}
+        if self.writer is not None:
+            self.writer.prepare()
+            self.writer.commit()
+            self.writer = None
+            moved["state"] = True
+        self.committed = True
+        self.say({"moved": moved})
 
     def api(self) -> SupervisorClient:
         assert self.inst is not None
@@ -223,6 +292,10 @@ class Receiver:
         self.say({"running": api.call("GET", "/v1/state")})
 
     def abort(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.abort()
+            self.writer = None
         if self.inst is None or self.committed:
             return
         inst, self.inst = self.inst, None
@@ -249,10 +322,24 @@ def serve(inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
             (kind, body), = msg.items()
             if kind == "prepare":
                 rx.prepare(Manifest.model_validate(body))
+            elif kind == "offline":
+                rx.prepare(Manifest.model_validate(body), offline=True)
+            elif kind == "chunk" and rx.offline:
+                rx.chunk(str(body["path"]), int(body["offset"]), base64.b64decode(body["data"]))
+            elif kind == "size" and rx.offline:
+                rx.size(str(body["path"]), int(body["size"]))
+            elif kind == "state" and rx.offline:
+                rx.state(dict(body["header"]), int(body["chunk_size"]), bool(body["compression"]))
+            elif kind == "record" and rx.offline:
+                rx.record(bool(body["final"]), bool(body["compressed"]), int(body["size"]),
+                          base64.b64decode(body["stored"]))
             elif kind == "digest":
                 rx.digest()
             elif kind == "commit":
-                rx.commit()
+                if rx.offline:
+                    rx.commit_offline()
+                else:
+                    rx.commit()
                 return 0
             else:
                 break  # abort, or anything unknown

@@ -284,3 +284,64 @@ def _take_back(api: SupervisorClient, completed: bool, exc: BaseException) -> No
                     if st["status"] in ("cancelled", "failed", "none") and st["state"] in ("running", "paused"):
                         break
                     time.sleep(0.1)
+
+
+CHUNK = 1 << 20
+"""Bytes of disk per line of an offline move."""
+
+
+def move_offline(name: str, target: str, *, on_event: Event | None = None) -> dict[str, Any]:
+    """Move the stopped or saved machine ``name`` to ``target``: its configuration, files and disks,
+    and its saved state re-encrypted there with the target user's key, so ``vmkit start`` there
+    resumes it. Here it stays as ``migrated`` until ``vmkit delete``."""
+    from vmkit.state import key as keys
+    from vmkit.state.file import StateFileReader
+
+    emit = on_event or (lambda _: None)
+    host = ssh.parse(target, field="TARGET")
+    inst = control.get(name)
+    status = inst.reconcile()
+    if inst.is_supervised():
+        raise StateError(f"move {name} offline", status.state, ["stopped", "saved"])
+    if inst.migrated_to is not None:
+        raise StateError(f"move {name}", f"migrated (it runs on {inst.migrated_to})", ["stopped", "saved"])
+    man = manifest(inst, Options(copy_storage=True))
+    saved = inst.saved_state_path if inst.saved_state_path.exists() else None
+    t0 = time.monotonic()
+    remote = Remote(host)
+    committed = False
+    sent = 0
+    try:
+        remote.send("offline", man.model_dump(mode="json"))
+        remote.answer("ready", PREPARE_WAIT)
+        for d in man.disks:
+            rel = str(Path(d.path).relative_to(inst.dir))
+            emit({"step": f"copying {rel}"})
+            with open(d.path, "rb") as fh:
+                offset = 0
+                while chunk := fh.read(CHUNK):
+                    if chunk.count(0) != len(chunk):  # runs of zeros stay holes
+                        remote.send("chunk", {"path": rel, "offset": offset,
+                                              "data": base64.b64encode(chunk).decode("ascii")})
+                        sent += len(chunk)
+                    offset += len(chunk)
+                remote.send("size", {"path": rel, "size": offset})
+        if saved is not None:
+            emit({"step": "re-encrypting the saved state for the target"})
+            with StateFileReader(saved, keys.load_key()) as reader:
+                remote.send("state", {"header": reader.header_document, "chunk_size": reader.chunk_size,
+                                      "compression": reader.compression == "zstd"})
+                for final, compressed, size, stored in reader.records():
+                    remote.send("record", {"final": final, "compressed": compressed, "size": size,
+                                           "stored": base64.b64encode(bytes(stored)).decode("ascii")})
+                    sent += len(stored)
+        remote.send("commit")
+        moved = remote.answer("moved", COMMIT_WAIT)
+        committed = True
+        marker = inst.dir / "migrated.json"
+        marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "offline": True}))
+        marker.chmod(0o600)
+        return {"name": name, "target": host.uri, "seconds": round(time.monotonic() - t0, 3),
+                "bytes_sent": sent, "state": bool(moved.get("state")), "disks": [d.node for d in man.disks]}
+    finally:
+        remote.close(abort=not committed)
