@@ -125,7 +125,8 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool) -> dict[str
     src_log, dst_log = work / "src.log", work / "dst.log"
     src_argv = [*base, "-serial", f"file:{src_log}", "-qmp", f"unix:{work}/src.qmp,server=on,wait=off"]
     dst_argv = ["ip", "netns", "exec", TARGET_NS, *base, "-serial", f"file:{dst_log}", "-qmp",
-                f"unix:{work}/dst.qmp,server=on,wait=off", "-incoming", f"tcp:{TARGET_ADDR}:{port}"]
+                f"unix:{work}/dst.qmp,server=on,wait=off", "-incoming", f"tcp:{TARGET_ADDR}:{port}",
+                "-S"]  # the target stays paused after the migration, so that its memory can be compared
     src = subprocess.Popen(src_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     dst = subprocess.Popen(dst_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     try:

@@ -114,11 +114,13 @@ def test_live_migration_under_a_memory_workload_arrives_whole(vmkit_home: Path, 
     on_target.append("mv")
     time.sleep(2)  # the dirtier is rewriting its files
     before = last_tick((vmkit_home / "instances" / "mv" / "serial.log").read_text(errors="replace"))
-    res = vmkit("migrate", "mv", lab, "--verify", "--json")
+    res = vmkit("migrate", "mv", lab, "--live", "--json")  # verified page by page on this QEMU (TCG, 7.2)
     out = json.loads(res.stdout)
     rep = out["report"]
     assert out["bad_pages"] == 0 and out["pages_checked"] == 256 * 1024 // 4
-    assert rep["method"] == "live" and rep["rounds"] >= 2
+    # live pre-copy, or (if it lost a page) done again paused, and then it says so
+    assert (rep["method"] == "live" and rep["rounds"] >= 2) or (
+        rep["method"] == "paused" and any("done again with the guest paused" in n for n in out["notes"]))
     assert rep["query"]["status"] == "completed" and rep["downtime_ms"] is not None
     assert rep["transferred_bytes"] > 16 << 20
 
@@ -231,7 +233,7 @@ def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_i
     assert refused.returncode == 2 and "--copy-storage" in refused.stderr
     assert state_of("ms") == "running" and "ms" not in target_rows(lab)
 
-    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--verify", "--json").stdout)
+    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--live", "--json").stdout)
     assert out["bad_pages"] == 0
     assert out["report"]["disks_copied"] == ["disk0"] and out["report"]["disk_bytes"] >= 8 << 20
     assert target_rows(lab)["ms"]["state"] == "running"
@@ -240,3 +242,40 @@ def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_i
     cmp = subprocess.run(["qemu-img", "compare", str(disk), str(copy)], capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert "identical" in cmp.stdout
+
+
+def test_offline_move_resumes_on_the_target_with_its_own_key(vmkit_home: Path, micro_image: Image, lab: str,
+                                                             on_target: list[str]) -> None:
+    vmkit("create", "mo", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1")
+    on_target.append("mo")
+    inst = vmkit_home / "instances" / "mo"
+    disk = inst / "data.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "32M"], check=True)
+    with disk.open("r+b") as fh:  # some data, and a long hole
+        fh.write(os.urandom(1 << 20))
+    config = inst / "vm.yaml"
+    config.write_text(config.read_text().replace("storage: []", "storage:\n- kind: virtio-blk\n  attachment:\n"
+                                                 f"    type: disk-image\n    path: {disk}\n    format: raw"))
+    vmkit("start", "mo")
+    vmkit("console", "mo", "--log", "--until", r"vmkit-tick [3-9]\n", "--timeout", "60")
+    refused = vmkit("migrate", "--offline", "mo", lab, check=False)  # a running machine moves live
+    assert refused.returncode == 4 and "stopped or saved" in refused.stderr
+    vmkit("stop", "--save", "mo")
+    last = last_tick((inst / "serial.log").read_text(errors="replace"))
+
+    res = vmkit("migrate", "--offline", "mo", lab, "--json")
+    moved = json.loads(res.stdout)
+    assert moved["state"] is True and moved["disks"] == ["disk0"]
+    assert state_of("mo") == "migrated" and target_rows(lab)["mo"]["state"] == "saved"
+    there = LAB / "vmklab1" / "home"
+    assert (there / "config" / "state.key").read_bytes() != (vmkit_home / "config" / "state.key").read_bytes()
+    copy = there / "instances" / "mo" / "data.raw"
+    assert copy.read_bytes() == disk.read_bytes()
+    assert copy.stat().st_blocks * 512 < 8 << 20  # the hole stayed a hole
+
+    started = vmkit("--host", lab, "start", "mo")
+    assert "resumed" in started.stdout
+    log = vmkit("--host", lab, "console", "mo", "--log", "--until", rf"vmkit-tick {last + 2}\n", "--timeout", "60")
+    assert last_tick(log.stdout) >= last + 2
+    assert min(t for t in micro.parse_ticks(log.stdout)) > last - 1  # it went on, it did not boot again
+    vmkit("delete", "mo")

@@ -290,6 +290,9 @@ class MigrateRequest(Request):
     method: Literal["auto", "live", "paused"] = Field(
         default="auto", description="live: pre-copy while the guest runs; paused: copy with the guest paused "
                                     "(no dirty pages to lose); auto: live where that is safe (see `vmkit doctor`)")
+    verified: Bool = Field(default=False, description="the caller compares every page afterwards "
+                                                      "(/v1/memory-digest): live pre-copy is allowed where it may "
+                                                      "lose pages (a loss is then found and the migration undone)")
     downtime_limit_ms: int | None = Field(default=None, strict=True, ge=1, le=2000_000,
                                           description="the longest pause QEMU aims for at the switch-over")
     bandwidth_bytes: int | None = Field(default=None, strict=True, ge=1 << 20,

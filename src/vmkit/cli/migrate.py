@@ -34,6 +34,8 @@ def migrate(
     postcopy: bool = typer.Option(False, "--postcopy", help="switch to post-copy after the first round (fast to "
                                   "converge; a failure after the switch loses the guest)"),
     paused: bool = typer.Option(False, "--paused", help="copy with the guest paused (no live pre-copy)"),
+    live: bool = typer.Option(False, "--live", help="live pre-copy even where this QEMU can lose pages under TCG "
+                              "(then verified page by page, and done again paused if a page was lost)"),
     verify: bool = typer.Option(False, "--verify", help="compare every memory page on both hosts before the target "
                                 "runs it (adds downtime; a difference takes the migration back)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -41,7 +43,7 @@ def migrate(
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
-    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify):
+    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
                                  "migration options do not apply")
     if copy_storage and shared_storage:
@@ -75,7 +77,10 @@ def migrate(
                 last[0] = shown
                 err.print(shown, highlight=False)
 
-    result = handle.migrate(target, method="paused" if paused else "auto", downtime_limit_ms=downtime_limit,
+    if live and paused:
+        raise ConfigError.single("--live", "give --live or --paused, not both")
+    method = "paused" if paused else "live" if live else "auto"
+    result = handle.migrate(target, method=method, downtime_limit_ms=downtime_limit,
                             bandwidth_bytes=bandwidth << 20 if bandwidth else None, auto_converge=auto_converge,
                             postcopy=postcopy, verify=verify, shared_storage=shared_storage,
                             copy_storage=copy_storage, on_event=on_event)
@@ -91,7 +96,7 @@ def migrate(
               + (f", throttled {rep['throttle_percent']}%" if rep.get("throttle_percent") else ""), highlight=False)
     if result["bad_pages"] is not None:
         out.print(f"  memory check: {result['bad_pages']} of {result['pages_checked']} pages differ", highlight=False)
-    for note in rep["notes"]:
+    for note in [*result["notes"], *rep["notes"]]:
         out.print(f"  note: {note}", highlight=False)
     out.print(f"  here it is `migrated` until `vmkit delete {name}`", highlight=False)
 

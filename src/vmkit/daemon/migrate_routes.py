@@ -114,13 +114,21 @@ class MigrateRoutes:
                              vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
         safety = migration.live_safety(vm.accel.name, vm.config.cpus,
                                        migration.parse_version(vm.qmp.qemu_version if vm.qmp else None))
-        if body.method == "live" and not safety.live:
+        if body.method == "live" and not safety.live and not body.verified:
             from vmkit.errors import ConfigError
 
             raise ConfigError.single("method", f"live pre-copy would corrupt this machine: {safety.reason}; "
                                      "leave the method to vmkit (auto) or ask for paused")
-        method: str = "paused" if body.method == "paused" or not safety.live else "live"
-        reason = "asked for" if body.method == "paused" else safety.reason
+        live = body.method == "live" or (body.method == "auto" and safety.live)
+        method: str = "live" if live else "paused"
+        if body.method == "paused":
+            reason = "asked for"
+        elif live and not safety.live:
+            reason = "asked for, verified page by page afterwards (this QEMU can lose pages under TCG)"
+        elif live and body.method == "live":
+            reason = f"asked for ({safety.reason})"
+        else:
+            reason = safety.reason
         with self.sup.ops.exclusive("migrate the machine", f"migrating to {body.uri}"):
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)

@@ -66,11 +66,9 @@ def checks() -> list[Check]:
 def migration_check(accel: str) -> Check:
     """What `vmkit migrate` does on this host: live pre-copy, or a paused copy where that would corrupt."""
     version = migration.host_qemu_version()
-    one, many = migration.live_safety(accel, 1, version), migration.live_safety(accel, 2, version)
-    if many.live:
-        detail = f"live pre-copy for every machine ({many.reason})"
-    else:
-        detail = f"live pre-copy with 1 vCPU; machines with more vCPUs are copied paused: {many.reason}"
-    return Check(name="migration", ok=one.live, detail=detail,
-                 hint=None if many.live else "give machines that must move live 1 vCPU, or use KVM or QEMU >= 9.0",
-                 required=False)
+    safety = migration.live_safety(accel, 2, version)
+    detail = (f"live pre-copy ({safety.reason})" if safety.live else
+              f"machines are copied paused: {safety.reason}")
+    return Check(name="migration", ok=safety.live, detail=detail,
+                 hint=None if safety.live else "live pre-copy needs KVM or QEMU >= 9.0 (vmkit migrate --live "
+                                               "verifies every page instead)", required=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import queue
 import subprocess
@@ -197,9 +198,37 @@ def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) ->
 
 
 def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Event | None = None) -> Outcome:
-    """Move the running (or paused) machine ``name`` to ``target`` (``ssh://[user@]HOST[:PORT]``)."""
+    """Move the running (or paused) machine ``name`` to ``target`` (``ssh://[user@]HOST[:PORT]``).
+
+    Live pre-copy asked for where QEMU can lose dirty pages (:func:`vmkit.runtime.migration.live_safety`)
+    is verified page by page; if a page was lost, the migration is undone and done again paused."""
     opts = opts or Options()
     emit = on_event or (lambda _: None)
+    if opts.method == "live":
+        inst = control.get(name)
+        st = inst.reconcile()
+        safety = migration.live_safety(st.accel or "tcg", inst.load_config().cpus,
+                                       migration.parse_version(st.qemu_version))
+        if not safety.live:
+            emit({"note": "live pre-copy on this QEMU can lose pages under TCG: every page is compared "
+                          "before the target runs the guest"})
+            opts = dataclasses.replace(opts, verify=True)
+            try:
+                return _migrate(name, target, opts, emit, verified=True)
+            except PagesLost as lost:
+                note = f"{lost.message}; done again with the guest paused"
+                emit({"note": note})
+                out = _migrate(name, target, dataclasses.replace(opts, method="paused"), emit)
+                out.notes.append(note)
+                return out
+    return _migrate(name, target, opts, emit)
+
+
+class PagesLost(MigrationError):
+    """The memory check found pages that differ on the target (the migration was undone)."""
+
+
+def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bool = False) -> Outcome:
     host = ssh.parse(target, field="TARGET")
     inst = control.get(name)
     status = inst.reconcile()
@@ -217,7 +246,8 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
         ready = remote.answer("ready", PREPARE_WAIT)
         uri = str(ready["uri"])
         emit({"step": f"the target waits at {uri}: sending"})
-        report = _send(api, _request(opts, uri, man, dict(ready.get("disks") or {})), emit)
+        request = _request(opts, uri, man, dict(ready.get("disks") or {}))
+        report = _send(api, {**request, "verified": True} if verified else request, emit)
         completed = True
         out = Outcome(name=name, target=host.uri, report=report)
         if opts.verify:
@@ -229,7 +259,7 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
             out.bad_pages, out.pages_checked = len(bad), here.pages
             if bad:
                 shown = ", ".join(hex(p * here.page_size) for p in bad[:8])
-                raise MigrationError(f"{name}: {len(bad)} of {here.pages} memory pages differ on the target "
+                raise PagesLost(f"{name}: {len(bad)} of {here.pages} memory pages differ on the target "
                                      f"(at {shown}{' ...' if len(bad) > 8 else ''}): the migration lost them",
                                      hint="the machine runs on here; the copy on the target was removed")
         remote.send("commit")

@@ -1,10 +1,13 @@
 """Live migration on one QEMU: which method is safe here, the QMP that drives it, and a check that
 the guest's memory arrived whole.
 
-Safety: QEMU before 9.0 loses dirty-page tracking under TCG when more than one vCPU writes memory
-(``cpu_physical_memory_sync_dirty_bitmap``; fixed by QEMU commit 03bfc2188f). Measured on QEMU 7.2:
-2 vCPUs under a memory dirtier were corrupted in 3 runs of 3, 1 vCPU was clean. There vmkit copies
-the memory with the guest paused (its downtime is the whole copy) instead of pre-copy while it runs:
+Safety: QEMU before 9.0 loses dirty-page tracking under TCG: a vCPU's write can race the migration
+thread's bitmap sync (``cpu_physical_memory_sync_dirty_bitmap``; fixed by QEMU commit 03bfc2188f).
+Measured on QEMU 7.2 here (benchmarks/migrate_bench.py): 2 vCPUs under a memory dirtier lost pages
+in 1 run of 3 (26 pages; 3 of 3 in HOST-NOTES), and 1 vCPU writing memory and its disk under heavy
+host load lost 4 pages in one run, so no TCG guest is safe there. There vmkit copies the memory with
+the guest paused (its downtime is the whole copy) instead of pre-copy while it runs, unless the user
+asks for live pre-copy, which is then verified page by page and redone paused if a page was lost:
 :func:`live_safety` says which, and why.
 
 The check (:func:`memory_digest`): once a migration has completed, the source is stopped with the
@@ -62,13 +65,13 @@ def live_safety(accel: str, cpus: int, qemu_version: tuple[int, int, int] | None
     """Whether pre-copy while the guest runs is safe for this machine on this QEMU."""
     if accel != "tcg":
         return Safety("live", f"{accel.upper()} tracks dirty pages in the kernel: live pre-copy is safe")
-    if cpus <= 1:
-        return Safety("live", "one vCPU: QEMU's TCG dirty tracking is exact, live pre-copy is safe")
     shown = ".".join(map(str, qemu_version)) if qemu_version else "unknown"
     if qemu_version is not None and qemu_version >= FIXED_IN:
-        return Safety("live", f"QEMU {shown} tracks dirty pages of several TCG vCPUs correctly: live pre-copy is safe")
-    return Safety("paused", f"QEMU {shown} under TCG loses dirty pages written by {cpus} vCPUs (fixed in QEMU 9.0): "
-                            "the guest is paused while its memory is copied, so its downtime is the whole copy")
+        return Safety("live", f"QEMU {shown} tracks the dirty pages of TCG vCPUs correctly: live pre-copy is safe")
+    many = f"{cpus} vCPUs" if cpus > 1 else "its vCPU"
+    return Safety("paused", f"QEMU {shown} under TCG can lose pages that {many} dirty while they are copied "
+                            "(fixed in QEMU 9.0): the guest is paused while its memory is copied, so its downtime "
+                            "is the whole copy (--live: pre-copy, verified page by page)")
 
 
 def host_qemu_version(binary: str = "qemu-system-x86_64") -> tuple[int, int, int] | None:
