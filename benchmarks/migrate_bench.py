@@ -240,7 +240,8 @@ def main() -> int:
         for a, b in (("idle, vmkit --live (verified)", "idle, plain QMP live"),
                      ("dirtying, vmkit --live (verified)", "dirtying, plain QMP live")):
             if a in medians and b in medians and medians[b]:
-                print(f"ratio vmkit/plain QMP, QEMU total time ({a.split(',')[0]} live): {medians[a] / medians[b]:.2f}x")
+                ratio = medians[a] / medians[b]
+                print(f"ratio vmkit/plain QMP, QEMU total time ({a.split(',')[0]} live): {ratio:.2f}x")
         print(f"# load after: {Path('/proc/loadavg').read_text().split()[:3]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

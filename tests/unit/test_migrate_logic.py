@@ -173,3 +173,33 @@ def test_receiver_aborts_on_end_of_input_and_refuses_garbage(tmp_path: Path, mon
     err = json.loads(out.getvalue())["error"]
     assert err["type"] == "HostError" and "the target lacks" in err["message"]
     assert not (tmp_path / "instances" / "web").exists()
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--offline", "--live"], "--offline"),
+    (["--offline", "--copy-storage"], "--offline"),
+    (["--copy-storage", "--shared-storage"], "--copy-storage"),
+    (["--live", "--paused"], "--live"),
+])
+def test_migrate_options_that_do_not_go_together(args: list[str], field: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "migrate", "web", "ssh://h", *args],
+                         capture_output=True, text=True, env={**os.environ, "VMKIT_HOME": str(tmp_path)}, timeout=60)
+    assert res.returncode == 2 and field in res.stderr, res.stderr
+
+
+def test_migrating_an_unknown_machine_or_to_a_bad_uri(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VMKIT_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "migrate", "web", "ssh://h"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 3 and "web" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "--host", "ssh://a b", "list"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 2 and "--host" in res.stderr

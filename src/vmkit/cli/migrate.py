@@ -46,6 +46,8 @@ def migrate(
     if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
                                  "migration options do not apply")
+    if live and paused:
+        raise ConfigError.single("--live", "give --live or --paused, not both")
     if copy_storage and shared_storage:
         raise ConfigError.single("--copy-storage", "give --copy-storage or --shared-storage, not both")
     handle = machine(name)
@@ -77,8 +79,6 @@ def migrate(
                 last[0] = shown
                 err.print(shown, highlight=False)
 
-    if live and paused:
-        raise ConfigError.single("--live", "give --live or --paused, not both")
     method = "paused" if paused else "live" if live else "auto"
     result = handle.migrate(target, method=method, downtime_limit_ms=downtime_limit,
                             bandwidth_bytes=bandwidth << 20 if bandwidth else None, auto_converge=auto_converge,
