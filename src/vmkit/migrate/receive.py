@@ -41,7 +41,7 @@ from vmkit.api import SupervisorClient, models
 from vmkit.backends.local import control
 from vmkit.config import MachineConfig, validate_model
 from vmkit.errors import ConfigError, HostError, StateError, VmkitError, error_fields
-from vmkit.host import paths
+from vmkit.host import paths, provision
 from vmkit.host.instance import Instance
 from vmkit.runtime import migration
 from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
@@ -184,6 +184,8 @@ class Receiver:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(base64.b64decode(content))
+        if provision.is_cloud_instance(self.inst.dir):  # its ssh_config names files in its own directory
+            provision.write_ssh_config(self.inst.dir, config.name, provision.ssh_port(config))
         if offline:
             self.offline = True
             self.say({"ready": {}})
