@@ -13,55 +13,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, vmkit, wait_until
+from conftest import LAB, vmkit, wait_until
 from vmkit.host.images import micro
 from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab's network namespaces need root")]
 
-LAB = Path(os.environ.get("VMKIT_LAB_DIR", "/tmp/vmklab"))
-TARGET = "ssh://root@10.231.0.11"
 DIRTIER = ("mkdir -p /d && mount -t tmpfs -o size=100m tmpfs /d && head -c 16m /dev/urandom > /d/a && "
            "head -c 16m /dev/zero > /d/z && for i in 1 2; do (while :; do cat /d/a > /d/b$i; cat /d/z > /d/b$i; "
            "done) & done; echo DIRTIER-UP")
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[str]:
-    """Two lab hosts (brought up for these tests unless a lab is already up); the target's URI."""
-    brought = False
-    if not (LAB / "ssh_config").exists():
-        res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert res.stdout.strip().splitlines()[-1] == TARGET
-        brought = True
-    old = os.environ.get("VMKIT_SSH_CONFIG")
-    os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")
-    try:
-        yield TARGET
-    finally:
-        if old is None:
-            os.environ.pop("VMKIT_SSH_CONFIG", None)
-        else:
-            os.environ["VMKIT_SSH_CONFIG"] = old
-        if brought:
-            subprocess.run([str(REPO / "scripts" / "lab.sh"), "down"], capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def on_target(lab: str) -> Iterator[list[str]]:
-    """Names to remove from the target afterwards."""
-    names: list[str] = []
-    yield names
-    for n in names:
-        vmkit("--host", lab, "delete", "--force", n, check=False)
 
 
 def target_rows(lab: str) -> dict[str, dict[str, object]]:
