@@ -118,6 +118,8 @@ class Supervisor:
         self.ops = OperationGate()
         self._cpu = balloon.CpuMeter()
         self.migration = MigrateRoutes(self)
+        self._asked = asyncio.Event()
+        """Set once the start was asked for (or the supervisor was told to go before)."""
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -151,8 +153,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._graceful_exit()))
         await self._serve_api(listen_fd)
-        try:
-            failed = await asyncio.wait_for(asyncio.shield(self._start_outcome), START_REQUEST_WAIT)
+        try:  # the start must be asked for soon; it may then take as long as the guest needs to boot
+            await asyncio.wait_for(self._asked.wait(), START_REQUEST_WAIT)
+            failed = await asyncio.shield(self._start_outcome)
         except TimeoutError:
             log.error("nobody asked to start the machine within %.0f s: exiting", START_REQUEST_WAIT)
             failed = int(ExitCode.TIMEOUT)
@@ -213,6 +216,7 @@ class Supervisor:
     async def _graceful_exit(self) -> None:
         if self._start is None and self._start_outcome is not None and not self._start_outcome.done():
             self._start_outcome.set_result(int(ExitCode.INTERRUPTED))  # asked to go before any start
+            self._asked.set()
         if self.vm.state in LIVE_STATES:
             await self.vm.shutdown(timeout=10)
 
@@ -222,6 +226,7 @@ class Supervisor:
             raise StateError("start the machine", self.vm.state.value, ["a supervisor that has not started it yet"])
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._start = asyncio.create_task(self._start_machine(plan, lines.put_nowait), name="vmkit-start")
+        self._asked.set()
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         shown = ""
