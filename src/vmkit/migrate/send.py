@@ -159,13 +159,16 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
     """The configuration and the small files of ``inst`` that the target needs."""
     config = inst.load_config()
     disks: list[DiskToCopy] = []
+    read_only: list[Path] = []
     for i, dev in enumerate(config.storage):
         att = dev.attachment
         if isinstance(att, NbdAttachment):
             continue  # shared storage: the NBD server is reached from both hosts
         path = Path(att.path)
         local = path.is_relative_to(inst.dir)
-        if opts.copy_storage and local:  # disks elsewhere are shared: the target must see them at their path
+        if local and att.read_only:  # a seed, say: it travels as a file
+            read_only.append(path)
+        elif opts.copy_storage and local:  # disks elsewhere are shared: the target must see them at their path
             info = qemuimg.info(path)
             backing = info.backing_file
             disks.append(DiskToCopy(node=device_id(i, dev), path=str(path), format=info.format,
@@ -184,6 +187,8 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
                 continue
             if p.stat().st_size <= SMALL_FILE:
                 files[str(rel)] = base64.b64encode(p.read_bytes()).decode("ascii")
+    for p in read_only:
+        files[str(p.relative_to(inst.dir))] = base64.b64encode(p.read_bytes()).decode("ascii")
     return Manifest(name=inst.name, config=config.to_dict(), source_dir=str(inst.dir), files=files,
                     postcopy=opts.postcopy, disks=disks)
 
