@@ -29,7 +29,7 @@ def test_debian_moves_live_with_its_disk(vmkit_home: Path, debian12: Image, lab:
     want = vmkit("exec", "dm", "--", "cat", "/var/tmp/blob.sum").stdout
 
     out = json.loads(vmkit("migrate", "dm", lab, "--copy-storage", "--json", timeout=1200).stdout)
-    assert out["report"]["disks_copied"] == ["disk0"] and out["report"]["query"]["status"] == "completed"
+    assert out["report"]["disks_copied"] == ["root"] and out["report"]["query"]["status"] == "completed"
     assert json.loads(vmkit("list", "--json").stdout)[0]["state"] == "migrated"
 
     assert vmkit("--host", lab, "exec", "dm", "--", "kill", "-0", pid, check=False).returncode == 0
