@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
   libvirt-clients                                 # virsh: benchmarks/cli_bench.py sets `vmkit list` beside `virsh list`
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
+  openssh-server iproute2                         # scripts/lab.sh: migration test hosts, each with its own sshd
   python3 python3-venv python3-pip                # vmkit itself
   chromium                                        # the web console's tests (headless, driven by Playwright)
   ca-certificates

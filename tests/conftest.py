@@ -346,3 +346,40 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_sep("-", "time per layer")
     for layer in LAYERS:
         terminalreporter.write_line(f"{layer:12} {counts[layer]:4d} tests  {spent[layer]:8.1f} s")
+
+
+LAB = Path(os.environ.get("VMKIT_LAB_DIR", "/tmp/vmklab"))
+"""Where scripts/lab.sh keeps its hosts' files."""
+LAB_TARGET = "ssh://root@10.231.0.11"
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[str]:
+    """Two lab hosts (brought up for these tests unless a lab is already up); the target's URI."""
+    brought = False
+    if not (LAB / "ssh_config").exists():
+        res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.strip().splitlines()[-1] == LAB_TARGET
+        brought = True
+    old = os.environ.get("VMKIT_SSH_CONFIG")
+    os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")
+    try:
+        yield LAB_TARGET
+    finally:
+        if old is None:
+            os.environ.pop("VMKIT_SSH_CONFIG", None)
+        else:
+            os.environ["VMKIT_SSH_CONFIG"] = old
+        if brought:
+            subprocess.run([str(REPO / "scripts" / "lab.sh"), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def on_target(lab: str) -> Iterator[list[str]]:
+    """Names to remove from the target afterwards."""
+    names: list[str] = []
+    yield names
+    for n in names:
+        vmkit("--host", lab, "delete", "--force", n, check=False)

@@ -42,6 +42,7 @@ class ExitCode(IntEnum):
     """The disks changed since the save."""
     STATE_RESTORE = 17
     """QEMU could not load the saved state."""
+    MIGRATION_FAILED = 18
     EXEC_FAILED = 125
     """``vmkit exec`` only: vmkit itself failed (any other code there is the guest command's own,
     as with ``docker exec``)."""
@@ -151,6 +152,12 @@ class HostError(VmkitError):
     """The host lacks a tool or capability vmkit needs."""
 
     exit_code = ExitCode.HOST_MISSING
+
+
+class MigrationError(VmkitError):
+    """A migration did not complete (the machine runs on the source, as before, unless the message says otherwise)."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
 
 
 class ImageError(VmkitError):

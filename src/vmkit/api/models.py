@@ -94,19 +94,34 @@ class Progress(Response):
 
 
 # -- start ---------------------------------------------------------------------------------------------
+class IncomingRequest(Request):
+    """Start QEMU waiting for a migration stream (``-incoming defer``) and listen at ``uri``."""
+
+    uri: str = Field(pattern=r"^tcp:(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}$",
+                     description="where QEMU listens: tcp:ADDRESS:PORT")
+    postcopy: Bool = Field(default=False, description="accept a switch to post-copy (both sides must agree)")
+    nbd_port: int | None = Field(default=None, strict=True, ge=1, le=65535,
+                                 description="serve the disks in `exports` over NBD on this port (same address), "
+                                             "writable, for the source's mirror jobs (the storage copy)")
+    exports: list[str] = Field(default_factory=list, max_length=64,
+                               description="node names of the disks to receive (their device ids)")
+
+
 class StartRequest(Request):
-    """How to bring the machine up: boot it (no fields), or start it from a state file or a snapshot."""
+    """How to bring the machine up: boot it (no fields), start it from a state file or a snapshot, or
+    receive it from another host (``incoming``: it stays paused until ``POST /v1/resume``)."""
 
     restore: str | None = Field(default=None, max_length=4096, description="absolute path of a state file")
     force: Bool = Field(default=False, description="restore even if the disks changed since the save")
     consume: Bool = Field(default=False, description="delete the state file once the machine runs from it")
     snapshot: str | None = Field(default=None, max_length=63, description="start from this snapshot")
     paused: Bool = Field(default=False, description="stay paused after restoring")
+    incoming: IncomingRequest | None = Field(default=None, description="receive the machine by migration")
 
     @property
     def active(self) -> bool:
-        """Whether the machine starts from saved state rather than booting."""
-        return self.restore is not None or self.snapshot is not None
+        """Whether the machine starts from saved state (or a migration) rather than booting."""
+        return self.restore is not None or self.snapshot is not None or self.incoming is not None
 
 
 class Started(Response):
@@ -115,6 +130,7 @@ class Started(Response):
     restored: dict[str, Any] | None = Field(default=None, description="path, payload_bytes, seconds, saved_at, "
                                                                      "suspended_seconds of the state it resumed")
     snapshot: str | None = None
+    incoming: str | None = Field(default=None, description="where QEMU waits for the migration stream")
     clock: ClockFix | None = None
 
 
@@ -240,6 +256,120 @@ class SnapshotReverted(Response):
 class SnapshotDeleted(Response):
     tag: str
     deleted: bool
+
+
+# -- migration -----------------------------------------------------------------------------------------
+class MirrorDisk(Request):
+    """One disk copied to the target: every write the guest makes from the start is mirrored too."""
+
+    node: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$", description="the disk's node name (its id)")
+    target: str = Field(pattern=r"^nbd://(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}/[A-Za-z][A-Za-z0-9_-]{0,31}$",
+                        description="the target's export: nbd://ADDRESS:PORT/NODE")
+    sync: Literal["full", "top"] = Field(default="full", description="top: only this image's own layer (the "
+                                                                       "target has the same backing image)")
+
+
+class MigrateRequest(Request):
+    """Send the running (or paused) machine to a QEMU waiting at ``uri`` (``vmkit migrate``).
+
+    The source stays paused once the migration has completed, until ``POST /v1/migrate/finish``
+    (the target runs it: QEMU here ends) or ``POST /v1/migrate/cancel`` (it runs on here)."""
+
+    uri: str = Field(pattern=IncomingRequest.model_fields["uri"].metadata[0].pattern,
+                     description="the target QEMU's incoming address: tcp:ADDRESS:PORT")
+    method: Literal["auto", "live", "paused"] = Field(
+        default="auto", description="live: pre-copy while the guest runs; paused: copy with the guest paused "
+                                    "(no dirty pages to lose); auto: live where that is safe (see `vmkit doctor`)")
+    verified: Bool = Field(default=False, description="the caller compares every page afterwards "
+                                                      "(/v1/memory-digest): live pre-copy is allowed where it may "
+                                                      "lose pages (a loss is then found and the migration undone)")
+    downtime_limit_ms: int | None = Field(default=None, strict=True, ge=1, le=2000_000,
+                                          description="the longest pause QEMU aims for at the switch-over")
+    bandwidth_bytes: int | None = Field(default=None, strict=True, ge=1 << 20,
+                                        description="most bytes per second the migration may use")
+    auto_converge: Bool = Field(default=False, description="throttle the guest's vCPUs while it dirties "
+                                                            "memory faster than the link carries it")
+    postcopy: Bool = Field(default=False, description="switch to post-copy after the first round (the target "
+                                                       "then runs the guest; a failure from there loses it)")
+    mirror: list[MirrorDisk] = Field(default_factory=list, max_length=64,
+                                     description="local disks to copy to the target while the guest runs, "
+                                                 "before its memory (QEMU's drive-mirror to the target's NBD server)")
+    max_rounds: int = Field(default=30, strict=True, ge=2, le=100_000,
+                            description="after this many rounds without converging, pause the guest so the "
+                                        "copy completes (the migration never runs forever)")
+
+
+class MigrationProgress(Response):
+    status: str = Field(description="QEMU's migration status (setup, active, postcopy-active, device, completed...)")
+    rounds: int = Field(description="dirty-page synchronisations so far (1: the first full pass)")
+    transferred_bytes: int
+    remaining_bytes: int
+    total_bytes: int
+    dirty_pages_rate: int = Field(description="pages the guest dirties per second")
+    mbps: float = Field(description="throughput in megabits per second")
+    expected_downtime_ms: int | None = None
+    throttle_percent: int | None = None
+    elapsed_ms: int | None = None
+
+
+class MigrationReport(Response):
+    """A completed migration: how, and every figure QEMU reported (``query`` is ``query-migrate``)."""
+
+    uri: str
+    method: Literal["live", "paused", "postcopy"]
+    method_reason: str
+    total_time_ms: int | None
+    downtime_ms: int | None = Field(description="QEMU's downtime: from its final stop to completion")
+    paused_ms: int | None = Field(default=None, description="how long the guest stood paused here: QEMU's "
+                                                              "downtime, or the whole copy when it was copied paused")
+    setup_time_ms: int | None
+    rounds: int
+    transferred_bytes: int
+    throttle_percent: int | None = None
+    disks_copied: list[str] = Field(default_factory=list, description="disks mirrored to the target")
+    disk_bytes: int = Field(default=0, description="bytes the disk mirrors copied")
+    notes: list[str] = Field(default_factory=list)
+    query: dict[str, Any] = Field(description="QEMU's query-migrate answer at the end, as it is")
+
+
+class MigrateLine(Response):
+    """One line of the migration's NDJSON stream: ``progress`` and ``note`` lines, then exactly one
+    ``result`` or ``error``."""
+
+    progress: MigrationProgress | None = None
+    disks: Progress | None = Field(default=None, description="the disk mirrors: bytes copied of the total")
+    note: str | None = None
+    result: MigrationReport | None = None
+    error: ErrorDetail | None = None
+
+
+class Takeover(Request):
+    timeout: Float = Field(default=120.0, gt=0, le=MAX_WAIT,
+                           description="seconds to wait for the incoming migration to complete")
+
+
+class MigrateFinish(Request):
+    target: str = Field(min_length=1, max_length=512, description="where the machine runs now (for the record)")
+
+
+class MigrationInfo(Response):
+    """``GET /v1/migration``: the machine state and QEMU's ``query-migrate`` (either side)."""
+
+    state: MachineStateName
+    status: str = Field(description="QEMU's migration status, `none` before any")
+    query: dict[str, Any]
+
+
+class MemoryDigest(Response):
+    """A hash of every page of the paused guest's RAM (the migration check)."""
+
+    page_size: int
+    pages: int
+    digest: Base64Bytes = Field(description="8 bytes (BLAKE2b) per page, in address order; base64 in JSON")
+
+    @classmethod
+    def of(cls, page_size: int, digest: bytes) -> MemoryDigest:
+        return cls.model_construct(page_size=page_size, pages=len(digest) // 8, digest=digest)
 
 
 # -- memory and statistics -----------------------------------------------------------------------------
@@ -484,7 +614,7 @@ class Event(Response):
 # -- the client's own views (no route returns them; they are what vmkit.Client gives) --------------------
 class InstanceRow(Response):
     """One machine as ``vmkit list`` shows it. ``state`` adds ``saved`` (a saved state waits to be
-    resumed) and ``broken`` (its files cannot be read: ``reason`` says why) to the machine states;
+    resumed), ``migrated`` (it runs on another host now: ``reason`` says where) and ``broken`` (its files cannot be read: ``reason`` says why) to the machine states;
     ``health`` is ``degraded`` while a share's helper is gone (``reason`` says which)."""
 
     name: str

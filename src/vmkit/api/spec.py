@@ -142,6 +142,25 @@ ROUTES: tuple[Route, ...] = (
           request=m.Empty, response=m.SnapshotReverted, states=LIVE),
     Route("DELETE", "/v1/snapshots/{tag}", "delete_snapshot", "Delete a snapshot", request=m.Empty,
           response=m.SnapshotDeleted, states=LIVE),
+    Route("POST", "/v1/migrate", "migrate", "Send the machine to a QEMU waiting for it on another host",
+          request=m.MigrateRequest, response=m.MigrateLine, responds="ndjson", states=LIVE,
+          description="Newline-delimited JSON: `progress` and `note` lines, then one line with `result` "
+                      "(the migration completed: the guest stays paused here until `/v1/migrate/finish` or "
+                      "`/v1/migrate/cancel`) or `error` (the guest runs on here as it did)."),
+    Route("POST", "/v1/migrate/finish", "finish_migration", "The target runs the migrated machine: end it here",
+          request=m.MigrateFinish, response=m.StopResult, states=("paused",)),
+    Route("POST", "/v1/migrate/cancel", "cancel_migration",
+          "Cancel a migration in flight, or take back a completed one: the guest runs on here",
+          request=m.Empty, response=m.RuntimeStatus, states=LIVE),
+    Route("POST", "/v1/migrate/takeover", "takeover_migration",
+          "The target side: once the incoming migration has completed, run the guest here",
+          request=m.Takeover, response=m.ResumeResult, states=LIVE, errors=(400, 409, 500, 504),
+          description="Ends the NBD exports the source's disk mirrors wrote to, then resumes the guest."),
+    Route("GET", "/v1/migration", "get_migration", "QEMU's account of the migration (either side)",
+          response=m.MigrationInfo, errors=(500,)),
+    Route("POST", "/v1/memory-digest", "memory_digest", "A hash of every page of the paused guest's memory",
+          request=m.Empty, response=m.MemoryDigest, states=("paused",),
+          description="The migration check: source and target of a completed migration must be equal."),
 )
 
 _STATUS_TEXT = {400: "Bad input (names the field)", 404: "Not found", 405: "Method not allowed",

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
-from vmkit.cli import _deferred, guest, resources, screen, state, system, vm
+from vmkit.cli import _deferred, guest, migrate, resources, screen, state, system, vm
 from vmkit.cli.groups import VmkitGroup
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
@@ -30,13 +31,42 @@ system.register(app)
 state.register(app)
 resources.register(app)
 screen.register(app)
+migrate.register(app)
 
 
-def run(argv: list[str] | None = None) -> None:
-    """Run a command; exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
+@app.callback()
+def _root(
+    host: str | None = typer.Option(None, "--host", "-H", envvar="VMKIT_HOST", metavar="ssh://[user@]HOST[:PORT]",
+                                    help="Run the command on another host's vmkit, over SSH (also VMKIT_HOST)."),
+) -> None:
+    """Create, run and manage Linux virtual machines on QEMU."""
+
+
+def _run_remote(uri: str, args: list[str]) -> None:
+    """The command runs on that host's vmkit: this process becomes ``ssh`` (its output, its exit code).
+    Returns only when ``uri`` names this host (no remote backend)."""
+    from vmkit.backends import resolve
+
+    target = resolve(uri)
+    if target is None:
+        return
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    argv = target.vmkit_argv(args, tty=interactive)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - an argv list, no shell
+    except FileNotFoundError:
+        raise VmkitError("ssh is not installed", hint="apt-get install openssh-client") from None
+
+
+def run(argv: list[str] | None = None, *, host: str | None = None) -> None:
+    """Run a command (on ``host``'s vmkit over SSH when given); exit with the code of the error family
+    (see :class:`vmkit.errors.ExitCode`).
 
     Usage errors exit 2 (bad input), like every other bad-input error."""
     try:
+        if host is not None:
+            _run_remote(host, list(argv or []))  # does not return for a remote host
         app(args=argv, prog_name="vmkit")
     except VmkitError as exc:
         report_error(exc)

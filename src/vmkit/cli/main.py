@@ -21,15 +21,24 @@ def main(argv: list[str] | None = None) -> None:
     metadata, ~30 ms a command) unless ``PYDANTIC_DISABLE_PLUGINS`` says otherwise (set it empty).
     """
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    args = sys.argv[1:] if argv is None else argv
-    if args in _QUICK_LIST and not sys.stdout.isatty():
+    host, args = _remote_host(list(sys.argv[1:] if argv is None else argv))
+    if host is None and args in _QUICK_LIST and not sys.stdout.isatty():
         from vmkit.cli import plain
 
         if plain.list_machines(as_json=len(args) == 2):
             return
     from vmkit.cli.app import run
 
-    run(argv)
+    run(args, host=host if args and args[0] not in ("--help", "--version") else None)
+
+
+def _remote_host(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--host URI`` (or ``-H``, or ``VMKIT_HOST``) in front of the command, and the rest."""
+    if args and args[0] in ("--host", "-H") and len(args) > 1:
+        return args[1], args[2:]
+    if args and args[0].startswith("--host="):
+        return args[0].split("=", 1)[1], args[1:]
+    return os.environ.get("VMKIT_HOST") or None, args
 
 
 def __getattr__(name: str) -> Any:

@@ -154,6 +154,20 @@ class Instance:
         return await asyncio.to_thread(self._sync.save, path, keep_running=keep_running, force=force,
                                        progress=progress)
 
+    async def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
+                      bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
+                      max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
+                      copy_storage: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None
+                      ) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            self._sync.migrate, target, method=method, downtime_limit_ms=downtime_limit_ms,
+            bandwidth_bytes=bandwidth_bytes, auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds,
+            verify=verify, shared_storage=shared_storage, copy_storage=copy_storage, on_event=on_event)
+
+    async def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
+        return await asyncio.to_thread(self._sync.move, target, on_event=on_event)
+
     async def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
                       timeout: float | None = None, progress: ConsoleProgress | None = None,
                       state_progress: ByteProgress | None = None) -> models.StartResult:

@@ -403,6 +403,27 @@ class Instance:
                                   seconds=out.seconds, keep_running=out.keep_running, clock=_clock(out.clock),
                                   status=_status(out.status))
 
+    def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
+                bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
+                max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
+                copy_storage: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
+        """Move the running machine to ``target`` (``ssh://[user@]HOST[:PORT]``, see :mod:`vmkit.migrate`);
+        ``on_event`` receives progress lines. On success it runs there and is ``migrated`` here."""
+        from vmkit.migrate import send
+
+        opts = send.Options(method=method, downtime_limit_ms=downtime_limit_ms, bandwidth_bytes=bandwidth_bytes,
+                            auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds, verify=verify,
+                            shared_storage=shared_storage, copy_storage=copy_storage)
+        return self._call(send.migrate, self.name, target, opts, on_event=on_event).to_dict()
+
+    def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Move the stopped or saved machine to ``target`` (``vmkit migrate --offline``): disks, files
+        and its saved state (re-encrypted there for that user), so that starting it there resumes it."""
+        from vmkit.migrate import send
+
+        return self._call(send.move_offline, self.name, target, on_event=on_event)
+
     def restore(self, path: str | Path | None = None, *, force: bool = False, paused: bool = False,
                 timeout: float | None = None, progress: ConsoleProgress | None = None,
                 state_progress: ByteProgress | None = None) -> models.StartResult:

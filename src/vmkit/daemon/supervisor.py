@@ -29,6 +29,8 @@ are checked as vm.yaml is, and are at most 64 KiB)::
     POST /v1/web-console      serve the web console on a loopback port; a one-time URL (vmkit.daemon.webconsole)
     POST /v1/save, GET|POST /v1/snapshots, POST /v1/snapshots/TAG/revert, DELETE /v1/snapshots/TAG
                               save/restore and snapshots (see vmkit.daemon.state_routes)
+    POST /v1/migrate, /v1/migrate/finish, /v1/migrate/cancel, /v1/memory-digest, GET /v1/migration
+                              live migration (see vmkit.daemon.migrate_routes)
 
 Beside it, ``console.sock`` carries the raw console byte stream for tools such as socat.
 
@@ -63,6 +65,7 @@ from aiohttp import WSMsgType, web
 
 from vmkit.api import models, spec
 from vmkit.config import Display, Limits, PortForward, StorageDevice, port_is_free, validate_model
+from vmkit.daemon.migrate_routes import MigrateRoutes, start_incoming
 from vmkit.daemon.state_routes import (
     OperationGate,
     StartPlan,
@@ -148,6 +151,7 @@ class Supervisor:
             serial_add_listener=self.vm.serial.add_listener, serial_write=self.vm.serial.write,
             serial_log=instance.serial_log, vnc_socket=instance.dir / display.VNC_SOCKET_NAME,
             keys=self._send_keys, type_text=self._type_text, screenshot=self._screenshot))
+        self.migration = MigrateRoutes(self)
 
     # -- status bookkeeping -------------------------------------------------------------------------
     def _record(self, ev: VmEvent) -> None:
@@ -229,7 +233,9 @@ class Supervisor:
             joined = asyncio.create_task(self._unlock_when_joined(lock), name="vmkit-cgroup-joined")
             try:
                 await self._attach_networks(emit)
-                if plan.active:
+                if plan.incoming is not None:
+                    emit({"started": await start_incoming(self, plan.incoming)})
+                elif plan.active:
                     await start_from_plan(self, plan, emit)
                 else:
                     await self.vm.start()
@@ -465,6 +471,7 @@ class Supervisor:
             web.post("/v1/display", self._h_resize_display),
             web.post("/v1/web-console", self._h_web_console),
             *StateRoutes(self).routes(),
+            *self.migration.routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

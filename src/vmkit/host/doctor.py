@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmkit.host import cgroups
+from vmkit.runtime import migration
 from vmkit.runtime.qemu import accel as accel_mod
 
 
@@ -61,6 +62,7 @@ def checks() -> list[Check]:
     out.append(Check(name="accelerator", ok=True, detail=f"{choice.name}: {choice.reason}",
                      hint=None if kvm.usable else "TCG works everywhere but is slower than KVM", required=True))
     out.append(cgroup_check())
+    out.append(migration_check(choice.name))
     return out
 
 
@@ -78,3 +80,14 @@ def cgroup_check(driver: cgroups.Driver | bool | None = True) -> Check:
               f"in {found.dirs(cgroups.PARENT)[0]}/<name>")
     return Check(name="cgroups", ok=writable, detail=detail if writable else f"{detail}, which this user cannot "
                  "create", hint=None if writable else "machines' limits need root", required=False)
+
+
+def migration_check(accel: str) -> Check:
+    """What `vmkit migrate` does on this host: live pre-copy, or a paused copy where that would corrupt."""
+    version = migration.host_qemu_version()
+    safety = migration.live_safety(accel, 2, version)
+    detail = (f"live pre-copy ({safety.reason})" if safety.live else
+              f"machines are copied paused: {safety.reason}")
+    return Check(name="migration", ok=safety.live, detail=detail,
+                 hint=None if safety.live else "live pre-copy needs KVM or QEMU >= 9.0 (vmkit migrate --live "
+                                               "verifies every page instead)", required=False)

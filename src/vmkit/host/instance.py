@@ -95,6 +95,15 @@ class Instance:
         return self.dir / "supervisor.log"
 
     @property
+    def migrated_to(self) -> str | None:
+        """Where the machine runs since it was migrated away (``migrated.json``), else None."""
+        try:
+            data = json.loads((self.dir / "migrated.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return str(data.get("target")) if isinstance(data, dict) else None
+
+    @property
     def saved_state_path(self) -> Path:
         """Where ``vmkit stop --save`` / ``vmkit save`` put the state that ``vmkit start`` resumes."""
         return self.dir / "saved.vmstate"

@@ -228,6 +228,15 @@ def config_digest(fields: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(_canonical(fields)).hexdigest()
 
 
+def moved_header(document: dict[str, Any], config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
+    """The header of a state file whose machine moved to another host (``vmkit migrate --offline``):
+    the same state, described for ``config`` there (its paths, its disks as copied, which the state
+    was taken with: the move carried both together)."""
+    fields = machine_fields(config, accel)
+    return {**document, "machine": fields, "config_digest": config_digest(fields),
+            "disks": [d.model_dump(mode="json") for d in disk_identities(config)]}
+
+
 def _disk_paths(config: MachineConfig) -> list[Path]:
     return [Path(dev.attachment.path) for dev in config.storage if isinstance(dev.attachment, DiskImage)]
 

@@ -170,6 +170,10 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     status = inst.reconcile()
     if inst.is_supervised():
         raise StateError("start", status.state, ["stopped", "error"])
+    if inst.migrated_to is not None:
+        gone = StateError("start", f"migrated (it runs on {inst.migrated_to})", ["stopped", "error"])
+        gone.hint = f"it runs there: `vmkit --host {inst.migrated_to} list`; `vmkit delete {name}` removes this copy"
+        raise gone
     config = inst.load_config()
     config, moved = claim_ssh_port(inst.dir, config)
     if moved is not None:

@@ -154,6 +154,8 @@ def _quick(d: Path, config_key: list[int], cache: _Cache) -> Row | None:
     live = state in _LIVE
     if not supervised and (live or (d / "qemu.pid").exists()):
         return None  # the supervisor died: Instance.reconcile cleans up after it
+    if not supervised and (d / "migrated.json").exists():
+        return None  # it runs on another host now: the full path says where
     reason = status.get("reason", "")
     degraded, accel, started_at = status.get("degraded"), status.get("accel"), status.get("started_at")
     if not (isinstance(reason, str) and _optional(degraded, str) and _optional(accel, str)
@@ -180,8 +182,14 @@ def _full(inst: Instance, cache: _Cache | None = None) -> Row:
     if cache is not None:
         cache.put(inst.name, key, config.cpus, memory, addresses)
     live = status.state in _LIVE and inst.is_supervised()
-    return _row(inst.name, state=status.state, live=live, saved=not live and inst.saved_state_path.exists(),
-                degraded=status.degraded, accel=status.accel, started_at=status.started_at, reason=status.reason,
+    migrated_to = None if live else inst.migrated_to
+    state: str = status.state
+    reason = status.reason
+    if migrated_to is not None:  # it runs on another host now
+        state, reason = "migrated", f"runs on {migrated_to} (vmkit delete {inst.name} removes this copy)"
+    return _row(inst.name, state=state, live=live, saved=not live and migrated_to is None
+                and inst.saved_state_path.exists(),
+                degraded=status.degraded, accel=status.accel, started_at=status.started_at, reason=reason,
                 cpus=config.cpus, memory=memory, addresses=addresses)
 
 

@@ -1,0 +1,363 @@
+"""The supervisor's part of live migration: its API routes (the source side) and the incoming start
+(the target side, :func:`start_incoming`).
+
+Routes (errors as everywhere else)::
+
+    POST /v1/migrate          MigrateRequest -> NDJSON: progress and note lines, then one result or error.
+                              Sends the machine to the QEMU waiting at ``uri``. On success the guest
+                              stays paused here (QEMU's ``postmigrate``) until one of:
+    POST /v1/migrate/finish   the target runs it: QEMU here ends ("migrated to ...").
+    POST /v1/migrate/cancel   cancel a migration in flight, or take back a completed one that the target
+                              did not take over: the guest runs on here, as before.
+    GET  /v1/migration        QEMU's query-migrate (the target polls it to see its migration complete)
+    POST /v1/memory-digest    a hash of every page of the paused guest's RAM (the migration check)
+    POST /v1/migrate/takeover the target side: once its migration has completed, stop serving the disks
+                              to the source's mirrors and run the guest.
+
+Local disks move with the machine when the request names ``mirror`` disks: QEMU's ``drive-mirror``
+copies each to the target's NBD export (started with the incoming QEMU, writable) while the guest
+runs, every write mirrored synchronously once a copy has caught up (``write-blocking``); the memory
+migration starts when every mirror is ready, and the mirrors end (``block-job-cancel``: the source
+keeps using its own disks) once it has completed. This is QEMU's iotest 194.
+
+A migration is an exclusive operation (:class:`~vmkit.daemon.state_routes.OperationGate`). Every
+failure on the way (the target refuses or dies, the client goes away, a cancel) ends with the guest
+running here as it was (paused if it was paused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from vmkit.api import models
+from vmkit.daemon.state_routes import Supervisor, body_as, unexpected_error
+from vmkit.errors import QemuError, StateError, VmkitError, VmTimeoutError, error_fields
+from vmkit.runtime import migration
+from vmkit.runtime.states import VmState
+from vmkit.state import savestate
+
+log = logging.getLogger("vmkit.daemon.supervisor")
+
+POLL = 0.25
+"""How often query-migrate is asked while a migration runs (seconds)."""
+
+
+async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[str, Any]:
+    """Start QEMU waiting for a migration at ``plan.uri`` (the target side). The guest stays paused:
+    once the migration has completed, ``POST /v1/resume`` runs it."""
+    vm = sup.vm
+    await vm.start(incoming=True)
+    try:
+        await migration.set_capabilities(vm, events=True, postcopy_ram=plan.postcopy)
+        await vm.execute("migrate-incoming", {"uri": plan.uri})
+        if plan.exports and plan.nbd_port is not None:
+            host = plan.uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
+            await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+                "host": host, "port": str(plan.nbd_port)}}})
+            for node in plan.exports:
+                await vm.execute("block-export-add", {"type": "nbd", "id": f"mig-{node}", "node-name": node,
+                                                      "name": node, "writable": True})
+    except BaseException:
+        await vm.shutdown(timeout=2)
+        raise
+    sup.status.reason = f"waiting for a migration at {plan.uri}"
+    return {"incoming": plan.uri}
+
+
+class MigrateRoutes:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self._cancel = asyncio.Event()
+        self._running = False
+        self.completed_to: str | None = None
+        """The target of a completed migration not yet finished or taken back (the guest is paused here)."""
+        self._was_running = False
+        self._postcopy = False
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/migrate", self.migrate),
+            web.post("/v1/migrate/finish", self.finish),
+            web.post("/v1/migrate/cancel", self.cancel),
+            web.get("/v1/migration", self.info),
+            web.post("/v1/memory-digest", self.digest),
+            web.post("/v1/migrate/takeover", self.takeover),
+        ]
+
+    async def info(self, request: web.Request) -> web.Response:
+        vm = self.sup.vm
+        q = await migration.query(vm) if vm.qmp is not None and vm.state not in (VmState.STOPPED, VmState.ERROR,
+                                                                                   VmState.STARTING) else {}
+        return web.json_response(models.MigrationInfo(state=vm.state.value, status=str(q.get("status", "none")),
+                                                      query=q).model_dump(mode="json"))
+
+    async def digest(self, request: web.Request) -> web.Response:
+        await body_as(request, models.Empty)
+        vm = self.sup.vm
+        if vm.state != VmState.PAUSED:
+            raise StateError("hash the guest's memory", vm.state.value, [VmState.PAUSED.value])
+        digest = await migration.memory_digest(vm, self.sup.instance.dir / "memory.scratch")
+        return web.json_response(models.MemoryDigest.of(migration.PAGE, digest).model_dump(mode="json"))
+
+    async def migrate(self, request: web.Request) -> web.StreamResponse:
+        body = await body_as(request, models.MigrateRequest)
+        vm = self.sup.vm
+        if vm.state not in (VmState.RUNNING, VmState.PAUSED) or self.completed_to is not None:
+            raise StateError("migrate the machine", "migrated, waiting to finish" if self.completed_to else
+                             vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
+        safety = migration.live_safety(vm.accel.name, vm.config.cpus,
+                                       migration.parse_version(vm.qmp.qemu_version if vm.qmp else None))
+        if body.method == "live" and not safety.live and not body.verified:
+            from vmkit.errors import ConfigError
+
+            raise ConfigError.single("method", f"live pre-copy would corrupt this machine: {safety.reason}; "
+                                     "leave the method to vmkit (auto) or ask for paused")
+        live = body.method == "live" or (body.method == "auto" and safety.live)
+        method: str = "live" if live else "paused"
+        if body.method == "paused":
+            reason = "asked for"
+        elif live and not safety.live:
+            reason = "asked for, verified page by page afterwards (this QEMU can lose pages under TCG)"
+        elif live and body.method == "live":
+            reason = f"asked for ({safety.reason})"
+        else:
+            reason = safety.reason
+        with self.sup.ops.exclusive("migrate the machine", f"migrating to {body.uri}"):
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            self._cancel = asyncio.Event()
+            self._running = True
+            self._was_running = vm.state == VmState.RUNNING
+            self._postcopy = False
+            try:
+                report = await self._run(body, method, reason, resp)
+            except Exception as raised:  # the answer has begun: every failure goes on its last line
+                exc = raised if isinstance(raised, VmkitError) else unexpected_error(raised)
+                log.error("migration failed: %s", exc)
+                await self._take_back()
+                await _line(resp, {"error": error_fields(exc)}, last=True)
+                return resp
+            except asyncio.CancelledError:  # the client went away mid-way: keep the guest here
+                await self._take_back()
+                raise
+            finally:
+                self._running = False
+            self.completed_to = body.uri
+            self.sup.status.reason = f"migrated to {body.uri}: waiting for the target to take over"
+            self.sup.instance.write_status(self.sup.status)
+            await _line(resp, {"result": report.model_dump(mode="json")}, last=True)
+            return resp
+
+    async def _run(self, body: models.MigrateRequest, method: str, reason: str,
+                   resp: web.StreamResponse) -> models.MigrationReport:
+        vm = self.sup.vm
+        notes: list[str] = []
+
+        async def note(text: str) -> None:
+            notes.append(text)
+            log.info("migration: %s", text)
+            await _line(resp, {"note": text})
+
+        await migration.set_capabilities(vm, events=True, auto_converge=body.auto_converge,
+                                         postcopy_ram=body.postcopy)
+        await migration.set_parameters(vm, downtime_limit=body.downtime_limit_ms,
+                                       max_bandwidth=body.bandwidth_bytes)
+        paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
+        if method == "paused":
+            await note(f"copying with the guest paused: {reason}")
+            if vm.state == VmState.RUNNING:
+                await vm.pause()
+                paused_at = time.monotonic()
+        self.sup.status.reason = f"migrating to {body.uri}"
+        self.sup.instance.write_status(self.sup.status)
+        disk_bytes = 0
+        if body.mirror:
+            await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
+            disk_bytes = await self._mirror(body.mirror, resp)
+        await vm.execute("migrate", {"uri": body.uri})
+        postcopy_started = False
+        info: dict[str, Any] = {}
+        last_shown = 0.0
+        while True:
+            if self._cancel.is_set():
+                await vm.execute("migrate_cancel")
+                self._cancel.clear()
+            info = await migration.query(vm)
+            status = str(info.get("status", "none"))
+            prog = migration.progress_of(info)
+            now = time.monotonic()
+            if now - last_shown >= 0.5 or status in migration.TERMINAL:
+                last_shown = now
+                await _line(resp, {"progress": prog})
+            if status in migration.TERMINAL:
+                break
+            if status == "active" and body.postcopy and not postcopy_started and prog["rounds"] >= 2:
+                await vm.execute("migrate-start-postcopy")
+                postcopy_started = self._postcopy = True
+                method = "postcopy"
+                await note("switched to post-copy after the first round: the target runs the guest now")
+            elif (status == "active" and prog["rounds"] > body.max_rounds and vm.state == VmState.RUNNING
+                  and not postcopy_started):
+                await vm.pause()
+                paused_at = time.monotonic()
+                method = "paused"
+                await note(f"not converging after {prog['rounds']} rounds (the guest dirties "
+                           f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
+            await asyncio.sleep(POLL)
+        status = str(info.get("status"))
+        if status == "completed" and body.mirror:
+            await self._end_mirrors()  # the target has every block: the source keeps its own disks
+        if status != "completed":
+            why = info.get("error-desc") or ("cancelled" if status == "cancelled" else "QEMU gave no reason")
+            raise QemuError(f"{vm.config.name}: the migration {status}: {why}",
+                            hint="the machine runs on here as before")
+        ram = info.get("ram") or {}
+        paused_ms = round((time.monotonic() - paused_at) * 1000) if paused_at is not None else info.get("downtime")
+        return models.MigrationReport(
+            paused_ms=paused_ms,
+            uri=body.uri, method=method, method_reason=reason,
+            total_time_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
+            setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
+            transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
+            disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
+
+    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse) -> int:
+        """Start a mirror per disk and wait until every one has caught up (then writes are mirrored as
+        they happen). Returns the bytes copied so far."""
+        vm = self.sup.vm
+        for d in disks:
+            await vm.execute("drive-mirror", {"job-id": f"mirror-{d.node}", "device": d.node, "target": d.target,
+                                              "format": "raw", "mode": "existing", "sync": d.sync,
+                                              "copy-mode": "write-blocking", "auto-dismiss": False})
+        last = 0.0
+        while True:
+            if self._cancel.is_set():
+                raise QemuError(f"{vm.config.name}: the migration was cancelled while its disks were copied")
+            jobs = {j["device"]: j for j in await vm.execute("query-block-jobs")}
+            mine = [jobs.get(f"mirror-{d.node}") for d in disks]
+            gone = [d.node for d, j in zip(disks, mine, strict=True) if j is None or j.get("status") == "concluded"]
+            if gone:
+                errors = [str(j.get("error")) for j in mine if j is not None and j.get("error")]
+                raise QemuError(f"{vm.config.name}: copying disk(s) {', '.join(gone)} to the target failed"
+                                + (f": {'; '.join(errors)}" if errors else ""))
+            done = sum(int(j["offset"]) for j in mine if j is not None)
+            total = sum(int(j["len"]) for j in mine if j is not None)
+            now = time.monotonic()
+            ready = all(j is not None and j.get("ready") for j in mine)
+            if now - last >= 0.5 or ready:
+                last = now
+                await _line(resp, {"disks": {"done": done, "total": total}})
+            if ready:
+                return done
+            await asyncio.sleep(POLL)
+
+    async def _end_mirrors(self, *, force: bool = False) -> None:
+        """End every mirror job without switching the source to the copy."""
+        vm = self.sup.vm
+        with contextlib.suppress(VmkitError):
+            for j in await vm.execute("query-block-jobs"):
+                if str(j.get("device", "")).startswith("mirror-"):
+                    with contextlib.suppress(VmkitError):
+                        if j.get("status") == "concluded":
+                            await vm.execute("job-dismiss", {"id": j["device"]})
+                        else:
+                            await vm.execute("block-job-cancel", {"device": j["device"], "force": force})
+            for _ in range(300):
+                jobs = [j for j in await vm.execute("query-block-jobs")
+                        if str(j.get("device", "")).startswith("mirror-")]
+                for j in jobs:
+                    if j.get("status") == "concluded":
+                        with contextlib.suppress(VmkitError):
+                            await vm.execute("job-dismiss", {"id": j["device"]})
+                if not jobs:
+                    return
+                await asyncio.sleep(0.1)
+
+    async def _take_back(self) -> None:
+        """After a failed, cancelled or abandoned migration: the guest runs here again as it did.
+        Not after a switch to post-copy: the target ran the guest since, so this copy is stale."""
+        vm = self.sup.vm
+        await self._end_mirrors(force=True)
+        if self._postcopy:
+            log.error("the migration failed in post-copy: the guest's state here is stale, it stays paused")
+            self.sup.status.reason = "migration failed in post-copy: this copy is stale and stays paused"
+            self.sup.instance.write_status(self.sup.status)
+            return
+        with contextlib.suppress(VmkitError):
+            if str((await migration.query(vm)).get("status")) not in (*migration.TERMINAL, "none"):
+                await vm.execute("migrate_cancel")
+                for _ in range(100):
+                    if str((await migration.query(vm)).get("status")) in migration.TERMINAL:
+                        break
+                    await asyncio.sleep(0.1)
+        if self._was_running and vm.state == VmState.PAUSED:
+            with contextlib.suppress(VmkitError):
+                await savestate.resume_and_fix_clock(vm)
+        self.completed_to = None
+        self.sup.status.reason = "migration abandoned: running here as before"
+        self.sup.instance.write_status(self.sup.status)
+
+    async def takeover(self, request: web.Request) -> web.Response:
+        """The target side: wait for the incoming migration to complete, end the disk exports, run the guest."""
+        body = await body_as(request, models.Takeover)
+        vm = self.sup.vm
+        deadline = time.monotonic() + body.timeout
+        while True:
+            if vm.state not in (VmState.PAUSED, VmState.RUNNING):
+                raise StateError("take over the migrated machine", vm.state.value, [VmState.PAUSED.value])
+            status = str((await migration.query(vm)).get("status", "none"))
+            if status == "completed" or (status == "postcopy-active" and vm.state == VmState.RUNNING):
+                break
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"{vm.config.name}: the incoming migration {status}")
+            if time.monotonic() > deadline:
+                raise VmTimeoutError(f"{vm.config.name}: the incoming migration is still {status} after "
+                                     f"{body.timeout:.0f} s")
+            await asyncio.sleep(0.01)
+        exports = await vm.execute("query-block-exports")
+        for exp in exports if isinstance(exports, list) else []:
+            with contextlib.suppress(VmkitError):
+                await vm.execute("block-export-del", {"id": exp["id"]})
+        if exports:
+            with contextlib.suppress(VmkitError):
+                await vm.execute("nbd-server-stop")
+        clock = None
+        if vm.state == VmState.PAUSED:
+            clock = (await savestate.resume_and_fix_clock(vm)).to_dict()
+        self.sup.status.reason = "migrated here"
+        self.sup.instance.write_status(self.sup.status)
+        return web.json_response({**self.sup.status.to_dict(), "clock": clock or {
+            "corrected": False, "behind_seconds": None, "message": "the guest ran on (post-copy)"}})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        await body_as(request, models.Empty)
+        if self._running:
+            self._cancel.set()
+        elif self.completed_to is not None:
+            await self._take_back()
+        else:
+            raise StateError("cancel a migration", self.sup.vm.state.value, ["migrating", "migrated"])
+        return web.json_response(self.sup.status.to_dict())
+
+    async def finish(self, request: web.Request) -> web.Response:
+        body = await body_as(request, models.MigrateFinish)
+        if self.completed_to is None:
+            raise StateError("finish a migration", self.sup.vm.state.value, ["migrated (a completed migration)"])
+        self.sup.exit_reason = f"migrated to {body.target}"
+        self.completed_to = None
+        info = await self.sup.vm.stop()
+        return web.json_response({**self.sup.status.to_dict(), "exit": info.reason})
+
+
+async def _line(resp: web.StreamResponse, payload: dict[str, Any], *, last: bool = False) -> None:
+    with contextlib.suppress(ConnectionError):
+        await resp.write((json.dumps(payload) + "\n").encode())
+        if last:
+            await resp.write_eof()

@@ -1,0 +1,166 @@
+"""Live migration on one QEMU: which method is safe here, the QMP that drives it, and a check that
+the guest's memory arrived whole.
+
+Safety: QEMU before 9.0 loses dirty-page tracking under TCG: a vCPU's write can race the migration
+thread's bitmap sync (``cpu_physical_memory_sync_dirty_bitmap``; fixed by QEMU commit 03bfc2188f).
+Measured on QEMU 7.2 here (benchmarks/migrate_bench.py): 2 vCPUs under a memory dirtier lost pages
+in 1 run of 3 (26 pages; 3 of 3 in HOST-NOTES), and 1 vCPU writing memory and its disk under heavy
+host load lost 4 pages in one run, so no TCG guest is safe there. There vmkit copies the memory with
+the guest paused (its downtime is the whole copy) instead of pre-copy while it runs, unless the user
+asks for live pre-copy, which is then verified page by page and redone paused if a page was lost:
+:func:`live_safety` says which, and why.
+
+The check (:func:`memory_digest`): once a migration has completed, the source is stopped with the
+guest's final memory and the target has not run yet, so their RAM must be equal byte for byte.
+Each side saves its RAM (``pmemsave``) and hashes every page; any page that differs is a page the
+migration lost. This is QEMU's own migration-test check (tests/qtest/migration compares every page
+of the area its guest dirtied) made independent of what the guest runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from vmkit.errors import QemuError
+
+if TYPE_CHECKING:
+    from vmkit.runtime.machine import VirtualMachine
+
+FIXED_IN = (9, 0, 0)
+"""The first QEMU whose TCG dirty tracking is correct with several vCPUs (commit 03bfc2188f)."""
+PAGE = 4096
+DIGEST_BYTES = 8
+"""Bytes of each page's hash in a memory digest (BLAKE2b)."""
+
+Method = Literal["live", "paused"]
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Safety:
+    """How a machine can be migrated from this host without corrupting it."""
+
+    method: Method
+    reason: str
+
+    @property
+    def live(self) -> bool:
+        return self.method == "live"
+
+
+def parse_version(text: str | None) -> tuple[int, int, int] | None:
+    """``"7.2.22"`` (or QEMU's ``--version`` text) as (7, 2, 22)."""
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def live_safety(accel: str, cpus: int, qemu_version: tuple[int, int, int] | None) -> Safety:
+    """Whether pre-copy while the guest runs is safe for this machine on this QEMU."""
+    if accel != "tcg":
+        return Safety("live", f"{accel.upper()} tracks dirty pages in the kernel: live pre-copy is safe")
+    shown = ".".join(map(str, qemu_version)) if qemu_version else "unknown"
+    if qemu_version is not None and qemu_version >= FIXED_IN:
+        return Safety("live", f"QEMU {shown} tracks the dirty pages of TCG vCPUs correctly: live pre-copy is safe")
+    many = f"{cpus} vCPUs" if cpus > 1 else "its vCPU"
+    return Safety("paused", f"QEMU {shown} under TCG can lose pages that {many} dirty while they are copied "
+                            "(fixed in QEMU 9.0): the guest is paused while its memory is copied, so its downtime "
+                            "is the whole copy (--live: pre-copy, verified page by page)")
+
+
+def host_qemu_version(binary: str = "qemu-system-x86_64") -> tuple[int, int, int] | None:
+    """The installed QEMU's version (None if it cannot be run)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_version(out)
+
+
+# -- QMP -----------------------------------------------------------------------------------------------
+async def set_capabilities(vm: VirtualMachine, **caps: bool) -> None:
+    """``migrate-set-capabilities`` (names with ``_`` for ``-``)."""
+    await vm.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()]})
+
+
+async def set_parameters(vm: VirtualMachine, **params: Any) -> None:
+    """``migrate-set-parameters`` (names with ``_`` for ``-``; None values left out)."""
+    args = {k.replace("_", "-"): v for k, v in params.items() if v is not None}
+    if args:
+        await vm.execute("migrate-set-parameters", args)
+
+
+async def query(vm: VirtualMachine) -> dict[str, Any]:
+    """``query-migrate``: QEMU's whole account of the migration (``{}`` before any)."""
+    info = await vm.execute("query-migrate")
+    return dict(info) if isinstance(info, dict) else {}
+
+
+def progress_of(info: dict[str, Any]) -> dict[str, Any]:
+    """The figures a user follows while it runs."""
+    ram = info.get("ram") or {}
+    return {
+        "status": str(info.get("status", "none")),
+        "rounds": int(ram.get("dirty-sync-count", 0)),
+        "transferred_bytes": int(ram.get("transferred", 0)),
+        "remaining_bytes": int(ram.get("remaining", 0)),
+        "total_bytes": int(ram.get("total", 0)),
+        "dirty_pages_rate": int(ram.get("dirty-pages-rate", 0)),
+        "mbps": float(ram.get("mbps", 0.0)),
+        "expected_downtime_ms": info.get("expected-downtime"),
+        "throttle_percent": info.get("cpu-throttle-percentage"),
+        "elapsed_ms": info.get("total-time"),
+    }
+
+
+def tcp_uri(address: str, port: int) -> str:
+    """QEMU's ``tcp:HOST:PORT`` (IPv6 in brackets)."""
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    return f"tcp:{host}:{port}"
+
+
+URI_RE = re.compile(r"^tcp:(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}$")
+
+
+# -- the check -----------------------------------------------------------------------------------------
+async def memory_digest(vm: VirtualMachine, scratch: Path) -> bytes:
+    """A hash of every page of the stopped guest's RAM (``DIGEST_BYTES`` per page, in address order).
+
+    The RAM is saved with ``pmemsave`` to ``scratch`` (0600, deleted afterwards). Guest RAM of up to
+    2 GiB sits at guest-physical 0 on both of QEMU's x86 machines, so 0..memory is all of it."""
+    size = vm.config.memory
+    if size > (2 << 30):
+        raise QemuError(f"{vm.config.name}: the memory check covers guests of up to 2 GiB (this one has "
+                        f"{size >> 20} MiB)")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    try:
+        await vm.execute("pmemsave", {"val": 0, "size": size, "filename": str(scratch)}, timeout=600)
+        return await asyncio.to_thread(_hash_pages, scratch)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+
+
+def _hash_pages(path: Path) -> bytes:
+    out = bytearray()
+    with path.open("rb") as fh:
+        while chunk := fh.read(PAGE * 256):
+            for off in range(0, len(chunk), PAGE):
+                out += hashlib.blake2b(chunk[off:off + PAGE], digest_size=DIGEST_BYTES).digest()
+    return bytes(out)
+
+
+def bad_pages(a: bytes, b: bytes) -> list[int]:
+    """The page numbers whose hashes differ (pages only one side has count as different)."""
+    d = DIGEST_BYTES
+    return [i for i in range(max(len(a), len(b)) // d) if a[i * d:(i + 1) * d] != b[i * d:(i + 1) * d]]

@@ -1,0 +1,246 @@
+"""Live migration between two hosts of scripts/lab.sh (network namespaces, each with its own sshd and
+vmkit home): the micro guest moves under a memory workload and arrives whole (every page compared),
+2 TCG vCPUs are copied paused, and every failure leaves the machine running on the source with nothing
+left on the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LAB, vmkit, wait_until
+from vmkit.host.images import micro
+from vmkit.host.images.store import Image
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab's network namespaces need root")]
+
+DIRTIER = ("mkdir -p /d && mount -t tmpfs -o size=100m tmpfs /d && head -c 16m /dev/urandom > /d/a && "
+           "head -c 16m /dev/zero > /d/z && for i in 1 2; do (while :; do cat /d/a > /d/b$i; cat /d/z > /d/b$i; "
+           "done) & done; echo DIRTIER-UP")
+
+
+def target_rows(lab: str) -> dict[str, dict[str, object]]:
+    return {r["name"]: r for r in json.loads(vmkit("--host", lab, "list", "--json").stdout)}
+
+
+def state_of(name: str) -> str:
+    return str(next(r for r in json.loads(vmkit("list", "--json").stdout) if r["name"] == name)["state"])
+
+
+def last_tick(text: str) -> int:
+    ticks = micro.parse_ticks(text)
+    return max(ticks) if ticks else -1
+
+
+def ticking_on(name: str, home: Path) -> int:
+    """The guest on this host still counts: a tick newer than the last one seen now appears."""
+    log = home / "instances" / name / "serial.log"
+    before = last_tick(log.read_text(errors="replace"))
+    assert wait_until(lambda: last_tick(log.read_text(errors="replace")) > before, 30), f"{name} stopped counting"
+    return last_tick(log.read_text(errors="replace"))
+
+
+def target_qemus() -> list[int]:
+    """QEMU processes inside the target's namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", "vmklab1"], capture_output=True, text=True).stdout.split()
+    out = []
+    for p in pids:
+        try:
+            if b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+
+
+def make(name: str, *, cpus: int = 1, dirty: bool = False, boot: tuple[str, ...] = ("--image", "micro")) -> None:
+    cmdline = "vmkit.counter=1" + (" " + micro.run_parameter(DIRTIER) if dirty else "")
+    if boot[0] != "--image":  # no image to give the console and the rest
+        cmdline = f"{micro.DEFAULT_CMDLINE} {cmdline}"
+    vmkit("create", name, *boot, "--memory", "256M", "--cpus", str(cpus), "--cmdline", cmdline)
+    vmkit("start", name)
+    if dirty:
+        vmkit("console", name, "--log", "--until", "DIRTIER-UP", "--timeout", "120")
+
+
+def test_live_migration_under_a_memory_workload_arrives_whole(vmkit_home: Path, micro_image: Image, lab: str,
+                                                              on_target: list[str]) -> None:
+    make("mv", dirty=True)
+    on_target.append("mv")
+    time.sleep(2)  # the dirtier is rewriting its files
+    before = last_tick((vmkit_home / "instances" / "mv" / "serial.log").read_text(errors="replace"))
+    res = vmkit("migrate", "mv", lab, "--live", "--json")  # verified page by page on this QEMU (TCG, 7.2)
+    out = json.loads(res.stdout)
+    rep = out["report"]
+    assert out["bad_pages"] == 0 and out["pages_checked"] == 256 * 1024 // 4
+    # live pre-copy, or (if it lost a page) done again paused, and then it says so
+    assert (rep["method"] == "live" and rep["rounds"] >= 2) or (
+        rep["method"] == "paused" and any("done again with the guest paused" in n for n in out["notes"]))
+    assert rep["query"]["status"] == "completed" and rep["downtime_ms"] is not None
+    assert rep["transferred_bytes"] > 16 << 20
+
+    # it runs on the target, counting on from where it was
+    assert target_rows(lab)["mv"]["state"] == "running"
+    tgt_log = vmkit("--host", lab, "console", "mv", "--log", "--until", r"vmkit-tick \d+\n", "--timeout", "60").stdout
+    assert last_tick(tgt_log) > before
+    # and here it is `migrated`: no QEMU, start refused, delete removes the old copy
+    assert state_of("mv") == "migrated"
+    refused = vmkit("start", "mv", check=False)
+    assert refused.returncode == 4 and "migrated" in refused.stderr and lab in refused.stderr
+    vmkit("delete", "mv")
+    assert not (vmkit_home / "instances" / "mv").exists()
+
+
+def test_two_tcg_vcpus_are_copied_paused_and_arrive_whole(vmkit_home: Path, micro_image: Image, lab: str,
+                                                          on_target: list[str]) -> None:
+    make("m2", cpus=2, dirty=True)
+    on_target.append("m2")
+    time.sleep(2)
+    res = vmkit("migrate", "m2", lab, "--verify")
+    assert "0 of 65536 pages differ" in res.stdout
+    assert "paused" in res.stdout and "fixed in QEMU 9.0" in " ".join(res.stdout.split())
+    assert target_rows(lab)["m2"]["state"] == "running"
+    # the user may not ask for live pre-copy where it would corrupt the guest: nothing is touched
+    doctor = vmkit("doctor").stdout
+    assert "migration" in doctor and "paused" in doctor
+
+
+def test_every_failure_leaves_the_machine_running_on_the_source(vmkit_home: Path, micro_image: Image, lab: str,
+                                                                on_target: list[str], tmp_path: Path) -> None:
+    assert micro_image.kernel is not None and micro_image.initrd is not None
+    kernel = tmp_path / "vmlinuz"
+    shutil.copyfile(micro_image.kernel, kernel)
+    make("mf", boot=("--kernel", str(kernel), "--initrd", str(micro_image.initrd)))
+    on_target.append("mf")
+
+    def still_here(res: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+        assert res.returncode == code, f"exit {res.returncode}:\n{res.stdout}\n{res.stderr}"
+        assert text in " ".join(res.stderr.split()), res.stderr
+        assert state_of("mf") == "running"
+        ticking_on("mf", vmkit_home)
+        assert "mf" not in target_rows(lab)
+        assert wait_until(lambda: not target_qemus(), 20), "a QEMU was left on the target"
+        assert not (LAB / "vmklab1" / "home" / "instances" / "mf").exists()
+
+    # the target cannot be reached
+    still_here(vmkit("migrate", "mf", "ssh://root@10.231.0.99", check=False), 1, "cannot run vmkit there")
+    # the target lacks the machine's kernel (both "hosts" see one filesystem: take it away from both)
+    kernel.unlink()
+    still_here(vmkit("migrate", "mf", lab, check=False), 6, "the target lacks")
+    shutil.copyfile(micro_image.kernel, kernel)
+    # a machine of that name exists there (and stays as it was)
+    vmkit("--host", lab, "create", "mf", "--image", "micro", "--memory", "64M")
+    res = vmkit("migrate", "mf", lab, check=False)
+    assert res.returncode == 4 and "exists on the target" in " ".join(res.stderr.split()), res.stderr
+    assert target_rows(lab)["mf"]["state"] == "stopped"
+    vmkit("--host", lab, "delete", "mf")
+
+    # Ctrl-C while it runs (1 MiB/s: it would take minutes)
+    def start_slow() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "migrate", "mf", lab, "--bandwidth", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "250"})
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "active: round" not in seen and time.monotonic() < deadline:
+            seen += proc.stderr.readline()
+        assert "active: round" in seen, seen
+        return proc
+
+    proc = start_slow()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    still_here(subprocess.CompletedProcess([], 130, "", "interrupted"), 130, "interrupted")
+
+    # the target dies mid-way
+    proc = start_slow()
+    qemus = target_qemus()
+    assert len(qemus) == 1
+    os.kill(qemus[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and re.search(r"migration (failed|cancelled)", err), err
+    still_here(subprocess.CompletedProcess([], proc.returncode, "", err), proc.returncode, "the migration")
+    vmkit("stop", "--force", "mf")
+
+
+def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_image: Image, lab: str,
+                                                       on_target: list[str]) -> None:
+    # 8 MiB of random data, then a writer that keeps rewriting MiB 20 with MiB 0 (the same bytes on
+    # both hosts, so the disks can be compared after the target ran on)
+    writer = ("head -c 8m /dev/urandom > /dev/vda; sync; echo DISK-WRITTEN; (while :; do "
+              "dd if=/dev/vda of=/dev/vda bs=1M count=1 seek=20 conv=notrunc 2>/dev/null; sync; done) &")
+    vmkit("create", "ms", "--image", "micro", "--memory", "128M", "--cmdline",
+          f"vmkit.counter=1 {micro.run_parameter(writer)}")
+    on_target.append("ms")
+    inst = vmkit_home / "instances" / "ms"
+    disk = inst / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    config = inst / "vm.yaml"  # a disk in the machine's own directory, as a cloud image's overlay is
+    text = config.read_text().replace("storage: []", "storage:\n- kind: virtio-blk\n  attachment:\n"
+                                      f"    type: disk-image\n    path: {disk}\n    format: qcow2")
+    config.write_text(text)
+    vmkit("start", "ms")
+    vmkit("console", "ms", "--log", "--until", "DISK-WRITTEN", "--timeout", "60")
+
+    refused = vmkit("migrate", "ms", lab, check=False)
+    assert refused.returncode == 2 and "--copy-storage" in refused.stderr
+    assert state_of("ms") == "running" and "ms" not in target_rows(lab)
+
+    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--live", "--json").stdout)
+    assert out["bad_pages"] == 0
+    assert out["report"]["disks_copied"] == ["disk0"] and out["report"]["disk_bytes"] >= 8 << 20
+    assert target_rows(lab)["ms"]["state"] == "running"
+    copy = LAB / "vmklab1" / "home" / "instances" / "ms" / "data.qcow2"
+    vmkit("--host", lab, "stop", "--force", "ms")
+    cmp = subprocess.run(["qemu-img", "compare", str(disk), str(copy)], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert "identical" in cmp.stdout
+
+
+def test_offline_move_resumes_on_the_target_with_its_own_key(vmkit_home: Path, micro_image: Image, lab: str,
+                                                             on_target: list[str]) -> None:
+    vmkit("create", "mo", "--image", "micro", "--memory", "128M", "--cmdline", "vmkit.counter=1")
+    on_target.append("mo")
+    inst = vmkit_home / "instances" / "mo"
+    disk = inst / "data.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "32M"], check=True)
+    with disk.open("r+b") as fh:  # some data, and a long hole
+        fh.write(os.urandom(1 << 20))
+    config = inst / "vm.yaml"
+    config.write_text(config.read_text().replace("storage: []", "storage:\n- kind: virtio-blk\n  attachment:\n"
+                                                 f"    type: disk-image\n    path: {disk}\n    format: raw"))
+    vmkit("start", "mo")
+    vmkit("console", "mo", "--log", "--until", r"vmkit-tick [3-9]\n", "--timeout", "60")
+    refused = vmkit("migrate", "--offline", "mo", lab, check=False)  # a running machine moves live
+    assert refused.returncode == 4 and "stopped or saved" in refused.stderr
+    vmkit("stop", "--save", "mo")
+    last = last_tick((inst / "serial.log").read_text(errors="replace"))
+
+    res = vmkit("migrate", "--offline", "mo", lab, "--json")
+    moved = json.loads(res.stdout)
+    assert moved["state"] is True and moved["disks"] == ["disk0"]
+    assert state_of("mo") == "migrated" and target_rows(lab)["mo"]["state"] == "saved"
+    there = LAB / "vmklab1" / "home"
+    assert (there / "config" / "state.key").read_bytes() != (vmkit_home / "config" / "state.key").read_bytes()
+    copy = there / "instances" / "mo" / "data.raw"
+    assert copy.read_bytes() == disk.read_bytes()
+    assert copy.stat().st_blocks * 512 < 8 << 20  # the hole stayed a hole
+
+    started = vmkit("--host", lab, "start", "mo")
+    assert "resumed" in started.stdout
+    log = vmkit("--host", lab, "console", "mo", "--log", "--until", rf"vmkit-tick {last + 2}\n", "--timeout", "60")
+    assert last_tick(log.stdout) >= last + 2
+    assert min(t for t in micro.parse_ticks(log.stdout)) > last - 1  # it went on, it did not boot again
+    vmkit("delete", "mo")

@@ -1,0 +1,205 @@
+"""Migration's pure logic: host URIs, which method is safe, the page comparison, progress figures,
+the configuration moved to the target's directory, and `vmkit --host` in front of a command."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from vmkit.api import models
+from vmkit.backends import resolve, ssh
+from vmkit.cli.main import _remote_host
+from vmkit.config import MachineConfig
+from vmkit.errors import ConfigError
+from vmkit.migrate import receive
+from vmkit.runtime import migration
+
+
+@pytest.mark.parametrize(("uri", "host", "user", "port"), [
+    ("ssh://example.org", "example.org", None, None),
+    ("ssh://root@10.231.0.11", "10.231.0.11", "root", None),
+    ("ssh://alice@host-1.lan:2222", "host-1.lan", "alice", 2222),
+    ("vmkit+ssh://bob@[fd00::1]:22", "[fd00::1]", "bob", 22),
+    ("ssh://h/", "h", None, None),
+])
+def test_host_uris(uri: str, host: str, user: str | None, port: int | None) -> None:
+    h = resolve(uri)
+    assert h is not None and (h.host, h.user, h.port) == (host, user, port)
+
+
+@pytest.mark.parametrize("uri", ["ftp://h", "ssh://", "ssh://h/path", "ssh://h:99999", "ssh://-oProxyCommand=x",
+                                 "ssh://u:pw@h", "ssh://h?x=1", "ssh://h x", "ssh://bad user@h", "h"])
+def test_bad_host_uris_name_the_option(uri: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ssh.parse(uri)
+    assert exc.value.problems[0].field == "--host"
+
+
+def test_no_uri_is_this_host() -> None:
+    assert resolve(None) is None and resolve("") is None and resolve("local://") is None
+
+
+def test_ssh_argv_quotes_the_remote_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKIT_SSH_CONFIG", "/tmp/cfg")
+    monkeypatch.delenv("VMKIT_REMOTE_VMKIT", raising=False)
+    argv = ssh.parse("ssh://root@h:2200").vmkit_argv(["exec", "web", "--", "echo", "a b; rm -rf /"])
+    assert argv[:3] == ["ssh", "-F", "/tmp/cfg"]
+    assert argv[argv.index("-p") + 1] == "2200" and argv[argv.index("-l") + 1] == "root"
+    assert argv[-3:-1] == ["--", "h"]
+    assert argv[-1] == "vmkit exec web -- echo 'a b; rm -rf /'"
+    assert "BatchMode=yes" in argv and "-T" in argv
+
+
+@pytest.mark.parametrize(("args", "env", "host", "rest"), [
+    (["--host", "ssh://h", "list"], None, "ssh://h", ["list"]),
+    (["-H", "ssh://h", "list", "--json"], None, "ssh://h", ["list", "--json"]),
+    (["--host=ssh://h", "list"], None, "ssh://h", ["list"]),
+    (["list"], "ssh://e", "ssh://e", ["list"]),
+    (["list"], None, None, ["list"]),
+])
+def test_host_option_in_front_of_the_command(monkeypatch: pytest.MonkeyPatch, args: list[str], env: str | None,
+                                             host: str | None, rest: list[str]) -> None:
+    if env is None:
+        monkeypatch.delenv("VMKIT_HOST", raising=False)
+    else:
+        monkeypatch.setenv("VMKIT_HOST", env)
+    assert _remote_host(args) == (host, rest)
+
+
+@pytest.mark.parametrize(("accel", "cpus", "version", "method"), [
+    ("kvm", 8, (7, 2, 22), "live"),
+    ("tcg", 1, (7, 2, 22), "paused"),
+    ("tcg", 2, (7, 2, 22), "paused"),
+    ("tcg", 4, (8, 2, 0), "paused"),
+    ("tcg", 2, None, "paused"),
+    ("tcg", 2, (9, 0, 0), "live"),
+    ("tcg", 16, (10, 1, 0), "live"),
+])
+def test_live_precopy_only_where_dirty_tracking_is_exact(accel: str, cpus: int, version: tuple[int, int, int] | None,
+                                                         method: str) -> None:
+    s = migration.live_safety(accel, cpus, version)
+    assert s.method == method
+    if method == "paused":
+        assert "9.0" in s.reason and "--live" in s.reason
+
+
+def test_versions() -> None:
+    assert migration.parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)") == (7, 2, 22)
+    assert migration.parse_version("9.0") == (9, 0, 0)
+    assert migration.parse_version("?.?.?") is None
+
+
+def _digest(pages: list[bytes]) -> bytes:
+    return b"".join(hashlib.blake2b(p, digest_size=migration.DIGEST_BYTES).digest() for p in pages)
+
+
+def test_bad_pages_are_the_ones_that_differ() -> None:
+    pages = [bytes([i]) * migration.PAGE for i in range(10)]
+    same = _digest(pages)
+    assert migration.bad_pages(same, same) == []
+    changed = list(pages)
+    changed[3] = b"\1" + changed[3][1:]
+    changed[7] = changed[7][:-1] + b"\xff"
+    assert migration.bad_pages(same, _digest(changed)) == [3, 7]
+    assert migration.bad_pages(same, _digest(pages[:8])) == [8, 9]  # a page one side lacks counts
+
+
+def test_memory_hash_is_per_page(tmp_path: Path) -> None:
+    data = b"".join(bytes([i % 256]) * migration.PAGE for i in range(300))
+    f = tmp_path / "mem"
+    f.write_bytes(data)
+    digest = migration._hash_pages(f)
+    assert len(digest) == 300 * migration.DIGEST_BYTES
+    assert digest == _digest([data[i:i + migration.PAGE] for i in range(0, len(data), migration.PAGE)])
+
+
+def test_progress_figures_from_query_migrate() -> None:
+    info = {"status": "active", "expected-downtime": 312, "total-time": 1500, "cpu-throttle-percentage": 20,
+            "ram": {"dirty-sync-count": 4, "transferred": 100, "remaining": 50, "total": 300,
+                    "dirty-pages-rate": 1234, "mbps": 880.5}}
+    p = models.MigrationProgress.model_validate(migration.progress_of(info))
+    assert (p.status, p.rounds, p.remaining_bytes, p.dirty_pages_rate, p.expected_downtime_ms, p.throttle_percent) \
+        == ("active", 4, 50, 1234, 312, 20)
+    assert migration.progress_of({})["status"] == "none"
+
+
+@pytest.mark.parametrize(("uri", "ok"), [("tcp:10.0.0.1:4444", True), ("tcp:[fd00::1]:1", True),
+                                         ("tcp:host.lan:80", True), ("exec:rm -rf /", False),
+                                         ("tcp:10.0.0.1:4444,x=1", False), ("unix:/tmp/s", False)])
+def test_migration_uris_are_tcp_only(uri: str, ok: bool) -> None:
+    if ok:
+        assert models.MigrateRequest(uri=uri).uri == uri
+        assert migration.URI_RE.match(uri)
+    else:
+        with pytest.raises(ValueError, match="uri"):
+            models.MigrateRequest(uri=uri)
+
+
+def test_tcp_uri() -> None:
+    assert migration.tcp_uri("10.0.0.1", 5) == "tcp:10.0.0.1:5"
+    assert migration.tcp_uri("fd00::1", 5) == "tcp:[fd00::1]:5"
+
+
+def test_configuration_moves_to_the_target_directory(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a" / "web", tmp_path / "b" / "web"
+    disk = src / "disk.qcow2"
+    shared = tmp_path / "shared.raw"
+    config = MachineConfig.model_validate({
+        "name": "web", "boot": {"kind": "linux", "kernel": str(tmp_path / "vmlinuz")},
+        "storage": [{"attachment": {"type": "disk-image", "path": str(disk)}},
+                    {"attachment": {"type": "disk-image", "path": str(shared), "read_only": True}}]})
+    moved = receive.rebase(config, src, dst)
+    paths = [d.attachment.path for d in moved.storage]  # type: ignore[union-attr]
+    assert paths == [dst / "disk.qcow2", shared]
+    assert receive.needed_files(moved, dst) == [tmp_path / "vmlinuz", shared]
+
+
+def test_receiver_aborts_on_end_of_input_and_refuses_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
+    out = io.StringIO()
+    assert receive.serve(io.StringIO(""), out) == 1
+    assert json.loads(out.getvalue()) == {"aborted": {}}
+    out = io.StringIO()
+    assert receive.serve(io.StringIO("not json\n"), out) == 2
+    assert json.loads(out.getvalue())["error"]["field"] == "<stdin>"
+    out = io.StringIO()
+    man = {"name": "web", "config": {"name": "web", "boot": {"kind": "linux", "kernel": str(tmp_path / "nope")}},
+           "source_dir": "/elsewhere/web"}
+    assert receive.serve(io.StringIO(json.dumps({"prepare": man}) + "\n"), out) == 6
+    err = json.loads(out.getvalue())["error"]
+    assert err["type"] == "HostError" and "the target lacks" in err["message"]
+    assert not (tmp_path / "instances" / "web").exists()
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--offline", "--live"], "--offline"),
+    (["--offline", "--copy-storage"], "--offline"),
+    (["--copy-storage", "--shared-storage"], "--copy-storage"),
+    (["--live", "--paused"], "--live"),
+])
+def test_migrate_options_that_do_not_go_together(args: list[str], field: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "migrate", "web", "ssh://h", *args],
+                         capture_output=True, text=True, env={**os.environ, "VMKIT_HOME": str(tmp_path)}, timeout=60)
+    assert res.returncode == 2 and field in res.stderr, res.stderr
+
+
+def test_migrating_an_unknown_machine_or_to_a_bad_uri(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VMKIT_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "migrate", "web", "ssh://h"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 3 and "web" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "--host", "ssh://a b", "list"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 2 and "--host" in res.stderr
