@@ -614,7 +614,8 @@ class Event(Response):
 # -- the client's own views (no route returns them; they are what vmkit.Client gives) --------------------
 class InstanceRow(Response):
     """One machine as ``vmkit list`` shows it. ``state`` adds ``saved`` (a saved state waits to be
-    resumed), ``migrated`` (it runs on another host now: ``reason`` says where) and ``broken`` (its files cannot be read: ``reason`` says why) to the machine states;
+    resumed), ``migrated`` (it runs on another host now: ``reason`` says where) and ``broken`` (its
+    files cannot be read: ``reason`` says why) to the machine states;
     ``health`` is ``degraded`` while a share's helper is gone (``reason`` says which)."""
 
     name: str
