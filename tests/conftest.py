@@ -94,13 +94,19 @@ def vmkit_process(*args: str, check: bool = True, timeout: float = 400,
 
 
 def vmkit(*args: str, check: bool = True, env: dict[str, str | None] | None = None,
-          input: str | None = None) -> subprocess.CompletedProcess[str]:
+          input: str | None = None, timeout: float = 400) -> subprocess.CompletedProcess[str]:
     """Run the CLI in this process, as the ``vmkit`` command would (``vmkit.cli.main.main``: the same
     parsing, rendering, messages and exit codes), and return what it printed and its exit code.
 
     ``env`` changes the environment for the call (None removes a variable). Output is not a
     terminal and 250 columns wide, so JSON and messages are not wrapped. No fresh interpreter
-    and imports for each call; :func:`vmkit_process` runs a real one."""
+    and imports for each call; :func:`vmkit_process` runs a real one. ``timeout`` bounds only a call
+    that needs a process of its own (another host's vmkit); in this process the command's own
+    timeouts and pytest's per-test timeout apply."""
+    if args[:1] in (("--host",), ("-H",)) or (env or {}).get("VMKIT_HOST") or os.environ.get("VMKIT_HOST"):
+        # another host's vmkit: the command becomes ssh (exec), which must not replace the test process
+        return vmkit_process(*args, check=check, timeout=timeout,
+                             env={k: v for k, v in (env or {}).items() if v is not None})
     from click.testing import CliRunner
 
     from vmkit.cli import output
