@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import vmkit
+from conftest import vmkit, vmkit_process
 from vmkit.host.images.store import Image
 from vmkit.host.provision import free_port
 from vmkit.net.probes import PING
@@ -67,13 +67,15 @@ def pair(debian12: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             vm_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         t0 = time.monotonic()
         results: dict[str, subprocess.CompletedProcess[str]] = {}
-        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, vmkit("start", n, check=False,
-                                                                                      timeout=900)))
+        # two CLI processes at once (the in-process runner swaps sys.stdout: one call at a time)
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, vmkit_process(
+                       "start", n, check=False, timeout=900)))
                    for n in ("a", "b")]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        assert set(results) == {"a", "b"}, results
         for n, res in results.items():
             assert res.returncode == 0, f"start {n}: {res.stderr}"
         print(f"both guests up in {time.monotonic() - t0:.0f} s")
