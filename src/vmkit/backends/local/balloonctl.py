@@ -213,8 +213,24 @@ def stop(*, timeout: float = STOP_WAIT) -> models.AutoballoonStatus:
             os.kill(pid, signal.SIGKILL)
         if not _wait_free(d, 5):
             raise HostError(f"the autoballoon controller (pid {pid}) did not exit")
+    _reap(pid)
     _pid_path(d).unlink(missing_ok=True)
     return status()
+
+
+def _reap(pid: int, seconds: float = 5.0) -> None:
+    """Collect the controller's exit status when this process started it (a long-running program
+    that uses the client, or the tests): else it would linger as a zombie until this process ends.
+    The ``vmkit`` command that started it has long exited: then it is not our child, nothing to do."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
 
 
 def _wait_free(d: Path, seconds: float) -> bool:
