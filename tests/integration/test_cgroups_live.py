@@ -63,6 +63,8 @@ def test_cgroup_holds_qemu_and_helpers_with_limits_live(vmkit_home: Path, micro_
     events = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "cgbox"], stdout=subprocess.PIPE,
                               text=True, env=os.environ.copy())
     try:
+        assert events.stdout is not None  # the stream is open before anything changes (its first line)
+        assert json.loads(events.stdout.readline())["kind"] == "hello"
         rel = group_of("cgbox")
         assert rel.startswith("vmkit/cgbox")
         for d in DRIVER.dirs(rel):
