@@ -80,6 +80,8 @@ class MigrateRoutes:
         """The target of a completed migration not yet finished or taken back (the guest is paused here)."""
         self._was_running = False
         self._postcopy = False
+        self.incoming: str | None = None
+        """Where this machine was started to receive a migration (None: an ordinary start)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -308,6 +310,9 @@ class MigrateRoutes:
         """The target side: wait for the incoming migration to complete, end the disk exports, run the guest."""
         body = await body_as(request, models.Takeover)
         vm = self.sup.vm
+        if self.incoming is None:
+            raise StateError("take over a migrated machine", vm.state.value,
+                             ["a machine started for an incoming migration"])
         deadline = time.monotonic() + body.timeout
         while True:
             if vm.state not in (VmState.PAUSED, VmState.RUNNING):

@@ -235,6 +235,7 @@ class Supervisor:
                 await self._attach_networks(emit)
                 if plan.incoming is not None:
                     emit({"started": await start_incoming(self, plan.incoming)})
+                    self.migration.incoming = plan.incoming.uri
                 elif plan.active:
                     await start_from_plan(self, plan, emit)
                 else:
