@@ -43,6 +43,8 @@ def test_vcpus_added_and_removed_live(vmkit_home: Path, micro_image: Image, monk
     events = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "box"], stdout=subprocess.PIPE,
                               text=True, env=os.environ.copy())
     try:
+        assert events.stdout is not None  # the stream is open before anything changes (its first line)
+        assert json.loads(events.stdout.readline())["kind"] == "hello"
         before = stats("box")
         assert before["vcpus_online"] == 1 and before["max_cpus"] == 3 and before["max_memory_bytes"] is None
 
