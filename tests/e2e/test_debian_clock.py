@@ -46,6 +46,8 @@ def test_supervisor_puts_a_wrong_guest_clock_right(vmkit_home: Path, debian12: I
     events = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "deb"], stdout=subprocess.PIPE,
                               text=True, env=os.environ.copy())
     try:
+        assert events.stdout is not None
+        assert json.loads(events.stdout.readline())["kind"] == "hello"  # subscribed: nothing is missed
         vmkit("exec", "deb", "--", "sh", "-c", BACK_5S)
         assert wait_until(lambda: abs(guest_offset("deb")) < 1.0, 90, interval=2), guest_offset("deb")
         vmkit("stop", "deb", "--force")
