@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import vmkit, vmkit_process
+from conftest import image_cache_dir, vmkit, vmkit_process
 from vmkit.host.images.store import Image
 from vmkit.host.provision import free_port
 from vmkit.net.probes import PING
@@ -46,7 +46,6 @@ ECHO_CLIENT = (
 )
 
 
-
 def guest(name: str, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return vmkit("exec", name, "--timeout", str(int(timeout)), "--", *argv, check=check, timeout=timeout + 60)
 
@@ -54,8 +53,9 @@ def guest(name: str, *argv: str, check: bool = True, timeout: float = 120) -> su
 @pytest.fixture(scope="module")
 def pair(debian12: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("nethome")
-    old = os.environ.get("VMKIT_HOME")
+    old = os.environ.get("VMKIT_HOME"), os.environ.get("VMKIT_IMAGE_CACHE")
     os.environ["VMKIT_HOME"] = str(home)
+    os.environ["VMKIT_IMAGE_CACHE"] = str(image_cache_dir())  # where the debian12 fixture built the image
     try:
         vmkit("network", "create", "lab", "--mode", "nat")
         net = json.loads(vmkit("network", "inspect", "lab").stdout)
@@ -84,10 +84,11 @@ def pair(debian12: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         for name in ("a", "b"):
             vmkit("delete", name, "--force", check=False)
         vmkit("network", "delete", "lab", "--force", check=False)
-        if old is None:
-            os.environ.pop("VMKIT_HOME", None)
-        else:
-            os.environ["VMKIT_HOME"] = old
+        for key, value in zip(("VMKIT_HOME", "VMKIT_IMAGE_CACHE"), old, strict=True):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def test_list_and_inspect_show_the_addresses(pair: dict[str, str]) -> None:
