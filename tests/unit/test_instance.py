@@ -256,40 +256,52 @@ def test_reconcile_of_a_cleanly_stopped_instance_changes_nothing(inst: Instance)
     assert inst.state_path.read_bytes() == before
 
 
-def _check_many(path: str, n: int) -> int:
-    from vmkit.host.instance import Instance
+_CHECK_MANY = """\
+import sys
+from pathlib import Path
+from vmkit.host.instance import Instance
+path = Path(sys.argv[1])
+inst = Instance(path.name, path.parent)
+print(sum(inst.is_supervised() for _ in range(int(sys.argv[2]))))
+"""
 
-    inst = Instance(Path(path).name, Path(path).parent)
-    return sum(inst.is_supervised() for _ in range(n))
+
+def _checkers(path: Path, n: int) -> list[subprocess.Popen[str]]:
+    """Two processes that each ask ``is_supervised`` ``n`` times and print how often it said yes (plain
+    processes: a multiprocessing pool re-imports this test module, which hung once in a long run)."""
+    return [subprocess.Popen([sys.executable, "-c", _CHECK_MANY, str(path), str(n)], stdout=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+
+
+def _yes_counts(procs: list[subprocess.Popen[str]]) -> list[int]:
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        out.append(int(stdout))
+    return out
 
 
 def test_concurrent_checks_never_see_each_other_as_a_supervisor(tmp_path: Path) -> None:
     """Checking used to take the lock exclusively: two checking processes saw each other as a supervisor."""
-    import multiprocessing
-
     from vmkit.host.instance import Instance, take_exclusive
 
     inst = Instance("busy", tmp_path)
     inst.dir.mkdir()
     inst.lock_path.touch()
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        pending = [pool.apply_async(_check_many, (str(inst.dir), 8000)) for _ in range(2)]
-        # meanwhile a supervisor taking the lock is not put off by the checks
-        fd = inst.open_lock()
+    pending = _checkers(inst.dir, 8000)
+    # meanwhile a supervisor taking the lock is not put off by the checks
+    fd = inst.open_lock()
+    try:
+        assert take_exclusive(fd)
+        assert inst.is_supervised()
+        other = inst.open_lock()
         try:
-            assert take_exclusive(fd)
-            assert inst.is_supervised()
-            other = inst.open_lock()
-            try:
-                assert not take_exclusive(other, patience=0.2)  # a second supervisor is refused
-            finally:
-                os.close(other)
+            assert not take_exclusive(other, patience=0.2)  # a second supervisor is refused
         finally:
-            os.close(fd)
-        for p in pending:  # (some of these ran while our "supervisor" held the lock: True is right then)
-            p.get(timeout=120)
+            os.close(other)
+    finally:
+        os.close(fd)
+    _yes_counts(pending)  # (some of these ran while our "supervisor" held the lock: True is right then)
     # with no holder at all, every answer of the two concurrent checkers must be False
-    with ctx.Pool(2) as pool:
-        assert [p.get(timeout=120) for p in [pool.apply_async(_check_many, (str(inst.dir), 8000))
-                                             for _ in range(2)]] == [0, 0]
+    assert _yes_counts(_checkers(inst.dir, 8000)) == [0, 0]
