@@ -182,20 +182,17 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             raise ConfigError.single("--from", f"{opts.from_file} must hold a mapping of settings")
         data = loaded
     data["name"] = opts.name
+    for key, option, size in (("memory", "--memory", opts.memory), ("max_memory", "--max-memory", opts.max_memory),
+                              ("balloon_min", "--balloon-min", opts.balloon_min)):
+        if size is not None:
+            try:
+                data[key] = parse_size(size)
+            except ValueError as exc:
+                problems.append(Problem(option, str(exc)))
     if opts.cpus is not None:
         data["cpus"] = opts.cpus
-    if opts.memory is not None:
-        try:
-            data["memory"] = parse_size(opts.memory)
-        except ValueError as exc:
-            problems.append(Problem("--memory", str(exc)))
     if opts.max_cpus is not None:
         data["max_cpus"] = opts.max_cpus
-    if opts.max_memory is not None:
-        try:
-            data["max_memory"] = parse_size(opts.max_memory)
-        except ValueError as exc:
-            problems.append(Problem("--max-memory", str(exc)))
     if opts.accel is not None:
         data["accel"] = opts.accel
     if opts.limits:
@@ -203,11 +200,6 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             data["limits"] = {**(data.get("limits") or {}), **cgroups.parse_limit_changes(dict(opts.limits))}
         except ConfigError as exc:
             problems += [Problem(cgroups.option_name(p.field), p.message) for p in exc.problems]
-    if opts.balloon_min is not None:
-        try:
-            data["balloon_min"] = parse_size(opts.balloon_min)
-        except ValueError as exc:
-            problems.append(Problem("--balloon-min", str(exc)))
     if opts.balloon_shares is not None:
         data["balloon_shares"] = opts.balloon_shares
 
