@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -90,6 +91,20 @@ def vmkit_process(*args: str, check: bool = True, timeout: float = 400,
                           stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"vmkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def follow_events(name: str) -> subprocess.Popen[str]:
+    """``vmkit events NAME`` in a process of its own, returned once it is subscribed (its first line,
+    ``hello``, has arrived): nothing that happens to the machine after this is missed. Kill it when done."""
+    proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", name], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "COLUMNS": "250"})
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if not first.startswith("{") or json.loads(first).get("kind") != "hello":
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"vmkit events {name} did not start with hello: {first!r}")
     return proc
 
 

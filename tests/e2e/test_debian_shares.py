@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import pid_alive, processes_mentioning, vmkit, wait_until
+from conftest import follow_events, pid_alive, processes_mentioning, vmkit, wait_until
 from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.e2e,
@@ -128,11 +127,8 @@ def test_shares_on_debian(vmkit_home: Path, debian12: Image, tmp_path: Path) -> 
         assert sorted(p.name for p in dirs[name].iterdir()) == ["from-host.txt"]
 
     # a virtiofsd or an sshfs link that dies is reported: share-failed events, `vmkit list` degraded
-    events = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", "sh"], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "COLUMNS": "250"})
+    events = follow_events("sh")  # subscribed: nothing after is missed
     try:
-        assert events.stdout is not None
-        assert json.loads(events.stdout.readline())["kind"] == "hello"  # subscribed: nothing is missed
         daemons = processes_running("virtiofsd", f"source={dirs['vfs']}")
         servers = sftp_servers(inst / f"sftp-root-{tags['/mnt/ssh-ro']}")
         assert daemons and len(servers) == 1
