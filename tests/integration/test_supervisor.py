@@ -129,6 +129,8 @@ def test_killed_supervisor_leaves_no_orphan(vmkit_home: Path, micro_image: Image
     assert spid is not None and pid_alive(spid)
     os.kill(spid, signal.SIGKILL)
     assert wait_until(lambda: not pid_alive(qpid), 10), "QEMU outlived its supervisor"
+    # the lock is the supervisor's until its last thread has exited (its leader is a zombie sooner)
+    assert wait_until(lambda: not inst.is_supervised(), 10), "the killed supervisor still holds the lock"
     row = listed("orphan")  # the next command notices and cleans up
     assert row["state"] == "error" and "supervisor died" in str(row["reason"])
     assert not inst.api_socket.exists()
