@@ -216,11 +216,21 @@ def parse_nbd_url(url: str) -> NbdServerAddress:
 Attachment = Annotated[DiskImage | NbdAttachment, Field(discriminator="type")]
 
 
-class StorageDevice(_Model):
-    """A disk the guest sees: ``virtio-blk`` (/dev/vdX), ``nvme`` (/dev/nvmeXnY) or
-    ``usb-storage`` (/dev/sdX on an xHCI controller)."""
+DiskKind = Literal["virtio-blk", "nvme", "usb-storage", "sata", "ide"]
+DISK_KINDS: tuple[str, ...] = ("virtio-blk", "nvme", "usb-storage", "sata", "ide")
+SATA_PORTS = 6
+"""Disks of kind ``sata`` a machine may have: the ports of its one AHCI controller (ich9-ahci)."""
+IDE_UNITS = 4
+"""Disks of kind ``ide`` a machine may have: two channels of a PIIX3 IDE controller, master and slave."""
 
-    kind: Literal["virtio-blk", "nvme", "usb-storage"] = "virtio-blk"
+
+class StorageDevice(_Model):
+    """A disk the guest sees: ``virtio-blk`` (/dev/vdX), ``nvme`` (/dev/nvmeXnY), ``usb-storage``
+    (/dev/sdX on an xHCI controller), ``sata`` (/dev/sdX on an emulated AHCI controller) or ``ide``
+    (/dev/sdX on an emulated PIIX3 IDE controller). SATA and IDE are emulated hardware (no
+    paravirtualization: ``vmkit bench devices`` measures what that costs) and cannot be hot-plugged."""
+
+    kind: DiskKind = "virtio-blk"
     attachment: Attachment
     serial: str | None = Field(default=None, max_length=20, description="serial number the guest sees")
     id: str | None = Field(default=None, pattern=DISK_ID_RE.pattern,
@@ -723,6 +733,12 @@ class MachineConfig(_Model):
                                         "give each device its own id"))
             ids[dev_id] = f"storage[{i}]"
             problems += device_problems(dev, f"storage[{i}]", seen, host=host)
+        for kind, most in (("sata", SATA_PORTS), ("ide", IDE_UNITS)):
+            where = [i for i, d in enumerate(self.storage) if d.kind == kind]
+            if len(where) > most:
+                problems.append(Problem(f"storage[{where[most]}].kind", f"a machine has at most {most} {kind} disks "
+                                        f"(the ports of its one {kind.upper()} controller): use kind virtio-blk "
+                                        "or nvme for the others"))
         problems += self._share_problems(host)
         problems += self.limits.problems(self.total_memory)
         problems += self._network_problems()

@@ -98,7 +98,7 @@ def parse_disk(spec: str) -> dict[str, Any]:
     Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND]``.
     NBD: ``URL[,ro][,kind=KIND][,on-error=pause|report][,reconnect-delay=S]`` with URL
     ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
-    KIND is virtio-blk (default), nvme or usb-storage.
+    KIND is virtio-blk (default), nvme, usb-storage, sata or ide.
     """
     device: dict[str, Any] = {"kind": "virtio-blk"}
     if spec.startswith(("nbd://", "nbd+unix://")):
@@ -110,7 +110,7 @@ def parse_disk(spec: str) -> dict[str, Any]:
         path, *flags = spec.split(":")
         att = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
         keys = {"format": "format", "cache": "cache"}
-        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage]"
+        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage|sata|ide]"
     for flag in flags:
         key, _, value = flag.partition("=")
         if flag == "ro":
