@@ -9,6 +9,7 @@ APT_PACKAGES=(
   dnsmasq-base nftables iproute2 iperf3           # vmkit networks (DHCP+DNS, NAT and isolation, bridges); iperf3 for benchmarks/net_bench.py
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
+  sysbench                                        # `vmkit bench cpu` (its binary and libraries are copied into guests)
   libvirt-clients                                 # virsh: benchmarks/cli_bench.py sets `vmkit list` beside `virsh list`
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   openssh-server iproute2                         # scripts/lab.sh: migration test hosts, each with its own sshd

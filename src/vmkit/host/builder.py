@@ -95,10 +95,10 @@ def random_mac() -> str:
 def parse_disk(spec: str) -> dict[str, Any]:
     """A ``--disk`` value.
 
-    Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND]``.
-    NBD: ``URL[,ro][,kind=KIND][,on-error=pause|report][,reconnect-delay=S]`` with URL
+    Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND][:serial=S]``.
+    NBD: ``URL[,ro][,kind=KIND][,serial=S][,on-error=pause|report][,reconnect-delay=S]`` with URL
     ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
-    KIND is virtio-blk (default), nvme, usb-storage, sata or ide.
+    KIND is virtio-blk (default), nvme, usb-storage, sata or ide; S the serial number the guest sees.
     """
     device: dict[str, Any] = {"kind": "virtio-blk"}
     if spec.startswith(("nbd://", "nbd+unix://")):
@@ -110,13 +110,15 @@ def parse_disk(spec: str) -> dict[str, Any]:
         path, *flags = spec.split(":")
         att = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
         keys = {"format": "format", "cache": "cache"}
-        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage|sata|ide]"
+        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage|sata|ide][:serial=S]"
     for flag in flags:
         key, _, value = flag.partition("=")
         if flag == "ro":
             att["read_only"] = True
         elif key == "kind" and value:
             device["kind"] = value
+        elif key == "serial" and value:
+            device["serial"] = value
         elif key in keys and value:
             att[keys[key]] = value
         else:
