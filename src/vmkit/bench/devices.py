@@ -339,7 +339,7 @@ def run(settings: Settings, *, machine: str | None = None, kinds: Sequence[str] 
         raise ConfigError.single("--kind", f"{', '.join(bad) or 'no virtio-blk'}: pick from {', '.join(KINDS)} "
                                  "(virtio-blk is the baseline and always runs)")
     if machine is not None:
-        return measure(machine, machine_kinds(machine), settings, progress=progress)
+        return measure(machine, [k for k in machine_kinds(machine) if k in kinds], settings, progress=progress)
     if not ImageStore().exists(IMAGE):
         raise VmkitError(f"no {IMAGE} image", hint=f"build it: vmkit image build {IMAGE}")
     with tempfile.TemporaryDirectory(prefix="vmkit-benchdev-") as tmp:
