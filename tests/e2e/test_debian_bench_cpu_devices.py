@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_cache_dir, processes_mentioning, vmkit
+from conftest import image_cache_dir, processes_mentioning, vmkit, wait_until
 from vmkit.bench import devices
 from vmkit.host.images.store import Image
 
@@ -39,12 +39,14 @@ def bench_guest(tmp_path_factory: pytest.TempPathFactory, debian12: Image) -> It
             yield GUEST
         finally:
             vmkit("delete", "--force", GUEST, check=False)
-            assert not processes_mentioning(str(home)), "a process outlived the bench tests"
+            assert wait_until(lambda: not processes_mentioning(str(home)), 30), "a process outlived the bench tests"
             shutil.rmtree(home, ignore_errors=True)
 
 
 def table_lines(stdout: str) -> list[list[str]]:
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.count("│") > 2]
+    """The cells of rich's table: the header row (between ┃) first, then the body rows (between │)."""
+    return [[c.strip() for c in line.replace("┃", "│").split("│")[1:-1]] for line in stdout.splitlines()
+            if line.replace("┃", "│").count("│") > 2]
 
 
 @pytest.mark.timeout(600)
