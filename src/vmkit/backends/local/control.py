@@ -187,7 +187,8 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         if joined != config:
             inst.save_config(joined)
             config = joined
-    accel_mod.choose(config.accel.value, arch=config.arch)  # fail here, with the reason, if KVM was asked for and is unusable
+    # fail here, with the reason, if KVM was asked for and is unusable
+    accel_mod.choose(config.accel.value, arch=config.arch)
     limit = timeout if timeout is not None else config.readiness.timeout + 30
     lock_fd = inst.open_lock()
     try:

@@ -496,7 +496,8 @@ def _busybox_applets(busybox: Path, arch: str = "x86_64") -> list[str]:
     if arch != host_arch():  # another architecture's busybox runs under qemu-user-static
         runner = shutil.which(ARCHES[arch].qemu_user)
         if runner is None:
-            raise HostError(f"{ARCHES[arch].qemu_user} is not installed: it runs the {arch} busybox to list its applets",
+            raise HostError(f"{ARCHES[arch].qemu_user} is not installed: it runs the {arch} busybox to list "
+                            "its applets",
                             hint="apt-get install qemu-user-static")
         argv.insert(0, runner)
     try:
