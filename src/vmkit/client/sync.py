@@ -50,7 +50,7 @@ Notice = Callable[["Note"], None]
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
                              "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
                              "balloon_min", "balloon_shares", "networks",
-                             "display"})
+                             "display", "arch", "binfmt"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -143,7 +143,7 @@ class Client:
                     del opts["display"]
                 else:
                     opts["display"] = "default" if opts["display"] is True else str(opts["display"])
-            for listed in ("disks", "ports", "mounts", "networks"):
+            for listed in ("disks", "ports", "mounts", "networks", "binfmt"):
                 if listed in opts:
                     opts[listed] = [str(v) for v in opts[listed]]
             inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))

@@ -243,7 +243,7 @@ class Receiver:
 
         assert self.inst is not None and self.offline
         config = self.inst.load_config()
-        doc = savestate.moved_header(header, config, accel_mod.choose(config.accel.value))
+        doc = savestate.moved_header(header, config, accel_mod.choose(config.accel.value, arch=config.arch))
         parsed = savestate.VmStateHeader.model_validate(doc)
         self.writer = StateFileWriter(self.inst.saved_state_path, parsed, keys.load_or_create_key(),
                                       chunk_size=chunk_size, header_document=doc,

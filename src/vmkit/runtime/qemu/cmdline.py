@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmkit.config import (
+    ARCHES,
     Attachment,
     DiskImage,
     Display,
@@ -25,7 +26,7 @@ from vmkit.config import (
 )
 from vmkit.runtime.qemu.accel import AccelChoice
 
-QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
+QEMU_BINARY = {name: info.qemu_system for name, info in ARCHES.items()}
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def opt_escape(value: str) -> str:
 def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
+    if config.machine == "virt":
+        # the newest interrupt controller TCG emulates (GICv3: more than 8 vCPUs)
+        machine += ",gic-version=max"
     if config.needs_shared_memory:
         machine += ",memory-backend=mem"
     if not config.memory_merge:  # QEMU's default is on (KSM may merge the guest's pages)
