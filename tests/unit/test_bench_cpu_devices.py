@@ -46,14 +46,24 @@ def test_a_failed_sysbench_run_is_a_cell_with_the_reason() -> None:
                                                          "1.0.19").error or "")
 
 
+def test_best_of_keeps_the_fastest_run_and_every_sample() -> None:
+    runs = iter([cpu.Cell(90.0), cpu.Cell(120.0), cpu.Cell(100.0)])
+    best = cpu.best_of(lambda: next(runs), 3)
+    assert best.events_per_s == 120.0 and best.samples == (90.0, 120.0, 100.0)
+    assert best.to_dict() == {"events_per_s": 120.0, "runs": [90.0, 120.0, 100.0]}
+    failing = iter([cpu.Cell(90.0), cpu.Cell(error="exit 1: boom"), cpu.Cell(100.0)])
+    assert cpu.best_of(lambda: next(failing), 3).error == "exit 1: boom"
+
+
 def test_settings_and_arguments() -> None:
     quick = cpu.settings_for(quick=True, threads=4)
-    assert (quick.prime, quick.seconds, quick.thread_counts) == (10000, 2, [1, 4])
+    assert (quick.prime, quick.seconds, quick.thread_counts, quick.repeat) == (10000, 2, [1, 4], 1)
+    assert cpu.settings_for(threads=2).repeat == 3
     assert cpu.settings_for(threads=1).thread_counts == [1]
     assert cpu.sysbench_args(4, quick) == ["cpu", "--cpu-max-prime=10000", "--threads=4", "--time=2", "run"]
     with pytest.raises(ConfigError) as exc:
-        cpu.Settings(prime=5, seconds=0, threads=0)
-    assert [p.field for p in exc.value.problems] == ["--prime", "--time", "--threads"]
+        cpu.Settings(prime=5, seconds=0, threads=0, repeat=0)
+    assert [p.field for p in exc.value.problems] == ["--prime", "--time", "--threads", "--repeat"]
 
 
 def report_with(host: dict[int, float], others: dict[str, dict[int, float | str]]) -> cpu.Report:

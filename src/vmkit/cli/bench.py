@@ -112,11 +112,12 @@ def _draw(title: str, header: list[str], rows: list[list[str]], footer: list[str
 
 @app.command("cpu")
 def cpu(
-    quick: bool = typer.Option(False, "--quick", help="prime limit 10000, 2 s per run: a smoke test"),
+    quick: bool = typer.Option(False, "--quick", help="prime limit 10000, 2 s per run, once: a smoke test"),
     threads: int | None = typer.Option(None, "--threads", help="the N of the N-thread runs "
                                        "(default: the host's CPUs; the guests get as many vCPUs)"),
     prime: int | None = typer.Option(None, "--prime", help="sysbench --cpu-max-prime (default 20000; quick 10000)"),
     seconds: int | None = typer.Option(None, "--time", help="seconds per run (default 10; quick 2)"),
+    repeat: int | None = typer.Option(None, "--repeat", help="runs per cell, the best counts (default 3; quick 1)"),
     target: list[str] | None = typer.Option(None, "--target", help="measure only these rows (repeatable): "
                                             "host, container, x86_64-tcg, x86_64-kvm, aarch64-tcg"),
     machine_name: str | None = typer.Option(None, "--machine", help="a running x86-64 machine to measure instead "
@@ -131,7 +132,7 @@ def cpu(
 
     from vmkit.bench import cpu as cpubench
 
-    settings = cpubench.settings_for(quick=quick, threads=threads, prime=prime, seconds=seconds)
+    settings = cpubench.settings_for(quick=quick, threads=threads, prime=prime, seconds=seconds, repeat=repeat)
     with _progress_bar() as bar:
         task = bar.add_task("sysbench", total=None)
         try:
