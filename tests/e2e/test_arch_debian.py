@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vmkit
+from conftest import processes_mentioning, vmkit, wait_until
 from vmkit.host.images import debpkg
 from vmkit.host.images.store import Image
 
@@ -47,6 +47,8 @@ def test_x86_guest_runs_an_aarch64_program_through_binfmt(vmkit_home: Path, debi
     vmkit("start", "bf")
     assert vmkit("exec", "bf", "--", "/tmp/busybox", "echo", "still").stdout.strip() == "still"
     vmkit("stop", "--force", "bf")
+    # a 1 GiB QEMU takes a while to be gone on a loaded host after the hard stop
+    assert wait_until(lambda: processes_mentioning(str(vmkit_home)) == [], 60), processes_mentioning(str(vmkit_home))
 
 
 @pytest.mark.slow
@@ -62,3 +64,4 @@ def test_debian_aarch64_guest_answers_through_agent_and_ssh_and_resumes(vmkit_ho
     assert "resumed from" in vmkit("start", "arm").stdout
     assert vmkit("exec", "arm", "--", "uname", "-m").stdout.strip() == "aarch64"
     vmkit("stop", "--force", "arm")
+    assert wait_until(lambda: processes_mentioning(str(vmkit_home)) == [], 60), processes_mentioning(str(vmkit_home))
