@@ -99,8 +99,10 @@ def main() -> int:
                      "x86-64 first ms", "x86-64 repeat ms", "aarch64/x86-64"], rows)
         print()
         print("QEMU user mode keeps no translation cache between processes: every run of the aarch64 program "
-              "translates its code afresh (first/repeat near 1x; what is left is the guest's page cache). "
-              "Rosetta's daemon caches translations on disk across processes; QEMU has nothing like it.")
+              "translates its code afresh, so a repeated run can gain only from what the guest kernel caches "
+              "(the program's pages), never from translation. Rosetta's daemon caches translations on disk "
+              "across processes; QEMU has nothing like it. Few repeats on a loaded host are noisy: use the "
+              "full-length command in the module docstring for figures.")
         print(f"({load()}; the guest itself runs under TCG on this host)")
     return 0
 

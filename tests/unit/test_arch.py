@@ -47,6 +47,9 @@ def test_aarch64_runs_on_virt_with_no_vcpu_hotplug_room() -> None:
     assert argv[argv.index("-cpu") + 1] == "max"
     x86 = parse_config({"name": "pc", "boot": BOOT})
     assert x86.machine == "q35" and x86.arch == "x86_64"
+    screen = cmdline.build_argv(arm(display={"type": "virtio-gpu"}), accel.AccelChoice("tcg", "test"),
+                                Runtime(qmp_fd=3, serial_fd=4))
+    assert "virtio-keyboard-pci,id=kbd0" in screen  # virt has no PS/2 keyboard
 
 
 def test_what_qemu_cannot_give_an_aarch64_machine_is_refused_by_name() -> None:

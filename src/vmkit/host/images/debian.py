@@ -56,6 +56,12 @@ configuration (the seed's network-config, or its DHCP fallback). Only what any i
 written: fstab, hostname, resolv.conf (QEMU's DNS), an empty machine-id, no build-host SSH keys.
 Docs, man pages and translations are still left out (image size only).
 
+**aarch64** (``build_debian(arch="aarch64")``, image ``debian-12-aarch64``): the same recipe with
+Debian's arm64 packages (``mmdebstrap --architectures=arm64``, kernel ``linux-image-arm64``, console
+``ttyAMA0``). mmdebstrap runs the maintainer scripts through qemu-user-static, so binfmt_misc must
+have ``qemu-aarch64`` enabled (``arch-test`` checks it); this makes the build far slower than the
+x86-64 one (tens of minutes on a loaded 2-core host, against about a minute).
+
 mmdebstrap needs root here: in any other mode the directory output has wrong ownership.
 """
 

@@ -402,6 +402,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += balloon_args()
     if config.display is not None:
         argv += display_args(config.display, runtime)
+        if config.machine == "virt":  # no PS/2 keyboard on the virt board: a virtio one for the screen
+            argv += ["-device", "virtio-keyboard-pci,id=kbd0"]
     if runtime.pidfile is not None:
         argv += ["-pidfile", str(runtime.pidfile)]
     return argv
