@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import Client
 from conftest import image_cache_dir, vmkit, wait_until
+from vmkit import Client
 from vmkit.api.models import WarmTemplate
 from vmkit.host.images.store import Image
 

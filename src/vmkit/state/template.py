@@ -16,8 +16,9 @@ mapped copy-on-write (``share=off``: MAP_PRIVATE), loads only the device state (
 same capability), and resumes: its RAM pages stay shared with every other clone in the host's page
 cache until the guest writes them (Kata Containers' "VM templating"). It is then made its own
 through the guest agent before ``vmkit start`` returns (:func:`personalize`): hostname, machine-id,
-SSH host keys (those pinned in its known_hosts), the user's authorized key, MAC, a reseeded kernel
-RNG, the clock, and its own user-data when it has some.
+SSH host keys (those pinned in its known_hosts), the user's authorized key, instance-id, a reseeded
+kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC keeps the
+template's MAC and address (:func:`clone_config` says why).
 
 A template is tied to the image (its manifest's creation time and recipe), the QEMU version and the
 versioned machine type, and the machine's layout (memory, vCPUs, devices: :func:`layout`); a clone
@@ -97,6 +98,8 @@ class TemplateManifest(BaseModel):
     layout: str
     """:func:`layout_digest` of the template's configuration."""
     has_disk: bool
+    mac: str | None = None
+    """The MAC of the template's user-mode NIC, which its clones keep (see :func:`clone_config`)."""
     created: float
     boot_seconds: float
 
@@ -340,6 +343,7 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
             image=image.name, image_created=image.manifest.created, image_recipe=image.manifest.recipe,
             qemu_version=saved.qemu_version, machine_type=saved.machine_type, memory=config.memory,
             cpus=config.cpus, layout=layout_digest(config, vm.accel), has_disk=image.manifest.kind == "disk",
+            mac=config.network.mac if config.network is not None else None,
             created=time.time(), boot_seconds=saved.boot_seconds)
         atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2), 0o600)
         final = root / f"{key(config.memory, config.cpus)}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}"
@@ -351,6 +355,19 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
 
 
 # --------------------------------------------------------------------------- cloning
+
+
+def clone_config(config: MachineConfig, tpl: Template) -> MachineConfig:
+    """A new machine's configuration as a clone of ``tpl``: its user-mode NIC keeps the template's MAC.
+
+    The MAC is device state, and QEMU's user-mode NAT (slirp) restores the template's DHCP lease table
+    with it: a clone that took a MAC of its own would get a second address (10.0.2.16), where the
+    port forwards (to 10.0.2.15) do not reach it. Behind user-mode NAT each machine is alone on its
+    own private network, so the same MAC in every clone is never seen together (machines on vmkit
+    networks, where it would be, are not started from templates)."""
+    if config.network is None or tpl.manifest.mac is None:
+        return config
+    return config.model_copy(update={"network": config.network.model_copy(update={"mac": tpl.manifest.mac})})
 
 
 def reference(instance_dir: Path) -> TemplateReference | None:
@@ -431,11 +448,6 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"{entropy.hex()}",
         "(systemctl reload-or-restart ssh.service 2>/dev/null || true)",
     ]
-    mac = config.network.mac if config.network is not None else None
-    if mac:
-        lines.append(f"for i in /sys/class/net/*; do [ \"$(cat $i/type)\" = 1 ] || continue; "
-                     f"ip link set dev \"${{i##*/}}\" address {_q(mac)}; done")
-    lines.append("(networkctl renew 2>/dev/null || dhclient -r 2>/dev/null && dhclient 2>/dev/null || true)")
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
         # machine's own seed (the block cache still holds the template's: dropped first)

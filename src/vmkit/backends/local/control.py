@@ -114,12 +114,17 @@ def create_from_options(opts: CreateOptions) -> Instance:
     """``vmkit create``: build the configuration and the instance directory; for cloud images also
     the overlay disk, keys and NoCloud seed. All or nothing: a failure leaves no directory."""
     config = config_from_options(opts)
-    if not config.agent or opts.image is None:
+    if opts.image is None:
+        return create(config)
+    image = ImageStore().get(opts.image)
+    warm = usable_template(config, image)
+    if warm is not None:
+        config = template.clone_config(config, warm)
+    if not config.agent:
         inst = create(config)
-        if opts.image is not None and (warm := usable_template(config, ImageStore().get(opts.image))) is not None:
+        if warm is not None:
             template.write_reference(inst.dir, warm)  # an image without a disk: the template is RAM and devices
         return inst
-    image = ImageStore().get(opts.image)
     user_data = None
     if opts.user_data is not None:
         try:
@@ -136,7 +141,6 @@ def create_from_options(opts: CreateOptions) -> Instance:
         networks.leave_all(config)
         raise
     try:
-        warm = usable_template(config, image)
         provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data,
                                                         resolv_conf=networks.resolv_conf(config)),
                   base=warm.disk if warm is not None else None)
