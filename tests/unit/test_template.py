@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import vmkit
 from vmkit.config import MachineConfig
 from vmkit.host import provision
 from vmkit.host import sshkeys as keys
@@ -133,3 +134,10 @@ def test_seeds_are_padded_to_whole_mib(tmp_path: Path) -> None:
     seed.write_bytes(b"x" * 5000)
     provision.pad_seed(seed)
     assert seed.stat().st_size == provision.SEED_PADDING
+
+
+def test_warm_refuses_bad_input_naming_it(vmkit_home: Path, micro_image: Image) -> None:
+    missing = vmkit("image", "warm", "no-such-image", check=False)
+    assert missing.returncode == 3 and "vmkit image build" in missing.stderr
+    bad = vmkit("image", "warm", "micro", "--memory", "lots", check=False)
+    assert bad.returncode == 2 and "--memory" in bad.stderr

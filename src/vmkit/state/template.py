@@ -332,7 +332,9 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
             provision.provision(staging, config, image, provision.CloudOptions())
         vm = VirtualMachine(config, staging)
         saved = asyncio.run(_boot_and_save(vm, staging, say))
-        (staging / RAM).chmod(0o600)  # QEMU made it with its umask
+        for made in (RAM, DISK):  # QEMU and qemu-img made them with their umask
+            if (staging / made).exists():
+                (staging / made).chmod(0o600)
         for leftover in _LEFTOVERS:
             p = staging / leftover
             if p.is_dir():
