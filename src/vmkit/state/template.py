@@ -444,9 +444,10 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"echo {_q(instance_id)} > /run/vmkit/instance-id",
         # the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host
         # bytes (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG).
-        "python3 -c 'import fcntl,os,struct,sys; b=bytes.fromhex(sys.argv[1]); "
-        "fd=os.open(\"/dev/random\",os.O_WRONLY); "
-        "fcntl.ioctl(fd,0x40085203,struct.pack(\"ii\",len(b)*8,len(b))+b); fcntl.ioctl(fd,0x5207)' "
+        # (perl-base is in every Debian; it starts in a fraction of python3's time under TCG)
+        "perl -e 'open(my $f, \">\", \"/dev/random\") or die \"open: $!\"; my $b = pack(\"H*\", $ARGV[0]); "
+        "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
+        "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";' "
         f"{entropy.hex()}",
         "(systemctl reload-or-restart ssh.service 2>/dev/null || true)",
     ]
