@@ -110,3 +110,11 @@ def test_a_template_that_cannot_be_used_means_a_cold_boot(micro_template: WarmTe
     assert "cloned" not in started.stdout and "running" in started.stdout
     console_says("tc3", "echo cold-$((2 * 21))", "cold-42")
     vmkit("stop", "--force", "tc3")
+
+
+def test_start_cold_boots_and_never_clones_afterwards(micro_template: WarmTemplate, vmkit_home: Path) -> None:
+    vmkit("create", "tc4", "--image", "micro")
+    started = vmkit("start", "--cold", "tc4")
+    assert "cloned" not in started.stdout and "running" in started.stdout
+    assert not (instance_dir("tc4") / "template.json").exists()  # its disk (if any) moved on: never warm again
+    vmkit("stop", "--force", "tc4")

@@ -195,6 +195,8 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         gone = StateError("start", f"migrated (it runs on {inst.migrated_to})", ["stopped", "error"])
         gone.hint = f"it runs there: `vmkit --host {inst.migrated_to} list`; `vmkit delete {name}` removes this copy"
         raise gone
+    if plan is None or plan.template is None:  # any other start moves its disk on from a warm template's
+        template.consume_reference(inst.dir)
     config = inst.load_config()
     config, moved = claim_ssh_port(inst.dir, config)
     if moved is not None:

@@ -224,7 +224,13 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
     outcome = StartOutcome(status=inst.reconcile())
     saved = inst.saved_state_path
     if inst.is_supervised() or not saved.exists():
-        warm = None if cold or inst.is_supervised() else _warm_plan(inst, outcome, say)
+        if inst.is_supervised():
+            warm = None
+        elif cold:
+            template.consume_reference(inst.dir)  # booted once, its disk no longer matches the template's RAM
+            warm = None
+        else:
+            warm = _warm_plan(inst, outcome, say)
         if warm is None:
             return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
         try:
