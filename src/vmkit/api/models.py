@@ -119,11 +119,14 @@ class StartRequest(Request):
     snapshot: str | None = Field(default=None, max_length=63, description="start from this snapshot")
     paused: Bool = Field(default=False, description="stay paused after restoring")
     incoming: IncomingRequest | None = Field(default=None, description="receive the machine by migration")
+    template: str | None = Field(default=None, max_length=4096,
+                                 description="absolute path of a warm template to clone the running machine from")
 
     @property
     def active(self) -> bool:
         """Whether the machine starts from saved state (or a migration) rather than booting."""
-        return self.restore is not None or self.snapshot is not None or self.incoming is not None
+        return (self.restore is not None or self.snapshot is not None or self.incoming is not None
+                or self.template is not None)
 
 
 class Started(Response):
@@ -133,6 +136,8 @@ class Started(Response):
                                                                      "suspended_seconds of the state it resumed")
     snapshot: str | None = None
     incoming: str | None = Field(default=None, description="where QEMU waits for the migration stream")
+    template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
+                                            "of the warm template the machine was cloned from")
     clock: ClockFix | None = None
 
 
@@ -656,10 +661,28 @@ class StartResult(Response):
     restored: dict[str, Any] | None = Field(default=None, description="path, payload_bytes, seconds, saved_at, "
                                                                      "suspended_seconds of the state it resumed")
     snapshot: str | None = None
+    template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
+                                            "of the warm template it was cloned from")
     clock: ClockFix | None = None
-    fallback: str | None = Field(default=None, description="why the saved state was not used (a cold boot instead)")
+    fallback: str | None = Field(default=None, description="why the saved state or warm template was not used "
+                                                           "(a cold boot instead)")
     discarded: str | None = Field(default=None, description="where an unusable saved state was moved aside")
     notes: list[str] = Field(default_factory=list, description="what the user should know, e.g. a moved SSH port")
+
+
+class WarmTemplate(Response):
+    """A warm template (``vmkit image warm``): a booted image's running state new machines start from."""
+
+    path: str
+    image: str
+    memory: int
+    cpus: int
+    qemu_version: str
+    machine_type: str
+    created: float
+    boot_seconds: float = Field(description="how long the template's boot took, until it was ready and settled")
+    ram_bytes: int
+    devices_bytes: int
 
 
 class SaveOutcome(SaveResult):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from vmkit.cli import groups
-from vmkit.cli.output import err, out, print_json, spinner
+from vmkit.cli.output import client, err, out, print_json, spinner
 from vmkit.errors import ConfigError
 from vmkit.host.images import catalogue
 
@@ -93,6 +93,30 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     for i in images:
         if (note := debian.outdated_note(i)) is not None:
             out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+@app.command()
+def warm(
+    name: str = typer.Argument(..., help="the image (e.g. debian-12)"),
+    memory: str | None = typer.Option(None, "--memory", "-m", help="memory of the machines that will start from "
+                                      "it (as vmkit create --memory; default: the image's default)"),
+    cpus: int | None = typer.Option(None, "--cpus", help="vCPUs of the machines that will start from it"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="make a new template even if a current one exists"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Boot IMAGE once with a generic identity and save its running state as a warm template: machines
+    created from the image with the same memory and vCPUs then start from it in seconds."""
+    from rich.markup import escape
+
+    started = time.monotonic()
+    with spinner(f"warming image {name}") as update:
+        tpl, made = client().warm_image(name, memory=memory, cpus=cpus, rebuild=rebuild, progress=update)
+    if as_json:
+        print_json({**tpl.model_dump(mode="json"), "made": made})
+        return
+    what = f"made in {time.monotonic() - started:.1f} s" if made else "already current (--rebuild makes a new one)"
+    out.print(f"warm template of [bold]{escape(name)}[/] ({tpl.memory >> 20} MiB, {tpl.cpus} vCPUs, "
+              f"{tpl.machine_type}, QEMU {tpl.qemu_version}): {what}\n  {escape(tpl.path)}", highlight=False)
 
 
 @app.command("rm")

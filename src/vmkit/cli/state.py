@@ -97,6 +97,11 @@ def describe_start(name: str, outcome: StartResult) -> None:
                   f"saved {float(r['suspended_seconds']):.0f} s ago)", highlight=False)
     elif outcome.snapshot:
         out.print(f"[bold]{name}[/] is {st.state}: reverted to snapshot {escape(outcome.snapshot)}", highlight=False)
+    elif outcome.template:
+        t = outcome.template
+        out.print(f"[bold]{name}[/] is {st.state}: cloned from the warm template {escape(str(t['path']))} "
+                  f"(restored in {float(t['restore_seconds']):.1f} s, made its own in "
+                  f"{float(t['personalize_seconds']):.1f} s; QEMU pid {st.qemu_pid})", highlight=False)
     else:
         out.print(f"[bold]{name}[/] is {st.state} ({st.accel}; QEMU pid {st.qemu_pid})")
     describe_clock(outcome.clock)

@@ -78,7 +78,7 @@ def _clock(clock: dict[str, Any] | None) -> models.ClockFix | None:
 def _start_result(outcome: Any) -> models.StartResult:
     return models.StartResult(
         status=_status(outcome.status), restored=outcome.restored, snapshot=outcome.snapshot,
-        clock=_clock(outcome.clock), fallback=outcome.fallback,
+        clock=_clock(outcome.clock), fallback=outcome.fallback, template=getattr(outcome, "template", None),
         discarded=str(outcome.discarded) if outcome.discarded else None, notes=list(outcome.notes))
 
 
@@ -106,6 +106,16 @@ class Client:
 
         with ThreadPoolExecutor(1, thread_name_prefix="vmkit-client") as pool:
             return pool.submit(contextvars.copy_context().run, run).result()
+
+    # -- images ------------------------------------------------------------------------------------
+    def warm_image(self, image: str, *, memory: str | None = None, cpus: int | None = None, rebuild: bool = False,
+                   progress: Callable[[str], None] | None = None) -> tuple[models.WarmTemplate, bool]:
+        """``vmkit image warm``: the image's warm template for this memory and vCPU count (made now if
+        there is no current one, or ``rebuild``); and whether it was made now. Machines created from
+        the image with the same memory and vCPUs then start from it."""
+        from vmkit.backends.local import warm
+
+        return self._call(warm.warm, image, memory=memory, cpus=cpus, rebuild=rebuild, progress=progress)
 
     # -- machines ----------------------------------------------------------------------------------
     def create(self, spec: str | MachineConfig | dict[str, Any], /, **options: Any) -> Instance:

@@ -49,7 +49,7 @@ from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
 from vmkit.host.instance import Instance, Status
 from vmkit.runtime.machine import VirtualMachine
 from vmkit.runtime.states import VmState
-from vmkit.state import savestate
+from vmkit.state import savestate, template
 
 
 class Supervisor(Protocol):
@@ -93,6 +93,9 @@ async def start_from_plan(sup: Supervisor, plan: StartPlan, emit: Callable[[dict
         result = await savestate.restore_state(vm, Path(plan.restore), progress, force=plan.force)
         started["restored"] = result.to_dict()
         sup.status.reason = f"restored from {plan.restore}"
+    elif plan.template is not None:
+        await _start_from_template(sup, plan.template, emit)
+        return
     elif plan.snapshot is not None:
         await vm.start(paused=True)
         try:
@@ -108,6 +111,23 @@ async def start_from_plan(sup: Supervisor, plan: StartPlan, emit: Callable[[dict
         with contextlib.suppress(FileNotFoundError):
             os.unlink(plan.restore)  # the machine has moved on: this state must not be resumed twice
     emit({"started": started})
+
+
+async def _start_from_template(sup: Supervisor, path: str, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Clone the running machine from a warm template (checked by the caller), then make it its own."""
+    if not path.startswith("/") or "\0" in path:
+        raise ConfigError.single("template", "give the warm template's absolute path")
+    vm = sup.vm
+    began = time.monotonic()
+    tpl = template.load(Path(path))
+    await template.restore(vm, tpl)
+    restored = time.monotonic() - began
+    sup.status.reason = f"cloned from the warm template {tpl.directory.name}"
+    clock = await savestate.resume_and_fix_clock(vm)
+    own = await template.personalize(vm, sup.instance.dir)  # on failure the start fails: QEMU is ended
+    emit({"started": {"template": {"path": path, "restore_seconds": round(restored, 3),
+                                   "personalize_seconds": round(own.seconds, 3)},
+                      "clock": clock.to_dict()}})
 
 
 class OperationGate:

@@ -102,12 +102,17 @@ def claim_ssh_port(instance_dir: Path, config: MachineConfig) -> tuple[MachineCo
     return config, None
 
 
-def provision(instance_dir: Path, config: MachineConfig, image: Image, options: CloudOptions) -> None:
-    """Write the overlay disk, keys, seed, known_hosts and ssh_config for a new instance."""
+def provision(instance_dir: Path, config: MachineConfig, image: Image, options: CloudOptions,
+              *, base: Path | None = None) -> None:
+    """Write the overlay disk, keys, seed, known_hosts and ssh_config for a new instance. ``base``: the
+    disk to make the overlay on instead of the image's (a warm template's, see vmkit.state.template)."""
     assert image.disk is not None
     size = options.disk_size
-    qemuimg.create_overlay(instance_dir / DISK, image.disk, backing_format=image.manifest.disk_format or "qcow2",
-                           size=size)
+    if base is not None:
+        qemuimg.create_overlay(instance_dir / DISK, base, backing_format="qcow2", size=size)
+    else:
+        qemuimg.create_overlay(instance_dir / DISK, image.disk,
+                               backing_format=image.manifest.disk_format or "qcow2", size=size)
     if options.user_data is not None:  # kept so that clones get the same extra user-data
         atomic_write(instance_dir / EXTRA_USER_DATA, options.user_data, 0o600)
     write_identity(instance_dir, config, options, new_instance_id())
@@ -165,7 +170,18 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
         resolv_conf=options.resolv_conf,
         login_screen=config.display is not None,
     ))
+    pad_seed(instance_dir / SEED)
     write_ssh_config(instance_dir, config.name, port)
+
+
+SEED_PADDING = 1 << 20
+
+
+def pad_seed(path: Path) -> None:
+    """Round the seed up to a whole MiB: a machine cloned from a warm template keeps the size its guest
+    read from the template's seed, so the two must agree (they do unless user-data passes 1 MiB)."""
+    size = path.stat().st_size
+    os.truncate(path, -(-size // SEED_PADDING) * SEED_PADDING)
 
 
 def write_ssh_config(instance_dir: Path, name: str, port: int) -> Path:

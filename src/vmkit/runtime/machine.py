@@ -250,11 +250,14 @@ class VirtualMachine:
             ) from None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self, *, paused: bool = False, incoming: bool = False, machine_type: str | None = None) -> None:
+    async def start(self, *, paused: bool = False, incoming: bool = False, machine_type: str | None = None,
+                    memory_file: Path | None = None, memory_shared: bool = False) -> None:
         """Launch QEMU, open QMP, subscribe to events, and (unless ``paused``) run the guest.
 
         ``incoming=True`` starts QEMU waiting for a migration stream (``-incoming defer``).
         ``machine_type`` runs that versioned machine type instead of the configuration's alias.
+        ``memory_file``: the guest's RAM is that file, mapped shared (``memory_shared``: a warm
+        template writes it) or copy-on-write (a clone of the template).
         """
         self._require("start", VmState.STOPPED, VmState.ERROR)
         self._set_state(VmState.STARTING)
@@ -272,7 +275,7 @@ class VirtualMachine:
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
                           pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type,
-                          nics=self.nics)
+                          nics=self.nics, memory_file=memory_file, memory_shared=memory_shared)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]

@@ -58,7 +58,7 @@ from vmkit.errors import (
 )
 from vmkit.host import cgroups, paths
 from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
-from vmkit.host.images.store import ImageStore
+from vmkit.host.images.store import Image, ImageStore
 from vmkit.host.instance import LIVE, Instance, Status, take_exclusive
 from vmkit.host.provision import (
     EXTRA_USER_DATA,
@@ -72,12 +72,13 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
-from vmkit.runtime import balloon, display, hotmem, vcpus
+from vmkit.runtime import balloon, display, hotmem, migration, vcpus
 from vmkit.runtime.guest.execute import ExecResult
 from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.runtime.qemu import accel as accel_mod
 from vmkit.runtime.qemu.cmdline import Runtime, build_argv
 from vmkit.runtime.serial import read_log, rotated_path
+from vmkit.state import template
 
 Progress = Callable[[str], None]
 
@@ -100,13 +101,30 @@ def create(config: MachineConfig) -> Instance:
         raise
 
 
+def usable_template(config: MachineConfig, image: Image) -> template.Template | None:
+    """The warm template a new machine ``config`` of ``image`` starts from (None: it boots cold)."""
+    tpl = template.find(image.name, config.memory, config.cpus)
+    if tpl is None or template.unusable_reasons(tpl, config, accel_mod.choose(config.accel.value), image=image,
+                                                qemu_version=migration.host_qemu_version()):
+        return None
+    return tpl
+
+
 def create_from_options(opts: CreateOptions) -> Instance:
     """``vmkit create``: build the configuration and the instance directory; for cloud images also
     the overlay disk, keys and NoCloud seed. All or nothing: a failure leaves no directory."""
     config = config_from_options(opts)
-    if not config.agent or config.image is None:
+    if config.image is None:
         return create(config)
     image = ImageStore().get(config.image)
+    warm = usable_template(config, image)
+    if warm is not None:
+        config = template.clone_config(config, warm)
+    if not config.agent:
+        inst = create(config)
+        if warm is not None:
+            template.write_reference(inst.dir, warm)  # an image without a disk: the template is RAM and devices
+        return inst
     user_data = None
     if opts.user_data is not None:
         try:
@@ -124,7 +142,10 @@ def create_from_options(opts: CreateOptions) -> Instance:
         raise
     try:
         provision(inst.dir, config, image, CloudOptions(disk_size=disk_size_option(opts), user_data=user_data,
-                                                        resolv_conf=networks.resolv_conf(config)))
+                                                        resolv_conf=networks.resolv_conf(config)),
+                  base=warm.disk if warm is not None else None)
+        if warm is not None:
+            template.write_reference(inst.dir, warm)
         config.ensure_valid(host=True)
     except BaseException:
         shutil.rmtree(inst.dir, ignore_errors=True)
@@ -174,6 +195,8 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         gone = StateError("start", f"migrated (it runs on {inst.migrated_to})", ["stopped", "error"])
         gone.hint = f"it runs there: `vmkit --host {inst.migrated_to} list`; `vmkit delete {name}` removes this copy"
         raise gone
+    if plan is None or plan.template is None:  # any other start moves its disk on from a warm template's
+        template.consume_reference(inst.dir)
     config = inst.load_config()
     config, moved = claim_ssh_port(inst.dir, config)
     if moved is not None:

@@ -43,11 +43,13 @@ from typing import Any, Literal
 from vmkit.api import SupervisorClient
 from vmkit.api.models import StartRequest
 from vmkit.backends.local import control
-from vmkit.errors import STATE_FILE_CODES, NotFoundError, StateError, VmkitError, error_from_fields
+from vmkit.errors import STATE_FILE_CODES, ExitCode, NotFoundError, StateError, VmkitError, error_from_fields
+from vmkit.host.images.store import ImageStore
 from vmkit.host.instance import LIVE, Instance, Status, take_exclusive
+from vmkit.runtime import migration
 from vmkit.runtime.qemu import accel as accel_mod
 from vmkit.state import key as keys
-from vmkit.state import savestate
+from vmkit.state import savestate, template
 from vmkit.state.file import (
     AuthenticationFailed,
     ProgressCallback,
@@ -158,6 +160,8 @@ class StartOutcome:
     """Why the saved state was not used, when ``start`` cold-booted instead."""
     discarded: Path | None = None
     notes: list[str] = field(default_factory=list)
+    template: dict[str, Any] | None = None
+    """The warm template the machine was cloned from (path, restore_seconds, personalize_seconds), if it was."""
 
 
 def saved_header(name: str) -> StateHeader | None:
@@ -185,6 +189,7 @@ def _listener(outcome: StartOutcome, state_progress: ProgressCallback | None) ->
             outcome.restored = started.get("restored")
             outcome.snapshot = started.get("snapshot")
             outcome.clock = started.get("clock")
+            outcome.template = started.get("template")
         elif "note" in msg:
             outcome.notes.append(str(msg["note"]))
 
@@ -219,7 +224,26 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
     outcome = StartOutcome(status=inst.reconcile())
     saved = inst.saved_state_path
     if inst.is_supervised() or not saved.exists():
-        return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
+        if inst.is_supervised():
+            warm = None
+        elif cold:
+            template.consume_reference(inst.dir)  # booted once, its disk no longer matches the template's RAM
+            warm = None
+        else:
+            warm = _warm_plan(inst, outcome, say)
+        if warm is None:
+            return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
+        try:
+            return _launch(name, warm, outcome, progress=progress, state_progress=None, timeout=timeout)
+        except (VmkitError, OSError) as exc:
+            if isinstance(exc, VmkitError) and exc.exit_code in (ExitCode.TIMEOUT, ExitCode.INTERRUPTED):
+                raise
+            message = exc.message if isinstance(exc, VmkitError) else str(exc)
+            outcome.fallback = f"the warm template failed: {message}"
+            say(Note("booting", f"{name} could not be cloned from its warm template: {message}\n"
+                                f"cold-booting {name}", warning=True))
+            control.wait_unsupervised(inst, 30.0)
+            return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
     if cold:
         outcome.discarded = discard_saved_state(inst)
         outcome.fallback = "a cold boot was asked for"
@@ -244,6 +268,32 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
                             f"cold-booting {name}: the guest starts afresh (what it had not written to disk "
                             "before the save is lost)", warning=True))
     return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
+
+
+def _warm_plan(inst: Instance, outcome: StartOutcome, say: Notice) -> StartRequest | None:
+    """A start from the warm template ``inst`` was created from, if it can use it (else say why: it boots cold)."""
+    ref = template.reference(inst.dir)
+    if ref is None:
+        return None
+    template.consume_reference(inst.dir)  # warm or cold, this start moves the disk on from the template's
+    config = inst.load_config()
+    try:
+        tpl = template.load(Path(ref.path))
+        image = ImageStore().get(config.image) if config.image else None
+    except VmkitError as exc:
+        reasons = [exc.message]
+    else:
+        reasons = template.unusable_reasons(tpl, config, accel_mod.choose(config.accel.value), image=image,
+                                            qemu_version=migration.host_qemu_version())
+    if reasons:
+        outcome.fallback = "; ".join(reasons)
+        say(Note("booting", f"{inst.name} cannot start from its warm template: {outcome.fallback}\n"
+                            f"cold-booting {inst.name} (`vmkit image warm {config.image}` makes a current template)",
+                 warning=True))
+        return None
+    say(Note("resuming", f"cloning {inst.name} from the warm template of {config.image} "
+                         f"({tpl.manifest.memory >> 20} MiB, {tpl.manifest.cpus} vCPUs)"))
+    return StartRequest(template=str(tpl.directory))
 
 
 def restore(name: str, path: Path | None = None, *, force: bool = False, paused: bool = False,

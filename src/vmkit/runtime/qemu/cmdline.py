@@ -57,6 +57,11 @@ class Runtime:
     machine_type: str | None = None
     """A versioned machine type to run instead of the configuration's alias (``pc-q35-7.1`` for
     ``q35``): a restore runs the type the state was saved with, as libvirt pins it."""
+    memory_file: Path | None = None
+    """The guest's RAM as this file (``memory-backend-file``): a warm template writes it (``memory_shared``,
+    MAP_SHARED); its clones map it copy-on-write (MAP_PRIVATE), so they share its pages in the host's
+    page cache until they write them (see :mod:`vmkit.state.template`)."""
+    memory_shared: bool = False
 
     def virtiofs_socket(self, tag: str) -> Path:
         return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
@@ -75,13 +80,14 @@ def opt_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
+def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None,
+              *, memory_file: Path | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
     if config.machine == "virt":
         # the newest interrupt controller TCG emulates (GICv3: more than 8 vCPUs)
         machine += ",gic-version=max"
-    if config.needs_shared_memory:
+    if config.needs_shared_memory or memory_file is not None:
         machine += ",memory-backend=mem"
     if not config.memory_merge:  # QEMU's default is on (KSM may merge the guest's pages)
         machine += ",mem-merge=off"
@@ -268,7 +274,12 @@ def controller_args(config: MachineConfig) -> list[str]:
     return out
 
 
-def shared_memory_args(config: MachineConfig) -> list[str]:
+def shared_memory_args(config: MachineConfig, runtime: Runtime | None = None) -> list[str]:
+    if runtime is not None and runtime.memory_file is not None:
+        share = "on" if runtime.memory_shared else "off"
+        merge = "" if config.memory_merge else ",merge=off"
+        return ["-object", f"memory-backend-file,id=mem,size={config.memory >> 20}M,"
+                           f"mem-path={opt_escape(str(runtime.memory_file))},share={share}{merge}"]
     if not config.needs_shared_memory:
         return []
     return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on"]
@@ -344,6 +355,16 @@ def nic_args(index: int, iface: NetworkInterface, backend: NicBackend) -> list[s
     return ["-netdev", netdev, "-device", device]
 
 
+VMGENID_ID = "vmgenid0"
+
+
+def generation_id_args() -> list[str]:
+    """A VM generation ID (``vmgenid``, ACPI): QEMU picks a new one each time it starts (``guid=auto``),
+    also when a machine is restored or cloned from saved state; a Linux guest built with
+    ``CONFIG_VMGENID`` (5.18+) reseeds its RNG when it changes."""
+    return ["-device", f"vmgenid,id={VMGENID_ID},guid=auto"]
+
+
 def entropy_args() -> list[str]:
     return [
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -380,11 +401,11 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
     argv = [binary or QEMU_BINARY[config.arch]]
-    argv += base_args(config, accel, runtime.machine_type)
+    argv += base_args(config, accel, runtime.machine_type, memory_file=runtime.memory_file)
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
-    argv += shared_memory_args(config)
+    argv += shared_memory_args(config, runtime)
     argv += hotplug_memory_args(config)
     argv += controller_args(config)
     for i, (dev, slot) in enumerate(zip(config.storage, storage_slots(config), strict=True)):
@@ -398,6 +419,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += agent_args(runtime)
     if config.entropy:
         argv += entropy_args()
+    argv += generation_id_args()
     if config.balloon:
         argv += balloon_args()
     if config.display is not None:

@@ -1,0 +1,493 @@
+"""Warm templates: a booted machine's running state, saved once per image, that new machines start from.
+
+``vmkit image warm IMAGE [--memory SIZE] [--cpus N]`` boots the image with a generic identity (a
+throw-away name and keys, no user data), waits until it is ready (cloud images: its agent answers
+and cloud-init has finished), and saves it as a template next to the image::
+
+    <image cache>/.templates/<image>/<memory>M-<cpus>cpu-<stamp>/
+        ram              the guest's RAM (QEMU ``memory-backend-file``, written MAP_SHARED)
+        devices.state    QEMU's device state, without RAM (migration capability ``x-ignore-shared``)
+        disk.qcow2       cloud images: the root disk as it was at the save (an overlay on the image);
+                         clones' disks are overlays on it, so it is never changed or removed by vmkit
+        template.json    :class:`TemplateManifest`, written last: its presence means complete
+
+A clone (``vmkit start`` of a machine created from a warm image) runs QEMU with the same RAM file
+mapped copy-on-write (``share=off``: MAP_PRIVATE), loads only the device state (``-incoming``, the
+same capability), and resumes: its RAM pages stay shared with every other clone in the host's page
+cache until the guest writes them (Kata Containers' "VM templating"). It is then made its own
+through the guest agent before ``vmkit start`` returns (:func:`personalize`): hostname, machine-id,
+SSH host keys (those pinned in its known_hosts), the user's authorized key, instance-id, a reseeded
+kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC keeps the
+template's MAC and address (:func:`clone_config` says why).
+
+A template is tied to the image (its manifest's creation time and recipe), the QEMU version and the
+versioned machine type, and the machine's layout (memory, vCPUs, devices: :func:`layout`); a clone
+whose configuration differs, or a template that is stale, is refused with the reason, and the
+machine boots cold. Templates are never changed once made: a rebuild makes a new directory (clones
+of the old one keep their disks' backing file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from vmkit.config import MachineConfig
+from vmkit.errors import ImageError, VmkitError
+from vmkit.fsutil import atomic_write
+from vmkit.host import paths, provision
+from vmkit.host import sshkeys as keys
+from vmkit.host.cloudinit import read_seed_iso
+from vmkit.host.images.store import Image, ImageStore
+from vmkit.runtime import migration
+from vmkit.runtime.guest.execute import guest_exec
+from vmkit.runtime.machine import VirtualMachine
+from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.runtime.qemu.cmdline import Runtime, build_argv
+from vmkit.runtime.states import VmState
+from vmkit.state.savestate import machine_type
+
+log = logging.getLogger("vmkit.state.template")
+
+FORMAT = 1
+MANIFEST = "template.json"
+RAM = "ram"
+DEVICES = "devices.state"
+DISK = provision.DISK
+REFERENCE = "template.json"
+"""In an instance directory: which template the machine was created from (:class:`TemplateReference`),
+until its first start (then :data:`USED_REFERENCE`)."""
+USED_REFERENCE = "template.used.json"
+TEMPLATE_NAME = "vmkit-template"
+"""The generic name (and hostname) a template boots with."""
+_FD_NAME = "vmkit-template"
+_MIGRATION_TIMEOUT = 300.0
+
+Progress = Callable[[str], None]
+
+
+class TemplateManifest(BaseModel):
+    """What a template is a snapshot of; a clone checks every field against what it would run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: int = FORMAT
+    image: str
+    image_created: float
+    image_recipe: str | None
+    qemu_version: str
+    machine_type: str
+    memory: int
+    cpus: int
+    layout: str
+    """:func:`layout_digest` of the template's configuration."""
+    has_disk: bool
+    mac: str | None = None
+    """The MAC of the template's user-mode NIC, which its clones keep (see :func:`clone_config`)."""
+    created: float
+    boot_seconds: float
+
+
+class TemplateReference(BaseModel):
+    """``template.json`` in an instance directory: the template its disk was made from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+
+
+def templates_root() -> Path:
+    return paths.image_cache_dir() / ".templates"
+
+
+def key(memory: int, cpus: int) -> str:
+    return f"{memory >> 20}M-{cpus}cpu"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+_LAYOUT_OPTIONS = frozenset({"-machine", "-cpu", "-smp", "-m", "-device", "-object", "-accel"})
+_VARYING = ("mac=", "mem-path=", "share=", "guid=")
+
+
+def layout(config: MachineConfig, accel: AccelChoice) -> list[str]:
+    """The parts of the QEMU command line a saved device state depends on (machine, CPUs, memory,
+    every device and memory backend), without what may differ between clones (names, file paths,
+    port forwards, MACs)."""
+    argv = build_argv(config.model_copy(update={"name": TEMPLATE_NAME}), accel,
+                      Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM)))
+    out = []
+    for opt, value in itertools.pairwise(argv):
+        if opt in _LAYOUT_OPTIONS:
+            kept = [p for p in value.split(",") if not p.startswith(_VARYING)]
+            out.append(f"{opt} {','.join(kept)}")
+    return out
+
+
+def layout_digest(config: MachineConfig, accel: AccelChoice) -> str:
+    return hashlib.sha256("\n".join(layout(config, accel)).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- finding and checking
+
+
+@dataclass(frozen=True)
+class Template:
+    directory: Path
+    manifest: TemplateManifest
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / RAM
+
+    @property
+    def devices(self) -> Path:
+        return self.directory / DEVICES
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / DISK
+
+
+def load(directory: Path) -> Template:
+    try:
+        manifest = TemplateManifest.model_validate_json((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ImageError(f"no warm template at {directory} (it was removed, or never finished)",
+                         hint="make one: vmkit image warm IMAGE") from None
+    except ValueError as exc:
+        raise ImageError(f"the warm template at {directory} has an unreadable manifest: {exc}",
+                         hint="make a new one: vmkit image warm IMAGE") from None
+    return Template(directory, manifest)
+
+
+def stale_reasons(tpl: Template, image: Image | None, qemu_version: tuple[int, int, int] | None) -> list[str]:
+    """Why ``tpl`` no longer matches its image or this host's QEMU (empty: it is current)."""
+    m = tpl.manifest
+    out = []
+    if m.format != FORMAT:
+        out.append(f"it was made by another vmkit (template format {m.format}, this one reads {FORMAT})")
+    if image is None:
+        out.append(f"its image {m.image!r} is gone")
+    elif image.manifest.created != m.image_created or image.manifest.recipe != m.image_recipe:
+        out.append(f"image {m.image!r} was rebuilt since (recipe {image.manifest.recipe or 'none'})")
+    if qemu_version is None or migration.parse_version(m.qemu_version) != qemu_version:
+        now = ".".join(map(str, qemu_version)) if qemu_version else "unknown"
+        out.append(f"it was made with QEMU {m.qemu_version}, this host runs {now}")
+    for f in (RAM, DEVICES, *((DISK,) if m.has_disk else ())):
+        if not (tpl.directory / f).is_file():
+            out.append(f"its file {f} is missing")
+    return out
+
+
+def unusable_reasons(tpl: Template, config: MachineConfig, accel: AccelChoice, *,
+                     image: Image | None, qemu_version: tuple[int, int, int] | None) -> list[str]:
+    """Why the machine ``config`` cannot start from ``tpl`` (empty: it can)."""
+    out = stale_reasons(tpl, image, qemu_version)
+    m = tpl.manifest
+    if config.image != m.image:
+        out.append(f"the machine is made from image {config.image!r}, the template from {m.image!r}")
+    if config.memory != m.memory or config.cpus != m.cpus:
+        out.append(f"the machine has {config.memory >> 20} MiB and {config.cpus} vCPUs, the template "
+                   f"{m.memory >> 20} MiB and {m.cpus} (`vmkit image warm {m.image} --memory "
+                   f"{config.memory >> 20}M --cpus {config.cpus}` makes one that fits)")
+    elif layout_digest(config, accel) != m.layout:
+        out.append("the machine's devices differ from the template's (disks, NICs, display, balloon, limits "
+                   "of memory or vCPUs): only a machine created as `vmkit create NAME --image IMAGE` fits")
+    if config.needs_shared_memory:
+        out.append("virtiofs shares need the guest's memory shared with virtiofsd; a clone maps the template's "
+                   "copy-on-write")
+    if config.networks:
+        out.append("machines on vmkit networks are not started from templates yet (their NIC needs its own "
+                   "MAC and lease)")
+    return out
+
+
+def find(image: str, memory: int, cpus: int, *, store: ImageStore | None = None) -> Template | None:
+    """The newest current template of ``image`` for this memory and vCPU count (None: there is none)."""
+    root = templates_root() / image
+    if not root.is_dir():
+        return None
+    try:
+        img: Image | None = (store or ImageStore()).get(image)
+    except VmkitError:
+        img = None
+    version = migration.host_qemu_version()
+    prefix = key(memory, cpus) + "-"
+    for d in sorted((d for d in root.iterdir() if d.name.startswith(prefix)), reverse=True):
+        with contextlib.suppress(ImageError):
+            tpl = load(d)
+            if not stale_reasons(tpl, img, version):
+                return tpl
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def template_config(image: Image, directory: Path, memory: int, cpus: int, base: MachineConfig) -> MachineConfig:
+    """``base`` (what ``vmkit create NAME --image IMAGE`` makes) with its files in ``directory``."""
+    data = base.to_dict()
+    for dev in data.get("storage") or []:
+        att = dev.get("attachment") or {}
+        if att.get("type") == "disk-image":
+            att["path"] = str(directory / Path(att["path"]).name)
+    data.update(name=TEMPLATE_NAME, memory=memory, cpus=cpus)
+    return MachineConfig.model_validate(data)
+
+
+async def _wait_migration(vm: VirtualMachine, what: str) -> None:
+    deadline = time.monotonic() + _MIGRATION_TIMEOUT
+    while True:
+        info = await migration.query(vm)
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise ImageError(f"{what} failed: {info.get('error-desc', 'QEMU gave no reason')}",
+                             hint=f"see {vm.stderr_path}")
+        if vm.state in (VmState.STOPPED, VmState.ERROR):
+            raise ImageError(f"QEMU exited during {what}", hint=f"see {vm.stderr_path}")
+        if time.monotonic() > deadline:
+            raise ImageError(f"{what} did not finish within {_MIGRATION_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+def _pass_file(vm: VirtualMachine, path: Path, flags: int) -> None:
+    assert vm.qmp is not None
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        vm.qmp.send_fd(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    qemu_version: str
+    machine_type: str
+    boot_seconds: float
+
+
+async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _Saved:
+    """Boot the template's machine, wait until it is ready and settled, and save its device state."""
+    config = vm.config
+    booted = time.monotonic()
+    async with vm:
+        say(f"booting {config.image} ({config.memory >> 20} MiB, {config.cpus} vCPUs)")
+        await vm.start(memory_file=staging / RAM, memory_shared=True)
+        await vm.wait_ready()
+        if vm.agent is not None:
+            say("waiting for cloud-init to finish")
+            await guest_exec(vm.agent, ["cloud-init", "status", "--wait"], timeout=config.readiness.timeout)
+            # the throw-away login key goes; what the guest wrote reaches its disk
+            await guest_exec(vm.agent, ["/bin/sh", "-c", f"rm -f /home/{provision.USER}/.ssh/authorized_keys; sync"],
+                             timeout=60)
+        boot_seconds = time.monotonic() - booted
+        say("saving the running state")
+        await vm.pause()
+        await migration.set_capabilities(vm, x_ignore_shared=True)
+        mtype = await machine_type(vm)
+        assert vm.qmp is not None
+        version = vm.qmp.qemu_version
+        _pass_file(vm, staging / DEVICES, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        await vm.execute("getfd", {"fdname": _FD_NAME})
+        await vm.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
+        await _wait_migration(vm, "saving the template")
+        await vm.stop(timeout=10)
+    return _Saved(version, mtype, round(boot_seconds, 2))
+
+
+_LEFTOVERS = ("ssh", provision.SEED, "known_hosts", "ssh_config", "qga.sock", "serial.log", "qemu.pid", "qemu.log")
+
+
+def build(image: Image, base: MachineConfig, *, progress: Progress | None = None) -> Template:
+    """Boot ``image`` as ``base`` (what ``vmkit create NAME --image IMAGE`` makes) with a generic identity,
+    wait until it is ready and settled, and save it as a new template. Nothing is left behind on failure
+    or interrupt (QEMU is ended, the staging directory removed)."""
+    say = progress or (lambda _m: None)
+    root = paths.make_dirs(templates_root() / image.name)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{key(base.memory, base.cpus)}.building."))
+    try:
+        config = template_config(image, staging, base.memory, base.cpus, base)
+        if image.manifest.kind == "disk":
+            say("preparing the template's disk and generic identity")
+            provision.provision(staging, config, image, provision.CloudOptions())
+        vm = VirtualMachine(config, staging)
+        saved = asyncio.run(_boot_and_save(vm, staging, say))
+        for made in (RAM, DISK):  # QEMU and qemu-img made them with their umask
+            if (staging / made).exists():
+                (staging / made).chmod(0o600)
+        for leftover in _LEFTOVERS:
+            p = staging / leftover
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        manifest = TemplateManifest(
+            image=image.name, image_created=image.manifest.created, image_recipe=image.manifest.recipe,
+            qemu_version=saved.qemu_version, machine_type=saved.machine_type, memory=config.memory,
+            cpus=config.cpus, layout=layout_digest(config, vm.accel), has_disk=image.manifest.kind == "disk",
+            mac=config.network.mac if config.network is not None else None,
+            created=time.time(), boot_seconds=saved.boot_seconds)
+        atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2), 0o600)
+        final = root / f"{key(config.memory, config.cpus)}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}"
+        os.replace(staging, final)
+        return Template(final, manifest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- cloning
+
+
+def clone_config(config: MachineConfig, tpl: Template) -> MachineConfig:
+    """A new machine's configuration as a clone of ``tpl``: its user-mode NIC keeps the template's MAC.
+
+    The MAC is device state, and QEMU's user-mode NAT (slirp) restores the template's DHCP lease table
+    with it: a clone that took a MAC of its own would get a second address (10.0.2.16), where the
+    port forwards (to 10.0.2.15) do not reach it. Behind user-mode NAT each machine is alone on its
+    own private network, so the same MAC in every clone is never seen together (machines on vmkit
+    networks, where it would be, are not started from templates)."""
+    if config.network is None or tpl.manifest.mac is None:
+        return config
+    return config.model_copy(update={"network": config.network.model_copy(update={"mac": tpl.manifest.mac})})
+
+
+def reference(instance_dir: Path) -> TemplateReference | None:
+    path = instance_dir / REFERENCE
+    try:
+        return TemplateReference.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+
+
+def consume_reference(instance_dir: Path) -> None:
+    """The machine's disk moves on from the template's at its first start (warm or cold): it can never
+    start from the template again (``template.json`` becomes ``template.used.json``)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(instance_dir / REFERENCE, instance_dir / USED_REFERENCE)
+
+
+def write_reference(instance_dir: Path, tpl: Template) -> None:
+    atomic_write(instance_dir / REFERENCE, TemplateReference(path=str(tpl.directory)).model_dump_json(), 0o600)
+
+
+async def restore(vm: VirtualMachine, tpl: Template) -> None:
+    """Start the STOPPED machine ``vm`` from ``tpl``: its RAM mapped copy-on-write, its device state
+    loaded; the machine is PAUSED afterwards (:func:`personalize` it after resuming)."""
+    await vm.start(incoming=True, machine_type=tpl.manifest.machine_type, memory_file=tpl.ram, memory_shared=False)
+    try:
+        await migration.set_capabilities(vm, x_ignore_shared=True)
+        _pass_file(vm, tpl.devices, os.O_RDONLY)
+        await vm.execute("getfd", {"fdname": _FD_NAME})
+        await vm.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
+        await _wait_migration(vm, f"loading the template {tpl.directory.name}")
+    except BaseException:
+        await vm.shutdown(timeout=2)
+        raise
+    vm.guest_clock_stopped_at = tpl.manifest.created  # its clock stood still since the template was saved
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str) -> str:
+    """The shell script (run as root by the guest agent) that makes a fresh clone this machine.
+
+    Every value comes from vmkit's own files (names are validated, keys are OpenSSH text) and is
+    quoted with :func:`shlex.quote`."""
+    name = config.name
+    host_keys = keys.HostKeys.load(instance_dir / "ssh" / "host")
+    user_key = keys.load_keypair(instance_dir / "ssh" / "id_ed25519")
+    meta = read_seed_iso(instance_dir / provision.SEED).get("meta-data", b"").decode()
+    instance_id = next((ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("instance-id:")), "")
+    home = f"/home/{provision.USER}"
+    lines = [
+        "set -e",
+        f"hostname {_q(name)}",
+        f"echo {_q(name)} > /etc/hostname",
+        f"sed -i 's/\\b{TEMPLATE_NAME}\\b/'{_q(name)}'/g' /etc/hosts",
+        f"echo {_q(machine_id)} > /etc/machine-id",
+        "rm -f /etc/ssh/ssh_host_*",
+    ]
+    for k in host_keys.keys:
+        path = f"/etc/ssh/ssh_host_{k.key_type}_key"
+        lines += [f"umask 077; printf '%s' {_q(k.private_openssh)} > {path}; umask 022",
+                  f"printf '%s\\n' {_q(k.public_openssh)} > {path}.pub"]
+    lines += [
+        f"install -d -m 700 -o {provision.USER} -g {provision.USER} {home}/.ssh",
+        f"printf '%s\\n' {_q(user_key.public_openssh)} > {home}/.ssh/authorized_keys",
+        f"chown {provision.USER}: {home}/.ssh/authorized_keys; chmod 600 {home}/.ssh/authorized_keys",
+        "mkdir -p /run/vmkit",
+        f"echo {_q(instance_id)} > /run/vmkit/instance-id",
+        # the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host
+        # bytes (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG).
+        # (perl-base is in every Debian; it starts in a fraction of python3's time under TCG)
+        "perl -e 'open(my $f, \">\", \"/dev/random\") or die \"open: $!\"; my $b = pack(\"H*\", $ARGV[0]); "
+        "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
+        "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";' "
+        f"{entropy.hex()}",
+        "(systemctl reload-or-restart ssh.service 2>/dev/null || true)",
+    ]
+    if (instance_dir / provision.EXTRA_USER_DATA).exists():
+        # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
+        # machine's own seed (the block cache still holds the template's: dropped first)
+        lines += ["sync; echo 3 > /proc/sys/vm/drop_caches",
+                  "cloud-init clean >/dev/null",
+                  "cloud-init init >/dev/null 2>&1",
+                  "cloud-init modules --mode config >/dev/null 2>&1",
+                  "cloud-init modules --mode final >/dev/null 2>&1"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Personalized:
+    seconds: float
+    machine_id: str
+
+
+async def personalize(vm: VirtualMachine, instance_dir: Path) -> Personalized:
+    """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent."""
+    if vm.agent is None:
+        return Personalized(0.0, "")
+    started = time.monotonic()
+    machine_id = uuid.uuid4().hex
+    script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id)
+    timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 60.0
+    result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout)
+    if result.exit_code != 0:
+        raise VmkitError(f"{vm.config.name}: the clone could not be given its own identity (exit "
+                         f"{result.exit_code}): {result.stderr.decode(errors='replace')[-400:]}",
+                         hint=f"start it cold: vmkit stop {vm.config.name} && vmkit start --cold {vm.config.name}")
+    return Personalized(time.monotonic() - started, machine_id)
+
+
+def describe(tpl: Template) -> dict[str, Any]:
+    m = tpl.manifest
+    return {"path": str(tpl.directory), "image": m.image, "memory": m.memory, "cpus": m.cpus,
+            "qemu_version": m.qemu_version, "machine_type": m.machine_type, "created": m.created,
+            "boot_seconds": m.boot_seconds, "ram_bytes": tpl.ram.stat().st_size if tpl.ram.exists() else 0,
+            "devices_bytes": tpl.devices.stat().st_size if tpl.devices.exists() else 0}
+

@@ -1,0 +1,75 @@
+"""Instant start of the full Debian guest: machines created from a warm debian-12 start from its template
+and are made their own before ``vmkit start`` returns. Two clones of one template have their own
+hostname, machine-id, SSH host key (the one pinned in their known_hosts: ``ssh`` with strict host key
+checking gets in), user key, and their own random streams right after the start (the kernel RNG was
+reseeded); the vmgenid device is there; extra user-data (runcmd) runs in a clone. One template for
+the file (made once per image, QEMU and layout; later runs find it current).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import image_cache_dir, vmkit
+from vmkit import Client
+from vmkit.api.models import WarmTemplate
+from vmkit.host.images.store import Image
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def debian_template(debian12: Image) -> Iterator[WarmTemplate]:
+    saved = os.environ.get("VMKIT_IMAGE_CACHE")
+    os.environ["VMKIT_IMAGE_CACHE"] = str(image_cache_dir())
+    try:
+        tpl, _ = Client().warm_image("debian-12")
+        yield tpl
+    finally:
+        if saved is None:
+            os.environ.pop("VMKIT_IMAGE_CACHE", None)
+        else:
+            os.environ["VMKIT_IMAGE_CACHE"] = saved
+
+
+def guest(name: str, script: str) -> str:
+    return vmkit("exec", name, "--", "sh", "-c", script).stdout.strip()
+
+
+@pytest.mark.timeout(1500)
+def test_two_clones_have_their_own_identity_and_random_streams(debian_template: WarmTemplate, vmkit_home: Path,
+                                                                tmp_path: Path) -> None:
+    user_data = tmp_path / "user-data"
+    user_data.write_text("#cloud-config\nruncmd:\n  - [sh, -c, 'echo ran-$(hostname) > /run/warm-runcmd']\n")
+    vmkit("create", "wa", "--image", "debian-12")
+    vmkit("create", "wb", "--image", "debian-12", "--user-data", str(user_data))
+    # each reads 32 bytes of /dev/urandom right after its start: the RNG state came from the template
+    first_bytes = {}
+    for n in ("wa", "wb"):
+        started = vmkit("start", n)
+        assert "cloned from the warm template" in " ".join(started.stdout.split()), started.stdout + started.stderr
+        first_bytes[n] = guest(n, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
+    assert first_bytes["wa"] != first_bytes["wb"] and len(first_bytes["wa"]) == 64
+
+    ids = {}
+    for n in ("wa", "wb"):
+        assert guest(n, "hostname") == n
+        ids[n] = guest(n, "cat /etc/machine-id")
+        host_key = guest(n, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+        pinned = (vmkit_home / "instances" / n / "known_hosts").read_text().split()
+        assert host_key in pinned, "the guest's host key is not the one pinned in known_hosts"
+        assert guest(n, "ls /sys/bus/acpi/devices/") .count("QEMUVGID") == 1  # vmgenid
+        ssh = subprocess.run(["ssh", "-F", str(vmkit_home / "instances" / n / "ssh_config"), n, "--", "hostname"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert ssh.returncode == 0 and ssh.stdout.strip() == n, ssh.stderr  # strict host key checking
+    assert ids["wa"] != ids["wb"] and len(ids["wa"]) == 32
+    keys = [guest(n, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1] for n in ("wa", "wb")]
+    assert keys[0] != keys[1]
+    assert guest("wb", "cat /run/warm-runcmd") == "ran-wb"  # its own user-data ran
+    for n in ("wa", "wb"):
+        vmkit("stop", n)

@@ -1,0 +1,143 @@
+"""Warm templates without QEMU: what a template depends on (layout, image, QEMU), why a machine cannot
+use one, the shell script that gives a clone its identity, and the one-use reference."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import vmkit
+from vmkit.config import MachineConfig
+from vmkit.host import provision
+from vmkit.host import sshkeys as keys
+from vmkit.host.cloudinit import SeedSpec, make_seed_iso
+from vmkit.host.images.store import Image, ImageManifest
+from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.state import template
+
+TCG = AccelChoice("tcg", "test")
+
+
+def config(name: str = "web", **fields: object) -> MachineConfig:
+    base: dict[str, object] = {
+        "name": name, "memory": 1 << 30, "cpus": 1, "image": "debian-12", "agent": True,
+        "boot": {"kind": "linux", "kernel": "/img/vmlinuz", "initrd": "/img/initrd.img"},
+        "storage": [{"kind": "virtio-blk", "id": "root",
+                     "attachment": {"type": "disk-image", "path": f"/h/{name}/disk.qcow2", "format": "qcow2"}}],
+        "network": {"mode": "user", "mac": "52:54:00:12:34:56",
+                    "forwards": [{"host_addr": "127.0.0.1", "host_port": 2222, "guest_port": 22}]},
+    }
+    base.update(fields)
+    return MachineConfig.model_validate(base)
+
+
+def manifest(**fields: object) -> template.TemplateManifest:
+    base: dict[str, object] = {
+        "image": "debian-12", "image_created": 100.0, "image_recipe": "debian/4", "qemu_version": "7.2.22",
+        "machine_type": "pc-q35-7.2", "memory": 1 << 30, "cpus": 1, "layout": template.layout_digest(config(), TCG),
+        "has_disk": False, "created": 200.0, "boot_seconds": 30.0}
+    base.update(fields)
+    return template.TemplateManifest.model_validate(base)
+
+
+def image(created: float = 100.0, recipe: str | None = "debian/4") -> Image:
+    return Image(Path("/img"), ImageManifest(name="debian-12", kind="disk", created=created, recipe=recipe))
+
+
+@pytest.fixture
+def tpl(tmp_path: Path) -> template.Template:
+    for f in (template.RAM, template.DEVICES):
+        (tmp_path / f).write_bytes(b"x")
+    return template.Template(tmp_path, manifest())
+
+
+def test_layout_ignores_what_differs_between_clones() -> None:
+    a = config("web", network={"mode": "user", "mac": "52:54:00:aa:bb:cc",
+                               "forwards": [{"host_addr": "127.0.0.1", "host_port": 4022, "guest_port": 22}]})
+    assert template.layout_digest(a, TCG) == template.layout_digest(config("db"), TCG)
+
+
+@pytest.mark.parametrize("change", [{"memory": 2 << 30}, {"cpus": 2}, {"balloon": False}, {"max_memory": 4 << 30},
+                                    {"display": {"type": "virtio-vga"}}, {"machine": "pc"}])
+def test_layout_follows_devices_memory_and_cpus(change: dict[str, object]) -> None:
+    assert template.layout_digest(config(**change), TCG) != template.layout_digest(config(), TCG)
+
+
+def test_layout_lists_the_ram_file_backend_and_vmgenid() -> None:
+    lines = template.layout(config(), TCG)
+    assert "-object memory-backend-file,id=mem,size=1024M" in lines
+    assert "-device vmgenid,id=vmgenid0" in lines
+    assert not any("mac=" in ln or "hostfwd" in ln for ln in lines)
+
+
+def test_a_fitting_machine_can_use_a_current_template(tpl: template.Template) -> None:
+    assert template.unusable_reasons(tpl, config(), TCG, image=image(), qemu_version=(7, 2, 22)) == []
+
+
+def test_stale_templates_say_why(tpl: template.Template) -> None:
+    reasons = template.stale_reasons(tpl, image(created=101.0, recipe="debian/5"), (8, 0, 0))
+    assert any("rebuilt" in r and "debian/5" in r for r in reasons)
+    assert any("QEMU 7.2.22" in r and "8.0.0" in r for r in reasons)
+    assert any("gone" in r for r in template.stale_reasons(tpl, None, (7, 2, 22)))
+    (tpl.directory / template.RAM).unlink()
+    assert any("ram is missing" in r for r in template.stale_reasons(tpl, image(), (7, 2, 22)))
+
+
+def test_machines_that_do_not_fit_are_told_how_to_get_a_template(tpl: template.Template) -> None:
+    reasons = template.unusable_reasons(tpl, config(memory=2 << 30), TCG, image=image(), qemu_version=(7, 2, 22))
+    assert any("vmkit image warm debian-12 --memory 2048M --cpus 1" in r for r in reasons)
+    assert template.unusable_reasons(tpl, config(balloon=False), TCG, image=image(), qemu_version=(7, 2, 22))
+    nets = config(networks=[{"network": "lan"}])
+    assert any("vmkit networks" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
+                                                                        qemu_version=(7, 2, 22)))
+
+
+def test_clones_keep_the_template_mac_on_user_mode_nat(tpl: template.Template) -> None:
+    t = template.Template(tpl.directory, manifest(mac="52:54:00:00:00:01"))
+    cloned = template.clone_config(config(), t)
+    assert cloned.network is not None and cloned.network.mac == "52:54:00:00:00:01"
+    assert template.layout_digest(cloned, TCG) == template.layout_digest(config(), TCG)
+
+
+def test_the_reference_is_used_once(tmp_path: Path, tpl: template.Template) -> None:
+    template.write_reference(tmp_path, tpl)
+    assert template.reference(tmp_path) == template.TemplateReference(path=str(tpl.directory))
+    template.consume_reference(tmp_path)
+    assert template.reference(tmp_path) is None and (tmp_path / template.USED_REFERENCE).exists()
+    template.consume_reference(tmp_path)  # again: nothing to do
+
+
+def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
+    cfg = config("web-1")
+    (tmp_path / "ssh").mkdir()
+    host = keys.generate_host_keys(comment="root@web-1")
+    host.write(tmp_path / "ssh" / "host")
+    user = keys.generate_keypair(comment="vmkit@web-1")
+    user.write(tmp_path / "ssh" / "id_ed25519")
+    make_seed_iso(tmp_path / provision.SEED, SeedSpec(instance_id="i-abc", hostname="web-1",
+                                                      authorized_keys=(user.public_openssh,), host_keys=host,
+                                                      user=provision.USER))
+    script = template.identity_script(cfg, tmp_path, entropy=b"\x01" * 64, machine_id="f" * 32)
+    assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
+    assert "hostname web-1\n" in script and "ffffffff" in script and "i-abc" in script
+    assert host.keys[0].public_openssh in script and user.public_openssh in script
+    assert "ip link" not in script  # the user-mode NIC keeps the template's MAC (see clone_config)
+    assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
+    (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
+    assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)
+
+
+def test_seeds_are_padded_to_whole_mib(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.iso"
+    seed.write_bytes(b"x" * 5000)
+    provision.pad_seed(seed)
+    assert seed.stat().st_size == provision.SEED_PADDING
+
+
+def test_warm_refuses_bad_input_naming_it(vmkit_home: Path, micro_image: Image) -> None:
+    missing = vmkit("image", "warm", "no-such-image", check=False)
+    assert missing.returncode == 3 and "vmkit image build" in missing.stderr
+    bad = vmkit("image", "warm", "micro", "--memory", "lots", check=False)
+    assert bad.returncode == 2 and "--memory" in bad.stderr
