@@ -28,11 +28,24 @@ def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], N
     return debian.build_debian(store, force=force, progress=show)
 
 
+def _build_derived(name: str) -> Callable[..., Image]:
+    def build(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:
+        from vmkit.host.images import debian
+
+        def show(p: debian.BuildProgress) -> None:
+            progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
+
+        return debian.build_debian(store, name=name, extra_packages=catalogue.DERIVED[name], force=force,
+                                   progress=show)
+
+    return build
+
+
 def _builders() -> dict[str, Callable[..., Image]]:
     from vmkit.host.images import micro
 
     return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: micro.build_micro_full,
-            catalogue.DEBIAN_12: _build_debian}
+            catalogue.DEBIAN_12: _build_debian, **{n: _build_derived(n) for n in catalogue.DERIVED}}
 
 
 @app.command()

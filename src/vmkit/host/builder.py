@@ -48,6 +48,8 @@ class CreateOptions:
     """``--network NAME[,model=MODEL][,mac=MAC]`` (repeatable); ``user`` is QEMU's user-mode NAT."""
     display: str | None = None
     """A screen (``vmkit create --display``): ``default`` (1280x800) or ``WIDTHxHEIGHT``; None: headless."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """vm.yaml fields to start from (a template's); ``from_file`` and the options above go over them."""
 
 
 def display_config(spec: str) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def parse_network(spec: str) -> dict[str, Any]:
 
 def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:
     problems: list[Problem] = []
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(opts.settings)
     if opts.from_file is not None:
         try:
             loaded = yaml.safe_load(opts.from_file.read_text())
@@ -180,7 +182,7 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             raise ConfigError.single("--from", f"{opts.from_file} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError.single("--from", f"{opts.from_file} must hold a mapping of settings")
-        data = loaded
+        data = {**data, **loaded}
     data["name"] = opts.name
     for key, option, size in (("memory", "--memory", opts.memory), ("max_memory", "--max-memory", opts.max_memory),
                               ("balloon_min", "--balloon-min", opts.balloon_min)):
