@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.backends.local import control
-from vmkit.errors import ConfigError, ProvisionError, VmkitError
+from vmkit.errors import ConfigError, Problem, ProvisionError, VmkitError
 from vmkit.fsutil import atomic_write
 from vmkit.host import provision as cloud
 from vmkit.host.builder import CreateOptions
@@ -76,6 +76,29 @@ def options_from_template(template: Template, opts: CreateOptions) -> CreateOpti
     )
 
 
+_OPTION_KEYS = {"--image": "image", "--disk": "disk", "--port": "ports", "--mount": "mounts"}
+
+
+def _blame(template: Template, opts: CreateOptions, exc: ConfigError) -> list[Problem]:
+    """The problems of a create, those of the template's settings named by its file and field."""
+    given = {"--image": opts.image is not None, "--disk": bool(opts.disks), "--port": bool(opts.ports),
+             "--mount": bool(opts.mounts)}
+    fields = template.fields.model_dump(exclude_defaults=True)
+    image_problem = any(p.field == "--image" for p in exc.problems)
+    out: list[Problem] = []
+    for p in exc.problems:
+        if p.field == "--kernel" and image_problem:
+            continue  # "no kernel" only repeats that the image is missing
+        key = _OPTION_KEYS.get(p.field)
+        if key is not None and key in fields and not given[p.field]:
+            out.append(p._replace(field=f"{template.source}: {key}"))
+        elif p.field.split(".")[0] in template.vm:
+            out.append(p._replace(field=f"{template.source}: {p.field}"))
+        else:
+            out.append(p)
+    return out
+
+
 def create_from_template(ref: str, opts: CreateOptions) -> Instance:
     """``vmkit create NAME --template REF [options]``: the machine the template describes, with the
     options over it, and its provisioning kept for ``vmkit start``. All or nothing."""
@@ -84,10 +107,7 @@ def create_from_template(ref: str, opts: CreateOptions) -> Instance:
     try:
         inst = control.create_from_options(merged)
     except ConfigError as exc:
-        own = set(template.vm) | {"image", "disk", "ports", "mounts", "--image", "--disk", "--port", "--mount"}
-        problems = [p._replace(field=f"{template.source}: {p.field}") if p.field.split(".")[0].split("[")[0] in own
-                    else p for p in exc.problems]
-        raise ConfigError(problems, context=f"machine from template {template.name}") from None
+        raise ConfigError(_blame(template, opts, exc), context=f"machine from template {template.name}") from None
     try:
         save(inst.dir, template.provisioning())
     except BaseException:
