@@ -45,6 +45,7 @@ GUEST_DIR = "/var/lib/vmkit/provision"
 POLL = 0.5
 CHUNK = 256 << 10
 TAIL_LINES = 15
+AGENT_PATIENCE = 120.0
 
 Progress = Callable[[str], None]
 
@@ -192,9 +193,23 @@ def _run_step(name: str, index: int, count: int, step: ProvisionStep, log: _Log)
         raise ProvisionError(f"{name}: cannot start provisioning script {index}: {why}")
     offset = 0
     deadline = time.monotonic() + step.timeout + 60
+    failing_since: float | None = None
     while True:
-        code, out, rc = _guest(name, 'rc=$(cat "$1.rc" 2>/dev/null); tail -c +"$2" "$1.log" 2>/dev/null '
-                               '| head -c "$3"; printf %s "$rc" >&2', base, str(offset + 1), str(CHUNK))
+        try:
+            code, out, rc = _guest(name, 'rc=$(cat "$1.rc" 2>/dev/null); tail -c +"$2" "$1.log" 2>/dev/null '
+                                   '| head -c "$3"; printf %s "$rc" >&2', base, str(offset + 1), str(CHUNK))
+            failing_since = None
+        except VmkitError as exc:
+            # a guest busy with the script (apt under TCG) can keep its agent from answering for a
+            # while: the script goes on, so keep asking; give up only after AGENT_PATIENCE seconds
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > AGENT_PATIENCE or not control.get(name).is_supervised():
+                raise ProvisionError(f"{name}: lost touch with provisioning script {index} of {count}: {exc.message}",
+                                     hint=f"it may still run in the guest; its output is in {base}.log there "
+                                          f"and so far in {log.fh.name}") from exc
+            time.sleep(POLL * 2)
+            continue
         if out:
             offset += len(out)
             log.feed(out)
