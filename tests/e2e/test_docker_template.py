@@ -48,7 +48,7 @@ def test_docker_template_gives_a_ready_docker_host(vmkit_home: Path, debian12_do
     log = (vmkit_home / "instances" / "dock" / "provision.log").read_text()
     assert "probe 1/1: passed" in log and "engine 20.10" in log  # `docker info` answered before start returned
     assert "docker" in vmkit("exec", "dock", "--", "id", "-nG", "vmkit").stdout.split()  # the once-script ran
-    ran = vmkit("exec", "dock", "--", "sh", "-c", BUILD_AND_RUN, check=False)
+    ran = vmkit("exec", "dock", "--timeout", "600", "--", "sh", "-c", BUILD_AND_RUN, check=False)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert ran.stdout.strip().splitlines()[-1] == "hello from a container"
     listed = vmkit("exec", "dock", "--", "docker", "images", "--format", "{{.Repository}}").stdout.split()
