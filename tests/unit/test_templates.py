@@ -107,3 +107,30 @@ def test_create_from_a_template_with_overrides(tmp_path: Path, vmkit_home: Path,
     assert (d / "provision.json").stat().st_mode & 0o777 == 0o600
     shown = vmkit("template", "show", str(t), "--json")
     assert json.loads(shown.stdout)["template"]["cpus"] == 2
+
+
+def test_a_template_from_a_url_with_a_relative_base(tmp_path: Path, vmkit_home: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    write(www / "common.yaml", {"base": "default", "memory": "2G", "probes": [{"script": "true"}]})
+    write(www / "web.yaml", {"base": "common.yaml", "ports": ["8080:80"]})
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *_a: None  # type: ignore[assignment,method-assign]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        t = templates.resolve(f"{url}/web.yaml")
+        assert t.name == "web" and t.chain[1:] == [f"{url}/common.yaml", f"{url}/web.yaml"]
+        assert t.vm["memory"] == "2G" and t.fields.image == "debian-12" and t.fields.ports == ["8080:80"]
+        with pytest.raises(ConfigError, match="HTTP 404"):
+            templates.resolve(f"{url}/missing.yaml")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

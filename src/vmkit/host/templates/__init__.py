@@ -148,6 +148,8 @@ def read(source: str) -> str:
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
                 data: bytes = resp.read(MAX_URL_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            raise ConfigError.single("--template", f"cannot fetch {source}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigError.single("--template", f"cannot fetch {source}: {getattr(exc, 'reason', exc)}") from None
         if len(data) > MAX_URL_BYTES:
