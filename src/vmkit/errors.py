@@ -43,6 +43,8 @@ class ExitCode(IntEnum):
     STATE_RESTORE = 17
     """QEMU could not load the saved state."""
     MIGRATION_FAILED = 18
+    PROVISION_FAILED = 19
+    """A template's provisioning script failed, or a readiness probe did not pass in time."""
     EXEC_FAILED = 125
     """``vmkit exec`` only: vmkit itself failed (any other code there is the guest command's own,
     as with ``docker exec``)."""
@@ -164,6 +166,12 @@ class ImageError(VmkitError):
     """Building, pulling or verifying a guest image failed."""
 
     exit_code = ExitCode.IMAGE_FAILED
+
+
+class ProvisionError(VmkitError):
+    """A provisioning script of the machine's template failed, or one of its probes never passed."""
+
+    exit_code = ExitCode.PROVISION_FAILED
 
 
 class CommandCannotRun(VmkitError):

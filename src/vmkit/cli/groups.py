@@ -30,6 +30,8 @@ GROUPS: dict[str, tuple[str, str, str]] = {
     "key": ("vmkit.cli.key", "app", "The state-file key (it encrypts and authenticates saved machine states)."),
     "host": ("vmkit.cli.host", "app",
              "Settings of the host that all machines share (KSM page merging, automatic ballooning)."),
+    "template": ("vmkit.cli.template", "app",
+                 "Templates: ready machines described in YAML (vmkit create NAME --template NAME|FILE|URL)."),
     "snapshot": ("vmkit.cli.state", "snapshot_app",
                  "Snapshots: machine state and disks together (rewind and go forward again)."),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -36,11 +37,27 @@ def _build_micro_full(store: ImageStore, *, force: bool, progress: Callable[[str
     return micro.build_micro_full(store, force=force, progress=progress)
 
 
+def _build_derived(name: str) -> Callable[..., Image]:
+    def build(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
+        from vmkit.host.images import debian
+
+        if arch != "x86_64":
+            raise ConfigError.single("--arch", f"{name} is built for x86_64 only: use debian-12 --arch {arch}")
+
+        def show(p: debian.BuildProgress) -> None:
+            progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
+
+        return debian.build_debian(store, name=name, extra_packages=catalogue.DERIVED[name], force=force,
+                                   progress=show)
+
+    return build
+
+
 def _builders() -> dict[str, Callable[..., Image]]:
     from vmkit.host.images import micro
 
     return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: _build_micro_full,
-            catalogue.DEBIAN_12: _build_debian}
+            catalogue.DEBIAN_12: _build_debian, **{n: _build_derived(n) for n in catalogue.DERIVED}}
 
 
 @app.command()
@@ -135,11 +152,13 @@ def pull(
         None, "--sums-url", help="checksum file for a URL (default: SHA256SUMS beside it)"),
     name: str | None = typer.Option(None, "--name", help="store the image under this name"),
     force: bool = typer.Option(False, "--force", help="download again / replace an image of the same name"),
+    mirror: str | None = typer.Option(None, "--mirror", help="a catalogue name's directory on a mirror (holding "
+                                      "the image and its checksum file); default $VMKIT_PULL_BASE_URL or the "
+                                      "publisher's"),
 ) -> None:
     """Download an official cloud image, verify it against the publisher's checksums, and cache it.
 
     An interrupted download resumes; a wrong checksum leaves nothing in the cache.
-    Set VMKIT_PULL_BASE_URL to use a mirror.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -153,5 +172,35 @@ def pull(
         def show(p: pull_mod.PullProgress) -> None:
             bar.update(task, description=f"{p.stage}: {p.message}"[:60], completed=p.done, total=p.total)
 
-        image = pull_mod.pull(source, ImageStore(), progress=show, sums_url=sums_url, name=name, force=force)
+        image = pull_mod.pull(source, ImageStore(), progress=show, sums_url=sums_url, name=name, force=force,
+                              base_url=mirror)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory}")
+
+
+@app.command("export")
+def export(
+    name: str = typer.Argument(..., help="the image to export (`vmkit image list`)"),
+    file: Path = typer.Argument(..., help="the archive to write: NAME.tar (or .tar.gz, compressed)"),
+) -> None:
+    """Write an image and its manifest to a tar archive (for `vmkit image import` on another host)."""
+    from vmkit.host.images import archive
+    from vmkit.host.images.store import ImageStore
+
+    with spinner(f"exporting image {name}") as update:
+        dest = archive.export_image(ImageStore(), name, file, progress=update)
+    out.print(f"exported image [bold]{name}[/] to {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="an archive made by `vmkit image export`"),
+    name: str | None = typer.Option(None, "--name", help="store it under this name (default: its own)"),
+    force: bool = typer.Option(False, "--force", help="replace an image of the same name"),
+) -> None:
+    """Add an exported image to the cache; every file is checked against its manifest first."""
+    from vmkit.host.images import archive
+    from vmkit.host.images.store import ImageStore
+
+    with spinner(f"importing {file}") as update:
+        image = archive.import_image(ImageStore(), file, name=name, force=force, progress=update)
+    out.print(f"image [bold]{image.name}[/] ready in {image.directory} (verified against its manifest)")

@@ -28,6 +28,8 @@ def create(
     max_memory: str | None = typer.Option(None, "--max-memory", help="memory `vmkit set --memory` can grow it "
                                           "to while it runs (a virtio-mem region; --memory + a multiple of 128M)"),
     image: str | None = typer.Option(None, "--image", help="boot an image from the cache (e.g. micro)"),
+    template: str | None = typer.Option(None, "--template", "-t", help="start from a template: a name (`vmkit "
+                                        "template list`), a YAML file or an http(s) URL; other options go over it"),
     kernel: Path | None = typer.Option(None, "--kernel", help="Linux kernel to boot directly"),
     initrd: Path | None = typer.Option(None, "--initrd", help="initrd for --kernel"),
     cmdline: str | None = typer.Option(None, "--cmdline", help="kernel command line (added to the image's)"),
@@ -78,7 +80,7 @@ def create(
                            max_cpus=max_cpus, max_memory=max_memory,
                            balloon_min=balloon_min, balloon_shares=balloon_shares,
                            networks=network or None, display=(display_size or True) if display else None,
-                           arch=arch, binfmt=binfmt or None)
+                           arch=arch, binfmt=binfmt or None, template=template)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
     for n in inst.row().addresses.items():
         out.print(f"  on network {n[0]}: {n[1]}")

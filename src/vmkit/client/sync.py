@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vmkit.bench.devices import Settings as DevicesSettings
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
+    from vmkit.host.templates import Template
 
 T = TypeVar("T")
 
@@ -50,7 +51,7 @@ Notice = Callable[["Note"], None]
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
                              "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
                              "balloon_min", "balloon_shares", "networks",
-                             "display", "arch", "binfmt"})
+                             "display", "arch", "binfmt", "template"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -126,6 +127,8 @@ class Client:
           mounts=["~/src"], user_data=Path(...), limits={"cpu_max": 50},
           display=True or "1920x1080")``: as ``vmkit create`` (with
           ``image``, ``kernel`` or ``from_file``, a vm.yaml to start from; options given as None are not set);
+        * ``create(name, template="docker", ...)``: from a template (a name, file or URL), the
+          other options over it; its provisioning runs at ``start``;
         * ``create(name, **vm_yaml_fields)``: any other keywords are vm.yaml's fields.
         """
         from vmkit.backends.local import control
@@ -136,7 +139,7 @@ class Client:
             inst = self._call(control.create, spec)
         elif isinstance(spec, dict):
             inst = self._call(control.create, parse_config(spec))
-        elif options.keys() & {"image", "kernel", "from_file"}:
+        elif options.keys() & {"image", "kernel", "from_file", "template"}:
             unknown = set(options) - _CREATE_OPTIONS
             if unknown:
                 from vmkit.errors import ConfigError
@@ -156,10 +159,34 @@ class Client:
             for listed in ("disks", "ports", "mounts", "networks", "binfmt"):
                 if listed in opts:
                     opts[listed] = [str(v) for v in opts[listed]]
-            inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
+            template = opts.pop("template", None)
+            if template is not None:
+                from vmkit.backends.local import provisioning
+
+                inst = self._call(provisioning.create_from_template, str(template), CreateOptions(name=spec, **opts))
+            else:
+                inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
         else:
             inst = self._call(control.create, parse_config({"name": spec, **options}))
         return Instance(self, inst.name)
+
+    def templates(self) -> builtins.list[tuple[str, str, str]]:
+        """``(name, where, description)`` of every template found by name (user's, then shipped)."""
+        from vmkit.host import templates
+
+        return self._call(templates.available)
+
+    def template(self, ref: str) -> Template:
+        """The template ``ref`` (a name, file or URL), its bases merged and its fields checked."""
+        from vmkit.host import templates
+
+        return self._call(templates.resolve, ref)
+
+    def template_text(self, ref: str) -> str:
+        """The template file ``ref`` as written (its bases not merged)."""
+        from vmkit.host import templates
+
+        return self._call(lambda: templates.read(templates.locate(ref)))
 
     def get(self, name: str) -> Instance:
         """The machine ``name`` (``NotFoundError`` if there is none)."""

@@ -53,6 +53,8 @@ class CreateOptions:
     ``debian-12-aarch64``); default: the image's own, else x86_64."""
     binfmt: list[str] = field(default_factory=list)
     """Foreign architectures the guest runs programs of (``--binfmt aarch64``, repeatable)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """vm.yaml fields to start from (a template's); ``from_file`` and the options above go over them."""
 
 
 def image_for_arch(image: str, arch: str | None) -> str:
@@ -189,7 +191,7 @@ def parse_network(spec: str) -> dict[str, Any]:
 
 def config_from_options(opts: CreateOptions, store: ImageStore | None = None) -> MachineConfig:
     problems: list[Problem] = []
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(opts.settings)
     if opts.from_file is not None:
         try:
             loaded = yaml.safe_load(opts.from_file.read_text())
@@ -199,7 +201,7 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             raise ConfigError.single("--from", f"{opts.from_file} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError.single("--from", f"{opts.from_file} must hold a mapping of settings")
-        data = loaded
+        data = {**data, **loaded}
     data["name"] = opts.name
     for key, option, size in (("memory", "--memory", opts.memory), ("max_memory", "--max-memory", opts.max_memory),
                               ("balloon_min", "--balloon-min", opts.balloon_min)):

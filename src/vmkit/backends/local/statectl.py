@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from vmkit.api import SupervisorClient
 from vmkit.api.models import StartRequest
-from vmkit.backends.local import control
+from vmkit.backends.local import control, provisioning
 from vmkit.errors import STATE_FILE_CODES, ExitCode, NotFoundError, StateError, VmkitError, error_from_fields
 from vmkit.host.images.store import ImageStore
 from vmkit.host.instance import LIVE, Instance, Status, take_exclusive
@@ -200,6 +200,10 @@ def _launch(name: str, plan: StartRequest | None, outcome: StartOutcome, *, prog
             state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
     outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan,
                                    on_message=_listener(outcome, state_progress))
+    if plan is None:  # a boot (not a resumed state): the template's provisioning and probes
+        message = provisioning.run(name, progress=progress)
+        if message:
+            outcome.notes.append(message)
     return outcome
 
 

@@ -13,7 +13,19 @@ MICRO_FULL = "micro-full"
 DEBIAN_12 = "debian-12"
 """Debian 12 built by vmkit from Debian packages (:mod:`vmkit.host.images.debian`)."""
 
-BUILDABLE: tuple[str, ...] = (MICRO, MICRO_FULL, DEBIAN_12)
+DEBIAN_12_DOCKER = "debian-12-docker"
+DEBIAN_12_DEV = "debian-12-dev"
+DERIVED: dict[str, tuple[str, ...]] = {
+    # the docker template's: the engine from Debian's packages (no registry is needed to build it);
+    # apparmor is only Recommended by docker.io, but without it no container starts (the kernel has
+    # AppArmor on, and the engine then needs apparmor_parser to load its profile)
+    DEBIAN_12_DOCKER: ("docker.io", "apparmor"),
+    # the dev template's: a C tool chain, git, and what most builds reach for
+    DEBIAN_12_DEV: ("build-essential", "git", "pkg-config", "python3", "curl", "less"),
+}
+"""Images built like ``debian-12`` (same recipe) with these Debian packages added, by name."""
+
+BUILDABLE: tuple[str, ...] = (MICRO, MICRO_FULL, DEBIAN_12, *DERIVED)
 """What ``vmkit image build`` builds."""
 
 
