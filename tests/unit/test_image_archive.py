@@ -23,7 +23,7 @@ from vmkit.host.images.store import Image, ImageStore
 
 def test_export_import_round_trip(micro_image: Image, tmp_path: Path) -> None:
     archive = tmp_path / "micro.tar"
-    vmkit("image", "export", "micro", str(archive))
+    vmkit("image", "export", "micro", str(archive), env={"VMKIT_IMAGE_CACHE": str(image_cache_dir())})
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert names[0] == "manifest.json" and set(names[1:]) >= {micro_image.manifest.kernel, micro_image.manifest.initrd}
