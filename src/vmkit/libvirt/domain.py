@@ -156,6 +156,10 @@ def problems(config: MachineConfig, *, domain_type: DomainType | None = None, fi
         if not share.host_path.is_absolute():
             out.append(Problem(f"{where}.host_path", f"{share.host_path} is relative: give an absolute path"))
     net = config.network
+    if net is not None and net.mode == "user" and net.forwards:
+        out.append(Problem("network.forwards", "libvirt 9.0 cannot forward host ports into user-mode networking "
+                           "(its <portForward> needs the passt backend, from libvirt 9.2): leave the forwards out "
+                           "and reach the guest on a bridge (networks:) or a libvirt network"))
     if net is not None and net.mode == "none" and net.forwards:
         out.append(Problem("network.forwards", "forwards to a machine's address on a vmkit network are made by "
                            "vmkit's supervisor, which a libvirt domain does not have: forward ports with the "
@@ -387,9 +391,9 @@ class _Builder:
             dev.append(self._disk(i, sd))
         usb = c.usb or any(d.kind == "usb-storage" for d in c.storage)
         ET.SubElement(dev, "controller", type="usb", model="qemu-xhci" if usb else "none")
-        if c.machine == "q35":  # empty PCIe root ports for disks attached to the running machine
-            for _ in range(c.hotplug_slots):
-                ET.SubElement(dev, "controller", type="pci", model="pcie-root-port")
+        if c.machine == "q35":
+            for i in range(self._root_ports()):
+                ET.SubElement(dev, "controller", type="pci", index=str(i + 1), model="pcie-root-port")
         for i, share in enumerate(c.shares):
             fs = ET.SubElement(dev, "filesystem", type="mount",
                                accessmode="passthrough" if share.type == "virtiofs" else "squash")
@@ -407,11 +411,6 @@ class _Builder:
             if net.mac:
                 ET.SubElement(nic, "mac", address=net.mac)
             ET.SubElement(nic, "model", type=net.model)
-            if net.forwards:  # libvirt forwards ports only through passt (9.0)
-                ET.SubElement(nic, "backend", type="passt")
-                for fwd in net.forwards:
-                    pf = ET.SubElement(nic, "portForward", proto=fwd.protocol, address=fwd.host_addr)
-                    ET.SubElement(pf, "range", start=str(fwd.host_port), to=str(fwd.guest_port))
             ET.SubElement(nic, "alias", name="ua-net0")
         for i, iface in enumerate(c.networks):
             target = self.nics[iface.network]
@@ -446,6 +445,19 @@ class _Builder:
             _text(size, "block", "2048", unit="KiB")
             _text(size, "requested", _kib(c.plugged_memory), unit="KiB")
             ET.SubElement(mem, "alias", name="ua-vmem0")
+
+    def _root_ports(self) -> int:
+        """PCIe root ports on q35. libvirt puts each PCIe device on a free one (and adds ports only when
+        none is free), so ``hotplug_slots`` stay empty for disks attached to the running machine when
+        there are that many more than the devices take: virtio disks, PCIe NICs (legacy PCI ones sit on
+        a pcie-to-pci-bridge, for which libvirt adds a port of its own), shares, xHCI, virtio-serial
+        (the agent), balloon, rng, virtio-mem. The primary display sits on the root bus itself."""
+        c = self.c
+        nics = [n for n in (*([c.user_nic] if c.user_nic else []), *c.networks) if n.model not in ("e1000", "rtl8139")]
+        usb = c.usb or any(d.kind == "usb-storage" for d in c.storage)
+        return (c.hotplug_slots + sum(d.kind == "virtio-blk" for d in c.storage) + len(nics)
+                + len(c.shares) + int(usb) + int(c.agent) + int(c.balloon) + int(c.entropy)
+                + int(c.max_memory is not None))
 
     def _disk(self, index: int, sd: StorageDevice) -> ET.Element:
         att = sd.attachment
