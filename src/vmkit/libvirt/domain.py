@@ -50,7 +50,7 @@ from vmkit.errors import ConfigError, Problem
 DomainType = Literal["qemu", "kvm"]
 """libvirt's domain type: ``qemu`` runs under TCG, ``kvm`` under hardware KVM."""
 
-METADATA_NS = "https://vmkit.dev/xmlns/libvirt/machine/1"
+METADATA_NS = "https://vmkit.dev/xmlns/libvirt/1"
 """The namespace of vmkit's element in a domain's ``<metadata>`` (the machine's vm.yaml as JSON)."""
 METADATA_PREFIX = "vmkit"
 
@@ -453,7 +453,8 @@ class _Builder:
         a pcie-to-pci-bridge, for which libvirt adds a port of its own), shares, xHCI, virtio-serial
         (the agent), balloon, rng, virtio-mem. The primary display sits on the root bus itself."""
         c = self.c
-        nics = [n for n in (*([c.user_nic] if c.user_nic else []), *c.networks) if n.model not in ("e1000", "rtl8139")]
+        models = [n.model for n in c.networks] + ([c.user_nic.model] if c.user_nic else [])
+        nics = [m for m in models if m not in ("e1000", "rtl8139")]
         usb = c.usb or any(d.kind == "usb-storage" for d in c.storage)
         return (c.hotplug_slots + sum(d.kind == "virtio-blk" for d in c.storage) + len(nics)
                 + len(c.shares) + int(usb) + int(c.agent) + int(c.balloon) + int(c.entropy)
