@@ -101,7 +101,8 @@ def domain_xml(config: MachineConfig, *, name: str | None = None, uuid: str | No
     default ``qemu``); ``accel: tcg`` is always ``qemu`` and ``accel: kvm`` always ``kvm``.
     ``files``: paths on the target host (:class:`DomainFiles`). ``nics``: each vmkit network in
     ``config.networks`` by name -> where its NIC plugs in. ``metadata``: keep the configuration in
-    the domain's ``<metadata>`` (read back with :func:`config_from_domain_xml`).
+    the domain's ``<metadata>`` (read back with :func:`config_from_domain_xml`), with the domain's
+    name and the files where ``files`` puts them.
 
     Raises :class:`~vmkit.errors.ConfigError` naming every setting libvirt cannot express.
     """
@@ -289,7 +290,7 @@ class _Builder:
         if self.metadata:
             meta = ET.SubElement(dom, "metadata")
             el = ET.SubElement(meta, f"{METADATA_PREFIX}:machine", {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
-            el.text = json.dumps(c.to_dict(), sort_keys=True, separators=(",", ":"))
+            el.text = json.dumps(self._as_placed().to_dict(), sort_keys=True, separators=(",", ":"))
         self._memory(dom)
         vcpu = _text(dom, "vcpu", str(c.cpu_ceiling), placement="static")
         if c.cpus < c.cpu_ceiling:
@@ -308,6 +309,19 @@ class _Builder:
         self._devices(ET.SubElement(dom, "devices"))
         ET.indent(dom, space="  ")
         return ET.tostring(dom, encoding="unicode") + "\n"
+
+    def _as_placed(self) -> MachineConfig:
+        """The configuration with the files where the domain has them (what the metadata keeps)."""
+        c, f = self.c, self.files
+        boot = c.boot.model_copy(update={"kernel": Path(f.kernel or c.boot.kernel),
+                                         "initrd": Path(f.initrd) if f.initrd else c.boot.initrd})
+        storage = []
+        for i, sd in enumerate(c.storage):
+            path = f.disks.get(_device_id(i, sd))
+            if path is not None and isinstance(sd.attachment, DiskImage):
+                sd = sd.model_copy(update={"attachment": sd.attachment.model_copy(update={"path": Path(path)})})
+            storage.append(sd)
+        return c.model_copy(update={"name": self.name, "boot": boot, "storage": tuple(storage)})
 
     # -- resources ---------------------------------------------------------------------------
     def _memory(self, dom: ET.Element) -> None:
