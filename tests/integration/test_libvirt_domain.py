@@ -1,6 +1,7 @@
-"""The generated domain XML in a real libvirtd (private, tests/libvirt_daemon.py): the micro guest's
-domain boots (its serial log, written by virtlogd, shows VMKIT-READY), and a machine using most of
-vm.yaml's settings is accepted by libvirt's own parser and validation (define), and reads back."""
+"""The generated domain XML in a real libvirtd (private, tests/libvirt_daemon.py): a micro machine
+exported by `vmkit export --libvirt` boots (its serial log, written by virtlogd, shows VMKIT-READY),
+and a machine using most of vm.yaml's settings is accepted by libvirt's own parser and validation
+(define), and reads back."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from vmkit import Client as vmkit_client
 from vmkit.config import parse_config
 from vmkit.host.images.store import Image
-from vmkit.libvirt.domain import DomainFiles, NicTarget, config_from_domain_xml, domain_xml
+from vmkit.libvirt.domain import NicTarget, config_from_domain_xml, domain_xml
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +41,20 @@ def _name(prefix: str) -> str:
     return f"vmkit-test-{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def test_micro_domain_boots_in_libvirt(lv: LibvirtDaemon, micro_image: Image, tmp_path: Path) -> None:
+def test_exported_micro_machine_boots_in_libvirt(lv: LibvirtDaemon, vmkit_home: Path, micro_image: Image,
+                                                 tmp_path: Path) -> None:
+    """`vmkit export NAME --libvirt -o FILE` of a vmkit machine, defined and started by libvirtd:
+    the guest's serial log (virtlogd writes it in libvirt's log directory) shows VMKIT-READY."""
     name = _name("micro")
-    assert micro_image.kernel is not None and micro_image.initrd is not None
-    config = parse_config({"name": name, "memory": "256M",
-                           "boot": {"kind": "linux", "kernel": str(micro_image.kernel),
-                                    "initrd": str(micro_image.initrd), "cmdline": micro_image.manifest.cmdline}})
-    log = tmp_path / "serial.log"
+    vmkit("create", name, "--image", "micro", "--memory", "256M")
     xml_file = tmp_path / "domain.xml"
-    xml_file.write_text(domain_xml(config, domain_type="qemu", files=DomainFiles(serial_log=log)))
+    vmkit("export", name, "--libvirt", "--output", str(xml_file))
+    assert xml_file.stat().st_mode & 0o777 == 0o600
+    assert vmkit("export", name, "--libvirt").stdout == xml_file.read_text()
+    config = vmkit_client().get(name).config
     lv.virsh("define", str(xml_file))
     lv.virsh("start", name)
+    log = lv.root / "log" / "qemu" / f"{name}-serial.log"  # /var/log/libvirt/qemu in the daemon's namespace
     try:
         deadline = time.monotonic() + 180
         text = ""
@@ -66,6 +72,15 @@ def test_micro_domain_boots_in_libvirt(lv: LibvirtDaemon, micro_image: Image, tm
         lv.virsh("destroy", name, check=False)
         lv.virsh("undefine", name)
     assert name not in lv.virsh("list", "--all", "--name").stdout
+
+
+def test_export_refuses_by_name(vmkit_home: Path, micro_image: Image) -> None:
+    vmkit("create", "fwd", "--image", "micro", "--port", "8080:80")
+    res = vmkit("export", "fwd", "--libvirt", check=False)
+    assert res.returncode == 2 and "network.forwards" in res.stderr, res.stderr
+    assert vmkit("export", "nope", "--libvirt", check=False).returncode == 3
+    res = vmkit("export", "fwd", check=False)
+    assert res.returncode == 2 and "--libvirt" in res.stderr
 
 
 def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Image, tmp_path: Path) -> None:
