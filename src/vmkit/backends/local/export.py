@@ -12,7 +12,7 @@ from __future__ import annotations
 from vmkit.config import MachineConfig
 from vmkit.errors import ConfigError, NotFoundError, Problem
 from vmkit.host.instance import Instance
-from vmkit.libvirt.domain import NicTarget, domain_xml
+from vmkit.libvirt.domain import DomainType, NicTarget, domain_xml
 from vmkit.net.store import NetworkStore
 from vmkit.runtime.qemu import accel as accel_mod
 
@@ -44,5 +44,5 @@ def libvirt_xml(name: str) -> str:
     """The libvirt domain XML of machine ``name`` (raises ConfigError naming what libvirt cannot express)."""
     inst = Instance(name).require()
     config = inst.load_config()
-    domain_type = "kvm" if accel_mod.choose(config.accel.value).name == "kvm" else "qemu"
+    domain_type: DomainType = "kvm" if accel_mod.choose(config.accel.value).name == "kvm" else "qemu"
     return domain_xml(config, domain_type=domain_type, nics=nic_targets(config))
