@@ -44,5 +44,7 @@ def libvirt_xml(name: str) -> str:
     """The libvirt domain XML of machine ``name`` (raises ConfigError naming what libvirt cannot express)."""
     inst = Instance(name).require()
     config = inst.load_config()
-    domain_type: DomainType = "kvm" if accel_mod.choose(config.accel.value).name == "kvm" else "qemu"
+    domain_type: DomainType | None = None  # accel: kvm or tcg name the type themselves
+    if config.accel == "auto":
+        domain_type = "kvm" if accel_mod.choose("auto").name == "kvm" else "qemu"
     return domain_xml(config, domain_type=domain_type, nics=nic_targets(config))
