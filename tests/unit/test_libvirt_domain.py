@@ -181,6 +181,8 @@ def test_every_problem_at_once() -> None:
     with pytest.raises(ConfigError):
         domain_xml(c, files=DomainFiles(disks={"nope": "/x"}))
     assert "storage" in [p.field for p in problems(config(), files=DomainFiles(disks={"nope": "/x"}))]
+    nbd = config(storage=[{"attachment": {"type": "nbd", "url": "nbd://h/e", "reconnect_delay": 0}}])
+    assert [p.field for p in problems(nbd, files=DomainFiles(disks={"disk0": "/x"}))] == ["storage[0].attachment"]
 
 
 def test_user_forwards_left_to_the_caller() -> None:

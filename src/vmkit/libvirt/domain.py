@@ -224,6 +224,8 @@ def _storage_problems(index: int, dev: StorageDevice, files: DomainFiles) -> lis
                            "(or usb-storage)"))
     att = dev.attachment
     if isinstance(att, NbdAttachment):
+        if _device_id(index, dev) in files.disks:
+            out.append(Problem(f"{where}.attachment", "an NBD disk has no file: give files only for disk images"))
         if att.reconnect_delay:
             out.append(Problem(f"{where}.attachment.reconnect_delay", "libvirt 9.0 cannot set QEMU's NBD "
                                "reconnect-delay: set reconnect_delay: 0 (I/O errors at once, then on_error)"))
