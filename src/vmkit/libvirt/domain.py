@@ -507,6 +507,10 @@ class _Builder:
             disk = ET.Element("disk", type="file", device="disk")
             ET.SubElement(disk, "driver", name="qemu", type=att.format, cache=att.cache)
             ET.SubElement(disk, "source", file=str(self.files.disks.get(node, att.path)))
+        if bus == "virtio":
+            # the vCPU ceiling, as vmkit's own command line: QEMU's default (the vCPUs at start) changes
+            # with a vCPU hot-plug, and a state saved after one would not load into the new count
+            disk[0].set("queues", str(self.c.cpu_ceiling))
         ET.SubElement(disk, "target", dev=_disk_target("sd" if bus == "usb" else "vd", len(same_bus)), bus=bus)
         if att.read_only:
             ET.SubElement(disk, "readonly")
