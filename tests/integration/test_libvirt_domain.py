@@ -89,6 +89,9 @@ def test_export_refuses_by_name(vmkit_home: Path, micro_image: Image) -> None:
     assert vmkit("export", "nope", "--libvirt", check=False).returncode == 3
     res = vmkit("export", "fwd", check=False)
     assert res.returncode == 2 and "--libvirt" in res.stderr
+    res = vmkit("export", "fwd", "--libvirt", "--hostfwd")
+    assert "8080" not in res.stdout.split("</metadata>")[1]
+    assert "virsh qemu-monitor-command --hmp fwd 'hostfwd_add hostua-net0 tcp:127.0.0.1:8080-:80'" in res.stderr
 
 
 def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Image, tmp_path: Path) -> None:
