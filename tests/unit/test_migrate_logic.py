@@ -203,3 +203,34 @@ def test_migrating_an_unknown_machine_or_to_a_bad_uri(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "--host", "ssh://a b", "list"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert res.returncode == 2 and "--host" in res.stderr
+
+
+def test_the_target_checks_the_machines_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.errors import AlreadyExistsError, NotFoundError
+    from vmkit.net.store import NetworkStore
+
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
+    config = MachineConfig.model_validate({"name": "web", "boot": {"kind": "linux", "kernel": "/k"}, "networks": [
+        {"network": "span", "mac": "52:54:00:12:34:56", "address": "10.119.3.2"}]})
+    with pytest.raises(NotFoundError) as missing:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert "network 'span' does not exist on the target" in missing.value.message
+    assert "--subnet 10.119.3.0/24" in str(missing.value.hint)
+
+    store = NetworkStore()
+    store.create("span", subnet="10.119.4.0/24", mode="rootless", up=False)
+    with pytest.raises(ConfigError) as other:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert other.value.problems[0].field == "networks[0].network" and "10.119.4.0/24" in other.value.problems[0].message
+    store.delete("span")
+
+    store.create("span", subnet="10.119.3.0/24", mode="rootless", up=False)
+    receive.check_networks(config, {"span": "10.119.3.0/24"})  # free there: fine
+    store.join("span", "db", address="10.119.3.2")
+    with pytest.raises(AlreadyExistsError) as taken:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert taken.value.message == "address 10.119.3.2 on network 'span' belongs to machine 'db' on the target"
+    store.leave("span", "db")
+    store.join("span", "db", mac="52:54:00:12:34:56", address="10.119.3.9")
+    with pytest.raises(AlreadyExistsError, match="MAC 52:54:00:12:34:56 on network 'span' belongs to machine 'db'"):
+        receive.check_networks(config, {"span": "10.119.3.0/24"})

@@ -336,7 +336,14 @@ class MigrateRoutes:
         clock = None
         if vm.state == VmState.PAUSED:
             clock = (await savestate.resume_and_fix_clock(vm)).to_dict()
-        self.sup.status.reason = "migrated here"
+        announced = bool(vm.config.networks or vm.config.user_nic is not None)
+        if announced:  # the guest's MAC is here now: tell the segment
+            try:
+                await migration.announce(vm)
+            except VmkitError as exc:
+                announced = False
+                log.warning("announce-self failed: %s", exc)
+        self.sup.status.reason = "migrated here" + (" (announced on its networks)" if announced else "")
         self.sup.instance.write_status(self.sup.status)
         return web.json_response({**self.sup.status.to_dict(), "clock": clock or {
             "corrected": False, "behind_seconds": None, "message": "the guest ran on (post-copy)"}})

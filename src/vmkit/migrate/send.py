@@ -35,7 +35,7 @@ from typing import IO, Any
 from vmkit.api import SupervisorClient, models
 from vmkit.api.transport import SupervisorGone
 from vmkit.backends import ssh
-from vmkit.backends.local import control
+from vmkit.backends.local import control, networks
 from vmkit.config import NbdAttachment
 from vmkit.errors import ConfigError, MigrationError, StateError, VmkitError, error_from_fields
 from vmkit.host.images import qemuimg
@@ -189,8 +189,10 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
                 files[str(rel)] = base64.b64encode(p.read_bytes()).decode("ascii")
     for p in read_only:
         files[str(p.relative_to(inst.dir))] = base64.b64encode(p.read_bytes()).decode("ascii")
+    subnets = {iface.network: networks.store().get(iface.network, field=f"networks[{i}].network").subnet
+               for i, iface in enumerate(config.networks)}
     return Manifest(name=inst.name, config=config.to_dict(), source_dir=str(inst.dir), files=files,
-                    postcopy=opts.postcopy, disks=disks)
+                    postcopy=opts.postcopy, disks=disks, networks=subnets)
 
 
 def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) -> dict[str, Any]:
@@ -272,6 +274,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         committed = True
         api.call("POST", "/v1/migrate/finish", {"target": host.uri})
         control.wait_unsupervised(inst, 30)
+        with contextlib.suppress(VmkitError, OSError):  # its static leases here moved with it
+            networks.leave_all(inst.load_config())
         marker = inst.dir / "migrated.json"
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "report": report.model_dump(mode="json")}))
         marker.chmod(0o600)
@@ -373,6 +377,8 @@ def move_offline(name: str, target: str, *, on_event: Event | None = None) -> di
         remote.send("commit")
         moved = remote.answer("moved", COMMIT_WAIT)
         committed = True
+        with contextlib.suppress(VmkitError, OSError):
+            networks.leave_all(inst.load_config())
         marker = inst.dir / "migrated.json"
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "offline": True}))
         marker.chmod(0o600)

@@ -122,6 +122,18 @@ def progress_of(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+"""QEMU's own announce timing after an incoming migration (ms; 5 rounds, 50 ms then 100 ms more each)."""
+
+
+async def announce(vm: VirtualMachine) -> None:
+    """``announce-self``: every NIC sends gratuitous RARP frames (virtio-net guests that support it
+    send gratuitous ARP themselves), so the switches and bridges between hosts learn where its MAC
+    is now. QEMU announces once when an incoming migration completes, while the guest is still
+    paused here; this is the announce for the guest that now runs here."""
+    await vm.execute("announce-self", dict(ANNOUNCE))
+
+
 def tcp_uri(address: str, port: int) -> str:
     """QEMU's ``tcp:HOST:PORT`` (IPv6 in brackets)."""
     host = f"[{address}]" if ":" in address and not address.startswith("[") else address
