@@ -132,11 +132,11 @@ def check_networks(config: MachineConfig, subnets: dict[str, str]) -> None:
     for i, iface in enumerate(config.networks):
         name = iface.network
         if not store.exists(name):
-            err = NotFoundError("network", name, hint=f"create it on the target with the same subnet "
-                                f"(vmkit network create {name} --subnet {subnets.get(name, 'SUBNET')}), "
-                                "joined to the source's at layer 2, then migrate again")
-            err.message = f"network {name!r} does not exist on the target (networks[{i}]: the machine is on it)"
-            raise err
+            missing = NotFoundError("network", name, hint=f"create it on the target with the same subnet "
+                                    f"(vmkit network create {name} --subnet {subnets.get(name, 'SUBNET')}), "
+                                    "joined to the source's at layer 2, then migrate again")
+            missing.message = f"network {name!r} does not exist on the target (networks[{i}]: the machine is on it)"
+            raise missing
         net = store.get(name, field=f"networks[{i}].network")
         if name in subnets and net.subnet != subnets[name]:
             raise ConfigError.single(f"networks[{i}].network", f"network {name!r} is {net.subnet} on the target "
@@ -144,16 +144,16 @@ def check_networks(config: MachineConfig, subnets: dict[str, str]) -> None:
         members = store.members(name)
         owner = members.owner_of(iface.address) if iface.address else None
         if owner is not None and owner != config.name:
-            err = AlreadyExistsError("address", str(iface.address), hint=f"the two hosts' machines on {name} "
-                                     "must have distinct addresses: move or re-join one of them")
-            err.message = f"address {iface.address} on network {name!r} belongs to machine {owner!r} on the target"
-            raise err
+            taken = AlreadyExistsError("address", str(iface.address), hint=f"the two hosts' machines on {name} "
+                                       "must have distinct addresses: move or re-join one of them")
+            taken.message = f"address {iface.address} on network {name!r} belongs to machine {owner!r} on the target"
+            raise taken
         mac_owner = next((n for n, m in members.machines.items() if m.mac == iface.mac and n != config.name), None)
         if mac_owner is not None:
-            err = AlreadyExistsError("MAC", str(iface.mac), hint="the two hosts' machines on a network must have "
-                                     "distinct MACs")
-            err.message = f"MAC {iface.mac} on network {name!r} belongs to machine {mac_owner!r} on the target"
-            raise err
+            taken = AlreadyExistsError("MAC", str(iface.mac), hint="the two hosts' machines on a network must have "
+                                       "distinct MACs")
+            taken.message = f"MAC {iface.mac} on network {name!r} belongs to machine {mac_owner!r} on the target"
+            raise taken
 
 
 def listen_address() -> str:
