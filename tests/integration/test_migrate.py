@@ -318,3 +318,37 @@ def test_a_machine_on_a_spanning_network_keeps_its_address_and_tcp_session(
         vmkit("--host", lab, "network", "delete", "--force", "span", check=False)
         vmkit("network", "delete", "--force", "span", check=False)
         subprocess.run([str(LAB_SH), "unlink", "span"], capture_output=True, timeout=60)
+
+
+def test_the_python_client_acts_on_another_host(vmkit_home: Path, micro_image: Image, lab: str,
+                                                on_target: list[str]) -> None:
+    import vmkit
+    from vmkit.api import models
+    from vmkit.errors import ConfigError, NotFoundError
+
+    there = vmkit.Client(host=lab)
+    assert there.host == lab and repr(there) == f"vmkit.Client(host={lab!r})"
+    on_target.append("rc")
+    inst = there.create("rc", image="micro", memory="64M", cmdline="vmkit.counter=1")
+    assert inst.name == "rc" and inst.state == "stopped"
+    started = inst.start()
+    assert isinstance(started, models.StartResult)
+    assert inst.wait_console(r"vmkit-tick [2-9]", timeout=60)
+    status = inst.pause()
+    assert isinstance(status, models.RuntimeStatus) and status.state == "paused"
+    inst.resume()
+    assert [r.name for r in there.rows()] == ["rc"] and there.get("rc").state == "running"
+    # it is there, not here
+    assert (LAB / "vmklab1" / "home" / "instances" / "rc" / "vm.yaml").exists()
+    assert vmkit.Client().rows() == []
+    assert str(inst.directory).startswith(str(LAB / "vmklab1" / "home"))
+    with pytest.raises(NotFoundError) as missing:
+        there.get("nope")
+    assert missing.value.exit_code == 3 and "nope" in missing.value.message
+    with pytest.raises(ConfigError, match="not available for another host"):
+        inst.events()
+    with pytest.raises(ConfigError, match="callback"):
+        inst.migrate(lab, on_event=print)
+    inst.stop(force=True)
+    inst.delete()
+    assert there.rows() == []

@@ -234,3 +234,43 @@ def test_the_target_checks_the_machines_networks(tmp_path: Path, monkeypatch: py
     store.join("span", "db", mac="52:54:00:12:34:56", address="10.119.3.9")
     with pytest.raises(AlreadyExistsError, match="MAC 52:54:00:12:34:56 on network 'span' belongs to machine 'db'"):
         receive.check_networks(config, {"span": "10.119.3.0/24"})
+
+
+def test_client_calls_cross_hosts_as_tagged_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmkit
+    from vmkit.client import remote
+
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
+    status = models.MigrationInfo(state="running", status="none", query={})
+    value = {"a": [status, Path("/x/y"), b"\0\1", (1, "two")], "n": None}
+    wire = json.loads(json.dumps(remote.encode(value)))
+    assert wire["a"][0]["$model"] == "vmkit.api.models:MigrationInfo"
+    client = vmkit.Client(host="ssh://root@10.231.0.11")
+    assert isinstance(client, remote.RemoteClient)
+    back = remote.decode(wire, client)
+    assert back == {"a": [status, Path("/x/y"), b"\0\1", [1, "two"]], "n": None}
+    handle = remote.decode({"$instance": "web"}, client)
+    assert isinstance(handle, remote.RemoteInstance) and handle.name == "web" and "on ssh://" in repr(handle)
+    with pytest.raises(ConfigError, match="callback"):
+        remote.encode(print)
+    with pytest.raises(ConfigError, match="not a vmkit model"):
+        remote.decode({"$model": "os:system", "data": "true"})
+    with pytest.raises(ConfigError) as both:
+        vmkit.Client(tmp_path, host="ssh://h")
+    assert both.value.problems[0].field == "home"
+    with pytest.raises(ConfigError) as bad:
+        vmkit.Client(host="ftp://h")
+    assert bad.value.problems[0].field == "host"
+    assert type(vmkit.Client(host="local://")) is vmkit.Client
+
+    # the other side: one request in, one answer out; only public methods
+    out = io.StringIO()
+    assert remote.serve(io.StringIO(json.dumps({"instance": None, "method": "rows"}) + "\n"), out) == 0
+    assert json.loads(out.getvalue()) == {"result": []}
+    out = io.StringIO()
+    assert remote.serve(io.StringIO(json.dumps({"instance": None, "method": "_call", "args": ["x"]}) + "\n"), out) == 2
+    assert json.loads(out.getvalue())["error"]["field"] == "method"
+    out = io.StringIO()
+    assert remote.serve(io.StringIO(json.dumps({"instance": "nope", "method": "start"}) + "\n"), out) == 3
+    out = io.StringIO()
+    assert remote.serve(io.StringIO("garbage\n"), out) == 2

@@ -1,4 +1,5 @@
-"""``vmkit migrate``: move a running machine to another host (and the target's hidden half)."""
+"""``vmkit migrate``: move a running machine to another host (and the target's hidden half), and
+``vmkit client-call``, the other host's half of ``vmkit.Client(host=...)``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from vmkit.cli.output import err, machine, out, print_json
 def register(app: typer.Typer) -> None:
     app.command("migrate")(migrate)
     app.command("migrate-receive", hidden=True)(migrate_receive)
+    app.command("client-call", hidden=True)(client_call)
 
 
 def _size(n: int) -> str:
@@ -108,5 +110,16 @@ def migrate_receive() -> None:
     from vmkit.migrate import receive
 
     code = receive.serve()
+    if code:
+        sys.exit(code)
+
+
+def client_call() -> None:
+    """One call of ``vmkit.Client(host=...)`` from another host (a JSON line on stdin, one on stdout)."""
+    import sys
+
+    from vmkit.client import remote
+
+    code = remote.serve()
     if code:
         sys.exit(code)

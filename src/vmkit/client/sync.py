@@ -83,10 +83,24 @@ def _path(p: str | Path | None) -> Path | None:
 
 
 class Client:
-    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory)."""
+    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory).
 
-    def __init__(self, home: str | Path | None = None) -> None:
+    ``host="ssh://[user@]HOST[:PORT]"``: the machines of that host's vmkit (its own home), each call
+    run there over SSH as ``vmkit --host`` runs a command (:mod:`vmkit.client.remote`)."""
+
+    def __new__(cls, home: str | Path | None = None, *, host: str | None = None) -> Client:
+        if host is not None and cls is Client:
+            from vmkit.backends import resolve
+
+            if resolve(host, field="host") is not None:
+                from vmkit.client.remote import RemoteClient
+
+                return super().__new__(RemoteClient)
+        return super().__new__(cls)
+
+    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
         self.home = Path(home).expanduser().resolve() if home is not None else None
+        self.host: str | None = None
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one operation with this client's home; in a worker thread inside a running event loop
@@ -305,6 +319,13 @@ class Client:
 
 class Instance:
     """A handle on one machine; every call reads or changes the machine as it is now."""
+
+    def __new__(cls, client: Client, name: str) -> Instance:
+        if cls is Instance and client.host is not None:
+            from vmkit.client.remote import RemoteInstance
+
+            return super().__new__(RemoteInstance)
+        return super().__new__(cls)
 
     def __init__(self, client: Client, name: str) -> None:
         self.client = client

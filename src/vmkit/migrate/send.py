@@ -259,8 +259,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         out = Outcome(name=name, target=host.uri, report=report)
         if opts.verify:
             emit({"step": "comparing every page of memory on both hosts"})
+            remote.send("digest")  # both hosts hash at once
             here = models.MemoryDigest.model_validate(api.call("POST", "/v1/memory-digest"))
-            remote.send("digest")
             there = models.MemoryDigest.model_validate(remote.answer("digest", COMMIT_WAIT))
             bad = migration.bad_pages(here.digest, there.digest)
             out.bad_pages, out.pages_checked = len(bad), here.pages
