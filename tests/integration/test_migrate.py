@@ -268,7 +268,7 @@ def probe(address: str, port: int) -> subprocess.Popen[str]:
     return proc
 
 
-def test_a_machine_on_a_spanning_network_keeps_its_address_and_tcp_session(
+def test_a_machine_on_a_spanning_network_keeps_its_address_and_tcp_session_over_tls(
         vmkit_home: Path, micro_image: Image, lab: str, on_target: list[str]) -> None:
     # the same network on both hosts, joined at layer 2 by the lab, and an observer host on it
     vmkit("network", "create", "span", "--mode", "isolated", "--subnet", SPAN_SUBNET)
@@ -293,7 +293,10 @@ def test_a_machine_on_a_spanning_network_keeps_its_address_and_tcp_session(
 
         prober = probe(address, 7000)
         time.sleep(1)
-        vmkit("migrate", "mn", lab)
+        report = json.loads(vmkit("migrate", "mn", lab, "--tls", "--json").stdout)["report"]
+        assert any("TLS" in n for n in report["notes"]), report["notes"]
+        assert not (vmkit_home / "instances" / "mn" / "migration-tls").exists()  # the certificates are gone
+        assert not (LAB / "vmklab1" / "home" / "instances" / "mn" / "migration-tls").exists()
         assert prober.stdin is not None and prober.stdout is not None
         prober.stdin.write("mark\n")
         prober.stdin.flush()

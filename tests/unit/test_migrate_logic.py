@@ -239,6 +239,7 @@ def test_the_target_checks_the_machines_networks(tmp_path: Path, monkeypatch: py
 def test_client_calls_cross_hosts_as_tagged_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import vmkit
     from vmkit.client import remote
+    from vmkit.client.sync import Instance, RemoteClient, RemoteInstance
 
     monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
     status = models.MigrationInfo(state="running", status="none", query={})
@@ -246,11 +247,11 @@ def test_client_calls_cross_hosts_as_tagged_json(tmp_path: Path, monkeypatch: py
     wire = json.loads(json.dumps(remote.encode(value)))
     assert wire["a"][0]["$model"] == "vmkit.api.models:MigrationInfo"
     client = vmkit.Client(host="ssh://root@10.231.0.11")
-    assert isinstance(client, remote.RemoteClient)
-    back = remote.decode(wire, client)
+    assert isinstance(client, RemoteClient)
+    back = remote.decode(wire, client, Instance)
     assert back == {"a": [status, Path("/x/y"), b"\0\1", [1, "two"]], "n": None}
-    handle = remote.decode({"$instance": "web"}, client)
-    assert isinstance(handle, remote.RemoteInstance) and handle.name == "web" and "on ssh://" in repr(handle)
+    handle = remote.decode({"$instance": "web"}, client, Instance)
+    assert isinstance(handle, RemoteInstance) and handle.name == "web" and "on ssh://" in repr(handle)
     with pytest.raises(ConfigError, match="callback"):
         remote.encode(print)
     with pytest.raises(ConfigError, match="not a vmkit model"):
@@ -264,13 +265,41 @@ def test_client_calls_cross_hosts_as_tagged_json(tmp_path: Path, monkeypatch: py
     assert type(vmkit.Client(host="local://")) is vmkit.Client
 
     # the other side: one request in, one answer out; only public methods
-    out = io.StringIO()
-    assert remote.serve(io.StringIO(json.dumps({"instance": None, "method": "rows"}) + "\n"), out) == 0
-    assert json.loads(out.getvalue()) == {"result": []}
-    out = io.StringIO()
-    assert remote.serve(io.StringIO(json.dumps({"instance": None, "method": "_call", "args": ["x"]}) + "\n"), out) == 2
-    assert json.loads(out.getvalue())["error"]["field"] == "method"
-    out = io.StringIO()
-    assert remote.serve(io.StringIO(json.dumps({"instance": "nope", "method": "start"}) + "\n"), out) == 3
-    out = io.StringIO()
-    assert remote.serve(io.StringIO("garbage\n"), out) == 2
+    def serve(request: str) -> tuple[int, dict[str, object]]:
+        out = io.StringIO()
+        code = remote.serve(vmkit.Client(), Instance, io.StringIO(request + "\n"), out)
+        return code, json.loads(out.getvalue())
+
+    assert serve(json.dumps({"instance": None, "method": "rows"})) == (0, {"result": []})
+    code, answer = serve(json.dumps({"instance": None, "method": "_call", "args": ["x"]}))
+    assert code == 2 and answer["error"]["field"] == "method"  # type: ignore[index]
+    assert serve(json.dumps({"instance": "nope", "method": "start"}))[0] == 3
+    assert serve("garbage")[0] == 2
+
+
+def test_tls_certificates_for_one_migration(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from vmkit.migrate import tls
+
+    files = tls.make("10.231.0.11")
+    ca = x509.load_pem_x509_certificate(files["ca-cert.pem"])
+    server = x509.load_pem_x509_certificate(files["server-cert.pem"])
+    client = x509.load_pem_x509_certificate(files["client-cert.pem"])
+    for cert, usage in ((server, ExtendedKeyUsageOID.SERVER_AUTH), (client, ExtendedKeyUsageOID.CLIENT_AUTH)):
+        assert cert.issuer == ca.subject
+        cert.verify_directly_issued_by(ca)
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.231.0.11"]
+    assert isinstance(client.public_key(), ec.EllipticCurvePublicKey)
+    assert tls.make("10.231.0.11")["ca-cert.pem"] != files["ca-cert.pem"]  # one CA per migration
+
+    d = tls.write(tmp_path, files, tls.CLIENT_FILES)
+    assert sorted(p.name for p in d.iterdir()) == sorted(tls.CLIENT_FILES)
+    assert d.stat().st_mode & 0o777 == 0o700 and all(p.stat().st_mode & 0o777 == 0o600 for p in d.iterdir())
+    tls.remove(tmp_path)
+    assert not d.exists()

@@ -40,12 +40,14 @@ def migrate(
                               "(then verified page by page, and done again paused if a page was lost)"),
     verify: bool = typer.Option(False, "--verify", help="compare every memory page on both hosts before the target "
                                 "runs it (adds downtime; a difference takes the migration back)"),
+    tls: bool = typer.Option(False, "--tls", help="encrypt the memory stream with TLS (certificates made for this "
+                             "migration; the disk copy of --copy-storage stays plain)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
-    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live):
+    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live or tls):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
                                  "migration options do not apply")
     if live and paused:
@@ -85,7 +87,7 @@ def migrate(
     result = handle.migrate(target, method=method, downtime_limit_ms=downtime_limit,
                             bandwidth_bytes=bandwidth << 20 if bandwidth else None, auto_converge=auto_converge,
                             postcopy=postcopy, verify=verify, shared_storage=shared_storage,
-                            copy_storage=copy_storage, on_event=on_event)
+                            copy_storage=copy_storage, tls=tls, on_event=on_event)
     if as_json:
         print_json(result)
         return
@@ -119,7 +121,8 @@ def client_call() -> None:
     import sys
 
     from vmkit.client import remote
+    from vmkit.client.sync import Client, Instance
 
-    code = remote.serve()
+    code = remote.serve(Client(), Instance)
     if code:
         sys.exit(code)

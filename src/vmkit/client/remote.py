@@ -30,8 +30,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from vmkit.backends import resolve
-from vmkit.client.sync import Client, Instance
 from vmkit.errors import ConfigError, VmkitError, error_fields, error_from_fields
 
 if TYPE_CHECKING:
@@ -43,12 +41,13 @@ CALL_TIMEOUT = 3600.0
 
 
 # -- values --------------------------------------------------------------------------------------------
-def encode(value: Any, *, where: str = "value") -> Any:
-    """``value`` as JSON with tags (see the module's docstring); refuses what cannot cross hosts."""
+def encode(value: Any, *, where: str = "value", handle: type | None = None) -> Any:
+    """``value`` as JSON with tags (see the module's docstring); refuses what cannot cross hosts.
+    ``handle``: the machine handle class (its objects cross as their name)."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    if isinstance(value, Instance):
-        return {"$instance": value.name}
+    if handle is not None and isinstance(value, handle):
+        return {"$instance": str(getattr(value, "name", ""))}
     if isinstance(value, BaseModel):
         cls = type(value)
         if not cls.__module__.startswith("vmkit."):
@@ -59,24 +58,24 @@ def encode(value: Any, *, where: str = "value") -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, list | tuple):
-        return [encode(v, where=where) for v in value]
+        return [encode(v, where=where, handle=handle) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise ConfigError.single(where, "only mappings with string keys can be sent to another host")
-        return {k: encode(v, where=where) for k, v in value.items()}
+        return {k: encode(v, where=where, handle=handle) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: encode(v, where=where) for k, v in dataclasses.asdict(value).items()}
+        return {k: encode(v, where=where, handle=handle) for k, v in dataclasses.asdict(value).items()}
     if hasattr(value, "to_dict") and callable(value.to_dict):
-        return encode(value.to_dict(), where=where)
+        return encode(value.to_dict(), where=where, handle=handle)
     if callable(value):
         raise ConfigError.single(where, "a callback cannot be passed to another host's vmkit: leave it out")
     raise ConfigError.single(where, f"a {type(value).__name__} cannot be sent to another host")
 
 
-def decode(value: Any, client: Client | None = None) -> Any:
-    """The value :func:`encode` made (machine handles bound to ``client``)."""
+def decode(value: Any, client: Any = None, handle: type | None = None) -> Any:
+    """The value :func:`encode` made (machine handles made with ``handle(client, name)``)."""
     if isinstance(value, list):
-        return [decode(v, client) for v in value]
+        return [decode(v, client, handle) for v in value]
     if not isinstance(value, dict):
         return value
     if "$model" in value:
@@ -86,10 +85,10 @@ def decode(value: Any, client: Client | None = None) -> Any:
     if "$bytes" in value:
         return base64.b64decode(str(value["$bytes"]))
     if "$instance" in value:
-        if client is None:
+        if client is None or handle is None:
             raise ConfigError.single("args", "a machine handle cannot be an argument")
-        return Instance(client, str(value["$instance"]))
-    return {k: decode(v, client) for k, v in value.items()}
+        return handle(client, str(value["$instance"]))
+    return {k: decode(v, client, handle) for k, v in value.items()}
 
 
 def _model_class(name: str) -> type[BaseModel]:
@@ -107,13 +106,14 @@ def _public(cls: type, name: str) -> bool:
 
 
 # -- this side -----------------------------------------------------------------------------------------
-def call(host: SshHost, client: Client, instance: str | None, method: str, args: tuple[Any, ...],
+def call(host: SshHost, client: Any, handle: type, instance: str | None, method: str, args: tuple[Any, ...],
          kwargs: dict[str, Any]) -> Any:
-    """Run ``method`` of the client (or of its machine ``instance``) on ``host``; its result here."""
+    """Run ``method`` of the client (or of its machine ``instance``) on ``host``; its result here
+    (machine handles made with ``handle(client, name)``)."""
     from vmkit.backends import ssh
 
-    request = {"instance": instance, "method": method, "args": encode(list(args), where=f"{method}()"),
-               "kwargs": {k: encode(v, where=k) for k, v in kwargs.items()}}
+    request = {"instance": instance, "method": method, "args": encode(list(args), where=f"{method}()", handle=handle),
+               "kwargs": {k: encode(v, where=k, handle=handle) for k, v in kwargs.items()}}
     res = host.run(["client-call"], input=(json.dumps(request) + "\n").encode(), timeout=CALL_TIMEOUT)
     lines = [ln for ln in res.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
     if not lines:
@@ -122,13 +122,13 @@ def call(host: SshHost, client: Client, instance: str | None, method: str, args:
     answer = json.loads(lines[-1])
     if "error" in answer:
         raise error_from_fields(answer["error"])
-    return decode(answer.get("result"), client)
+    return decode(answer.get("result"), client, handle)
 
 
-def bind(host: SshHost, client: Client, instance: str | None, name: str) -> Any:
-    """What ``getattr`` gives for ``name`` on a remote client or machine: a method that runs there, a
-    property read there, or, for what is local to this process, the attribute itself (None: not ours)."""
-    cls: type = Client if instance is None else Instance
+def bind(host: SshHost, client: Any, handle: type, cls: type, instance: str | None, name: str) -> Any:
+    """What ``getattr`` gives for ``name`` on a remote client (``cls``, ``instance`` None) or machine
+    (``cls``, named ``instance``): a method that runs there, a property read there, or None (not
+    one of the class's public methods: the caller looks it up as usual)."""
     if name in LOCAL_ONLY and name in vars(cls):
         raise ConfigError.single(name, f"{cls.__name__}.{name}() streams or takes callbacks: it is not available "
                                  "for another host (use `vmkit --host URI` for it)")
@@ -136,57 +136,22 @@ def bind(host: SshHost, client: Client, instance: str | None, name: str) -> Any:
         return None
     attr = vars(cls)[name]
     if isinstance(attr, property):
-        return call(host, client, instance, name, (), {})
+        return call(host, client, handle, instance, name, (), {})
     if not inspect.isfunction(attr):
         return None
 
     def remote_method(*args: Any, **kwargs: Any) -> Any:
-        return call(host, client, instance, name, args, kwargs)
+        return call(host, client, handle, instance, name, args, kwargs)
 
     remote_method.__name__ = name
     remote_method.__doc__ = attr.__doc__
     return remote_method
 
 
-class RemoteClient(Client):
-    """:class:`Client` for another host: what ``Client(host=URI)`` makes."""
-
-    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
-        if home is not None:
-            raise ConfigError.single("home", "a vmkit home belongs to one host: give home (this host) or host")
-        remote = resolve(host, field="host")
-        assert remote is not None
-        super().__init__()
-        self.host = remote.uri
-        self.remote: SshHost = remote
-
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("home", "host", "remote"):
-            return object.__getattribute__(self, name)
-        got = bind(object.__getattribute__(self, "remote"), self, None, name)
-        return got if got is not None else object.__getattribute__(self, name)
-
-    def __repr__(self) -> str:
-        return f"vmkit.Client(host={self.host!r})"
-
-
-class RemoteInstance(Instance):
-    """:class:`Instance` of a machine on another host."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("client", "name"):
-            return object.__getattribute__(self, name)
-        client = object.__getattribute__(self, "client")
-        got = bind(client.remote, client, object.__getattribute__(self, "name"), name)
-        return got if got is not None else object.__getattribute__(self, name)
-
-    def __repr__(self) -> str:
-        return f"<vmkit.Instance {self.name} on {self.client.host}>"
-
-
 # -- the other side: ``vmkit client-call`` --------------------------------------------------------------
-def serve(inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
-    """Run one request from ``inp`` with this host's ``vmkit.Client()``; answer on ``out``."""
+def serve(client: Any, handle: type, inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
+    """Run one request from ``inp`` with ``client`` (this host's ``vmkit.Client()``; ``handle`` its
+    machine class); answer on ``out``."""
     inp, out = inp or sys.stdin, out or sys.stdout
     try:
         try:
@@ -196,8 +161,7 @@ def serve(inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
             args, kwargs = list(req.get("args") or []), dict(req.get("kwargs") or {})
         except (ValueError, KeyError, TypeError):
             raise ConfigError.single("<stdin>", "not a client-call request (one JSON line)") from None
-        client = Client()
-        cls: type = Client if instance is None else Instance
+        cls: type = type(client) if instance is None else handle
         if not _public(cls, method):
             raise ConfigError.single("method", f"{method!r} is not a method of {cls.__name__} offered to other hosts")
         target: Any = client if instance is None else client.get(str(instance))
@@ -208,7 +172,7 @@ def serve(inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
             result = getattr(target, method)(*decode(args), **{k: decode(v) for k, v in kwargs.items()})
         if isinstance(result, Iterator):
             raise ConfigError.single("method", f"{method}() returns a stream: not available for another host")
-        payload: dict[str, Any] = {"result": encode(result, where=method)}
+        payload: dict[str, Any] = {"result": encode(result, where=method, handle=handle)}
         code = 0
     except VmkitError as exc:
         payload, code = {"error": error_fields(exc)}, int(exc.exit_code)

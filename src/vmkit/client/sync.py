@@ -31,6 +31,7 @@ from vmkit.host import paths
 
 if TYPE_CHECKING:
     from vmkit.backends.local.statectl import Note
+    from vmkit.backends.ssh import SshHost
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
 
@@ -93,8 +94,6 @@ class Client:
             from vmkit.backends import resolve
 
             if resolve(host, field="host") is not None:
-                from vmkit.client.remote import RemoteClient
-
                 return super().__new__(RemoteClient)
         return super().__new__(cls)
 
@@ -322,8 +321,6 @@ class Instance:
 
     def __new__(cls, client: Client, name: str) -> Instance:
         if cls is Instance and client.host is not None:
-            from vmkit.client.remote import RemoteInstance
-
             return super().__new__(RemoteInstance)
         return super().__new__(cls)
 
@@ -427,15 +424,15 @@ class Instance:
     def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
                 bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
                 max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
-                copy_storage: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None
-                ) -> dict[str, Any]:
+                copy_storage: bool = False, tls: bool = False,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move the running machine to ``target`` (``ssh://[user@]HOST[:PORT]``, see :mod:`vmkit.migrate`);
         ``on_event`` receives progress lines. On success it runs there and is ``migrated`` here."""
         from vmkit.migrate import send
 
         opts = send.Options(method=method, downtime_limit_ms=downtime_limit_ms, bandwidth_bytes=bandwidth_bytes,
                             auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds, verify=verify,
-                            shared_storage=shared_storage, copy_storage=copy_storage)
+                            shared_storage=shared_storage, copy_storage=copy_storage, tls=tls)
         return self._call(send.migrate, self.name, target, opts, on_event=on_event).to_dict()
 
     def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -727,3 +724,47 @@ class Instance:
                 yield item
         finally:
             stop.set()
+
+
+class RemoteClient(Client):
+    """:class:`Client` for another host (what ``Client(host=URI)`` makes): each public method runs in
+    that host's vmkit (:mod:`vmkit.client.remote`)."""
+
+    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
+        from vmkit.backends import resolve
+        from vmkit.errors import ConfigError
+
+        if home is not None:
+            raise ConfigError.single("home", "a vmkit home belongs to one host: give home (this host) or host")
+        remote = resolve(host, field="host")
+        assert remote is not None
+        super().__init__()
+        self.host = remote.uri
+        self.remote: SshHost = remote
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("home", "host", "remote"):
+            return object.__getattribute__(self, name)
+        from vmkit.client import remote
+
+        got = remote.bind(object.__getattribute__(self, "remote"), self, Instance, Client, None, name)
+        return got if got is not None else object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"vmkit.Client(host={self.host!r})"
+
+
+class RemoteInstance(Instance):
+    """:class:`Instance` of a machine on another host."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("client", "name"):
+            return object.__getattribute__(self, name)
+        from vmkit.client import remote
+
+        client = object.__getattribute__(self, "client")
+        got = remote.bind(client.remote, client, Instance, Instance, object.__getattribute__(self, "name"), name)
+        return got if got is not None else object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"<vmkit.Instance {self.name} on {self.client.host}>"

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import time
 from typing import Any
 
@@ -56,6 +57,8 @@ async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[
     await vm.start(incoming=True)
     try:
         await migration.set_capabilities(vm, events=True, postcopy_ram=plan.postcopy)
+        if plan.tls:
+            await migration.add_tls(vm, sup.instance.dir / migration.TLS_DIR, server=True)
         await vm.execute("migrate-incoming", {"uri": plan.uri})
         if plan.exports and plan.nbd_port is not None:
             host = plan.uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
@@ -151,6 +154,8 @@ class MigrateRoutes:
                 raise
             finally:
                 self._running = False
+                if body.tls:
+                    await migration.drop_tls(vm)
             self.completed_to = body.uri
             self.sup.status.reason = f"migrated to {body.uri}: waiting for the target to take over"
             self.sup.instance.write_status(self.sup.status)
@@ -171,6 +176,9 @@ class MigrateRoutes:
                                          postcopy_ram=body.postcopy)
         await migration.set_parameters(vm, downtime_limit=body.downtime_limit_ms,
                                        max_bandwidth=body.bandwidth_bytes)
+        if body.tls:
+            await migration.add_tls(vm, self.sup.instance.dir / migration.TLS_DIR, server=False)
+            await note("the memory stream is TLS (certificates made for this migration)")
         paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
         if method == "paused":
             await note(f"copying with the guest paused: {reason}")
@@ -326,6 +334,10 @@ class MigrateRoutes:
                 raise VmTimeoutError(f"{vm.config.name}: the incoming migration is still {status} after "
                                      f"{body.timeout:.0f} s")
             await asyncio.sleep(0.01)
+        tls_dir = self.sup.instance.dir / migration.TLS_DIR
+        if tls_dir.exists():  # the stream is over: its certificates go
+            await migration.drop_tls(vm)
+            shutil.rmtree(tls_dir, ignore_errors=True)
         exports = await vm.execute("query-block-exports")
         for exp in exports if isinstance(exports, list) else []:
             with contextlib.suppress(VmkitError):

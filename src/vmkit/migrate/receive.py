@@ -43,6 +43,7 @@ from vmkit.config import MachineConfig, validate_model
 from vmkit.errors import AlreadyExistsError, ConfigError, HostError, NotFoundError, StateError, VmkitError, error_fields
 from vmkit.host import paths, provision
 from vmkit.host.instance import Instance
+from vmkit.migrate import tls
 from vmkit.net.store import NetworkStore
 from vmkit.runtime import migration
 from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
@@ -78,6 +79,7 @@ class Manifest(BaseModel):
     disks: list[DiskToCopy] = Field(default_factory=list, description="local disks copied while the guest runs")
     listen: str | None = Field(default=None, description="the address QEMU listens on (default: the one the "
                                                          "SSH connection came to)")
+    tls: bool = Field(default=False, description="TLS for the migration stream (certificates made here)")
     networks: dict[str, str] = Field(default_factory=dict, description="each vmkit network the machine is on -> "
                                                                        "its subnet on the source")
 
@@ -239,10 +241,15 @@ class Receiver:
         address = manifest.listen or listen_address()
         uri = migration.tcp_uri(address, free_port(address))
         nbd_port = free_port(address) if manifest.disks else None
-        plan = models.StartRequest(incoming=models.IncomingRequest(
-            uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks]))
-        control.start(manifest.name, plan=plan, timeout=120)
         ready: dict[str, Any] = {"uri": uri}
+        if manifest.tls:  # the target's QEMU gets the server's files; the source the client's
+            creds = tls.make(address)
+            tls.write(self.inst.dir, creds, tls.SERVER_FILES)
+            ready["tls"] = {n: base64.b64encode(creds[n]).decode("ascii") for n in tls.CLIENT_FILES}
+        plan = models.StartRequest(incoming=models.IncomingRequest(
+            uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks],
+            tls=manifest.tls))
+        control.start(manifest.name, plan=plan, timeout=120)
         if nbd_port is not None:
             host = f"[{address}]" if ":" in address else address
             ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}

@@ -41,6 +41,7 @@ from vmkit.errors import ConfigError, MigrationError, StateError, VmkitError, er
 from vmkit.host.images import qemuimg
 from vmkit.host.instance import Instance
 from vmkit.host.provision import is_cloud_instance
+from vmkit.migrate import tls
 from vmkit.migrate.receive import DiskToCopy, Manifest
 from vmkit.runtime import migration
 from vmkit.runtime.qemu.cmdline import device_id
@@ -51,7 +52,8 @@ COMMIT_WAIT = 150.0
 SMALL_FILE = 4 << 20
 """Instance files up to this size travel with the configuration (keys, seed, known_hosts...)."""
 KEEP = ("vm.yaml", "state.json", "lock", "api.sock", "console.sock", "qga.sock", "supervisor.log", "qemu.log",
-        "qemu.pid", "serial.log", "serial.log.1", "serial.log.prev", "migrated.json", "memory.scratch")
+        "qemu.pid", "serial.log", "serial.log.1", "serial.log.prev", "migrated.json", "memory.scratch",
+        migration.TLS_DIR)
 """Files of the instance directory that do not travel (the target makes its own)."""
 
 Event = Callable[[dict[str, Any]], None]
@@ -68,6 +70,7 @@ class Options:
     verify: bool = False
     shared_storage: bool = False
     copy_storage: bool = False
+    tls: bool = False
 
 
 @dataclass
@@ -192,7 +195,7 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
     subnets = {iface.network: networks.store().get(iface.network, field=f"networks[{i}].network").subnet
                for i, iface in enumerate(config.networks)}
     return Manifest(name=inst.name, config=config.to_dict(), source_dir=str(inst.dir), files=files,
-                    postcopy=opts.postcopy, disks=disks, networks=subnets)
+                    postcopy=opts.postcopy, disks=disks, networks=subnets, tls=opts.tls)
 
 
 def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) ->
     return models.MigrateRequest(
         uri=uri, mirror=mirror, method=opts.method, downtime_limit_ms=opts.downtime_limit_ms,
         bandwidth_bytes=opts.bandwidth_bytes, auto_converge=opts.auto_converge, postcopy=opts.postcopy,
-        max_rounds=opts.max_rounds).model_dump(mode="json", exclude_defaults=True)
+        max_rounds=opts.max_rounds, tls=opts.tls).model_dump(mode="json", exclude_defaults=True)
 
 
 def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Event | None = None) -> Outcome:
@@ -252,6 +255,11 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         remote.send("prepare", man.model_dump(mode="json"))
         ready = remote.answer("ready", PREPARE_WAIT)
         uri = str(ready["uri"])
+        if opts.tls:
+            if not isinstance(ready.get("tls"), dict):
+                raise MigrationError(f"{host.uri}: the target's vmkit made no TLS certificates",
+                                     hint="update vmkit there, or migrate without --tls")
+            tls.write(inst.dir, {n: base64.b64decode(v) for n, v in ready["tls"].items()}, tls.CLIENT_FILES)
         emit({"step": f"the target waits at {uri}: sending"})
         request = _request(opts, uri, man, dict(ready.get("disks") or {}))
         report = _send(api, {**request, "verified": True} if verified else request, emit)
@@ -287,6 +295,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
             _take_back(api, completed, exc)
         raise
     finally:
+        tls.remove(inst.dir)
         remote.close(abort=not committed)
 
 

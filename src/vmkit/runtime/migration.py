@@ -122,6 +122,28 @@ def progress_of(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TLS_DIR = "migration-tls"
+"""The directory of an instance that holds a migration's TLS certificates while it runs (both hosts;
+made by :mod:`vmkit.migrate.tls`)."""
+TLS_ID = "vmkit-migration-tls"
+"""The id of QEMU's ``tls-creds-x509`` object for the migration stream."""
+
+
+async def add_tls(vm: VirtualMachine, directory: Path, *, server: bool) -> None:
+    """QEMU's TLS credentials from ``directory`` (verify-peer) used by the migration stream."""
+    await vm.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": str(directory),
+                                    "endpoint": "server" if server else "client", "verify-peer": True})
+    await vm.execute("migrate-set-parameters", {"tls-creds": TLS_ID})
+
+
+async def drop_tls(vm: VirtualMachine) -> None:
+    """Back to a plain migration stream: the parameter cleared, the credentials object deleted."""
+    with contextlib.suppress(QemuError):
+        await vm.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    with contextlib.suppress(QemuError):
+        await vm.execute("object-del", {"id": TLS_ID})
+
+
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 """QEMU's own announce timing after an incoming migration (ms; 5 rounds, 50 ms then 100 ms more each)."""
 
