@@ -332,7 +332,7 @@ def test_the_python_client_acts_on_another_host(vmkit_home: Path, micro_image: I
     there = vmkit.Client(host=lab)
     assert there.host == lab and repr(there) == f"vmkit.Client(host={lab!r})"
     on_target.append("rc")
-    inst = there.create("rc", image="micro", memory="64M", cmdline="vmkit.counter=1")
+    inst = there.create("rc", image="micro", memory="128M", cmdline="vmkit.counter=1")
     assert inst.name == "rc" and inst.state == "stopped"
     started = inst.start()
     assert isinstance(started, models.StartResult)
