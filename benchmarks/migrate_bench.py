@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -183,15 +182,6 @@ async def _qmp(path: str) -> Any:
     raise RuntimeError(f"no QMP at {path}")
 
 
-def _hash_file(path: Path) -> bytes:
-    out = bytearray()
-    with path.open("rb") as fh:
-        while chunk := fh.read(4096 * 256):
-            for off in range(0, len(chunk), 4096):
-                out += hashlib.blake2b(chunk[off:off + 4096], digest_size=8).digest()
-    return bytes(out)
-
-
 def _tap_to_bridge(tap: str, ns: str | None) -> None:
     """Put QEMU's tap on the span network's bridge (in the host's namespace ``ns``)."""
     pre = ["ip", "-n", ns] if ns else ["ip"]
@@ -253,7 +243,7 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
             size = mem_mib << 20
             await s_qmp.execute("pmemsave", {"val": 0, "size": size, "filename": str(work / "src.mem")})
             await d_qmp.execute("pmemsave", {"val": 0, "size": size, "filename": str(work / "dst.mem")})
-            bad = migration.bad_pages(_hash_file(work / "src.mem"), _hash_file(work / "dst.mem"))
+            bad = migration.bad_pages(migration._hash_pages(work / "src.mem"), migration._hash_pages(work / "dst.mem"))
         await d_qmp.execute("cont")
         end_to_end = time.monotonic() - t0
         seen, prober = await asyncio.to_thread(prober.result), None

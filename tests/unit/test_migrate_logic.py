@@ -109,12 +109,21 @@ def test_bad_pages_are_the_ones_that_differ() -> None:
 
 
 def test_memory_hash_is_per_page(tmp_path: Path) -> None:
-    data = b"".join(bytes([i % 256]) * migration.PAGE for i in range(300))
+    data = bytearray(b"".join(bytes([i % 256]) * migration.PAGE for i in range(300)))
     f = tmp_path / "mem"
     f.write_bytes(data)
     digest = migration._hash_pages(f)
     assert len(digest) == 300 * migration.DIGEST_BYTES
-    assert digest == _digest([data[i:i + migration.PAGE] for i in range(0, len(data), migration.PAGE)])
+    d = migration.DIGEST_BYTES
+    assert digest[:d] == bytes(d) and digest[d:2 * d] != digest[2 * d:3 * d]
+    assert digest[5 * d:6 * d] == digest[261 * d:262 * d]  # the same content, the same hash
+    for page, offset, bit in ((7, 0, 1), (42, 4095, 128), (299, 2048, 4)):  # one bit anywhere in a page
+        changed = bytearray(data)
+        changed[page * migration.PAGE + offset] ^= bit
+        f.write_bytes(changed)
+        assert migration.bad_pages(digest, migration._hash_pages(f)) == [page]
+    f.write_bytes(data[:-100])  # a short last page is padded with zeros
+    assert len(migration._hash_pages(f)) == 300 * d
 
 
 def test_progress_figures_from_query_migrate() -> None:

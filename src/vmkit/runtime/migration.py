@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ FIXED_IN = (9, 0, 0)
 """The first QEMU whose TCG dirty tracking is correct with several vCPUs (commit 03bfc2188f)."""
 PAGE = 4096
 DIGEST_BYTES = 8
-"""Bytes of each page's hash in a memory digest (BLAKE2b)."""
+"""Bytes of each page's hash in a memory digest (a weighted sum of its words, see :func:`_hash_pages`)."""
 
 Method = Literal["live", "paused"]
 TERMINAL = ("completed", "failed", "cancelled")
@@ -185,12 +184,30 @@ async def memory_digest(vm: VirtualMachine, scratch: Path) -> bytes:
             os.unlink(scratch)
 
 
+_WEIGHTS_SEED = 0x766D6B6974
+"""Seed of the per-word weights of the page hash (the same on every host)."""
+
+
 def _hash_pages(path: Path) -> bytes:
+    """Every page's hash: the sum of its 64-bit words, each times a fixed odd random weight, modulo
+    2**64 (numpy, a few hundred MB/s even on a loaded host, where BLAKE2b per page in Python took a
+    minute for 1 GiB). A changed word always changes the sum (an odd weight times a non-zero
+    difference is non-zero modulo 2**64); changes cancelling out need a linear relation of the
+    weights, vanishingly unlikely for what a lost page looks like. Not for adversaries: both hosts
+    are yours."""
+    import numpy as np
+
+    words = PAGE // 8
+    weights = np.random.default_rng(_WEIGHTS_SEED).integers(0, 2**63, size=words, dtype=np.uint64) * np.uint64(2)
+    weights += np.uint64(1)
     out = bytearray()
     with path.open("rb") as fh:
-        while chunk := fh.read(PAGE * 256):
-            for off in range(0, len(chunk), PAGE):
-                out += hashlib.blake2b(chunk[off:off + PAGE], digest_size=DIGEST_BYTES).digest()
+        while chunk := fh.read(PAGE * 4096):
+            if len(chunk) % PAGE:
+                chunk += bytes(PAGE - len(chunk) % PAGE)
+            pages = np.frombuffer(chunk, dtype="<u8").reshape(-1, words)
+            with np.errstate(over="ignore"):
+                out += (pages * weights).sum(axis=1, dtype=np.uint64).astype("<u8").tobytes()
     return bytes(out)
 
 
