@@ -191,6 +191,7 @@ class MigrateRoutes:
         if body.mirror:
             await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
             disk_bytes = await self._mirror(body.mirror, resp)
+        sent_at = time.monotonic()
         await vm.execute("migrate", {"uri": body.uri})
         postcopy_started = False
         info: dict[str, Any] = {}
@@ -229,11 +230,18 @@ class MigrateRoutes:
             raise QemuError(f"{vm.config.name}: the migration {status}: {why}",
                             hint="the machine runs on here as before")
         ram = info.get("ram") or {}
-        paused_ms = round((time.monotonic() - paused_at) * 1000) if paused_at is not None else info.get("downtime")
+        total_ms = info.get("total-time")
+        downtime_ms = info.get("downtime")
+        if not total_ms:  # QEMU 7.2 reports 0 for a live pre-copy over TLS (seen every time here)
+            total_ms = round((time.monotonic() - sent_at) * 1000)
+            downtime_ms = None
+            await note(f"QEMU reported no times for this migration: total time {total_ms} ms as vmkit measured "
+                       "it (to within a poll); its downtime is unknown")
+        paused_ms = round((time.monotonic() - paused_at) * 1000) if paused_at is not None else downtime_ms
         return models.MigrationReport(
             paused_ms=paused_ms,
             uri=body.uri, method=method, method_reason=reason,
-            total_time_ms=info.get("total-time"), downtime_ms=info.get("downtime"),
+            total_time_ms=total_ms, downtime_ms=downtime_ms,
             setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
             transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
             disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
