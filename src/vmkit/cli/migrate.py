@@ -94,7 +94,8 @@ def migrate(
     rep = result["report"]
     out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s ({rep['method']}: "
               f"{rep['method_reason']})", highlight=False)
-    out.print(f"  QEMU: total {rep['total_time_ms']} ms, downtime {rep['downtime_ms'] if rep['downtime_ms'] is not None else '?'} ms (guest paused "
+    downtime = rep["downtime_ms"] if rep["downtime_ms"] is not None else "?"
+    out.print(f"  QEMU: total {rep['total_time_ms']} ms, downtime {downtime} ms (guest paused "
               f"{rep['paused_ms']} ms), setup "
               f"{rep['setup_time_ms']} ms, {rep['rounds']} rounds, {_size(rep['transferred_bytes'])} sent"
               + (f", throttled {rep['throttle_percent']}%" if rep.get("throttle_percent") else ""), highlight=False)
