@@ -232,7 +232,7 @@ class MigrateRoutes:
         ram = info.get("ram") or {}
         total_ms = info.get("total-time")
         downtime_ms = info.get("downtime")
-        if not total_ms:  # QEMU 7.2 reports 0 for a live pre-copy over TLS (seen every time here)
+        if not total_ms:  # QEMU 7.2 reported 0 for a live pre-copy over TLS (twice of three here)
             total_ms = round((time.monotonic() - sent_at) * 1000)
             downtime_ms = None
             await note(f"QEMU reported no times for this migration: total time {total_ms} ms as vmkit measured "
