@@ -6,6 +6,16 @@
 #   scripts/lab.sh up [N]     make N hosts (default 2); the last line printed is host 1's ssh:// URI
 #   scripts/lab.sh down       remove every namespace, link, sshd and file the lab made
 #   scripts/lab.sh status     what is up
+#   scripts/lab.sh link NETWORK [CIDR]
+#                             join the vmkit network NETWORK of every host that has it (this machine
+#                             and the lab hosts: created there with the same subnet) into one layer-2
+#                             segment, so a machine keeps its address when it moves; with CIDR, the
+#                             first lab host without that network gets a leg on it with that address
+#                             (an observer). The gateway (the same address and MAC on every host)
+#                             and DHCP stay on each host: frames from the gateway's MAC and DHCP do
+#                             not cross the segment.
+#   scripts/lab.sh unlink NETWORK
+#                             take that segment apart again (`down` does too)
 #
 # Then, e.g.:  export VMKIT_SSH_CONFIG=/tmp/vmklab/ssh_config
 #              vmkit migrate web ssh://root@10.231.0.11
@@ -38,6 +48,9 @@ down() {
     sleep 0.2
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
     ip netns delete "$ns" 2>/dev/null || true
+  done
+  for t in $(nft list tables bridge 2>/dev/null | awk '{print $3}' | grep -E '^vmklab' || true); do
+    nft delete table bridge "$t" 2>/dev/null || true
   done
   for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E '^vmklab' || true); do
     ip link delete "$link" 2>/dev/null || true
@@ -127,6 +140,80 @@ EOF
   echo "ssh://root@$NET.11"
 }
 
+bridge_of() {  # vmkit's bridge name for a network (vmkit.net.definition.bridge_name)
+  if [ ${#1} -le 8 ]; then echo "vmkbr-$1"; else echo "vmkbr-$(printf %s "$1" | sha256sum | cut -c1-9)"; fi
+}
+
+unlink_segment() {
+  for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^$1(h|$)" || true); do
+    ip link delete "$l" 2>/dev/null || true
+  done
+  nft delete table bridge "$1" 2>/dev/null || true
+}
+
+link() {
+  local net=${1:-} cidr=${2:-}
+  [[ "$net" =~ ^[a-z][a-z0-9-]{0,31}$ ]] || die "give the network's name: scripts/lab.sh link NETWORK [CIDR]"
+  [ -z "$cidr" ] || [[ "$cidr" =~ ^[0-9.]+/[0-9]+$ ]] || die "$cidr is not an IPv4 CIDR (e.g. 10.119.9.250/24)"
+  [ -n "$(hosts_up)" ] || die "the lab is down: scripts/lab.sh up first"
+  command -v nft >/dev/null || die "nft is missing: apt-get install nftables"
+  local br k=1 seg gwmac="" hosts="" observer=""
+  br=$(bridge_of "$net")
+  while [ -e "/sys/class/net/vmklab-s$k" ]; do k=$((k + 1)); done
+  seg=vmklab-s$k
+  trap 'echo "lab.sh: link failed, cleaning up" >&2; unlink_segment "$seg"' ERR
+  ip link add "$seg" type bridge
+  ip link set "$seg" up
+  if [ -e "/sys/class/net/$br" ]; then  # this machine (host 0)
+    ip link add "${seg}h0" type veth peer name "${seg}g0"
+    ip link set "${seg}h0" master "$seg" up
+    ip link set "${seg}g0" master "$br" up
+    gwmac=$(cat "/sys/class/net/$br/address"); hosts=" this-machine"
+  fi
+  for ns in $(hosts_up); do
+    local i=${ns#vmklab}
+    if ip -n "$ns" link show "$br" >/dev/null 2>&1; then
+      ip link add "${seg}h$i" type veth peer name "${seg}g$i"
+      ip link set "${seg}h$i" master "$seg" up
+      ip link set "${seg}g$i" netns "$ns"
+      ip -n "$ns" link set "${seg}g$i" master "$br" up
+      [ -n "$gwmac" ] || gwmac=$(ip -n "$ns" -o link show "$br" | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2)
+      hosts="$hosts $ns"
+    elif [ -n "$cidr" ] && [ -z "$observer" ]; then
+      ip link add "${seg}h$i" type veth peer name "${seg}g$i"
+      ip link set "${seg}h$i" master "$seg" up
+      ip link set "${seg}g$i" netns "$ns"
+      ip -n "$ns" addr add "$cidr" dev "${seg}g$i"
+      ip -n "$ns" link set "${seg}g$i" up
+      observer="$ns ($cidr on ${seg}g$i)"
+    fi
+  done
+  [ -n "$gwmac" ] || die "no host has network $net (bridge $br): create it on each host first"
+  nft -f - <<NFT
+table bridge $seg {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "${seg}h*" ether saddr $gwmac counter drop
+		iifname "${seg}h*" udp dport { 67, 68 } counter drop
+	}
+}
+NFT
+  trap - ERR
+  mkdir -p "$LAB/segments"
+  echo "$seg" > "$LAB/segments/$net"
+  echo "network $net joined on segment $seg:$hosts"
+  [ -z "$observer" ] || echo "observer: $observer"
+}
+
+unlink() {
+  local net=${1:-}
+  [[ "$net" =~ ^[a-z][a-z0-9-]{0,31}$ ]] || die "give the network's name: scripts/lab.sh unlink NETWORK"
+  [ -f "$LAB/segments/$net" ] || { echo "network $net is not linked"; return 0; }
+  unlink_segment "$(cat "$LAB/segments/$net")"
+  rm -f "$LAB/segments/$net"
+  echo "network $net unlinked"
+}
+
 status() {
   local up; up=$(hosts_up)
   if [ -z "$up" ]; then echo "lab is down"; return; fi
@@ -137,5 +224,7 @@ case "${1:-}" in
   up) up "${2:-2}" ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: scripts/lab.sh up [N] | down | status" >&2; exit 2 ;;
+  link) link "${2:-}" "${3:-}" ;;
+  unlink) unlink "${2:-}" ;;
+  *) echo "usage: scripts/lab.sh up [N] | down | status | link NETWORK [CIDR] | unlink NETWORK" >&2; exit 2 ;;
 esac

@@ -244,3 +244,114 @@ def test_offline_move_resumes_on_the_target_with_its_own_key(vmkit_home: Path, m
     assert last_tick(log.stdout) >= last + 2
     assert min(t for t in micro.parse_ticks(log.stdout)) > last - 1  # it went on, it did not boot again
     vmkit("delete", "mo")
+
+
+LAB_SH = Path(__file__).resolve().parents[2] / "scripts" / "lab.sh"
+SPAN_SUBNET = "10.119.9.0/24"
+OBSERVER = "10.119.9.250"
+ECHO = ("ip link set eth0 up; "
+        "printf '#!/bin/sh\\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface\\nexit 0\\n' > /tmp/dh; "
+        "chmod +x /tmp/dh; udhcpc -i eth0 -q -n -t 20 -T 1 -s /tmp/dh >/dev/null 2>&1; "
+        "nc -ll -p 7000 -e cat & echo ECHO-UP $(ip -4 -o addr show eth0 | awk '{print $4}') "
+        "$(cat /sys/class/net/eth0/address)")
+
+
+def probe(address: str, port: int) -> subprocess.Popen[str]:
+    """vmkit.net.probes.GAPS in the lab's observer host (vmklab2), once its TCP session is open."""
+    from vmkit.net.probes import GAPS
+
+    proc = subprocess.Popen(["ip", "netns", "exec", "vmklab2", "python3", "-c", GAPS, address, str(port), "0.01"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "PROBING", line + (proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+def test_a_machine_on_a_spanning_network_keeps_its_address_and_tcp_session_over_tls(
+        vmkit_home: Path, micro_image: Image, lab: str, on_target: list[str]) -> None:
+    # the same network on both hosts, joined at layer 2 by the lab, and an observer host on it
+    vmkit("network", "create", "span", "--mode", "isolated", "--subnet", SPAN_SUBNET)
+    try:
+        vmkit("create", "mn", "--image", "micro", "--memory", "128M", "--network", "span", "--run", ECHO)
+        on_target.append("mn")
+        vmkit("start", "mn")
+        up = vmkit("console", "mn", "--log", "--until", r"ECHO-UP \S+ \S+", "--timeout", "120").stdout
+        address, mac = re.findall(r"ECHO-UP (\S+)/24 (\S+)", up)[-1]
+        member = json.loads(vmkit("network", "inspect", "span").stdout)["machines"][0]
+        assert (member["address"], member["mac"]) == (address, mac)
+
+        # a network the target lacks is refused by name, and nothing moves
+        res = vmkit("migrate", "mn", lab, check=False)
+        assert res.returncode == 3 and "network 'span' does not exist on the target" in " ".join(res.stderr.split())
+        assert state_of("mn") == "running" and "mn" not in target_rows(lab)
+
+        vmkit("--host", lab, "network", "create", "span", "--mode", "isolated", "--subnet", SPAN_SUBNET)
+        linked = subprocess.run([str(LAB_SH), "link", "span",
+                                 f"{OBSERVER}/24"], capture_output=True, text=True, timeout=60)
+        assert linked.returncode == 0 and "vmklab1" in linked.stdout, linked.stdout + linked.stderr
+
+        prober = probe(address, 7000)
+        time.sleep(1)
+        report = json.loads(vmkit("migrate", "mn", lab, "--tls", "--json").stdout)["report"]
+        assert any("TLS" in n for n in report["notes"]), report["notes"]
+        assert not (vmkit_home / "instances" / "mn" / "migration-tls").exists()  # the certificates are gone
+        assert not (LAB / "vmklab1" / "home" / "instances" / "mn" / "migration-tls").exists()
+        assert prober.stdin is not None and prober.stdout is not None
+        prober.stdin.write("mark\n")
+        prober.stdin.flush()
+        time.sleep(3)
+        out, err = prober.communicate("stop\n", timeout=30)
+        assert out.strip(), err
+        seen = json.loads(out.strip().splitlines()[-1])
+        # the open TCP session to the guest survived the move and still echoes
+        assert seen["tcp"]["error"] is None, seen
+        assert seen["tcp"]["echoed_after_mark"] >= 5 and seen["replies_after_mark"] >= 50, seen
+
+        # it keeps its MAC and address there; the static lease moved with it
+        there = json.loads(vmkit("--host", lab, "network", "inspect", "span").stdout)["machines"]
+        assert [(m["machine"], m["address"], m["mac"]) for m in there] == [("mn", address, mac)]
+        assert json.loads(vmkit("network", "inspect", "span").stdout)["machines"] == []
+        neigh = subprocess.run(["ip", "-n", "vmklab2", "neigh", "show", address], capture_output=True, text=True)
+        assert mac in neigh.stdout
+        vmkit("--host", lab, "delete", "--force", "mn")
+        vmkit("delete", "mn")
+    finally:
+        vmkit("--host", lab, "delete", "--force", "mn", check=False)
+        vmkit("--host", lab, "network", "delete", "--force", "span", check=False)
+        vmkit("network", "delete", "--force", "span", check=False)
+        subprocess.run([str(LAB_SH), "unlink", "span"], capture_output=True, timeout=60)
+
+
+def test_the_python_client_acts_on_another_host(vmkit_home: Path, micro_image: Image, lab: str,
+                                                on_target: list[str]) -> None:
+    import vmkit
+    from vmkit.api import models
+    from vmkit.errors import ConfigError, NotFoundError
+
+    there = vmkit.Client(host=lab)
+    assert there.host == lab and repr(there) == f"vmkit.Client(host={lab!r})"
+    on_target.append("rc")
+    inst = there.create("rc", image="micro", memory="128M", cmdline="vmkit.counter=1")
+    assert inst.name == "rc" and inst.state == "stopped"
+    started = inst.start()
+    assert isinstance(started, models.StartResult)
+    assert inst.wait_console(r"vmkit-tick [2-9]", timeout=60)
+    status = inst.pause()
+    assert isinstance(status, models.RuntimeStatus) and status.state == "paused"
+    inst.resume()
+    assert [r.name for r in there.rows()] == ["rc"] and there.get("rc").state == "running"
+    # it is there, not here
+    assert (LAB / "vmklab1" / "home" / "instances" / "rc" / "vm.yaml").exists()
+    assert vmkit.Client().rows() == []
+    assert str(inst.directory).startswith(str(LAB / "vmklab1" / "home"))
+    with pytest.raises(NotFoundError) as missing:
+        there.get("nope")
+    assert missing.value.exit_code == 3 and "nope" in missing.value.message
+    with pytest.raises(ConfigError, match="not available for another host"):
+        inst.events()
+    with pytest.raises(ConfigError, match="callback"):
+        inst.migrate(lab, on_event=print)
+    inst.stop(force=True)
+    inst.delete()
+    assert there.rows() == []

@@ -109,12 +109,21 @@ def test_bad_pages_are_the_ones_that_differ() -> None:
 
 
 def test_memory_hash_is_per_page(tmp_path: Path) -> None:
-    data = b"".join(bytes([i % 256]) * migration.PAGE for i in range(300))
+    data = bytearray(b"".join(bytes([i % 256]) * migration.PAGE for i in range(300)))
     f = tmp_path / "mem"
     f.write_bytes(data)
     digest = migration._hash_pages(f)
     assert len(digest) == 300 * migration.DIGEST_BYTES
-    assert digest == _digest([data[i:i + migration.PAGE] for i in range(0, len(data), migration.PAGE)])
+    d = migration.DIGEST_BYTES
+    assert digest[:d] == bytes(d) and digest[d:2 * d] != digest[2 * d:3 * d]
+    assert digest[5 * d:6 * d] == digest[261 * d:262 * d]  # the same content, the same hash
+    for page, offset, bit in ((7, 0, 1), (42, 4095, 128), (299, 2048, 4)):  # one bit anywhere in a page
+        changed = bytearray(data)
+        changed[page * migration.PAGE + offset] ^= bit
+        f.write_bytes(changed)
+        assert migration.bad_pages(digest, migration._hash_pages(f)) == [page]
+    f.write_bytes(data[:-100])  # a short last page is padded with zeros
+    assert len(migration._hash_pages(f)) == 300 * d
 
 
 def test_progress_figures_from_query_migrate() -> None:
@@ -203,3 +212,103 @@ def test_migrating_an_unknown_machine_or_to_a_bad_uri(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "vmkit.cli.main", "--host", "ssh://a b", "list"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert res.returncode == 2 and "--host" in res.stderr
+
+
+def test_the_target_checks_the_machines_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.errors import AlreadyExistsError, NotFoundError
+    from vmkit.net.store import NetworkStore
+
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
+    config = MachineConfig.model_validate({"name": "web", "boot": {"kind": "linux", "kernel": "/k"}, "networks": [
+        {"network": "span", "mac": "52:54:00:12:34:56", "address": "10.119.3.2"}]})
+    with pytest.raises(NotFoundError) as missing:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert "network 'span' does not exist on the target" in missing.value.message
+    assert "--subnet 10.119.3.0/24" in str(missing.value.hint)
+
+    store = NetworkStore()
+    store.create("span", subnet="10.119.4.0/24", mode="rootless", up=False)
+    with pytest.raises(ConfigError) as other:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert other.value.problems[0].field == "networks[0].network" and "10.119.4.0/24" in other.value.problems[0].message
+    store.delete("span")
+
+    store.create("span", subnet="10.119.3.0/24", mode="rootless", up=False)
+    receive.check_networks(config, {"span": "10.119.3.0/24"})  # free there: fine
+    store.join("span", "db", address="10.119.3.2")
+    with pytest.raises(AlreadyExistsError) as taken:
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+    assert taken.value.message == "address 10.119.3.2 on network 'span' belongs to machine 'db' on the target"
+    store.leave("span", "db")
+    store.join("span", "db", mac="52:54:00:12:34:56", address="10.119.3.9")
+    with pytest.raises(AlreadyExistsError, match="MAC 52:54:00:12:34:56 on network 'span' belongs to machine 'db'"):
+        receive.check_networks(config, {"span": "10.119.3.0/24"})
+
+
+def test_client_calls_cross_hosts_as_tagged_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmkit
+    from vmkit.client import remote
+    from vmkit.client.sync import Instance, RemoteClient, RemoteInstance
+
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path))
+    status = models.MigrationInfo(state="running", status="none", query={})
+    value = {"a": [status, Path("/x/y"), b"\0\1", (1, "two")], "n": None}
+    wire = json.loads(json.dumps(remote.encode(value)))
+    assert wire["a"][0]["$model"] == "vmkit.api.models:MigrationInfo"
+    client = vmkit.Client(host="ssh://root@10.231.0.11")
+    assert isinstance(client, RemoteClient)
+    back = remote.decode(wire, client, Instance)
+    assert back == {"a": [status, Path("/x/y"), b"\0\1", [1, "two"]], "n": None}
+    handle = remote.decode({"$instance": "web"}, client, Instance)
+    assert isinstance(handle, RemoteInstance) and handle.name == "web" and "on ssh://" in repr(handle)
+    with pytest.raises(ConfigError, match="callback"):
+        remote.encode(print)
+    with pytest.raises(ConfigError, match="not a vmkit model"):
+        remote.decode({"$model": "os:system", "data": "true"})
+    with pytest.raises(ConfigError) as both:
+        vmkit.Client(tmp_path, host="ssh://h")
+    assert both.value.problems[0].field == "home"
+    with pytest.raises(ConfigError) as bad:
+        vmkit.Client(host="ftp://h")
+    assert bad.value.problems[0].field == "host"
+    assert type(vmkit.Client(host="local://")) is vmkit.Client
+
+    # the other side: one request in, one answer out; only public methods
+    def serve(request: str) -> tuple[int, dict[str, object]]:
+        out = io.StringIO()
+        code = remote.serve(vmkit.Client(), Instance, io.StringIO(request + "\n"), out)
+        return code, json.loads(out.getvalue())
+
+    assert serve(json.dumps({"instance": None, "method": "rows"})) == (0, {"result": []})
+    code, answer = serve(json.dumps({"instance": None, "method": "_call", "args": ["x"]}))
+    assert code == 2 and answer["error"]["field"] == "method"  # type: ignore[index]
+    assert serve(json.dumps({"instance": "nope", "method": "start"}))[0] == 3
+    assert serve("garbage")[0] == 2
+
+
+def test_tls_certificates_for_one_migration(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from vmkit.migrate import tls
+
+    files = tls.make("10.231.0.11")
+    ca = x509.load_pem_x509_certificate(files["ca-cert.pem"])
+    server = x509.load_pem_x509_certificate(files["server-cert.pem"])
+    client = x509.load_pem_x509_certificate(files["client-cert.pem"])
+    for cert, usage in ((server, ExtendedKeyUsageOID.SERVER_AUTH), (client, ExtendedKeyUsageOID.CLIENT_AUTH)):
+        assert cert.issuer == ca.subject
+        cert.verify_directly_issued_by(ca)
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.231.0.11"]
+    assert isinstance(client.public_key(), ec.EllipticCurvePublicKey)
+    assert tls.make("10.231.0.11")["ca-cert.pem"] != files["ca-cert.pem"]  # one CA per migration
+
+    d = tls.write(tmp_path, files, tls.CLIENT_FILES)
+    assert sorted(p.name for p in d.iterdir()) == sorted(tls.CLIENT_FILES)
+    assert d.stat().st_mode & 0o777 == 0o700 and all(p.stat().st_mode & 0o777 == 0o600 for p in d.iterdir())
+    tls.remove(tmp_path)
+    assert not d.exists()

@@ -107,6 +107,9 @@ class IncomingRequest(Request):
                                              "writable, for the source's mirror jobs (the storage copy)")
     exports: list[str] = Field(default_factory=list, max_length=64,
                                description="node names of the disks to receive (their device ids)")
+    tls: Bool = Field(default=False, description="the migration stream is TLS: the CA, server certificate and key "
+                                                 "are in the instance's migration-tls/ directory (the client must "
+                                                 "present a certificate of that CA)")
 
 
 class StartRequest(Request):
@@ -301,6 +304,8 @@ class MigrateRequest(Request):
     mirror: list[MirrorDisk] = Field(default_factory=list, max_length=64,
                                      description="local disks to copy to the target while the guest runs, "
                                                  "before its memory (QEMU's drive-mirror to the target's NBD server)")
+    tls: Bool = Field(default=False, description="TLS for the migration stream: the CA, client certificate and key "
+                                                 "are in the instance's migration-tls/ directory")
     max_rounds: int = Field(default=30, strict=True, ge=2, le=100_000,
                             description="after this many rounds without converging, pause the guest so the "
                                         "copy completes (the migration never runs forever)")

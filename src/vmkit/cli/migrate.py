@@ -1,4 +1,5 @@
-"""``vmkit migrate``: move a running machine to another host (and the target's hidden half)."""
+"""``vmkit migrate``: move a running machine to another host (and the target's hidden half), and
+``vmkit client-call``, the other host's half of ``vmkit.Client(host=...)``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from vmkit.cli.output import err, machine, out, print_json
 def register(app: typer.Typer) -> None:
     app.command("migrate")(migrate)
     app.command("migrate-receive", hidden=True)(migrate_receive)
+    app.command("client-call", hidden=True)(client_call)
 
 
 def _size(n: int) -> str:
@@ -38,12 +40,14 @@ def migrate(
                               "(then verified page by page, and done again paused if a page was lost)"),
     verify: bool = typer.Option(False, "--verify", help="compare every memory page on both hosts before the target "
                                 "runs it (adds downtime; a difference takes the migration back)"),
+    tls: bool = typer.Option(False, "--tls", help="encrypt the memory stream with TLS (certificates made for this "
+                             "migration; the disk copy of --copy-storage stays plain)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
-    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live):
+    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live or tls):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
                                  "migration options do not apply")
     if live and paused:
@@ -83,14 +87,15 @@ def migrate(
     result = handle.migrate(target, method=method, downtime_limit_ms=downtime_limit,
                             bandwidth_bytes=bandwidth << 20 if bandwidth else None, auto_converge=auto_converge,
                             postcopy=postcopy, verify=verify, shared_storage=shared_storage,
-                            copy_storage=copy_storage, on_event=on_event)
+                            copy_storage=copy_storage, tls=tls, on_event=on_event)
     if as_json:
         print_json(result)
         return
     rep = result["report"]
     out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s ({rep['method']}: "
               f"{rep['method_reason']})", highlight=False)
-    out.print(f"  QEMU: total {rep['total_time_ms']} ms, downtime {rep['downtime_ms']} ms (guest paused "
+    downtime = rep["downtime_ms"] if rep["downtime_ms"] is not None else "?"
+    out.print(f"  QEMU: total {rep['total_time_ms']} ms, downtime {downtime} ms (guest paused "
               f"{rep['paused_ms']} ms), setup "
               f"{rep['setup_time_ms']} ms, {rep['rounds']} rounds, {_size(rep['transferred_bytes'])} sent"
               + (f", throttled {rep['throttle_percent']}%" if rep.get("throttle_percent") else ""), highlight=False)
@@ -108,5 +113,17 @@ def migrate_receive() -> None:
     from vmkit.migrate import receive
 
     code = receive.serve()
+    if code:
+        sys.exit(code)
+
+
+def client_call() -> None:
+    """One call of ``vmkit.Client(host=...)`` from another host (a JSON line on stdin, one on stdout)."""
+    import sys
+
+    from vmkit.client import remote
+    from vmkit.client.sync import Client, Instance
+
+    code = remote.serve(Client(), Instance)
     if code:
         sys.exit(code)

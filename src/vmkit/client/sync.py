@@ -31,6 +31,7 @@ from vmkit.host import paths
 
 if TYPE_CHECKING:
     from vmkit.backends.local.statectl import Note
+    from vmkit.backends.ssh import SshHost
     from vmkit.bench.cpu import Report as CpuReport
     from vmkit.bench.cpu import Settings as CpuSettings
     from vmkit.bench.devices import Report as DevicesReport
@@ -88,10 +89,22 @@ def _path(p: str | Path | None) -> Path | None:
 
 
 class Client:
-    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory)."""
+    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory).
 
-    def __init__(self, home: str | Path | None = None) -> None:
+    ``host="ssh://[user@]HOST[:PORT]"``: the machines of that host's vmkit (its own home), each call
+    run there over SSH as ``vmkit --host`` runs a command (:mod:`vmkit.client.remote`)."""
+
+    def __new__(cls, home: str | Path | None = None, *, host: str | None = None) -> Client:
+        if host is not None and cls is Client:
+            from vmkit.backends import resolve
+
+            if resolve(host, field="host") is not None:
+                return super().__new__(RemoteClient)
+        return super().__new__(cls)
+
+    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
         self.home = Path(home).expanduser().resolve() if home is not None else None
+        self.host: str | None = None
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one operation with this client's home; in a worker thread inside a running event loop
@@ -366,6 +379,11 @@ class Client:
 class Instance:
     """A handle on one machine; every call reads or changes the machine as it is now."""
 
+    def __new__(cls, client: Client, name: str) -> Instance:
+        if cls is Instance and client.host is not None:
+            return super().__new__(RemoteInstance)
+        return super().__new__(cls)
+
     def __init__(self, client: Client, name: str) -> None:
         self.client = client
         self.name = name
@@ -481,15 +499,15 @@ class Instance:
     def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
                 bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
                 max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
-                copy_storage: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None
-                ) -> dict[str, Any]:
+                copy_storage: bool = False, tls: bool = False,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move the running machine to ``target`` (``ssh://[user@]HOST[:PORT]``, see :mod:`vmkit.migrate`);
         ``on_event`` receives progress lines. On success it runs there and is ``migrated`` here."""
         from vmkit.migrate import send
 
         opts = send.Options(method=method, downtime_limit_ms=downtime_limit_ms, bandwidth_bytes=bandwidth_bytes,
                             auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds, verify=verify,
-                            shared_storage=shared_storage, copy_storage=copy_storage)
+                            shared_storage=shared_storage, copy_storage=copy_storage, tls=tls)
         return self._call(send.migrate, self.name, target, opts, on_event=on_event).to_dict()
 
     def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -781,3 +799,47 @@ class Instance:
                 yield item
         finally:
             stop.set()
+
+
+class RemoteClient(Client):
+    """:class:`Client` for another host (what ``Client(host=URI)`` makes): each public method runs in
+    that host's vmkit (:mod:`vmkit.client.remote`)."""
+
+    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
+        from vmkit.backends import resolve
+        from vmkit.errors import ConfigError
+
+        if home is not None:
+            raise ConfigError.single("home", "a vmkit home belongs to one host: give home (this host) or host")
+        remote = resolve(host, field="host")
+        assert remote is not None
+        super().__init__()
+        self.host = remote.uri
+        self.remote: SshHost = remote
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("home", "host", "remote"):
+            return object.__getattribute__(self, name)
+        from vmkit.client import remote
+
+        got = remote.bind(object.__getattribute__(self, "remote"), self, Instance, Client, None, name)
+        return got if got is not None else object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"vmkit.Client(host={self.host!r})"
+
+
+class RemoteInstance(Instance):
+    """:class:`Instance` of a machine on another host."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("client", "name"):
+            return object.__getattribute__(self, name)
+        from vmkit.client import remote
+
+        client = object.__getattribute__(self, "client")
+        got = remote.bind(client.remote, client, Instance, Instance, object.__getattribute__(self, "name"), name)
+        return got if got is not None else object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"<vmkit.Instance {self.name} on {self.client.host}>"

@@ -6,6 +6,8 @@ target's vmkit over SSH (:mod:`vmkit.backends.ssh`). QEMU's side of it (which me
 the memory check) is :mod:`vmkit.runtime.migration`; the supervisor's routes are
 :mod:`vmkit.daemon.migrate_routes`.
 
-A network membership would travel in :class:`vmkit.migrate.receive.Manifest` as the configuration
-does (the machine keeps its MAC; the target would join the same network before QEMU starts).
+A machine on vmkit networks keeps its MAC and address (they are in its configuration): the target
+checks it has each network by name and subnet (:func:`vmkit.migrate.receive.check_networks`), its
+start registers the static leases there, and the source releases them once the target runs it.
+:mod:`vmkit.migrate.tls` makes the certificates of ``--tls``.
 """

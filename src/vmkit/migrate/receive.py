@@ -40,9 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmkit.api import SupervisorClient, models
 from vmkit.backends.local import control
 from vmkit.config import MachineConfig, validate_model
-from vmkit.errors import ConfigError, HostError, StateError, VmkitError, error_fields
+from vmkit.errors import AlreadyExistsError, ConfigError, HostError, NotFoundError, StateError, VmkitError, error_fields
 from vmkit.host import paths, provision
 from vmkit.host.instance import Instance
+from vmkit.migrate import tls
+from vmkit.net.store import NetworkStore
 from vmkit.runtime import migration
 from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
 
@@ -77,6 +79,9 @@ class Manifest(BaseModel):
     disks: list[DiskToCopy] = Field(default_factory=list, description="local disks copied while the guest runs")
     listen: str | None = Field(default=None, description="the address QEMU listens on (default: the one the "
                                                          "SSH connection came to)")
+    tls: bool = Field(default=False, description="TLS for the migration stream (certificates made here)")
+    networks: dict[str, str] = Field(default_factory=dict, description="each vmkit network the machine is on -> "
+                                                                       "its subnet on the source")
 
 
 def rebase(config: MachineConfig, source_dir: Path, target_dir: Path) -> MachineConfig:
@@ -122,6 +127,38 @@ def check_machine_type(machine: str, binary: str = "qemu-system-x86_64") -> None
                         hint="install the same QEMU on both hosts")
 
 
+def check_networks(config: MachineConfig, subnets: dict[str, str]) -> None:
+    """Each vmkit network the machine is on exists here, with the subnet it has on the source, and the
+    machine's address and MAC on it are free here (its static lease moves with it: the supervisor's
+    start registers them)."""
+    store = NetworkStore()
+    for i, iface in enumerate(config.networks):
+        name = iface.network
+        if not store.exists(name):
+            missing = NotFoundError("network", name, hint=f"create it on the target with the same subnet "
+                                    f"(vmkit network create {name} --subnet {subnets.get(name, 'SUBNET')}), "
+                                    "joined to the source's at layer 2, then migrate again")
+            missing.message = f"network {name!r} does not exist on the target (networks[{i}]: the machine is on it)"
+            raise missing
+        net = store.get(name, field=f"networks[{i}].network")
+        if name in subnets and net.subnet != subnets[name]:
+            raise ConfigError.single(f"networks[{i}].network", f"network {name!r} is {net.subnet} on the target "
+                                     f"and {subnets[name]} on the source: the machine's address would not fit")
+        members = store.members(name)
+        owner = members.owner_of(iface.address) if iface.address else None
+        if owner is not None and owner != config.name:
+            taken = AlreadyExistsError("address", str(iface.address), hint=f"the two hosts' machines on {name} "
+                                       "must have distinct addresses: move or re-join one of them")
+            taken.message = f"address {iface.address} on network {name!r} belongs to machine {owner!r} on the target"
+            raise taken
+        mac_owner = next((n for n, m in members.machines.items() if m.mac == iface.mac and n != config.name), None)
+        if mac_owner is not None:
+            taken = AlreadyExistsError("MAC", str(iface.mac), hint="the two hosts' machines on a network must have "
+                                       "distinct MACs")
+            taken.message = f"MAC {iface.mac} on network {name!r} belongs to machine {mac_owner!r} on the target"
+            raise taken
+
+
 def listen_address() -> str:
     """The address the SSH connection came to (so the source reaches QEMU where it reached sshd)."""
     conn = os.environ.get("SSH_CONNECTION", "").split()
@@ -162,6 +199,7 @@ class Receiver:
                             hint=f"build or pull the image there first (vmkit image build {config.image or 'NAME'}), "
                                  "or put shared disks at the same paths")
         check_machine_type(config.machine, config.arch_info.qemu_system)
+        check_networks(config, manifest.networks)
         need = sum(len(base64.b64decode(v)) for v in manifest.files.values()) + (16 << 20)
         need += sum(d.allocated for d in manifest.disks)
         for d in manifest.disks:
@@ -204,10 +242,15 @@ class Receiver:
         address = manifest.listen or listen_address()
         uri = migration.tcp_uri(address, free_port(address))
         nbd_port = free_port(address) if manifest.disks else None
-        plan = models.StartRequest(incoming=models.IncomingRequest(
-            uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks]))
-        control.start(manifest.name, plan=plan, timeout=120)
         ready: dict[str, Any] = {"uri": uri}
+        if manifest.tls:  # the target's QEMU gets the server's files; the source the client's
+            creds = tls.make(address)
+            tls.write(self.inst.dir, creds, tls.SERVER_FILES)
+            ready["tls"] = {n: base64.b64encode(creds[n]).decode("ascii") for n in tls.CLIENT_FILES}
+        plan = models.StartRequest(incoming=models.IncomingRequest(
+            uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks],
+            tls=manifest.tls))
+        control.start(manifest.name, plan=plan, timeout=120)
         if nbd_port is not None:
             host = f"[{address}]" if ":" in address else address
             ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}
@@ -305,6 +348,10 @@ class Receiver:
         with contextlib.suppress(VmkitError, OSError):
             if inst.is_supervised():
                 control.stop(inst.name, force=True)
+        with contextlib.suppress(VmkitError, OSError):  # the start registered its static leases here
+            store = NetworkStore()
+            for iface in inst.load_config().networks:
+                store.leave(iface.network, inst.name)
         shutil.rmtree(inst.dir, ignore_errors=True)
 
 

@@ -35,12 +35,13 @@ from typing import IO, Any
 from vmkit.api import SupervisorClient, models
 from vmkit.api.transport import SupervisorGone
 from vmkit.backends import ssh
-from vmkit.backends.local import control
+from vmkit.backends.local import control, networks
 from vmkit.config import NbdAttachment
 from vmkit.errors import ConfigError, MigrationError, StateError, VmkitError, error_from_fields
 from vmkit.host.images import qemuimg
 from vmkit.host.instance import Instance
 from vmkit.host.provision import is_cloud_instance
+from vmkit.migrate import tls
 from vmkit.migrate.receive import DiskToCopy, Manifest
 from vmkit.runtime import migration
 from vmkit.runtime.qemu.cmdline import device_id
@@ -51,7 +52,8 @@ COMMIT_WAIT = 150.0
 SMALL_FILE = 4 << 20
 """Instance files up to this size travel with the configuration (keys, seed, known_hosts...)."""
 KEEP = ("vm.yaml", "state.json", "lock", "api.sock", "console.sock", "qga.sock", "supervisor.log", "qemu.log",
-        "qemu.pid", "serial.log", "serial.log.1", "serial.log.prev", "migrated.json", "memory.scratch")
+        "qemu.pid", "serial.log", "serial.log.1", "serial.log.prev", "migrated.json", "memory.scratch",
+        migration.TLS_DIR)
 """Files of the instance directory that do not travel (the target makes its own)."""
 
 Event = Callable[[dict[str, Any]], None]
@@ -68,6 +70,7 @@ class Options:
     verify: bool = False
     shared_storage: bool = False
     copy_storage: bool = False
+    tls: bool = False
 
 
 @dataclass
@@ -189,8 +192,10 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
                 files[str(rel)] = base64.b64encode(p.read_bytes()).decode("ascii")
     for p in read_only:
         files[str(p.relative_to(inst.dir))] = base64.b64encode(p.read_bytes()).decode("ascii")
+    subnets = {iface.network: networks.store().get(iface.network, field=f"networks[{i}].network").subnet
+               for i, iface in enumerate(config.networks)}
     return Manifest(name=inst.name, config=config.to_dict(), source_dir=str(inst.dir), files=files,
-                    postcopy=opts.postcopy, disks=disks)
+                    postcopy=opts.postcopy, disks=disks, networks=subnets, tls=opts.tls)
 
 
 def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) -> dict[str, Any]:
@@ -199,7 +204,7 @@ def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) ->
     return models.MigrateRequest(
         uri=uri, mirror=mirror, method=opts.method, downtime_limit_ms=opts.downtime_limit_ms,
         bandwidth_bytes=opts.bandwidth_bytes, auto_converge=opts.auto_converge, postcopy=opts.postcopy,
-        max_rounds=opts.max_rounds).model_dump(mode="json", exclude_defaults=True)
+        max_rounds=opts.max_rounds, tls=opts.tls).model_dump(mode="json", exclude_defaults=True)
 
 
 def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Event | None = None) -> Outcome:
@@ -250,6 +255,11 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         remote.send("prepare", man.model_dump(mode="json"))
         ready = remote.answer("ready", PREPARE_WAIT)
         uri = str(ready["uri"])
+        if opts.tls:
+            if not isinstance(ready.get("tls"), dict):
+                raise MigrationError(f"{host.uri}: the target's vmkit made no TLS certificates",
+                                     hint="update vmkit there, or migrate without --tls")
+            tls.write(inst.dir, {n: base64.b64decode(v) for n, v in ready["tls"].items()}, tls.CLIENT_FILES)
         emit({"step": f"the target waits at {uri}: sending"})
         request = _request(opts, uri, man, dict(ready.get("disks") or {}))
         report = _send(api, {**request, "verified": True} if verified else request, emit)
@@ -257,8 +267,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         out = Outcome(name=name, target=host.uri, report=report)
         if opts.verify:
             emit({"step": "comparing every page of memory on both hosts"})
+            remote.send("digest")  # both hosts hash at once
             here = models.MemoryDigest.model_validate(api.call("POST", "/v1/memory-digest"))
-            remote.send("digest")
             there = models.MemoryDigest.model_validate(remote.answer("digest", COMMIT_WAIT))
             bad = migration.bad_pages(here.digest, there.digest)
             out.bad_pages, out.pages_checked = len(bad), here.pages
@@ -272,6 +282,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         committed = True
         api.call("POST", "/v1/migrate/finish", {"target": host.uri})
         control.wait_unsupervised(inst, 30)
+        with contextlib.suppress(VmkitError, OSError):  # its static leases here moved with it
+            networks.leave_all(inst.load_config())
         marker = inst.dir / "migrated.json"
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "report": report.model_dump(mode="json")}))
         marker.chmod(0o600)
@@ -283,6 +295,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
             _take_back(api, completed, exc)
         raise
     finally:
+        tls.remove(inst.dir)
         remote.close(abort=not committed)
 
 
@@ -373,6 +386,8 @@ def move_offline(name: str, target: str, *, on_event: Event | None = None) -> di
         remote.send("commit")
         moved = remote.answer("moved", COMMIT_WAIT)
         committed = True
+        with contextlib.suppress(VmkitError, OSError):
+            networks.leave_all(inst.load_config())
         marker = inst.dir / "migrated.json"
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "offline": True}))
         marker.chmod(0o600)
