@@ -43,6 +43,8 @@ class ExitCode(IntEnum):
     STATE_RESTORE = 17
     """QEMU could not load the saved state."""
     MIGRATION_FAILED = 18
+    UNREACHABLE = 19
+    """A host (a libvirt URI given to ``--connect``) could not be reached or refused the connection."""
     EXEC_FAILED = 125
     """``vmkit exec`` only: vmkit itself failed (any other code there is the guest command's own,
     as with ``docker exec``)."""
@@ -178,6 +180,12 @@ class CommandNotFound(CommandCannotRun):
     exit_code = ExitCode.COMMAND_NOT_FOUND
 
 
+class UnreachableError(VmkitError):
+    """The host a command was sent to could not be reached (connection refused, authentication failed)."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
 class VmTimeoutError(VmkitError):
     """Something did not happen in the time allowed."""
 
@@ -192,6 +200,7 @@ _BY_CODE: dict[int, type[VmkitError]] = {
     ExitCode.HOST_MISSING: HostError,
     ExitCode.IMAGE_FAILED: ImageError,
     ExitCode.TIMEOUT: VmTimeoutError,
+    ExitCode.UNREACHABLE: UnreachableError,
     ExitCode.CONFLICT: AlreadyExistsError,
     ExitCode.COMMAND_CANNOT_RUN: CommandCannotRun,
     ExitCode.COMMAND_NOT_FOUND: CommandNotFound,
