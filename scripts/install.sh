@@ -9,7 +9,9 @@ APT_PACKAGES=(
   dnsmasq-base nftables iproute2 iperf3           # vmkit networks (DHCP+DNS, NAT and isolation, bridges); iperf3 for benchmarks/net_bench.py
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
-  libvirt-clients                                 # virsh: benchmarks/cli_bench.py sets `vmkit list` beside `virsh list`
+  libvirt-clients libxml2-utils                   # virsh (benchmarks/cli_bench.py), virt-xml-validate (+ xmllint) for the domain XML tests
+  libvirt-daemon libvirt-daemon-driver-qemu       # libvirtd + virtlogd: the libvirt backend's tests start private ones (no systemd)
+  libvirt-dev pkg-config                          # libvirt-python (a pip dependency) builds against them
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   openssh-server iproute2                         # scripts/lab.sh: migration test hosts, each with its own sshd
   python3 python3-venv python3-pip                # vmkit itself
