@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from vmkit.backends.local.statectl import Note
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
+    from vmkit.host.builder import CreateOptions
 
 T = TypeVar("T")
 
@@ -82,10 +83,48 @@ def _path(p: str | Path | None) -> Path | None:
     return Path(p) if p is not None else None
 
 
-class Client:
-    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory)."""
+def create_options(name: str, options: dict[str, Any]) -> CreateOptions:
+    """``create(name, image=..., cpus=..., ...)``'s keywords as :class:`~vmkit.host.builder.CreateOptions`
+    (options given as None are not set; bad keywords: a ConfigError naming them)."""
+    from vmkit.host.builder import CreateOptions
 
-    def __init__(self, home: str | Path | None = None) -> None:
+    unknown = set(options) - _CREATE_OPTIONS
+    if unknown:
+        from vmkit.errors import ConfigError
+
+        raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
+                                 f"use {', '.join(sorted(_CREATE_OPTIONS))}")
+    opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
+                            for k, v in options.items() if v is not None}
+    for size in ("memory", "max_memory"):
+        if size in opts:
+            opts[size] = str(opts[size])
+    if "display" in opts:
+        if opts["display"] is False:
+            del opts["display"]
+        else:
+            opts["display"] = "default" if opts["display"] is True else str(opts["display"])
+    for listed in ("disks", "ports", "mounts", "networks"):
+        if listed in opts:
+            opts[listed] = [str(v) for v in opts[listed]]
+    return CreateOptions(name=name, **opts)
+
+
+class Client:
+    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory), or with
+    ``connect``, of a libvirt host (``qemu:///system``, ``qemu+ssh://HOST/system``): then a
+    :class:`vmkit.client.libvirt.LibvirtClient`, whose machines libvirt runs."""
+
+    def __new__(cls, home: str | Path | None = None, connect: str | None = None) -> Client:
+        if connect and cls is Client:
+            from vmkit.backends import resolve_connect
+            from vmkit.client.libvirt import LibvirtClient
+
+            resolve_connect(connect)
+            return super().__new__(LibvirtClient)
+        return super().__new__(cls)
+
+    def __init__(self, home: str | Path | None = None, connect: str | None = None) -> None:
         self.home = Path(home).expanduser().resolve() if home is not None else None
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -116,33 +155,13 @@ class Client:
         """
         from vmkit.backends.local import control
         from vmkit.config import MachineConfig, parse_config
-        from vmkit.host.builder import CreateOptions
 
         if isinstance(spec, MachineConfig):
             inst = self._call(control.create, spec)
         elif isinstance(spec, dict):
             inst = self._call(control.create, parse_config(spec))
         elif options.keys() & {"image", "kernel", "from_file"}:
-            unknown = set(options) - _CREATE_OPTIONS
-            if unknown:
-                from vmkit.errors import ConfigError
-
-                raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
-                                         f"use {', '.join(sorted(_CREATE_OPTIONS))}")
-            opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
-                                    for k, v in options.items() if v is not None}
-            for size in ("memory", "max_memory"):
-                if size in opts:
-                    opts[size] = str(opts[size])
-            if "display" in opts:
-                if opts["display"] is False:
-                    del opts["display"]
-                else:
-                    opts["display"] = "default" if opts["display"] is True else str(opts["display"])
-            for listed in ("disks", "ports", "mounts", "networks"):
-                if listed in opts:
-                    opts[listed] = [str(v) for v in opts[listed]]
-            inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
+            inst = self._call(control.create_from_options, create_options(spec, options))
         else:
             inst = self._call(control.create, parse_config({"name": spec, **options}))
         return Instance(self, inst.name)
