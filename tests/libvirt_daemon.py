@@ -1,0 +1,155 @@
+"""A private libvirt host for the tests: virtlogd + libvirtd (system mode, as root) in a mount namespace of
+their own, so they never touch the machine's own libvirt (its sockets, /run/libvirt, /var/lib/libvirt,
+/var/log/libvirt, /etc/libvirt) nor another test's daemons. No systemd needed.
+
+    with libvirt_daemon(tmp_path / "lv") as lv:
+        lv.virsh("define", "dom.xml")
+        libvirt.open(lv.uri)                 # qemu:///system?socket=<root>/sock/libvirt-sock
+
+Inside the namespace a tmpfs covers /run/libvirt (pid files, virtlogd's socket, QEMU's runtime state) and
+directories under ``root`` are bound over /var/lib/libvirt, /var/log/libvirt (QEMU's logs:
+``root/log/qemu/NAME.log``), /var/cache/libvirt and /etc/libvirt (configuration written here:
+QEMU runs as root, no security driver, files' owners left alone: the shared image cache stays as it is).
+The client socket is ``root/sock/libvirt-sock``, outside the namespace's mounts, so a client in
+the tests' own namespace reaches it. ``host_uuid`` gives the daemon an identity of its own (libvirt
+refuses to migrate to a host with its own UUID); ``listen`` also serves ``qemu+tcp://ADDR/system``
+without authentication (for a daemon in a network namespace of its own: ``netns``).
+
+Stopping destroys and undefines every domain the daemon has (libvirtd leaves running QEMUs behind
+when it ends), then ends libvirtd and virtlogd by their pid files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class LibvirtDaemon:
+    root: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "sock" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu:///system?socket={self.socket}"
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"virsh {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+        return res
+
+    def domain_log(self, name: str) -> str:
+        """QEMU's own log of a domain (its command line and its complaints)."""
+        path = self.root / "log" / "qemu" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def pid(self, daemon: str) -> int | None:
+        try:
+            return int((self.root / f"{daemon}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        if self.socket.exists():
+            res = self.virsh("list", "--all", "--name", check=False, timeout=30)
+            for name in res.stdout.split():
+                self.virsh("destroy", name, check=False, timeout=60)
+                self.virsh("undefine", name, "--managed-save", "--snapshots-metadata", "--nvram", check=False,
+                           timeout=60)
+        for daemon in ("libvirtd", "virtlogd"):
+            pid = self.pid(daemon)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_LIBVIRTD_CONF = """\
+unix_sock_dir = "{sock}"
+unix_sock_group = "root"
+unix_sock_ro_perms = "0700"
+unix_sock_rw_perms = "0700"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+host_uuid = "{host_uuid}"
+log_outputs = "3:file:{root}/libvirtd.log"
+{listen}"""
+
+_QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+stdio_handler = "logd"
+"""
+
+_SETUP = """\
+set -e
+mkdir -p /run/libvirt
+mount -t tmpfs -o mode=0755 tmpfs /run/libvirt
+for d in lib log cache etc; do mkdir -p "$ROOT/$d"; done
+mount --bind "$ROOT/lib" /var/lib/libvirt
+mount --bind "$ROOT/log" /var/log/libvirt
+mount --bind "$ROOT/cache" /var/cache/libvirt
+mount --bind "$ROOT/etc" /etc/libvirt
+virtlogd -d -p "$ROOT/virtlogd.pid"
+libvirtd -d -p "$ROOT/libvirtd.pid" $LISTEN
+"""
+
+
+@contextlib.contextmanager
+def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | None = None,
+                   netns: str | None = None, timeout: float = 90) -> Iterator[LibvirtDaemon]:
+    """A running private libvirtd under ``root`` (created), stopped and cleaned up on exit."""
+    if shutil.which("libvirtd") is None or shutil.which("virtlogd") is None:
+        raise RuntimeError("libvirtd/virtlogd are missing: run scripts/install.sh (libvirt-daemon, "
+                           "libvirt-daemon-driver-qemu)")
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    for d in ("sock", "lib", "log", "cache", "etc/qemu", "etc/nwfilter"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    listen_conf = (f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{listen}"\n'
+                   if listen else "")
+    (root / "etc" / "libvirtd.conf").write_text(_LIBVIRTD_CONF.format(
+        sock=root / "sock", host_uuid=host_uuid or str(uuidlib.uuid4()), root=root, listen=listen_conf))
+    (root / "etc" / "qemu.conf").write_text(_QEMU_CONF)
+    (root / "etc" / "virtlogd.conf").write_text(f'log_outputs = "3:file:{root}/virtlogd.log"\n')
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", textwrap.dedent(_SETUP)]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    env = {**os.environ, "ROOT": str(root), "LISTEN": "--listen" if listen else ""}
+    daemon = LibvirtDaemon(root)
+    try:
+        subprocess.run(argv, check=True, env=env, capture_output=True, text=True, timeout=60)
+        deadline = time.monotonic() + timeout
+        while True:
+            if daemon.socket.exists() and daemon.virsh("version", check=False, timeout=30).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                log = (root / "libvirtd.log").read_text(errors="replace")[-3000:] if (root / "libvirtd.log").exists() \
+                    else ""
+                raise RuntimeError(f"libvirtd under {root} did not answer within {timeout:.0f} s:\n{log}")
+            time.sleep(0.2)
+        yield daemon
+    finally:
+        daemon.stop()
