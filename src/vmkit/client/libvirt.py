@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 
 def unsupported(what: str, uri: str) -> ConfigError:
+    """The refusal of an operation the libvirt backend does not have (``what``: e.g. ``top (Client.top)``)."""
     return ConfigError.single("--connect", f"{what} is not supported on a libvirt host ({uri}): run it without "
                               "--connect on a machine of this host, or use virsh")
 
@@ -224,7 +225,7 @@ def _refuse_the_rest(cls: type, base: type, what: str) -> None:
     for attr, value in vars(base).items():
         if attr.startswith("_") or attr in vars(cls):
             continue
-        label = f"{what}.{attr}"
+        label = f"{attr} ({what}.{attr})"
 
         def refuse(self: Any, *_a: Any, _label: str = label, **_k: Any) -> Any:
             raise unsupported(_label, self.connect if hasattr(self, "connect") else self.client.connect)

@@ -110,6 +110,11 @@ def create_options(name: str, options: dict[str, Any]) -> CreateOptions:
     return CreateOptions(name=name, **opts)
 
 
+CONNECTED: dict[str, type[Client]] = {}
+"""The client class of each kind of ``connect`` URI (``libvirt``: :class:`vmkit.client.libvirt.LibvirtClient`,
+registered when :mod:`vmkit.client` is imported; this module does not import it: it imports this one)."""
+
+
 class Client:
     """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory), or with
     ``connect``, of a libvirt host (``qemu:///system``, ``qemu+ssh://HOST/system``): then a
@@ -118,10 +123,9 @@ class Client:
     def __new__(cls, home: str | Path | None = None, connect: str | None = None) -> Client:
         if connect and cls is Client:
             from vmkit.backends import resolve_connect
-            from vmkit.client.libvirt import LibvirtClient
 
             resolve_connect(connect)
-            return super().__new__(LibvirtClient)
+            return super().__new__(CONNECTED["libvirt"])
         return super().__new__(cls)
 
     def __init__(self, home: str | Path | None = None, connect: str | None = None) -> None:
