@@ -126,7 +126,7 @@ def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | No
                            "libvirt-daemon-driver-qemu)")
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
-    for d in ("sock", "lib", "log", "cache", "etc/qemu", "etc/nwfilter"):
+    for d in ("sock", "lib", "log/qemu", "cache", "etc/qemu", "etc/nwfilter"):
         (root / d).mkdir(parents=True, exist_ok=True)
     listen_conf = (f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\nlisten_addr = "{listen}"\n'
                    if listen else "")

@@ -1,4 +1,5 @@
-"""Instance lifecycle commands: create, start, stop, pause, resume, list, inspect, console, events, delete."""
+"""Instance lifecycle commands: create, start, stop, pause, resume, list, inspect, console, events, delete,
+export."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from vmkit.cli.output import client, err, machine, out, print_json, print_json_l
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (clone, create, start, stop, pause, resume, list_, inspect, console, events, delete):
+    for fn in (clone, create, start, stop, pause, resume, list_, inspect, console, events, delete, export):
         name = fn.__name__.rstrip("_")
         app.command(name)(fn)
 
@@ -239,6 +240,25 @@ def delete(
     """Delete a virtual machine and its directory (disks, logs, state)."""
     client().delete(name, force=force)
     out.print(f"deleted [bold]{name}[/]")
+
+
+def export(
+    name: str,
+    libvirt: bool = typer.Option(False, "--libvirt", help="the libvirt domain XML (virsh define FILE)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write it to this file (0600) instead of "
+                                       "printing it", show_default=False),
+) -> None:
+    """A machine in another tool's format: --libvirt prints its libvirt domain XML."""
+    if not libvirt:
+        raise typer.BadParameter("say which format: --libvirt", param_hint="--libvirt")
+    xml = machine(name).libvirt_xml()
+    if output is None:
+        sys.stdout.write(xml)
+        return
+    from vmkit.fsutil import atomic_write
+
+    atomic_write(output, xml, 0o600)
+    err.print(f"wrote the libvirt domain of [bold]{name}[/] to {output}", highlight=False)
 
 
 def clone(src: str, dst: str) -> None:

@@ -375,6 +375,13 @@ class Instance:
 
         return self._call(lambda: Record(self.name).require().dir)
 
+    def libvirt_xml(self) -> str:
+        """The machine as a libvirt domain (``vmkit export NAME --libvirt``): its files where they are
+        on this host. Raises :class:`~vmkit.errors.ConfigError` naming each setting libvirt cannot express."""
+        from vmkit.backends.local import export
+
+        return self._call(export.libvirt_xml, self.name)
+
     def qemu_argv(self) -> list[str]:
         """The QEMU command line :meth:`start` would run (``vmkit start --dry-run``; file descriptors
         shown as the supervisor passes them)."""

@@ -50,7 +50,7 @@ from vmkit.errors import ConfigError, Problem
 DomainType = Literal["qemu", "kvm"]
 """libvirt's domain type: ``qemu`` runs under TCG, ``kvm`` under hardware KVM."""
 
-METADATA_NS = "https://vmkit.dev/xmlns/libvirt/machine/1"
+METADATA_NS = "https://vmkit.dev/xmlns/libvirt/1"
 """The namespace of vmkit's element in a domain's ``<metadata>`` (the machine's vm.yaml as JSON)."""
 METADATA_PREFIX = "vmkit"
 
@@ -101,7 +101,8 @@ def domain_xml(config: MachineConfig, *, name: str | None = None, uuid: str | No
     default ``qemu``); ``accel: tcg`` is always ``qemu`` and ``accel: kvm`` always ``kvm``.
     ``files``: paths on the target host (:class:`DomainFiles`). ``nics``: each vmkit network in
     ``config.networks`` by name -> where its NIC plugs in. ``metadata``: keep the configuration in
-    the domain's ``<metadata>`` (read back with :func:`config_from_domain_xml`).
+    the domain's ``<metadata>`` (read back with :func:`config_from_domain_xml`), with the domain's
+    name and the files where ``files`` puts them.
 
     Raises :class:`~vmkit.errors.ConfigError` naming every setting libvirt cannot express.
     """
@@ -156,6 +157,10 @@ def problems(config: MachineConfig, *, domain_type: DomainType | None = None, fi
         if not share.host_path.is_absolute():
             out.append(Problem(f"{where}.host_path", f"{share.host_path} is relative: give an absolute path"))
     net = config.network
+    if net is not None and net.mode == "user" and net.forwards:
+        out.append(Problem("network.forwards", "libvirt 9.0 cannot forward host ports into user-mode networking "
+                           "(its <portForward> needs the passt backend, from libvirt 9.2): leave the forwards out "
+                           "and reach the guest on a bridge (networks:) or a libvirt network"))
     if net is not None and net.mode == "none" and net.forwards:
         out.append(Problem("network.forwards", "forwards to a machine's address on a vmkit network are made by "
                            "vmkit's supervisor, which a libvirt domain does not have: forward ports with the "
@@ -285,7 +290,7 @@ class _Builder:
         if self.metadata:
             meta = ET.SubElement(dom, "metadata")
             el = ET.SubElement(meta, f"{METADATA_PREFIX}:machine", {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
-            el.text = json.dumps(c.to_dict(), sort_keys=True, separators=(",", ":"))
+            el.text = json.dumps(self._as_placed().to_dict(), sort_keys=True, separators=(",", ":"))
         self._memory(dom)
         vcpu = _text(dom, "vcpu", str(c.cpu_ceiling), placement="static")
         if c.cpus < c.cpu_ceiling:
@@ -304,6 +309,19 @@ class _Builder:
         self._devices(ET.SubElement(dom, "devices"))
         ET.indent(dom, space="  ")
         return ET.tostring(dom, encoding="unicode") + "\n"
+
+    def _as_placed(self) -> MachineConfig:
+        """The configuration with the files where the domain has them (what the metadata keeps)."""
+        c, f = self.c, self.files
+        boot = c.boot.model_copy(update={"kernel": Path(f.kernel or c.boot.kernel),
+                                         "initrd": Path(f.initrd) if f.initrd else c.boot.initrd})
+        storage = []
+        for i, sd in enumerate(c.storage):
+            path = f.disks.get(_device_id(i, sd))
+            if path is not None and isinstance(sd.attachment, DiskImage):
+                sd = sd.model_copy(update={"attachment": sd.attachment.model_copy(update={"path": Path(path)})})
+            storage.append(sd)
+        return c.model_copy(update={"name": self.name, "boot": boot, "storage": tuple(storage)})
 
     # -- resources ---------------------------------------------------------------------------
     def _memory(self, dom: ET.Element) -> None:
@@ -387,9 +405,9 @@ class _Builder:
             dev.append(self._disk(i, sd))
         usb = c.usb or any(d.kind == "usb-storage" for d in c.storage)
         ET.SubElement(dev, "controller", type="usb", model="qemu-xhci" if usb else "none")
-        if c.machine == "q35":  # empty PCIe root ports for disks attached to the running machine
-            for _ in range(c.hotplug_slots):
-                ET.SubElement(dev, "controller", type="pci", model="pcie-root-port")
+        if c.machine == "q35":
+            for i in range(self._root_ports()):
+                ET.SubElement(dev, "controller", type="pci", index=str(i + 1), model="pcie-root-port")
         for i, share in enumerate(c.shares):
             fs = ET.SubElement(dev, "filesystem", type="mount",
                                accessmode="passthrough" if share.type == "virtiofs" else "squash")
@@ -407,11 +425,6 @@ class _Builder:
             if net.mac:
                 ET.SubElement(nic, "mac", address=net.mac)
             ET.SubElement(nic, "model", type=net.model)
-            if net.forwards:  # libvirt forwards ports only through passt (9.0)
-                ET.SubElement(nic, "backend", type="passt")
-                for fwd in net.forwards:
-                    pf = ET.SubElement(nic, "portForward", proto=fwd.protocol, address=fwd.host_addr)
-                    ET.SubElement(pf, "range", start=str(fwd.host_port), to=str(fwd.guest_port))
             ET.SubElement(nic, "alias", name="ua-net0")
         for i, iface in enumerate(c.networks):
             target = self.nics[iface.network]
@@ -446,6 +459,20 @@ class _Builder:
             _text(size, "block", "2048", unit="KiB")
             _text(size, "requested", _kib(c.plugged_memory), unit="KiB")
             ET.SubElement(mem, "alias", name="ua-vmem0")
+
+    def _root_ports(self) -> int:
+        """PCIe root ports on q35. libvirt puts each PCIe device on a free one (and adds ports only when
+        none is free), so ``hotplug_slots`` stay empty for disks attached to the running machine when
+        there are that many more than the devices take: virtio disks, PCIe NICs (legacy PCI ones sit on
+        a pcie-to-pci-bridge, for which libvirt adds a port of its own), shares, xHCI, virtio-serial
+        (the agent), balloon, rng, virtio-mem. The primary display sits on the root bus itself."""
+        c = self.c
+        models = [n.model for n in c.networks] + ([c.user_nic.model] if c.user_nic else [])
+        nics = [m for m in models if m not in ("e1000", "rtl8139")]
+        usb = c.usb or any(d.kind == "usb-storage" for d in c.storage)
+        return (c.hotplug_slots + sum(d.kind == "virtio-blk" for d in c.storage) + len(nics)
+                + len(c.shares) + int(usb) + int(c.agent) + int(c.balloon) + int(c.entropy)
+                + int(c.max_memory is not None))
 
     def _disk(self, index: int, sd: StorageDevice) -> ET.Element:
         att = sd.attachment
