@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import vmkit
-from tests.libvirt_daemon import LibvirtDaemon, libvirt_daemon
 
+from conftest import vmkit
+from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.errors import ExitCode
 from vmkit.host.images.store import Image
 

@@ -117,6 +117,10 @@ class LibvirtInstance(Instance):
         """This client's files of the machine (keys, ssh_config); the machine itself lives on the host."""
         return self._call(self._host.local_dir, self.name)
 
+    def libvirt_xml(self) -> str:
+        """The domain's XML as libvirt has it now (``vmkit --connect URI export NAME --libvirt``)."""
+        return self._call(lambda: self._host.domain(self.name).XMLDesc(0))
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, *, timeout: float | None = None, cold: bool = False, progress: ConsoleProgress | None = None,
               state_progress: ByteProgress | None = None, notice: Notice | None = None) -> models.StartResult:

@@ -634,13 +634,13 @@ class LibvirtHost:
                     # the target makes an empty volume of the same size; its backing must be there too
                     base = _backing(vol)
                     if base is not None:
-                        say({"kind": "copying", "volume": os.path.basename(base)})
+                        say({"step": f"copying volume {os.path.basename(base)} to the target's pool"})
                         storage.copy_volume(self.conn, self.conn.storageVolLookupByPath(base), dest.conn, dpool,
                                             fmt="qcow2")
                     continue
                 if writable and not copy_storage:
                     continue
-                say({"kind": "copying", "volume": vol.name()})
+                say({"step": f"copying volume {vol.name()} to the target's pool"})
                 storage.copy_volume(self.conn, vol, dest.conn, dpool, fmt=fmt)
             flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
             if offline or state == "stopped":
@@ -655,13 +655,13 @@ class LibvirtHost:
                 params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
             if bandwidth_mib:
                 params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
-            say({"kind": "migrating", "target": target, "flags": flags})
+            say({"step": f"migrating {name} to {target} (libvirt flags {flags:#x})"})
             started = time.monotonic()
             with translated("migrate", name=name, uri=self.uri):
                 dom.migrate3(dest.conn, params, flags)
             seconds = time.monotonic() - started
             moved = dest.domain(name)
-            result = {"name": name, "target": target, "seconds": round(seconds, 2),
+            result = {"backend": "libvirt", "name": name, "target": target, "seconds": round(seconds, 2),
                       "state": dest.state(moved), "copy_storage": copy_storage}
             if not self._still_defined(name):
                 storage.delete_machine_volumes(storage.pool(self.conn), name)
