@@ -119,7 +119,7 @@ class LibvirtInstance(Instance):
 
     def libvirt_xml(self) -> str:
         """The domain's XML as libvirt has it now (``vmkit --connect URI export NAME --libvirt``)."""
-        return self._call(lambda: self._host.domain(self.name).XMLDesc(0))
+        return str(self._call(lambda: self._host.domain(self.name).XMLDesc(0)))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, *, timeout: float | None = None, cold: bool = False, progress: ConsoleProgress | None = None,
