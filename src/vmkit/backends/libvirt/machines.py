@@ -143,7 +143,8 @@ class LibvirtHost:
             local.mkdir(mode=0o700)
             try:
                 write_identity(local, config, CloudOptions(user_data=user_data), _instance_id())
-                return self._define(config, image=image, disk_size=disk_size_option(opts), progress=progress)
+                return self._define(_without_ssh_forward(config), image=image, disk_size=disk_size_option(opts),
+                                    progress=progress)
             except BaseException:
                 shutil.rmtree(local, ignore_errors=True)
                 raise
@@ -743,6 +744,18 @@ def _event_loop() -> None:
 
         threading.Thread(target=run, name="vmkit-libvirt-events", daemon=True).start()
         _loop_started = True
+
+
+def _without_ssh_forward(config: MachineConfig) -> MachineConfig:
+    """The cloud guest's configuration without the loopback forward to its SSH port that vmkit adds for
+    a local machine: libvirt 9.0 cannot forward ports into user-mode networking (that needs passt, from
+    9.2), and on another host that port would be on ITS loopback anyway. The guest is reached through
+    the agent (exec, cp); forwards the user asked for are still refused by name."""
+    if config.network is None:
+        return config
+    own = [f for f in config.network.forwards if f.guest_port == 22 and f.host_addr == "127.0.0.1"][:1]
+    forwards = tuple(f for f in config.network.forwards if f not in own)
+    return config.model_copy(update={"network": config.network.model_copy(update={"forwards": forwards})})
 
 
 def _domain_type(dom: libvirt.virDomain) -> str:

@@ -1,0 +1,103 @@
+"""Two libvirt hosts on this machine: host A (a private libvirtd in the tests' network namespace) and
+host B (one in a network namespace of its own, ``lvbk1``, reached over TCP at 10.232.1.2), each in a
+mount namespace of its own with a distinct host_uuid (tests/libvirt_daemon.py). vmkit drives B
+remotely (``qemu+tcp://``: the files are uploaded to B's pool, nothing of vmkit runs there) and
+moves a running micro guest from A to B with libvirt's live migration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import vmkit
+from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from vmkit.host.images.store import Image
+
+pytestmark = pytest.mark.timeout(900)
+
+NS = "lvbk1"
+HOST_ADDR, NS_ADDR = "10.232.1.1", "10.232.1.2"
+REMOTE = f"qemu+tcp://{NS_ADDR}/system"
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """Network namespace ``lvbk1`` joined to this one by a veth pair (10.232.1.1 here, .2 there)."""
+    _ip("netns", "delete", NS, check=False)
+    _ip("link", "delete", "lvbk1-h", check=False)
+    _ip("netns", "add", NS)
+    try:
+        _ip("link", "add", "lvbk1-h", "type", "veth", "peer", "name", "lvbk1-g")
+        _ip("link", "set", "lvbk1-g", "netns", NS)
+        _ip("addr", "add", f"{HOST_ADDR}/24", "dev", "lvbk1-h")
+        _ip("link", "set", "lvbk1-h", "up")
+        _ip("-n", NS, "addr", "add", f"{NS_ADDR}/24", "dev", "lvbk1-g")
+        _ip("-n", NS, "link", "set", "lvbk1-g", "up")
+        _ip("-n", NS, "link", "set", "lo", "up")
+        yield NS
+    finally:
+        _ip("link", "delete", "lvbk1-h", check=False)
+        _ip("netns", "delete", NS, check=False)
+
+
+@pytest.fixture(scope="module")
+def host_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    with libvirt_daemon(tmp_path_factory.mktemp("host-a")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def host_b(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    with libvirt_daemon(tmp_path_factory.mktemp("host-b"), listen=NS_ADDR, netns=netns) as daemon:
+        yield daemon
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKIT_HOME", str(tmp_path / "home"))
+
+
+def states(uri: str) -> dict[str, str]:
+    return {r["name"]: r["state"] for r in json.loads(vmkit("--connect", uri, "list", "--json").stdout)}
+
+
+def test_remote_host_over_tcp(host_b: LibvirtDaemon, micro_image: Image) -> None:
+    vmkit("--connect", REMOTE, "create", "far", "--image", "micro", "--memory", "256M")
+    try:
+        vmkit("--connect", REMOTE, "start", "far")
+        assert states(REMOTE)["far"] == "running"
+        assert host_b.virsh("domstate", "far").stdout.strip() == "running"
+        assert "VMKIT-READY" in vmkit("--connect", REMOTE, "console", "far", "--log").stdout
+        # the kernel and initrd were uploaded into B's pool: B needs no vmkit files
+        assert "base-" in host_b.virsh("vol-list", "vmkit").stdout
+    finally:
+        vmkit("--connect", REMOTE, "delete", "--force", "far", check=False)
+    assert "far" not in states(REMOTE)
+
+
+def test_live_migration_between_two_libvirt_hosts(host_a: LibvirtDaemon, host_b: LibvirtDaemon,
+                                                  micro_image: Image) -> None:
+    vmkit("--connect", host_a.uri, "create", "mover", "--image", "micro", "--memory", "256M")
+    try:
+        vmkit("--connect", host_a.uri, "start", "mover")
+        res = vmkit("--connect", host_a.uri, "migrate", "mover", REMOTE, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr + host_a.domain_log("mover")[-2000:]
+        assert "migrated" in res.stdout
+        assert states(REMOTE).get("mover") == "running"
+        assert "mover" not in states(host_a.uri)
+        assert "mover" not in host_a.virsh("list", "--all", "--name").stdout.split()
+        # it is the same guest, still alive there: its console answers
+        vmkit("--connect", REMOTE, "pause", "mover")
+        vmkit("--connect", REMOTE, "resume", "mover")
+        assert host_b.virsh("domstate", "mover").stdout.strip() == "running"
+    finally:
+        vmkit("--connect", host_a.uri, "delete", "--force", "mover", check=False)
+        vmkit("--connect", REMOTE, "delete", "--force", "mover", check=False)
