@@ -224,19 +224,18 @@ class LibvirtHost:
         return name
 
     def _domain_type(self) -> DomainType:
-        """``qemu`` (TCG) unless the host's capabilities offer KVM and vmkit's probe says it works here
-        (on a remote host: only if it offers KVM; a hanging nested KVM cannot be probed from here)."""
+        """For ``accel: auto``: ``kvm`` when the host offers it and, on this host, vmkit's own probe says
+        it works (nested KVM can be offered and still hang or abort); on another host ``qemu`` (TCG),
+        since it cannot be probed from here: ask for ``accel: kvm`` (``--accel kvm``) there."""
         caps = self.conn.getCapabilities()
-        if "<domain type='kvm'" not in caps:
+        if "<domain type='kvm'" not in caps or not _is_local(self.uri):
             return "qemu"
-        if _is_local(self.uri):
-            from vmkit.runtime.qemu import accel
+        from vmkit.runtime.qemu import accel
 
-            try:
-                return "kvm" if accel.choose("auto").name == "kvm" else "qemu"
-            except Exception:
-                return "qemu"
-        return "kvm"
+        try:
+            return "kvm" if accel.choose("auto").name == "kvm" else "qemu"
+        except Exception:
+            return "qemu"
 
     def delete(self, name: str, *, force: bool = False) -> None:
         """Undefine the machine and remove its own volumes (``force``: stop it first)."""
