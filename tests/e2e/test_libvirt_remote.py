@@ -17,7 +17,7 @@ from conftest import vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.host.images.store import Image
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 NS = "lvbk1"
 HOST_ADDR, NS_ADDR = "10.232.1.1", "10.232.1.2"
