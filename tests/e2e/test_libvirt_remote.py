@@ -106,7 +106,7 @@ def test_remote_host_over_ssh(host_b: LibvirtDaemon, sshd: Path, micro_image: Im
     remote = ssh_uri(host_b, sshd)
     vmkit("--connect", remote, "create", "far", "--image", "micro", "--memory", "256M")
     try:
-        vmkit("--connect", remote, "start", "far")
+        vmkit("--connect", remote, "start", "far", "--timeout", "600")
         assert states(remote)["far"] == "running"
         assert states(REMOTE)["far"] == "running"  # the same host over qemu+tcp://
         assert host_b.virsh("domstate", "far").stdout.strip() == "running"
@@ -122,7 +122,7 @@ def test_live_migration_between_two_libvirt_hosts(host_a: LibvirtDaemon, host_b:
                                                   micro_image: Image) -> None:
     vmkit("--connect", host_a.uri, "create", "mover", "--image", "micro", "--memory", "256M")
     try:
-        vmkit("--connect", host_a.uri, "start", "mover")
+        vmkit("--connect", host_a.uri, "start", "mover", "--timeout", "600")
         res = vmkit("--connect", host_a.uri, "migrate", "mover", ssh_uri(host_b, sshd), check=False)
         assert res.returncode == 0, res.stdout + res.stderr + host_a.domain_log("mover")[-2000:]
         assert "migrated" in res.stdout

@@ -61,7 +61,7 @@ def test_lifecycle_through_connect_is_what_virsh_sees(lv: LibvirtDaemon, machine
     assert machine in lv.virsh("list", "--all", "--name").stdout.split()
     assert virsh_state(lv, machine) == "shut off"
     assert vmkit_state(lv, machine) == "stopped"
-    vmkit("--connect", lv.uri, "start", machine)  # returns once VMKIT-READY is on the serial console
+    vmkit("--connect", lv.uri, "start", machine, "--timeout", "600")  # returns once VMKIT-READY is on the serial console
     assert virsh_state(lv, machine) == "running"
     assert "VMKIT-READY" in vmkit("--connect", lv.uri, "console", machine, "--log").stdout
 
@@ -86,7 +86,7 @@ def test_lifecycle_through_connect_is_what_virsh_sees(lv: LibvirtDaemon, machine
 
 def test_events_come_from_libvirt(lv: LibvirtDaemon, machine: str) -> None:
     if virsh_state(lv, machine) != "running":
-        vmkit("--connect", lv.uri, "start", machine)
+        vmkit("--connect", lv.uri, "start", machine, "--timeout", "600")
     proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", machine], stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "VMKIT_CONNECT": lv.uri})
     try:
@@ -108,7 +108,7 @@ def test_libvirt_errors_are_vmkits(lv: LibvirtDaemon, machine: str, tmp_path: Pa
     res = vmkit("--connect", lv.uri, "start", "nosuch", check=False)
     assert res.returncode == ExitCode.NOT_FOUND and "'nosuch' not found" in res.stderr
     if virsh_state(lv, machine) != "running":
-        vmkit("--connect", lv.uri, "start", machine)
+        vmkit("--connect", lv.uri, "start", machine, "--timeout", "600")
     res = vmkit("--connect", lv.uri, "start", machine, check=False)  # already running
     assert res.returncode == ExitCode.WRONG_STATE, res.stderr
     res = vmkit("--connect", lv.uri, "create", machine, "--image", "micro", check=False)
@@ -131,7 +131,7 @@ def test_python_client_connect(lv: LibvirtDaemon, machine: str) -> None:
     assert machine in [r.name for r in client.rows()]
     inst = client.get(machine)
     if inst.state != "running":
-        inst.start()
+        inst.start(timeout=600)
     assert inst.pause().state == "paused"
     assert inst.resume().state == "running"
     assert inst.stop(force=True).state == "stopped"
@@ -140,7 +140,7 @@ def test_python_client_connect(lv: LibvirtDaemon, machine: str) -> None:
 
 def test_delete_removes_domain_and_volumes(lv: LibvirtDaemon, micro_image: Image, home: Path) -> None:
     vmkit("--connect", lv.uri, "create", "lvgone", "--image", "micro", "--memory", "256M")
-    vmkit("--connect", lv.uri, "start", "lvgone")
+    vmkit("--connect", lv.uri, "start", "lvgone", "--timeout", "600")
     res = vmkit("--connect", lv.uri, "delete", "lvgone", check=False)
     assert res.returncode == ExitCode.WRONG_STATE
     vmkit("--connect", lv.uri, "delete", "--force", "lvgone")
