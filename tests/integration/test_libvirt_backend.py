@@ -61,7 +61,7 @@ def test_lifecycle_through_connect_is_what_virsh_sees(lv: LibvirtDaemon, machine
     assert machine in lv.virsh("list", "--all", "--name").stdout.split()
     assert virsh_state(lv, machine) == "shut off"
     assert vmkit_state(lv, machine) == "stopped"
-    vmkit("--connect", lv.uri, "start", machine, "--timeout", "600")  # returns once VMKIT-READY is on the serial console
+    vmkit("--connect", lv.uri, "start", machine, "--timeout", "600")  # returns once VMKIT-READY is on the console
     assert virsh_state(lv, machine) == "running"
     assert "VMKIT-READY" in vmkit("--connect", lv.uri, "console", machine, "--log").stdout
 
