@@ -16,9 +16,10 @@ import pytest
 from conftest import vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit import Client as vmkit_client
-from vmkit.config import parse_config
+from vmkit.config import PortForward, parse_config, port_is_free
 from vmkit.host.images.store import Image
-from vmkit.libvirt.domain import NicTarget, config_from_domain_xml, domain_xml
+from vmkit.host.provision import free_port
+from vmkit.libvirt.domain import NicTarget, config_from_domain_xml, domain_xml, hostfwd_commands
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,13 @@ def test_exported_micro_machine_boots_in_libvirt(lv: LibvirtDaemon, vmkit_home: 
             time.sleep(0.5)
             text = log.read_text(errors="replace") if log.exists() else ""
         assert lv.virsh("domstate", name).stdout.strip() == "running"
+        # a port forward added to the running domain, as a libvirt backend does (no element for it in 9.0)
+        port = free_port()
+        fwd = config.model_copy(update={"network": config.network.model_copy(update={  # type: ignore[union-attr]
+            "forwards": (PortForward(host_port=port, guest_port=22),)})})
+        for cmd in hostfwd_commands(fwd):
+            assert lv.virsh("qemu-monitor-command", "--hmp", name, cmd).stdout.strip() == ""
+        assert not port_is_free("127.0.0.1", port)
         # what libvirt keeps is the machine vmkit wrote: its configuration comes back from the metadata
         stored = lv.virsh("dumpxml", name).stdout
         assert config_from_domain_xml(stored) == config
@@ -81,6 +89,9 @@ def test_export_refuses_by_name(vmkit_home: Path, micro_image: Image) -> None:
     assert vmkit("export", "nope", "--libvirt", check=False).returncode == 3
     res = vmkit("export", "fwd", check=False)
     assert res.returncode == 2 and "--libvirt" in res.stderr
+    res = vmkit("export", "fwd", "--libvirt", "--hostfwd")
+    assert "8080" not in res.stdout.split("</metadata>")[1]
+    assert "virsh qemu-monitor-command --hmp fwd 'hostfwd_add hostua-net0 tcp:127.0.0.1:8080-:80'" in res.stderr
 
 
 def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Image, tmp_path: Path) -> None:

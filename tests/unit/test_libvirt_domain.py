@@ -16,7 +16,14 @@ import pytest
 
 from vmkit.config import MachineConfig, parse_config
 from vmkit.errors import ConfigError
-from vmkit.libvirt.domain import DomainFiles, NicTarget, config_from_domain_xml, domain_xml, problems
+from vmkit.libvirt.domain import (
+    DomainFiles,
+    NicTarget,
+    config_from_domain_xml,
+    domain_xml,
+    hostfwd_commands,
+    problems,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "libvirt"
 BOOT = {"kind": "linux", "kernel": "/img/micro/vmlinuz", "initrd": "/img/micro/initrd.img",
@@ -174,3 +181,17 @@ def test_every_problem_at_once() -> None:
     with pytest.raises(ConfigError):
         domain_xml(c, files=DomainFiles(disks={"nope": "/x"}))
     assert "storage" in [p.field for p in problems(config(), files=DomainFiles(disks={"nope": "/x"}))]
+    nbd = config(storage=[{"attachment": {"type": "nbd", "url": "nbd://h/e", "reconnect_delay": 0}}])
+    assert [p.field for p in problems(nbd, files=DomainFiles(disks={"disk0": "/x"}))] == ["storage[0].attachment"]
+
+
+def test_user_forwards_left_to_the_caller() -> None:
+    """``forwards="hostfwd"``: the XML has no forward (libvirt 9.0 has no element for it); the caller
+    adds each to the running domain with the HMP commands given."""
+    c = config(network={"forwards": [{"host_port": 2222, "guest_port": 22},
+                                     {"host_addr": "0.0.0.0", "host_port": 5353, "guest_port": 53, "protocol": "udp"}]})
+    xml = domain_xml(c, forwards="hostfwd")
+    assert "2222" not in xml.split("</metadata>")[1]
+    assert hostfwd_commands(c) == ["hostfwd_add hostua-net0 tcp:127.0.0.1:2222-:22",
+                                   "hostfwd_add hostua-net0 udp:0.0.0.0:5353-:53"]
+    assert hostfwd_commands(config(network=None)) == []

@@ -247,18 +247,28 @@ def export(
     libvirt: bool = typer.Option(False, "--libvirt", help="the libvirt domain XML (virsh define FILE)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write it to this file (0600) instead of "
                                        "printing it", show_default=False),
+    hostfwd: bool = typer.Option(False, "--hostfwd", help="leave the port forwards out (libvirt 9.0 cannot "
+                                 "express them) and print the virsh commands that add them once it runs"),
 ) -> None:
     """A machine in another tool's format: --libvirt prints its libvirt domain XML."""
     if not libvirt:
         raise typer.BadParameter("say which format: --libvirt", param_hint="--libvirt")
-    xml = machine(name).libvirt_xml()
+    inst = machine(name)
+    xml = inst.libvirt_xml(hostfwd=hostfwd)
     if output is None:
         sys.stdout.write(xml)
-        return
-    from vmkit.fsutil import atomic_write
+    else:
+        from vmkit.fsutil import atomic_write
 
-    atomic_write(output, xml, 0o600)
-    err.print(f"wrote the libvirt domain of [bold]{name}[/] to {output}", highlight=False)
+        atomic_write(output, xml, 0o600)
+        err.print(f"wrote the libvirt domain of [bold]{name}[/] to {output}", highlight=False)
+    commands = inst.libvirt_hostfwd() if hostfwd else []
+    if commands:
+        from shlex import join
+
+        err.print("after `virsh start`, add the port forwards with:", highlight=False)
+        for argv in commands:
+            err.print(f"  {join(argv)}", markup=False, highlight=False, soft_wrap=True)
 
 
 def clone(src: str, dst: str) -> None:

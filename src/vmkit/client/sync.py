@@ -375,12 +375,20 @@ class Instance:
 
         return self._call(lambda: Record(self.name).require().dir)
 
-    def libvirt_xml(self) -> str:
+    def libvirt_xml(self, *, hostfwd: bool = False) -> str:
         """The machine as a libvirt domain (``vmkit export NAME --libvirt``): its files where they are
-        on this host. Raises :class:`~vmkit.errors.ConfigError` naming each setting libvirt cannot express."""
+        on this host. Raises :class:`~vmkit.errors.ConfigError` naming each setting libvirt cannot express.
+        ``hostfwd``: without the user-mode port forwards, which :meth:`libvirt_hostfwd` adds to the running
+        domain."""
         from vmkit.backends.local import export
 
-        return self._call(export.libvirt_xml, self.name)
+        return self._call(export.libvirt_xml, self.name, hostfwd=hostfwd)
+
+    def libvirt_hostfwd(self) -> list[list[str]]:
+        """The ``virsh`` commands that add this machine's port forwards to its running libvirt domain."""
+        from vmkit.backends.local import export
+
+        return self._call(export.hostfwd_commands, self.name)
 
     def qemu_argv(self) -> list[str]:
         """The QEMU command line :meth:`start` would run (``vmkit start --dry-run``; file descriptors

@@ -57,6 +57,8 @@ METADATA_PREFIX = "vmkit"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CPU_PERIOD_US = 100_000
 """The CFS period ``limits.cpu_max`` is a quota of (libvirt's ``global_period``)."""
+USER_NETDEV = "hostua-net0"
+"""QEMU's id of the user-mode NIC's backend in a domain (libvirt names it ``host`` + the alias)."""
 SERIAL_LOG_DEFAULT = "/var/log/libvirt/qemu/{name}-serial.log"
 """Where the serial console is logged when :class:`DomainFiles` gives no ``serial_log``: libvirt's
 own log directory on the system daemon (virtlogd writes it)."""
@@ -92,7 +94,8 @@ class DomainFiles:
 
 def domain_xml(config: MachineConfig, *, name: str | None = None, uuid: str | None = None,
                domain_type: DomainType | None = None, files: DomainFiles | None = None,
-               nics: Mapping[str, NicTarget] | None = None, metadata: bool = True) -> str:
+               nics: Mapping[str, NicTarget] | None = None, metadata: bool = True,
+               forwards: Literal["refuse", "hostfwd"] = "refuse") -> str:
     """The libvirt domain XML of ``config``.
 
     ``name``: the domain's name (default ``config.name``). ``uuid``: keep a domain's identity when
@@ -102,13 +105,16 @@ def domain_xml(config: MachineConfig, *, name: str | None = None, uuid: str | No
     ``files``: paths on the target host (:class:`DomainFiles`). ``nics``: each vmkit network in
     ``config.networks`` by name -> where its NIC plugs in. ``metadata``: keep the configuration in
     the domain's ``<metadata>`` (read back with :func:`config_from_domain_xml`), with the domain's
-    name and the files where ``files`` puts them.
+    name and the files where ``files`` puts them. ``forwards``: libvirt 9.0 has no element for
+    ``network.forwards`` on user-mode networking, so they are refused, unless ``"hostfwd"``: the
+    caller adds them to the running domain itself (:func:`hostfwd_commands`, through libvirt's
+    ``qemuMonitorCommand`` with the HMP flag, as vmkit's supervisor adds them with ``hostfwd_add``).
 
     Raises :class:`~vmkit.errors.ConfigError` naming every setting libvirt cannot express.
     """
     files = files or DomainFiles()
     nics = nics or {}
-    found = problems(config, domain_type=domain_type, files=files, nics=nics)
+    found = problems(config, domain_type=domain_type, files=files, nics=nics, forwards=forwards)
     if name is not None:
         try:
             validate_name(name, field="name")
@@ -121,7 +127,8 @@ def domain_xml(config: MachineConfig, *, name: str | None = None, uuid: str | No
 
 
 def problems(config: MachineConfig, *, domain_type: DomainType | None = None, files: DomainFiles | None = None,
-             nics: Mapping[str, NicTarget] | None = None) -> list[Problem]:
+             nics: Mapping[str, NicTarget] | None = None,
+             forwards: Literal["refuse", "hostfwd"] = "refuse") -> list[Problem]:
     """Every setting of ``config`` the domain XML cannot express (each naming its vm.yaml field)."""
     files = files or DomainFiles()
     nics = nics or {}
@@ -157,10 +164,12 @@ def problems(config: MachineConfig, *, domain_type: DomainType | None = None, fi
         if not share.host_path.is_absolute():
             out.append(Problem(f"{where}.host_path", f"{share.host_path} is relative: give an absolute path"))
     net = config.network
-    if net is not None and net.mode == "user" and net.forwards:
+    if net is not None and net.mode == "user" and net.forwards and forwards != "hostfwd":
         out.append(Problem("network.forwards", "libvirt 9.0 cannot forward host ports into user-mode networking "
                            "(its <portForward> needs the passt backend, from libvirt 9.2): leave the forwards out "
-                           "and reach the guest on a bridge (networks:) or a libvirt network"))
+                           "and reach the guest on a bridge (networks:) or a libvirt network, or add them to "
+                           "the running domain (virsh qemu-monitor-command --hmp NAME 'hostfwd_add "
+                           f"{USER_NETDEV} tcp:127.0.0.1:HOST-:GUEST')"))
     if net is not None and net.mode == "none" and net.forwards:
         out.append(Problem("network.forwards", "forwards to a machine's address on a vmkit network are made by "
                            "vmkit's supervisor, which a libvirt domain does not have: forward ports with the "
@@ -215,6 +224,8 @@ def _storage_problems(index: int, dev: StorageDevice, files: DomainFiles) -> lis
                            "(or usb-storage)"))
     att = dev.attachment
     if isinstance(att, NbdAttachment):
+        if _device_id(index, dev) in files.disks:
+            out.append(Problem(f"{where}.attachment", "an NBD disk has no file: give files only for disk images"))
         if att.reconnect_delay:
             out.append(Problem(f"{where}.attachment.reconnect_delay", "libvirt 9.0 cannot set QEMU's NBD "
                                "reconnect-delay: set reconnect_delay: 0 (I/O errors at once, then on_error)"))
@@ -496,6 +507,10 @@ class _Builder:
             disk = ET.Element("disk", type="file", device="disk")
             ET.SubElement(disk, "driver", name="qemu", type=att.format, cache=att.cache)
             ET.SubElement(disk, "source", file=str(self.files.disks.get(node, att.path)))
+        if bus == "virtio":
+            # the vCPU ceiling, as vmkit's own command line: QEMU's default (the vCPUs at start) changes
+            # with a vCPU hot-plug, and a state saved after one would not load into the new count
+            disk[0].set("queues", str(self.c.cpu_ceiling))
         ET.SubElement(disk, "target", dev=_disk_target("sd" if bus == "usb" else "vd", len(same_bus)), bus=bus)
         if att.read_only:
             ET.SubElement(disk, "readonly")
@@ -542,6 +557,17 @@ def _text(parent: ET.Element, tag: str, text: str, **attrs: str) -> ET.Element:
     el = ET.SubElement(parent, tag, attrs)
     el.text = text
     return el
+
+
+def hostfwd_commands(config: MachineConfig) -> list[str]:
+    """The HMP commands that add ``network.forwards`` to a running domain made with ``forwards="hostfwd"``
+    (``virsh qemu-monitor-command --hmp``, or ``libvirt_qemu.qemuMonitorCommand`` with
+    ``VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP``); an empty answer means it worked."""
+    net = config.user_nic
+    if net is None:
+        return []
+    return [f"hostfwd_add {USER_NETDEV} {f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
+            for f in net.forwards]
 
 
 def config_from_domain_xml(xml: str) -> MachineConfig | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from vmkit.config import MachineConfig
 from vmkit.errors import ConfigError, NotFoundError, Problem
 from vmkit.host.instance import Instance
+from vmkit.libvirt import domain
 from vmkit.libvirt.domain import DomainType, NicTarget, domain_xml
 from vmkit.net.store import NetworkStore
 from vmkit.runtime.qemu import accel as accel_mod
@@ -40,9 +41,20 @@ def nic_targets(config: MachineConfig, store: NetworkStore | None = None) -> dic
     return out
 
 
-def libvirt_xml(name: str) -> str:
-    """The libvirt domain XML of machine ``name`` (raises ConfigError naming what libvirt cannot express)."""
+def libvirt_xml(name: str, *, hostfwd: bool = False) -> str:
+    """The libvirt domain XML of machine ``name`` (raises ConfigError naming what libvirt cannot express).
+    ``hostfwd``: leave the user-mode port forwards out, for :func:`hostfwd_commands` to add them to the
+    running domain (libvirt 9.0 has no element for them)."""
     inst = Instance(name).require()
     config = inst.load_config()
-    domain_type: DomainType = "kvm" if accel_mod.choose(config.accel.value).name == "kvm" else "qemu"
-    return domain_xml(config, domain_type=domain_type, nics=nic_targets(config))
+    domain_type: DomainType | None = None  # accel: kvm or tcg name the type themselves
+    if config.accel == "auto":
+        domain_type = "kvm" if accel_mod.choose("auto").name == "kvm" else "qemu"
+    return domain_xml(config, domain_type=domain_type, nics=nic_targets(config),
+                      forwards="hostfwd" if hostfwd else "refuse")
+
+
+def hostfwd_commands(name: str) -> list[list[str]]:
+    """The ``virsh`` commands that add machine ``name``'s port forwards to its running domain."""
+    config = Instance(name).require().load_config()
+    return [["virsh", "qemu-monitor-command", "--hmp", name, cmd] for cmd in domain.hostfwd_commands(config)]
