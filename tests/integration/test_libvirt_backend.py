@@ -17,10 +17,12 @@ from conftest import vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.errors import ExitCode
 from vmkit.host.images.store import Image
+from vmkit.host.provision import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
 NAME = "lvm1"
+PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def machine(lv: LibvirtDaemon, home: Path, micro_image: Image) -> Iterator[str]:
-    vmkit("--connect", lv.uri, "create", NAME, "--image", "micro", "--memory", "256M")
+    vmkit("--connect", lv.uri, "create", NAME, "--image", "micro", "--memory", "256M", "--port", f"{PORT}:8080")
     yield NAME
     vmkit("--connect", lv.uri, "delete", "--force", NAME, check=False)
 
@@ -78,6 +80,10 @@ def test_lifecycle_through_connect_is_what_virsh_sees(lv: LibvirtDaemon, machine
     # the guest's console answers through libvirt's console stream
     res = vmkit("--connect", lv.uri, "console", machine, "--log", "--until", "VMKIT-READY", "--timeout", "5")
     assert "VMKIT-READY" in res.stdout
+
+    # the port forward libvirt 9.0 cannot express is on the running QEMU (HMP hostfwd_add through libvirt)
+    usernet = lv.virsh("qemu-monitor-command", "--hmp", machine, "info usernet").stdout
+    assert "HOST_FORWARD" in usernet and str(PORT) in usernet, usernet
 
     info = json.loads(vmkit("--connect", lv.uri, "inspect", machine).stdout)
     assert info["config"]["image"] == "micro" and info["runtime"]["state"] == "running"

@@ -117,8 +117,9 @@ class LibvirtInstance(Instance):
         """This client's files of the machine (keys, ssh_config); the machine itself lives on the host."""
         return self._call(self._host.local_dir, self.name)
 
-    def libvirt_xml(self) -> str:
-        """The domain's XML as libvirt has it now (``vmkit --connect URI export NAME --libvirt``)."""
+    def libvirt_xml(self, *, hostfwd: bool = False) -> str:
+        """The domain's XML as libvirt has it now (``vmkit --connect URI export NAME --libvirt``; its
+        port forwards are never in it: vmkit adds them to the running domain)."""
         return str(self._call(lambda: self._host.domain(self.name).XMLDesc(0)))
 
     # -- lifecycle ---------------------------------------------------------------------------------

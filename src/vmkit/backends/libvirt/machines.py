@@ -45,7 +45,7 @@ from vmkit.host import paths
 from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option
 from vmkit.host.images.store import Image, ImageStore
 from vmkit.host.provision import DISK, SEED, CloudOptions, write_identity
-from vmkit.libvirt.domain import DomainFiles, DomainType, config_from_domain_xml, domain_xml
+from vmkit.libvirt.domain import DomainFiles, DomainType, config_from_domain_xml, domain_xml, hostfwd_commands
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.execute import ExecResult, guest_exec
 from vmkit.runtime.guest.files import copy_from_guest, copy_to_guest
@@ -143,8 +143,7 @@ class LibvirtHost:
             local.mkdir(mode=0o700)
             try:
                 write_identity(local, config, CloudOptions(user_data=user_data), _instance_id())
-                return self._define(_without_ssh_forward(config), image=image, disk_size=disk_size_option(opts),
-                                    progress=progress)
+                return self._define(config, image=image, disk_size=disk_size_option(opts), progress=progress)
             except BaseException:
                 shutil.rmtree(local, ignore_errors=True)
                 raise
@@ -212,7 +211,7 @@ class LibvirtHost:
                 made.append(vol)
                 disks[disk_id] = vol.path()
             serial_log = f"{storage.POOL_PATH}/{storage.own_volume(name, 'serial.log')}"
-            xml = domain_xml(config, domain_type=self._domain_type(),
+            xml = domain_xml(config, domain_type=self._domain_type(), forwards="hostfwd",
                              files=DomainFiles(kernel=kernel, initrd=initrd, disks=disks, serial_log=serial_log))
             with translated("define", name=name, uri=self.uri):
                 self.conn.defineXML(xml)
@@ -294,9 +293,25 @@ class LibvirtHost:
         log_from = 0 if restored else self._log_size(name)
         with translated("start", name=name, uri=self.uri):
             dom.create()
+        self._add_forwards(dom, cfg)
         if not restored:
             self._wait_ready(name, cfg, log_from, timeout, progress)
         return Started(self.status(dom), restored)
+
+    def _add_forwards(self, dom: libvirt.virDomain, cfg: MachineConfig) -> None:
+        """The user-mode port forwards of vm.yaml, added to the domain's running QEMU (libvirt 9.0 has no
+        element for them: HMP ``hostfwd_add`` through libvirt, :func:`vmkit.libvirt.domain.hostfwd_commands`).
+        The ports are on the libvirt host's addresses (its loopback for the SSH forward)."""
+        import libvirt_qemu
+
+        for command in hostfwd_commands(cfg):
+            with translated("forward a port to", name=dom.name(), uri=self.uri):
+                answer = libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            if answer.strip():
+                from vmkit.errors import QemuError
+
+                raise QemuError(f"cannot forward {command.split()[-1]} to {dom.name()}: {answer.strip()}",
+                                hint="is the host port taken? vmkit --connect URI inspect NAME shows the forwards")
 
     def _wait_ready(self, name: str, cfg: MachineConfig, log_from: int, timeout: float | None,
                     progress: Callable[[str], None] | None) -> None:
@@ -384,6 +399,7 @@ class LibvirtHost:
             raise NotFoundError("saved state of", name, hint=f"vmkit --connect {self.uri} save {name} first")
         with translated("restore", name=name, uri=self.uri):
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+        self._add_forwards(dom, self.config(name))
         return self.status(dom)
 
     def snapshots(self, name: str) -> list[models.SnapshotInfo]:
@@ -420,8 +436,11 @@ class LibvirtHost:
 
     def revert(self, name: str, tag: str) -> models.RuntimeStatus:
         dom = self.domain(name)
+        was = self.state(dom)
         with translated("revert to snapshot", name=tag, uri=self.uri):
             dom.revertToSnapshot(dom.snapshotLookupByName(tag, 0), 0)
+        if was not in _LIVE and self.state(dom) in _LIVE:  # a new QEMU: its forwards are added again
+            self._add_forwards(dom, self.config(name))
         return self.status(dom)
 
     def delete_snapshot(self, name: str, tag: str) -> None:
@@ -661,6 +680,7 @@ class LibvirtHost:
                 dom.migrate3(dest.conn, params, flags)
             seconds = time.monotonic() - started
             moved = dest.domain(name)
+            dest._add_forwards(moved, dest.config(name))
             result = {"backend": "libvirt", "name": name, "target": target, "seconds": round(seconds, 2),
                       "state": dest.state(moved), "copy_storage": copy_storage}
             if not self._still_defined(name):
@@ -743,18 +763,6 @@ def _event_loop() -> None:
 
         threading.Thread(target=run, name="vmkit-libvirt-events", daemon=True).start()
         _loop_started = True
-
-
-def _without_ssh_forward(config: MachineConfig) -> MachineConfig:
-    """The cloud guest's configuration without the loopback forward to its SSH port that vmkit adds for
-    a local machine: libvirt 9.0 cannot forward ports into user-mode networking (that needs passt, from
-    9.2), and on another host that port would be on ITS loopback anyway. The guest is reached through
-    the agent (exec, cp); forwards the user asked for are still refused by name."""
-    if config.network is None:
-        return config
-    own = [f for f in config.network.forwards if f.guest_port == 22 and f.host_addr == "127.0.0.1"][:1]
-    forwards = tuple(f for f in config.network.forwards if f not in own)
-    return config.model_copy(update={"network": config.network.model_copy(update={"forwards": forwards})})
 
 
 def _domain_type(dom: libvirt.virDomain) -> str:
