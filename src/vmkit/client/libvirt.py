@@ -194,6 +194,9 @@ class LibvirtInstance(Instance):
     def ssh_argv(self, command: Sequence[str] = (), *, tty: bool = False) -> list[str]:
         return self._call(self._host.ssh_argv, self.name, list(command), tty=tty)
 
+    def ssh_config(self) -> str:
+        return self._call(self._host.ssh_config, self.name)
+
     def console_bytes(self) -> bytes:
         return self._call(self._host.console_bytes, self.name)
 

@@ -702,21 +702,32 @@ class LibvirtHost:
             return False
         return True
 
-    def ssh_argv(self, name: str, command: list[str], *, tty: bool) -> list[str]:
-        """``ssh`` into a cloud guest on a LOCAL libvirt host (its forwarded port on 127.0.0.1)."""
-        from vmkit.host.provision import ssh_argv, ssh_port
+    def _ssh_dir(self, name: str) -> tuple[Path, int]:
+        """The client's SSH files of a cloud guest on a LOCAL libvirt host, and its forwarded port there."""
+        from vmkit.host.provision import ssh_port
 
         if not _is_local(self.uri):
             raise ConfigError.single("--connect", f"{self.uri} is another host: its guests' forwarded ports are on "
                                      "that host's loopback (ssh there, then to the port)")
         cfg = self.config(name)
         local = self.local_dir(name)
-        if not (local / "ssh_config").exists():
-            raise ConfigError.single("image", f"{name} was not made from a cloud image here: no SSH key")
-        from vmkit.host.provision import write_ssh_config
+        if not (local / "known_hosts").exists():
+            raise ConfigError.single("image", f"{name} was not made from a cloud image by this client: no SSH key")
+        return local, ssh_port(cfg)
 
-        write_ssh_config(local, name, ssh_port(cfg))
+    def ssh_argv(self, name: str, command: list[str], *, tty: bool) -> list[str]:
+        """``ssh`` into a cloud guest on a LOCAL libvirt host (its forwarded port on 127.0.0.1)."""
+        from vmkit.host.provision import ssh_argv, write_ssh_config
+
+        local, port = self._ssh_dir(name)
+        write_ssh_config(local, name, port)
         return ssh_argv(local, name, command, tty=tty)
+
+    def ssh_config(self, name: str) -> str:
+        from vmkit.host.provision import ssh_config_text
+
+        local, port = self._ssh_dir(name)
+        return ssh_config_text(local, name, port)
 
 
 class LibvirtAgent:
