@@ -136,3 +136,32 @@ def test_live_migration_between_two_libvirt_hosts(host_a: LibvirtDaemon, host_b:
     finally:
         vmkit("--connect", host_a.uri, "delete", "--force", "mover", check=False)
         vmkit("--connect", REMOTE, "delete", "--force", "mover", check=False)
+
+
+def test_migration_copies_storage(host_a: LibvirtDaemon, host_b: LibvirtDaemon, sshd: Path, micro_image: Image,
+                                  tmp_path: Path) -> None:
+    """``--copy-storage``: the machine's writable disk volume is copied while it runs
+    (VIR_MIGRATE_NON_SHARED_DISK); B's pool gets a volume of the same name and size."""
+    data = tmp_path / "data.raw"
+    with data.open("wb") as f:
+        f.truncate(32 << 20)
+        f.seek(1 << 20)
+        f.write(b"written-on-host-a")
+    vmkit("--connect", host_a.uri, "create", "carrier", "--image", "micro", "--memory", "256M",
+          "--disk", str(data))
+    try:
+        vmkit("--connect", host_a.uri, "start", "carrier", "--timeout", "600")
+        res = vmkit("--connect", host_a.uri, "migrate", "carrier", ssh_uri(host_b, sshd), "--copy-storage",
+                    check=False)
+        assert res.returncode == 0, res.stdout + res.stderr + host_a.domain_log("carrier")[-2000:]
+        assert states(REMOTE).get("carrier") == "running"
+        vols = host_b.virsh("vol-list", "vmkit").stdout
+        assert "carrier-disk-disk0" in vols, vols
+        copied = (host_b.root / "lib" / "images" / "vmkit" / "carrier-disk-disk0").read_bytes()
+        assert copied[1 << 20:(1 << 20) + 17] == b"written-on-host-a"
+        assert "carrier-" not in host_a.virsh("vol-list", "vmkit").stdout  # the copies here are gone
+        vmkit("--connect", REMOTE, "delete", "--force", "carrier")
+        assert "carrier-" not in host_b.virsh("vol-list", "vmkit").stdout  # its extra disk too
+    finally:
+        vmkit("--connect", host_a.uri, "delete", "--force", "carrier", check=False)
+        vmkit("--connect", REMOTE, "delete", "--force", "carrier", check=False)

@@ -247,11 +247,12 @@ class LibvirtHost:
                 raise StateError("delete", state, ["stopped"])
             with translated("stop", name=name, uri=self.uri):
                 dom.destroy()
+        files = [path for path, _fmt, _writable in _domain_files(dom)]
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         with translated("delete", name=name, uri=self.uri):
             dom.undefineFlags(flags)
-        storage.delete_machine_volumes(storage.pool(self.conn), name)
+        storage.delete_machine_volumes(storage.pool(self.conn), name, files)
         shutil.rmtree(self.local_dir(name), ignore_errors=True)
 
     # -- listing -----------------------------------------------------------------------------------
@@ -632,7 +633,8 @@ class LibvirtHost:
         """libvirt's live migration of the running machine to libvirt host ``target`` (``copy_storage``:
         its writable disks are copied too, VIR_MIGRATE_NON_SHARED_DISK). Read-only volumes (kernel,
         initrd, seed) and base disks are copied to the target's pool first. The domain is then defined
-        there and undefined here."""
+        there and undefined here; with ``copy_storage`` its volumes here are removed too (without it they
+        stay: the target uses them at the same paths, on storage both hosts share)."""
         import libvirt
 
         say = on_event or (lambda _e: None)
@@ -661,6 +663,7 @@ class LibvirtHost:
                     continue
                 say({"step": f"copying volume {vol.name()} to the target's pool"})
                 storage.copy_volume(self.conn, vol, dest.conn, dpool, fmt=fmt)
+            files = [path for path, _fmt, _writable in _domain_files(dom)]
             flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
             if offline or state == "stopped":
                 flags |= libvirt.VIR_MIGRATE_OFFLINE
@@ -683,8 +686,8 @@ class LibvirtHost:
             dest._add_forwards(moved, dest.config(name))
             result = {"backend": "libvirt", "name": name, "target": target, "seconds": round(seconds, 2),
                       "state": dest.state(moved), "copy_storage": copy_storage}
-            if not self._still_defined(name):
-                storage.delete_machine_volumes(storage.pool(self.conn), name)
+            if copy_storage and not self._still_defined(name):  # the target has its own copies now
+                storage.delete_machine_volumes(storage.pool(self.conn), name, files)
             local, there = self.local_dir(name), dest.local_dir(name)
             if local.exists() and not there.exists():
                 paths.make_dirs(there.parent)

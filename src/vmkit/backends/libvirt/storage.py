@@ -158,22 +158,25 @@ def download(conn: libvirt.virConnect, vol: libvirt.virStorageVol, *, offset: in
     return b"".join(chunks)
 
 
-def delete_machine_volumes(p: libvirt.virStoragePool, machine: str) -> list[str]:
-    """Delete the machine's own volumes (``<machine>-*``); the shared base volumes stay."""
+def delete_machine_volumes(p: libvirt.virStoragePool, machine: str, paths: list[str] | tuple[str, ...] = ()
+                           ) -> list[str]:
+    """Delete the machine's own volumes: its root, seed and serial log, and those of ``paths`` (its
+    domain's disks) named ``<machine>-...``; the shared base volumes stay."""
     gone = []
     with translated("refresh the storage pool", name=POOL):
         p.refresh(0)
-    for name in p.listVolumes():
-        if name.startswith(f"{machine}-") and name.rsplit("-", 1)[-1] in _OWN_SUFFIXES:
-            vol = volume(p, name)
-            if vol is not None:
-                with translated("delete a storage volume", name=name):
-                    vol.delete(0)
-                gone.append(name)
+    names = {own_volume(machine, what) for what in _OWN_SUFFIXES}
+    names |= {os.path.basename(path) for path in paths if os.path.basename(path).startswith(f"{machine}-")}
+    for name in sorted(names):
+        vol = volume(p, name)
+        if vol is not None:
+            with translated("delete a storage volume", name=name):
+                vol.delete(0)
+            gone.append(name)
     return gone
 
 
-_OWN_SUFFIXES = ("root.qcow2", "seed.iso", "serial.log", "vmlinuz", "initrd.img")
+_OWN_SUFFIXES = ("root.qcow2", "seed.iso", "serial.log")
 
 
 def own_volume(machine: str, what: str) -> str:
