@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
+  qemu-system-arm qemu-user-static binfmt-support arch-test  # aarch64 guests; binfmt (foreign programs in guests, arm64 image builds)
   dnsmasq-base nftables iproute2 iperf3           # vmkit networks (DHCP+DNS, NAT and isolation, bridges); iperf3 for benchmarks/net_bench.py
   busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
+  sysbench                                        # `vmkit bench cpu` (its binary and libraries are copied into guests)
   libvirt-clients libxml2-utils                   # virsh (benchmarks/cli_bench.py), virt-xml-validate (+ xmllint) for the domain XML tests
   libvirt-daemon libvirt-daemon-driver-qemu       # libvirtd + virtlogd: the libvirt backend's tests start private ones (no systemd)
   libvirt-dev pkg-config                          # libvirt-python (a pip dependency) builds against them
@@ -22,18 +24,32 @@ APT_PACKAGES=(
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# aarch64 guest images are made of Debian's arm64 packages: apt must know that architecture
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  as_root dpkg --add-architecture arm64
+fi
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # apt-get download (used to build guest images) needs package lists, even when nothing is missing
-if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ] \
+   || ! ls /var/lib/apt/lists/ 2>/dev/null | grep -q "binary-arm64_Packages"; then
   echo "==> apt-get update"
   as_root apt-get update -q
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# binfmt_misc (no systemd here to mount it): the arm64 image build runs maintainer scripts under qemu-aarch64
+if [ -d /proc/sys/fs/binfmt_misc ] && [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+  as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
+fi
+if command -v update-binfmts >/dev/null && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  as_root update-binfmts --enable qemu-aarch64 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -67,6 +67,23 @@ def micro_full_image() -> Image:
         return build_micro_full(ImageStore(image_cache_dir()))
 
 
+@pytest.fixture(scope="session")
+def micro_aarch64_image() -> Image:
+    """The micro guest for aarch64 (Debian's arm64 cloud kernel and busybox; `micro-aarch64`)."""
+    with image_build_lock("micro-aarch64"):
+        return build_micro(ImageStore(image_cache_dir()), arch="aarch64")
+
+
+@pytest.fixture(scope="session")
+def debian12_aarch64() -> Image:
+    """Debian 12 for aarch64 (`debian-12-aarch64`: mmdebstrap --architectures=arm64, maintainer scripts
+    under qemu-user-static; ~15 min on a loaded host), built once and cached."""
+    from vmkit.host.images import debian
+
+    with image_build_lock("debian-12-aarch64"):
+        return debian.build_debian(ImageStore(image_cache_dir()), arch="aarch64")
+
+
 def build_current_debian(store: ImageStore, **kwargs: Any) -> Image:
     """``debian-12`` from the cache, rebuilt first if an older vmkit recipe made it."""
     from vmkit.host.images import debian

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import platform
 import re
 import socket
 from dataclasses import dataclass
@@ -216,11 +217,21 @@ def parse_nbd_url(url: str) -> NbdServerAddress:
 Attachment = Annotated[DiskImage | NbdAttachment, Field(discriminator="type")]
 
 
-class StorageDevice(_Model):
-    """A disk the guest sees: ``virtio-blk`` (/dev/vdX), ``nvme`` (/dev/nvmeXnY) or
-    ``usb-storage`` (/dev/sdX on an xHCI controller)."""
+DiskKind = Literal["virtio-blk", "nvme", "usb-storage", "sata", "ide"]
+DISK_KINDS: tuple[str, ...] = ("virtio-blk", "nvme", "usb-storage", "sata", "ide")
+SATA_PORTS = 6
+"""Disks of kind ``sata`` a machine may have: the ports of its one AHCI controller (ich9-ahci)."""
+IDE_UNITS = 4
+"""Disks of kind ``ide`` a machine may have: two channels of a PIIX3 IDE controller, master and slave."""
 
-    kind: Literal["virtio-blk", "nvme", "usb-storage"] = "virtio-blk"
+
+class StorageDevice(_Model):
+    """A disk the guest sees: ``virtio-blk`` (/dev/vdX), ``nvme`` (/dev/nvmeXnY), ``usb-storage``
+    (/dev/sdX on an xHCI controller), ``sata`` (/dev/sdX on an emulated AHCI controller) or ``ide``
+    (/dev/sdX on an emulated PIIX3 IDE controller). SATA and IDE are emulated hardware (no
+    paravirtualization: ``vmkit bench devices`` measures what that costs) and cannot be hot-plugged."""
+
+    kind: DiskKind = "virtio-blk"
     attachment: Attachment
     serial: str | None = Field(default=None, max_length=20, description="serial number the guest sees")
     id: str | None = Field(default=None, pattern=DISK_ID_RE.pattern,
@@ -536,6 +547,37 @@ def default_max_cpus(cpus: int) -> int:
     return min(MAX_VCPUS, max(4, 2 * cpus))
 
 
+Arch = Literal["x86_64", "aarch64"]
+"""A guest architecture, named as ``uname -m`` names it."""
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What differs between guest architectures: QEMU's binaries, Debian's name, the machine, the console."""
+
+    name: str
+    debian: str  # dpkg's architecture name
+    qemu_system: str  # the system emulator
+    qemu_user: str  # qemu-user-static's binary (binfmt_misc interpreter) for this architecture's programs
+    machines: tuple[str, ...]  # machine types vmkit runs it on (the first is the default)
+    console: str  # the guest's first serial port
+    elf_machine: int  # e_machine in an ELF header
+
+
+ARCHES: dict[str, ArchInfo] = {
+    "x86_64": ArchInfo("x86_64", "amd64", "qemu-system-x86_64", "qemu-x86_64-static", ("q35", "pc"), "ttyS0", 62),
+    "aarch64": ArchInfo("aarch64", "arm64", "qemu-system-aarch64", "qemu-aarch64-static", ("virt",), "ttyAMA0", 183),
+}
+"""Every architecture vmkit runs guests of (and runs foreign binaries of, through binfmt)."""
+_HOST_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def host_arch() -> str:
+    """This host's architecture in ``uname -m`` terms (``x86_64``, ``aarch64``)."""
+    machine = platform.machine().lower()
+    return _HOST_ALIASES.get(machine, machine)
+
+
 class ClockSync(_Model):
     """The supervisor keeps a running guest's clock right (needs the guest agent): every ``interval``
     seconds it reads the guest's clock (``guest-get-time``) and sets it to the host's time
@@ -563,9 +605,14 @@ class MachineConfig(_Model):
     plugged_memory: Size = Field(default=0, description="memory plugged into the virtio-mem region on top of "
                                  "memory (a multiple of 2M); `vmkit set --memory` keeps it up to date, and a new "
                                  "boot plugs it again")
-    arch: Literal["x86_64"] = "x86_64"
+    arch: Arch = Field(default="x86_64", description="the guest's architecture: x86_64, or aarch64 (QEMU's "
+                       "virt machine, always emulated by TCG on an x86-64 host)")
     accel: Accelerator = Accelerator.AUTO
-    machine: Literal["q35", "pc"] = "q35"
+    machine: Literal["q35", "pc", "virt"] = Field(default="q35", description="QEMU machine type: q35 or pc "
+                                                  "(x86_64), virt (aarch64); default: the architecture's first")
+    binfmt: tuple[Arch, ...] = Field(default=(), description="foreign architectures whose programs the guest runs "
+                                     "directly: qemu-user-static's interpreter is copied in and registered with "
+                                     "binfmt_misc once the guest agent answers (needs agent: true)")
     cpu_model: str | None = Field(default=None, description="QEMU -cpu model, optionally with features (max,+pdpe1gb); "
                                               "default: host under KVM, max under TCG")
     boot: LinuxBoot
@@ -598,6 +645,14 @@ class MachineConfig(_Model):
     limits: Limits = Field(default=Limits(), description="cgroup reservations and limits, CPU weight, cap and "
                                                          "pinning (`vmkit set` changes them live)")
     image: str | None = Field(default=None, description="the image this machine was created from")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_machine(cls, data: Any) -> Any:
+        """No ``machine`` given: the architecture's default (q35, virt)."""
+        if isinstance(data, dict) and data.get("machine") is None and data.get("arch") in ARCHES:
+            data = {**data, "machine": ARCHES[data["arch"]].machines[0]}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -690,8 +745,43 @@ class MachineConfig(_Model):
 
     @property
     def cpu_ceiling(self) -> int:
-        """The most vCPUs the machine can have while it runs (``max_cpus`` or its default)."""
-        return self.max_cpus if self.max_cpus is not None else max(self.cpus, default_max_cpus(self.cpus))
+        """The most vCPUs the machine can have while it runs (``max_cpus`` or its default; on
+        aarch64, which QEMU cannot hot-plug vCPUs into, ``cpus``)."""
+        if self.max_cpus is not None:
+            return self.max_cpus
+        if self.arch != "x86_64":
+            return self.cpus
+        return max(self.cpus, default_max_cpus(self.cpus))
+
+    @property
+    def arch_info(self) -> ArchInfo:
+        return ARCHES[self.arch]
+
+    def _arch_problems(self) -> list[Problem]:
+        """Features QEMU cannot give this architecture's machine, refused by name."""
+        info = self.arch_info
+        problems: list[Problem] = []
+        if self.machine not in info.machines:
+            problems.append(Problem("machine", f"{self.machine} is not a machine for {self.arch} guests: use "
+                                    f"{' or '.join(info.machines)} (or leave machine out)"))
+        if self.arch == "aarch64":
+            if self.max_cpus is not None and self.max_cpus > self.cpus:
+                problems.append(Problem("max_cpus", "QEMU's aarch64 virt machine has no vCPU hot-plug: leave "
+                                        f"max_cpus out or give {self.cpus} (= cpus)"))
+            if self.max_memory is not None:
+                problems.append(Problem("max_memory", "QEMU 7.2's aarch64 virt machine cannot plug virtio-mem "
+                                        "(QEMU 8.1 added it): leave max_memory out"))
+            if self.display is not None and self.display.type == "virtio-vga":
+                problems.append(Problem("display.type", "virtio-vga is a PC VGA card QEMU has no aarch64 "
+                                        "build of: use type: virtio-gpu"))
+        for i, arch in enumerate(self.binfmt):
+            if arch == self.arch:
+                problems.append(Problem(f"binfmt[{i}]", f"{arch} is the guest's own architecture: its programs "
+                                        "run natively; list only foreign ones"))
+        if self.binfmt and not self.agent:
+            problems.append(Problem("binfmt", "binfmt handlers are installed through the guest agent: use an image "
+                                    "with one (e.g. --image debian-12), or leave binfmt out"))
+        return problems
 
     @property
     def hotplug_memory(self) -> int:
@@ -723,7 +813,14 @@ class MachineConfig(_Model):
                                         "give each device its own id"))
             ids[dev_id] = f"storage[{i}]"
             problems += device_problems(dev, f"storage[{i}]", seen, host=host)
+        for kind, most in (("sata", SATA_PORTS), ("ide", IDE_UNITS)):
+            where = [i for i, d in enumerate(self.storage) if d.kind == kind]
+            if len(where) > most:
+                problems.append(Problem(f"storage[{where[most]}].kind", f"a machine has at most {most} {kind} disks "
+                                        f"(the ports of its one {kind.upper()} controller): use kind virtio-blk "
+                                        "or nvme for the others"))
         problems += self._share_problems(host)
+        problems += self._arch_problems()
         problems += self.limits.problems(self.total_memory)
         problems += self._network_problems()
         if self.network is not None:

@@ -95,13 +95,15 @@ def test_export_refuses_by_name(vmkit_home: Path, micro_image: Image) -> None:
 
 
 def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Image, tmp_path: Path) -> None:
-    """Disks (qcow2, raw read-only, USB, NBD), shares (virtiofs, 9p), a user NIC and a bridge NIC,
+    """Disks (qcow2, raw read-only, USB, SATA, NBD), shares (virtiofs, 9p), a user NIC and a bridge NIC,
     agent, display, virtio-mem, vCPU ceiling, limits: libvirt's define validates all of it against
     this QEMU's capabilities; what it stores keeps the devices vmkit asked for."""
     name = _name("rich")
     assert micro_image.kernel is not None
     disk = tmp_path / "disk.qcow2"
     disk.write_bytes(b"")
+    disk2 = tmp_path / "disk2.img"
+    disk2.write_bytes(b"")
     seed = tmp_path / "seed.iso"
     seed.write_bytes(b"")
     share = tmp_path / "share"
@@ -115,6 +117,7 @@ def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Ima
              "attachment": {"type": "disk-image", "path": str(seed), "format": "raw", "read_only": True,
                             "cache": "none"}},
             {"kind": "usb-storage", "id": "stick", "attachment": {"type": "disk-image", "path": "/dev/null"}},
+            {"kind": "sata", "id": "sata", "attachment": {"type": "disk-image", "path": str(disk2)}},
             {"id": "remote", "attachment": {"type": "nbd", "url": "nbd://127.0.0.1:10809/exp",
                                             "reconnect_delay": 0, "on_error": "report"}},
         ],
@@ -134,7 +137,8 @@ def test_rich_machine_is_accepted_by_libvirt(lv: LibvirtDaemon, micro_image: Ima
         for want in ("model='virtio-mem'",
                      "<driver type='virtiofs' queue='1024'/>", "accessmode='squash'", "<source bridge='vmkbr-none'/>",
                      "name='org.qemu.guest_agent.0'", "<alias name='ua-root'/>", "<alias name='ua-stick'/>",
-                     "bus='usb'", "protocol='nbd'", "<global_quota>150000</global_quota>", "<nosharepages/>",
+                     "bus='usb'", "bus='sata'", "protocol='nbd'", "<global_quota>150000</global_quota>",
+                     "<nosharepages/>",
                      "<resolution x='1024' y='768'/>", "freePageReporting='on'", "<vcpu placement='static' "
                      "current='2'>4</vcpu>"):
             assert want in stored, f"{want} is not in what libvirt stored:\n{stored}"

@@ -145,6 +145,12 @@ def test_parse_disk_rejects_unknown_flags() -> None:
         parse_disk("/d.img:rw")
 
 
+def test_parse_disk_takes_a_kind_and_a_serial() -> None:
+    dev = parse_disk("/d.raw:kind=sata:serial=vmkit-bench-sata")
+    assert dev["kind"] == "sata" and dev["serial"] == "vmkit-bench-sata"
+    assert parse_disk("nbd://h/e,kind=ide,serial=s1")["serial"] == "s1"
+
+
 def test_port_options(kernel: Path) -> None:
     cfg = build(kernel=kernel, ports=["8080:80", "0.0.0.0:2222:22", "5353:53/udp"])
     assert cfg.network is not None

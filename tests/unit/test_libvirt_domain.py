@@ -104,10 +104,14 @@ def test_everything_libvirt_can_express(tmp_path: Path) -> None:
 
 
 def test_pc_machine_and_cpu_models(tmp_path: Path) -> None:
-    """i440fx (no PCIe root ports), the host CPU under KVM, no network, no serial log, a display on a
-    loopback VNC port."""
+    """i440fx (no PCIe root ports), IDE and SATA disks (SATA and USB share the sdX names), the host
+    CPU under KVM, no network, no serial log, a display on a loopback VNC port."""
     c = config(machine="pc", cpus=4, max_cpus=4, cpu_model="host", network=None, serial={"log": False},
-               display={}, usb=True)
+               display={}, usb=True,
+               storage=[{"kind": "ide", "attachment": {"type": "disk-image", "path": "/vm/old.img"}},
+                        {"kind": "sata", "attachment": {"type": "disk-image", "path": "/vm/a.qcow2"}},
+                        {"kind": "usb-storage", "attachment": {"type": "disk-image", "path": "/vm/stick.img"}},
+                        {"kind": "ide", "attachment": {"type": "disk-image", "path": "/vm/old2.img"}}])
     check("pc.xml", domain_xml(c, domain_type="kvm"), tmp_path)
     assert "<cpu mode=\"maximum\" />" in domain_xml(config(cpu_model="max"), domain_type="kvm")
     assert "<cpu mode=\"host-passthrough\" />" in domain_xml(config(), domain_type="kvm")
@@ -159,6 +163,11 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"balloon_shares": 0}, "balloon_shares"),
     ({"limits": {"memory_min": "256M"}}, "limits.memory_min"),
     ({"limits": {"swap_max": "256M"}}, "limits.swap_max"),
+    ({"storage": [{"kind": "ide", "attachment": {"type": "disk-image", "path": "/d.img"}}]}, "storage[0].kind"),
+    ({"storage": [{"kind": "sata", "attachment": {"type": "disk-image", "path": "/d.img", "read_only": True}}]},
+     "storage[0].attachment.read_only"),
+    ({"arch": "aarch64"}, "arch"),
+    ({"binfmt": ["aarch64"], "agent": True}, "binfmt"),
     ({"cpu_model": "max,level=5"}, "cpu_model"),
     ({"cpu_model": "host,+avx"}, "cpu_model"),
 ]

@@ -228,7 +228,7 @@ def test_start_resumes_and_says_so(instance: Instance, tmp_path: Path, monkeypat
     write_state(instance.saved_state_path, instance.load_config(), keys.load_key())
     calls: list[list[str]] = []
     monkeypatch.setattr(control, "start", fake_start(calls))
-    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v, **_kw: TCG)
     notes: list[statectl.Note] = []
     progress: list[int] = []
     outcome = statectl.start("s", notice=notes.append, state_progress=lambda d, t: progress.append(d))
@@ -254,7 +254,7 @@ def test_start_falls_back_to_a_cold_boot(instance: Instance, monkeypatch: pytest
         failure.exit_code = ExitCode.STATE_RESTORE
     calls: list[list[str]] = []
     monkeypatch.setattr(control, "start", fake_start(calls, failure))
-    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v, **_kw: TCG)
     notes: list[statectl.Note] = []
     outcome = statectl.start("s", notice=notes.append)
     assert calls[-1] == [] and outcome.restored is None and outcome.fallback
@@ -269,7 +269,7 @@ def test_unsafe_key_is_not_a_reason_to_discard(instance: Instance, monkeypatch: 
     write_state(instance.saved_state_path, instance.load_config(), keys.load_key())
     keys.key_path().chmod(0o644)
     monkeypatch.setattr(control, "start", fake_start([]))
-    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v: TCG)
+    monkeypatch.setattr(statectl.accel_mod, "choose", lambda _v, **_kw: TCG)
     with pytest.raises(keys.KeyFileError):
         statectl.start("s")
     assert instance.saved_state_path.exists()

@@ -88,3 +88,41 @@ def test_parse_nbd_url_parts() -> None:
     assert (a.export, a.unix_path, a.host) == ("exp", "/tmp/s.sock", None)
     b = parse_nbd_url("nbd://h:1234/a%2Fb")
     assert (b.export, b.host, b.port) == ("a/b", "h", 1234)
+
+
+def test_sata_and_ide_disks_get_their_controllers_ports_and_units(tmp_path: Path) -> None:
+    imgs = []
+    for n in range(5):
+        img = tmp_path / f"d{n}.raw"
+        img.write_bytes(b"\0" * 4096)
+        imgs.append(str(img))
+    c = cfg(tmp_path, [{"kind": k, "attachment": {"type": "disk-image", "path": p}}
+                       for k, p in zip(("sata", "ide", "virtio-blk", "ide", "sata"), imgs, strict=True)],
+            hotplug_slots=0)
+    assert c.validate(host=True) == []
+    assert cmdline.controller_args(c) == ["-device", "ich9-ahci,id=sata0", "-device", "piix3-ide,id=pata0"]
+    assert cmdline.storage_slots(c) == [0, 0, 0, 1, 1]
+    slots = cmdline.storage_slots(c)
+    devices = [cmdline.storage_args(i, d, slot=s)[3] for i, (d, s) in enumerate(zip(c.storage, slots, strict=True))]
+    assert devices == ["ide-hd,drive=disk0,id=disk0-dev,bus=sata0.0",
+                       "ide-hd,drive=disk1,id=disk1-dev,bus=pata0.0,unit=0",
+                       "virtio-blk-pci,drive=disk2,id=disk2-dev",
+                       "ide-hd,drive=disk3,id=disk3-dev,bus=pata0.0,unit=1",
+                       "ide-hd,drive=disk4,id=disk4-dev,bus=sata0.1"]
+    plain = cfg(tmp_path, [{"attachment": {"type": "disk-image", "path": imgs[0]}}])
+    assert not any("ahci" in a or "piix" in a for a in cmdline.controller_args(plain))
+
+
+@pytest.mark.parametrize(("kind", "most"), [("sata", 6), ("ide", 4)])
+def test_too_many_ata_disks_name_the_first_one_too_many(tmp_path: Path, kind: str, most: int) -> None:
+    c = cfg(tmp_path, [{"kind": kind, "attachment": {"type": "disk-image", "path": f"/d{n}.raw"}}
+                       for n in range(most + 1)])
+    problems = c.validate(host=False)
+    assert [p.field for p in problems] == [f"storage[{most}].kind"]
+    assert f"at most {most} {kind} disks" in problems[0].message
+
+
+def test_unknown_disk_kind_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        cfg(tmp_path, [{"kind": "scsi", "attachment": {"type": "disk-image", "path": "/d.raw"}}])
+    assert [p.field for p in exc.value.problems] == ["storage[0].kind"]

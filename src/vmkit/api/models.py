@@ -21,6 +21,8 @@ from vmkit.config import Bool, Float, Limits
 # defined with the state file they describe (below the API), re-exported as part of the contract
 from vmkit.host.status import MachineStateName as MachineStateName
 from vmkit.host.status import RuntimeStatus as RuntimeStatus
+from vmkit.net.store import NetworkMember as NetworkMember
+from vmkit.net.store import NetworkView as NetworkView
 
 API_VERSION = "v1"
 
@@ -628,31 +630,6 @@ class InstanceRow(Response):
     reason: str
     addresses: dict[str, str] = Field(default_factory=dict, description="the machine's address on each vmkit "
                                       "network it is on, by network name")
-
-
-class NetworkMember(Response):
-    """A machine on a vmkit network: its NIC's MAC and its static address."""
-
-    machine: str
-    mac: str
-    address: str
-
-
-class NetworkView(Response):
-    """A vmkit network as ``vmkit network list|inspect`` shows it. ``up``: its bridge, nftables table
-    and dnsmasq (rootless: its switch) exist on the host."""
-
-    name: str
-    mode: Literal["nat", "isolated", "routed", "rootless"]
-    subnet: str
-    gateway: str
-    domain: str
-    bridge: str | None
-    up: bool
-    dnsmasq_pid: int | None = None
-    switch_pid: int | None = None
-    directory: str
-    machines: list[NetworkMember] = Field(default_factory=list)
 
 
 class NetworkDeleted(Response):

@@ -1,13 +1,15 @@
-"""``vmkit bench fs NAME``: fio in the guest on each shared folder and on the guest's disk."""
+"""``vmkit bench fs NAME`` (fio on each shared folder), ``vmkit bench cpu`` (sysbench on the host, in a
+container and in guests), ``vmkit bench devices`` (fio on virtio-blk, NVMe, SATA and IDE disks)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from vmkit.cli import groups
-from vmkit.cli.output import err, machine, out
+from vmkit.cli.output import client, err, machine, out
 from vmkit.errors import ExitCode
 
 app = typer.Typer(help=groups.help_of("bench"), no_args_is_help=True)
@@ -85,3 +87,102 @@ def fs(
         out.print(escape(line), highlight=False)
     for path in handle.write_bench_report(report, json_path, markdown_path):
         out.print(f"wrote {escape(str(path))}", highlight=False)
+
+
+def _progress_bar() -> Any:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                    transient=True)
+
+
+def _draw(title: str, header: list[str], rows: list[list[str]], footer: list[str]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title), title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(escape(h), justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[(f"[red]{escape(c)}[/]" if c.startswith("failed") else escape(c)) for c in row])
+    out.print(table)
+    for line in footer:
+        out.print(escape(line), highlight=False, soft_wrap=True)
+
+
+@app.command("cpu")
+def cpu(
+    quick: bool = typer.Option(False, "--quick", help="prime limit 10000, 2 s per run, once: a smoke test"),
+    threads: int | None = typer.Option(None, "--threads", help="the N of the N-thread runs "
+                                       "(default: the host's CPUs; the guests get as many vCPUs)"),
+    prime: int | None = typer.Option(None, "--prime", help="sysbench --cpu-max-prime (default 20000; quick 10000)"),
+    seconds: int | None = typer.Option(None, "--time", help="seconds per run (default 10; quick 2)"),
+    repeat: int | None = typer.Option(None, "--repeat", help="runs per cell, the best counts (default 3; quick 1)"),
+    target: list[str] | None = typer.Option(None, "--target", help="measure only these rows (repeatable): "
+                                            "host, container, x86_64-tcg, x86_64-kvm, aarch64-tcg"),
+    machine_name: str | None = typer.Option(None, "--machine", help="a running x86-64 machine to measure instead "
+                                            "of booting a throw-away one"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="also draw the table as a PNG bar chart here"),
+) -> None:
+    """sysbench's CPU test on the host, in a container (unshare + chroot into the debian-12 root file
+    system), in an x86-64 guest under TCG and under KVM, and in an aarch64 guest; events per second
+    with 1 and N threads and the ratio to the host. Rows that cannot run here say why."""
+    from rich.markup import escape
+
+    from vmkit.bench import cpu as cpubench
+
+    settings = cpubench.settings_for(quick=quick, threads=threads, prime=prime, seconds=seconds, repeat=repeat)
+    with _progress_bar() as bar:
+        task = bar.add_task("sysbench", total=None)
+        try:
+            report = client().bench_cpu(settings, machine=machine_name, targets=target or cpubench.TARGETS,
+                                      progress=lambda m: bar.update(task, description=escape(m)))
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print("interrupted: throw-away guests and temporary files removed", highlight=False)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+    header, rows = cpubench.table_rows(report)
+    _draw("vmkit bench cpu (sysbench events per second; ratio to the host)", header, rows,
+          cpubench.footer_lines(report))
+    if json_path is not None:
+        out.print(f"wrote {escape(str(cpubench.write_json(report, json_path)))}", highlight=False)
+    if plot_path is not None:
+        out.print(f"wrote {escape(str(cpubench.plot(report, plot_path)))}", highlight=False)
+
+
+@app.command("devices")
+def devices(
+    quick: bool = typer.Option(False, "--quick", help="64M disks, 1 s per cell: a smoke test"),
+    size: str | None = typer.Option(None, "--size", help="size of each scratch disk (default 512M; quick 64M)"),
+    runtime: int | None = typer.Option(None, "--runtime", help="seconds per cell (default 10; quick 1)"),
+    kind: list[str] | None = typer.Option(None, "--kind", help="device models to compare (repeatable; virtio-blk "
+                                          "always runs): virtio-blk, nvme, sata, ide"),
+    machine_name: str | None = typer.Option(None, "--machine", help="a running machine with scratch disks whose "
+                                            "serial is vmkit-bench-<kind> (overwritten!) instead of a throw-away one"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="also draw the ratios as a PNG bar chart here"),
+) -> None:
+    """fio inside a guest on a virtio-blk, an NVMe, an emulated SATA (AHCI) and an emulated IDE disk:
+    sequential and random reads and writes, and each model's throughput relative to virtio-blk."""
+    from rich.markup import escape
+
+    from vmkit.bench import devices as devbench
+
+    settings = devbench.settings_for(quick=quick, size=size, runtime=runtime)
+    kinds = [devbench.BASELINE, *[k for k in (kind or devbench.KINDS) if k != devbench.BASELINE]]
+    with _progress_bar() as bar:
+        task = bar.add_task("fio", total=None)
+        try:
+            report = client().bench_devices(settings, machine=machine_name, kinds=kinds,
+                                          progress=lambda m: bar.update(task, description=escape(m)))
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print("interrupted: the throw-away guest and its scratch disks removed", highlight=False)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+    header, rows = devbench.table_rows(report)
+    _draw("vmkit bench devices (fio in the guest; ratio to virtio-blk)", header, rows, devbench.footer_lines(report))
+    if json_path is not None:
+        out.print(f"wrote {escape(str(devbench.write_json(report, json_path)))}", highlight=False)
+    if plot_path is not None:
+        out.print(f"wrote {escape(str(devbench.plot(report, plot_path)))}", highlight=False)

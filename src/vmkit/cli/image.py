@@ -19,19 +19,27 @@ if TYPE_CHECKING:
 app = typer.Typer(help=groups.help_of("image"), no_args_is_help=True)
 
 
-def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None]) -> Image:
+def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
     from vmkit.host.images import debian
 
     def show(p: debian.BuildProgress) -> None:
         progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
 
-    return debian.build_debian(store, force=force, progress=show)
+    return debian.build_debian(store, force=force, progress=show, arch=arch)
+
+
+def _build_micro_full(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
+    from vmkit.host.images import micro
+
+    if arch != "x86_64":
+        raise ConfigError.single("--arch", f"micro-full is built for x86_64 only: use micro --arch {arch}")
+    return micro.build_micro_full(store, force=force, progress=progress)
 
 
 def _builders() -> dict[str, Callable[..., Image]]:
     from vmkit.host.images import micro
 
-    return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: micro.build_micro_full,
+    return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: _build_micro_full,
             catalogue.DEBIAN_12: _build_debian}
 
 
@@ -39,6 +47,8 @@ def _builders() -> dict[str, Callable[..., Image]]:
 def build(
     name: str = typer.Argument(..., help=f"image to build: {', '.join(catalogue.BUILDABLE)}"),
     force: bool = typer.Option(False, "--force", help="rebuild even if the image exists"),
+    arch: str = typer.Option("x86_64", "--arch", help="the guest architecture: x86_64 or aarch64 (stored as "
+                             "NAME-aarch64; Debian's arm64 packages, `dpkg --add-architecture arm64` first)"),
 ) -> None:
     """Build a guest image from Debian packages into the image cache."""
     from rich.markup import escape
@@ -51,7 +61,7 @@ def build(
         raise ConfigError.single("NAME", f"no builder for {name!r}: choose one of {', '.join(catalogue.BUILDABLE)}")
     started = time.monotonic()
     with spinner(f"building image {name}") as update:
-        image = builder(ImageStore(), force=force, progress=update)
+        image = builder(ImageStore(), force=force, progress=update, arch=arch)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory} ({time.monotonic() - started:.1f} s)")
     if (note := debian.outdated_note(image)) is not None:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

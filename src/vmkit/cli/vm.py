@@ -57,6 +57,10 @@ def create(
                               "'user' is QEMU's user-mode NAT, the default when none is given)"),
     display: bool = typer.Option(False, "--display", help="a screen and keyboard (virtio-vga, VNC on vnc.sock; "
                                                           "see vmkit console --web)"),
+    arch: str | None = typer.Option(None, "--arch", help="guest architecture: x86_64 or aarch64 (emulated by "
+                                    "TCG); picks the image built for it, e.g. debian-12-aarch64"),
+    binfmt: list[str] = typer.Option([], "--binfmt", help="run another architecture's programs in the guest "
+                                     "through qemu-user-static, e.g. aarch64 (repeatable; needs the guest agent)"),
     display_size: str | None = typer.Option(None, "--display-size",
                                             help="with --display: the boot-time size WIDTHxHEIGHT (default "
                                                  "1280x800), also the largest Linux's console can show later"),
@@ -74,7 +78,8 @@ def create(
                            from_file=from_file, user_data=user_data, limits=limits or None,
                            max_cpus=max_cpus, max_memory=max_memory,
                            balloon_min=balloon_min, balloon_shares=balloon_shares,
-                           networks=network or None, display=(display_size or True) if display else None)
+                           networks=network or None, display=(display_size or True) if display else None,
+                           arch=arch, binfmt=binfmt or None)
     out.print(f"created [bold]{name}[/] in {inst.directory}")
     for n in inst.row().addresses.items():
         out.print(f"  on network {n[0]}: {n[1]}")

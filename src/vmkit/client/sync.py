@@ -31,6 +31,10 @@ from vmkit.host import paths
 
 if TYPE_CHECKING:
     from vmkit.backends.local.statectl import Note
+    from vmkit.bench.cpu import Report as CpuReport
+    from vmkit.bench.cpu import Settings as CpuSettings
+    from vmkit.bench.devices import Report as DevicesReport
+    from vmkit.bench.devices import Settings as DevicesSettings
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
     from vmkit.host.builder import CreateOptions
@@ -47,7 +51,7 @@ Notice = Callable[["Note"], None]
 _CREATE_OPTIONS = frozenset({"image", "kernel", "initrd", "cmdline", "disks", "ports", "mounts", "user_data",
                              "run", "accel", "cpus", "memory", "max_cpus", "max_memory", "from_file", "limits",
                              "balloon_min", "balloon_shares", "networks",
-                             "display"})
+                             "display", "arch", "binfmt"})
 _CREATE_PATHS = ("kernel", "initrd", "user_data", "from_file")
 
 
@@ -104,7 +108,7 @@ def create_options(name: str, options: dict[str, Any]) -> CreateOptions:
             del opts["display"]
         else:
             opts["display"] = "default" if opts["display"] is True else str(opts["display"])
-    for listed in ("disks", "ports", "mounts", "networks"):
+    for listed in ("disks", "ports", "mounts", "networks", "binfmt"):
         if listed in opts:
             opts[listed] = [str(v) for v in opts[listed]]
     return CreateOptions(name=name, **opts)
@@ -231,6 +235,25 @@ class Client:
         from vmkit.backends.local import control
 
         return self._call(control.copy, src, dst)
+
+    # -- benchmarks of the host and of device models -------------------------------------------------
+    def bench_cpu(self, settings: CpuSettings, *, machine: str | None = None, targets: Sequence[str] | None = None,
+                  progress: Callable[[str], None] | None = None) -> CpuReport:
+        """sysbench's CPU test on the host, a container and guests (``vmkit bench cpu``; see
+        :mod:`vmkit.bench.cpu`, :func:`~vmkit.bench.cpu.settings_for`)."""
+        from vmkit.bench import cpu as cpubench
+
+        return self._call(cpubench.run, settings, machine=machine, targets=targets or cpubench.TARGETS,
+                          progress=progress)
+
+    def bench_devices(self, settings: DevicesSettings, *, machine: str | None = None,
+                      kinds: Sequence[str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> DevicesReport:
+        """fio on virtio-blk, NVMe, SATA and IDE disks in one guest (``vmkit bench devices``; see
+        :mod:`vmkit.bench.devices`, :func:`~vmkit.bench.devices.settings_for`)."""
+        from vmkit.bench import devices as devbench
+
+        return self._call(devbench.run, settings, machine=machine, kinds=kinds or devbench.KINDS, progress=progress)
 
     # -- networks ----------------------------------------------------------------------------------
     def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",

@@ -91,6 +91,7 @@ from vmkit.host.instance import Instance, Status, take_exclusive
 from vmkit.net.forward import Forwarder
 from vmkit.net.store import NetworkStore, close_nics
 from vmkit.runtime import balloon, display, hotmem, hotplug, proc, vcpus, vcputhreads
+from vmkit.runtime.guest import binfmt
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.channel import AgentChannel
 from vmkit.runtime.guest.clock import ClockKeeper, ClockReading
@@ -253,6 +254,8 @@ class Supervisor:
             if not plan.active:  # a restored guest printed its readiness marker long ago
                 await self.vm.wait_ready()
             ready = True
+            if self.config.binfmt and not plan.active and plan.incoming is None:  # restored: still registered
+                await self._install_binfmt(emit)
             self._keep_clock()
             if self.vm.state == VmState.RUNNING:  # sshfs shares: mounted before `vmkit start` returns
                 await self.vm.mount_sshfs()
@@ -365,6 +368,13 @@ class Supervisor:
         self.vm.emit("limits-changed", limits=new.model_dump(mode="json"), cgroup=result.cgroup,
                      written=result.written)
         return web.json_response(result.model_dump(mode="json"))
+
+    async def _install_binfmt(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        """``binfmt:``: the guest runs other architectures' programs (:mod:`vmkit.runtime.guest.binfmt`)."""
+        agent = self._agent("install binfmt handlers")
+        names = await binfmt.install(agent, list(self.config.binfmt))
+        emit({"note": f"binfmt: the guest runs {', '.join(self.config.binfmt)} programs ({', '.join(names)})"})
+        self.vm.emit("binfmt-installed", arches=list(self.config.binfmt), entries=names)
 
     def _keep_clock(self) -> None:
         """The periodic clock fix-up (``clock_sync`` in vm.yaml; needs the guest agent)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from vmkit.config import MachineConfig, PortForward, parse_config, parse_size
+from vmkit.config import ARCHES, MachineConfig, PortForward, parse_config, parse_size
 from vmkit.errors import ConfigError, NotFoundError, Problem
 from vmkit.host import cgroups
 from vmkit.host.images import micro
@@ -48,6 +48,23 @@ class CreateOptions:
     """``--network NAME[,model=MODEL][,mac=MAC]`` (repeatable); ``user`` is QEMU's user-mode NAT."""
     display: str | None = None
     """A screen (``vmkit create --display``): ``default`` (1280x800) or ``WIDTHxHEIGHT``; None: headless."""
+    arch: str | None = None
+    """The guest's architecture (``--arch aarch64``): picks the image built for it (``debian-12`` ->
+    ``debian-12-aarch64``); default: the image's own, else x86_64."""
+    binfmt: list[str] = field(default_factory=list)
+    """Foreign architectures the guest runs programs of (``--binfmt aarch64``, repeatable)."""
+
+
+def image_for_arch(image: str, arch: str | None) -> str:
+    """The store name of ``image`` built for ``arch``: ``debian-12`` -> ``debian-12-aarch64`` (x86_64
+    images carry no suffix; a name that already ends in ``-<arch>`` stays as it is)."""
+    if arch is None or arch == "x86_64" or image.endswith(f"-{arch}"):
+        return image
+    return f"{image}-{arch}"
+
+
+def _micro_names() -> set[str]:
+    return {micro.NAME, micro.FULL_NAME, *(micro.image_name(micro.NAME, a) for a in ARCHES)}
 
 
 def display_config(spec: str) -> dict[str, Any]:
@@ -95,10 +112,10 @@ def random_mac() -> str:
 def parse_disk(spec: str) -> dict[str, Any]:
     """A ``--disk`` value.
 
-    Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND]``.
-    NBD: ``URL[,ro][,kind=KIND][,on-error=pause|report][,reconnect-delay=S]`` with URL
+    Files: ``PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=KIND][:serial=S]``.
+    NBD: ``URL[,ro][,kind=KIND][,serial=S][,on-error=pause|report][,reconnect-delay=S]`` with URL
     ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
-    KIND is virtio-blk (default), nvme or usb-storage.
+    KIND is virtio-blk (default), nvme, usb-storage, sata or ide; S the serial number the guest sees.
     """
     device: dict[str, Any] = {"kind": "virtio-blk"}
     if spec.startswith(("nbd://", "nbd+unix://")):
@@ -110,13 +127,15 @@ def parse_disk(spec: str) -> dict[str, Any]:
         path, *flags = spec.split(":")
         att = {"type": "disk-image", "path": str(Path(path).expanduser().resolve())}
         keys = {"format": "format", "cache": "cache"}
-        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage]"
+        usage = "use PATH[:ro][:format=raw|qcow2][:cache=MODE][:kind=virtio-blk|nvme|usb-storage|sata|ide][:serial=S]"
     for flag in flags:
         key, _, value = flag.partition("=")
         if flag == "ro":
             att["read_only"] = True
         elif key == "kind" and value:
             device["kind"] = value
+        elif key == "serial" and value:
+            device["serial"] = value
         elif key in keys and value:
             att[keys[key]] = value
         else:
@@ -202,17 +221,34 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
             problems += [Problem(cgroups.option_name(p.field), p.message) for p in exc.problems]
     if opts.balloon_shares is not None:
         data["balloon_shares"] = opts.balloon_shares
+    if opts.arch is not None:
+        if opts.arch not in ARCHES:
+            problems.append(Problem("--arch", f"{opts.arch!r} is not an architecture vmkit runs: use "
+                                    f"{', '.join(ARCHES)}"))
+        else:
+            data["arch"] = opts.arch
+    if opts.binfmt:
+        data["binfmt"] = [*(data.get("binfmt") or []), *opts.binfmt]
 
     boot: dict[str, Any] = dict(data.get("boot") or {})
     extra_cmdline = [opts.cmdline] if opts.cmdline else []
     if opts.image is not None:
         if opts.kernel is not None:
             problems.append(Problem("--kernel", "give either --image or --kernel, not both"))
+        image_name = image_for_arch(opts.image, opts.arch)
         try:
-            image = (store or ImageStore()).get(opts.image)
+            image = (store or ImageStore()).get(image_name)
         except NotFoundError as exc:
-            problems.append(Problem("--image", f"{exc.message}: {exc.hint}"))
+            base = image_name.removesuffix(f"-{opts.arch}")
+            hint = (f"build it: vmkit image build {base} --arch {opts.arch}" if image_name != opts.image
+                    else exc.hint)
+            problems.append(Problem("--image", f"{exc.message}: {hint}"))
         else:
+            image_arch = str(image.manifest.extra.get("arch", "x86_64"))
+            if opts.arch is not None and opts.arch != image_arch:
+                problems.append(Problem("--arch", f"image {image_name!r} is an {image_arch} image, not "
+                                        f"{opts.arch}: give --arch {image_arch} or another image"))
+            data["arch"] = image_arch
             if image.kernel is None:
                 problems.append(Problem("--image", f"image {opts.image!r} has no kernel for direct boot"))
             elif image.manifest.kind == "disk":
@@ -226,12 +262,12 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
                     net["forwards"] = [*add.pop("forwards"), *(net.get("forwards") or [])]
                     data["network"] = net
                     data.update(add)
-                    data["image"] = opts.image
+                    data["image"] = image_name
                     data.setdefault("memory", 1 << 30)  # cloud-init and systemd want more than the 512M default
             else:
                 boot = {"kind": "linux", "kernel": str(image.kernel),
                         "initrd": str(image.initrd) if image.initrd else None, "cmdline": image.manifest.cmdline}
-                data["image"] = opts.image
+                data["image"] = image_name
                 if image.manifest.ready_marker:
                     data["readiness"] = {**(data.get("readiness") or {}),
                                          "serial_marker": image.manifest.ready_marker}
@@ -240,7 +276,7 @@ def config_from_options(opts: CreateOptions, store: ImageStore | None = None) ->
     if opts.initrd is not None:
         boot["initrd"] = str(opts.initrd.expanduser().resolve())
     if opts.run is not None:
-        if opts.image not in (micro.NAME, micro.FULL_NAME):
+        if data.get("image") not in _micro_names():
             problems.append(Problem("--run", f"--run needs --image {micro.NAME} or {micro.FULL_NAME} "
                                     "(their init runs the command)"))
         else:

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.config import ARCHES, host_arch
 from vmkit.host import cgroups
 from vmkit.runtime import migration
 from vmkit.runtime.qemu import accel as accel_mod
@@ -22,6 +23,9 @@ class Tool:
 
 TOOLS: tuple[Tool, ...] = (
     Tool("qemu-system-x86_64", "qemu-system-x86", "runs the virtual machines"),
+    Tool("qemu-system-aarch64", "qemu-system-arm", "runs aarch64 guests (--arch aarch64)", required=False),
+    Tool("qemu-aarch64-static", "qemu-user-static", "aarch64 programs in x86-64 guests (vm.yaml binfmt) "
+         "and building aarch64 images", required=False),
     Tool("qemu-img", "qemu-utils", "creates and converts disk images"),
     Tool("apt-get", "apt", "downloads the kernel and busybox for the micro guest"),
     Tool("dpkg-deb", "dpkg", "unpacks Debian packages for image builds"),
@@ -61,8 +65,32 @@ def checks() -> list[Check]:
     kvm = accel_mod.kvm_status()
     out.append(Check(name="accelerator", ok=True, detail=f"{choice.name}: {choice.reason}",
                      hint=None if kvm.usable else "TCG works everywhere but is slower than KVM", required=True))
+    out += arch_checks()
     out.append(cgroup_check())
     out.append(migration_check(choice.name))
+    return out
+
+
+def arch_checks(host: str | None = None) -> list[Check]:
+    """Per guest architecture: which accelerator its guests get here, and why (KVM runs only the
+    host's own architecture, where it is usable; every other one is translated by TCG), and whether
+    the QEMU that runs it is installed."""
+    host = host or host_arch()
+    out = []
+    for arch, info in ARCHES.items():
+        status = accel_mod.arch_kvm_status(arch, host=host)
+        binary = shutil.which(info.qemu_system)
+        how = "KVM (hardware virtualisation)" if status.usable else "TCG (QEMU translates every instruction)"
+        detail = f"{how}: {status.reason}" if binary else f"{info.qemu_system} missing; would be {how}: {status.reason}"
+        hint = None
+        if binary is None:
+            package = "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm"
+            hint = f"apt-get install {package}"
+        elif not status.usable:
+            hint = ("no KVM for a foreign architecture: slower than the host (see vmkit bench cpu)" if arch != host
+                    else "TCG works everywhere but is slower than KVM")
+        out.append(Check(name=f"arch {arch}", ok=binary is not None, detail=detail, hint=hint,
+                         required=arch == host))
     return out
 
 

@@ -138,6 +138,12 @@ def problems(config: MachineConfig, *, domain_type: DomainType | None = None, fi
     elif domain_type is not None and config.accel != "auto" and _domain_type(config, None) != domain_type:
         out.append(Problem("accel", f"accel: {config.accel} cannot run as a libvirt domain of type {domain_type}: "
                            "use accel: auto, or run it where the accelerator fits"))
+    if config.arch != "x86_64":
+        out.append(Problem("arch", f"{config.arch} domains are not generated yet (libvirt's aarch64 virt machine "
+                           "boots a kernel without ACPI, unlike vmkit's): run it with vmkit's own backend"))
+    if config.binfmt:
+        out.append(Problem("binfmt", "vmkit installs binfmt handlers through its supervisor, which a libvirt "
+                           "domain does not have: leave binfmt out"))
     if config.cpu_model is not None:
         out += _cpu_model_problems(config.cpu_model)
     for label, value in (("boot.kernel", files.kernel or config.boot.kernel),
@@ -152,7 +158,7 @@ def problems(config: MachineConfig, *, domain_type: DomainType | None = None, fi
         out.append(Problem("storage", f"a file is given for a disk {unknown!r} this machine does not have: "
                            f"its disks are {', '.join(sorted(ids)) or 'none'}"))
     for i, dev in enumerate(config.storage):
-        out += _storage_problems(i, dev, files)
+        out += _storage_problems(i, dev, files, config.machine)
     for i, share in enumerate(config.shares):
         where = f"shares[{i}]"
         if share.type == "sshfs":
@@ -216,12 +222,17 @@ def _device_id(index: int, dev: StorageDevice) -> str:
     return dev.id or f"disk{index}"
 
 
-def _storage_problems(index: int, dev: StorageDevice, files: DomainFiles) -> list[Problem]:
+def _storage_problems(index: int, dev: StorageDevice, files: DomainFiles, machine: str) -> list[Problem]:
     where = f"storage[{index}]"
     out: list[Problem] = []
     if dev.kind == "nvme":
         out.append(Problem(f"{where}.kind", "libvirt 9.0 has no NVMe disk bus: use kind: virtio-blk "
-                           "(or usb-storage)"))
+                           "(or usb-storage, sata)"))
+    if dev.kind in ("sata", "ide") and dev.attachment.read_only:
+        out.append(Problem(f"{where}.attachment.read_only", f"libvirt refuses read-only {dev.kind} disks (a "
+                           "disk, not a CD-ROM): use kind: virtio-blk or usb-storage for a read-only disk"))
+    if dev.kind == "ide" and machine == "q35":
+        out.append(Problem(f"{where}.kind", "libvirt has no IDE controller on q35: use kind: sata (or machine: pc)"))
     att = dev.attachment
     if isinstance(att, NbdAttachment):
         if _device_id(index, dev) in files.disks:
@@ -275,6 +286,12 @@ def _disk_target(prefix: str, n: int) -> str:
         n, rem = divmod(n - 1, 26)
         letters = chr(ord("a") + rem) + letters
     return prefix + letters
+
+
+_DISK_BUS = {"virtio-blk": "virtio", "usb-storage": "usb", "sata": "sata", "ide": "ide", "nvme": "nvme"}
+"""libvirt's disk bus for each storage kind (nvme is refused)."""
+_TARGET_PREFIX = {"virtio": "vd", "usb": "sd", "sata": "sd", "ide": "hd", "nvme": "nvme"}
+"""libvirt's target names: USB and SATA disks share the sdX names."""
 
 
 def _kib(n: int) -> str:
@@ -488,8 +505,9 @@ class _Builder:
     def _disk(self, index: int, sd: StorageDevice) -> ET.Element:
         att = sd.attachment
         node = _device_id(index, sd)
-        bus = "usb" if sd.kind == "usb-storage" else "virtio"
-        same_bus = [d for d in self.c.storage[:index] if (d.kind == "usb-storage") == (bus == "usb")]
+        bus = _DISK_BUS[sd.kind]
+        prefix = _TARGET_PREFIX[bus]
+        same_bus = [d for d in self.c.storage[:index] if _TARGET_PREFIX[_DISK_BUS[d.kind]] == prefix]
         if isinstance(att, NbdAttachment):
             disk = ET.Element("disk", type="network", device="disk")
             policy = "stop" if att.on_error == "pause" else "report"
@@ -511,7 +529,7 @@ class _Builder:
             # the vCPU ceiling, as vmkit's own command line: QEMU's default (the vCPUs at start) changes
             # with a vCPU hot-plug, and a state saved after one would not load into the new count
             disk[0].set("queues", str(self.c.cpu_ceiling))
-        ET.SubElement(disk, "target", dev=_disk_target("sd" if bus == "usb" else "vd", len(same_bus)), bus=bus)
+        ET.SubElement(disk, "target", dev=_disk_target(prefix, len(same_bus)), bus=bus)
         if att.read_only:
             ET.SubElement(disk, "readonly")
         if sd.serial:

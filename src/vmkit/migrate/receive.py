@@ -114,7 +114,8 @@ def check_machine_type(machine: str, binary: str = "qemu-system-x86_64") -> None
     try:
         out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HostError(f"QEMU cannot run on this host: {exc}", hint="apt-get install qemu-system-x86") from None
+        package = "qemu-system-x86" if binary.endswith("x86_64") else "qemu-system-arm"
+        raise HostError(f"QEMU cannot run on this host: {exc}", hint=f"apt-get install {package}") from None
     if not any(line.split()[:1] == [machine] or f"(alias of {machine}" in line or line.startswith(machine + " ")
                for line in out.splitlines()):
         raise HostError(f"this host's QEMU has no machine type {machine!r}",
@@ -160,7 +161,7 @@ class Receiver:
             raise HostError(f"the target lacks {', '.join(map(str, missing))}{image}",
                             hint=f"build or pull the image there first (vmkit image build {config.image or 'NAME'}), "
                                  "or put shared disks at the same paths")
-        check_machine_type(config.machine)
+        check_machine_type(config.machine, config.arch_info.qemu_system)
         need = sum(len(base64.b64decode(v)) for v in manifest.files.values()) + (16 << 20)
         need += sum(d.allocated for d in manifest.disks)
         for d in manifest.disks:
@@ -243,7 +244,7 @@ class Receiver:
 
         assert self.inst is not None and self.offline
         config = self.inst.load_config()
-        doc = savestate.moved_header(header, config, accel_mod.choose(config.accel.value))
+        doc = savestate.moved_header(header, config, accel_mod.choose(config.accel.value, arch=config.arch))
         parsed = savestate.VmStateHeader.model_validate(doc)
         self.writer = StateFileWriter(self.inst.saved_state_path, parsed, keys.load_or_create_key(),
                                       chunk_size=chunk_size, header_document=doc,

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit.config import NetworkInterface, NicModel, check_network_name, validate_model
 from vmkit.errors import AlreadyExistsError, ConfigError, HostError, NotFoundError
@@ -51,18 +51,22 @@ DEF_FILE = "network.json"
 MEMBERS_FILE = "members.json"
 
 
-class MemberInfo(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class NetworkMember(BaseModel):
+    """A machine on a vmkit network: its NIC's MAC and its static address."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     machine: str
     mac: str
     address: str
 
 
-class NetworkInfo(BaseModel):
-    """What ``vmkit network list|inspect`` shows."""
+class NetworkView(BaseModel):
+    """A vmkit network as ``vmkit network list|inspect`` shows it (and the API's model of it, which
+    :mod:`vmkit.api.models` re-exports). ``up``: its bridge, nftables table and dnsmasq (rootless:
+    its switch) exist on the host."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     mode: NetworkMode
@@ -74,7 +78,7 @@ class NetworkInfo(BaseModel):
     dnsmasq_pid: int | None = None
     switch_pid: int | None = None
     directory: str
-    machines: tuple[MemberInfo, ...] = ()
+    machines: list[NetworkMember] = Field(default_factory=list)
 
 
 class NetworkStore:
@@ -311,17 +315,17 @@ class NetworkStore:
                 self._write_dnsmasq(net, restart=False)
         return True
 
-    def info(self, name: str) -> NetworkInfo:
+    def info(self, name: str) -> NetworkView:
         net = self.get(name)
         d = self.dir(name)
         members = self.members(name)
         up = self.is_up(net)
-        return NetworkInfo(
+        return NetworkView(
             name=net.name, mode=net.mode, subnet=net.subnet, gateway=str(net.gateway), domain=net.domain,
             bridge=net.bridge if net.bridged else None, up=up,
             dnsmasq_pid=system.dnsmasq_pid(d) if net.bridged else None,
             switch_pid=None if net.bridged else switch_pid(d), directory=str(d),
-            machines=tuple(MemberInfo(machine=k, mac=v.mac, address=v.address)
+            machines=list(NetworkMember(machine=k, mac=v.mac, address=v.address)
                            for k, v in sorted(members.machines.items())),
         )
 

@@ -103,6 +103,10 @@ async def attach_disk(vm: HotplugMachine, dev: StorageDevice) -> HotDisk:
     node = dev.id or next(f"disk{i}" for i in range(len(used) + 1) if f"disk{i}" not in used)
     if node in used:
         raise ConfigError.single("id", f"{node!r} is already a disk of this machine: pick another id")
+    if dev.kind in ("sata", "ide"):
+        raise ConfigError.single("kind", f"a {dev.kind} disk cannot be attached to a running machine (QEMU's "
+                                 "emulated ATA disks are not hot-pluggable): add it to storage in vm.yaml and "
+                                 "restart, or attach a virtio-blk or nvme disk")
     vm.detached_late.discard(node)
     port = None
     spec = device_spec(node, dev, queues=vm.config.cpu_ceiling)

@@ -104,7 +104,7 @@ class VirtualMachine:
     ) -> None:
         self.config = config
         self.workdir = workdir
-        self.accel = accel or accel_mod.choose(config.accel.value)
+        self.accel = accel or accel_mod.choose(config.accel.value, arch=config.arch)
         self.qemu_binary = qemu_binary
         self.extra_args = list(extra_args or [])
         self.serial = SerialConsole(workdir / "serial.log" if config.serial.log else None,

@@ -261,7 +261,7 @@ async def machine_type(vm: VirtualMachine) -> str:
     return qom_type.removesuffix("-machine")  # QOM names the class pc-q35-7.2-machine
 
 
-_MACHINE_FAMILIES = {"q35": "pc-q35-", "pc": "pc-i440fx-"}
+_MACHINE_FAMILIES = {"q35": "pc-q35-", "pc": "pc-i440fx-", "virt": "virt-"}
 
 
 def pinned_machine_type(config: MachineConfig, saved_machine_type: str) -> str | None:

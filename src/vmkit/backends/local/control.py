@@ -104,9 +104,9 @@ def create_from_options(opts: CreateOptions) -> Instance:
     """``vmkit create``: build the configuration and the instance directory; for cloud images also
     the overlay disk, keys and NoCloud seed. All or nothing: a failure leaves no directory."""
     config = config_from_options(opts)
-    if not config.agent or opts.image is None:
+    if not config.agent or config.image is None:
         return create(config)
-    image = ImageStore().get(opts.image)
+    image = ImageStore().get(config.image)
     user_data = None
     if opts.user_data is not None:
         try:
@@ -147,7 +147,7 @@ def dry_run_argv(name: str) -> list[str]:
     """The QEMU command line ``start`` would run (fds shown as the supervisor passes them)."""
     inst = get(name)
     config = inst.load_config()
-    accel = accel_mod.choose(config.accel.value)
+    accel = accel_mod.choose(config.accel.value, arch=config.arch)
     return build_argv(config, accel, Runtime(qmp_fd=3, serial_fd=4, pidfile=inst.qemu_pidfile))
 
 
@@ -187,7 +187,8 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         if joined != config:
             inst.save_config(joined)
             config = joined
-    accel_mod.choose(config.accel.value)  # fail here, with the reason, if KVM was asked for and is unusable
+    # fail here, with the reason, if KVM was asked for and is unusable
+    accel_mod.choose(config.accel.value, arch=config.arch)
     limit = timeout if timeout is not None else config.readiness.timeout + 30
     lock_fd = inst.open_lock()
     try:

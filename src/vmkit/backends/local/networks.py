@@ -10,30 +10,26 @@ from vmkit.api import models
 from vmkit.config import MachineConfig
 from vmkit.errors import ConfigError, StateError, VmkitError
 from vmkit.host.instance import Instance
-from vmkit.net.store import NetworkInfo, NetworkStore
+from vmkit.net.store import NetworkStore
 
 
 def store() -> NetworkStore:
     return NetworkStore()
 
 
-def view(info: NetworkInfo) -> models.NetworkView:
-    return models.NetworkView.model_validate(info.model_dump(mode="json"))
-
-
 def create(name: str, *, subnet: str | None = None, mode: str = "nat", domain: str | None = None) -> models.NetworkView:
     s = store()
     s.create(name, subnet=subnet, mode=mode, domain=domain)
-    return view(s.info(name))
+    return s.info(name)
 
 
 def list_networks() -> list[models.NetworkView]:
     s = store()
-    return [view(s.info(n.name)) for n in s.all()]
+    return [s.info(n.name) for n in s.all()]
 
 
 def inspect(name: str) -> models.NetworkView:
-    return view(store().info(name))
+    return store().info(name)
 
 
 def machines_on(name: str) -> list[tuple[Instance, bool]]:

@@ -228,7 +228,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
         return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
     try:
         config = inst.load_config()
-        header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value))
+        header = savestate.precheck(saved, config, accel_mod.choose(config.accel.value, arch=config.arch))
         say(Note("resuming", f"resuming {name} from its saved state (saved {_ago(header)}, "
                              f"{_mib(saved.stat().st_size)})"))
         return _launch(name, StartRequest(restore=str(saved), consume=True), outcome, progress=progress,
@@ -265,7 +265,7 @@ def restore(name: str, path: Path | None = None, *, force: bool = False, paused:
         raise NotFoundError("saved state of", name, hint=f"save one with `vmkit stop --save {name}` or "
                             f"`vmkit save {name}`, or give a state file: vmkit restore {name} FILE")
     config = inst.load_config()
-    savestate.precheck(target, config, accel_mod.choose(config.accel.value), force=force)
+    savestate.precheck(target, config, accel_mod.choose(config.accel.value, arch=config.arch), force=force)
     plan = StartRequest(restore=str(target), force=force, consume=own, paused=paused)
     return _launch(name, plan, StartOutcome(status=status), progress=progress, state_progress=state_progress,
                    timeout=timeout)

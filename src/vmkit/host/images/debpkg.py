@@ -31,7 +31,8 @@ _APT_OPTIONS = (
     "-q",
 )
 _KERNEL_RE = re.compile(r"^linux-image-\d")
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # fullmatch: ``$`` would accept a trailing newline
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?")  # fullmatch: ``$`` would accept a trailing newline
+# (``:arm64``: another architecture's package, which needs `dpkg --add-architecture arm64` and `apt-get update`)
 _UPDATE_HINT = "run `apt-get update` (as root) so apt knows the package, and check /etc/apt/sources.list"
 
 
@@ -122,11 +123,17 @@ def candidate(name: str) -> PackageInfo:
     policy = _run([apt_cache, "policy", name], what=f"looking up package {name}")
     match = re.search(r"^\s*Candidate:\s*(\S+)", policy, re.MULTILINE)
     if match is None or match.group(1) == "(none)":
-        raise ImageError(f"apt knows no installable version of package {name!r}", hint=_UPDATE_HINT)
+        _, colon, arch = name.partition(":")
+        hint = (f"run `dpkg --add-architecture {arch} && apt-get update` (as root; scripts/install.sh does)"
+                if colon else _UPDATE_HINT)
+        raise ImageError(f"apt knows no installable version of package {name!r}", hint=hint)
     version = match.group(1)
     show = _run([apt_cache, "show", f"{name}={version}"], what=f"reading package {name}")
     fields = parse_control(show)
-    return PackageInfo(name=name, version=version, depends=parse_depends(fields.get("Depends", "")))
+    _, colon, arch = name.partition(":")
+    # a foreign package's dependencies are of its own architecture
+    depends = tuple(f"{d}:{arch}" if colon else d for d in parse_depends(fields.get("Depends", "")))
+    return PackageInfo(name=name, version=version, depends=depends)
 
 
 def resolve_kernel_package(name: str) -> PackageInfo:
@@ -168,7 +175,7 @@ def download(names: Sequence[str], dest: Path) -> dict[str, DebFile]:
     new = set(dest.glob("*.deb")) - before
     out: dict[str, DebFile] = {}
     for info in infos.values():
-        prefix = f"{info.name}_"
+        prefix = f"{info.name.partition(':')[0]}_"
         hits = sorted(p for p in (new or set(dest.glob("*.deb"))) if p.name.startswith(prefix))
         if not hits:
             raise ImageError(f"apt-get download reported success but left no .deb for {info.name}",

@@ -74,6 +74,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.config import ARCHES, host_arch
 from vmkit.errors import ConfigError, HostError, ImageError
 from vmkit.host import paths
 from vmkit.host.images import catalogue, debpkg
@@ -84,6 +85,8 @@ NAME = catalogue.MICRO
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+KERNEL_PACKAGES = {"x86_64": DEFAULT_KERNEL_PACKAGE, "aarch64": "linux-image-cloud-arm64"}
+"""The micro guest's default kernel per architecture (``build_micro(arch=...)``)."""
 
 READY_MARKER = "VMKIT-READY"
 POWEROFF_MARKER = "VMKIT-POWEROFF"
@@ -118,6 +121,20 @@ WANTED_MODULES: dict[str, str] = {
     "button": "ACPI power button (system_powerdown)",
     "evdev": "/dev/input/event* (power button events)",
 }
+ARCH_MODULES: dict[str, dict[str, str]] = {
+    "aarch64": {"gpio_keys": "the virt machine's power button (gpio-keys in the device tree)"},
+}
+"""Modules wanted on one architecture only."""
+
+
+def image_name(base: str, arch: str) -> str:
+    """The store name of a built image for ``arch``: ``micro`` (x86-64), ``micro-aarch64``."""
+    return base if arch == "x86_64" else f"{base}-{arch}"
+
+
+def cmdline_for(arch: str) -> str:
+    """The micro guest's default kernel command line on ``arch`` (its first serial port as console)."""
+    return DEFAULT_CMDLINE.replace("console=ttyS0", f"console={ARCHES[arch].console}")
 
 INIT_SCRIPT = r"""#!/bin/sh
 # vmkit micro guest /init (PID 1). The contract is documented in vmkit.host.images.micro.
@@ -145,7 +162,7 @@ for ev in /sys/class/input/event*; do
     [ -r "$ev/device/name" ] || continue
     read -r devname < "$ev/device/name"
     case "$devname" in
-        "Power Button"*)
+        "Power Button"*|gpio-keys*)
             buttons=$((buttons + 1))
             ( dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null && poweroff_now ) &
             ;;
@@ -474,10 +491,17 @@ def _find_kernel_tree(root: Path) -> tuple[Path, Path, str]:
                      hint="pass a kernel image package, e.g. linux-image-cloud-amd64")
 
 
-def _busybox_applets(busybox: Path) -> list[str]:
+def _busybox_applets(busybox: Path, arch: str = "x86_64") -> list[str]:
+    argv = [str(busybox), "--list-full"]
+    if arch != host_arch():  # another architecture's busybox runs under qemu-user-static
+        runner = shutil.which(ARCHES[arch].qemu_user)
+        if runner is None:
+            raise HostError(f"{ARCHES[arch].qemu_user} is not installed: it runs the {arch} busybox to list "
+                            "its applets",
+                            hint="apt-get install qemu-user-static")
+        argv.insert(0, runner)
     try:
-        proc = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                              check=True, timeout=30)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise ImageError(f"could not list busybox applets with {busybox}: {exc}",
                          hint="the host must be able to run the guest's amd64 busybox-static") from exc
@@ -495,6 +519,7 @@ def build_initramfs(busybox: Path, mods: ModuleSet, applets: Sequence[str]) -> C
     archive.add_char_device("dev/console", 5, 1, 0o600)
     archive.add_char_device("dev/null", 1, 3, 0o666)
     archive.add_char_device("dev/ttyS0", 4, 64, 0o600)
+    archive.add_char_device("dev/ttyAMA0", 204, 64, 0o600)
     archive.add_host_file("bin/busybox", busybox, 0o755)
     for applet in applets:
         if applet != "bin/busybox" and "/" in applet:
@@ -521,15 +546,24 @@ def build_micro(
     *,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
-    kernel_package: str = DEFAULT_KERNEL_PACKAGE,
-    name: str = NAME,
+    kernel_package: str | None = None,
+    name: str | None = None,
+    arch: str = "x86_64",
 ) -> Image:
     """Build (or return the existing) micro image; see the module docstring for what it holds.
+
+    ``arch``: the guest's architecture (``aarch64``: image ``micro-aarch64``, Debian's arm64 kernel
+    and busybox, which need ``dpkg --add-architecture arm64`` on the host).
 
     If the image exists it is returned unchanged unless ``force`` is true; asking for a
     different ``kernel_package`` than the existing image was built from raises ImageError.
     Concurrent builds of the same image in one store are serialised by a lock file.
     """
+    if arch not in ARCHES:
+        raise ConfigError.single("--arch", f"{arch!r} is not an architecture vmkit runs: use {', '.join(ARCHES)}")
+    kernel_package = kernel_package or KERNEL_PACKAGES[arch]
+    name = name or image_name(NAME, arch)
+    suffix = "" if arch == host_arch() else f":{ARCHES[arch].debian}"
     store = store if store is not None else ImageStore()
     say = progress or (lambda _msg: None)
     with _build_lock(store, name):
@@ -546,42 +580,45 @@ def build_micro(
         with tempfile.TemporaryDirectory(dir=store.root, prefix=f".{name}.work.") as tmp:
             work = Path(tmp)
             say(f"resolving {kernel_package}")
-            kinfo = debpkg.resolve_kernel_package(kernel_package)
-            say(f"downloading {kinfo.name} {kinfo.version} and {BUSYBOX_PACKAGE}")
-            debs = debpkg.download([kinfo.name, BUSYBOX_PACKAGE], work / "debs")
+            kinfo = debpkg.resolve_kernel_package(kernel_package + suffix)
+            busybox_pkg = BUSYBOX_PACKAGE + suffix
+            say(f"downloading {kinfo.name} {kinfo.version} and {busybox_pkg}")
+            debs = debpkg.download([kinfo.name, busybox_pkg], work / "debs")
             say(f"unpacking {kinfo.name}")
             kroot = debpkg.extract(debs[kinfo.name].path, work / "kernel")
-            say(f"unpacking {BUSYBOX_PACKAGE}")
-            broot = debpkg.extract(debs[BUSYBOX_PACKAGE].path, work / "busybox")
+            say(f"unpacking {busybox_pkg}")
+            broot = debpkg.extract(debs[busybox_pkg].path, work / "busybox")
             busybox = broot / "bin" / "busybox"
             if not busybox.is_file():
                 raise ImageError(f"{BUSYBOX_PACKAGE} has no bin/busybox")
             vmlinuz, moddir, version = _find_kernel_tree(kroot)
             say("selecting kernel modules")
-            mods = select_modules(moddir, list(WANTED_MODULES))
+            mods = select_modules(moddir, [*WANTED_MODULES, *ARCH_MODULES.get(arch, {})])
             say("building initramfs")
-            archive = build_initramfs(busybox, mods, _busybox_applets(busybox))
+            archive = build_initramfs(busybox, mods, _busybox_applets(busybox, arch))
             with store.staging(name) as staging:
                 archive.write(staging / "initrd.img")
                 shutil.copyfile(vmlinuz, staging / "vmlinuz")
                 os.chmod(staging / "vmlinuz", 0o644)
-                power = "button" in mods.included or "button" in mods.builtin
+                found = {*mods.included, *mods.builtin}
+                power = "button" in found or "gpio_keys" in found
                 evdev = "evdev" in mods.included or "evdev" in mods.builtin
                 manifest = ImageManifest(
                     name=name,
                     kind="initramfs",
                     source=(f"apt: {kinfo.name} {kinfo.version}, "
-                            f"{BUSYBOX_PACKAGE} {debs[BUSYBOX_PACKAGE].version}"),
+                            f"{busybox_pkg} {debs[busybox_pkg].version}"),
                     kernel="vmlinuz",
                     initrd="initrd.img",
-                    cmdline=DEFAULT_CMDLINE,
+                    cmdline=cmdline_for(arch),
                     ready_marker=READY_MARKER,
                     kernel_version=version,
                     extra={
                         "kernel_package_requested": kernel_package,
                         "kernel_package": kinfo.name,
                         "kernel_package_version": kinfo.version,
-                        "busybox_version": debs[BUSYBOX_PACKAGE].version,
+                        "busybox_version": debs[busybox_pkg].version,
+                        "arch": arch,
                         "modules": list(mods.included),
                         "modules_loaded": list(mods.load_order),
                         "modules_builtin": list(mods.builtin),

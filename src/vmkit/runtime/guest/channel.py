@@ -52,6 +52,8 @@ class AgentChannel:
                 agent = GuestAgent(self.path, timeout=self.timeout if timeout is None else min(timeout, self.timeout),
                                    max_message=MAX_MESSAGE)
                 await agent.connect()
+                # the first caller's timeout bounds the connection, not every later command of the session
+                agent.timeout = self.timeout
                 self._agent = agent
             try:
                 return await self._agent.execute(command, arguments, timeout=timeout)

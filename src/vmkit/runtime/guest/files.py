@@ -58,8 +58,10 @@ async def read_guest_file(agent: AgentCommands, remote: str) -> AsyncGenerator[b
                 break
 
 
-async def write_guest_file(agent: AgentCommands, remote: str, pieces: AsyncIterable[bytes]) -> int:
-    """Write ``pieces`` to the guest file ``remote`` (created or truncated); returns the bytes written."""
+async def write_guest_file(agent: AgentCommands, remote: str, pieces: AsyncIterable[bytes], *,
+                           timeout: float | None = None) -> int:
+    """Write ``pieces`` to the guest file ``remote`` (created or truncated); returns the bytes written.
+    ``timeout``: seconds each agent command may take (default: the channel's)."""
     check_remote(remote)
     total = 0
     async with _guest_file(agent, remote, "wb") as handle:
@@ -67,9 +69,10 @@ async def write_guest_file(agent: AgentCommands, remote: str, pieces: AsyncItera
             for i in range(0, len(piece), CHUNK):
                 chunk = piece[i:i + CHUNK]
                 await agent.execute("guest-file-write", {"handle": handle,
-                                                         "buf-b64": base64.b64encode(chunk).decode()})
+                                                         "buf-b64": base64.b64encode(chunk).decode()},
+                                    timeout=timeout)
                 total += len(chunk)
-        await agent.execute("guest-file-flush", {"handle": handle})
+        await agent.execute("guest-file-flush", {"handle": handle}, timeout=timeout)
     return total
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vmkit.config import host_arch
 from vmkit.errors import HostError
 
 AccelName = Literal["kvm", "tcg"]
@@ -56,12 +57,24 @@ def kvm_status(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/modul
     return KvmStatus(False, f"{dev} opens but neither kvm_intel nor kvm_amd is loaded")
 
 
-def choose(requested: str = "auto", *, dev: Path = Path("/dev/kvm"),
+def arch_kvm_status(arch: str, *, host: str | None = None, dev: Path = Path("/dev/kvm"),
+                    sys_module: Path = Path("/sys/module")) -> KvmStatus:
+    """Whether KVM can run ``arch`` guests here: only the host's own architecture, and only where
+    :func:`kvm_status` says KVM is usable."""
+    host = host or host_arch()
+    if arch != host:
+        return KvmStatus(False, f"{arch} is not this host's architecture ({host}): KVM runs guests of the "
+                                "host's own architecture only, so QEMU translates every instruction (TCG)")
+    return kvm_status(dev, sys_module)
+
+
+def choose(requested: str = "auto", *, arch: str | None = None, dev: Path = Path("/dev/kvm"),
            sys_module: Path = Path("/sys/module")) -> AccelChoice:
-    """The accelerator to use for ``requested`` (auto, kvm or tcg)."""
+    """The accelerator to use for ``requested`` (auto, kvm or tcg) for a guest of ``arch``
+    (default: the host's own)."""
     if requested == "tcg":
         return AccelChoice("tcg", "TCG was asked for")
-    status = kvm_status(dev, sys_module)
+    status = arch_kvm_status(arch, dev=dev, sys_module=sys_module) if arch else kvm_status(dev, sys_module)
     if requested == "kvm":
         if not status.usable:
             raise HostError(f"accel: KVM was asked for but is not usable: {status.reason}",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmkit.config import (
+    ARCHES,
     Attachment,
     DiskImage,
     Display,
@@ -25,7 +26,7 @@ from vmkit.config import (
 )
 from vmkit.runtime.qemu.accel import AccelChoice
 
-QEMU_BINARY = {"x86_64": "qemu-system-x86_64"}
+QEMU_BINARY = {name: info.qemu_system for name, info in ARCHES.items()}
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def opt_escape(value: str) -> str:
 def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
+    if config.machine == "virt":
+        # the newest interrupt controller TCG emulates (GICv3: more than 8 vCPUs)
+        machine += ",gic-version=max"
     if config.needs_shared_memory:
         machine += ",memory-backend=mem"
     if not config.memory_merge:  # QEMU's default is on (KSM may merge the guest's pages)
@@ -186,17 +190,29 @@ def device_id(index: int, dev: StorageDevice) -> str:
     return dev.id or f"disk{index}"
 
 
-def device_spec(node: str, dev: StorageDevice, *, queues: int | None = None) -> dict[str, object]:
+SATA_CONTROLLER = "sata0"
+"""The AHCI controller sata disks sit on (its ports are buses ``sata0.0`` ... ``sata0.5``)."""
+IDE_CONTROLLER = "pata0"
+"""The PIIX3 IDE controller ide disks sit on (channels ``pata0.0``, ``pata0.1``; units 0 and 1 on each)."""
+
+
+def device_spec(node: str, dev: StorageDevice, *, queues: int | None = None, slot: int = 0) -> dict[str, object]:
     """The ``-device`` / QMP ``device_add`` properties of one storage device.
 
     ``queues``: a virtio-blk's queue count (QEMU's default is the vCPUs at start, which a vCPU hot-plug
     changes: a state saved after one would not load into a machine started with the new count). vmkit
-    gives the machine's vCPU ceiling, which never changes while it exists."""
+    gives the machine's vCPU ceiling, which never changes while it exists. ``slot``: for ``sata`` and
+    ``ide`` disks, how many disks of the same kind come before it (its port, or channel and unit)."""
     spec: dict[str, object] = {"driver": _DEVICE_DRIVER[dev.kind], "drive": node, "id": f"{node}-dev"}
     if dev.kind == "virtio-blk" and queues is not None:
         spec["num-queues"] = queues
     if dev.kind == "usb-storage":
         spec["bus"] = "xhci.0"
+    elif dev.kind == "sata":
+        spec["bus"] = f"{SATA_CONTROLLER}.{slot}"
+    elif dev.kind == "ide":
+        spec["bus"] = f"{IDE_CONTROLLER}.{slot // 2}"
+        spec["unit"] = slot % 2
     if dev.kind == "nvme":
         spec["serial"] = dev.serial or node  # QEMU's nvme requires a serial
     elif dev.serial:
@@ -211,7 +227,8 @@ def device_spec(node: str, dev: StorageDevice, *, queues: int | None = None) -> 
     return spec
 
 
-_DEVICE_DRIVER = {"virtio-blk": "virtio-blk-pci", "nvme": "nvme", "usb-storage": "usb-storage"}
+_DEVICE_DRIVER = {"virtio-blk": "virtio-blk-pci", "nvme": "nvme", "usb-storage": "usb-storage", "sata": "ide-hd",
+                  "ide": "ide-hd"}
 
 
 def device_arg(spec: dict[str, object]) -> str:
@@ -219,20 +236,35 @@ def device_arg(spec: dict[str, object]) -> str:
     return f"{spec['driver']},{rest}"
 
 
-def storage_args(index: int, dev: StorageDevice, *, queues: int | None = None) -> list[str]:
+def storage_args(index: int, dev: StorageDevice, *, queues: int | None = None, slot: int = 0) -> list[str]:
     node = device_id(index, dev)
     return ["-blockdev", blockdev_json(node, dev.attachment),
-            "-device", device_arg(device_spec(node, dev, queues=queues))]
+            "-device", device_arg(device_spec(node, dev, queues=queues, slot=slot))]
+
+
+def storage_slots(config: MachineConfig) -> list[int]:
+    """Each storage device's place among the devices of its kind (a sata disk's port, say)."""
+    seen: dict[str, int] = {}
+    slots = []
+    for dev in config.storage:
+        slots.append(seen.get(dev.kind, 0))
+        seen[dev.kind] = slots[-1] + 1
+    return slots
 
 
 def controller_args(config: MachineConfig) -> list[str]:
-    """Buses the devices need: PCIe root ports for hot-plug (q35), xHCI for USB storage."""
+    """Buses the devices need: PCIe root ports for hot-plug (q35), xHCI for USB storage, an AHCI
+    controller for sata disks and a PIIX3 IDE controller for ide disks (on q35 and pc alike)."""
     out: list[str] = []
     if config.machine == "q35":
         for i in range(config.hotplug_slots):
             out += ["-device", f"pcie-root-port,id=hotplug{i},chassis={i + 1},bus=pcie.0"]
     if any(d.kind == "usb-storage" for d in config.storage) or config.usb:
         out += ["-device", "qemu-xhci,id=xhci"]
+    if any(d.kind == "sata" for d in config.storage):
+        out += ["-device", f"ich9-ahci,id={SATA_CONTROLLER}"]
+    if any(d.kind == "ide" for d in config.storage):
+        out += ["-device", f"piix3-ide,id={IDE_CONTROLLER}"]
     return out
 
 
@@ -355,8 +387,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
     argv += shared_memory_args(config)
     argv += hotplug_memory_args(config)
     argv += controller_args(config)
-    for i, dev in enumerate(config.storage):
-        argv += storage_args(i, dev, queues=config.cpu_ceiling)
+    for i, (dev, slot) in enumerate(zip(config.storage, storage_slots(config), strict=True)):
+        argv += storage_args(i, dev, queues=config.cpu_ceiling, slot=slot)
     argv += share_args(config, runtime)
     if config.user_nic is not None:
         argv += network_args(config.user_nic)
@@ -370,6 +402,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += balloon_args()
     if config.display is not None:
         argv += display_args(config.display, runtime)
+        if config.machine == "virt":  # no PS/2 keyboard on the virt board: a virtio one for the screen
+            argv += ["-device", "virtio-keyboard-pci,id=kbd0"]
     if runtime.pidfile is not None:
         argv += ["-pidfile", str(runtime.pidfile)]
     return argv

@@ -1,0 +1,353 @@
+"""``vmkit bench devices``: paravirtualized against emulated disks, fio from inside the guest.
+
+One guest, one scratch disk per device model, each a sparse raw file on the host behind the same
+QEMU block layer (cache ``writeback``: the host's page cache serves them alike, so what differs is
+the device the guest drives, not the host's storage):
+
+- ``virtio-blk`` (``virtio-blk-pci``): paravirtualized, the baseline every ratio is to;
+- ``nvme``: QEMU's emulated NVMe controller (a real device's register interface, but queues in
+  memory, so few exits);
+- ``sata``: an emulated AHCI controller (``ich9-ahci``) with an ``ide-hd`` disk;
+- ``ide``: an emulated PIIX3 IDE controller: port I/O for every command, one request at a time.
+
+fio runs on the raw block device in the guest (``direct=1``, libaio, iodepth 16, time-based):
+sequential read and write with 1 MiB blocks (MB/s) and random read and write with 4 KiB blocks
+(IOPS). The disks are found in the guest by their serial numbers (``vmkit-bench-<kind>``); a
+machine given with ``--machine`` must have such disks, and their contents are overwritten.
+Pure parts (fio arguments, lsblk parsing, ratios, rendering, the plot) are separate from the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmkit.bench import guests
+from vmkit.bench.fs import Measurement, parse_fio_json
+from vmkit.config import format_size, parse_size
+from vmkit.errors import ConfigError, Problem, VmkitError, VmTimeoutError
+from vmkit.fsutil import atomic_write
+from vmkit.host.images.store import ImageStore
+
+KINDS: tuple[str, ...] = ("virtio-blk", "nvme", "sata", "ide")
+BASELINE = "virtio-blk"
+SERIALS = {"virtio-blk": "vmkit-bench-virtio", "nvme": "vmkit-bench-nvme", "sata": "vmkit-bench-sata",
+           "ide": "vmkit-bench-ide"}
+"""The serial number of each benchmark disk: how the bench finds it in the guest (at most 20 characters)."""
+TITLES = {"virtio-blk": "virtio-blk", "nvme": "NVMe", "sata": "SATA (AHCI)", "ide": "IDE (PIIX3)"}
+IMAGE = "debian-12"
+FORMAT_VERSION = 1
+# the guest modules of the emulated controllers (ahci is blacklisted in the debian-12 image: q35's own
+# AHCI is unused when every disk is virtio)
+GUEST_MODULES = ("ahci", "ata_piix", "nvme")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    block_size: int
+
+    @property
+    def sequential(self) -> bool:
+        return not self.rw.startswith("rand")
+
+
+WORKLOADS: tuple[Workload, ...] = (Workload("seqread", "read", 1 << 20), Workload("seqwrite", "write", 1 << 20),
+                                   Workload("randread", "randread", 4096), Workload("randwrite", "randwrite", 4096))
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = 512 << 20     # each scratch disk, and the span fio works over
+    runtime: int = 10         # seconds per measurement (time-based)
+    iodepth: int = 16
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.size < 16 << 20:
+            problems.append(Problem("--size", f"{format_size(self.size)} is too small: use at least 16M"))
+        if not 1 <= self.runtime <= 3600:
+            problems.append(Problem("--runtime", f"{self.runtime}: use 1 to 3600 seconds"))
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "runtime": self.runtime, "iodepth": self.iodepth, "ioengine": "libaio",
+                "direct": True}
+
+
+def settings_for(*, quick: bool = False, size: str | None = None, runtime: int | None = None) -> Settings:
+    """Full: 512M disks, 10 s per cell; ``quick``: 64M, 1 s."""
+    base = Settings(size=64 << 20, runtime=1) if quick else Settings()
+    size_bytes = base.size
+    if size is not None:
+        try:
+            size_bytes = parse_size(size)
+        except ValueError as exc:
+            raise ConfigError.single("--size", str(exc)) from None
+    return Settings(size=size_bytes, runtime=base.runtime if runtime is None else runtime)
+
+
+def fio_argv(work: Workload, device: str, settings: Settings) -> list[str]:
+    """fio on the raw block device ``/dev/<device>`` (a list, never a shell string)."""
+    return ["fio", f"--name={work.name}", f"--filename=/dev/{device}", f"--rw={work.rw}", f"--bs={work.block_size}",
+            "--ioengine=libaio", f"--iodepth={settings.iodepth}", "--direct=1", f"--size={settings.size}",
+            f"--runtime={settings.runtime}", "--time_based=1", "--output-format=json"]
+
+
+_DEVICE_RE = re.compile(r"[a-z][a-z0-9]{1,31}")
+
+
+def parse_lsblk(output: str) -> dict[str, str]:
+    """``lsblk -J -d -o NAME,SERIAL`` -> serial -> device name (``sda``, ``nvme0n1``)."""
+    data = json.loads(output)
+    found: dict[str, str] = {}
+    for dev in data.get("blockdevices", []):
+        name, serial = dev.get("name"), dev.get("serial")
+        if isinstance(name, str) and isinstance(serial, str) and _DEVICE_RE.fullmatch(name):
+            found.setdefault(serial.strip(), name)
+    return found
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One column: a benchmark disk, and the name the guest gave it."""
+
+    kind: str
+    device: str
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.kind, self.kind)
+
+
+@dataclass
+class Row:
+    workload: Workload
+    results: dict[str, Measurement] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    settings: Settings
+    disks: list[Disk]
+    rows: list[Row]
+    machine: str = ""
+    fio: str = ""
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def ratio(self, kind: str, work: Workload) -> float | None:
+        """Bandwidth of ``kind`` over virtio-blk's for one workload (None: no pair)."""
+        row = next(r for r in self.rows if r.workload == work)
+        return ratio_to(row.results.get(kind), row.results.get(BASELINE))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "benchmark": "devices", "machine": self.machine, "fio": self.fio,
+                "settings": self.settings.to_dict(),
+                "disks": [{"kind": d.kind, "device": d.device} for d in self.disks],
+                "rows": [{"workload": r.workload.name, "rw": r.workload.rw, "block_size": r.workload.block_size,
+                          "results": {k: m.to_dict() for k, m in r.results.items()},
+                          "ratio_to_virtio": {d.kind: _round(self.ratio(d.kind, r.workload)) for d in self.disks}}
+                         for r in self.rows],
+                "notes": self.notes, "started": self.started, "finished": self.finished}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def ratio_to(m: Measurement | None, base: Measurement | None) -> float | None:
+    if m is None or base is None or not m.ok or not base.ok or base.bw <= 0:
+        return None
+    return m.bw / base.bw
+
+
+def cell_text(m: Measurement | None, work: Workload) -> str:
+    if m is None:
+        return "not run"
+    if not m.ok:
+        return f"failed: {m.error}"
+    return f"{m.bw / 1e6:,.1f} MB/s" if work.sequential else f"{m.iops:,.0f} IOPS"
+
+
+def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["workload", *[d.title for d in report.disks]]
+    rows = []
+    for r in report.rows:
+        cells = [f"{r.workload.name} ({format_size(r.workload.block_size)})"]
+        for d in report.disks:
+            text = cell_text(r.results.get(d.kind), r.workload)
+            ratio = report.ratio(d.kind, r.workload)
+            if d.kind != BASELINE and ratio is not None:
+                text += f" ({guests.format_ratio(ratio)})"
+            cells.append(text)
+        rows.append(cells)
+    return header, rows
+
+
+def footer_lines(report: Report) -> list[str]:
+    s = report.settings
+    lines = [f"fio {report.fio} in {report.machine or 'the guest'} on the raw block device: libaio, iodepth "
+             f"{s.iodepth}, direct=1, {s.runtime} s per cell over {format_size(s.size)}; ratios are to virtio-blk "
+             "(same bandwidth: 1.00x)",
+             "disks: " + ", ".join(f"{d.title} = /dev/{d.device}" for d in report.disks)]
+    lines += [f"note: {n}" for n in report.notes]
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    header, rows = table_rows(report)
+    out = ["# vmkit bench devices", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    out += ["", *[f"- {line}" for line in footer_lines(report)]]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: Report, path: Path) -> Path:
+    """Bars (PNG): each workload's throughput relative to virtio-blk, one bar per device model."""
+    plt = guests.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    width = 0.8 / max(1, len(report.disks))
+    for k, d in enumerate(report.disks):
+        xs = [i + (k - (len(report.disks) - 1) / 2) * width for i in range(len(report.rows))]
+        ys = [report.ratio(d.kind, r.workload) or 0.0 for r in report.rows]
+        bars = ax.bar(xs, ys, width, label=d.title)
+        for bar, r in zip(bars, report.rows, strict=True):
+            m = r.results.get(d.kind)
+            if m is not None and m.ok:
+                label = f"{m.bw / 1e6:.0f}" if r.workload.sequential else f"{m.iops / 1000:.1f}k"
+                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(report.rows)), [r.workload.name for r in report.rows])
+    ax.set_ylabel("throughput relative to virtio-blk")
+    ax.set_title(f"fio {report.fio}, libaio iodepth {report.settings.iodepth} (MB/s or IOPS above the bars)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise ConfigError.single("--plot", f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_json(report: Report, path: Path) -> Path:
+    try:
+        atomic_write(path, report.to_json(), 0o644)
+    except OSError as exc:
+        raise ConfigError.single("--json", f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+# --------------------------------------------------------------------------- running
+
+
+def bench_disk_specs(directory: Path, settings: Settings, kinds: Sequence[str] = KINDS) -> list[str]:
+    """``--disk`` values of the scratch disks (sparse raw files made here)."""
+    specs = []
+    for kind in kinds:
+        path = directory / f"{kind}.raw"
+        with path.open("wb") as f:
+            f.truncate(settings.size)
+        specs.append(f"{path}:format=raw:kind={kind}:serial={SERIALS[kind]}")
+    return specs
+
+
+def find_disks(exec_: guests.Exec, kinds: Sequence[str], *, timeout: float = 60.0) -> list[Disk]:
+    """Load the controllers' modules and wait until every kind's serial shows in ``lsblk``."""
+    exec_(["modprobe", "-a", *GUEST_MODULES], 60.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        res = exec_(["lsblk", "-J", "-d", "-o", "NAME,SERIAL"], 30.0)
+        found = parse_lsblk(guests.text(res.stdout)) if res.exit_code == 0 else {}
+        missing = [k for k in kinds if SERIALS[k] not in found]
+        if not missing:
+            return [Disk(k, found[SERIALS[k]]) for k in kinds]
+        if time.monotonic() > deadline:
+            raise VmkitError(f"the guest shows no disk with serial {', '.join(SERIALS[k] for k in missing)}",
+                             hint="is the controller's driver in the guest kernel? (lsblk -o NAME,SERIAL)")
+        time.sleep(1.0)
+
+
+def machine_kinds(name: str) -> list[str]:
+    """The benchmark disks of a running machine given with ``--machine`` (by serial), in :data:`KINDS` order."""
+    config, _accel = guests.running_config(name, "benchmark the disk devices")
+    have = {d.serial: d.kind for d in config.storage if d.serial is not None}
+    kinds: list[str] = [k for k in KINDS if have.get(SERIALS[k]) == k]
+    if BASELINE not in kinds or len(kinds) < 2:
+        raise ConfigError.single("--machine", f"{name} needs scratch disks with the serial vmkit-bench-<kind> "
+                                 "(virtio-blk and at least one other; their contents are overwritten), e.g. "
+                                 "--disk /var/tmp/b-sata.raw:kind=sata:serial=vmkit-bench-sata; "
+                                 f"serials: {', '.join(f'{k}={s}' for k, s in SERIALS.items())}")
+    return kinds
+
+
+def guest_fio_version(exec_: guests.Exec) -> str:
+    res = exec_(["fio", "--version"], 30.0)
+    if res.exit_code != 0:
+        raise VmkitError("fio is not installed in the guest",
+                         hint="use a machine made from the debian-12 image (it has fio)")
+    return guests.text(res.stdout).strip()
+
+
+def measure(name: str, kinds: Sequence[str], settings: Settings, workloads: Sequence[Workload] = WORKLOADS, *,
+            progress: Callable[[str], None] | None = None) -> Report:
+    """Every workload on every disk of the running machine ``name`` (row by row, so the host's load
+    changes hit every column alike)."""
+    say = progress or (lambda _m: None)
+    exec_ = guests.guest_exec(name)
+    say("finding the benchmark disks in the guest")
+    disks = find_disks(exec_, kinds)
+    report = Report(settings, disks, [Row(w) for w in workloads], machine=name, fio=guest_fio_version(exec_))
+    limit = settings.runtime * 3 + 120.0
+    for row in report.rows:
+        for d in disks:
+            say(f"{row.workload.name} on {d.title} (/dev/{d.device})")
+            try:
+                res = exec_(fio_argv(row.workload, d.device, settings), limit)
+            except VmTimeoutError:
+                row.results[d.kind] = Measurement(error=f"no result within {limit:.0f} s")
+                continue
+            row.results[d.kind] = parse_fio_json(guests.text(res.stdout), guests.text(res.stderr), res.exit_code)
+    report.finished = time.time()
+    return report
+
+
+def run(settings: Settings, *, machine: str | None = None, kinds: Sequence[str] = KINDS,
+        progress: Callable[[str], None] | None = None) -> Report:
+    """``vmkit bench devices``: on ``machine`` (its vmkit-bench disks), or on a throw-away debian-12
+    guest with one scratch disk per kind (deleted afterwards, also when interrupted)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or BASELINE not in kinds:
+        raise ConfigError.single("--kind", f"{', '.join(bad) or 'no virtio-blk'}: pick from {', '.join(KINDS)} "
+                                 "(virtio-blk is the baseline and always runs)")
+    if machine is not None:
+        return measure(machine, [k for k in machine_kinds(machine) if k in kinds], settings, progress=progress)
+    if not ImageStore().exists(IMAGE):
+        raise VmkitError(f"no {IMAGE} image", hint=f"build it: vmkit image build {IMAGE}")
+    with tempfile.TemporaryDirectory(prefix="vmkit-benchdev-") as tmp:
+        specs = bench_disk_specs(Path(tmp), settings, kinds)
+        with guests.throwaway("dev", image=IMAGE, cpus=2, disks=specs, progress=progress) as name:
+            report = measure(name, kinds, settings, progress=progress)
+            with contextlib.suppress(VmkitError):
+                uname = guests.guest_exec(name)(["uname", "-r"], 30.0)
+                report.notes.append(f"guest kernel {guests.text(uname.stdout).strip()}")
+            report.machine = f"a throw-away {IMAGE} guest"
+            return report
