@@ -16,6 +16,7 @@ APT_PACKAGES=(
   libvirt-dev pkg-config                          # libvirt-python (a pip dependency) builds against them
   mmdebstrap e2fsprogs openssh-client openssh-sftp-server  # the Debian guest image; ssh into it; sftp-server for sshfs shares
   openssh-server iproute2                         # scripts/lab.sh: migration test hosts, each with its own sshd
+  netcat-openbsd                                  # qemu+ssh:// to the tests' private libvirtd (proxy=netcat: nc -U its socket)
   python3 python3-venv python3-pip                # vmkit itself
   chromium                                        # the web console's tests (headless, driven by Playwright)
   ca-certificates

@@ -45,6 +45,8 @@ class ExitCode(IntEnum):
     MIGRATION_FAILED = 18
     PROVISION_FAILED = 19
     """A template's provisioning script failed, or a readiness probe did not pass in time."""
+    UNREACHABLE = 20
+    """A host (a libvirt URI given to ``--connect``) could not be reached or refused the connection."""
     EXEC_FAILED = 125
     """``vmkit exec`` only: vmkit itself failed (any other code there is the guest command's own,
     as with ``docker exec``)."""
@@ -186,6 +188,12 @@ class CommandNotFound(CommandCannotRun):
     exit_code = ExitCode.COMMAND_NOT_FOUND
 
 
+class UnreachableError(VmkitError):
+    """The host a command was sent to could not be reached (connection refused, authentication failed)."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
 class VmTimeoutError(VmkitError):
     """Something did not happen in the time allowed."""
 
@@ -200,6 +208,7 @@ _BY_CODE: dict[int, type[VmkitError]] = {
     ExitCode.HOST_MISSING: HostError,
     ExitCode.IMAGE_FAILED: ImageError,
     ExitCode.TIMEOUT: VmTimeoutError,
+    ExitCode.UNREACHABLE: UnreachableError,
     ExitCode.CONFLICT: AlreadyExistsError,
     ExitCode.COMMAND_CANNOT_RUN: CommandCannotRun,
     ExitCode.COMMAND_NOT_FOUND: CommandNotFound,

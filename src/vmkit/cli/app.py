@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from vmkit.cli import _deferred, guest, migrate, resources, screen, state, system, vm
+from vmkit.cli import _deferred, guest, migrate, output, resources, screen, state, system, vm
 from vmkit.cli.groups import VmkitGroup
 from vmkit.cli.output import err, report_error
 from vmkit.errors import ExitCode, VmkitError
@@ -38,8 +38,13 @@ migrate.register(app)
 def _root(
     host: str | None = typer.Option(None, "--host", "-H", envvar="VMKIT_HOST", metavar="ssh://[user@]HOST[:PORT]",
                                     help="Run the command on another host's vmkit, over SSH (also VMKIT_HOST)."),
+    connect: str | None = typer.Option(None, "--connect", "-c", envvar="VMKIT_CONNECT", metavar="URI",
+                                       help="Run the machines on a libvirt host: qemu:///system, "
+                                            "qemu+ssh://HOST/system (also VMKIT_CONNECT)."),
 ) -> None:
     """Create, run and manage Linux virtual machines on QEMU."""
+    if connect is not None:
+        output.use_connect(connect)
 
 
 def _run_remote(uri: str, args: list[str]) -> None:
@@ -59,14 +64,20 @@ def _run_remote(uri: str, args: list[str]) -> None:
         raise VmkitError("ssh is not installed", hint="apt-get install openssh-client") from None
 
 
-def run(argv: list[str] | None = None, *, host: str | None = None) -> None:
-    """Run a command (on ``host``'s vmkit over SSH when given); exit with the code of the error family
-    (see :class:`vmkit.errors.ExitCode`).
+def run(argv: list[str] | None = None, *, host: str | None = None, connect: str | None = None) -> None:
+    """Run a command (on ``host``'s vmkit over SSH when given; on libvirt host ``connect`` when given);
+    exit with the code of the error family (see :class:`vmkit.errors.ExitCode`).
 
     Usage errors exit 2 (bad input), like every other bad-input error."""
     try:
+        if host is not None and connect is not None:
+            from vmkit.errors import ConfigError
+
+            raise ConfigError.single("--connect", "give either --host (another host's vmkit) or --connect "
+                                     "(a libvirt host), not both")
         if host is not None:
             _run_remote(host, list(argv or []))  # does not return for a remote host
+        output.use_connect(connect)
         app(args=argv, prog_name="vmkit")
     except VmkitError as exc:
         report_error(exc)
@@ -74,3 +85,5 @@ def run(argv: list[str] | None = None, *, host: str | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(ExitCode.INTERRUPTED)
+    finally:
+        output.use_connect(None)

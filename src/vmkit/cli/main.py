@@ -22,14 +22,16 @@ def main(argv: list[str] | None = None) -> None:
     """
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     host, args = _remote_host(list(sys.argv[1:] if argv is None else argv))
-    if host is None and args in _QUICK_LIST and not sys.stdout.isatty():
+    connect, args = _connect(args)
+    if host is None and connect is None and args in _QUICK_LIST and not sys.stdout.isatty():
         from vmkit.cli import plain
 
         if plain.list_machines(as_json=len(args) == 2):
             return
     from vmkit.cli.app import run
 
-    run(args, host=host if args and args[0] not in ("--help", "--version") else None)
+    helping = not args or args[0] in ("--help", "--version")
+    run(args, host=None if helping else host, connect=None if helping else connect)
 
 
 def _remote_host(args: list[str]) -> tuple[str | None, list[str]]:
@@ -39,6 +41,15 @@ def _remote_host(args: list[str]) -> tuple[str | None, list[str]]:
     if args and args[0].startswith("--host="):
         return args[0].split("=", 1)[1], args[1:]
     return os.environ.get("VMKIT_HOST") or None, args
+
+
+def _connect(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--connect URI`` (or ``-c``, or ``VMKIT_CONNECT``) in front of the command: a libvirt host."""
+    if args and args[0] in ("--connect", "-c") and len(args) > 1:
+        return args[1], args[2:]
+    if args and args[0].startswith("--connect="):
+        return args[0].split("=", 1)[1], args[1:]
+    return os.environ.get("VMKIT_CONNECT") or None, args
 
 
 def __getattr__(name: str) -> Any:

@@ -61,6 +61,9 @@ def migrate(
         if as_json:
             print_json(moved)
             return
+        if moved.get("backend") == "libvirt":
+            out.print(f"moved [bold]{name}[/] to {moved['target']} (libvirt, offline)", highlight=False)
+            return
         out.print(f"moved [bold]{name}[/] to {moved['target']} in {moved['seconds']:.1f} s "
                   f"({_size(int(moved['bytes_sent']))} sent); `vmkit --host {moved['target']} start {name}` "
                   + ("resumes it" if moved["state"] else "boots it"), highlight=False)
@@ -90,6 +93,10 @@ def migrate(
                             copy_storage=copy_storage, tls=tls, on_event=on_event)
     if as_json:
         print_json(result)
+        return
+    if result.get("backend") == "libvirt":  # vmkit --connect URI migrate: libvirt's own migration
+        out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s (libvirt); "
+                  f"it is {result['state']} there and gone from here", highlight=False)
         return
     rep = result["report"]
     out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s ({rep['method']}: "

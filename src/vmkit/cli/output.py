@@ -21,11 +21,31 @@ out = Console()
 err = Console(stderr=True)
 
 
+_connect: list[str | None] = [None]
+_clients: dict[str, Client] = {}
+
+
+def use_connect(uri: str | None) -> None:
+    """The libvirt host (``--connect URI``) the commands of this run go to; None: this host's vmkit."""
+    if uri is not None:
+        from vmkit.backends import resolve_connect
+
+        resolve_connect(uri)
+    _connect[0] = uri
+    _clients.clear()
+
+
 def client() -> Client:
-    """The public client every command goes through (the home: ``VMKIT_HOME``, else the XDG one)."""
+    """The public client every command goes through (the home: ``VMKIT_HOME``, else the XDG one; or
+    the libvirt host of ``--connect``: one client, one connection, for the whole command)."""
     from vmkit.client.sync import Client
 
-    return Client()
+    uri = _connect[0]
+    if uri is None:
+        return Client()
+    if uri not in _clients:
+        _clients[uri] = Client(connect=uri)
+    return _clients[uri]
 
 
 def machine(name: str) -> Instance:

@@ -89,7 +89,9 @@ def describe_start(name: str, outcome: StartResult) -> None:
     for note in outcome.notes:
         err.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     st = outcome.status
-    if outcome.restored:
+    if outcome.restored and outcome.restored.get("managed_save"):  # a libvirt host (--connect) kept the state
+        out.print(f"[bold]{name}[/] is {st.state}: resumed from libvirt's managed save", highlight=False)
+    elif outcome.restored:
         r = outcome.restored
         verb = "resumed" if st.state == "running" else "restored"
         out.print(f"[bold]{name}[/] is {st.state}: {verb} from {escape(str(r['path']))} "
@@ -103,7 +105,7 @@ def describe_start(name: str, outcome: StartResult) -> None:
                   f"(restored in {float(t['restore_seconds']):.1f} s, made its own in "
                   f"{float(t['personalize_seconds']):.1f} s; QEMU pid {st.qemu_pid})", highlight=False)
     else:
-        out.print(f"[bold]{name}[/] is {st.state} ({st.accel}; QEMU pid {st.qemu_pid})")
+        out.print(f"[bold]{name}[/] is {st.state} ({st.accel}" + (f"; QEMU pid {st.qemu_pid})" if st.qemu_pid else ")"))
     describe_clock(outcome.clock)
 
 

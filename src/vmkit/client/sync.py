@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from vmkit.bench.devices import Settings as DevicesSettings
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
+    from vmkit.host.builder import CreateOptions
     from vmkit.host.templates import Template
 
 T = TypeVar("T")
@@ -88,21 +89,65 @@ def _path(p: str | Path | None) -> Path | None:
     return Path(p) if p is not None else None
 
 
+def create_options(name: str, options: dict[str, Any]) -> CreateOptions:
+    """``create(name, image=..., cpus=..., ...)``'s keywords as :class:`~vmkit.host.builder.CreateOptions`
+    (options given as None are not set; bad keywords: a ConfigError naming them)."""
+    from vmkit.host.builder import CreateOptions
+
+    unknown = set(options) - _CREATE_OPTIONS
+    if unknown:
+        from vmkit.errors import ConfigError
+
+        raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
+                                 f"use {', '.join(sorted(_CREATE_OPTIONS))}")
+    opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
+                            for k, v in options.items() if v is not None}
+    for size in ("memory", "max_memory"):
+        if size in opts:
+            opts[size] = str(opts[size])
+    if "display" in opts:
+        if opts["display"] is False:
+            del opts["display"]
+        else:
+            opts["display"] = "default" if opts["display"] is True else str(opts["display"])
+    for listed in ("disks", "ports", "mounts", "networks", "binfmt"):
+        if listed in opts:
+            opts[listed] = [str(v) for v in opts[listed]]
+    return CreateOptions(name=name, **opts)
+
+
+CONNECTED: dict[str, type[Client]] = {}
+"""The client class of each kind of ``connect`` URI (``libvirt``: :class:`vmkit.client.libvirt.LibvirtClient`,
+registered when :mod:`vmkit.client` is imported; this module does not import it: it imports this one)."""
+
+
 class Client:
     """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory).
 
+    ``connect``: the machines of a libvirt host (``qemu:///system``, ``qemu+ssh://HOST/system``): then a
+    :class:`vmkit.client.libvirt.LibvirtClient`, whose machines libvirt runs.
     ``host="ssh://[user@]HOST[:PORT]"``: the machines of that host's vmkit (its own home), each call
     run there over SSH as ``vmkit --host`` runs a command (:mod:`vmkit.client.remote`)."""
 
-    def __new__(cls, home: str | Path | None = None, *, host: str | None = None) -> Client:
-        if host is not None and cls is Client:
+    def __new__(cls, home: str | Path | None = None, connect: str | None = None, *, host: str | None = None) -> Client:
+        if cls is Client and connect:
+            if host is not None:
+                from vmkit.errors import ConfigError
+
+                raise ConfigError.single("connect", "give connect (a libvirt host) or host (another host's vmkit), "
+                                         "not both")
+            from vmkit.backends import resolve_connect
+
+            resolve_connect(connect)
+            return super().__new__(CONNECTED["libvirt"])
+        if cls is Client and host is not None:
             from vmkit.backends import resolve
 
             if resolve(host, field="host") is not None:
                 return super().__new__(RemoteClient)
         return super().__new__(cls)
 
-    def __init__(self, home: str | Path | None = None, *, host: str | None = None) -> None:
+    def __init__(self, home: str | Path | None = None, connect: str | None = None, *, host: str | None = None) -> None:
         self.home = Path(home).expanduser().resolve() if home is not None else None
         self.host: str | None = None
 
@@ -146,39 +191,20 @@ class Client:
         """
         from vmkit.backends.local import control
         from vmkit.config import MachineConfig, parse_config
-        from vmkit.host.builder import CreateOptions
 
         if isinstance(spec, MachineConfig):
             inst = self._call(control.create, spec)
         elif isinstance(spec, dict):
             inst = self._call(control.create, parse_config(spec))
         elif options.keys() & {"image", "kernel", "from_file", "template"}:
-            unknown = set(options) - _CREATE_OPTIONS
-            if unknown:
-                from vmkit.errors import ConfigError
-
-                raise ConfigError.single(sorted(unknown)[0], f"not an option of create with an image or kernel: "
-                                         f"use {', '.join(sorted(_CREATE_OPTIONS))}")
-            opts: dict[str, Any] = {k: (Path(v) if k in _CREATE_PATHS and v is not None else v)
-                                    for k, v in options.items() if v is not None}
-            for size in ("memory", "max_memory"):
-                if size in opts:
-                    opts[size] = str(opts[size])
-            if "display" in opts:
-                if opts["display"] is False:
-                    del opts["display"]
-                else:
-                    opts["display"] = "default" if opts["display"] is True else str(opts["display"])
-            for listed in ("disks", "ports", "mounts", "networks", "binfmt"):
-                if listed in opts:
-                    opts[listed] = [str(v) for v in opts[listed]]
-            template = opts.pop("template", None)
+            template = options.get("template")
+            opts = create_options(spec, {k: v for k, v in options.items() if k != "template"})
             if template is not None:
                 from vmkit.backends.local import provisioning
 
-                inst = self._call(provisioning.create_from_template, str(template), CreateOptions(name=spec, **opts))
+                inst = self._call(provisioning.create_from_template, str(template), opts)
             else:
-                inst = self._call(control.create_from_options, CreateOptions(name=spec, **opts))
+                inst = self._call(control.create_from_options, opts)
         else:
             inst = self._call(control.create, parse_config({"name": spec, **options}))
         return Instance(self, inst.name)

@@ -839,7 +839,7 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
 
 def copy(src: str, dst: str) -> int:
     """``vmkit cp``: exactly one side is ``NAME:/guest/path``; the other a host path. Returns bytes copied."""
-    src_guest, dst_guest = _guest_side(src), _guest_side(dst)
+    src_guest, dst_guest = guest_side(src), guest_side(dst)
     if (src_guest is None) == (dst_guest is None):
         raise ConfigError.single("SRC/DST", "give exactly one guest side as NAME:/path "
                                  "(e.g. vmkit cp f.txt web:/tmp/f.txt)")
@@ -875,7 +875,8 @@ def copy(src: str, dst: str) -> int:
     return asyncio.run(copy_in(write, local, dst_guest[1]))
 
 
-def _guest_side(spec: str) -> tuple[str, str] | None:
+def guest_side(spec: str) -> tuple[str, str] | None:
+    """``NAME:/path`` as (NAME, path); None for a host path (``vmkit cp``'s two sides)."""
     name, sep, path = spec.partition(":")
     if not sep or "/" in name or not name:
         return None

@@ -1,0 +1,85 @@
+"""The libvirt backend's pure parts: which URIs ``--connect`` takes, libvirt's error codes as vmkit's
+error classes, and the CLI's handling of ``--connect`` / ``VMKIT_CONNECT`` (no daemon needed: a
+URI whose socket nobody serves is refused as unreachable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from conftest import vmkit
+from vmkit.backends import resolve_connect
+from vmkit.backends.libvirt.connection import check_uri, translate
+from vmkit.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    ExitCode,
+    HostError,
+    MigrationError,
+    NotFoundError,
+    StateError,
+    UnreachableError,
+)
+
+
+@pytest.mark.parametrize("uri", ["qemu:///system", "qemu:///session", "qemu+ssh://root@h1/system",
+                                 "qemu+tcp://10.0.0.2/system", "qemu:///system?socket=/tmp/x/libvirt-sock"])
+def test_libvirt_uris_are_taken(uri: str) -> None:
+    assert resolve_connect(uri) == uri
+
+
+@pytest.mark.parametrize(("uri", "words"), [
+    ("ssh://h1", "use --host"), ("xen:///system", "only libvirt's QEMU driver"),
+    ("qemu://h1/", "/system or /session"), ("qemu:///system\n", "control characters"),
+    ("qemu+ssh://u:pw@h/system", "no password"), ("qemu:///sys tem", "no spaces"),
+])
+def test_other_uris_are_refused_naming_the_option(uri: str, words: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve_connect(uri)
+    assert exc.value.problems[0].field == "--connect" and words in exc.value.message
+
+
+def _err(code: int, message: str = "it failed") -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(message)
+    exc.err = (code, 0, message, 2, None, None, None, 0, 0)
+    return exc
+
+
+@pytest.mark.parametrize(("code", "cls", "exit_code"), [
+    (libvirt.VIR_ERR_NO_DOMAIN, NotFoundError, ExitCode.NOT_FOUND),
+    (libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, NotFoundError, ExitCode.NOT_FOUND),
+    (libvirt.VIR_ERR_OPERATION_INVALID, StateError, ExitCode.WRONG_STATE),
+    (libvirt.VIR_ERR_DOM_EXIST, AlreadyExistsError, ExitCode.CONFLICT),
+    (libvirt.VIR_ERR_NO_SUPPORT, HostError, ExitCode.HOST_MISSING),
+    (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, HostError, ExitCode.HOST_MISSING),
+    (libvirt.VIR_ERR_RPC, UnreachableError, ExitCode.UNREACHABLE),
+    (libvirt.VIR_ERR_AUTH_FAILED, UnreachableError, ExitCode.UNREACHABLE),
+])
+def test_libvirt_errors_become_vmkits(code: int, cls: type, exit_code: ExitCode) -> None:
+    out = translate(_err(code), operation="start", name="web", uri="qemu:///system")
+    assert isinstance(out, cls) and out.exit_code == exit_code
+
+
+def test_a_failed_migration_is_a_migration_error() -> None:
+    out = translate(_err(libvirt.VIR_ERR_OPERATION_FAILED, "migration job: unexpectedly failed"),
+                    operation="migrate", name="web")
+    assert isinstance(out, MigrationError) and "unexpectedly failed" in out.message
+
+
+def test_check_uri_keeps_the_query() -> None:
+    assert check_uri("qemu+ssh://h/system?keyfile=/k&no_verify=1").endswith("no_verify=1")
+
+
+def test_cli_connect_unreachable_and_env(tmp_path: Path, vmkit_home: Path) -> None:
+    uri = f"qemu:///system?socket={tmp_path}/none"
+    res = vmkit("--connect", uri, "list", check=False)
+    assert res.returncode == ExitCode.UNREACHABLE and "cannot connect" in res.stderr
+    # VMKIT_CONNECT too: `vmkit list` into a pipe must not answer with this host's machines
+    res = vmkit("list", check=False, env={"VMKIT_CONNECT": uri})
+    assert res.returncode == ExitCode.UNREACHABLE
+    res = vmkit("--host", "ssh://h", "--connect", uri, "list", check=False)
+    assert res.returncode == ExitCode.BAD_INPUT
+    res = vmkit("--connect", "ssh://h", "list", check=False)
+    assert res.returncode == ExitCode.BAD_INPUT and "--host" in res.stderr
