@@ -40,7 +40,6 @@ from typing import Any
 
 from vmkit.bench import guests
 from vmkit.errors import ConfigError, HostError, Problem, VmkitError
-from vmkit.fsutil import atomic_write
 from vmkit.host.images.store import ImageStore
 from vmkit.runtime.qemu.accel import kvm_status
 
@@ -309,22 +308,11 @@ def plot(report: Report, path: Path) -> Path:
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, format="png")
-    except OSError as exc:
-        raise ConfigError.single("--plot", f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        plt.close(fig)
-    return path
+    return guests.save_plot(plt, fig, path)
 
 
 def write_json(report: Report, path: Path) -> Path:
-    try:
-        atomic_write(path, report.to_json(), 0o644)
-    except OSError as exc:
-        raise ConfigError.single("--json", f"cannot write {path}: {exc.strerror}") from None
-    return path
+    return guests.write_json(report.to_json(), path)
 
 
 # --------------------------------------------------------------------------- runners

@@ -33,7 +33,6 @@ from vmkit.bench import guests
 from vmkit.bench.fs import Measurement, parse_fio_json
 from vmkit.config import format_size, parse_size
 from vmkit.errors import ConfigError, Problem, VmkitError, VmTimeoutError
-from vmkit.fsutil import atomic_write
 from vmkit.host.images.store import ImageStore
 
 KINDS: tuple[str, ...] = ("virtio-blk", "nvme", "sata", "ide")
@@ -238,22 +237,11 @@ def plot(report: Report, path: Path) -> Path:
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, format="png")
-    except OSError as exc:
-        raise ConfigError.single("--plot", f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        plt.close(fig)
-    return path
+    return guests.save_plot(plt, fig, path)
 
 
 def write_json(report: Report, path: Path) -> Path:
-    try:
-        atomic_write(path, report.to_json(), 0o644)
-    except OSError as exc:
-        raise ConfigError.single("--json", f"cannot write {path}: {exc.strerror}") from None
-    return path
+    return guests.write_json(report.to_json(), path)
 
 
 # --------------------------------------------------------------------------- running

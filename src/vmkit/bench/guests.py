@@ -31,7 +31,8 @@ from typing import Any, Protocol
 
 from vmkit.backends.local import control
 from vmkit.config import MachineConfig
-from vmkit.errors import HostError, StateError, VmkitError
+from vmkit.errors import ConfigError, HostError, StateError, VmkitError
+from vmkit.fsutil import atomic_write
 from vmkit.host.builder import CreateOptions
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.execute import ExecResult
@@ -68,6 +69,27 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_plot(plt: Any, fig: Any, path: Path) -> Path:
+    """Write ``fig`` (made with :func:`pyplot`'s ``plt``) to ``path`` as PNG and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise ConfigError.single("--plot", f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_json(text: str, path: Path) -> Path:
+    """``--json FILE``: the report's JSON, written whole or not at all."""
+    try:
+        atomic_write(path, text, 0o644)
+    except OSError as exc:
+        raise ConfigError.single("--json", f"cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def text(b: bytes) -> str:
