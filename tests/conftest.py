@@ -25,12 +25,15 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from vmkit.host.images.micro import build_micro, build_micro_full
 from vmkit.host.images.store import Image, ImageStore
+
+if TYPE_CHECKING:
+    from vmkit.api.models import WarmTemplate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +54,23 @@ def image_build_lock(name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def warm_template(image: str) -> Iterator[WarmTemplate]:
+    """``image``'s warm template in the test image cache (made once, then found current by later runs)."""
+    from vmkit import Client
+
+    saved = os.environ.get("VMKIT_IMAGE_CACHE")
+    os.environ["VMKIT_IMAGE_CACHE"] = str(image_cache_dir())
+    try:
+        tpl, _ = Client().warm_image(image)
+        yield tpl
+    finally:
+        if saved is None:
+            os.environ.pop("VMKIT_IMAGE_CACHE", None)
+        else:
+            os.environ["VMKIT_IMAGE_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

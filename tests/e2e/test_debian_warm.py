@@ -8,15 +8,13 @@ the file (made once per image, QEMU and layout; later runs find it current).
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import image_cache_dir, vmkit
-from vmkit import Client
+from conftest import vmkit, warm_template
 from vmkit.api.models import WarmTemplate
 from vmkit.host.images.store import Image
 
@@ -25,16 +23,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def debian_template(debian12: Image) -> Iterator[WarmTemplate]:
-    saved = os.environ.get("VMKIT_IMAGE_CACHE")
-    os.environ["VMKIT_IMAGE_CACHE"] = str(image_cache_dir())
-    try:
-        tpl, _ = Client().warm_image("debian-12")
+    with warm_template("debian-12") as tpl:
         yield tpl
-    finally:
-        if saved is None:
-            os.environ.pop("VMKIT_IMAGE_CACHE", None)
-        else:
-            os.environ["VMKIT_IMAGE_CACHE"] = saved
 
 
 def guest(name: str, script: str) -> str:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_cache_dir, vmkit, wait_until
-from vmkit import Client
+from conftest import vmkit, wait_until, warm_template
 from vmkit.api.models import WarmTemplate
 from vmkit.host.images.store import Image
 
@@ -26,16 +25,8 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def micro_template(micro_image: Image) -> Iterator[WarmTemplate]:
     """The micro image's warm template (512 MiB, 1 vCPU): made once, then found current by later runs."""
-    saved = os.environ.get("VMKIT_IMAGE_CACHE")
-    os.environ["VMKIT_IMAGE_CACHE"] = str(image_cache_dir())
-    try:
-        tpl, _ = Client().warm_image("micro")
+    with warm_template("micro") as tpl:
         yield tpl
-    finally:
-        if saved is None:
-            os.environ.pop("VMKIT_IMAGE_CACHE", None)
-        else:
-            os.environ["VMKIT_IMAGE_CACHE"] = saved
 
 
 def instance_dir(name: str) -> Path:

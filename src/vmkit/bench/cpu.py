@@ -276,10 +276,7 @@ def footer_lines(report: Report) -> list[str]:
 
 def render_markdown(report: Report) -> str:
     header, rows = table_rows(report)
-    out = ["# vmkit bench cpu", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    out += ["", *[f"- {line}" for line in footer_lines(report)]]
-    return "\n".join(out) + "\n"
+    return guests.markdown("vmkit bench cpu", header, rows, footer_lines(report))
 
 
 def plot(report: Report, path: Path) -> Path:

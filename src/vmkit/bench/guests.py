@@ -71,6 +71,14 @@ def pyplot() -> Any:
     return plt
 
 
+def markdown(title: str, header: list[str], rows: list[list[str]], footer: list[str]) -> str:
+    """A report as Markdown: a heading, the table, its footer lines as a list."""
+    out = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    out += ["", *[f"- {line}" for line in footer]]
+    return "\n".join(out) + "\n"
+
+
 def save_plot(plt: Any, fig: Any, path: Path) -> Path:
     """Write ``fig`` (made with :func:`pyplot`'s ``plt``) to ``path`` as PNG and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
