@@ -97,7 +97,7 @@ def micro_aarch64_image() -> Image:
 @pytest.fixture(scope="session")
 def debian12_aarch64() -> Image:
     """Debian 12 for aarch64 (`debian-12-aarch64`: mmdebstrap --architectures=arm64, maintainer scripts
-    under qemu-user-static; ~15 min on a loaded host), built once and cached."""
+    under qemu-user-static; 54 min on a loaded 2-core host), built once and cached."""
     from vmkit.host.images import debian
 
     with image_build_lock("debian-12-aarch64"):
