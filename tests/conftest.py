@@ -387,6 +387,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
         elif folder == "integration":
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("slow") is not None and not os.environ.get("VMKIT_SLOW_TESTS"):
+            item.add_marker(pytest.mark.skip(reason="slow: beyond CI's 40-minute budget (the Debian aarch64 image "
+                                             "builds for most of an hour under qemu-user); VMKIT_SLOW_TESTS=1 runs it"))
     yield
 
 
