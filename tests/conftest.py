@@ -416,25 +416,41 @@ LAB_TARGET = "ssh://root@10.231.0.11"
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[str]:
-    """Two lab hosts (brought up for these tests unless a lab is already up); the target's URI."""
-    brought = False
-    if not (LAB / "ssh_config").exists():
-        res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert res.stdout.strip().splitlines()[-1] == LAB_TARGET
-        brought = True
-    old = os.environ.get("VMKIT_SSH_CONFIG")
-    os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")
+    """Two lab hosts (brought up for these tests unless a lab is already up); the target's URI.
+
+    Test processes running side by side (pytest-xdist workers) share one lab: each holds a shared
+    lock on it while it runs; the last one to leave takes down a lab the tests brought up."""
+    LAB.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{LAB}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    marker = Path(f"{LAB}.brought-by-tests")
     try:
-        yield LAB_TARGET
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not (LAB / "ssh_config").exists():
+            res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True, text=True,
+                                 timeout=120)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert res.stdout.strip().splitlines()[-1] == LAB_TARGET
+            marker.touch()
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        old = os.environ.get("VMKIT_SSH_CONFIG")
+        os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")
+        try:
+            yield LAB_TARGET
+        finally:
+            if old is None:
+                os.environ.pop("VMKIT_SSH_CONFIG", None)
+            else:
+                os.environ["VMKIT_SSH_CONFIG"] = old
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last user of the lab
+            except BlockingIOError:
+                pass
+            else:
+                if marker.exists():
+                    subprocess.run([str(REPO / "scripts" / "lab.sh"), "down"], capture_output=True, timeout=120)
+                    marker.unlink(missing_ok=True)
     finally:
-        if old is None:
-            os.environ.pop("VMKIT_SSH_CONFIG", None)
-        else:
-            os.environ["VMKIT_SSH_CONFIG"] = old
-        if brought:
-            subprocess.run([str(REPO / "scripts" / "lab.sh"), "down"], capture_output=True, timeout=120)
+        os.close(fd)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,10 @@ def test_lifecycle_calls_during_a_save_are_refused(live: Live, tmp_path: Path) -
     fill_guest_memory(live, 120)
     target = tmp_path / "during.state"
 
+    with socket.socket() as probe:  # a free port (another test's machine may hold a fixed one, e.g. 1)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
     async def scenario() -> tuple[list[dict[str, Any]], list[Answer]]:
         conn = aiohttp.UnixConnector(path=str(live.sock))
         async with aiohttp.ClientSession(connector=conn) as s, \
@@ -270,7 +275,7 @@ def test_lifecycle_calls_during_a_save_are_refused(live: Live, tmp_path: Path) -
             others = await asyncio.gather(*(_request(live.sock, "POST", p, None, 60) for p in
                                             ("/v1/resume", "/v1/pause", "/v1/stop", "/v1/request-stop")),
                                           _request(live.sock, "POST", "/v1/ports",
-                                                   b'{"host_port": 1, "guest_port": 2}', 60),
+                                                   json.dumps({"host_port": port, "guest_port": 2}).encode(), 60),
                                           _request(live.sock, "POST", "/v1/snapshots", b'{"tag": "t"}', 60),
                                           _request(live.sock, "POST", "/v1/save", b'{"keep_running": true}', 60))
             async for line in r.content:

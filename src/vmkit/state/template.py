@@ -145,6 +145,14 @@ def layout_digest(config: MachineConfig, accel: AccelChoice) -> str:
     return hashlib.sha256("\n".join(layout(config, accel)).encode()).hexdigest()[:16]
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- finding and checking
 
 
@@ -332,9 +340,10 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
             provision.provision(staging, config, image, provision.CloudOptions())
         vm = VirtualMachine(config, staging)
         saved = asyncio.run(_boot_and_save(vm, staging, say))
-        for made in (RAM, DISK):  # QEMU and qemu-img made them with their umask
+        for made in (RAM, DISK, DEVICES):  # QEMU and qemu-img made them with their umask
             if (staging / made).exists():
                 (staging / made).chmod(0o600)
+                _fsync(staging / made)  # on disk before the template is declared made (a crash: no half template)
         for leftover in _LEFTOVERS:
             p = staging / leftover
             if p.is_dir():

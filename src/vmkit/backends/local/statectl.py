@@ -200,10 +200,17 @@ def _launch(name: str, plan: StartRequest | None, outcome: StartOutcome, *, prog
             state_progress: ProgressCallback | None, timeout: float | None) -> StartOutcome:
     outcome.status = control.start(name, progress=progress, timeout=timeout, plan=plan,
                                    on_message=_listener(outcome, state_progress))
-    if plan is None:  # a boot (not a resumed state): the template's provisioning and probes
-        message = provisioning.run(name, progress=progress)
-        if message:
-            outcome.notes.append(message)
+    if plan is None:  # a boot (not a resumed state)
+        _provision(name, outcome, progress)
+    return outcome
+
+
+def _provision(name: str, outcome: StartOutcome, progress: control.Progress | None) -> StartOutcome:
+    """The machine's template provisioning and probes, after a boot or a first start cloned from a warm
+    image template (to the user both are a machine's first run; a resumed state is not)."""
+    message = provisioning.run(name, progress=progress)
+    if message:
+        outcome.notes.append(message)
     return outcome
 
 
@@ -238,7 +245,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
         if warm is None:
             return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
         try:
-            return _launch(name, warm, outcome, progress=progress, state_progress=None, timeout=timeout)
+            _launch(name, warm, outcome, progress=progress, state_progress=None, timeout=timeout)
         except (VmkitError, OSError) as exc:
             if isinstance(exc, VmkitError) and exc.exit_code in (ExitCode.TIMEOUT, ExitCode.INTERRUPTED):
                 raise
@@ -248,6 +255,7 @@ def start(name: str, *, progress: control.Progress | None = None, timeout: float
                                 f"cold-booting {name}", warning=True))
             control.wait_unsupervised(inst, 30.0)
             return _launch(name, None, outcome, progress=progress, state_progress=None, timeout=timeout)
+        return _provision(name, outcome, progress)  # outside the fallback: a failing script fails the start
     if cold:
         outcome.discarded = discard_saved_state(inst)
         outcome.fallback = "a cold boot was asked for"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,11 +359,24 @@ def nic_args(index: int, iface: NetworkInterface, backend: NicBackend) -> list[s
 VMGENID_ID = "vmgenid0"
 
 
-def generation_id_args() -> list[str]:
-    """A VM generation ID (``vmgenid``, ACPI): QEMU picks a new one each time it starts (``guid=auto``),
-    also when a machine is restored or cloned from saved state; a Linux guest built with
-    ``CONFIG_VMGENID`` (5.18+) reseeds its RNG when it changes."""
-    return ["-device", f"vmgenid,id={VMGENID_ID},guid=auto"]
+def generation_id(name: str) -> str:
+    """The machine's VM generation ID: one per machine name, so it stays the same across a restore
+    of the machine's own saved state and a migration (the target writes the same 16 bytes into the
+    same guest page: the page-by-page check holds), and differs for a machine cloned from a warm
+    template (another name): the clone's kernel sees a new generation."""
+    return str(uuid.uuid5(_VMGENID_NAMESPACE, name))
+
+
+_VMGENID_NAMESPACE = uuid.UUID("6d1b0f3e-8a57-4c1e-9a0c-766d6b69740a")
+
+
+def generation_id_args(config: MachineConfig) -> list[str]:
+    """A VM generation ID (``vmgenid``, ACPI, x86 only in QEMU 7.2); a Linux guest built with
+    ``CONFIG_VMGENID`` (5.18+) reseeds its RNG when it changes (Debian 12's cloud kernel is not:
+    clones are reseeded through the agent as well)."""
+    if config.arch != "x86_64":
+        return []
+    return ["-device", f"vmgenid,id={VMGENID_ID},guid={generation_id(config.name)}"]
 
 
 def entropy_args() -> list[str]:
@@ -419,7 +433,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += agent_args(runtime)
     if config.entropy:
         argv += entropy_args()
-    argv += generation_id_args()
+    argv += generation_id_args(config)
     if config.balloon:
         argv += balloon_args()
     if config.display is not None:
