@@ -9,9 +9,10 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
-# VMKIT_TEST_WORKERS=N runs the tests in N processes (pytest-xdist), each file's tests on one worker
-# (--dist loadfile: a guest a file shares between its tests boots once). 0 or unset: serial.
-workers="${VMKIT_TEST_WORKERS:-0}"
+# The tests run in VMKIT_TEST_WORKERS processes (pytest-xdist; default 2: one per core of CI's
+# machine, whose run would take about an hour serially), each file's tests on one worker
+# (--dist loadfile: a guest a file shares between its tests boots once). 0: serial.
+workers="${VMKIT_TEST_WORKERS:-2}"
 if [ "$workers" != 0 ]; then
     exec .venv/bin/pytest -n "$workers" --dist loadfile "$@"
 fi

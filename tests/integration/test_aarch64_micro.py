@@ -21,7 +21,7 @@ def console_ticks(name: str, pattern: str = r"vmkit-tick \d+") -> list[int]:
 @pytest.mark.timeout(600)
 def test_aarch64_micro_boots_runs_a_command_saves_and_resumes(vmkit_home: Path, micro_aarch64_image: Image) -> None:
     vmkit("create", "arm", "--image", "micro", "--arch", "aarch64", "--memory", "256M",
-          "--cmdline", "vmkit.counter=1", "--run", "uname -m; cat /proc/device-tree/compatible")
+          "--cmdline", "vmkit.counter=1", "--run", "uname -m; cat /proc/device-tree/compatible; echo")
     config = (vmkit_home / "instances" / "arm" / "vm.yaml").read_text()
     assert "arch: aarch64" in config and "machine: virt" in config
     assert "qemu-system-aarch64" in vmkit("start", "arm", "--dry-run").stdout
