@@ -42,7 +42,7 @@ def test_aarch64_runs_on_virt_with_no_vcpu_hotplug_room() -> None:
     assert config.validate(host=False) == []
     argv = cmdline.build_argv(config, accel.AccelChoice("tcg", "test"), Runtime(qmp_fd=3, serial_fd=4))
     assert argv[0] == "qemu-system-aarch64"
-    assert argv[argv.index("-machine") + 1] == "virt,gic-version=max"
+    assert argv[argv.index("-machine") + 1] == "virt,gic-version=max,memory-backend=mem"
     assert argv[argv.index("-smp") + 1] == "2,maxcpus=2"
     assert argv[argv.index("-cpu") + 1] == "max"
     x86 = parse_config({"name": "pc", "boot": BOOT})

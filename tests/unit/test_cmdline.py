@@ -116,9 +116,10 @@ def test_balloon_on_by_default_and_off_when_asked() -> None:
 
 
 def test_memory_merge_off_is_on_the_machine_option() -> None:
-    assert option_values(cmdline.build_argv(config(), TCG, RUNTIME), "-machine") == ["q35"]
+    assert option_values(cmdline.build_argv(config(), TCG, RUNTIME), "-machine") == ["q35,memory-backend=mem"]
     argv = cmdline.build_argv(config(memory_merge=False), TCG, RUNTIME)
-    assert option_values(argv, "-machine") == ["q35,mem-merge=off"]
+    assert option_values(argv, "-machine") == ["q35,memory-backend=mem,mem-merge=off"]
+    assert option_values(argv, "-object")[0] == "memory-backend-ram,id=mem,size=512M,merge=off"
     shared = config(memory_merge=False, shares=[{"type": "virtiofs", "host_path": "/srv"}])
     assert option_values(cmdline.build_argv(shared, TCG, RUNTIME), "-machine") == [
         "q35,memory-backend=mem,mem-merge=off"]
@@ -163,8 +164,9 @@ def test_full_argv_shape() -> None:
 def test_optional_parts_are_left_out() -> None:
     cfg = parse_config({"name": "bare", "boot": {"kernel": "/k"}, "network": None, "entropy": False})
     argv = cmdline.build_argv(cfg, TCG, Runtime(qmp_fd=3, serial_fd=4))
-    for absent in ("-initrd", "-append", "-netdev", "-blockdev", "-pidfile", "-object"):
+    for absent in ("-initrd", "-append", "-netdev", "-blockdev", "-pidfile"):
         assert absent not in argv
+    assert option_values(argv, "-object") == ["memory-backend-ram,id=mem,size=512M"]  # the RAM only: no RNG
     assert cmdline.boot_args(parse_config({"name": "x", "boot": {"kernel": "/k", "cmdline": ""}})) == ["-kernel", "/k"]
 
 
@@ -269,5 +271,5 @@ def test_memory_and_cpus() -> None:
     argv = cmdline.base_args(config(cpus=3, memory="2G"), TCG)
     assert option_values(argv, "-smp") == ["3,maxcpus=6"]
     assert option_values(argv, "-m") == ["2048M"]
-    assert option_values(argv, "-machine") == ["q35"]
-    assert option_values(cmdline.base_args(config(machine="pc"), TCG), "-machine") == ["pc"]
+    assert option_values(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert option_values(cmdline.base_args(config(machine="pc"), TCG), "-machine") == ["pc,memory-backend=mem"]

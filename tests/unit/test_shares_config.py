@@ -36,7 +36,8 @@ def test_golden_share_args(tmp_path: Path) -> None:
 
 def test_no_shared_memory_without_virtiofs(tmp_path: Path) -> None:
     c = cfg(tmp_path, [{"type": "9p", "host_path": "/srv/data"}])
-    assert not c.needs_shared_memory and cmdline.shared_memory_args(c) == []
+    assert not c.needs_shared_memory
+    assert cmdline.shared_memory_args(c) == ["-object", f"memory-backend-ram,id=mem,size={c.memory >> 20}M"]
 
 
 def test_share_problems_are_all_reported(tmp_path: Path) -> None:

@@ -412,6 +412,8 @@ async def restore(vm: VirtualMachine, tpl: Template) -> None:
         await vm.execute("getfd", {"fdname": _FD_NAME})
         await vm.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
         await _wait_migration(vm, f"loading the template {tpl.directory.name}")
+        # off again: the clone's own saves and migrations carry its RAM (the template file is not theirs)
+        await migration.set_capabilities(vm, x_ignore_shared=False)
     except BaseException:
         await vm.shutdown(timeout=2)
         raise

@@ -88,8 +88,12 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
     if config.machine == "virt":
         # the newest interrupt controller TCG emulates (GICv3: more than 8 vCPUs)
         machine += ",gic-version=max"
-    if config.needs_shared_memory or memory_file is not None:
-        machine += ",memory-backend=mem"
+    # the guest's RAM is always the backend object ``mem`` (anonymous memory, a memfd shared with
+    # virtiofsd, or a warm template's file): QEMU names the RAM block after it, and a saved state or
+    # a migration stream loads only into a QEMU whose RAM block has the same name, so a machine
+    # cloned from a template, one with virtiofs shares and a plain one can save, restore and migrate
+    # between each other's layouts
+    machine += ",memory-backend=mem"
     if not config.memory_merge:  # QEMU's default is on (KSM may merge the guest's pages)
         machine += ",mem-merge=off"
     return [
@@ -281,9 +285,10 @@ def shared_memory_args(config: MachineConfig, runtime: Runtime | None = None) ->
         merge = "" if config.memory_merge else ",merge=off"
         return ["-object", f"memory-backend-file,id=mem,size={config.memory >> 20}M,"
                            f"mem-path={opt_escape(str(runtime.memory_file))},share={share}{merge}"]
+    merge = "" if config.memory_merge else ",merge=off"
     if not config.needs_shared_memory:
-        return []
-    return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on"]
+        return ["-object", f"memory-backend-ram,id=mem,size={config.memory >> 20}M{merge}"]
+    return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on{merge}"]
 
 
 # The 9p message size guests mount with (``msize=``). QEMU's virtio-9p server takes what the guest
