@@ -295,6 +295,8 @@ def vmkit_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) 
     home = Path(tempfile.mkdtemp(prefix="vmkit-home-", dir="/tmp"))
     monkeypatch.setenv("VMKIT_HOME", str(home))
     monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
+    for elsewhere in ("VMKIT_CONNECT", "VMKIT_HOST"):  # this host's vmkit, whatever another test left set
+        monkeypatch.delenv(elsewhere, raising=False)
     yield home
     leftovers = processes_mentioning(str(home))
     for pid in leftovers:
@@ -424,14 +426,18 @@ def lab() -> Iterator[str]:
     fd = os.open(f"{LAB}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     marker = Path(f"{LAB}.brought-by-tests")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # users of a lab that is up hold it shared
         if not (LAB / "ssh_config").exists():
-            res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True, text=True,
-                                 timeout=120)
-            assert res.returncode == 0, res.stdout + res.stderr
-            assert res.stdout.strip().splitlines()[-1] == LAB_TARGET
-            marker.touch()
-        fcntl.flock(fd, fcntl.LOCK_SH)
+            # down: nobody uses it; bring it up alone (the lock taken exclusively, then shared again)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not (LAB / "ssh_config").exists():
+                res = subprocess.run([str(REPO / "scripts" / "lab.sh"), "up", "2"], capture_output=True,
+                                     text=True, timeout=120)
+                assert res.returncode == 0, res.stdout + res.stderr
+                assert res.stdout.strip().splitlines()[-1] == LAB_TARGET
+                marker.touch()
+            fcntl.flock(fd, fcntl.LOCK_SH)
         old = os.environ.get("VMKIT_SSH_CONFIG")
         os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")
         try:

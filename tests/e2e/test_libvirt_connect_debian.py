@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vmkit
+from conftest import image_cache_dir, vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.host.images.store import Image
 
@@ -30,14 +30,17 @@ def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
 @pytest.fixture(scope="module")
 def web(lv: LibvirtDaemon, debian12: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     mp = pytest.MonkeyPatch()
-    mp.setenv("VMKIT_HOME", str(tmp_path_factory.mktemp("home")))
-    mp.setenv("VMKIT_CONNECT", lv.uri)
-    vmkit("create", NAME, "--image", "debian-12", "--disk", "3G")
-    try:
-        vmkit("start", NAME, "--timeout", "900")
-        yield NAME
+    try:  # undone whatever happens: VMKIT_CONNECT must not outlive the module
+        mp.setenv("VMKIT_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
+        mp.setenv("VMKIT_CONNECT", lv.uri)
+        vmkit("create", NAME, "--image", "debian-12", "--disk", "3G")
+        try:
+            vmkit("start", NAME, "--timeout", "900")
+            yield NAME
+        finally:
+            vmkit("delete", "--force", NAME, check=False)
     finally:
-        vmkit("delete", "--force", NAME, check=False)
         mp.undo()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vmkit
+from conftest import image_cache_dir, vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.host.images.store import Image
 
@@ -96,6 +96,7 @@ def host_b(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lib
 @pytest.fixture(autouse=True)
 def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
 
 
 def states(uri: str) -> dict[str, str]:

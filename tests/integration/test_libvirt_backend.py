@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vmkit
+from conftest import image_cache_dir, vmkit
 from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.errors import ExitCode
 from vmkit.host.images.store import Image
@@ -34,13 +34,13 @@ def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("home")
-    old = os.environ.get("VMKIT_HOME")
-    os.environ["VMKIT_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("VMKIT_HOME", None)
-    else:
-        os.environ["VMKIT_HOME"] = old
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VMKIT_HOME", str(path))
+    mp.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
+    try:
+        yield path
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="module")
