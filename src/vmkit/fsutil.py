@@ -38,9 +38,14 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         fh.write(payload)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Flush a file (or with ``directory``, a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, directory=True)

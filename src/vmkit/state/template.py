@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vmkit.config import MachineConfig
 from vmkit.errors import ImageError, VmkitError
-from vmkit.fsutil import atomic_write
+from vmkit.fsutil import atomic_write, fsync_path
 from vmkit.host import paths, provision
 from vmkit.host import sshkeys as keys
 from vmkit.host.cloudinit import read_seed_iso
@@ -143,14 +143,6 @@ def layout(config: MachineConfig, accel: AccelChoice) -> list[str]:
 
 def layout_digest(config: MachineConfig, accel: AccelChoice) -> str:
     return hashlib.sha256("\n".join(layout(config, accel)).encode()).hexdigest()[:16]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- finding and checking
@@ -343,7 +335,7 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
         for made in (RAM, DISK, DEVICES):  # QEMU and qemu-img made them with their umask
             if (staging / made).exists():
                 (staging / made).chmod(0o600)
-                _fsync(staging / made)  # on disk before the template is declared made (a crash: no half template)
+                fsync_path(staging / made)  # on disk before the template is declared made (a crash: no half template)
         for leftover in _LEFTOVERS:
             p = staging / leftover
             if p.is_dir():

@@ -81,8 +81,7 @@ def opt_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None,
-              *, memory_file: Path | None = None) -> list[str]:
+def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
     if config.machine == "virt":
@@ -420,7 +419,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
     argv = [binary or QEMU_BINARY[config.arch]]
-    argv += base_args(config, accel, runtime.machine_type, memory_file=runtime.memory_file)
+    argv += base_args(config, accel, runtime.machine_type)
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
