@@ -40,8 +40,9 @@ def console(name: str) -> str:
     return (Path(os.environ["VMKIT_HOME"]) / "instances" / name / "serial.log").read_text(errors="replace")
 
 
-def wait_console(name: str, marker: str, timeout: float = 240) -> str:
-    assert wait_until(lambda: marker in console(name), timeout, 0.5), console(name)[-3000:]
+def wait_console(name: str, *markers: str, timeout: float = 240) -> str:
+    """Wait until one of the complete markers is in the machine's console log (never a part of one)."""
+    assert wait_until(lambda: any(m in console(name) for m in markers), timeout, 0.5), console(name)[-3000:]
     return console(name)
 
 
@@ -97,7 +98,7 @@ def test_rootless_pair_reaches_each_other(vmkit_home: Path, micro_image: Image) 
         vmkit("start", "r1")
         vmkit("start", "r2")
         for name in ("r1", "r2"):
-            log = wait_console(name, "PEER-")
+            log = wait_console(name, "PEER-REACHED", "PEER-UNREACHABLE")
             assert "PEER-REACHED" in log, log[-2000:]
         for name in ("r1", "r2"):
             vmkit("delete", name, "--force")
