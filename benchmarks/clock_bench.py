@@ -13,7 +13,11 @@ each on a freshly booted machine:
 Drift is the change of the offset (guest - host) from the first reading; the table shows the last
 and the largest.
 
-    .venv/bin/python benchmarks/clock_bench.py [--duration 1800] [--every 60] [--cases off,on] [--vcpus N]
+With ``--together`` both cases run at the same time, one guest each with as many vCPUs as the host
+has cores (so twice as many busy vCPUs as cores on the host, as before): the two see the same load,
+and the run takes half as long.
+
+    .venv/bin/python benchmarks/clock_bench.py [--duration 1800] [--every 60] [--cases off,on] [--vcpus N] [--together]
 """
 
 from __future__ import annotations
@@ -55,33 +59,56 @@ def offset(inst: vmkit.Instance) -> tuple[float, float]:
     return best
 
 
-def run_case(fixup: bool, vcpus: int, duration: float, every: float) -> tuple[list[object], list[str]]:
+class Case:
+    """One machine's readings: its first offset, the drift since then, the worst of both."""
+
+    def __init__(self, inst: vmkit.Instance, fixup: bool, vcpus: str) -> None:
+        self.inst, self.fixup = inst, fixup
+        self.lines = [f"{self.label}: busy loops on {vcpus} vCPUs"]
+        print(self.lines[0], flush=True)
+        self.first, self.worst_unc = offset(inst)
+        self.worst = self.last = 0.0
+        self.largest = abs(self.first)
+
+    @property
+    def label(self) -> str:
+        return "on" if self.fixup else "off"
+
+    def read(self, at: float) -> None:
+        off, unc = offset(self.inst)
+        self.last = off - self.first
+        self.worst_unc = max(self.worst_unc, unc)
+        self.largest = max(self.largest, abs(off))
+        if abs(self.last) > abs(self.worst):
+            self.worst = self.last
+        self.lines.append(f"  {self.label:>3} {at:7.0f} s  offset {off:+.3f} s  drift {self.last:+.3f} s"
+                          f"  (+-{unc:.3f})")
+        print(self.lines[-1], flush=True)
+
+    def row(self, duration: float) -> list[object]:
+        fixes = sum(1 for e in (self.inst.directory / "supervisor.log").read_text().splitlines()
+                    if "guest clock was" in e)
+        return ["vmkit clock fix-up" if self.fixup else "none (clock_sync off)", f"{duration:.0f}",
+                f"{self.first:+.3f}", f"{self.last:+.3f}", f"{self.worst:+.3f}", f"{self.largest:.3f}",
+                f"{self.worst_unc:.3f}", fixes, "yes" if abs(self.worst) < 1.0 else "no"]
+
+
+def run_cases(fixups: list[bool], vcpus: int, duration: float, every: float) -> list[list[object]]:
+    """Machines for ``fixups`` booted in one home, all busy at once for ``duration`` seconds, read in turn."""
     with scratch_home("vmkit-clock-") as client:
-        inst = debian(client, "clock", memory="1G", cpus=vcpus, clock_sync={"enabled": fixup})
-        busy = inst.exec(["sh", "-c", BUSY], timeout=60)
-        lines = [f"{'on' if fixup else 'off'}: busy loops on {busy.stdout.decode().strip()} vCPUs"]
-        print(lines[0], flush=True)
-        first, unc = offset(inst)
+        insts = [debian(client, f"clock-{'on' if f else 'off'}", memory="1G", cpus=vcpus, clock_sync={"enabled": f})
+                 for f in fixups]
+        cases = [Case(inst, f, inst.exec(["sh", "-c", BUSY], timeout=60).stdout.decode().strip())
+                 for inst, f in zip(insts, fixups, strict=True)]
         start = time.monotonic()
-        worst, last, worst_unc, largest = 0.0, 0.0, unc, abs(first)
         while (elapsed := time.monotonic() - start) < duration:
             time.sleep(min(every, max(0.0, duration - elapsed)))
-            off, unc = offset(inst)
-            last = off - first
-            worst_unc = max(worst_unc, unc)
-            largest = max(largest, abs(off))
-            if abs(last) > abs(worst):
-                worst = last
-            at = time.monotonic() - start
-            lines.append(f"  {at:7.0f} s  offset {off:+.3f} s  drift {last:+.3f} s  (+-{unc:.3f})")
-            print(lines[-1], flush=True)
-        fixes = sum(1 for e in (inst.directory / "supervisor.log").read_text().splitlines()
-                    if "guest clock was" in e)
-        inst.stop(force=True)
-    row: list[object] = ["vmkit clock fix-up" if fixup else "none (clock_sync off)", f"{duration:.0f}",
-                         f"{first:+.3f}", f"{last:+.3f}", f"{worst:+.3f}", f"{largest:.3f}", f"{worst_unc:.3f}", fixes,
-                         "yes" if abs(worst) < 1.0 else "no"]
-    return row, lines
+            for case in cases:
+                case.read(time.monotonic() - start)
+        rows = [case.row(duration) for case in cases]
+        for inst in insts:
+            inst.stop(force=True)
+    return rows
 
 
 def main() -> None:
@@ -89,16 +116,26 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of busy loops per case (target: 30 min)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between two readings")
     ap.add_argument("--cases", default="off,on", help="off: no fix-up; on: vmkit's periodic fix-up")
-    ap.add_argument("--vcpus", type=int, default=2 * (os.cpu_count() or 1), help="the guest's vCPUs (default: "
-                    "twice the host's cores)")
+    ap.add_argument("--vcpus", type=int, default=None, help="each guest's vCPUs (default: twice the host's "
+                    "cores, or with --together the host's cores: the guests together have twice as many)")
+    ap.add_argument("--together", action="store_true", help="run the cases side by side (one guest each, at the "
+                    "same time: same conditions, half the time) instead of one after the other")
     args = ap.parse_args()
-    results = [run_case(c == "on", args.vcpus, args.duration, args.every) for c in args.cases.split(",")]
+    cores = os.cpu_count() or 1
+    fixups = [c == "on" for c in args.cases.split(",")]
+    vcpus = args.vcpus or (cores if args.together else 2 * cores)
+    if args.together:
+        rows = run_cases(fixups, vcpus, args.duration, args.every)
+        how = f"{len(fixups)} Debian guests side by side, {vcpus} busy vCPUs each"
+    else:
+        rows = [row for f in fixups for row in run_cases([f], vcpus, args.duration, args.every)]
+        how = f"a Debian guest with {vcpus} busy vCPUs, one case after the other"
     print()
-    print(f"A Debian guest with {args.vcpus} busy vCPUs on {os.cpu_count()} host CPUs, {args.duration:.0f} s per case; "
-          "offsets are guest - host (negative: behind)")
+    print(f"{how}: {len(fixups if args.together else fixups[:1]) * vcpus} busy vCPUs on {cores} host CPUs, "
+          f"{args.duration:.0f} s per case; offsets are guest - host (negative: behind)")
     print(load())
     print_table(["fix-up", "seconds", "first offset", "drift at end", "largest drift", "largest |offset|",
-                 "+- (worst)", "fixes", "drift < 1 s"], [r for r, _ in results])
+                 "+- (worst)", "fixes", "drift < 1 s"], rows)
 
 
 if __name__ == "__main__":
