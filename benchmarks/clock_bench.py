@@ -11,7 +11,9 @@ each on a freshly booted machine:
        the agent and sets it when it is off by more than ``clock_sync.threshold`` s (0.25)
 
 Drift is the change of the offset (guest - host) from the first reading; the table shows the last
-and the largest.
+and the largest. The target is checked on the drift without the fix-up, and with it on the offset
+itself after the first reading (a guest comes out of its boot up to a second off, the RTC's
+resolution; the fix-up's first correction of that would otherwise count as drift).
 
 With ``--together`` both cases run at the same time, one guest each with as many vCPUs as the host
 has cores (so twice as many busy vCPUs as cores on the host, as before): the two see the same load,
@@ -69,6 +71,9 @@ class Case:
         self.first, self.worst_unc = offset(inst)
         self.worst = self.last = 0.0
         self.largest = abs(self.first)
+        self.largest_later = 0.0
+        """The largest |offset| after the first reading: with the fix-up, the guest's error once it had its
+        first chance to correct a clock that came out of the boot off (by the RTC's whole seconds)."""
 
     @property
     def label(self) -> str:
@@ -79,18 +84,26 @@ class Case:
         self.last = off - self.first
         self.worst_unc = max(self.worst_unc, unc)
         self.largest = max(self.largest, abs(off))
+        self.largest_later = max(self.largest_later, abs(off))
         if abs(self.last) > abs(self.worst):
             self.worst = self.last
         self.lines.append(f"  {self.label:>3} {at:7.0f} s  offset {off:+.3f} s  drift {self.last:+.3f} s"
                           f"  (+-{unc:.3f})")
         print(self.lines[-1], flush=True)
 
+    @property
+    def error(self) -> float:
+        """What the target (< 1 s) is checked on: without the fix-up the drift (the boot's first offset
+        is not the run's doing), with it the offset itself once it has had a chance to act."""
+        return self.largest_later if self.fixup else abs(self.worst)
+
     def row(self, duration: float) -> list[object]:
         fixes = sum(1 for e in (self.inst.directory / "supervisor.log").read_text().splitlines()
                     if "guest clock was" in e)
         return ["vmkit clock fix-up" if self.fixup else "none (clock_sync off)", f"{duration:.0f}",
                 f"{self.first:+.3f}", f"{self.last:+.3f}", f"{self.worst:+.3f}", f"{self.largest:.3f}",
-                f"{self.worst_unc:.3f}", fixes, "yes" if abs(self.worst) < 1.0 else "no"]
+                f"{self.largest_later:.3f}", f"{self.worst_unc:.3f}", fixes, f"{self.error:.3f}",
+                "yes" if self.error < 1.0 else "no"]
 
 
 def run_cases(fixups: list[bool], vcpus: int, duration: float, every: float) -> list[list[object]]:
@@ -134,8 +147,10 @@ def main() -> None:
     print(f"{how}: {len(fixups if args.together else fixups[:1]) * vcpus} busy vCPUs on {cores} host CPUs, "
           f"{args.duration:.0f} s per case; offsets are guest - host (negative: behind)")
     print(load())
+    print("error: without the fix-up the largest drift from the first reading; with it the largest |offset| "
+          "after the first reading (the fix-up corrects the offset the boot left, which shows as drift)")
     print_table(["fix-up", "seconds", "first offset", "drift at end", "largest drift", "largest |offset|",
-                 "+- (worst)", "fixes", "drift < 1 s"], rows)
+                 "|offset| later", "+- (worst)", "fixes", "error", "< 1 s"], rows)
 
 
 if __name__ == "__main__":
