@@ -123,7 +123,8 @@ def test_the_python_clients_manage_the_image_cache(micro_image: Image, tmp_path:
 
     monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(tmp_path / "cache"))
     copy = client.import_image(tmp_path / "m.tar.gz", name="micro-copy")
-    assert (copy.name, copy.kind, copy.kernel_version) == ("micro-copy", "initramfs", micro_image.manifest.kernel_version)
+    assert (copy.name, copy.kind) == ("micro-copy", "initramfs")
+    assert copy.kernel_version == micro_image.manifest.kernel_version
     assert copy.size == sum(f.size for f in micro_image.manifest.files.values()) and not copy.outdated
     listed = json.loads(vmkit("image", "list", "--json").stdout)
     assert [(i["name"], i["directory"]) for i in listed] == [("micro-copy", copy.directory)]
