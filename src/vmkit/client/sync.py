@@ -306,6 +306,12 @@ class Client:
 
         return self._call(lambda: templates.read(templates.locate(ref)))
 
+    def template_schema(self) -> dict[str, Any]:
+        """The JSON schema of template files (their own keys and vm.yaml's top-level fields)."""
+        from vmkit.host import templates
+
+        return self._call(templates.json_schema)
+
     def get(self, name: str) -> Instance:
         """The machine ``name`` (``NotFoundError`` if there is none)."""
         from vmkit.host.instance import Instance as Record
