@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common   # QEMU, qemu-img, qemu-nbd, virtiofsd
   qemu-system-arm qemu-user-static binfmt-support arch-test  # aarch64 guests; binfmt (foreign programs in guests, arm64 image builds)
   dnsmasq-base nftables iproute2 iperf3           # vmkit networks (DHCP+DNS, NAT and isolation, bridges); iperf3 for benchmarks/net_bench.py
-  busybox-static                                  # the micro guest's userland (downloaded, not used on the host)
+  busybox-static                                  # the micro guest's userland; the docker template test's container image
   libnbd-bin nbdkit fio                           # NBD clients (nbdinfo, nbdcopy) for tests; nbdkit and fio for benchmarks
   sysbench                                        # `vmkit bench cpu` (its binary and libraries are copied into guests)
   libvirt-clients libxml2-utils                   # virsh (benchmarks/cli_bench.py), virt-xml-validate (+ xmllint) for the domain XML tests
@@ -42,6 +42,17 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The docker CLI (client only: no engine on the host), for the docker template's DOCKER_HOST=ssh://.
+# Debian 12 has no client-only package and docker.io would install and start an engine, so its
+# /usr/bin/docker is taken from the package file.
+if ! command -v docker >/dev/null; then
+  echo "==> installing the docker CLI from Debian's docker.io (client only)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -q docker.io && dpkg-deb --fsys-tarfile docker.io_*.deb | tar -x ./usr/bin/docker)
+  as_root install -m 0755 "$tmp/usr/bin/docker" /usr/local/bin/docker
+  rm -rf "$tmp"
 fi
 
 # binfmt_misc (no systemd here to mount it): the arm64 image build runs maintainer scripts under qemu-aarch64

@@ -113,6 +113,19 @@ def build_current_debian(store: ImageStore, **kwargs: Any) -> Image:
         return debian.build_debian(store, force=outdated, **kwargs)
 
 
+def build_current_derived(name: str) -> Image:
+    """A template's derived image (``debian-12-docker``, ``debian-12-dev``: debian-12's recipe plus
+    :data:`catalogue.DERIVED` packages) from the test cache, built first (mmdebstrap on the host: a
+    few minutes) if missing, made by an older recipe, or built before a package joined its list."""
+    from vmkit.host.images import catalogue, debian
+
+    store = ImageStore(image_cache_dir())
+    with image_build_lock(name):
+        outdated = store.exists(name) and (debian.is_outdated(store.get(name)) or any(
+            f" {p}" not in store.get(name).manifest.source for p in catalogue.DERIVED[name]))
+        return debian.build_debian(store, name=name, extra_packages=catalogue.DERIVED[name], force=outdated)
+
+
 @pytest.fixture(scope="session")
 def debian12() -> Image:
     """The full Debian 12 guest (mmdebstrap, about a minute), built once and cached."""

@@ -102,3 +102,37 @@ def test_pull_a_real_image_from_a_local_mirror(mirror: tuple[str, Path], tmp_pat
     assert not (cache / "bad").exists()
     assert not [p for p in cache.rglob("*") if p.is_file() and p.name.endswith(".part")]
     assert image_cache_dir() != cache
+
+
+def test_the_python_clients_manage_the_image_cache(micro_image: Image, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `vmkit image ...` does, through `vmkit.Client` and `vmkit.aio.Client` (the CLI calls these)."""
+    import asyncio
+
+    from vmkit import Client, aio
+    from vmkit.errors import NotFoundError
+
+    monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
+    client = Client(home=tmp_path / "home")
+    assert "micro" in [i.name for i in client.images()]
+    assert client.build_image("micro").directory == str(micro_image.directory)  # there already: not built again
+    lines: list[str] = []
+    exported = client.export_image("micro", tmp_path / "m.tar.gz", progress=lines.append)
+    assert exported.path == str(tmp_path / "m.tar.gz") and exported.size == (tmp_path / "m.tar.gz").stat().st_size
+    assert lines  # progress reached the caller
+
+    monkeypatch.setenv("VMKIT_IMAGE_CACHE", str(tmp_path / "cache"))
+    copy = client.import_image(tmp_path / "m.tar.gz", name="micro-copy")
+    assert (copy.name, copy.kind) == ("micro-copy", "initramfs")
+    assert copy.kernel_version == micro_image.manifest.kernel_version
+    assert copy.size == sum(f.size for f in micro_image.manifest.files.values()) and not copy.outdated
+    listed = json.loads(vmkit("image", "list", "--json").stdout)
+    assert [(i["name"], i["directory"]) for i in listed] == [("micro-copy", copy.directory)]
+    assert asyncio.run(aio.Client(home=tmp_path / "home").image("micro-copy")) == copy
+    with pytest.raises(Exception, match="no builder for 'nope'"):
+        client.build_image("nope")
+    asyncio.run(aio.Client(home=tmp_path / "home").delete_image("micro-copy"))
+    assert client.images() == []
+    with pytest.raises(NotFoundError):
+        client.image("micro-copy")
+    assert "removed image" not in vmkit("image", "rm", "micro-copy", check=False).stdout

@@ -675,6 +675,32 @@ class StartResult(Response):
     notes: list[str] = Field(default_factory=list, description="what the user should know, e.g. a moved SSH port")
 
 
+class ImageInfo(Response):
+    """An image in the image cache (``vmkit image list``; what build, pull and import return)."""
+
+    name: str
+    kind: str = Field(description="initramfs (kernel and initrd) or disk (with a root disk)")
+    directory: str
+    kernel: str | None = None
+    initrd: str | None = None
+    disk: str | None = None
+    kernel_version: str | None = None
+    size: int = Field(description="bytes of its files")
+    created: float
+    source: str = Field(default="", description="how it was made (the packages, or the URL it was pulled from)")
+    recipe: str | None = Field(default=None, description="the vmkit recipe that built it (None: pulled)")
+    outdated: bool = Field(default=False, description="built by an older recipe (see note)")
+    note: str | None = Field(default=None, description="what to do about it, when outdated")
+
+
+class ImageExported(Response):
+    """An image written to an archive (``vmkit image export``)."""
+
+    name: str
+    path: str
+    size: int = Field(description="bytes of the archive")
+
+
 class WarmTemplate(Response):
     """A warm template (``vmkit image warm``): a booted image's running state new machines start from."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,53 +10,19 @@ import typer
 
 from vmkit.cli import groups
 from vmkit.cli.output import client, err, out, print_json, spinner
-from vmkit.errors import ConfigError
 from vmkit.host.images import catalogue
 
 if TYPE_CHECKING:
-    from vmkit.host.images.store import Image, ImageStore
+    from vmkit.api.models import ImageInfo
 
 app = typer.Typer(help=groups.help_of("image"), no_args_is_help=True)
 
 
-def _build_debian(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
-    from vmkit.host.images import debian
+def _note(image: ImageInfo) -> None:
+    from rich.markup import escape
 
-    def show(p: debian.BuildProgress) -> None:
-        progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
-
-    return debian.build_debian(store, force=force, progress=show, arch=arch)
-
-
-def _build_micro_full(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
-    from vmkit.host.images import micro
-
-    if arch != "x86_64":
-        raise ConfigError.single("--arch", f"micro-full is built for x86_64 only: use micro --arch {arch}")
-    return micro.build_micro_full(store, force=force, progress=progress)
-
-
-def _build_derived(name: str) -> Callable[..., Image]:
-    def build(store: ImageStore, *, force: bool, progress: Callable[[str], None], arch: str) -> Image:
-        from vmkit.host.images import debian
-
-        if arch != "x86_64":
-            raise ConfigError.single("--arch", f"{name} is built for x86_64 only: use debian-12 --arch {arch}")
-
-        def show(p: debian.BuildProgress) -> None:
-            progress(f"[{p.elapsed:5.0f} s] {p.stage}: {p.message}")
-
-        return debian.build_debian(store, name=name, extra_packages=catalogue.DERIVED[name], force=force,
-                                   progress=show)
-
-    return build
-
-
-def _builders() -> dict[str, Callable[..., Image]]:
-    from vmkit.host.images import micro
-
-    return {catalogue.MICRO: micro.build_micro, catalogue.MICRO_FULL: _build_micro_full,
-            catalogue.DEBIAN_12: _build_debian, **{n: _build_derived(n) for n in catalogue.DERIVED}}
+    if image.note is not None:
+        out.print(f"[yellow]note:[/] {escape(image.note)}", highlight=False)
 
 
 @app.command()
@@ -68,48 +33,32 @@ def build(
                              "NAME-aarch64; Debian's arm64 packages, `dpkg --add-architecture arm64` first)"),
 ) -> None:
     """Build a guest image from Debian packages into the image cache."""
-    from rich.markup import escape
-
-    from vmkit.host.images import debian
-    from vmkit.host.images.store import ImageStore
-
-    builder = _builders().get(name)
-    if builder is None:
-        raise ConfigError.single("NAME", f"no builder for {name!r}: choose one of {', '.join(catalogue.BUILDABLE)}")
     started = time.monotonic()
     with spinner(f"building image {name}") as update:
-        image = builder(ImageStore(), force=force, progress=update, arch=arch)
+        image = client().build_image(name, force=force, arch=arch, progress=update)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory} ({time.monotonic() - started:.1f} s)")
-    if (note := debian.outdated_note(image)) is not None:
-        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    _note(image)
 
 
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List images in the cache."""
-    from rich.markup import escape
     from rich.table import Table
 
-    from vmkit.host.images import debian
-    from vmkit.host.images.store import ImageStore
-
-    images = ImageStore().list()
+    images = client().images()
     if as_json:
-        print_json([{"name": i.name, "kind": i.manifest.kind, "directory": str(i.directory),
-                     "kernel": str(i.kernel) if i.kernel else None, "initrd": str(i.initrd) if i.initrd else None,
-                     "disk": str(i.disk) if i.disk else None, "created": i.manifest.created,
-                     "recipe": i.manifest.recipe, "outdated": debian.is_outdated(i)} for i in images])
+        print_json([{"name": i.name, "kind": i.kind, "directory": i.directory, "kernel": i.kernel, "initrd": i.initrd,
+                     "disk": i.disk, "created": i.created, "recipe": i.recipe, "outdated": i.outdated}
+                    for i in images])
         return
     table = Table("name", "kind", "kernel", "size", "created", "recipe")
     for i in images:
-        size = sum(f.size for f in i.manifest.files.values())
-        recipe = "[yellow]outdated[/]" if debian.is_outdated(i) else (i.manifest.recipe or "-")
-        table.add_row(i.name, i.manifest.kind, i.manifest.kernel_version or "-", f"{size / 2**20:.1f} MiB",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.manifest.created)), recipe)
+        recipe = "[yellow]outdated[/]" if i.outdated else (i.recipe or "-")
+        table.add_row(i.name, i.kind, i.kernel_version or "-", f"{i.size / 2**20:.1f} MiB",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)), recipe)
     out.print(table)
     for i in images:
-        if (note := debian.outdated_note(i)) is not None:
-            out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        _note(i)
 
 
 @app.command()
@@ -139,9 +88,7 @@ def warm(
 @app.command("rm")
 def rm(name: str) -> None:
     """Remove an image from the cache."""
-    from vmkit.host.images.store import ImageStore
-
-    ImageStore().remove(name)
+    client().delete_image(name)
     out.print(f"removed image {name}")
 
 
@@ -162,18 +109,16 @@ def pull(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from vmkit.host.images import pull as pull_mod
-    from vmkit.host.images.store import ImageStore
+    from vmkit.host.images.pull import PullProgress
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task(f"pulling {source}", total=None)
 
-        def show(p: pull_mod.PullProgress) -> None:
+        def show(p: PullProgress) -> None:
             bar.update(task, description=f"{p.stage}: {p.message}"[:60], completed=p.done, total=p.total)
 
-        image = pull_mod.pull(source, ImageStore(), progress=show, sums_url=sums_url, name=name, force=force,
-                              base_url=mirror)
+        image = client().pull_image(source, sums_url=sums_url, name=name, force=force, mirror=mirror, progress=show)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory}")
 
 
@@ -183,12 +128,9 @@ def export(
     file: Path = typer.Argument(..., help="the archive to write: NAME.tar (or .tar.gz, compressed)"),
 ) -> None:
     """Write an image and its manifest to a tar archive (for `vmkit image import` on another host)."""
-    from vmkit.host.images import archive
-    from vmkit.host.images.store import ImageStore
-
     with spinner(f"exporting image {name}") as update:
-        dest = archive.export_image(ImageStore(), name, file, progress=update)
-    out.print(f"exported image [bold]{name}[/] to {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+        done = client().export_image(name, file, progress=update)
+    out.print(f"exported image [bold]{name}[/] to {done.path} ({done.size / 2**20:.1f} MiB)")
 
 
 @app.command("import")
@@ -198,9 +140,6 @@ def import_(
     force: bool = typer.Option(False, "--force", help="replace an image of the same name"),
 ) -> None:
     """Add an exported image to the cache; every file is checked against its manifest first."""
-    from vmkit.host.images import archive
-    from vmkit.host.images.store import ImageStore
-
     with spinner(f"importing {file}") as update:
-        image = archive.import_image(ImageStore(), file, name=name, force=force, progress=update)
+        image = client().import_image(file, name=name, force=force, progress=update)
     out.print(f"image [bold]{image.name}[/] ready in {image.directory} (verified against its manifest)")

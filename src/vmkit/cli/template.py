@@ -67,6 +67,6 @@ def show(
 @app.command()
 def schema() -> None:
     """Print the JSON schema of template files (for editors and validation)."""
-    from vmkit.host import templates
+    import vmkit
 
-    out.print(json.dumps(templates.json_schema(), indent=2), markup=False, highlight=False, soft_wrap=True)
+    out.print(json.dumps(vmkit.Client().template_schema(), indent=2), markup=False, highlight=False, soft_wrap=True)

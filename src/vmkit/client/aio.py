@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmkit.api import models
 from vmkit.client import sync
-from vmkit.client.sync import ByteProgress, ConsoleProgress, Notice
+from vmkit.client.sync import ByteProgress, ConsoleProgress, Notice, PullProgress
 
 if TYPE_CHECKING:
     from vmkit.bench.fs import Job, Report, Settings, Step
@@ -41,6 +41,42 @@ class Client:
     @property
     def home(self) -> Path | None:
         return self._sync.home
+
+    async def images(self) -> builtins.list[models.ImageInfo]:
+        return await asyncio.to_thread(self._sync.images)
+
+    async def image(self, name: str) -> models.ImageInfo:
+        return await asyncio.to_thread(self._sync.image, name)
+
+    async def build_image(self, name: str, *, force: bool = False, arch: str = "x86_64",
+                          progress: Callable[[str], None] | None = None) -> models.ImageInfo:
+        """As :meth:`vmkit.Client.build_image` (``progress`` is called from a worker thread)."""
+        return await asyncio.to_thread(self._sync.build_image, name, force=force, arch=arch, progress=progress)
+
+    async def pull_image(self, source: str, *, sums_url: str | None = None, name: str | None = None,
+                         force: bool = False, mirror: str | None = None,
+                         progress: PullProgress | None = None) -> models.ImageInfo:
+        """As :meth:`vmkit.Client.pull_image` (``progress`` is called from a worker thread)."""
+        return await asyncio.to_thread(self._sync.pull_image, source, sums_url=sums_url, name=name, force=force,
+                                       mirror=mirror, progress=progress)
+
+    async def export_image(self, name: str, file: str | Path, *,
+                           progress: Callable[[str], None] | None = None) -> models.ImageExported:
+        return await asyncio.to_thread(self._sync.export_image, name, file, progress=progress)
+
+    async def import_image(self, file: str | Path, *, name: str | None = None, force: bool = False,
+                           progress: Callable[[str], None] | None = None) -> models.ImageInfo:
+        return await asyncio.to_thread(self._sync.import_image, file, name=name, force=force, progress=progress)
+
+    async def delete_image(self, name: str) -> None:
+        await asyncio.to_thread(self._sync.delete_image, name)
+
+    async def warm_image(self, image: str, *, memory: str | None = None, cpus: int | None = None,
+                         rebuild: bool = False, progress: Callable[[str], None] | None = None,
+                         ) -> tuple[models.WarmTemplate, bool]:
+        """As :meth:`vmkit.Client.warm_image`."""
+        return await asyncio.to_thread(self._sync.warm_image, image, memory=memory, cpus=cpus, rebuild=rebuild,
+                                       progress=progress)
 
     async def create(self, spec: str | MachineConfig | dict[str, Any], /, **options: Any) -> Instance:
         """As :meth:`vmkit.Client.create`."""

@@ -70,6 +70,15 @@ class LibvirtClient(Client):
     def copy(self, src: str, dst: str) -> int:
         return self._call(self.libvirt.copy, src, dst)
 
+    # the image cache is this host's (what create uploads to the libvirt host's pool from)
+    images = Client.images
+    image = Client.image
+    build_image = Client.build_image
+    pull_image = Client.pull_image
+    export_image = Client.export_image
+    import_image = Client.import_image
+    delete_image = Client.delete_image
+
     def __repr__(self) -> str:
         return f"vmkit.Client(connect={self.connect!r})"
 

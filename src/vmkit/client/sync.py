@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from vmkit.bench.fs import Job, Report, Settings, Step
     from vmkit.config import MachineConfig, PortForward
     from vmkit.host.builder import CreateOptions
+    from vmkit.host.images.pull import PullProgress as PullStep
+    from vmkit.host.images.store import Image
     from vmkit.host.templates import Template
 
 T = TypeVar("T")
@@ -47,6 +49,8 @@ ConsoleProgress = Callable[[str], None]
 """Receives the last line the guest printed on its console, while a machine boots (for a spinner)."""
 ByteProgress = Callable[[int, "int | None"], None]
 """Receives (bytes done, total or None) while a machine state is saved or restored (for a byte bar)."""
+PullProgress = Callable[["PullStep"], None]
+"""Receives each step of an image pull (stage, message, bytes done and total: for a byte bar)."""
 Notice = Callable[["Note"], None]
 """Receives what the user should be told while a machine comes up (:class:`vmkit.backends.local.statectl.Note`)."""
 
@@ -87,6 +91,18 @@ def _start_result(outcome: Any) -> models.StartResult:
 
 def _path(p: str | Path | None) -> Path | None:
     return Path(p) if p is not None else None
+
+
+def _image_info(image: Image) -> models.ImageInfo:
+    from vmkit.host.images import debian
+
+    m = image.manifest
+    return models.ImageInfo(
+        name=image.name, kind=m.kind, directory=str(image.directory),
+        kernel=str(image.kernel) if image.kernel else None, initrd=str(image.initrd) if image.initrd else None,
+        disk=str(image.disk) if image.disk else None, kernel_version=m.kernel_version,
+        size=sum(f.size for f in m.files.values()), created=m.created, source=m.source, recipe=m.recipe,
+        outdated=debian.is_outdated(image), note=debian.outdated_note(image))
 
 
 def create_options(name: str, options: dict[str, Any]) -> CreateOptions:
@@ -167,6 +183,69 @@ class Client:
             return pool.submit(contextvars.copy_context().run, run).result()
 
     # -- images ------------------------------------------------------------------------------------
+    def images(self) -> builtins.list[models.ImageInfo]:
+        """``vmkit image list``: every image in the image cache, by name."""
+        from vmkit.host.images.store import ImageStore
+
+        return self._call(lambda: [_image_info(i) for i in ImageStore().list()])
+
+    def image(self, name: str) -> models.ImageInfo:
+        """The image ``name`` (``NotFoundError`` if the cache has none)."""
+        from vmkit.host.images.store import ImageStore
+
+        return self._call(lambda: _image_info(ImageStore().get(name)))
+
+    def build_image(self, name: str, *, force: bool = False, arch: str = "x86_64",
+                    progress: Callable[[str], None] | None = None) -> models.ImageInfo:
+        """``vmkit image build``: build image ``name`` (``micro``, ``micro-full``, ``debian-12``,
+        ``debian-12-docker``, ``debian-12-dev``) into the cache, or return it if it is there (``force``:
+        build it again). ``progress`` receives a line per build step."""
+        from vmkit.host.images import builders
+        from vmkit.host.images.store import ImageStore
+
+        return self._call(lambda: _image_info(builders.build(ImageStore(), name, force=force, progress=progress,
+                                                             arch=arch)))
+
+    def pull_image(self, source: str, *, sums_url: str | None = None, name: str | None = None, force: bool = False,
+                   mirror: str | None = None, progress: PullProgress | None = None) -> models.ImageInfo:
+        """``vmkit image pull``: download a catalogue image (``ubuntu-24.04``, ``debian-12``) or an
+        http(s) URL, verify it against its publisher's checksums and cache it. ``mirror``: a directory
+        holding the image and its checksum file (default ``$VMKIT_PULL_BASE_URL``, else the publisher's)."""
+        from vmkit.host.images import pull
+        from vmkit.host.images.store import ImageStore
+
+        return self._call(lambda: _image_info(pull.pull(source, ImageStore(), progress=progress, sums_url=sums_url,
+                                                        name=name, force=force, base_url=mirror)))
+
+    def export_image(self, name: str, file: str | Path, *,
+                     progress: Callable[[str], None] | None = None) -> models.ImageExported:
+        """``vmkit image export``: image ``name`` with its manifest into the tar ``file`` (``.tar.gz``:
+        compressed), verified first; the file appears only when complete."""
+        from vmkit.host.images import archive
+        from vmkit.host.images.store import ImageStore
+
+        def export() -> models.ImageExported:
+            dest = archive.export_image(ImageStore(), name, Path(file), progress=progress)
+            return models.ImageExported(name=name, path=str(dest), size=dest.stat().st_size)
+
+        return self._call(export)
+
+    def import_image(self, file: str | Path, *, name: str | None = None, force: bool = False,
+                     progress: Callable[[str], None] | None = None) -> models.ImageInfo:
+        """``vmkit image import``: an archive made by :meth:`export_image` into the cache (as ``name``,
+        default its own), every file checked against its manifest first."""
+        from vmkit.host.images import archive
+        from vmkit.host.images.store import ImageStore
+
+        return self._call(lambda: _image_info(archive.import_image(ImageStore(), Path(file), name=name, force=force,
+                                                                   progress=progress)))
+
+    def delete_image(self, name: str) -> None:
+        """``vmkit image rm``: remove image ``name`` from the cache."""
+        from vmkit.host.images.store import ImageStore
+
+        self._call(lambda: ImageStore().remove(name))
+
     def warm_image(self, image: str, *, memory: str | None = None, cpus: int | None = None, rebuild: bool = False,
                    progress: Callable[[str], None] | None = None) -> tuple[models.WarmTemplate, bool]:
         """``vmkit image warm``: the image's warm template for this memory and vCPU count (made now if
@@ -226,6 +305,12 @@ class Client:
         from vmkit.host import templates
 
         return self._call(lambda: templates.read(templates.locate(ref)))
+
+    def template_schema(self) -> dict[str, Any]:
+        """The JSON schema of template files (their own keys and vm.yaml's top-level fields)."""
+        from vmkit.host import templates
+
+        return self._call(templates.json_schema)
 
     def get(self, name: str) -> Instance:
         """The machine ``name`` (``NotFoundError`` if there is none)."""
