@@ -12,7 +12,11 @@ of their combined memory shared within 15 minutes):
   QEMU 7.2's default tb-size is 1 GiB: hundreds of MiB per busy guest that no guest page is in);
 - merged: the guests' pages KSM merged (/proc/PID/ksm_merging_pages) as a share of their combined
   resident guest RAM, and of their combined RSS, with KSM off;
-- KSM's CPU cost: ksmd's CPU time (/proc/PID/stat of the kernel thread) over the time watched.
+- KSM's CPU cost: ksmd's CPU time (/proc/PID/stat of the kernel thread) over the time watched;
+- at the end, the most KSM could merge: every non-zero page of the guests' RAM is hashed (read
+  through /proc/PID/mem) and the pages whose content appears more than once are counted.
+
+``vmkit host ksm on`` turns the kernel's ``smart_scan`` off (kernels 6.7+), as this benchmark does.
 
 KSM is host-wide: other programs' mergeable memory is scanned too, and its settings are put back
 as they were at the end.
@@ -23,13 +27,16 @@ as they were at the end.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from _guests import MiB, debian, load, scratch_home, settle_rss
 from _table import print_table
 from vmkit.host import ksm
+from vmkit.runtime import migration
 from vmkit.runtime.balloon import cpu_seconds
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -91,6 +98,29 @@ def snapshot(pids: list[int], memory: int) -> tuple[int, int, int, int, int]:
             sum(r for r, _ in parts), sum(t for _, t in parts))
 
 
+def guest_ram_hashes(pid: int, memory: int) -> list[int]:
+    """The hash of every non-zero page of QEMU ``pid``'s guest RAM (its mapping of exactly ``memory``
+    bytes, read through /proc/PID/mem; pages never touched read as zeros and are left out)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if hi - lo == memory:
+            with open(f"/proc/{pid}/mem", "rb") as fh:
+                fh.seek(lo)
+                digest = migration.page_hashes(fh, memory)
+            zero = migration.page_hashes(io.BytesIO(bytes(PAGE)))
+            step = migration.DIGEST_BYTES
+            return [int.from_bytes(digest[i:i + step], "little") for i in range(0, len(digest), step)
+                    if digest[i:i + step] != zero]
+    return []
+
+
+def identical(pids: list[int], memory: int) -> tuple[int, int]:
+    """(pages with content, pages whose content another page of these guests also holds): what KSM could
+    merge at most. Taken with the guests paused would be exact; they are idle, so it is close."""
+    seen = Counter(h for pid in pids for h in guest_ram_hashes(pid, memory))
+    return sum(seen.values()), sum(n for n in seen.values() if n > 1)
+
+
 def write_knob(name: str, value: int) -> None:
     (ksm.SYSFS / name).write_text(f"{value}\n")
 
@@ -133,14 +163,18 @@ def main() -> None:
                 rows.append(["on", f"{elapsed:.0f}", f"{r / n / MiB:.0f}", f"{ram / n / MiB:.0f}",
                              f"{tcg / n / MiB:.0f}", f"{p / n / MiB:.0f}", f"{m / MiB:.0f}", f"{100 * share:.1f} %",
                              f"{100 * m / combined:.1f} %", f"{cpu:.1f}", f"{100 * cpu / elapsed:.1f} %"])
+            pages, dup = identical(pids, memory)
             for inst in insts:
                 inst.stop(force=True)
     finally:  # KSM as it was
+        if before.smart_scan is not None:
+            write_knob("smart_scan", before.smart_scan)
         write_knob("pages_to_scan", before.pages_to_scan)
         write_knob("sleep_millisecs", before.sleep_millisecs)
         write_knob("run", before.run)
     print(f"{args.guests} identical idle Debian guests of {args.memory} MiB; KSM off, then on "
-          f"(pages_to_scan={ksm.PAGES_TO_SCAN}, sleep_millisecs={ksm.SLEEP_MILLISECS}) for {args.duration:.0f} s")
+          f"(pages_to_scan={ksm.PAGES_TO_SCAN}, sleep_millisecs={ksm.SLEEP_MILLISECS}, smart_scan="
+          f"{'n/a' if before.smart_scan is None else int(ksm.SMART_SCAN)}) for {args.duration:.0f} s")
     print(f"with KSM off: combined RSS {combined / MiB:.0f} MiB, of which guest RAM {combined_ram / MiB:.0f} MiB; "
           "target: >= 30 % of the guest RAM merged within 15 min")
     print(load())
@@ -149,6 +183,9 @@ def main() -> None:
     print("(MiB per guest unless said otherwise)")
     verdict = f"reached after {reached:.0f} s" if reached is not None else f"not reached in {args.duration:.0f} s"
     print(f">= 30 % merged: {verdict}")
+    print(f"at the end, {pages * PAGE / MiB:.0f} MiB of the guests' RAM held data (non-zero pages), and "
+          f"{dup * PAGE / MiB:.0f} MiB ({100 * dup / max(pages, 1):.1f} %) of it had its content in another page of "
+          "these guests: the most KSM could merge")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def test_ksm_status_on_and_off_write_the_knobs(tmp_path: Path) -> None:
     assert ksm.disable(root).run == 0
     assert ksm.disable(root, unmerge=True).mode == "unmerging"
     assert ksm.shared_bytes(root) == 300 * os.sysconf("SC_PAGE_SIZE")
+    assert st.smart_scan is None and not (root / "smart_scan").exists()  # an older kernel: left alone
+
+
+def test_ksm_on_turns_smart_scan_off_where_the_kernel_has_it(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path, smart_scan=1)
+    assert ksm.status(root).smart_scan == 1
+    on = ksm.enable(root)
+    assert on.smart_scan == 0 and (root / "smart_scan").read_text() == "0\n"
+    assert ksm.enable(root, smart_scan=True).to_dict()["smart_scan"] == 1
 
 
 def test_ksm_bad_settings_and_missing_ksm_are_clear_errors(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from vmkit.errors import QemuError
 
@@ -189,25 +189,36 @@ _WEIGHTS_SEED = 0x766D6B6974
 
 
 def _hash_pages(path: Path) -> bytes:
-    """Every page's hash: the sum of its 64-bit words, each times a fixed odd random weight, modulo
-    2**64 (numpy, a few hundred MB/s even on a loaded host, where BLAKE2b per page in Python took a
-    minute for 1 GiB). A changed word always changes the sum (an odd weight times a non-zero
-    difference is non-zero modulo 2**64); changes cancelling out need a linear relation of the
-    weights, vanishingly unlikely for what a lost page looks like. Not for adversaries: both hosts
-    are yours."""
+    """Every page's hash (see :func:`page_hashes`) of the file ``path``."""
+    with path.open("rb") as fh:
+        return page_hashes(fh)
+
+
+def page_hashes(fh: BinaryIO, size: int | None = None) -> bytes:
+    """Every page's hash, ``DIGEST_BYTES`` each, of ``size`` bytes (all of it if None) read from ``fh``:
+    the sum of its 64-bit words, each times a fixed odd random weight, modulo 2**64 (numpy, a few
+    hundred MB/s even on a loaded host, where BLAKE2b per page in Python took a minute for 1 GiB). A
+    changed word always changes the sum (an odd weight times a non-zero difference is non-zero modulo
+    2**64); changes cancelling out need a linear relation of the weights, vanishingly unlikely for what
+    a lost page looks like. Not for adversaries: both hosts are yours."""
     import numpy as np
 
     words = PAGE // 8
     weights = np.random.default_rng(_WEIGHTS_SEED).integers(0, 2**63, size=words, dtype=np.uint64) * np.uint64(2)
     weights += np.uint64(1)
     out = bytearray()
-    with path.open("rb") as fh:
-        while chunk := fh.read(PAGE * 4096):
-            if len(chunk) % PAGE:
-                chunk += bytes(PAGE - len(chunk) % PAGE)
-            pages = np.frombuffer(chunk, dtype="<u8").reshape(-1, words)
-            with np.errstate(over="ignore"):
-                out += (pages * weights).sum(axis=1, dtype=np.uint64).astype("<u8").tobytes()
+    left = size
+    while left is None or left > 0:
+        chunk = fh.read(PAGE * 4096 if left is None else min(PAGE * 4096, left))
+        if not chunk:
+            break
+        if left is not None:
+            left -= len(chunk)
+        if len(chunk) % PAGE:
+            chunk += bytes(PAGE - len(chunk) % PAGE)
+        pages = np.frombuffer(chunk, dtype="<u8").reshape(-1, words)
+        with np.errstate(over="ignore"):
+            out += (pages * weights).sum(axis=1, dtype=np.uint64).astype("<u8").tobytes()
     return bytes(out)
 
 
