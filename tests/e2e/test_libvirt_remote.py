@@ -142,3 +142,14 @@ def test_migration_copies_storage(host_a: LibvirtDaemon, host_b: LibvirtDaemon, 
     finally:
         vmkit("--connect", host_a.uri, "delete", "--force", "carrier", check=False)
         vmkit("--connect", REMOTE, "delete", "--force", "carrier", check=False)
+
+
+def test_a_vmkit_network_is_refused_on_another_host(host_b: LibvirtDaemon, sshd: Path, micro_image: Image) -> None:
+    """vmkit networks are bridges of this host: B has no network of that name, so the NIC is refused by name
+    and nothing is left there."""
+    remote = ssh_uri(host_b, sshd)
+    res = vmkit("--connect", remote, "create", "netless", "--image", "micro", "--network", "lvbnet", check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "networks[0].network" in res.stderr and "'lvbnet'" in res.stderr, res.stderr
+    assert "netless" not in states(remote)
+    assert "netless-" not in host_b.virsh("vol-list", "vmkit", check=False).stdout

@@ -34,8 +34,8 @@ def unsupported(what: str, uri: str) -> ConfigError:
 class LibvirtClient(Client):
     """The vmkit machines on one libvirt host (see the module's docs)."""
 
-    def __init__(self, home: str | Path | None = None, connect: str | None = None) -> None:
-        super().__init__(home)
+    def __init__(self, home: str | Path | None = None, connect: str | None = None, *, host: str | None = None) -> None:
+        super().__init__(home)  # ``host`` with ``connect`` was refused by vmkit.Client.__new__
         from vmkit.backends.libvirt.machines import LibvirtHost
 
         assert connect is not None
