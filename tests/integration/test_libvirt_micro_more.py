@@ -128,7 +128,7 @@ def test_interactive_console_on_a_pty(lv: LibvirtDaemon, tiny: str) -> None:
                 except OSError:
                     break
     try:
-        read_until(b"detach with Ctrl-]", 60)
+        read_until(b"attached to", 60)
         os.write(master, b"echo lv-console-$((6*7))\r")
         read_until(b"lv-console-42", 60)
         os.write(master, b"\x1d")
