@@ -115,3 +115,51 @@ def test_aio_client_takes_connect_and_refuses_host_with_it() -> None:
     assert "connect" in str(exc.value.problems)
     assert vmkit.aio.Client(connect="qemu:///system").connect == "qemu:///system"
     assert vmkit.aio.Client().connect is None
+
+
+class _Conn:
+    def getVersion(self) -> int:
+        return 7_002_000  # QEMU 7.2.0
+
+
+class _Dom:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def name(self) -> str:
+        return "web"
+
+    def XMLDesc(self, _flags: int) -> str:
+        return f"<domain type='{self.kind}'><name>web</name></domain>"
+
+
+@pytest.mark.parametrize(("kind", "cpus", "method", "live"), [
+    ("qemu", 1, "auto", False), ("qemu", 2, "auto", False), ("qemu", 1, "live", True), ("qemu", 2, "paused", False),
+    ("kvm", 4, "auto", True), ("kvm", 4, "paused", False),
+])
+def test_libvirt_migration_method_follows_vmkits_safety(kind: str, cpus: int, method: str, live: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TCG on QEMU < 9.0 a libvirt migration copies with the guest paused unless --live is asked for
+    with one vCPU; KVM migrates live."""
+    from vmkit.backends.libvirt.machines import LibvirtHost
+    from vmkit.config import parse_config
+
+    host = LibvirtHost("qemu:///system")
+    host._conn = _Conn()  # type: ignore[assignment]
+    config = parse_config({"name": "web", "cpus": cpus, "boot": {"kernel": "/k"}})
+    monkeypatch.setattr(host, "config", lambda _name: config)
+    got, reason = host._live_method(_Dom(kind), method)  # type: ignore[arg-type]
+    assert got is live and reason
+
+
+def test_libvirt_live_migration_of_several_tcg_vcpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.backends.libvirt.machines import LibvirtHost
+    from vmkit.config import parse_config
+
+    host = LibvirtHost("qemu:///system")
+    host._conn = _Conn()  # type: ignore[assignment]
+    config = parse_config({"name": "web", "cpus": 2, "boot": {"kernel": "/k"}})
+    monkeypatch.setattr(host, "config", lambda _name: config)
+    with pytest.raises(ConfigError) as exc:
+        host._live_method(_Dom("qemu"), "live")  # type: ignore[arg-type]
+    assert "--live" in str(exc.value.problems) and "1 vCPU" in str(exc.value.problems)
