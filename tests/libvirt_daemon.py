@@ -119,7 +119,7 @@ libvirtd -d -p "$ROOT/libvirtd.pid" $LISTEN
 
 @contextlib.contextmanager
 def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | None = None,
-                   netns: str | None = None, timeout: float = 90) -> Iterator[LibvirtDaemon]:
+                   netns: str | None = None, timeout: float = 240) -> Iterator[LibvirtDaemon]:
     """A running private libvirtd under ``root`` (created), stopped and cleaned up on exit."""
     if shutil.which("libvirtd") is None or shutil.which("virtlogd") is None:
         raise RuntimeError("libvirtd/virtlogd are missing: run scripts/install.sh (libvirt-daemon, "
@@ -143,8 +143,11 @@ def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | No
         subprocess.run(argv, check=True, env=env, capture_output=True, text=True, timeout=60)
         deadline = time.monotonic() + timeout
         while True:
-            if daemon.socket.exists() and daemon.virsh("version", check=False, timeout=30).returncode == 0:
-                break
+            try:  # the first answer waits for libvirtd's probe of QEMU's capabilities: slow on a loaded host
+                if daemon.socket.exists() and daemon.virsh("version", check=False, timeout=60).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
             if time.monotonic() > deadline:
                 log = (root / "libvirtd.log").read_text(errors="replace")[-3000:] if (root / "libvirtd.log").exists() \
                     else ""
