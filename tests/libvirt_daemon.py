@@ -119,7 +119,7 @@ libvirtd -d -p "$ROOT/libvirtd.pid" $LISTEN
 
 @contextlib.contextmanager
 def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | None = None,
-                   netns: str | None = None, timeout: float = 90) -> Iterator[LibvirtDaemon]:
+                   netns: str | None = None, timeout: float = 240) -> Iterator[LibvirtDaemon]:
     """A running private libvirtd under ``root`` (created), stopped and cleaned up on exit."""
     if shutil.which("libvirtd") is None or shutil.which("virtlogd") is None:
         raise RuntimeError("libvirtd/virtlogd are missing: run scripts/install.sh (libvirt-daemon, "
@@ -143,8 +143,11 @@ def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | No
         subprocess.run(argv, check=True, env=env, capture_output=True, text=True, timeout=60)
         deadline = time.monotonic() + timeout
         while True:
-            if daemon.socket.exists() and daemon.virsh("version", check=False, timeout=30).returncode == 0:
-                break
+            try:  # the first answer waits for libvirtd's probe of QEMU's capabilities: slow on a loaded host
+                if daemon.socket.exists() and daemon.virsh("version", check=False, timeout=60).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
             if time.monotonic() > deadline:
                 log = (root / "libvirtd.log").read_text(errors="replace")[-3000:] if (root / "libvirtd.log").exists() \
                     else ""
@@ -153,3 +156,93 @@ def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | No
         yield daemon
     finally:
         daemon.stop()
+
+
+# -- libvirt hosts in network namespaces, reached over ssh ----------------------------------------------------------
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
+
+
+@dataclass
+class RemoteLibvirt:
+    """A libvirt host in a network namespace of its own: its daemon, its address and the ssh key that
+    logs in as root there (an sshd in the namespace)."""
+
+    daemon: LibvirtDaemon
+    addr: str
+    key: Path
+
+    @property
+    def ssh_uri(self) -> str:
+        """``qemu+ssh://`` to this daemon. Its socket is private, so the URI names it and libvirt reaches it
+        with ``nc -U`` (``proxy=netcat``): virt-ssh-helper knows only the default socket. A real host needs
+        neither."""
+        return (f"qemu+ssh://root@{self.addr}/system?socket={self.daemon.socket}&keyfile={self.key}"
+                "&no_verify=1&proxy=netcat")
+
+    @property
+    def tcp_uri(self) -> str:
+        return f"qemu+tcp://{self.addr}/system"
+
+
+@contextlib.contextmanager
+def sshd_in(netns: str, addr: str, d: Path) -> Iterator[Path]:
+    """An sshd for root at ``addr`` in network namespace ``netns`` (key login only, files under ``d``);
+    yields the client key. Stopped on exit."""
+    d.mkdir(parents=True, exist_ok=True)
+    for key in ("key", "hostkey"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "key.pub").read_text())
+    (d / "sshd_config").write_text(f"ListenAddress {addr}\nHostKey {d}/hostkey\n"
+                                   f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
+                                   f"PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\nStrictModes no\n"
+                                   "UsePAM no\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    subprocess.run(["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-f", str(d / "sshd_config"),
+                    "-E", str(d / "sshd.log")], check=True, timeout=30)
+    try:
+        yield d / "key"
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((d / "sshd.pid").read_text()), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def remote_libvirt_hosts(root: Path, *, prefix: str, subnet: str, count: int = 2) -> Iterator[list[RemoteLibvirt]]:
+    """``count`` libvirt hosts, each in a network namespace ``PREFIXi`` (and a mount namespace) of its own
+    with an sshd, all on one bridge ``PREFIX-br`` with this namespace: this one is ``SUBNET.1``, host i is
+    ``SUBNET.(i+2)``, so the hosts reach each other (a migration's memory and disk streams go straight
+    from one to the other). Everything is taken down on exit. ``prefix`` and ``subnet`` must differ
+    between test modules (they may run at once in two workers)."""
+    bridge = f"{prefix}-br"
+    names = [f"{prefix}{i}" for i in range(count)]
+
+    def teardown() -> None:
+        for ns in names:
+            ip("link", "delete", f"{ns}-h", check=False)
+            ip("netns", "delete", ns, check=False)
+        ip("link", "delete", bridge, check=False)
+
+    teardown()
+    try:
+        ip("link", "add", bridge, "type", "bridge")
+        ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+        with contextlib.ExitStack() as stack:
+            hosts = []
+            for i, ns in enumerate(names):
+                addr = f"{subnet}.{i + 2}"
+                ip("netns", "add", ns)
+                ip("link", "add", f"{ns}-h", "type", "veth", "peer", "name", f"{ns}-g")
+                ip("link", "set", f"{ns}-g", "netns", ns)
+                ip("link", "set", f"{ns}-h", "master", bridge)
+                ip("link", "set", f"{ns}-h", "up")
+                ip("-n", ns, "addr", "add", f"{addr}/24", "dev", f"{ns}-g")
+                ip("-n", ns, "link", "set", f"{ns}-g", "up")
+                ip("-n", ns, "link", "set", "lo", "up")
+                key = stack.enter_context(sshd_in(ns, addr, root / f"sshd-{i}"))
+                daemon = stack.enter_context(libvirt_daemon(root / f"host-{i}", listen=addr, netns=ns))
+                hosts.append(RemoteLibvirt(daemon, addr, key))
+            yield hosts
+    finally:
+        teardown()

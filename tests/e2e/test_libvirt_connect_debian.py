@@ -90,6 +90,49 @@ def test_snapshot_and_revert(lv: LibvirtDaemon, web: str) -> None:
     assert "s1" not in lv.virsh("snapshot-list", web, "--name").stdout.split()
 
 
+def test_agent_lifecycle_events(lv: LibvirtDaemon, web: str) -> None:
+    """libvirt's agent lifecycle events are vmkit's VSERPORT_CHANGE of the agent's port: the agent stopped
+    and started again in the guest (over SSH: exec needs the agent) shows as closed, then open."""
+    import os
+    import select
+    import sys
+    import time
+
+    import vmkit as vk
+
+    argv = vk.Client(connect=lv.uri).get(web).ssh_argv
+
+    def agents_seen(proc: subprocess.Popen[bytes], want: list[bool], timeout: float) -> list[bool]:
+        assert proc.stdout is not None
+        seen: list[bool] = []
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while seen[-len(want):] != want:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"agent events so far: {seen}"
+            buf += os.read(proc.stdout.fileno(), 65536)
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                ev = json.loads(line)
+                if ev["kind"] == "qmp" and ev["detail"].get("event") == "VSERPORT_CHANGE":
+                    seen.append(ev["detail"]["data"]["open"])
+        return seen
+
+    proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "events", web], stdout=subprocess.PIPE,
+                            env={**os.environ, "VMKIT_CONNECT": lv.uri}, bufsize=0)
+    try:
+        time.sleep(3)  # the callbacks are registered
+        for action in ("stop", "start"):
+            res = subprocess.run(argv(["sudo", "systemctl", action, "qemu-guest-agent"]), capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+        agents_seen(proc, [False, True], 120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert vmkit("exec", web, "--", "true").returncode == 0  # the agent answers again
+
+
 def test_stop_then_delete(lv: LibvirtDaemon, web: str) -> None:
     vmkit("stop", web, "--timeout", "120")
     assert lv.virsh("domstate", web).stdout.strip() == "shut off"

@@ -5,23 +5,18 @@ remotely over ``qemu+ssh://`` and ``qemu+tcp://`` (the files are uploaded to B's
 vmkit runs there) and moves a running micro guest from A to B with libvirt's live migration.
 
 B's libvirtd listens on a private socket, so the ssh URI names it (``socket=``) and asks libvirt to
-reach it with ``nc -U`` (``proxy=netcat``; package netcat-openbsd): virt-ssh-helper knows only the
-default socket. A real host needs neither."""
+reach it with ``nc -U`` (``proxy=netcat``; package netcat-openbsd): see ``RemoteLibvirt.ssh_uri``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import image_cache_dir, vmkit
-from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from libvirt_daemon import LibvirtDaemon, RemoteLibvirt, ip, libvirt_daemon, sshd_in
 from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -31,54 +26,35 @@ HOST_ADDR, NS_ADDR = "10.232.1.1", "10.232.1.2"
 REMOTE = f"qemu+tcp://{NS_ADDR}/system"
 
 
-def _ip(*args: str, check: bool = True) -> None:
-    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
     """Network namespace ``lvbk1`` joined to this one by a veth pair (10.232.1.1 here, .2 there)."""
-    _ip("netns", "delete", NS, check=False)
-    _ip("link", "delete", "lvbk1-h", check=False)
-    _ip("netns", "add", NS)
+    ip("netns", "delete", NS, check=False)
+    ip("link", "delete", "lvbk1-h", check=False)
+    ip("netns", "add", NS)
     try:
-        _ip("link", "add", "lvbk1-h", "type", "veth", "peer", "name", "lvbk1-g")
-        _ip("link", "set", "lvbk1-g", "netns", NS)
-        _ip("addr", "add", f"{HOST_ADDR}/24", "dev", "lvbk1-h")
-        _ip("link", "set", "lvbk1-h", "up")
-        _ip("-n", NS, "addr", "add", f"{NS_ADDR}/24", "dev", "lvbk1-g")
-        _ip("-n", NS, "link", "set", "lvbk1-g", "up")
-        _ip("-n", NS, "link", "set", "lo", "up")
+        ip("link", "add", "lvbk1-h", "type", "veth", "peer", "name", "lvbk1-g")
+        ip("link", "set", "lvbk1-g", "netns", NS)
+        ip("addr", "add", f"{HOST_ADDR}/24", "dev", "lvbk1-h")
+        ip("link", "set", "lvbk1-h", "up")
+        ip("-n", NS, "addr", "add", f"{NS_ADDR}/24", "dev", "lvbk1-g")
+        ip("-n", NS, "link", "set", "lvbk1-g", "up")
+        ip("-n", NS, "link", "set", "lo", "up")
         yield NS
     finally:
-        _ip("link", "delete", "lvbk1-h", check=False)
-        _ip("netns", "delete", NS, check=False)
+        ip("link", "delete", "lvbk1-h", check=False)
+        ip("netns", "delete", NS, check=False)
 
 
 @pytest.fixture(scope="module")
 def sshd(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An sshd for root in the namespace (key login only); yields the client key."""
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("key", "hostkey"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True, timeout=30)
-    (d / "authorized_keys").write_text((d / "key.pub").read_text())
-    (d / "sshd_config").write_text(f"ListenAddress {NS_ADDR}\nHostKey {d}/hostkey\n"
-                                   f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
-                                   f"PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\nStrictModes no\n"
-                                   "UsePAM no\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    subprocess.run(["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-f", str(d / "sshd_config"),
-                    "-E", str(d / "sshd.log")], check=True, timeout=30)
-    try:
-        yield d / "key"
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int((d / "sshd.pid").read_text()), signal.SIGTERM)
+    with sshd_in(netns, NS_ADDR, tmp_path_factory.mktemp("sshd")) as key:
+        yield key
 
 
 def ssh_uri(daemon: LibvirtDaemon, key: Path) -> str:
-    return (f"qemu+ssh://root@{NS_ADDR}/system?socket={daemon.socket}&keyfile={key}&no_verify=1"
-            "&proxy=netcat")
+    return RemoteLibvirt(daemon, NS_ADDR, key).ssh_uri
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +142,14 @@ def test_migration_copies_storage(host_a: LibvirtDaemon, host_b: LibvirtDaemon, 
     finally:
         vmkit("--connect", host_a.uri, "delete", "--force", "carrier", check=False)
         vmkit("--connect", REMOTE, "delete", "--force", "carrier", check=False)
+
+
+def test_a_vmkit_network_is_refused_on_another_host(host_b: LibvirtDaemon, sshd: Path, micro_image: Image) -> None:
+    """vmkit networks are bridges of this host: B has no network of that name, so the NIC is refused by name
+    and nothing is left there."""
+    remote = ssh_uri(host_b, sshd)
+    res = vmkit("--connect", remote, "create", "netless", "--image", "micro", "--network", "lvbnet", check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "networks[0].network" in res.stderr and "'lvbnet'" in res.stderr, res.stderr
+    assert "netless" not in states(remote)
+    assert "netless-" not in host_b.virsh("vol-list", "vmkit", check=False).stdout

@@ -83,3 +83,83 @@ def test_cli_connect_unreachable_and_env(tmp_path: Path, vmkit_home: Path) -> No
     assert res.returncode == ExitCode.BAD_INPUT
     res = vmkit("--connect", "ssh://h", "list", check=False)
     assert res.returncode == ExitCode.BAD_INPUT and "--host" in res.stderr
+
+
+@pytest.mark.parametrize(("event_id", "args", "qmp", "data"), [
+    (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, (), "RESET", {"guest": True}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, (204800,), "BALLOON_CHANGE", {"actual": 200 << 20}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, ("ua-disk1",), "DEVICE_DELETED", {"device": "ua-disk1"}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, (1, 2), "VSERPORT_CHANGE", {"id": "qga0-port", "open": True}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, (2, 0), "VSERPORT_CHANGE", {"id": "qga0-port", "open": False}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, ("vda", 2, 3), "BLOCK_JOB_READY", {"device": "vda", "type": "mirror"}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, ("vda", 3, 1), "BLOCK_JOB_COMPLETED",
+     {"device": "vda", "type": "commit", "error": "the block job failed"}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, ("/x", "ua-disk0", 1, "enospc"), "BLOCK_IO_ERROR",
+     {"device": "ua-disk0", "action": "stop", "reason": "enospc"}),
+    (libvirt.VIR_DOMAIN_EVENT_ID_RTC_CHANGE, (3600,), "RTC_CHANGE", {"offset": 3600}),
+])
+def test_libvirt_events_map_to_vmkits_qmp_events(event_id: int, args: tuple[object, ...], qmp: str,
+                                                  data: dict[str, object]) -> None:
+    """libvirt's events are reported as vmkit's supervisor reports QEMU's: ``qmp`` with QEMU's name and fields."""
+    from vmkit.backends.libvirt.machines import _QMP_EQUIVALENTS
+
+    _name, convert = _QMP_EQUIVALENTS[event_id]
+    assert convert(*args) == (qmp, data)
+
+
+def test_aio_client_takes_connect_and_refuses_host_with_it() -> None:
+    import vmkit.aio
+
+    with pytest.raises(ConfigError) as exc:
+        vmkit.aio.Client(connect="qemu:///system", host="ssh://h1")
+    assert "connect" in str(exc.value.problems)
+    assert vmkit.aio.Client(connect="qemu:///system").connect == "qemu:///system"
+    assert vmkit.aio.Client().connect is None
+
+
+class _Conn:
+    def getVersion(self) -> int:
+        return 7_002_000  # QEMU 7.2.0
+
+
+class _Dom:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def name(self) -> str:
+        return "web"
+
+    def XMLDesc(self, _flags: int) -> str:
+        return f"<domain type='{self.kind}'><name>web</name></domain>"
+
+
+@pytest.mark.parametrize(("kind", "cpus", "method", "live"), [
+    ("qemu", 1, "auto", False), ("qemu", 2, "auto", False), ("qemu", 1, "live", True), ("qemu", 2, "paused", False),
+    ("kvm", 4, "auto", True), ("kvm", 4, "paused", False),
+])
+def test_libvirt_migration_method_follows_vmkits_safety(kind: str, cpus: int, method: str, live: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TCG on QEMU < 9.0 a libvirt migration copies with the guest paused unless --live is asked for
+    with one vCPU; KVM migrates live."""
+    from vmkit.backends.libvirt.machines import LibvirtHost
+    from vmkit.config import parse_config
+
+    host = LibvirtHost("qemu:///system")
+    host._conn = _Conn()  # type: ignore[assignment]
+    config = parse_config({"name": "web", "cpus": cpus, "boot": {"kernel": "/k"}})
+    monkeypatch.setattr(host, "config", lambda _name: config)
+    got, reason = host._live_method(_Dom(kind), method)  # type: ignore[arg-type]
+    assert got is live and reason
+
+
+def test_libvirt_live_migration_of_several_tcg_vcpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.backends.libvirt.machines import LibvirtHost
+    from vmkit.config import parse_config
+
+    host = LibvirtHost("qemu:///system")
+    host._conn = _Conn()  # type: ignore[assignment]
+    config = parse_config({"name": "web", "cpus": 2, "boot": {"kernel": "/k"}})
+    monkeypatch.setattr(host, "config", lambda _name: config)
+    with pytest.raises(ConfigError) as exc:
+        host._live_method(_Dom("qemu"), "live")  # type: ignore[arg-type]
+    assert "--live" in str(exc.value.problems) and "1 vCPU" in str(exc.value.problems)

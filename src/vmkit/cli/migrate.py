@@ -62,7 +62,8 @@ def migrate(
             print_json(moved)
             return
         if moved.get("backend") == "libvirt":
-            out.print(f"moved [bold]{name}[/] to {moved['target']} (libvirt, offline)", highlight=False)
+            out.print(f"moved [bold]{name}[/] to {moved['target']} (libvirt, offline: its definition and disks); "
+                      f"it is {moved['state']} there and gone from here", highlight=False)
             return
         out.print(f"moved [bold]{name}[/] to {moved['target']} in {moved['seconds']:.1f} s "
                   f"({_size(int(moved['bytes_sent']))} sent); `vmkit --host {moved['target']} start {name}` "
@@ -95,8 +96,9 @@ def migrate(
         print_json(result)
         return
     if result.get("backend") == "libvirt":  # vmkit --connect URI migrate: libvirt's own migration
-        out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s (libvirt); "
-                  f"it is {result['state']} there and gone from here", highlight=False)
+        out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s (libvirt, "
+                  f"{result['method']}: {result['method_reason']}); it is {result['state']} there and gone from here",
+                  highlight=False)
         return
     rep = result["report"]
     out.print(f"migrated [bold]{name}[/] to {result['target']} in {result['seconds']:.1f} s ({rep['method']}: "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmkit.api import models
+from vmkit.client import libvirt as libvirt_client
 from vmkit.client import sync
 from vmkit.client.sync import ByteProgress, ConsoleProgress, Notice, PullProgress
 
@@ -33,10 +34,18 @@ if TYPE_CHECKING:
 
 
 class Client:
-    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory)."""
+    """The machines of one vmkit home (default: ``VMKIT_HOME``, else the XDG data directory).
+    ``connect`` (a libvirt host) and ``host`` (another host's vmkit) as for :class:`vmkit.Client`: the
+    same operations, refused by name where that kind of host has none."""
 
-    def __init__(self, home: str | Path | None = None) -> None:
-        self._sync = sync.Client(home)
+    def __init__(self, home: str | Path | None = None, connect: str | None = None, *,
+                 host: str | None = None) -> None:
+        self._sync = sync.Client(home, connect, host=host)
+
+    @property
+    def connect(self) -> str | None:
+        """The libvirt host's URI (None: this host's vmkit, or ``host``)."""
+        return getattr(self._sync, "connect", None)
 
     @property
     def home(self) -> Path | None:
@@ -325,9 +334,15 @@ class Instance:
         return await asyncio.to_thread(self._sync.write_bench_report, report, json_path, markdown_path)
 
     async def events(self) -> AsyncIterator[models.Event]:
-        """The machine's events as they happen, straight from its supervisor's stream."""
+        """The machine's events as they happen, straight from its supervisor's stream (on a libvirt
+        host: libvirt's domain events, read in a worker thread)."""
         from vmkit.backends.local import control
         from vmkit.host import paths
+
+        if isinstance(self._sync, libvirt_client.LibvirtInstance):
+            async for event in _libvirt_events(self._sync):
+                yield event
+            return
 
         def supervisor() -> Any:
             with paths.using_home(self._sync.client.home):
@@ -336,3 +351,36 @@ class Instance:
         api = await asyncio.to_thread(supervisor)
         async for item in api.events():
             yield models.Event.model_validate(item)
+
+
+async def _libvirt_events(handle: libvirt_client.LibvirtInstance) -> AsyncIterator[models.Event]:
+    """libvirt's domain events of ``handle``, read by a thread of their own (libvirt's callbacks are
+    synchronous) and handed to the event loop; leaving the loop stops that thread within half a second."""
+    import contextlib
+    import threading
+
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[models.Event | BaseException | None] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: models.Event | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads any more
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for event in handle.events(stop=stop):
+                put(event)
+        except BaseException as exc:  # raised again in the reader
+            put(exc)
+        finally:
+            put(None)
+
+    threading.Thread(target=pump, name="vmkit-aio-libvirt-events", daemon=True).start()
+    try:
+        while (item := await items.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,8 @@ def unsupported(what: str, uri: str) -> ConfigError:
 class LibvirtClient(Client):
     """The vmkit machines on one libvirt host (see the module's docs)."""
 
-    def __init__(self, home: str | Path | None = None, connect: str | None = None) -> None:
-        super().__init__(home)
+    def __init__(self, home: str | Path | None = None, connect: str | None = None, *, host: str | None = None) -> None:
+        super().__init__(home)  # ``host`` with ``connect`` was refused by vmkit.Client.__new__
         from vmkit.backends.libvirt.machines import LibvirtHost
 
         assert connect is not None
@@ -181,7 +182,9 @@ class LibvirtInstance(Instance):
                 max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
                 copy_storage: bool = False, tls: bool = False,
                 on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """libvirt's live migration to libvirt host ``target`` (a URI, e.g. ``qemu+ssh://b/system``)."""
+        """libvirt's migration to libvirt host ``target`` (a URI, e.g. ``qemu+ssh://b/system``); ``method``
+        as for a local machine (``auto``: live where that is safe, else paused; see
+        :meth:`vmkit.backends.libvirt.machines.LibvirtHost.migrate`)."""
         for flag, given in (("--postcopy", postcopy), ("--verify", verify), ("--auto-converge", auto_converge)):
             if given:
                 raise ConfigError.single(flag, "not supported for a libvirt migration (libvirt tunes it)")
@@ -189,8 +192,10 @@ class LibvirtInstance(Instance):
             raise ConfigError.single("--tls", "a libvirt migration is encrypted by libvirtd's own TLS setup "
                                      "(migrate_tls_x509_cert_dir in qemu.conf), not by vmkit")
         bw = (bandwidth_bytes >> 20) or 1 if bandwidth_bytes else None
-        return self._call(self._host.migrate, self.name, target, copy_storage=copy_storage, bandwidth_mib=bw,
-                          on_event=on_event)
+        if shared_storage and copy_storage:
+            raise ConfigError.single("--copy-storage", "give --copy-storage or --shared-storage, not both")
+        return self._call(self._host.migrate, self.name, target, copy_storage=copy_storage, method=method,
+                          bandwidth_mib=bw, on_event=on_event)
 
     def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         return self._call(self._host.migrate, self.name, target, offline=True, on_event=on_event)
@@ -236,8 +241,9 @@ class LibvirtInstance(Instance):
         self._call(self._host.delete_snapshot, self.name, tag)
 
     # -- events ------------------------------------------------------------------------------------
-    def events(self) -> Iterator[models.Event]:
-        yield from self._host.events(self.name)
+    def events(self, *, stop: threading.Event | None = None) -> Iterator[models.Event]:
+        """libvirt's domain events (``stop``: set it to end the stream from another thread)."""
+        yield from self._host.events(self.name, stop=stop)
 
 
 def _refuse_the_rest(cls: type, base: type, what: str) -> None:

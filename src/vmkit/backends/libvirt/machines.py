@@ -45,7 +45,14 @@ from vmkit.host import paths
 from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option
 from vmkit.host.images.store import Image, ImageStore
 from vmkit.host.provision import DISK, SEED, CloudOptions, write_identity
-from vmkit.libvirt.domain import DomainFiles, DomainType, config_from_domain_xml, domain_xml, hostfwd_commands
+from vmkit.libvirt.domain import (
+    DomainFiles,
+    DomainType,
+    NicTarget,
+    config_from_domain_xml,
+    domain_xml,
+    hostfwd_commands,
+)
 from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.guest.execute import ExecResult, guest_exec
 from vmkit.runtime.guest.files import copy_from_guest, copy_to_guest
@@ -171,6 +178,68 @@ class LibvirtHost:
     def _define(self, config: MachineConfig, *, image: Image | None, disk_size: str | None = None,
                 progress: Callable[[str], None] | None = None) -> str:
         say = progress or (lambda _m: None)
+        nics = self._nic_targets(config)
+        joined = config
+        if config.networks and _is_local(self.uri):
+            from vmkit.backends.local import networks
+
+            joined = networks.join_all(config)  # its MAC and static address on each vmkit network
+        try:
+            return self._define_joined(joined, nics, image=image, disk_size=disk_size, say=say)
+        except BaseException:
+            if joined is not config:
+                from vmkit.backends.local import networks
+
+                networks.leave_all(joined)
+            raise
+
+    def _nic_targets(self, config: MachineConfig) -> dict[str, NicTarget]:
+        """Where each NIC on a vmkit network plugs in there. On this host (``qemu:///system``) the vmkit
+        network's bridge (``vmkbr-NAME``; rootless networks are refused by name). On another host vmkit's
+        networks do not exist: a libvirt network of the same name there is used (its own DHCP gives the
+        address), and without one the NIC is refused, naming the network."""
+        if not config.networks:
+            return {}
+        if _is_local(self.uri):
+            from vmkit.backends.local.export import nic_targets
+
+            return nic_targets(config)
+        import libvirt
+
+        from vmkit.errors import Problem
+
+        out: dict[str, NicTarget] = {}
+        problems = []
+        for i, iface in enumerate(config.networks):
+            try:
+                self.conn.networkLookupByName(iface.network)
+            except libvirt.libvirtError:
+                problems.append(Problem(f"networks[{i}].network", f"vmkit network {iface.network!r} is a bridge on "
+                                        f"this host, and {self.uri} has no libvirt network of that name: define one "
+                                        "there (virsh net-define), or leave --network out"))
+                continue
+            out[iface.network] = NicTarget("network", iface.network)
+        if problems:
+            raise ConfigError(problems, context="libvirt domain")
+        return out
+
+    def _networks_up(self, cfg: MachineConfig) -> None:
+        """Bring the machine's vmkit networks up on this host before its domain starts (bridge, DHCP with
+        its static lease): a start on the libvirt of this host, as the local supervisor does."""
+        if not cfg.networks or not _is_local(self.uri):
+            return
+        from vmkit.backends.local import networks
+
+        networks.check_can_start(cfg)
+        joined = networks.join_all(cfg)
+        if joined != cfg:
+            raise ConfigError.single("networks", f"{cfg.name}'s NICs have no MAC or address on their vmkit networks "
+                                     "(the network was made again?): delete the machine and create it again")
+        for iface in cfg.networks:
+            networks.store().ensure_up(iface.network)
+
+    def _define_joined(self, config: MachineConfig, nics: dict[str, NicTarget], *, image: Image | None,
+                       disk_size: str | None, say: Callable[[str], None]) -> str:
         pool = storage.pool(self.conn)
         name = config.name
         made: list[libvirt.virStorageVol] = []
@@ -211,7 +280,7 @@ class LibvirtHost:
                 made.append(vol)
                 disks[disk_id] = vol.path()
             serial_log = f"{storage.POOL_PATH}/{storage.own_volume(name, 'serial.log')}"
-            xml = domain_xml(config, domain_type=self._domain_type(), forwards="hostfwd",
+            xml = domain_xml(config, domain_type=self._domain_type(), forwards="hostfwd", nics=nics,
                              files=DomainFiles(kernel=kernel, initrd=initrd, disks=disks, serial_log=serial_log))
             with translated("define", name=name, uri=self.uri):
                 self.conn.defineXML(xml)
@@ -247,6 +316,7 @@ class LibvirtHost:
                 raise StateError("delete", state, ["stopped"])
             with translated("stop", name=name, uri=self.uri):
                 dom.destroy()
+        cfg = self.config(name)
         files = [path for path, _fmt, _writable in _domain_files(dom)]
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
@@ -254,6 +324,10 @@ class LibvirtHost:
             dom.undefineFlags(flags)
         storage.delete_machine_volumes(storage.pool(self.conn), name, files)
         shutil.rmtree(self.local_dir(name), ignore_errors=True)
+        if cfg.networks and _is_local(self.uri):
+            from vmkit.backends.local import networks
+
+            networks.leave_all(cfg)
 
     # -- listing -----------------------------------------------------------------------------------
     def rows(self) -> list[models.InstanceRow]:
@@ -292,6 +366,7 @@ class LibvirtHost:
         restored = bool(dom.hasManagedSaveImage(0))
         cfg = self.config(name)
         log_from = 0 if restored else self._log_size(name)
+        self._networks_up(cfg)
         with translated("start", name=name, uri=self.uri):
             dom.create()
         self._add_forwards(dom, cfg)
@@ -398,6 +473,7 @@ class LibvirtHost:
         self._require(dom, "restore", "stopped")
         if not dom.hasManagedSaveImage(0):
             raise NotFoundError("saved state of", name, hint=f"vmkit --connect {self.uri} save {name} first")
+        self._networks_up(self.config(name))
         with translated("restore", name=name, uri=self.uri):
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         self._add_forwards(dom, self.config(name))
@@ -592,101 +668,153 @@ class LibvirtHost:
                 stream.abort()
 
     # -- events ------------------------------------------------------------------------------------
-    def events(self, name: str) -> Iterator[models.Event]:
-        """The machine's events as libvirt reports them (domain lifecycle callbacks); the first says
-        its state now; ends when it stops."""
+    def events(self, name: str, *, stop: threading.Event | None = None) -> Iterator[models.Event]:
+        """The machine's events as libvirt reports them; the first (``hello``) says its state now; ends
+        when it stops (or when ``stop`` is set). Lifecycle callbacks become vmkit's ``state-changed``,
+        ``guest-stopped`` and ``stopped-with-error``; libvirt's other events that stand for a QEMU event
+        become ``qmp`` events as vmkit's own supervisor reports them (``detail.event``: QEMU's name,
+        ``detail.data``: its fields, :data:`_QMP_EQUIVALENTS`), with ``detail.libvirt_event`` too."""
         import libvirt
 
         _event_loop()
         conn = open_connection(self.uri)  # its own connection: callbacks run on the event thread
-        dom = conn.lookupByName(name)
         self.domain(name)
+        with translated("watch", name=name, uri=self.uri):
+            dom = conn.lookupByName(name)
         items: queue.Queue[models.Event | None] = queue.Queue(maxsize=1000)
+        now = self.state(dom)
+        last = [now]
 
         def lifecycle(_conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
             kind, state = _LIFECYCLE.get(event, ("qmp", None))
-            st = state or self.state(dom)
+            last[0] = st = state or last[0]
             items.put(models.Event(kind=kind, state=st,
                                    detail={"libvirt_event": event, "libvirt_detail": detail},
                                    timestamp=time.time()))
             if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
                 items.put(None)
 
-        cb = conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+        def qmp(libvirt_event: str, convert: Callable[..., tuple[str, dict[str, Any]]]) -> Callable[..., None]:
+            def callback(_conn: Any, _dom: Any, *args: Any) -> None:
+                event, data = convert(*args[:-1])  # the last argument is the opaque value
+                with contextlib.suppress(queue.Full):  # a flood (I/O errors) must not stall libvirt's loop
+                    items.put_nowait(models.Event(kind="qmp", state=last[0], timestamp=time.time(), detail={
+                        "event": event, "data": data, "libvirt_event": libvirt_event}))
+            return callback
+
+        callbacks = [conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)]
         try:
-            now = self.state(dom)
-            yield models.Event(kind="hello", state=now if now != "error" else "error",
-                               detail={"connect": self.uri}, timestamp=time.time())
-            while (item := items.get()) is not None:
+            for event_id, (libvirt_event, convert) in _QMP_EQUIVALENTS.items():
+                callbacks.append(conn.domainEventRegisterAny(dom, event_id, qmp(libvirt_event, convert), None))
+            yield models.Event(kind="hello", state=now, detail={"connect": self.uri}, timestamp=time.time())
+            while True:
+                try:
+                    item = items.get(timeout=0.5)
+                except queue.Empty:
+                    if stop is not None and stop.is_set():
+                        return
+                    continue
+                if item is None:
+                    return
                 yield item
         finally:
-            try:
-                conn.domainEventDeregisterAny(cb)
+            for cb in callbacks:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cb)
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
-            except libvirt.libvirtError:
-                pass
 
     # -- migration ---------------------------------------------------------------------------------
     def migrate(self, name: str, target: str, *, copy_storage: bool = False, offline: bool = False,
-                bandwidth_mib: int | None = None, on_event: Callable[[dict[str, Any]], None] | None = None
-                ) -> dict[str, Any]:
-        """libvirt's live migration of the running machine to libvirt host ``target`` (``copy_storage``:
-        its writable disks are copied too, VIR_MIGRATE_NON_SHARED_DISK). Read-only volumes (kernel,
-        initrd, seed) and base disks are copied to the target's pool first. The domain is then defined
-        there and undefined here; with ``copy_storage`` its volumes here are removed too (without it they
-        stay: the target uses them at the same paths, on storage both hosts share)."""
+                method: str = "auto", bandwidth_mib: int | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """libvirt's migration of the machine to libvirt host ``target``.
+
+        A running machine: ``method`` ``auto`` copies its memory while it runs (VIR_MIGRATE_LIVE) where
+        that is safe (:func:`vmkit.runtime.migration.live_safety`: KVM, or QEMU >= 9.0), else with the guest
+        paused (libvirt's non-live migration: it runs again on the target); ``paused`` always pauses;
+        ``live`` asks for pre-copy and is refused where QEMU can lose pages of several vCPUs (libvirt
+        cannot verify the copy as vmkit's own migration does). ``copy_storage``: its writable disks are
+        copied too (VIR_MIGRATE_NON_SHARED_DISK); without it they must already be on the target at the
+        same paths (shared storage), else it is refused before anything moves.
+
+        ``offline`` (or a stopped machine): its definition and every volume, writable ones included,
+        are copied to the target's pool (VIR_MIGRATE_OFFLINE); a managed save is not moved.
+
+        Read-only volumes (kernel, initrd, seed) and base disks are copied to the target's pool first.
+        The domain is then defined there and undefined here; its volumes here are removed when they were
+        copied (``copy_storage``, ``offline``), else kept (the target uses them)."""
         import libvirt
 
         say = on_event or (lambda _e: None)
         check_uri(target, field="URI")
+        if method not in ("auto", "live", "paused"):
+            raise ConfigError.single("method", f"{method!r}: give auto, live or paused")
         dom = self.domain(name)
         state = self._require(dom, "migrate", *(("running", "paused", "stopped") if offline else ("running", "paused")))
+        offline = offline or state == "stopped"
+        if offline and dom.hasManagedSaveImage(0):
+            raise StateError("move", "saved", ["stopped (not saved)", "running"])
+        cfg = self.config(name)
+        if cfg.networks and not (_is_local(self.uri) and _is_local(target)):
+            raise ConfigError.single("networks[0].network", f"{name} is on vmkit network {cfg.networks[0].network!r}, "
+                                     f"a bridge of this host that {target} does not have: vmkit networks do not "
+                                     "span libvirt hosts (vmkit network leave, then migrate)")
+        live, reason = (False, "offline: the definition and disks are copied") if offline \
+            else self._live_method(dom, method)
         dest = LibvirtHost(target)
         try:
             dest._check_free(name)
             dpool = storage.pool(dest.conn)
             spool = storage.pool(self.conn)
             spool.refresh(0)
+            dpool.refresh(0)
+            copied = offline or copy_storage
             for path, fmt, writable in _domain_files(dom):
                 vol = self.conn.storageVolLookupByPath(path) if path.startswith(storage.POOL_PATH) else None
                 if vol is None:
                     continue
-                if writable and copy_storage:
-                    # the target makes an empty volume of the same size; its backing must be there too
-                    base = _backing(vol)
-                    if base is not None:
-                        say({"step": f"copying volume {os.path.basename(base)} to the target's pool"})
-                        storage.copy_volume(self.conn, self.conn.storageVolLookupByPath(base), dest.conn, dpool,
-                                            fmt="qcow2")
+                if writable and not copied:
+                    if storage.volume(dpool, vol.name()) is None:
+                        raise ConfigError.single("--copy-storage", f"{name}'s disk {vol.name()} is not on {target} "
+                                                 f"({path}): give --copy-storage to copy it while the machine runs")
                     continue
-                if writable and not copy_storage:
-                    continue
+                base = _backing(vol) if writable else None
+                if base is not None:  # an overlay: its backing goes first (once per host)
+                    say({"step": f"copying volume {os.path.basename(base)} to the target's pool"})
+                    storage.copy_volume(self.conn, self.conn.storageVolLookupByPath(base), dest.conn, dpool,
+                                        fmt="qcow2")
+                if writable and not offline:
+                    continue  # libvirt makes it there and copies it while the guest runs
                 say({"step": f"copying volume {vol.name()} to the target's pool"})
                 storage.copy_volume(self.conn, vol, dest.conn, dpool, fmt=fmt)
             files = [path for path, _fmt, _writable in _domain_files(dom)]
             flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-            if offline or state == "stopped":
+            if offline:
                 flags |= libvirt.VIR_MIGRATE_OFFLINE
-            else:
+            elif live:
                 flags |= libvirt.VIR_MIGRATE_LIVE
-            if copy_storage and not (flags & libvirt.VIR_MIGRATE_OFFLINE):
+            if copy_storage and not offline:
                 flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
             params: dict[str, Any] = {}
             host = urlsplit(target).hostname
-            if host and not (flags & libvirt.VIR_MIGRATE_OFFLINE):
+            if host and not offline:
                 params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{host}"
             if bandwidth_mib:
                 params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
-            say({"step": f"migrating {name} to {target} (libvirt flags {flags:#x})"})
+            shown = "offline" if offline else "live" if live else "paused"
+            say({"step": f"migrating {name} to {target} ({shown}: {reason}; libvirt flags {flags:#x})"})
             started = time.monotonic()
             with translated("migrate", name=name, uri=self.uri):
                 dom.migrate3(dest.conn, params, flags)
             seconds = time.monotonic() - started
             moved = dest.domain(name)
-            dest._add_forwards(moved, dest.config(name))
+            if not offline:
+                dest._add_forwards(moved, dest.config(name))
             result = {"backend": "libvirt", "name": name, "target": target, "seconds": round(seconds, 2),
-                      "state": dest.state(moved), "copy_storage": copy_storage}
-            if copy_storage and not self._still_defined(name):  # the target has its own copies now
+                      "state": dest.state(moved), "copy_storage": copy_storage, "method": shown,
+                      "method_reason": reason}
+            if copied and not self._still_defined(name):  # the target has its own copies now
                 storage.delete_machine_volumes(storage.pool(self.conn), name, files)
             local, there = self.local_dir(name), dest.local_dir(name)
             if local.exists() and not there.exists():
@@ -695,6 +823,24 @@ class LibvirtHost:
             return result
         finally:
             dest.close()
+
+    def _live_method(self, dom: libvirt.virDomain, method: str) -> tuple[bool, str]:
+        """Whether to migrate the running ``dom`` live (pre-copy while it runs), and why."""
+        from vmkit.runtime import migration
+
+        cpus = self.config(dom.name()).cpus
+        accel = "tcg" if _domain_type(dom) == "qemu" else "kvm"
+        with translated("read the QEMU version of", uri=self.uri):
+            v = self.conn.getVersion()
+        safety = migration.live_safety(accel, cpus, (v // 1_000_000, v // 1000 % 1000, v % 1000))
+        if method == "paused":
+            return False, "asked for (--paused): the guest is paused while its memory is copied"
+        if method == "auto" or safety.live:
+            return safety.live, safety.reason
+        if cpus > 1:  # --live where QEMU loses pages of several vCPUs: libvirt cannot verify the copy
+            raise ConfigError.single("--live", f"{safety.reason}. A libvirt migration cannot be verified page by "
+                                     f"page: give {dom.name()} 1 vCPU, or leave out --live")
+        return True, "asked for (--live) with 1 vCPU"
 
     def _still_defined(self, name: str) -> bool:
         import libvirt
@@ -756,6 +902,45 @@ _LIFECYCLE: dict[int, tuple[str, str | None]] = {
     7: ("state-changed", "paused"),    # PMSUSPENDED
     8: ("stopped-with-error", "error"),  # CRASHED
 }
+
+_BLOCK_JOB_TYPES = {0: "unknown", 1: "stream", 2: "mirror", 3: "commit", 4: "active-commit", 5: "backup"}
+_BLOCK_JOB_END = {0: "BLOCK_JOB_COMPLETED", 1: "BLOCK_JOB_COMPLETED", 2: "BLOCK_JOB_CANCELLED", 3: "BLOCK_JOB_READY"}
+
+
+def _block_job(disk: str, job: int, status: int) -> tuple[str, dict[str, Any]]:
+    data: dict[str, Any] = {"device": disk, "type": _BLOCK_JOB_TYPES.get(job, str(job))}
+    if status == 1:
+        data["error"] = "the block job failed"
+    return _BLOCK_JOB_END.get(status, "BLOCK_JOB_COMPLETED"), data
+
+
+def _qmp_equivalents() -> dict[int, tuple[str, Callable[..., tuple[str, dict[str, Any]]]]]:
+    from vmkit.runtime.qemu.cmdline import AGENT_PORT_ID
+
+    return {
+        1: ("reboot", lambda: ("RESET", {"guest": True})),
+        2: ("rtc-change", lambda offset: ("RTC_CHANGE", {"offset": offset})),
+        3: ("watchdog", lambda action: ("WATCHDOG", {"action": _WATCHDOG.get(action, str(action))})),
+        6: ("io-error", lambda _path, alias, action, reason: (
+            "BLOCK_IO_ERROR", {"device": alias, "action": _IO_ACTION.get(action, str(action)), "reason": reason})),
+        13: ("balloon-change", lambda kib: ("BALLOON_CHANGE", {"actual": kib * 1024})),
+        15: ("device-removed", lambda alias: ("DEVICE_DELETED", {"device": alias})),
+        16: ("block-job", _block_job),
+        18: ("agent-lifecycle", lambda state, _reason: (
+            "VSERPORT_CHANGE", {"id": AGENT_PORT_ID, "open": state == 1})),
+        26: ("memory-device-size-change", lambda alias, kib: (
+            "MEMORY_DEVICE_SIZE_CHANGE", {"id": alias, "size": kib * 1024})),
+    }
+
+
+_WATCHDOG = {0: "none", 1: "pause", 2: "reset", 3: "poweroff", 4: "shutdown", 5: "debug", 6: "inject-nmi"}
+_IO_ACTION = {0: "ignore", 1: "stop", 2: "report"}
+_QMP_EQUIVALENTS = _qmp_equivalents()
+"""libvirt's domain event ids that stand for a QEMU event, with the name vmkit's ``qmp`` events give it
+and the conversion of the callback's arguments to QEMU's fields: REBOOT -> RESET, RTC_CHANGE,
+WATCHDOG, IO_ERROR_REASON -> BLOCK_IO_ERROR, BALLOON_CHANGE (``actual`` in bytes), DEVICE_REMOVED ->
+DEVICE_DELETED, BLOCK_JOB_2 -> BLOCK_JOB_COMPLETED/CANCELLED/READY, AGENT_LIFECYCLE -> VSERPORT_CHANGE
+of the agent's port (``open``: it connected), MEMORY_DEVICE_SIZE_CHANGE."""
 
 _loop_started = False
 _loop_lock = threading.Lock()
