@@ -15,6 +15,7 @@ from vmkit.host import sshkeys as keys
 from vmkit.host.cloudinit import SeedSpec, make_seed_iso
 from vmkit.host.images.store import Image, ImageManifest
 from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.runtime.qemu.cmdline import Runtime, build_argv
 from vmkit.state import template
 
 TCG = AccelChoice("tcg", "test")
@@ -70,6 +71,15 @@ def test_layout_lists_the_ram_file_backend_and_vmgenid() -> None:
     assert "-object memory-backend-file,id=mem,size=1024M" in lines
     assert "-device vmgenid,id=vmgenid0" in lines
     assert not any("mac=" in ln or "hostfwd" in ln for ln in lines)
+
+
+def test_templates_and_clones_report_no_free_pages() -> None:
+    """QEMU 7.2 gives a reported free page back by punching a hole in the RAM's file, even a clone's
+    copy-on-write mapping of the template's: every other clone would read zeros there."""
+    assert "-device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=off" in \
+        template.layout(config(), TCG)
+    plain = build_argv(config(), TCG, Runtime(qmp_fd=3, serial_fd=4))
+    assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on" in plain
 
 
 def test_a_fitting_machine_can_use_a_current_template(tpl: template.Template) -> None:

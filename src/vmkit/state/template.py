@@ -65,7 +65,8 @@ from vmkit.state.savestate import machine_type
 
 log = logging.getLogger("vmkit.state.template")
 
-FORMAT = 1
+FORMAT = 2
+"""2: no free page reporting in templates and clones (see :func:`vmkit.runtime.qemu.cmdline.balloon_args`)."""
 MANIFEST = "template.json"
 RAM = "ram"
 DEVICES = "devices.state"
@@ -394,16 +395,52 @@ def write_reference(instance_dir: Path, tpl: Template) -> None:
     atomic_write(instance_dir / REFERENCE, TemplateReference(path=str(tpl.directory)).model_dump_json(), 0o600)
 
 
-async def restore(vm: VirtualMachine, tpl: Template) -> None:
+class Phases:
+    """How long each phase of a warm start took (seconds, in order), measured from ``began``
+    (``time.monotonic()``); the start reports them and ``benchmarks/instant_bench.py --profile`` prints them."""
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self._last = began
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def since_start(self) -> float:
+        return self._last - self.began
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+    def render(self) -> str:
+        return ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items())
+
+
+def process_started() -> float:
+    """When this process started (wall clock, from /proc: before the interpreter imported anything)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return round(time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK"), 3)
+
+
+async def restore(vm: VirtualMachine, tpl: Template, phases: Phases | None = None) -> None:
     """Start the STOPPED machine ``vm`` from ``tpl``: its RAM mapped copy-on-write, its device state
     loaded; the machine is PAUSED afterwards (:func:`personalize` it after resuming)."""
+    phases = phases or Phases(time.monotonic())
     await vm.start(incoming=True, machine_type=tpl.manifest.machine_type, memory_file=tpl.ram, memory_shared=False)
+    phases.mark("QEMU started")
     try:
         await migration.set_capabilities(vm, x_ignore_shared=True)
         _pass_file(vm, tpl.devices, os.O_RDONLY)
         await vm.execute("getfd", {"fdname": _FD_NAME})
         await vm.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
         await _wait_migration(vm, f"loading the template {tpl.directory.name}")
+        phases.mark("device state loaded")
         # off again: the clone's own saves and migrations carry its RAM (the template file is not theirs)
         await migration.set_capabilities(vm, x_ignore_shared=False)
     except BaseException:
@@ -471,15 +508,18 @@ class Personalized:
     machine_id: str
 
 
-async def personalize(vm: VirtualMachine, instance_dir: Path) -> Personalized:
+async def personalize(vm: VirtualMachine, instance_dir: Path, phases: Phases | None = None) -> Personalized:
     """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent."""
     if vm.agent is None:
         return Personalized(0.0, "")
     started = time.monotonic()
+    phases = phases or Phases(started)
     machine_id = uuid.uuid4().hex
     script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id)
+    phases.mark("identity script made")
     timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 60.0
     result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout)
+    phases.mark("identity script ran")
     if result.exit_code != 0:
         raise VmkitError(f"{vm.config.name}: the clone could not be given its own identity (exit "
                          f"{result.exit_code}): {result.stderr.decode(errors='replace')[-400:]}",
