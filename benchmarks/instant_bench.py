@@ -17,8 +17,8 @@ The template is made first if the image has no current one (``vmkit image warm``
 
 ``--profile`` runs only warm starts and prints the median of each phase: in the calling process until
 the supervisor process exists, the supervisor's own start until ``POST /v1/start``, then the phases the
-supervisor reports (QEMU started, device state loaded, resume and clock, the identity script), the way
-back to the caller, and the ``hostname`` check.
+supervisor reports (QEMU started, device state loaded, resumed, the identity script with the clock set
+beside it), the way back to the caller, and the ``hostname`` check.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def profile(client: vmkit.Client, args: argparse.Namespace) -> None:
         row = {"caller, until the supervisor process exists": t["process_started"] - began,
                "supervisor start-up, until POST /v1/start": t["began_at"] - t["process_started"]}
         row.update(phases)
+        row.update({f"  of which, side by side: {k}": v for k, v in t.get("parallel", {}).items()})
         row["back to the caller"] = returned - t["began_at"] - sum(phases.values())
         row["hostname check (vmkit exec)"] = checked - returned
         row["total"] = checked - began

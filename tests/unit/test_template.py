@@ -10,6 +10,7 @@ import pytest
 
 from conftest import vmkit
 from vmkit.config import MachineConfig
+from vmkit.errors import ImageError
 from vmkit.host import provision
 from vmkit.host import sshkeys as keys
 from vmkit.host.cloudinit import SeedSpec, make_seed_iso
@@ -104,11 +105,27 @@ def test_machines_that_do_not_fit_are_told_how_to_get_a_template(tpl: template.T
                                                                         qemu_version=(7, 2, 22)))
 
 
-def test_clones_keep_the_template_mac_on_user_mode_nat(tpl: template.Template) -> None:
+def test_clones_with_an_agent_keep_their_own_mac(tpl: template.Template) -> None:
     t = template.Template(tpl.directory, manifest(mac="52:54:00:00:00:01"))
-    cloned = template.clone_config(config(), t)
-    assert cloned.network is not None and cloned.network.mac == "52:54:00:00:00:01"
-    assert template.layout_digest(cloned, TCG) == template.layout_digest(config(), TCG)
+    assert template.clone_config(config(), t) == config()
+    agentless = template.clone_config(config(agent=False), t)  # it cannot change its guest's interface
+    assert agentless.network is not None and agentless.network.mac == "52:54:00:00:00:01"
+    assert template.layout_digest(agentless, TCG) == template.layout_digest(config(agent=False), TCG)
+
+
+def test_the_device_state_carries_the_clones_mac(tmp_path: Path) -> None:
+    (tmp_path / template.RAM).write_bytes(b"")
+    state = b"QEVM..virtio-net" + bytes.fromhex("525400000001") + b"..slirp" + bytes.fromhex("525400000001") + b"."
+    (tmp_path / template.DEVICES).write_bytes(state)
+    t = template.Template(tmp_path, manifest(mac="52:54:00:00:00:01"))
+    fd = template.device_state(t, config())  # its MAC: 52:54:00:12:34:56
+    with open(fd, "rb") as f:
+        patched = f.read()
+    assert patched == state.replace(bytes.fromhex("525400000001"), bytes.fromhex("525400123456"))
+    assert len(patched) == len(state)
+    (tmp_path / template.DEVICES).write_bytes(b"QEVM without the MAC")
+    with pytest.raises(ImageError, match="no NIC with its MAC"):
+        template.device_state(t, config())
 
 
 def test_the_reference_is_used_once(tmp_path: Path, tpl: template.Template) -> None:
@@ -133,7 +150,11 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
     assert "hostname web-1\n" in script and "ffffffff" in script and "i-abc" in script
     assert host.keys[0].public_openssh in script and user.public_openssh in script
-    assert "ip link" not in script  # the user-mode NIC keeps the template's MAC (see clone_config)
+    assert "ip link" not in script  # no template MAC given: nothing to change
+    with_mac = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32,
+                                        template_mac="52:54:00:00:00:01")
+    assert "address 52:54:00:12:34:56" in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
+    assert subprocess.run(["sh", "-n"], input=with_mac, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)

@@ -79,6 +79,8 @@ TEMPLATE_NAME = "vmkit-template"
 """The generic name (and hostname) a template boots with."""
 _FD_NAME = "vmkit-template"
 _MIGRATION_TIMEOUT = 300.0
+BUILD_READY_TIMEOUT = 1200.0
+"""Seconds the template's boot may take until its agent answers."""
 
 Progress = Callable[[str], None]
 
@@ -251,6 +253,9 @@ def template_config(image: Image, directory: Path, memory: int, cpus: int, base:
         if att.get("type") == "disk-image":
             att["path"] = str(directory / Path(att["path"]).name)
     data.update(name=TEMPLATE_NAME, memory=memory, cpus=cpus)
+    # an unattended first boot, often on a busy host: it may take longer than a user waits for a start
+    data["readiness"] = {**(data.get("readiness") or {}),
+                         "timeout": max(float((data.get("readiness") or {}).get("timeout", 0)), BUILD_READY_TIMEOUT)}
     return MachineConfig.model_validate(data)
 
 
@@ -362,16 +367,44 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
 
 
 def clone_config(config: MachineConfig, tpl: Template) -> MachineConfig:
-    """A new machine's configuration as a clone of ``tpl``: its user-mode NIC keeps the template's MAC.
+    """A new machine's configuration as a clone of ``tpl``.
 
-    The MAC is device state, and QEMU's user-mode NAT (slirp) restores the template's DHCP lease table
-    with it: a clone that took a MAC of its own would get a second address (10.0.2.16), where the
-    port forwards (to 10.0.2.15) do not reach it. Behind user-mode NAT each machine is alone on its
-    own private network, so the same MAC in every clone is never seen together (machines on vmkit
-    networks, where it would be, are not started from templates)."""
-    if config.network is None or tpl.manifest.mac is None:
+    A clone with a guest agent keeps its own MAC (as every machine: :func:`vmkit.host.builder.random_mac`).
+    The template's MAC is device state: the NIC's and, behind user-mode NAT (slirp), the DHCP lease
+    table's, which holds 10.0.2.15 for it (port forwards go to 10.0.2.15). :func:`device_state` writes
+    the clone's MAC over the template's in both before QEMU loads them, and :func:`identity_script`
+    gives the guest's interface that MAC: the lease stays 10.0.2.15 and renews under the new MAC.
+    A machine without an agent cannot change its guest's interface: it keeps the template's MAC (alone
+    behind its own user-mode NAT; machines on vmkit networks are not started from templates)."""
+    if config.network is None or tpl.manifest.mac is None or config.agent:
         return config
     return config.model_copy(update={"network": config.network.model_copy(update={"mac": tpl.manifest.mac})})
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def device_state(tpl: Template, config: MachineConfig) -> int:
+    """A descriptor (a memfd, at offset 0) of ``tpl``'s device state for the clone ``config``: the
+    template's MAC replaced by the clone's wherever it occurs (the NIC's address and filter table,
+    slirp's DHCP lease); both are 6 bytes, so the stream's layout is unchanged."""
+    data = tpl.devices.read_bytes()
+    own = config.network.mac if config.network is not None else None
+    if tpl.manifest.mac is not None and own is not None and own.lower() != tpl.manifest.mac.lower():
+        old, new = mac_bytes(tpl.manifest.mac), mac_bytes(own)
+        if old not in data:
+            raise ImageError(f"the warm template {tpl.directory.name} has no NIC with its MAC {tpl.manifest.mac}",
+                             hint="make a new one: vmkit image warm IMAGE --rebuild")
+        data = data.replace(old, new)
+    fd = os.memfd_create("vmkit-devices", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def reference(instance_dir: Path) -> TemplateReference | None:
@@ -403,6 +436,7 @@ class Phases:
         self.began = began
         self._last = began
         self.seconds: dict[str, float] = {}
+        self.parallel: dict[str, float] = {}
 
     def mark(self, name: str) -> None:
         now = time.monotonic()
@@ -415,8 +449,13 @@ class Phases:
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
+    def beside(self, name: str, seconds: float) -> None:
+        """A step that ran beside others in the last phase (not added to the sequence)."""
+        self.parallel[name] = round(seconds, 3)
+
     def render(self) -> str:
-        return ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items())
+        return ", ".join([*(f"{k} {v:.3f} s" for k, v in self.seconds.items()),
+                          *(f"({k} {v:.3f} s)" for k, v in self.parallel.items())])
 
 
 def process_started() -> float:
@@ -436,7 +475,12 @@ async def restore(vm: VirtualMachine, tpl: Template, phases: Phases | None = Non
     phases.mark("QEMU started")
     try:
         await migration.set_capabilities(vm, x_ignore_shared=True)
-        _pass_file(vm, tpl.devices, os.O_RDONLY)
+        fd = device_state(tpl, vm.config)
+        try:
+            assert vm.qmp is not None
+            vm.qmp.send_fd(fd)
+        finally:
+            os.close(fd)
         await vm.execute("getfd", {"fdname": _FD_NAME})
         await vm.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
         await _wait_migration(vm, f"loading the template {tpl.directory.name}")
@@ -453,7 +497,24 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
-def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str) -> str:
+def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
+    """Shell lines giving the guest's interface that has the template's MAC the clone's own (see
+    :func:`clone_config`), in the network configuration too (cloud-init matches the NIC by its MAC)."""
+    own = config.network.mac if config.network is not None else None
+    if template_mac is None or own is None or own.lower() == template_mac.lower():
+        return []
+    old, new = template_mac.lower(), own.lower()
+    return [  # (shell builtins where they do: each program started costs tens of ms under TCG)
+        "for i in /sys/class/net/*; do read a < $i/address || continue",
+        f"  if [ \"$a\" = {_q(old)} ]; then ip link set dev \"${{i##*/}}\" address {_q(new)}; fi; done",
+        "set -- $(grep -lis " + _q(old) + " /etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/* "
+        "/etc/systemd/network/* /run/systemd/network/* 2>/dev/null) || true",
+        f"[ $# -eq 0 ] || sed -i 's/{old}/{new}/gI' \"$@\"",
+    ]
+
+
+def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str,
+                    template_mac: str | None = None) -> str:
     """The shell script (run as root by the guest agent) that makes a fresh clone this machine.
 
     Every value comes from vmkit's own files (names are validated, keys are OpenSSH text) and is
@@ -470,6 +531,7 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"echo {_q(name)} > /etc/hostname",
         f"sed -i 's/\\b{TEMPLATE_NAME}\\b/'{_q(name)}'/g' /etc/hosts",
         f"echo {_q(machine_id)} > /etc/machine-id",
+        *mac_lines(config, template_mac),
         "rm -f /etc/ssh/ssh_host_*",
     ]
     for k in host_keys.keys:
@@ -489,7 +551,9 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
         "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";' "
         f"{entropy.hex()}",
-        "(systemctl reload-or-restart ssh.service 2>/dev/null || true)",
+        # sshd (OpenSSH 9.2, re-executed for every connection) reads the host keys for each: the new ones
+        # already; the reload is for its listener, and the start does not wait for it
+        "(systemctl --no-block reload-or-restart ssh.service 2>/dev/null || true)",
     ]
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
@@ -508,18 +572,16 @@ class Personalized:
     machine_id: str
 
 
-async def personalize(vm: VirtualMachine, instance_dir: Path, phases: Phases | None = None) -> Personalized:
+async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: str | None = None) -> Personalized:
     """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent."""
     if vm.agent is None:
         return Personalized(0.0, "")
     started = time.monotonic()
-    phases = phases or Phases(started)
     machine_id = uuid.uuid4().hex
-    script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id)
-    phases.mark("identity script made")
+    script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id,
+                             template_mac=template_mac)
     timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 60.0
-    result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout)
-    phases.mark("identity script ran")
+    result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout, max_poll=0.05)
     if result.exit_code != 0:
         raise VmkitError(f"{vm.config.name}: the clone could not be given its own identity (exit "
                          f"{result.exit_code}): {result.stderr.decode(errors='replace')[-400:]}",
