@@ -101,7 +101,7 @@ def test_machines_that_do_not_fit_are_told_how_to_get_a_template(tpl: template.T
     assert any("vmkit image warm debian-12 --memory 2048M --cpus 1" in r for r in reasons)
     assert template.unusable_reasons(tpl, config(balloon=False), TCG, image=image(), qemu_version=(7, 2, 22))
     nets = config(networks=[{"network": "lan"}])
-    assert any("vmkit networks" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
+    assert any("vmkit network has a NIC" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
                                                                         qemu_version=(7, 2, 22)))
 
 

@@ -215,11 +215,12 @@ def unusable_reasons(tpl: Template, config: MachineConfig, accel: AccelChoice, *
         out.append("the machine's devices differ from the template's (disks, NICs, display, balloon, limits "
                    "of memory or vCPUs): only a machine created as `vmkit create NAME --image IMAGE` fits")
     if config.needs_shared_memory:
-        out.append("virtiofs shares need the guest's memory shared with virtiofsd; a clone maps the template's "
-                   "copy-on-write")
+        out.append("virtiofs shares need the guest's RAM shared with virtiofsd (vhost-user maps it through its "
+                   "file), and a clone maps the template's RAM copy-on-write: the pages it has written are its "
+                   "own and virtiofsd would not see them (use a 9p share, or --cold)")
     if config.networks:
-        out.append("machines on vmkit networks are not started from templates yet (their NIC needs its own "
-                   "MAC and lease)")
+        out.append("a machine on a vmkit network has a NIC the template's saved devices lack, and QEMU loads saved "
+                   "devices only into the same devices (a NIC hot-plugged after the restore is not built yet)")
     return out
 
 
