@@ -2,12 +2,14 @@
 and are made their own before ``vmkit start`` returns. Two clones of one template have their own
 hostname, machine-id, SSH host key (the one pinned in their known_hosts: ``ssh`` with strict host key
 checking gets in), user key, and their own random streams right after the start (the kernel RNG was
-reseeded); the vmgenid device is there; extra user-data (runcmd) runs in a clone. One template for
+reseeded); each has its own MAC (the one `vmkit inspect` says) and keeps its address; the vmgenid device
+is there; extra user-data (runcmd) runs in a clone. One template for
 the file (made once per image, QEMU and layout; later runs find it current).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +62,15 @@ def test_two_clones_have_their_own_identity_and_random_streams(debian_template: 
     assert ids["wa"] != ids["wb"] and len(ids["wa"]) == 32
     keys = [guest(n, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1] for n in ("wa", "wb")]
     assert keys[0] != keys[1]
+    # each its own MAC, the one vmkit inspect says, on the guest's interface, with the address the port
+    # forwards reach (the template's DHCP lease, moved to the clone's MAC)
+    macs = {}
+    for n in ("wa", "wb"):
+        macs[n] = json.loads(vmkit("inspect", n).stdout)["config"]["network"]["mac"]
+        links = guest(n, "ip -o link show")
+        assert f"link/ether {macs[n]} " in links, links
+        assert "inet 10.0.2.15/" in guest(n, "ip -o -4 addr show"), "the clone lost its address"
+    assert macs["wa"] != macs["wb"]
     assert guest("wb", "cat /run/warm-runcmd") == "ran-wb"  # its own user-data ran
     for n in ("wa", "wb"):
         vmkit("stop", n)

@@ -148,7 +148,7 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
                                                       user=provision.USER))
     script = template.identity_script(cfg, tmp_path, entropy=b"\x01" * 64, machine_id="f" * 32)
     assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
-    assert "hostname web-1\n" in script and "ffffffff" in script and "i-abc" in script
+    assert "echo web-1 > /proc/sys/kernel/hostname\n" in script and "ffffffff" in script and "i-abc" in script
     assert host.keys[0].public_openssh in script and user.public_openssh in script
     assert "ip link" not in script  # no template MAC given: nothing to change
     with_mac = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32,
@@ -158,6 +158,16 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)
+
+
+def test_hosts_gets_the_name_word_by_word(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n127.0.1.1 vmkit-template.local vmkit-template\n"
+                     "# vmkit-templates  stay\n::1 ip6-localhost\tip6-loopback")
+    script = "set -e\n" + "\n".join(template.hosts_lines("web-1", str(hosts))) + "\n"
+    assert subprocess.run(["sh", "-c", script], check=False).returncode == 0
+    assert hosts.read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1 web-1.local web-1\n"
+                                 "# vmkit-templates stay\n::1 ip6-localhost\tip6-loopback\n")
 
 
 def test_seeds_are_padded_to_whole_mib(tmp_path: Path) -> None:
