@@ -17,8 +17,13 @@ same capability), and resumes: its RAM pages stay shared with every other clone 
 cache until the guest writes them (Kata Containers' "VM templating"). It is then made its own
 through the guest agent before ``vmkit start`` returns (:func:`personalize`): hostname, machine-id,
 SSH host keys (those pinned in its known_hosts), the user's authorized key, instance-id, a reseeded
-kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC keeps the
-template's MAC and address (:func:`clone_config` says why).
+kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC gets its own MAC and
+keeps the template's address (:func:`clone_config` says how).
+
+What QEMU 7.2 must never do in a clone is give a page back (``ram_block_discard_range``): on a file it
+punches a hole in the file, even through a copy-on-write mapping, and every clone would read zeros
+there. So templates and clones have no free page reporting (the balloon's), and a clone's balloon is
+not inflated while its RAM is the template's (the supervisor refuses).
 
 A template is tied to the image (its manifest's creation time and recipe), the QEMU version and the
 versioned machine type, and the machine's layout (memory, vCPUs, devices: :func:`layout`); a clone
@@ -102,7 +107,7 @@ class TemplateManifest(BaseModel):
     """:func:`layout_digest` of the template's configuration."""
     has_disk: bool
     mac: str | None = None
-    """The MAC of the template's user-mode NIC, which its clones keep (see :func:`clone_config`)."""
+    """The MAC of the template's user-mode NIC, which a clone's replaces (see :func:`clone_config`)."""
     created: float
     boot_seconds: float
 
