@@ -10,11 +10,13 @@ import pytest
 
 from conftest import vmkit
 from vmkit.config import MachineConfig
+from vmkit.errors import ImageError
 from vmkit.host import provision
 from vmkit.host import sshkeys as keys
 from vmkit.host.cloudinit import SeedSpec, make_seed_iso
 from vmkit.host.images.store import Image, ImageManifest
 from vmkit.runtime.qemu.accel import AccelChoice
+from vmkit.runtime.qemu.cmdline import Runtime, build_argv
 from vmkit.state import template
 
 TCG = AccelChoice("tcg", "test")
@@ -72,6 +74,15 @@ def test_layout_lists_the_ram_file_backend_and_vmgenid() -> None:
     assert not any("mac=" in ln or "hostfwd" in ln for ln in lines)
 
 
+def test_templates_and_clones_report_no_free_pages() -> None:
+    """QEMU 7.2 gives a reported free page back by punching a hole in the RAM's file, even a clone's
+    copy-on-write mapping of the template's: every other clone would read zeros there."""
+    assert "-device virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=off" in \
+        template.layout(config(), TCG)
+    plain = build_argv(config(), TCG, Runtime(qmp_fd=3, serial_fd=4))
+    assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on" in plain
+
+
 def test_a_fitting_machine_can_use_a_current_template(tpl: template.Template) -> None:
     assert template.unusable_reasons(tpl, config(), TCG, image=image(), qemu_version=(7, 2, 22)) == []
 
@@ -90,15 +101,31 @@ def test_machines_that_do_not_fit_are_told_how_to_get_a_template(tpl: template.T
     assert any("vmkit image warm debian-12 --memory 2048M --cpus 1" in r for r in reasons)
     assert template.unusable_reasons(tpl, config(balloon=False), TCG, image=image(), qemu_version=(7, 2, 22))
     nets = config(networks=[{"network": "lan"}])
-    assert any("vmkit networks" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
+    assert any("vmkit network has a NIC" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
                                                                         qemu_version=(7, 2, 22)))
 
 
-def test_clones_keep_the_template_mac_on_user_mode_nat(tpl: template.Template) -> None:
+def test_clones_with_an_agent_keep_their_own_mac(tpl: template.Template) -> None:
     t = template.Template(tpl.directory, manifest(mac="52:54:00:00:00:01"))
-    cloned = template.clone_config(config(), t)
-    assert cloned.network is not None and cloned.network.mac == "52:54:00:00:00:01"
-    assert template.layout_digest(cloned, TCG) == template.layout_digest(config(), TCG)
+    assert template.clone_config(config(), t) == config()
+    agentless = template.clone_config(config(agent=False), t)  # it cannot change its guest's interface
+    assert agentless.network is not None and agentless.network.mac == "52:54:00:00:00:01"
+    assert template.layout_digest(agentless, TCG) == template.layout_digest(config(agent=False), TCG)
+
+
+def test_the_device_state_carries_the_clones_mac(tmp_path: Path) -> None:
+    (tmp_path / template.RAM).write_bytes(b"")
+    state = b"QEVM..virtio-net" + bytes.fromhex("525400000001") + b"..slirp" + bytes.fromhex("525400000001") + b"."
+    (tmp_path / template.DEVICES).write_bytes(state)
+    t = template.Template(tmp_path, manifest(mac="52:54:00:00:00:01"))
+    fd = template.device_state(t, config())  # its MAC: 52:54:00:12:34:56
+    with open(fd, "rb") as f:
+        patched = f.read()
+    assert patched == state.replace(bytes.fromhex("525400000001"), bytes.fromhex("525400123456"))
+    assert len(patched) == len(state)
+    (tmp_path / template.DEVICES).write_bytes(b"QEVM without the MAC")
+    with pytest.raises(ImageError, match="no NIC with its MAC"):
+        template.device_state(t, config())
 
 
 def test_the_reference_is_used_once(tmp_path: Path, tpl: template.Template) -> None:
@@ -121,12 +148,26 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
                                                       user=provision.USER))
     script = template.identity_script(cfg, tmp_path, entropy=b"\x01" * 64, machine_id="f" * 32)
     assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
-    assert "hostname web-1\n" in script and "ffffffff" in script and "i-abc" in script
+    assert "echo web-1 > /proc/sys/kernel/hostname\n" in script and "ffffffff" in script and "i-abc" in script
     assert host.keys[0].public_openssh in script and user.public_openssh in script
-    assert "ip link" not in script  # the user-mode NIC keeps the template's MAC (see clone_config)
+    assert "ip link" not in script  # no template MAC given: nothing to change
+    with_mac = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32,
+                                        template_mac="52:54:00:00:00:01")
+    assert "address 52:54:00:12:34:56" in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
+    assert subprocess.run(["sh", "-n"], input=with_mac, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)
+
+
+def test_hosts_gets_the_name_word_by_word(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n127.0.1.1 vmkit-template.local vmkit-template\n"
+                     "# vmkit-templates  stay\n::1 ip6-localhost\tip6-loopback")
+    script = "set -e\n" + "\n".join(template.hosts_lines("web-1", str(hosts))) + "\n"
+    assert subprocess.run(["sh", "-c", script], check=False).returncode == 0
+    assert hosts.read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1 web-1.local web-1\n"
+                                 "# vmkit-templates stay\n::1 ip6-localhost\tip6-loopback\n")
 
 
 def test_seeds_are_padded_to_whole_mib(tmp_path: Path) -> None:

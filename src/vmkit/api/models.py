@@ -140,7 +140,9 @@ class Started(Response):
     snapshot: str | None = None
     incoming: str | None = Field(default=None, description="where QEMU waits for the migration stream")
     template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
-                                            "of the warm template the machine was cloned from")
+                                            "of the warm template the machine was cloned from; phases (seconds "
+                                            "of each step in order), parallel (steps beside the last), "
+                                            "process_started and began_at (the supervisor's, wall clock)")
     clock: ClockFix | None = None
 
 
@@ -667,7 +669,8 @@ class StartResult(Response):
                                                                      "suspended_seconds of the state it resumed")
     snapshot: str | None = None
     template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
-                                            "of the warm template it was cloned from")
+                                            "of the warm template it was cloned from; phases, parallel, "
+                                            "process_started, began_at (see Started)")
     clock: ClockFix | None = None
     fallback: str | None = Field(default=None, description="why the saved state or warm template was not used "
                                                            "(a cold boot instead)")

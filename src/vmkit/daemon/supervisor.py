@@ -57,6 +57,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ class Supervisor:
         self.instance = instance
         self._start: asyncio.Task[None] | None = None
         self._start_outcome: asyncio.Future[int | None] | None = None
+        self.start_began = time.monotonic()
+        """When ``POST /v1/start`` began the start (the phases of a warm start are measured from it)."""
         self._start_requested = asyncio.Event()
         """Set once the start has finished: None (the guest is ready) or the exit code of its failure."""
         self._start_asked = asyncio.Event()
@@ -227,6 +230,7 @@ class Supervisor:
         """The start (boot, or from saved state); emits its progress and one ``result`` or ``error``."""
         assert self._start_outcome is not None
         ready = False
+        self.start_began = time.monotonic()
         try:
             lock = _Lock(await self._make_cgroup())
             for note in self.cgroup_notes:
@@ -695,6 +699,13 @@ class Supervisor:
     async def _h_balloon(self, request: web.Request) -> web.Response:
         body = await body_as(request, models.BalloonRequest)
         target = balloon.check_target(self.config, body.target)
+        if self.vm.cow_memory_file is not None and target < self.config.memory:
+            refused = StateError("inflate the memory balloon", "running on its warm template's memory "
+                                 "(copy-on-write)", ["saved and resumed, or booted (its RAM is its own then)"])
+            refused.hint = (f"`vmkit save {self.config.name} && vmkit start {self.config.name}`; QEMU 7.2 gives "
+                            "ballooned pages back by punching holes in the RAM's file, here the template's, which "
+                            "every clone of it reads")
+            raise refused
         self._live("set the memory balloon")
         with self.ops.shared("set the memory balloon", "moving the memory balloon"):
             actual = await balloon.set_target(self.vm, target, timeout=body.timeout)

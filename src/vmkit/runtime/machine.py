@@ -132,6 +132,8 @@ class VirtualMachine:
         self.hot_disks: dict[str, HotDisk] = {}  # see vmkit.runtime.hotplug
         self.unplugs: dict[str, asyncio.Future[None]] = {}  # hot disks being detached (see vmkit.runtime.hotplug)
         self.detached_late: set[str] = set()  # ... and those released after their detach_disk gave up
+        self.cow_memory_file: Path | None = None
+        """The file the guest's RAM maps copy-on-write (a warm template's, which other clones map too)."""
         self.vcpus_removed = 0
         """vCPUs this QEMU process was asked to remove (vmkit.runtime.vcpus: under TCG none are added after)."""
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
@@ -261,6 +263,7 @@ class VirtualMachine:
         """
         self._require("start", VmState.STOPPED, VmState.ERROR)
         self._set_state(VmState.STARTING)
+        self.cow_memory_file = memory_file if not memory_shared else None
         self.exit_info = None
         self._shutdown_event = None
         self._panicked = False

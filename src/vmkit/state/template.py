@@ -17,8 +17,13 @@ same capability), and resumes: its RAM pages stay shared with every other clone 
 cache until the guest writes them (Kata Containers' "VM templating"). It is then made its own
 through the guest agent before ``vmkit start`` returns (:func:`personalize`): hostname, machine-id,
 SSH host keys (those pinned in its known_hosts), the user's authorized key, instance-id, a reseeded
-kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC keeps the
-template's MAC and address (:func:`clone_config` says why).
+kernel RNG, the clock, and its own user-data when it has some. Its user-mode NIC gets its own MAC and
+keeps the template's address (:func:`clone_config` says how).
+
+What QEMU 7.2 must never do in a clone is give a page back (``ram_block_discard_range``): on a file it
+punches a hole in the file, even through a copy-on-write mapping, and every clone would read zeros
+there. So templates and clones have no free page reporting (the balloon's), and a clone's balloon is
+not inflated while its RAM is the template's (the supervisor refuses).
 
 A template is tied to the image (its manifest's creation time and recipe), the QEMU version and the
 versioned machine type, and the machine's layout (memory, vCPUs, devices: :func:`layout`); a clone
@@ -65,7 +70,8 @@ from vmkit.state.savestate import machine_type
 
 log = logging.getLogger("vmkit.state.template")
 
-FORMAT = 1
+FORMAT = 2
+"""2: no free page reporting in templates and clones (see :func:`vmkit.runtime.qemu.cmdline.balloon_args`)."""
 MANIFEST = "template.json"
 RAM = "ram"
 DEVICES = "devices.state"
@@ -78,6 +84,8 @@ TEMPLATE_NAME = "vmkit-template"
 """The generic name (and hostname) a template boots with."""
 _FD_NAME = "vmkit-template"
 _MIGRATION_TIMEOUT = 300.0
+BUILD_READY_TIMEOUT = 1200.0
+"""Seconds the template's boot may take until its agent answers."""
 
 Progress = Callable[[str], None]
 
@@ -99,7 +107,7 @@ class TemplateManifest(BaseModel):
     """:func:`layout_digest` of the template's configuration."""
     has_disk: bool
     mac: str | None = None
-    """The MAC of the template's user-mode NIC, which its clones keep (see :func:`clone_config`)."""
+    """The MAC of the template's user-mode NIC, which a clone's replaces (see :func:`clone_config`)."""
     created: float
     boot_seconds: float
 
@@ -212,11 +220,12 @@ def unusable_reasons(tpl: Template, config: MachineConfig, accel: AccelChoice, *
         out.append("the machine's devices differ from the template's (disks, NICs, display, balloon, limits "
                    "of memory or vCPUs): only a machine created as `vmkit create NAME --image IMAGE` fits")
     if config.needs_shared_memory:
-        out.append("virtiofs shares need the guest's memory shared with virtiofsd; a clone maps the template's "
-                   "copy-on-write")
+        out.append("virtiofs shares need the guest's RAM shared with virtiofsd (vhost-user maps it through its "
+                   "file), and a clone maps the template's RAM copy-on-write: the pages it has written are its "
+                   "own and virtiofsd would not see them (use a 9p share, or --cold)")
     if config.networks:
-        out.append("machines on vmkit networks are not started from templates yet (their NIC needs its own "
-                   "MAC and lease)")
+        out.append("a machine on a vmkit network has a NIC the template's saved devices lack, and QEMU loads saved "
+                   "devices only into the same devices (a NIC hot-plugged after the restore is not built yet)")
     return out
 
 
@@ -250,6 +259,9 @@ def template_config(image: Image, directory: Path, memory: int, cpus: int, base:
         if att.get("type") == "disk-image":
             att["path"] = str(directory / Path(att["path"]).name)
     data.update(name=TEMPLATE_NAME, memory=memory, cpus=cpus)
+    # an unattended first boot, often on a busy host: it may take longer than a user waits for a start
+    data["readiness"] = {**(data.get("readiness") or {}),
+                         "timeout": max(float((data.get("readiness") or {}).get("timeout", 0)), BUILD_READY_TIMEOUT)}
     return MachineConfig.model_validate(data)
 
 
@@ -298,8 +310,8 @@ async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _S
             say("waiting for cloud-init to finish")
             await guest_exec(vm.agent, ["cloud-init", "status", "--wait"], timeout=config.readiness.timeout)
             # the throw-away login key goes; what the guest wrote reaches its disk
-            await guest_exec(vm.agent, ["/bin/sh", "-c", f"rm -f /home/{provision.USER}/.ssh/authorized_keys; sync"],
-                             timeout=60)
+            await guest_exec(vm.agent, ["/bin/sh", "-c", f"rm -f /home/{provision.USER}/.ssh/authorized_keys; "
+                                                         "mkdir -p /run/vmkit; sync"], timeout=60)
         boot_seconds = time.monotonic() - booted
         say("saving the running state")
         await vm.pause()
@@ -361,16 +373,44 @@ def build(image: Image, base: MachineConfig, *, progress: Progress | None = None
 
 
 def clone_config(config: MachineConfig, tpl: Template) -> MachineConfig:
-    """A new machine's configuration as a clone of ``tpl``: its user-mode NIC keeps the template's MAC.
+    """A new machine's configuration as a clone of ``tpl``.
 
-    The MAC is device state, and QEMU's user-mode NAT (slirp) restores the template's DHCP lease table
-    with it: a clone that took a MAC of its own would get a second address (10.0.2.16), where the
-    port forwards (to 10.0.2.15) do not reach it. Behind user-mode NAT each machine is alone on its
-    own private network, so the same MAC in every clone is never seen together (machines on vmkit
-    networks, where it would be, are not started from templates)."""
-    if config.network is None or tpl.manifest.mac is None:
+    A clone with a guest agent keeps its own MAC (as every machine: :func:`vmkit.host.builder.random_mac`).
+    The template's MAC is device state: the NIC's and, behind user-mode NAT (slirp), the DHCP lease
+    table's, which holds 10.0.2.15 for it (port forwards go to 10.0.2.15). :func:`device_state` writes
+    the clone's MAC over the template's in both before QEMU loads them, and :func:`identity_script`
+    gives the guest's interface that MAC: the lease stays 10.0.2.15 and renews under the new MAC.
+    A machine without an agent cannot change its guest's interface: it keeps the template's MAC (alone
+    behind its own user-mode NAT; machines on vmkit networks are not started from templates)."""
+    if config.network is None or tpl.manifest.mac is None or config.agent:
         return config
     return config.model_copy(update={"network": config.network.model_copy(update={"mac": tpl.manifest.mac})})
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def device_state(tpl: Template, config: MachineConfig) -> int:
+    """A descriptor (a memfd, at offset 0) of ``tpl``'s device state for the clone ``config``: the
+    template's MAC replaced by the clone's wherever it occurs (the NIC's address and filter table,
+    slirp's DHCP lease); both are 6 bytes, so the stream's layout is unchanged."""
+    data = tpl.devices.read_bytes()
+    own = config.network.mac if config.network is not None else None
+    if tpl.manifest.mac is not None and own is not None and own.lower() != tpl.manifest.mac.lower():
+        old, new = mac_bytes(tpl.manifest.mac), mac_bytes(own)
+        if old not in data:
+            raise ImageError(f"the warm template {tpl.directory.name} has no NIC with its MAC {tpl.manifest.mac}",
+                             hint="make a new one: vmkit image warm IMAGE --rebuild")
+        data = data.replace(old, new)
+    fd = os.memfd_create("vmkit-devices", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def reference(instance_dir: Path) -> TemplateReference | None:
@@ -394,16 +434,63 @@ def write_reference(instance_dir: Path, tpl: Template) -> None:
     atomic_write(instance_dir / REFERENCE, TemplateReference(path=str(tpl.directory)).model_dump_json(), 0o600)
 
 
-async def restore(vm: VirtualMachine, tpl: Template) -> None:
+class Phases:
+    """How long each phase of a warm start took (seconds, in order), measured from ``began``
+    (``time.monotonic()``); the start reports them and ``benchmarks/instant_bench.py --profile`` prints them."""
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self._last = began
+        self.seconds: dict[str, float] = {}
+        self.parallel: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def since_start(self) -> float:
+        return self._last - self.began
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+    def beside(self, name: str, seconds: float) -> None:
+        """A step that ran beside others in the last phase (not added to the sequence)."""
+        self.parallel[name] = round(seconds, 3)
+
+    def render(self) -> str:
+        return ", ".join([*(f"{k} {v:.3f} s" for k, v in self.seconds.items()),
+                          *(f"({k} {v:.3f} s)" for k, v in self.parallel.items())])
+
+
+def process_started() -> float:
+    """When this process started (wall clock, from /proc: before the interpreter imported anything)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return round(time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK"), 3)
+
+
+async def restore(vm: VirtualMachine, tpl: Template, phases: Phases | None = None) -> None:
     """Start the STOPPED machine ``vm`` from ``tpl``: its RAM mapped copy-on-write, its device state
     loaded; the machine is PAUSED afterwards (:func:`personalize` it after resuming)."""
+    phases = phases or Phases(time.monotonic())
     await vm.start(incoming=True, machine_type=tpl.manifest.machine_type, memory_file=tpl.ram, memory_shared=False)
+    phases.mark("QEMU started")
     try:
         await migration.set_capabilities(vm, x_ignore_shared=True)
-        _pass_file(vm, tpl.devices, os.O_RDONLY)
+        fd = device_state(tpl, vm.config)
+        try:
+            assert vm.qmp is not None
+            vm.qmp.send_fd(fd)
+        finally:
+            os.close(fd)
         await vm.execute("getfd", {"fdname": _FD_NAME})
         await vm.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
         await _wait_migration(vm, f"loading the template {tpl.directory.name}")
+        phases.mark("device state loaded")
         # off again: the clone's own saves and migrations carry its RAM (the template file is not theirs)
         await migration.set_capabilities(vm, x_ignore_shared=False)
     except BaseException:
@@ -416,7 +503,37 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
-def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str) -> str:
+def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
+    """Shell lines giving the guest's interface that has the template's MAC the clone's own (see
+    :func:`clone_config`), in the network configuration too (cloud-init matches the NIC by its MAC)."""
+    own = config.network.mac if config.network is not None else None
+    if template_mac is None or own is None or own.lower() == template_mac.lower():
+        return []
+    old, new = template_mac.lower(), own.lower()
+    return [  # (shell builtins where they do: each program started costs tens of ms under TCG)
+        "for i in /sys/class/net/*; do read a < $i/address || continue",
+        f"  if [ \"$a\" = {_q(old)} ]; then ip link set dev \"${{i##*/}}\" address {_q(new)}; fi; done",
+        "set -- $(grep -lis " + _q(old) + " /etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/* "
+        "/etc/systemd/network/* /run/systemd/network/* 2>/dev/null) || true",
+        f"[ $# -eq 0 ] || sed -i 's/{old}/{new}/gI' \"$@\"",
+    ]
+
+
+def hosts_lines(name: str, path: str = "/etc/hosts") -> list[str]:
+    """Shell lines (builtins only) putting ``name`` for the template's in ``path``, word by word (also as
+    the first label of a domain name)."""
+    return [
+        'h=; while IFS= read -r l || [ -n "$l" ]; do',
+        f'  case "$l" in *{TEMPLATE_NAME}*) set -f; set -- $l; set +f; l=',
+        f'    for w; do case "$w" in {TEMPLATE_NAME}) w={_q(name)};; {TEMPLATE_NAME}.*) w={_q(name)}.${{w#*.}};; esac',
+        '      l="$l${l:+ }$w"; done;; esac',
+        f'  h="$h$l\n"; done < {path}',
+        f"printf '%s' \"$h\" > {path}",
+    ]
+
+
+def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str,
+                    template_mac: str | None = None) -> str:
     """The shell script (run as root by the guest agent) that makes a fresh clone this machine.
 
     Every value comes from vmkit's own files (names are validated, keys are OpenSSH text) and is
@@ -427,12 +544,15 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
     meta = read_seed_iso(instance_dir / provision.SEED).get("meta-data", b"").decode()
     instance_id = next((ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("instance-id:")), "")
     home = f"/home/{provision.USER}"
+    # Shell builtins wherever they do: a program started costs 50 to 300 ms in a clone (TCG translates
+    # its code anew in the clone's fresh QEMU).
     lines = [
         "set -e",
-        f"hostname {_q(name)}",
+        f"echo {_q(name)} > /proc/sys/kernel/hostname",
         f"echo {_q(name)} > /etc/hostname",
-        f"sed -i 's/\\b{TEMPLATE_NAME}\\b/'{_q(name)}'/g' /etc/hosts",
+        *hosts_lines(name),
         f"echo {_q(machine_id)} > /etc/machine-id",
+        *mac_lines(config, template_mac),
         "rm -f /etc/ssh/ssh_host_*",
     ]
     for k in host_keys.keys:
@@ -440,10 +560,10 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         lines += [f"umask 077; printf '%s' {_q(k.private_openssh)} > {path}; umask 022",
                   f"printf '%s\\n' {_q(k.public_openssh)} > {path}.pub"]
     lines += [
-        f"install -d -m 700 -o {provision.USER} -g {provision.USER} {home}/.ssh",
-        f"printf '%s\\n' {_q(user_key.public_openssh)} > {home}/.ssh/authorized_keys",
-        f"chown {provision.USER}: {home}/.ssh/authorized_keys; chmod 600 {home}/.ssh/authorized_keys",
-        "mkdir -p /run/vmkit",
+        f"[ -d {home}/.ssh ] || install -d -m 700 -o {provision.USER} -g {provision.USER} {home}/.ssh",
+        f"umask 077; printf '%s\\n' {_q(user_key.public_openssh)} > {home}/.ssh/authorized_keys; umask 022",
+        f"chown {provision.USER}: {home}/.ssh/authorized_keys",
+        "[ -d /run/vmkit ] || mkdir -p /run/vmkit",
         f"echo {_q(instance_id)} > /run/vmkit/instance-id",
         # the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host
         # bytes (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG).
@@ -452,7 +572,8 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
         "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";' "
         f"{entropy.hex()}",
-        "(systemctl reload-or-restart ssh.service 2>/dev/null || true)",
+        # no reload of sshd: it is re-executed for every connection, and reads the host keys then
+        # (OpenSSH 9.2, Debian 12): the first connection already gets the new ones
     ]
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
@@ -471,15 +592,16 @@ class Personalized:
     machine_id: str
 
 
-async def personalize(vm: VirtualMachine, instance_dir: Path) -> Personalized:
+async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: str | None = None) -> Personalized:
     """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent."""
     if vm.agent is None:
         return Personalized(0.0, "")
     started = time.monotonic()
     machine_id = uuid.uuid4().hex
-    script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id)
+    script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id,
+                             template_mac=template_mac)
     timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 60.0
-    result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout)
+    result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout, max_poll=0.05)
     if result.exit_code != 0:
         raise VmkitError(f"{vm.config.name}: the clone could not be given its own identity (exit "
                          f"{result.exit_code}): {result.stderr.decode(errors='replace')[-400:]}",

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pydantic import ValidationError
 
 from vmkit.api import SupervisorClient, models
 from vmkit.api.transport import SupervisorGone
-from vmkit.backends.local import networks
+from vmkit.backends.local import networks, spawn
 from vmkit.backends.local.listing import BROKEN as BROKEN  # re-exported: the operations on instances, in one place
 from vmkit.backends.local.listing import inspect as inspect
 from vmkit.backends.local.listing import list_instances as list_instances
@@ -229,12 +228,9 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
             inst.api_socket.chmod(0o600)
             listener.listen(16)
             with inst.supervisor_log.open("ab") as logf:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "vmkit.daemon.supervisor", str(inst.dir), "--lock-fd", str(lock_fd),
-                     "--listen-fd", str(listener.fileno())],
-                    pass_fds=(lock_fd, listener.fileno()), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True, cwd=inst.dir, env=paths.child_env(),
-                )
+                proc = spawn.start_supervisor(
+                    [str(inst.dir), "--lock-fd", str(lock_fd), "--listen-fd", str(listener.fileno())],
+                    pass_fds=(lock_fd, listener.fileno()), log=logf.fileno(), cwd=inst.dir, env=paths.child_env())
         finally:
             listener.close()
     except BaseException:
@@ -271,7 +267,7 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     if final is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
-        raise QemuError(f"{name}: the supervisor exited without reporting (status {proc.poll()})",
+        raise QemuError(f"{name}: the supervisor exited without reporting ({spawn.exit_text(proc)})",
                         hint=f"see {inst.supervisor_log}:\n{_tail(inst.supervisor_log, 8)}")
     if "error" in final:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -280,7 +276,7 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     return inst.read_status()
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def _terminate(proc: spawn.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM)
     try:

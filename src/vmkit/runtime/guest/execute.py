@@ -28,8 +28,9 @@ class ExecResult:
 
 
 async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 60.0,
-                     stdin: bytes | None = None) -> ExecResult:
-    """Run ``argv`` in the guest; its output and exit code (``timeout``: VmTimeoutError)."""
+                     stdin: bytes | None = None, max_poll: float = 0.5) -> ExecResult:
+    """Run ``argv`` in the guest; its output and exit code (``timeout``: VmTimeoutError). Whether it
+    has exited is asked after 20 ms, then twice as long each time, at most every ``max_poll`` seconds."""
     args: dict[str, object] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
     if stdin is not None:
         args["input-data"] = base64.b64encode(stdin).decode()
@@ -58,7 +59,7 @@ async def guest_exec(agent: AgentCommands, argv: list[str], *, timeout: float = 
             raise VmTimeoutError(f"{argv[0]} still running in the guest after {timeout:.0f} s",
                                  hint="raise --timeout")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        delay = min(delay * 2, max_poll)
     try:
         return ExecResult(
             exit_code=int(status.get("exitcode", 128 + int(status.get("signal", 0)))),
