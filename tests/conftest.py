@@ -267,9 +267,11 @@ def processes_mentioning(needle: str) -> list[int]:
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
+            cwd = os.readlink(d / "cwd") if needle.encode() not in cmd else ""
         except OSError:
             continue
-        if needle.encode() in cmd:
+        # a forked supervisor has its caller's command line, but runs in its instance's directory
+        if needle.encode() in cmd or needle in cwd:
             pids.append(int(d.name))
     return pids
 

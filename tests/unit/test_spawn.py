@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import processes_mentioning
 from vmkit.backends.local import spawn
 
 
@@ -67,3 +68,29 @@ def test_a_missing_supervisor_module_fails_in_the_child_not_here(tmp_path: Path,
         text = (tmp_path / "log").read_text()
         time.sleep(0.05)
     assert "No module named vmkit.no_such_module" in text, text
+
+
+def test_a_forked_process_is_named_and_runs_in_its_directory(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ps -e`` shows it as vmkit-supervisor, and it runs in the directory it was given (where the tests'
+    search for a machine's leftover processes looks, beside the command line)."""
+    monkeypatch.setattr(spawn, "MODULE", "timeit")  # a module that runs for a while: timeit of a sleep
+    log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        proc = spawn.start_supervisor(["-n", "1", "import time; time.sleep(20)"], pass_fds=(), log=log,
+                                      cwd=tmp_path, env=dict(os.environ))
+    finally:
+        os.close(log)
+    try:
+        assert isinstance(proc, spawn.ForkedProcess)
+        comm = ""
+        deadline = time.monotonic() + 10
+        while comm != "vmkit-superviso" and time.monotonic() < deadline:
+            comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+            time.sleep(0.05)
+        assert comm == "vmkit-superviso"
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(tmp_path)
+        assert proc.pid in processes_mentioning(str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait(10)

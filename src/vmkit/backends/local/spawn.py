@@ -12,6 +12,12 @@ as ``python -m`` would (:func:`runpy.run_module`) and exits with its status, nev
 the caller's code. With other (non-daemon) threads running (a fork copies only the calling one, and a
 lock another thread held would stay held in the child), a new interpreter is started as before.
 
+A forked supervisor keeps the caller's command line (``ps aux`` shows ``vmkit start web``: the
+memory of a command line cannot be moved once the caller changed its environment, as the CLI does,
+so setproctitle fails there), but its name (``ps -e``, ``pgrep vmkit-supervisor``, /proc/PID/comm) is
+``vmkit-supervisor`` and its working directory is the instance's, where tools looking for a
+machine's processes find it.
+
 Either way the caller gets a handle with the part of :class:`subprocess.Popen` it uses. A double
 fork leaves no child to reap; the forked supervisor is watched through a pidfd, so its exit status
 is not known (:attr:`ForkedProcess.returncode` is None, and :func:`exit_text` says "unknown").
@@ -36,6 +42,9 @@ from pathlib import Path
 from typing import Protocol
 
 MODULE = "vmkit.daemon.supervisor"
+COMM = "vmkit-supervisor"
+"""A forked supervisor's process name (the kernel keeps 15 bytes: ``vmkit-superviso``)."""
+PR_SET_NAME = 15
 
 
 class Process(Protocol):
@@ -147,6 +156,14 @@ def start_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cw
     return ForkedProcess(int(data))
 
 
+def _set_name(name: str) -> None:
+    """This process's name (prctl PR_SET_NAME; what ``ps -e`` and /proc/PID/comm show)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
 def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd: Path,
                     env: dict[str, str]) -> None:
     """In the forked supervisor: shed what belongs to the caller, run the module, exit."""
@@ -190,6 +207,7 @@ def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [MODULE, *args]
+        _set_name(COMM)
         try:
             runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
             code = 0
