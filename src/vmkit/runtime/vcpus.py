@@ -14,13 +14,22 @@ has taken it offline and acknowledged, with a ``DEVICE_DELETED`` event. A guest 
 answer within the timeout gets a :class:`~vmkit.errors.VmTimeoutError` naming the vCPUs it kept;
 QEMU's request stays pending, and a late release still removes them.
 
-Under TCG, QEMU 7.2 corrupts its own heap when a vCPU is removed (measured: a later ``device_add``
-crashes it with SIGSEGV, a save's ``migrate`` with a glibc malloc assertion, ``quit`` with SIGSEGV;
-the guest itself runs on). :func:`set_cpus` therefore refuses to remove vCPUs from a TCG machine
-(a :class:`~vmkit.errors.StateError` saying to stop it, lower ``cpus`` and start it again) unless
-:data:`UNSAFE_TCG_UNPLUG` is set in the supervisor's environment (tests and benchmarks of the
-removal path); after such a removal it still refuses to add vCPUs. Under KVM both directions are
-live.
+Under TCG, QEMU 7.2 corrupts its own heap when a vCPU is removed: the removed CPU's address spaces
+stay registered, so the next change of the memory map (the next ``device_add`` of a vCPU, a save's
+``migrate``, ``quit``) runs TCG's listener on the freed CPU and crashes QEMU (SIGSEGV, or glibc's
+"double free or corruption"); the guest itself runs on until then. QEMU 10.0.2 (bookworm-backports)
+survives the same sequence (see docs/notes/tcg-vcpu-unplug.md and scripts/tcg_vcpu_unplug_repro.py).
+:func:`set_cpus` therefore refuses to remove vCPUs from a TCG machine whose QEMU is older than
+:data:`TCG_UNPLUG_SAFE_FROM` (a :class:`~vmkit.errors.StateError` saying to stop it, lower ``cpus``
+and start it again) unless :data:`UNSAFE_TCG_UNPLUG` is set in the supervisor's environment (tests
+and benchmarks of the removal path); after such a removal it still refuses to add vCPUs.
+
+Even on a QEMU that removes them safely, TCG gives every vCPU thread a QEMU process ever started one
+of ``max_cpus`` translation contexts and never takes it back (a vCPU thread started beyond that aborts
+QEMU: ``tcg_register_thread: assertion failed: (n < tcg_max_ctxs)``). :func:`set_cpus` counts them
+(:attr:`~vmkit.runtime.machine.VirtualMachine.vcpu_threads_started`) and refuses the add that would
+go past, saying to restart the machine (a save and restore also gives a fresh QEMU process). Under
+KVM both directions are live without either limit.
 """
 
 from __future__ import annotations
@@ -34,10 +43,14 @@ from typing import Any
 from vmkit.config import MAX_VCPUS, MachineConfig
 from vmkit.errors import ConfigError, StateError, VmTimeoutError
 from vmkit.runtime.machine import VirtualMachine
+from vmkit.runtime.migration import parse_version
 
 _TOPOLOGY = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
 UNSAFE_TCG_UNPLUG = "VMKIT_UNSAFE_TCG_VCPU_UNPLUG"
-"""Environment variable: ``1`` lets a TCG machine remove vCPUs although QEMU 7.2 may crash later."""
+"""Environment variable: ``1`` lets a TCG machine remove vCPUs although its QEMU may crash later."""
+TCG_UNPLUG_SAFE_FROM = (10, 0, 2)
+"""The oldest QEMU measured to remove vCPUs under TCG without corrupting its heap (many add/remove
+cycles, save, restore, quit; 7.2.22 crashes at the first of them: docs/notes/tcg-vcpu-unplug.md)."""
 ID_PREFIX = "vcpu"
 """Hot-added vCPUs are named ``vcpu<N>`` (N: the slot's index, as QEMU numbers its CPUs)."""
 
@@ -54,6 +67,20 @@ def check_cpus(config: MachineConfig, count: int, *, field: str = "cpus") -> int
         raise ConfigError.single(field, f"{count} vCPUs is more than {config.name} can have while it runs "
                                  f"(max_cpus: {ceiling}): give at most {ceiling}, or {hint}")
     return count
+
+
+def unplug_refusal(accel: str, qemu_version: tuple[int, int, int] | None) -> str | None:
+    """Why a machine on ``accel`` under this QEMU cannot have vCPUs removed live (None: it can)."""
+    if accel != "tcg" or (qemu_version is not None and qemu_version >= TCG_UNPLUG_SAFE_FROM):
+        return None
+    shown = ".".join(map(str, qemu_version)) if qemu_version else "of unknown version"
+    safe = ".".join(map(str, TCG_UNPLUG_SAFE_FROM))
+    return (f"running on TCG with QEMU {shown}, which corrupts its memory removing one (it crashes at the "
+            f"next vCPU added, save or quit; fixed by QEMU {safe}, e.g. from bookworm-backports)")
+
+
+def _refusal(vm: VirtualMachine) -> str | None:
+    return unplug_refusal(vm.accel.name, parse_version(vm.qmp.qemu_version if vm.qmp else None))
 
 
 @dataclass(frozen=True)
@@ -99,23 +126,34 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     all_slots = await slots(vm)
     filled = [s for s in all_slots if s.qom_path is not None]
     if count > len(filled):
-        if vm.vcpus_removed and vm.accel.name == "tcg":
+        if vm.vcpus_removed and _refusal(vm):
             exc = StateError("add vCPUs", f"running on TCG and has removed {vm.vcpus_removed} vCPU(s) since it "
-                             "started (QEMU 7.2 crashes adding one after that)", ["freshly started"])
+                             "started (its QEMU crashes adding one after that)", ["freshly started"])
             exc.hint = (f"stop it and start it again (vm.yaml already says cpus: {len(filled)}), then add "
                         "them; or save it (vmkit stop --save) and start it")
             raise exc
+        free = [s for s in all_slots if s.qom_path is None][:count - len(filled)]
+        if vm.accel.name == "tcg" and vm.vcpu_threads_started + len(free) > len(all_slots):
+            exc = StateError("add vCPUs", f"running on TCG, where QEMU gives each vCPU it ever started one of "
+                             f"max_cpus ({len(all_slots)}) translation contexts for good: this QEMU process has "
+                             f"started {vm.vcpu_threads_started}, so {len(free)} more would abort it",
+                             ["freshly started"])
+            exc.hint = (f"stop it and start it again, or save it (vmkit stop --save) and start it, then add them "
+                        f"(vm.yaml says cpus: {len(filled)})")
+            raise exc
         added = []
-        for slot in [s for s in all_slots if s.qom_path is None][:count - len(filled)]:
+        for slot in free:
             await vm.execute("device_add", {"driver": slot.driver, "id": f"{ID_PREFIX}{slot.index}", **slot.props})
+            vm.vcpu_threads_started += 1
             added.append(slot.index)
         return CpuChange(count, await online(vm), len(all_slots), added=tuple(added))
     going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
     if not going:
         return CpuChange(count, len(filled), len(all_slots))
-    if vm.accel.name == "tcg" and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
-        exc = StateError("remove vCPUs live", "running on TCG, where QEMU 7.2 corrupts its memory removing one "
-                         "(it crashes later)", ["running on KVM"])
+    why = _refusal(vm)
+    if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
+        safe = ".".join(map(str, TCG_UNPLUG_SAFE_FROM))
+        exc = StateError("remove vCPUs live", why, ["running on KVM", f"on QEMU {safe} or later"])
         exc.hint = (f"stop it, lower its vCPUs for the next start (vmkit set {vm.config.name} --cpus {count}) "
                     "and start it again")
         raise exc
