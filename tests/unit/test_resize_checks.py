@@ -121,13 +121,10 @@ def test_memory_changes_respect_the_cgroup_limits() -> None:
     assert [p.field for p in big.validate(host=False)] == ["limits.memory_max"]  # 1G + 1G plugged + QEMU > 2G
 
 
-def test_vcpu_removal_is_refused_under_tcg_only_on_qemu_that_corrupts_its_heap() -> None:
-    """QEMU 7.2 under TCG crashes after a vCPU removal (docs/notes/tcg-vcpu-unplug.md); 10.0.2 does not;
-    KVM never did. The refusal names the QEMU version and the one that fixes it."""
+def test_vcpu_removal_is_refused_under_tcg_naming_the_qemu() -> None:
+    """QEMU 7.2 under TCG crashes after a vCPU removal (docs/notes/tcg-vcpu-unplug.md); KVM does not.
+    The refusal names the QEMU version and what it would do."""
     why = unplug_refusal("tcg", (7, 2, 22))
-    assert why is not None and "QEMU 7.2.22" in why and "10.0.2" in why
-    assert unplug_refusal("tcg", None) is not None  # unknown version: assume the worst
-    assert unplug_refusal("tcg", (10, 0, 1)) is not None
-    assert unplug_refusal("tcg", (10, 0, 2)) is None
-    assert unplug_refusal("tcg", (10, 1, 0)) is None
+    assert why is not None and "QEMU 7.2.22" in why and "crashes" in why
+    assert unplug_refusal("tcg", None) is not None  # unknown version: refused too
     assert unplug_refusal("kvm", (7, 2, 22)) is None

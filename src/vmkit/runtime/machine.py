@@ -134,9 +134,6 @@ class VirtualMachine:
         self.detached_late: set[str] = set()  # ... and those released after their detach_disk gave up
         self.vcpus_removed = 0
         """vCPUs this QEMU process was asked to remove (vmkit.runtime.vcpus: under TCG none are added after)."""
-        self.vcpu_threads_started = config.cpus
-        """vCPUs this QEMU process has started, the ones it booted (or restored) with and every one added
-        since; under TCG at most max_cpus (vmkit.runtime.vcpus)."""
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
         self.agent: AgentChannel | None = AgentChannel(workdir / AGENT_SOCKET_NAME) if config.agent else None
         """The one connection to the guest agent, shared by every caller (see vmkit.runtime.guest.channel)."""
@@ -273,7 +270,6 @@ class VirtualMachine:
         self.unplugs.clear()
         self.detached_late.clear()
         self.vcpus_removed = 0
-        self.vcpu_threads_started = self.config.cpus
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
