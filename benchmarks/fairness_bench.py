@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vmkit as vmkit_api
 from _table import print_table
 from vmkit.host import cgroups
 
@@ -80,21 +81,31 @@ def usage_s(driver: cgroups.Driver, rel: str) -> float:
 
 
 def measure(driver: cgroups.Driver, home: Path, names: tuple[str, ...], window: float) -> dict[str, dict[str, float]]:
-    """CPU seconds per guest (cgroup accounting), vCPU wait (schedstat) and vmkit's steal over ``window``."""
+    """CPU seconds per guest (cgroup accounting) over ``window``; and per guest, vmkit's steal against the
+    vCPU wait this script reads from schedstat over the same interval: vmkit's steal covers the time since
+    its previous reading, so each guest's wait is read right after each of its stats readings (taken
+    through the API in this process: a ``vmkit stats`` command per guest took seconds on a loaded host,
+    which put the guests' intervals tens of seconds apart, and past the 60 s after which vmkit starts a
+    fresh 0.25 s interval)."""
     rels = {n: rel_of(n) for n in names}
     pids = {n: qemu_pid(home, n) for n in names}
+    client = vmkit_api.Client(home)
+    w0, s0 = {}, {}
     for n in names:
-        stats(n)  # starts vmkit's steal interval
+        client.get(n).stats()  # starts vmkit's steal interval
+        w0[n], s0[n] = vcpu_wait_ns(pids[n]), time.monotonic()
     t0 = time.monotonic()
     u0 = {n: usage_s(driver, rels[n]) for n in names}
-    w0 = {n: vcpu_wait_ns(pids[n]) for n in names}
     time.sleep(window)
     u1 = {n: usage_s(driver, rels[n]) for n in names}
-    w1 = {n: vcpu_wait_ns(pids[n]) for n in names}
     elapsed = time.monotonic() - t0
-    steal = {n: stats(n)["steal_percent"] for n in names}
-    return {n: {"cpu_s": u1[n] - u0[n], "elapsed": elapsed, "wait_pct": 100 * (w1[n] - w0[n]) / 1e9 / elapsed,
-                "steal_pct": float(steal[n] or 0.0)} for n in names}
+    out = {}
+    for n in names:
+        steal = client.get(n).stats().steal_percent
+        w1, s1 = vcpu_wait_ns(pids[n]), time.monotonic()
+        out[n] = {"cpu_s": u1[n] - u0[n], "elapsed": elapsed, "wait_pct": 100 * (w1 - w0[n]) / 1e9 / (s1 - s0[n]),
+                  "steal_pct": float(steal or 0.0)}
+    return out
 
 
 def main() -> None:

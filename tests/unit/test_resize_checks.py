@@ -12,7 +12,7 @@ from vmkit.config import MachineConfig, default_max_cpus, parse_config
 from vmkit.errors import ConfigError
 from vmkit.runtime.hotmem import check_memory
 from vmkit.runtime.qemu.accel import AccelChoice
-from vmkit.runtime.vcpus import check_cpus
+from vmkit.runtime.vcpus import check_cpus, unplug_refusal
 from vmkit.state.savestate import machine_fields
 
 MiB = 1 << 20
@@ -119,3 +119,12 @@ def test_memory_changes_respect_the_cgroup_limits() -> None:
         assert problem(exc)[0] == "--memory" and words in problem(exc)[1], problem(exc)
     big = config(memory="1G", max_memory="3G", plugged_memory="1G", limits={"memory_max": "2G"})
     assert [p.field for p in big.validate(host=False)] == ["limits.memory_max"]  # 1G + 1G plugged + QEMU > 2G
+
+
+def test_vcpu_removal_is_refused_under_tcg_naming_the_qemu() -> None:
+    """QEMU 7.2 under TCG crashes after a vCPU removal (docs/notes/tcg-vcpu-unplug.md); KVM does not.
+    The refusal names the QEMU version and what it would do."""
+    why = unplug_refusal("tcg", (7, 2, 22))
+    assert why is not None and "QEMU 7.2.22" in why and "crashes" in why
+    assert unplug_refusal("tcg", None) is not None  # unknown version: refused too
+    assert unplug_refusal("kvm", (7, 2, 22)) is None
