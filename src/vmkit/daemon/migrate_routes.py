@@ -54,7 +54,7 @@ async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[
     """Start QEMU waiting for a migration at ``plan.uri`` (the target side). The guest stays paused:
     once the migration has completed, ``POST /v1/resume`` runs it."""
     vm = sup.vm
-    await vm.start(incoming=True)
+    await vm.start(incoming=True, ram_pad=plan.ram_pad)
     try:
         await migration.set_capabilities(vm, events=True, postcopy_ram=plan.postcopy)
         if plan.tls:
@@ -98,10 +98,14 @@ class MigrateRoutes:
 
     async def info(self, request: web.Request) -> web.Response:
         vm = self.sup.vm
-        q = await migration.query(vm) if vm.qmp is not None and vm.state not in (VmState.STOPPED, VmState.ERROR,
-                                                                                   VmState.STARTING) else {}
-        return web.json_response(models.MigrationInfo(state=vm.state.value, status=str(q.get("status", "none")),
-                                                      query=q).model_dump(mode="json"))
+        up = vm.qmp is not None and vm.state not in (VmState.STOPPED, VmState.ERROR, VmState.STARTING)
+        q = await migration.query(vm) if up else {}
+        safety = await migration.machine_safety(vm) if up else None
+        blocks = await migration.ram_blocks(vm) if up else {}
+        return web.json_response(models.MigrationInfo(
+            state=vm.state.value, status=str(q.get("status", "none")), query=q,
+            method=safety.method if safety else "unknown", method_reason=safety.reason if safety else "",
+            ram_pad=blocks["mem"] - vm.config.memory if "mem" in blocks else None).model_dump(mode="json"))
 
     async def digest(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)
@@ -117,8 +121,7 @@ class MigrateRoutes:
         if vm.state not in (VmState.RUNNING, VmState.PAUSED) or self.completed_to is not None:
             raise StateError("migrate the machine", "migrated, waiting to finish" if self.completed_to else
                              vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
-        safety = migration.live_safety(vm.accel.name, vm.config.cpus,
-                                       migration.parse_version(vm.qmp.qemu_version if vm.qmp else None))
+        safety = await migration.machine_safety(vm)
         if body.method == "live" and not safety.live and not body.verified:
             from vmkit.errors import ConfigError
 
@@ -180,6 +183,8 @@ class MigrateRoutes:
             await migration.add_tls(vm, self.sup.instance.dir / migration.TLS_DIR, server=False)
             await note("the memory stream is TLS (certificates made for this migration)")
         paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
+        if method == "live":
+            await note(f"live pre-copy: {reason}")
         if method == "paused":
             await note(f"copying with the guest paused: {reason}")
             if vm.state == VmState.RUNNING:

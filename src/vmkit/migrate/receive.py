@@ -82,6 +82,8 @@ class Manifest(BaseModel):
     tls: bool = Field(default=False, description="TLS for the migration stream (certificates made here)")
     networks: dict[str, str] = Field(default_factory=dict, description="each vmkit network the machine is on -> "
                                                                        "its subnet on the source")
+    ram_pad: int | None = Field(default=None, description="bytes of RAM over the configured memory on the source "
+                                                          "(QEMU's RAM blocks must match; None: the target's own)")
 
 
 def rebase(config: MachineConfig, source_dir: Path, target_dir: Path) -> MachineConfig:
@@ -249,6 +251,7 @@ class Receiver:
             ready["tls"] = {n: base64.b64encode(creds[n]).decode("ascii") for n in tls.CLIENT_FILES}
         plan = models.StartRequest(incoming=models.IncomingRequest(
             uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks],
+            ram_pad=manifest.ram_pad,
             tls=manifest.tls))
         control.start(manifest.name, plan=plan, timeout=120)
         if nbd_port is not None:

@@ -216,12 +216,9 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     emit = on_event or (lambda _: None)
     if opts.method == "live":
         inst = control.get(name)
-        st = inst.reconcile()
-        safety = migration.live_safety(st.accel or "tcg", inst.load_config().cpus,
-                                       migration.parse_version(st.qemu_version))
-        if not safety.live:
-            emit({"note": "live pre-copy on this QEMU can lose pages under TCG: every page is compared "
-                          "before the target runs the guest"})
+        if inst.is_supervised() and _info(inst).method != "live":
+            emit({"note": "live pre-copy of this machine on this QEMU can lose pages under TCG: every page is "
+                          "compared before the target runs the guest"})
             opts = dataclasses.replace(opts, verify=True)
             try:
                 return _migrate(name, target, opts, emit, verified=True)
@@ -234,6 +231,12 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     return _migrate(name, target, opts, emit)
 
 
+def _info(inst: Instance) -> models.MigrationInfo:
+    """The supervisor's ``GET /v1/migration``: the method ``auto`` picks for the machine, its RAM pad."""
+    api = SupervisorClient(inst.api_socket, timeout=30)
+    return models.MigrationInfo.model_validate(api.call("GET", "/v1/migration"))
+
+
 class PagesLost(MigrationError):
     """The memory check found pages that differ on the target (the migration was undone)."""
 
@@ -244,7 +247,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     status = inst.reconcile()
     if not inst.is_supervised() or status.state not in ("running", "paused"):
         raise StateError(f"migrate {name}", status.state, ["running", "paused"])
-    man = manifest(inst, opts)
+    man = manifest(inst, opts).model_copy(update={"ram_pad": _info(inst).ram_pad})
     t0 = time.monotonic()
     emit({"step": f"preparing {name} on {host.uri}"})
     remote = Remote(host)

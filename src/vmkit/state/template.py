@@ -132,7 +132,8 @@ def layout(config: MachineConfig, accel: AccelChoice) -> list[str]:
     every device and memory backend), without what may differ between clones (names, file paths,
     port forwards, MACs)."""
     argv = build_argv(config.model_copy(update={"name": TEMPLATE_NAME}), accel,
-                      Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM)))
+                      Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM),
+                              ram_pad=migration.config_ram_pad(config, accel.name)))
     out = []
     for opt, value in itertools.pairwise(argv):
         if opt in _LAYOUT_OPTIONS:
