@@ -175,8 +175,12 @@ def test_every_failure_leaves_the_machine_running_on_the_source(vmkit_home: Path
     vmkit("stop", "--force", "mf")
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_image: Image, lab: str,
-                                                       on_target: list[str]) -> None:
+                                                       on_target: list[str], tls: bool) -> None:
+    """The disk is mirrored over NBD while the guest writes it (with --tls the target's NBD server
+    takes TLS clients only, so a copy that arrives came under the migration's certificates), the
+    memory goes live (padded RAM: vmkit.runtime.qemu.dirtysync) and is checked page by page."""
     # 8 MiB of random data, then a writer that keeps rewriting MiB 20 with MiB 0 (the same bytes on
     # both hosts, so the disks can be compared after the target ran on)
     writer = ("head -c 8m /dev/urandom > /dev/vda; sync; echo DISK-WRITTEN; (while :; do "
@@ -198,8 +202,11 @@ def test_local_disks_are_copied_while_the_guest_writes(vmkit_home: Path, micro_i
     assert refused.returncode == 2 and "--copy-storage" in refused.stderr
     assert state_of("ms") == "running" and "ms" not in target_rows(lab)
 
-    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--live", "--json").stdout)
-    assert out["bad_pages"] == 0
+    out = json.loads(vmkit("migrate", "ms", lab, "--copy-storage", "--verify", *(["--tls"] if tls else []),
+                           "--json").stdout)
+    assert out["bad_pages"] == 0 and out["report"]["method"] == "live"
+    assert any("the disk copy are TLS" in n for n in out["report"]["notes"]) == tls
+    assert not (vmkit_home / "instances" / "ms" / "migration-tls").exists()
     assert out["report"]["disks_copied"] == ["disk0"] and out["report"]["disk_bytes"] >= 8 << 20
     assert target_rows(lab)["ms"]["state"] == "running"
     copy = LAB / "vmklab1" / "home" / "instances" / "ms" / "data.qcow2"

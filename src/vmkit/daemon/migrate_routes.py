@@ -48,6 +48,15 @@ log = logging.getLogger("vmkit.daemon.supervisor")
 
 POLL = 0.25
 """How often query-migrate is asked while a migration runs (seconds)."""
+MIRROR_TARGET = "mirror-target-"
+"""Node names of the NBD clients a storage copy writes to (the prefix; then the disk's node name)."""
+
+
+def _nbd_parts(uri: str) -> tuple[str, str, str]:
+    """``nbd://HOST:PORT/EXPORT`` (as :class:`vmkit.api.models.MirrorDisk` validates it) as its parts."""
+    hostport, export = uri.removeprefix("nbd://").split("/", 1)
+    host, port = hostport.rsplit(":", 1)
+    return host.strip("[]"), port, export
 
 
 async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[str, Any]:
@@ -62,8 +71,10 @@ async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[
         await vm.execute("migrate-incoming", {"uri": plan.uri})
         if plan.exports and plan.nbd_port is not None:
             host = plan.uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
-            await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
-                "host": host, "port": str(plan.nbd_port)}}})
+            server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(plan.nbd_port)}}}
+            if plan.tls:  # the disks travel under the same certificates as the memory
+                server["tls-creds"] = migration.TLS_ID
+            await vm.execute("nbd-server-start", server)
             for node in plan.exports:
                 await vm.execute("block-export-add", {"type": "nbd", "id": f"mig-{node}", "node-name": node,
                                                       "name": node, "writable": True})
@@ -181,7 +192,8 @@ class MigrateRoutes:
                                        max_bandwidth=body.bandwidth_bytes)
         if body.tls:
             await migration.add_tls(vm, self.sup.instance.dir / migration.TLS_DIR, server=False)
-            await note("the memory stream is TLS (certificates made for this migration)")
+            await note("the memory stream" + (" and the disk copy are" if body.mirror else " is")
+                       + " TLS (certificates made for this migration)")
         paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
         if method == "live":
             await note(f"live pre-copy: {reason}")
@@ -195,7 +207,7 @@ class MigrateRoutes:
         disk_bytes = 0
         if body.mirror:
             await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
-            disk_bytes = await self._mirror(body.mirror, resp)
+            disk_bytes = await self._mirror(body.mirror, resp, tls=body.tls)
         sent_at = time.monotonic()
         await vm.execute("migrate", {"uri": body.uri})
         postcopy_started = False
@@ -251,14 +263,21 @@ class MigrateRoutes:
             transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
             disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
 
-    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse) -> int:
+    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse, *, tls: bool = False) -> int:
         """Start a mirror per disk and wait until every one has caught up (then writes are mirrored as
-        they happen). Returns the bytes copied so far."""
+        they happen). Returns the bytes copied so far. Each target is an NBD client node of its own
+        (``mirror-target-NODE``), over TLS with the migration's certificates when ``tls``."""
         vm = self.sup.vm
         for d in disks:
-            await vm.execute("drive-mirror", {"job-id": f"mirror-{d.node}", "device": d.node, "target": d.target,
-                                              "format": "raw", "mode": "existing", "sync": d.sync,
-                                              "copy-mode": "write-blocking", "auto-dismiss": False})
+            host, port, export = _nbd_parts(d.target)
+            node: dict[str, Any] = {"driver": "nbd", "node-name": f"{MIRROR_TARGET}{d.node}", "export": export,
+                                    "server": {"type": "inet", "host": host, "port": port}}
+            if tls:
+                node["tls-creds"] = migration.TLS_ID
+            await vm.execute("blockdev-add", node)
+            await vm.execute("blockdev-mirror", {"job-id": f"mirror-{d.node}", "device": d.node,
+                                                 "target": f"{MIRROR_TARGET}{d.node}", "sync": d.sync,
+                                                 "copy-mode": "write-blocking", "auto-dismiss": False})
         last = 0.0
         while True:
             if self._cancel.is_set():
@@ -300,8 +319,12 @@ class MigrateRoutes:
                         with contextlib.suppress(VmkitError):
                             await vm.execute("job-dismiss", {"id": j["device"]})
                 if not jobs:
-                    return
+                    break
                 await asyncio.sleep(0.1)
+            for n in await vm.execute("query-named-block-nodes", {"flat": True}):  # the NBD clients
+                if str(n.get("node-name", "")).startswith(MIRROR_TARGET):
+                    with contextlib.suppress(VmkitError):
+                        await vm.execute("blockdev-del", {"node-name": n["node-name"]})
 
     async def _take_back(self) -> None:
         """After a failed, cancelled or abandoned migration: the guest runs here again as it did.
