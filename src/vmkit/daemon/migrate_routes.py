@@ -240,6 +240,9 @@ class MigrateRoutes:
                            f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
             await asyncio.sleep(POLL)
         status = str(info.get("status"))
+        if info.get("cpu-throttle-percentage"):
+            await note(f"auto-converge slowed the guest's vCPUs (throttled {info['cpu-throttle-percentage']}%) "
+                       "so that the copy converged")
         if status == "completed" and body.mirror:
             await self._end_mirrors()  # the target has every block: the source keeps its own disks
         if status != "completed":
