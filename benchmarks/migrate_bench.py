@@ -336,7 +336,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="runs per case (the table shows medians)")
     ap.add_argument("--check", type=int, default=0, metavar="N",
                     help="correctness mode: N runs of the dirtying cases, bad pages counted")
-    ap.add_argument("--only", default="", help="run only cases whose label contains this")
+    ap.add_argument("--only", default="", help="run only cases whose label contains this (or one of these, "
+                    "separated by |)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces): run as root", file=sys.stderr)
@@ -345,7 +346,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="vmkit-mbench-"))
     work = Path(tempfile.mkdtemp(prefix="vmkit-mqmp-"))
     runs = args.check or args.runs
-    cases = [c for c in CASES if args.only in c[0] and (not args.check or c[2])]
+    cases = [c for c in CASES if any(o in c[0] for o in args.only.split("|")) and (not args.check or c[2])]
     try:
         span_up(home)
         print(f"# migrate_bench: micro guest, {args.memory}, {runs} run(s) per case; load: "

@@ -96,6 +96,8 @@ class MigrateRoutes:
         self._postcopy = False
         self.incoming: str | None = None
         """Where this machine was started to receive a migration (None: an ordinary start)."""
+        self._clock_fix: asyncio.Task[Any] | None = None
+        """Setting the guest's clock after a takeover (it never raises: fix_guest_clock logs its result)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -386,7 +388,11 @@ class MigrateRoutes:
                 await vm.execute("nbd-server-stop")
         clock = None
         if vm.state == VmState.PAUSED:
-            clock = (await savestate.resume_and_fix_clock(vm)).to_dict()
+            # the guest runs from here on; its clock (behind by the downtime) is set through the guest
+            # agent afterwards, so the source does not wait for the agent's round trip
+            await vm.resume()
+            self._clock_fix = asyncio.create_task(savestate.fix_guest_clock(vm))
+            clock = {"corrected": None, "behind_seconds": None, "message": "being set by the guest agent"}
         announced = bool(vm.config.networks or vm.config.user_nic is not None)
         if announced:  # the guest's MAC is here now: tell the segment
             try:

@@ -85,7 +85,8 @@ class Outcome:
     phases: dict[str, float] = field(default_factory=dict)
     """Where the seconds went: ssh (connection and the receiver's start), prepare (the machine made on
     the target), qemu_start (the target's QEMU waiting), copy (the migration itself), verify (the
-    page check, if any), takeover (the target runs the guest, QEMU here ends)."""
+    page check, if any), takeover (until the target runs the guest), source_end (QEMU here ends, its
+    network leases released)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "seconds": round(self.seconds, 3),
@@ -295,6 +296,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         remote.send("commit")
         remote.answer("running", COMMIT_WAIT)
         committed = True
+        phases["takeover"] = time.monotonic() - taking
+        ending = time.monotonic()
         api.call("POST", "/v1/migrate/finish", {"target": host.uri})
         control.wait_unsupervised(inst, 30)
         with contextlib.suppress(VmkitError, OSError):  # its static leases here moved with it
@@ -303,7 +306,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "report": report.model_dump(mode="json")}))
         marker.chmod(0o600)
         out.seconds = time.monotonic() - t0
-        phases["takeover"] = time.monotonic() - taking
+        phases["source_end"] = time.monotonic() - ending
         emit({"step": f"{name} runs on {host.uri}"})
         return out
     except BaseException as exc:
