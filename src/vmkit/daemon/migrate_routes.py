@@ -215,6 +215,7 @@ class MigrateRoutes:
         postcopy_started = False
         info: dict[str, Any] = {}
         last_shown = 0.0
+        throttled = 0  # the most auto-converge throttled the guest (query-migrate drops it at the end)
         while True:
             if self._cancel.is_set():
                 await vm.execute("migrate_cancel")
@@ -222,6 +223,7 @@ class MigrateRoutes:
             info = await migration.query(vm)
             status = str(info.get("status", "none"))
             prog = migration.progress_of(info)
+            throttled = max(throttled, int(prog["throttle_percent"] or 0))
             now = time.monotonic()
             if now - last_shown >= 0.5 or status in migration.TERMINAL:
                 last_shown = now
@@ -242,9 +244,10 @@ class MigrateRoutes:
                            f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
             await asyncio.sleep(POLL)
         status = str(info.get("status"))
-        if info.get("cpu-throttle-percentage"):
-            await note(f"auto-converge slowed the guest's vCPUs (throttled {info['cpu-throttle-percentage']}%) "
-                       "so that the copy converged")
+        throttled = max(throttled, int(info.get("cpu-throttle-percentage") or 0))
+        if throttled:
+            await note(f"auto-converge slowed the guest's vCPUs (throttled up to {throttled}%) so that the copy "
+                       "converged")
         if status == "completed" and body.mirror:
             await self._end_mirrors()  # the target has every block: the source keeps its own disks
         if status != "completed":
@@ -265,7 +268,7 @@ class MigrateRoutes:
             uri=body.uri, method=method, method_reason=reason,
             total_time_ms=total_ms, downtime_ms=downtime_ms,
             setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
-            transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
+            transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=throttled or None,
             disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
 
     async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse, *, tls: bool = False) -> int:
