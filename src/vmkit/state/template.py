@@ -65,7 +65,9 @@ from vmkit.state.savestate import machine_type
 
 log = logging.getLogger("vmkit.state.template")
 
-FORMAT = 1
+FORMAT = 2
+"""2: a TCG guest's RAM on QEMU < 9.0 is 8 KiB larger (vmkit.runtime.qemu.dirtysync); a format-1 template's
+RAM file and device state no longer fit, so it is stale and `vmkit image warm` makes a new one."""
 MANIFEST = "template.json"
 RAM = "ram"
 DEVICES = "devices.state"
