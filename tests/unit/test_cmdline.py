@@ -273,3 +273,14 @@ def test_memory_and_cpus() -> None:
     assert option_values(argv, "-m") == ["2048M"]
     assert option_values(argv, "-machine") == ["q35,memory-backend=mem"]
     assert option_values(cmdline.base_args(config(machine="pc"), TCG), "-machine") == ["pc,memory-backend=mem"]
+
+
+def test_padded_ram() -> None:
+    """A TCG guest on QEMU < 9.0 gets 8 KiB more RAM (vmkit.runtime.qemu.dirtysync): -m and the
+    backend object say the same size, in KiB."""
+    cfg = config(memory="1G")
+    argv = cmdline.build_argv(cfg, TCG, Runtime(qmp_fd=3, serial_fd=4, ram_pad=8 << 10))
+    assert argv[argv.index("-m") + 1] == "1048584K"
+    assert "memory-backend-ram,id=mem,size=1048584K" in argv
+    plain = cmdline.build_argv(cfg, TCG, Runtime(qmp_fd=3, serial_fd=4))
+    assert plain[plain.index("-m") + 1] == "1024M"

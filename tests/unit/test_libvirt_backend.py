@@ -132,34 +132,30 @@ class _Dom:
     def XMLDesc(self, _flags: int) -> str:
         return f"<domain type='{self.kind}'><name>web</name></domain>"
 
+    def maxMemory(self) -> int:
+        return 1 << 20  # KiB: libvirt keeps a domain's memory in whole MiB, so vmkit's RAM pad cannot apply
 
-@pytest.mark.parametrize(("kind", "cpus", "method", "live"), [
-    ("qemu", 1, "auto", False), ("qemu", 2, "auto", False), ("qemu", 1, "live", True), ("qemu", 2, "paused", False),
-    ("kvm", 4, "auto", True), ("kvm", 4, "paused", False),
+
+@pytest.mark.parametrize(("kind", "method", "live"), [
+    ("qemu", "auto", False), ("qemu", "paused", False), ("kvm", "auto", True), ("kvm", "live", True),
+    ("kvm", "paused", False),
 ])
-def test_libvirt_migration_method_follows_vmkits_safety(kind: str, cpus: int, method: str, live: bool,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under TCG on QEMU < 9.0 a libvirt migration copies with the guest paused unless --live is asked for
-    with one vCPU; KVM migrates live."""
+def test_libvirt_migration_method_follows_vmkits_safety(kind: str, method: str, live: bool) -> None:
+    """Under TCG on QEMU < 9.0 a libvirt migration copies with the guest paused (its RAM cannot be padded:
+    pre-copy may lose pages, with one vCPU too); KVM migrates live."""
     from vmkit.backends.libvirt.machines import LibvirtHost
-    from vmkit.config import parse_config
 
     host = LibvirtHost("qemu:///system")
     host._conn = _Conn()  # type: ignore[assignment]
-    config = parse_config({"name": "web", "cpus": cpus, "boot": {"kernel": "/k"}})
-    monkeypatch.setattr(host, "config", lambda _name: config)
     got, reason = host._live_method(_Dom(kind), method)  # type: ignore[arg-type]
     assert got is live and reason
 
 
-def test_libvirt_live_migration_of_several_tcg_vcpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_libvirt_live_migration_under_tcg_is_refused() -> None:
     from vmkit.backends.libvirt.machines import LibvirtHost
-    from vmkit.config import parse_config
 
     host = LibvirtHost("qemu:///system")
     host._conn = _Conn()  # type: ignore[assignment]
-    config = parse_config({"name": "web", "cpus": 2, "boot": {"kernel": "/k"}})
-    monkeypatch.setattr(host, "config", lambda _name: config)
     with pytest.raises(ConfigError) as exc:
         host._live_method(_Dom("qemu"), "live")  # type: ignore[arg-type]
-    assert "--live" in str(exc.value.problems) and "1 vCPU" in str(exc.value.problems)
+    assert "--live" in str(exc.value.problems) and "verified page by page" in str(exc.value.problems)

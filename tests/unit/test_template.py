@@ -68,8 +68,11 @@ def test_layout_follows_devices_memory_and_cpus(change: dict[str, object]) -> No
 
 
 def test_layout_lists_the_ram_file_backend_and_vmgenid() -> None:
+    from vmkit.runtime.qemu import cmdline, dirtysync
+
     lines = template.layout(config(), TCG)
-    assert "-object memory-backend-file,id=mem,size=1024M" in lines
+    size = cmdline.ram_size(config(), dirtysync.config_ram_pad(config(), "tcg"))  # 1048584K on QEMU < 9.0
+    assert f"-object memory-backend-file,id=mem,size={size}" in lines
     assert "-device vmgenid,id=vmgenid0" in lines
     assert not any("mac=" in ln or "hostfwd" in ln for ln in lines)
 

@@ -110,6 +110,9 @@ class IncomingRequest(Request):
     tls: Bool = Field(default=False, description="the migration stream is TLS: the CA, server certificate and key "
                                                  "are in the instance's migration-tls/ directory (the client must "
                                                  "present a certificate of that CA)")
+    ram_pad: int | None = Field(default=None, strict=True, ge=0, le=1 << 20,
+                                description="bytes of RAM over the configured memory, as the source has them "
+                                            "(None: what this host's QEMU needs)")
 
 
 class StartRequest(Request):
@@ -372,6 +375,11 @@ class MigrationInfo(Response):
     state: MachineStateName
     status: str = Field(description="QEMU's migration status, `none` before any")
     query: dict[str, Any]
+    method: Literal["live", "paused", "unknown"] = Field(
+        default="unknown", description="how `auto` would migrate this machine now (unknown: it does not run)")
+    method_reason: str = Field(default="", description="why that method (see `vmkit doctor`)")
+    ram_pad: int | None = Field(default=None, description="bytes of RAM over the configured memory (the target's "
+                                                          "QEMU needs the same; None: it does not run)")
 
 
 class MemoryDigest(Response):

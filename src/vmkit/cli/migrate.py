@@ -31,8 +31,12 @@ def migrate(
                                               help="the longest pause QEMU aims for at the switch-over"),
     bandwidth: int | None = typer.Option(None, "--bandwidth", metavar="MB/s", min=1,
                                          help="most MiB per second the migration may use"),
-    auto_converge: bool = typer.Option(False, "--auto-converge", help="throttle a guest that dirties memory faster "
-                                       "than the link carries it"),
+    auto_converge: bool = typer.Option(True, "--auto-converge/--no-auto-converge",
+                                       help="throttle a guest that dirties memory faster than the link carries it "
+                                       "(QEMU's auto-converge: it starts only then)"),
+    max_rounds: int = typer.Option(30, "--max-rounds", min=2, max=100_000,
+                                   help="if the copy has not converged after this many rounds, pause the guest so it "
+                                   "completes (a migration never runs forever)"),
     postcopy: bool = typer.Option(False, "--postcopy", help="switch to post-copy after the first round (fast to "
                                   "converge; a failure after the switch loses the guest)"),
     paused: bool = typer.Option(False, "--paused", help="copy with the guest paused (no live pre-copy)"),
@@ -40,8 +44,8 @@ def migrate(
                               "(then verified page by page, and done again paused if a page was lost)"),
     verify: bool = typer.Option(False, "--verify", help="compare every memory page on both hosts before the target "
                                 "runs it (adds downtime; a difference takes the migration back)"),
-    tls: bool = typer.Option(False, "--tls", help="encrypt the memory stream with TLS (certificates made for this "
-                             "migration; the disk copy of --copy-storage stays plain)"),
+    tls: bool = typer.Option(False, "--tls", help="encrypt the memory stream and the disk copy of --copy-storage with "
+                             "TLS (certificates made for this migration)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Move a running machine to another host; it keeps running (live migration)."""
@@ -90,7 +94,7 @@ def migrate(
     method = "paused" if paused else "live" if live else "auto"
     result = handle.migrate(target, method=method, downtime_limit_ms=downtime_limit,
                             bandwidth_bytes=bandwidth << 20 if bandwidth else None, auto_converge=auto_converge,
-                            postcopy=postcopy, verify=verify, shared_storage=shared_storage,
+                            postcopy=postcopy, max_rounds=max_rounds, verify=verify, shared_storage=shared_storage,
                             copy_storage=copy_storage, tls=tls, on_event=on_event)
     if as_json:
         print_json(result)
@@ -108,6 +112,9 @@ def migrate(
               f"{rep['paused_ms']} ms), setup "
               f"{rep['setup_time_ms']} ms, {rep['rounds']} rounds, {_size(rep['transferred_bytes'])} sent"
               + (f", throttled {rep['throttle_percent']}%" if rep.get("throttle_percent") else ""), highlight=False)
+    if result.get("phases"):
+        out.print("  time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in result["phases"].items()),
+                  highlight=False)
     if result["bad_pages"] is not None:
         out.print(f"  memory check: {result['bad_pages']} of {result['pages_checked']} pages differ", highlight=False)
     for note in [*result["notes"], *rep["notes"]]:

@@ -178,14 +178,15 @@ class LibvirtInstance(Instance):
         return models.StartResult(status=status, restored={"managed_save": True})
 
     def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
-                bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
+                bandwidth_bytes: int | None = None, auto_converge: bool = True, postcopy: bool = False,
                 max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
                 copy_storage: bool = False, tls: bool = False,
                 on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """libvirt's migration to libvirt host ``target`` (a URI, e.g. ``qemu+ssh://b/system``); ``method``
         as for a local machine (``auto``: live where that is safe, else paused; see
         :meth:`vmkit.backends.libvirt.machines.LibvirtHost.migrate`)."""
-        for flag, given in (("--postcopy", postcopy), ("--verify", verify), ("--auto-converge", auto_converge)):
+        # auto_converge (vmkit's default) is left to libvirt, which tunes the migration itself
+        for flag, given in (("--postcopy", postcopy), ("--verify", verify)):
             if given:
                 raise ConfigError.single(flag, "not supported for a libvirt migration (libvirt tunes it)")
         if tls:

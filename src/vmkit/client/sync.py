@@ -608,7 +608,7 @@ class Instance:
                                   status=_status(out.status))
 
     def migrate(self, target: str, *, method: str = "auto", downtime_limit_ms: int | None = None,
-                bandwidth_bytes: int | None = None, auto_converge: bool = False, postcopy: bool = False,
+                bandwidth_bytes: int | None = None, auto_converge: bool = True, postcopy: bool = False,
                 max_rounds: int = 30, verify: bool = False, shared_storage: bool = False,
                 copy_storage: bool = False, tls: bool = False,
                 on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

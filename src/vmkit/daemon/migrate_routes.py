@@ -48,13 +48,22 @@ log = logging.getLogger("vmkit.daemon.supervisor")
 
 POLL = 0.25
 """How often query-migrate is asked while a migration runs (seconds)."""
+MIRROR_TARGET = "mirror-target-"
+"""Node names of the NBD clients a storage copy writes to (the prefix; then the disk's node name)."""
+
+
+def _nbd_parts(uri: str) -> tuple[str, str, str]:
+    """``nbd://HOST:PORT/EXPORT`` (as :class:`vmkit.api.models.MirrorDisk` validates it) as its parts."""
+    hostport, export = uri.removeprefix("nbd://").split("/", 1)
+    host, port = hostport.rsplit(":", 1)
+    return host.strip("[]"), port, export
 
 
 async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[str, Any]:
     """Start QEMU waiting for a migration at ``plan.uri`` (the target side). The guest stays paused:
     once the migration has completed, ``POST /v1/resume`` runs it."""
     vm = sup.vm
-    await vm.start(incoming=True)
+    await vm.start(incoming=True, ram_pad=plan.ram_pad)
     try:
         await migration.set_capabilities(vm, events=True, postcopy_ram=plan.postcopy)
         if plan.tls:
@@ -62,8 +71,10 @@ async def start_incoming(sup: Supervisor, plan: models.IncomingRequest) -> dict[
         await vm.execute("migrate-incoming", {"uri": plan.uri})
         if plan.exports and plan.nbd_port is not None:
             host = plan.uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
-            await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
-                "host": host, "port": str(plan.nbd_port)}}})
+            server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(plan.nbd_port)}}}
+            if plan.tls:  # the disks travel under the same certificates as the memory
+                server["tls-creds"] = migration.TLS_ID
+            await vm.execute("nbd-server-start", server)
             for node in plan.exports:
                 await vm.execute("block-export-add", {"type": "nbd", "id": f"mig-{node}", "node-name": node,
                                                       "name": node, "writable": True})
@@ -85,6 +96,8 @@ class MigrateRoutes:
         self._postcopy = False
         self.incoming: str | None = None
         """Where this machine was started to receive a migration (None: an ordinary start)."""
+        self._clock_fix: asyncio.Task[Any] | None = None
+        """Setting the guest's clock after a takeover (it never raises: fix_guest_clock logs its result)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -98,10 +111,14 @@ class MigrateRoutes:
 
     async def info(self, request: web.Request) -> web.Response:
         vm = self.sup.vm
-        q = await migration.query(vm) if vm.qmp is not None and vm.state not in (VmState.STOPPED, VmState.ERROR,
-                                                                                   VmState.STARTING) else {}
-        return web.json_response(models.MigrationInfo(state=vm.state.value, status=str(q.get("status", "none")),
-                                                      query=q).model_dump(mode="json"))
+        up = vm.qmp is not None and vm.state not in (VmState.STOPPED, VmState.ERROR, VmState.STARTING)
+        q = await migration.query(vm) if up else {}
+        safety = await migration.machine_safety(vm) if up else None
+        blocks = await migration.ram_blocks(vm) if up else {}
+        return web.json_response(models.MigrationInfo(
+            state=vm.state.value, status=str(q.get("status", "none")), query=q,
+            method=safety.method if safety else "unknown", method_reason=safety.reason if safety else "",
+            ram_pad=blocks["mem"] - vm.config.memory if "mem" in blocks else None).model_dump(mode="json"))
 
     async def digest(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)
@@ -117,8 +134,7 @@ class MigrateRoutes:
         if vm.state not in (VmState.RUNNING, VmState.PAUSED) or self.completed_to is not None:
             raise StateError("migrate the machine", "migrated, waiting to finish" if self.completed_to else
                              vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
-        safety = migration.live_safety(vm.accel.name, vm.config.cpus,
-                                       migration.parse_version(vm.qmp.qemu_version if vm.qmp else None))
+        safety = await migration.machine_safety(vm)
         if body.method == "live" and not safety.live and not body.verified:
             from vmkit.errors import ConfigError
 
@@ -178,8 +194,11 @@ class MigrateRoutes:
                                        max_bandwidth=body.bandwidth_bytes)
         if body.tls:
             await migration.add_tls(vm, self.sup.instance.dir / migration.TLS_DIR, server=False)
-            await note("the memory stream is TLS (certificates made for this migration)")
+            await note("the memory stream" + (" and the disk copy are" if body.mirror else " is")
+                       + " TLS (certificates made for this migration)")
         paused_at: float | None = time.monotonic() if vm.state == VmState.PAUSED else None
+        if method == "live":
+            await note(f"live pre-copy: {reason}")
         if method == "paused":
             await note(f"copying with the guest paused: {reason}")
             if vm.state == VmState.RUNNING:
@@ -190,12 +209,13 @@ class MigrateRoutes:
         disk_bytes = 0
         if body.mirror:
             await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
-            disk_bytes = await self._mirror(body.mirror, resp)
+            disk_bytes = await self._mirror(body.mirror, resp, tls=body.tls)
         sent_at = time.monotonic()
         await vm.execute("migrate", {"uri": body.uri})
         postcopy_started = False
         info: dict[str, Any] = {}
         last_shown = 0.0
+        throttled = 0  # the most auto-converge throttled the guest (query-migrate drops it at the end)
         while True:
             if self._cancel.is_set():
                 await vm.execute("migrate_cancel")
@@ -203,6 +223,7 @@ class MigrateRoutes:
             info = await migration.query(vm)
             status = str(info.get("status", "none"))
             prog = migration.progress_of(info)
+            throttled = max(throttled, int(prog["throttle_percent"] or 0))
             now = time.monotonic()
             if now - last_shown >= 0.5 or status in migration.TERMINAL:
                 last_shown = now
@@ -223,6 +244,10 @@ class MigrateRoutes:
                            f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
             await asyncio.sleep(POLL)
         status = str(info.get("status"))
+        throttled = max(throttled, int(info.get("cpu-throttle-percentage") or 0))
+        if throttled:
+            await note(f"auto-converge slowed the guest's vCPUs (throttled up to {throttled}%) so that the copy "
+                       "converged")
         if status == "completed" and body.mirror:
             await self._end_mirrors()  # the target has every block: the source keeps its own disks
         if status != "completed":
@@ -243,17 +268,24 @@ class MigrateRoutes:
             uri=body.uri, method=method, method_reason=reason,
             total_time_ms=total_ms, downtime_ms=downtime_ms,
             setup_time_ms=info.get("setup-time"), rounds=int(ram.get("dirty-sync-count", 0)),
-            transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=info.get("cpu-throttle-percentage"),
+            transferred_bytes=int(ram.get("transferred", 0)), throttle_percent=throttled or None,
             disks_copied=[m.node for m in body.mirror], disk_bytes=disk_bytes, notes=notes, query=info)
 
-    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse) -> int:
+    async def _mirror(self, disks: list[models.MirrorDisk], resp: web.StreamResponse, *, tls: bool = False) -> int:
         """Start a mirror per disk and wait until every one has caught up (then writes are mirrored as
-        they happen). Returns the bytes copied so far."""
+        they happen). Returns the bytes copied so far. Each target is an NBD client node of its own
+        (``mirror-target-NODE``), over TLS with the migration's certificates when ``tls``."""
         vm = self.sup.vm
         for d in disks:
-            await vm.execute("drive-mirror", {"job-id": f"mirror-{d.node}", "device": d.node, "target": d.target,
-                                              "format": "raw", "mode": "existing", "sync": d.sync,
-                                              "copy-mode": "write-blocking", "auto-dismiss": False})
+            host, port, export = _nbd_parts(d.target)
+            node: dict[str, Any] = {"driver": "nbd", "node-name": f"{MIRROR_TARGET}{d.node}", "export": export,
+                                    "server": {"type": "inet", "host": host, "port": port}}
+            if tls:
+                node["tls-creds"] = migration.TLS_ID
+            await vm.execute("blockdev-add", node)
+            await vm.execute("blockdev-mirror", {"job-id": f"mirror-{d.node}", "device": d.node,
+                                                 "target": f"{MIRROR_TARGET}{d.node}", "sync": d.sync,
+                                                 "copy-mode": "write-blocking", "auto-dismiss": False})
         last = 0.0
         while True:
             if self._cancel.is_set():
@@ -295,8 +327,12 @@ class MigrateRoutes:
                         with contextlib.suppress(VmkitError):
                             await vm.execute("job-dismiss", {"id": j["device"]})
                 if not jobs:
-                    return
+                    break
                 await asyncio.sleep(0.1)
+            for n in await vm.execute("query-named-block-nodes", {"flat": True}):  # the NBD clients
+                if str(n.get("node-name", "")).startswith(MIRROR_TARGET):
+                    with contextlib.suppress(VmkitError):
+                        await vm.execute("blockdev-del", {"node-name": n["node-name"]})
 
     async def _take_back(self) -> None:
         """After a failed, cancelled or abandoned migration: the guest runs here again as it did.
@@ -355,7 +391,11 @@ class MigrateRoutes:
                 await vm.execute("nbd-server-stop")
         clock = None
         if vm.state == VmState.PAUSED:
-            clock = (await savestate.resume_and_fix_clock(vm)).to_dict()
+            # the guest runs from here on; its clock (behind by the downtime) is set through the guest
+            # agent afterwards, so the source does not wait for the agent's round trip
+            await vm.resume()
+            self._clock_fix = asyncio.create_task(savestate.fix_guest_clock(vm))
+            clock = {"corrected": None, "behind_seconds": None, "message": "being set by the guest agent"}
         announced = bool(vm.config.networks or vm.config.user_nic is not None)
         if announced:  # the guest's MAC is here now: tell the segment
             try:

@@ -113,9 +113,12 @@ def cgroup_check(driver: cgroups.Driver | bool | None = True) -> Check:
 def migration_check(accel: str) -> Check:
     """What `vmkit migrate` does on this host: live pre-copy, or a paused copy where that would corrupt."""
     version = migration.host_qemu_version()
-    safety = migration.live_safety(accel, 2, version)
-    detail = (f"live pre-copy ({safety.reason})" if safety.live else
-              f"machines are copied paused: {safety.reason}")
+    pad = migration.ram_pad(accel, version)
+    safety = migration.live_safety(accel, version, [(1 << 30) + pad])  # any machine vmkit starts here
+    detail = (f"live pre-copy ({safety.reason})" if safety.live else f"machines are copied paused: {safety.reason}")
+    if safety.live and pad:
+        detail += (f"; each machine gets {pad >> 10} KiB more RAM for it, and machines with hot-pluggable memory "
+                   "(max_memory) are copied with the guest paused")
     return Check(name="migration", ok=safety.live, detail=detail,
                  hint=None if safety.live else "live pre-copy needs KVM or QEMU >= 9.0 (vmkit migrate --live "
                                                "verifies every page instead)", required=False)

@@ -82,6 +82,8 @@ class Manifest(BaseModel):
     tls: bool = Field(default=False, description="TLS for the migration stream (certificates made here)")
     networks: dict[str, str] = Field(default_factory=dict, description="each vmkit network the machine is on -> "
                                                                        "its subnet on the source")
+    ram_pad: int | None = Field(default=None, description="bytes of RAM over the configured memory on the source "
+                                                          "(QEMU's RAM blocks must match; None: the target's own)")
 
 
 def rebase(config: MachineConfig, source_dir: Path, target_dir: Path) -> MachineConfig:
@@ -159,6 +161,16 @@ def check_networks(config: MachineConfig, subnets: dict[str, str]) -> None:
             raise taken
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Python's start and vmkit's imports, for the timings)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def listen_address() -> str:
     """The address the SSH connection came to (so the source reaches QEMU where it reached sshd)."""
     conn = os.environ.get("SSH_CONNECTION", "").split()
@@ -186,6 +198,8 @@ class Receiver:
         self.out.flush()
 
     def prepare(self, manifest: Manifest, *, offline: bool = False) -> None:
+        began = time.monotonic()
+        age = _process_age()
         inst = Instance(manifest.name)
         if inst.exists():
             raise StateError(f"receive {manifest.name}", "a machine of that name exists on the target",
@@ -249,8 +263,12 @@ class Receiver:
             ready["tls"] = {n: base64.b64encode(creds[n]).decode("ascii") for n in tls.CLIENT_FILES}
         plan = models.StartRequest(incoming=models.IncomingRequest(
             uri=uri, postcopy=manifest.postcopy, nbd_port=nbd_port, exports=[d.node for d in manifest.disks],
+            ram_pad=manifest.ram_pad,
             tls=manifest.tls))
+        starting = time.monotonic()
         control.start(manifest.name, plan=plan, timeout=120)
+        ready["timings"] = {"prepare_s": round(starting - began, 3), "receiver_up_s": round(age, 3),
+                            "qemu_start_s": round(time.monotonic() - starting, 3)}
         if nbd_port is not None:
             host = f"[{address}]" if ":" in address else address
             ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}

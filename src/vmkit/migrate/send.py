@@ -64,7 +64,7 @@ class Options:
     method: str = "auto"
     downtime_limit_ms: int | None = None
     bandwidth_bytes: int | None = None
-    auto_converge: bool = False
+    auto_converge: bool = True
     postcopy: bool = False
     max_rounds: int = 30
     verify: bool = False
@@ -82,10 +82,16 @@ class Outcome:
     bad_pages: int | None = None
     pages_checked: int | None = None
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Where the seconds went: ssh (connection and the receiver's start), prepare (the machine made on
+    the target), qemu_start (the target's QEMU waiting), copy (the migration itself), verify (the
+    page check, if any), takeover (until the target runs the guest), source_end (QEMU here ends, its
+    network leases released)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "seconds": round(self.seconds, 3),
                 "bad_pages": self.bad_pages, "pages_checked": self.pages_checked, "notes": self.notes,
+                "phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "report": self.report.model_dump(mode="json")}
 
 
@@ -216,12 +222,9 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     emit = on_event or (lambda _: None)
     if opts.method == "live":
         inst = control.get(name)
-        st = inst.reconcile()
-        safety = migration.live_safety(st.accel or "tcg", inst.load_config().cpus,
-                                       migration.parse_version(st.qemu_version))
-        if not safety.live:
-            emit({"note": "live pre-copy on this QEMU can lose pages under TCG: every page is compared "
-                          "before the target runs the guest"})
+        if inst.is_supervised() and _info(inst).method != "live":
+            emit({"note": "live pre-copy of this machine on this QEMU can lose pages under TCG: every page is "
+                          "compared before the target runs the guest"})
             opts = dataclasses.replace(opts, verify=True)
             try:
                 return _migrate(name, target, opts, emit, verified=True)
@@ -234,6 +237,12 @@ def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Ev
     return _migrate(name, target, opts, emit)
 
 
+def _info(inst: Instance) -> models.MigrationInfo:
+    """The supervisor's ``GET /v1/migration``: the method ``auto`` picks for the machine, its RAM pad."""
+    api = SupervisorClient(inst.api_socket, timeout=30)
+    return models.MigrationInfo.model_validate(api.call("GET", "/v1/migration"))
+
+
 class PagesLost(MigrationError):
     """The memory check found pages that differ on the target (the migration was undone)."""
 
@@ -244,8 +253,9 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     status = inst.reconcile()
     if not inst.is_supervised() or status.state not in ("running", "paused"):
         raise StateError(f"migrate {name}", status.state, ["running", "paused"])
-    man = manifest(inst, opts)
     t0 = time.monotonic()
+    man = manifest(inst, opts).model_copy(update={"ram_pad": _info(inst).ram_pad})
+    setup = time.monotonic() - t0
     emit({"step": f"preparing {name} on {host.uri}"})
     remote = Remote(host)
     api = SupervisorClient(inst.api_socket, timeout=3600)
@@ -254,6 +264,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     try:
         remote.send("prepare", man.model_dump(mode="json"))
         ready = remote.answer("ready", PREPARE_WAIT)
+        phases = {"source_setup": setup, **_target_phases(ready, time.monotonic() - t0 - setup)}
         uri = str(ready["uri"])
         if opts.tls:
             if not isinstance(ready.get("tls"), dict):
@@ -262,9 +273,12 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
             tls.write(inst.dir, {n: base64.b64decode(v) for n, v in ready["tls"].items()}, tls.CLIENT_FILES)
         emit({"step": f"the target waits at {uri}: sending"})
         request = _request(opts, uri, man, dict(ready.get("disks") or {}))
+        sending = time.monotonic()
         report = _send(api, {**request, "verified": True} if verified else request, emit)
         completed = True
-        out = Outcome(name=name, target=host.uri, report=report)
+        phases["copy"] = time.monotonic() - sending
+        out = Outcome(name=name, target=host.uri, report=report, phases=phases)
+        checking = time.monotonic()
         if opts.verify:
             emit({"step": "comparing every page of memory on both hosts"})
             remote.send("digest")  # both hosts hash at once
@@ -277,9 +291,13 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
                 raise PagesLost(f"{name}: {len(bad)} of {here.pages} memory pages differ on the target "
                                      f"(at {shown}{' ...' if len(bad) > 8 else ''}): the migration lost them",
                                      hint="the machine runs on here; the copy on the target was removed")
+            phases["verify"] = time.monotonic() - checking
+        taking = time.monotonic()
         remote.send("commit")
         remote.answer("running", COMMIT_WAIT)
         committed = True
+        phases["takeover"] = time.monotonic() - taking
+        ending = time.monotonic()
         api.call("POST", "/v1/migrate/finish", {"target": host.uri})
         control.wait_unsupervised(inst, 30)
         with contextlib.suppress(VmkitError, OSError):  # its static leases here moved with it
@@ -288,6 +306,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         marker.write_text(json.dumps({"target": host.uri, "at": time.time(), "report": report.model_dump(mode="json")}))
         marker.chmod(0o600)
         out.seconds = time.monotonic() - t0
+        phases["source_end"] = time.monotonic() - ending
         emit({"step": f"{name} runs on {host.uri}"})
         return out
     except BaseException as exc:
@@ -297,6 +316,15 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     finally:
         tls.remove(inst.dir)
         remote.close(abort=not committed)
+
+
+def _target_phases(ready: dict[str, Any], waited: float) -> dict[str, float]:
+    """The seconds until the target was ready, split by what the receiver measured there."""
+    got = ready.get("timings")
+    t: dict[str, Any] = got if isinstance(got, dict) else {}
+    prepare, start, up = (float(t.get(k, 0.0)) for k in ("prepare_s", "qemu_start_s", "receiver_up_s"))
+    return {"ssh": max(0.0, waited - prepare - start - up), "receiver_start": up, "prepare": prepare,
+            "qemu_start": start}
 
 
 def _send(api: SupervisorClient, body: dict[str, Any], emit: Event) -> models.MigrationReport:

@@ -42,6 +42,7 @@ from vmkit.runtime.hotplug import HotDisk
 from vmkit.runtime.nbdwatch import NbdWatcher
 from vmkit.runtime.proc import owned
 from vmkit.runtime.qemu import accel as accel_mod
+from vmkit.runtime.qemu import dirtysync
 from vmkit.runtime.qemu.cmdline import AGENT_PORT_ID, NicBackend, Runtime, build_argv
 from vmkit.runtime.qemu.monitor import Monitor
 from vmkit.runtime.serial import SerialConsole
@@ -253,13 +254,16 @@ class VirtualMachine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, *, paused: bool = False, incoming: bool = False, machine_type: str | None = None,
-                    memory_file: Path | None = None, memory_shared: bool = False) -> None:
+                    memory_file: Path | None = None, memory_shared: bool = False, ram_pad: int | None = None) -> None:
         """Launch QEMU, open QMP, subscribe to events, and (unless ``paused``) run the guest.
 
         ``incoming=True`` starts QEMU waiting for a migration stream (``-incoming defer``).
         ``machine_type`` runs that versioned machine type instead of the configuration's alias.
         ``memory_file``: the guest's RAM is that file, mapped shared (``memory_shared``: a warm
         template writes it) or copy-on-write (a clone of the template).
+        ``ram_pad``: bytes of RAM over the configured memory (None: what this host's QEMU needs for
+        correct dirty tracking, :func:`vmkit.runtime.qemu.dirtysync.config_ram_pad`; a migration's target
+        takes the source's).
         """
         self._require("start", VmState.STOPPED, VmState.ERROR)
         self._set_state(VmState.STARTING)
@@ -276,9 +280,11 @@ class VirtualMachine:
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if ram_pad is None:
+            ram_pad = dirtysync.config_ram_pad(self.config, self.accel.name, self.qemu_binary)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
                           pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type,
-                          nics=self.nics, memory_file=memory_file, memory_shared=memory_shared)
+                          nics=self.nics, memory_file=memory_file, memory_shared=memory_shared, ram_pad=ram_pad)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]

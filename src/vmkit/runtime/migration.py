@@ -1,14 +1,21 @@
 """Live migration on one QEMU: which method is safe here, the QMP that drives it, and a check that
 the guest's memory arrived whole.
 
-Safety: QEMU before 9.0 loses dirty-page tracking under TCG: a vCPU's write can race the migration
-thread's bitmap sync (``cpu_physical_memory_sync_dirty_bitmap``; fixed by QEMU commit 03bfc2188f).
-Measured on QEMU 7.2 here (benchmarks/migrate_bench.py): 2 vCPUs under a memory dirtier lost pages
-in 1 run of 3 (26 pages; 3 of 3 in HOST-NOTES), and 1 vCPU writing memory and its disk under heavy
-host load lost 4 pages in one run, so no TCG guest is safe there. There vmkit copies the memory with
-the guest paused (its downtime is the whole copy) instead of pre-copy while it runs, unless the user
-asks for live pre-copy, which is then verified page by page and redone paused if a page was lost:
-:func:`live_safety` says which, and why.
+Safety: QEMU before 9.0 loses dirty pages of TCG guests (fixed by QEMU commit 03bfc2188f, "physmem:
+Fix migration dirty bitmap coherency with TCG memory access"). Its dirty-bitmap sync has a fast path
+for RAM blocks whose length is a multiple of 64 pages (256 KiB): it clears 64 dirty bits at a time
+but does not reset TCG's TLB, so a vCPU that keeps a writable TLB entry for a page goes on writing it
+without marking it dirty again, and the target gets the page as it was. This is not a race between
+vCPU threads: one vCPU loses pages too (measured here with plain QMP, benchmarks/migrate_bench.py
+--check: 1 vCPU 1 run of 6 bad, 2 vCPUs 3 of 3 in HOST-NOTES), and single-threaded TCG
+(``thread=single``) keeps the stale TLB entries just the same. The slow path, taken for any other
+length, clears page by page and resets the TLB for each page it clears, which is what the fix makes
+the fast path do. So vmkit gives a TCG guest on such a QEMU 8 KiB more RAM than configured
+(:func:`ram_pad`; QEMU rounds RAM to 8 KiB): its RAM block is no multiple of 64 pages, QEMU syncs it
+the correct way, and live pre-copy is safe (:func:`live_safety` looks at the RAM blocks of the running
+QEMU). A machine whose RAM block is aligned anyway (hot-pluggable virtio-mem memory, or one started by
+an earlier vmkit) is copied with the guest paused instead (its downtime is the whole copy), unless the
+user asks for live pre-copy, which is then verified page by page and redone paused if a page was lost.
 
 The check (:func:`memory_digest`): once a migration has completed, the source is stopped with the
 guest's final memory and the target has not run yet, so their RAM must be equal byte for byte.
@@ -23,17 +30,24 @@ import asyncio
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from vmkit.errors import QemuError
+from vmkit.runtime.qemu.dirtysync import FIXED_IN as FIXED_IN
+from vmkit.runtime.qemu.dirtysync import RAM_PAD as RAM_PAD
+from vmkit.runtime.qemu.dirtysync import SYNC_WORD as SYNC_WORD
+from vmkit.runtime.qemu.dirtysync import affected
+from vmkit.runtime.qemu.dirtysync import config_ram_pad as config_ram_pad
+from vmkit.runtime.qemu.dirtysync import host_qemu_version as host_qemu_version
+from vmkit.runtime.qemu.dirtysync import parse_version as parse_version
+from vmkit.runtime.qemu.dirtysync import ram_pad as ram_pad
 
 if TYPE_CHECKING:
     from vmkit.runtime.machine import VirtualMachine
 
-FIXED_IN = (9, 0, 0)
-"""The first QEMU whose TCG dirty tracking is correct with several vCPUs (commit 03bfc2188f)."""
 PAGE = 4096
 DIGEST_BYTES = 8
 """Bytes of each page's hash in a memory digest (a weighted sum of its words, see :func:`_hash_pages`)."""
@@ -54,34 +68,35 @@ class Safety:
         return self.method == "live"
 
 
-def parse_version(text: str | None) -> tuple[int, int, int] | None:
-    """``"7.2.22"`` (or QEMU's ``--version`` text) as (7, 2, 22)."""
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
-
-
-def live_safety(accel: str, cpus: int, qemu_version: tuple[int, int, int] | None) -> Safety:
-    """Whether pre-copy while the guest runs is safe for this machine on this QEMU."""
+def live_safety(accel: str, qemu_version: tuple[int, int, int] | None, ram_blocks: Sequence[int]) -> Safety:
+    """Whether pre-copy while the guest runs is safe for a machine whose guest RAM blocks (memory
+    backends) have these sizes in bytes, on this QEMU."""
     if accel != "tcg":
         return Safety("live", f"{accel.upper()} tracks dirty pages in the kernel: live pre-copy is safe")
     shown = ".".join(map(str, qemu_version)) if qemu_version else "unknown"
-    if qemu_version is not None and qemu_version >= FIXED_IN:
+    if not affected(accel, qemu_version):
         return Safety("live", f"QEMU {shown} tracks the dirty pages of TCG vCPUs correctly: live pre-copy is safe")
-    many = f"{cpus} vCPUs" if cpus > 1 else "its vCPU"
-    return Safety("paused", f"QEMU {shown} under TCG can lose pages that {many} dirty while they are copied "
-                            "(fixed in QEMU 9.0): the guest is paused while its memory is copied, so its downtime "
-                            "is the whole copy (--live: pre-copy, verified page by page)")
+    aligned = [size for size in ram_blocks if size % SYNC_WORD == 0]
+    if ram_blocks and not aligned:
+        return Safety("live", f"QEMU {shown} under TCG loses dirty pages only in RAM blocks of a multiple of "
+                              f"{SYNC_WORD >> 10} KiB (fixed in QEMU 9.0) and this machine's RAM is {RAM_PAD >> 10} "
+                              "KiB over one: live pre-copy is safe")
+    what = ("hot-pluggable memory (virtio-mem)" if len(ram_blocks) > 1 else
+            "RAM of a multiple of 256 KiB (started by an earlier vmkit: a restart pads it)")
+    return Safety("paused", f"QEMU {shown} under TCG can lose the pages the guest dirties while they are copied "
+                            f"(fixed in QEMU 9.0) in a machine with {what}: the guest is paused while its memory "
+                            "is copied, so its downtime is the whole copy (--live: pre-copy, verified page by page)")
 
 
-def host_qemu_version(binary: str = "qemu-system-x86_64") -> tuple[int, int, int] | None:
-    """The installed QEMU's version (None if it cannot be run)."""
-    import subprocess
+async def ram_blocks(vm: VirtualMachine) -> dict[str, int]:
+    """The running machine's memory backends (``mem``: its RAM) and their sizes in bytes."""
+    return {str(m.get("id", "")): int(m["size"]) for m in await vm.execute("query-memdev")}
 
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_version(out)
+
+async def machine_safety(vm: VirtualMachine) -> Safety:
+    """:func:`live_safety` of a running machine: its accelerator, QEMU and RAM blocks as QEMU has them."""
+    blocks = await ram_blocks(vm)
+    return live_safety(vm.accel.name, parse_version(vm.qmp.qemu_version if vm.qmp else None), list(blocks.values()))
 
 
 # -- QMP -----------------------------------------------------------------------------------------------

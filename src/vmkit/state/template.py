@@ -70,8 +70,10 @@ from vmkit.state.savestate import machine_type
 
 log = logging.getLogger("vmkit.state.template")
 
-FORMAT = 2
-"""2: no free page reporting in templates and clones (see :func:`vmkit.runtime.qemu.cmdline.balloon_args`)."""
+FORMAT = 3
+"""2: no free page reporting in templates and clones (see :func:`vmkit.runtime.qemu.cmdline.balloon_args`);
+3: a TCG guest's RAM on QEMU < 9.0 is 8 KiB larger (vmkit.runtime.qemu.dirtysync): an older template's
+RAM file and device state no longer fit, so it is stale and `vmkit image warm` makes a new one."""
 MANIFEST = "template.json"
 RAM = "ram"
 DEVICES = "devices.state"
@@ -140,7 +142,8 @@ def layout(config: MachineConfig, accel: AccelChoice) -> list[str]:
     every device and memory backend), without what may differ between clones (names, file paths,
     port forwards, MACs)."""
     argv = build_argv(config.model_copy(update={"name": TEMPLATE_NAME}), accel,
-                      Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM)))
+                      Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM),
+                              ram_pad=migration.config_ram_pad(config, accel.name)))
     out = []
     for opt, value in itertools.pairwise(argv):
         if opt in _LAYOUT_OPTIONS:

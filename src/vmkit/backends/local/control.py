@@ -168,7 +168,8 @@ def dry_run_argv(name: str) -> list[str]:
     inst = get(name)
     config = inst.load_config()
     accel = accel_mod.choose(config.accel.value, arch=config.arch)
-    return build_argv(config, accel, Runtime(qmp_fd=3, serial_fd=4, pidfile=inst.qemu_pidfile))
+    return build_argv(config, accel, Runtime(qmp_fd=3, serial_fd=4, pidfile=inst.qemu_pidfile,
+                                             ram_pad=migration.config_ram_pad(config, accel.name)))
 
 
 def start(name: str, *, progress: Progress | None = None, timeout: float | None = None,

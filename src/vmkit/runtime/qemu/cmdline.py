@@ -63,6 +63,10 @@ class Runtime:
     MAP_SHARED); its clones map it copy-on-write (MAP_PRIVATE), so they share its pages in the host's
     page cache until they write them (see :mod:`vmkit.state.template`)."""
     memory_shared: bool = False
+    ram_pad: int = 0
+    """Bytes of RAM added to the configured memory (:func:`vmkit.runtime.migration.ram_pad`: QEMU before
+    9.0 tracks the dirty pages of a TCG guest correctly only in a RAM block whose length is no multiple
+    of 64 pages). The guest sees them as RAM."""
 
     def virtiofs_socket(self, tag: str) -> Path:
         return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
@@ -81,7 +85,8 @@ def opt_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None) -> list[str]:
+def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | None = None,
+              ram_pad: int = 0) -> list[str]:
     cpu = config.cpu_model or accel.default_cpu
     machine = machine_type or config.machine
     if config.machine == "virt":
@@ -101,7 +106,7 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
         *accel.argv,
         "-cpu", cpu,
         "-smp", f"{config.cpus},maxcpus={config.cpu_ceiling}",
-        "-m", memory_arg(config),
+        "-m", memory_arg(config, ram_pad),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
@@ -109,11 +114,16 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
     ]
 
 
-def memory_arg(config: MachineConfig) -> str:
+def ram_size(config: MachineConfig, ram_pad: int = 0) -> str:
+    """The boot memory as QEMU's size (``1024M``; in KiB with a pad: ``1048584K``)."""
+    return f"{config.memory >> 20}M" if not ram_pad else f"{(config.memory + ram_pad) >> 10}K"
+
+
+def memory_arg(config: MachineConfig, ram_pad: int = 0) -> str:
     """``-m``: the boot memory, and room for the virtio-mem region when there is one."""
-    arg = f"{config.memory >> 20}M"
+    arg = ram_size(config, ram_pad)
     if config.max_memory is not None:
-        arg += f",maxmem={config.max_memory >> 20}M"
+        arg += f",maxmem={config.max_memory >> 20}M"  # no pad then (see vmkit.runtime.migration.ram_pad)
     return arg
 
 
@@ -279,15 +289,15 @@ def controller_args(config: MachineConfig) -> list[str]:
 
 
 def shared_memory_args(config: MachineConfig, runtime: Runtime | None = None) -> list[str]:
+    size = ram_size(config, runtime.ram_pad if runtime is not None else 0)
+    merge = "" if config.memory_merge else ",merge=off"
     if runtime is not None and runtime.memory_file is not None:
         share = "on" if runtime.memory_shared else "off"
-        merge = "" if config.memory_merge else ",merge=off"
-        return ["-object", f"memory-backend-file,id=mem,size={config.memory >> 20}M,"
+        return ["-object", f"memory-backend-file,id=mem,size={size},"
                            f"mem-path={opt_escape(str(runtime.memory_file))},share={share}{merge}"]
-    merge = "" if config.memory_merge else ",merge=off"
     if not config.needs_shared_memory:
-        return ["-object", f"memory-backend-ram,id=mem,size={config.memory >> 20}M{merge}"]
-    return ["-object", f"memory-backend-memfd,id=mem,size={config.memory >> 20}M,share=on{merge}"]
+        return ["-object", f"memory-backend-ram,id=mem,size={size}{merge}"]
+    return ["-object", f"memory-backend-memfd,id=mem,size={size},share=on{merge}"]
 
 
 # The 9p message size guests mount with (``msize=``). QEMU's virtio-9p server takes what the guest
@@ -424,7 +434,7 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
                *, binary: str | None = None) -> list[str]:
     """The full QEMU argv for ``config``."""
     argv = [binary or QEMU_BINARY[config.arch]]
-    argv += base_args(config, accel, runtime.machine_type)
+    argv += base_args(config, accel, runtime.machine_type, runtime.ram_pad)
     argv += boot_args(config)
     argv += monitor_args(runtime)
     argv += serial_args(runtime)
