@@ -102,8 +102,9 @@ def guest_ram_hashes(pid: int, memory: int) -> list[int]:
     """The hash of every non-zero page of QEMU ``pid``'s guest RAM (its mapping of exactly ``memory``
     bytes, read through /proc/PID/mem; pages never touched read as zeros and are left out)."""
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-        if hi - lo == memory:
+        span, perms = line.split()[:2]
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if hi - lo == memory and perms == "rw-p":  # not TCG's code buffer (rwx), 1 GiB too by default
             with open(f"/proc/{pid}/mem", "rb") as fh:
                 fh.seek(lo)
                 digest = migration.page_hashes(fh, memory)

@@ -194,7 +194,9 @@ def test_start_dry_run_prints_the_qemu_argv(created: Path) -> None:
     assert argv[argv.index("-kernel") + 1] == str(created / "vmlinuz")
     assert argv[argv.index("-append") + 1] == "console=ttyS0 x=[a,b]"  # printed exactly, brackets and all
     assert "socket,id=serial0,fd=4" in argv and "chardev:serial0" in argv
-    assert argv[argv.index("-m") + 1] == "256M" and argv[argv.index("-smp") + 1] == "2,maxcpus=4"
+    # on TCG with QEMU < 9.0 the guest gets 8 KiB more (vmkit.runtime.qemu.dirtysync: safe live migration)
+    assert argv[argv.index("-m") + 1] in ("256M", f"{(256 << 10) + 8}K")
+    assert argv[argv.index("-smp") + 1] == "2,maxcpus=4"
     assert argv[argv.index("-accel") + 1] in ("kvm", "tcg,thread=multi")
     blockdev = json.loads(argv[argv.index("-blockdev") + 1])
     assert blockdev["read-only"] is True and blockdev["file"]["filename"] == str(created / "data.img")
