@@ -38,6 +38,7 @@ from _table import print_table
 from vmkit.host import ksm
 from vmkit.runtime import migration
 from vmkit.runtime.balloon import cpu_seconds
+from vmkit.runtime.qemu import dirtysync
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -74,6 +75,12 @@ def rss(pid: int) -> int:
     return 0
 
 
+def is_guest_ram(size: int, perms: str, memory: int) -> bool:
+    """Whether a mapping of QEMU's is the guest's RAM: read-write, not executable (TCG's code buffer is
+    rwx), of the guest's memory size, or 8 KiB more on TCG with QEMU < 9.0 (vmkit.runtime.qemu.dirtysync)."""
+    return perms == "rw-p" and size in (memory, memory + dirtysync.RAM_PAD)
+
+
 def split(pid: int, memory: int) -> tuple[int, int]:
     """(resident guest RAM, resident TCG code cache) of QEMU ``pid``, from its smaps."""
     ram = tcg = 0
@@ -85,7 +92,7 @@ def split(pid: int, memory: int) -> tuple[int, int]:
         elif head[0] == "Size:":
             size = int(head[1]) << 10
         elif head[0] == "Rss:":
-            if size == memory and perms.startswith("rw"):
+            if is_guest_ram(size, perms, memory):
                 ram += int(head[1]) << 10
             elif perms == "rwxp":
                 tcg += int(head[1]) << 10
@@ -104,10 +111,10 @@ def guest_ram_hashes(pid: int, memory: int) -> list[int]:
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         span, perms = line.split()[:2]
         lo, hi = (int(x, 16) for x in span.split("-"))
-        if hi - lo == memory and perms == "rw-p":  # not TCG's code buffer (rwx), 1 GiB too by default
+        if is_guest_ram(hi - lo, perms, memory):
             with open(f"/proc/{pid}/mem", "rb") as fh:
                 fh.seek(lo)
-                digest = migration.page_hashes(fh, memory)
+                digest = migration.page_hashes(fh, hi - lo)
             zero = migration.page_hashes(io.BytesIO(bytes(PAGE)))
             step = migration.DIGEST_BYTES
             return [int.from_bytes(digest[i:i + step], "little") for i in range(0, len(digest), step)
