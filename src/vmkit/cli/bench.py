@@ -159,7 +159,7 @@ def devices(
     kind: list[str] | None = typer.Option(None, "--kind", help="device models to compare (repeatable; virtio-blk "
                                           "always runs): virtio-blk, nvme, sata, ide"),
     nic: list[str] | None = typer.Option(None, "--nic", help="NIC models to compare (repeatable; virtio always "
-                                         "runs): virtio, e1000, rtl8139"),
+                                         "runs): virtio, e1000, rtl8139 (default: virtio and e1000)"),
     no_network: bool = typer.Option(False, "--no-network", help="disks only: no NICs, no iperf3"),
     machine_name: str | None = typer.Option(None, "--machine", help="a running machine with scratch disks whose "
                                             "serial is vmkit-bench-<kind> (overwritten!) instead of a throw-away one; "
@@ -169,8 +169,8 @@ def devices(
 ) -> None:
     """fio inside a guest on a virtio-blk, an NVMe, an emulated SATA (AHCI) and an emulated IDE disk:
     sequential and random reads and writes, and each model's throughput relative to virtio-blk; and
-    iperf3 between the guest and the host through a virtio-net, an emulated e1000 and an RTL8139 NIC,
-    each on a vmkit nat network of its own (needs root), relative to virtio-net."""
+    iperf3 between the guest and the host through a virtio-net and an emulated e1000 NIC (RTL8139 with
+    --nic), each on a vmkit nat network of its own (needs root), relative to virtio-net."""
     from rich.markup import escape
 
     from vmkit.bench import devices as devbench
@@ -181,7 +181,7 @@ def devices(
         task = bar.add_task("fio", total=None)
         try:
             report = client().bench_devices(settings, machine=machine_name, kinds=kinds,
-                                            nics=[] if no_network else (nic or devbench.NIC_MODELS),
+                                            nics=[] if no_network else (nic or devbench.DEFAULT_NICS),
                                             progress=lambda m: bar.update(task, description=escape(m)))
         except KeyboardInterrupt:
             bar.stop()
