@@ -26,7 +26,6 @@ Everything runs under TCG on a shared host: figures are noisy; the load average 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -47,7 +46,7 @@ import vmkit
 from _table import print_table
 from vmkit.errors import VmkitError
 from vmkit.host.provision import free_port
-from vmkit.net.probes import PING
+from vmkit.net.probes import PING, iperf3_client_argv, parse_iperf3
 
 HOST_PORT = 5301
 
@@ -60,8 +59,8 @@ def guest(inst: vmkit.Instance, argv: list[str], timeout: float = 120) -> str:
 
 
 def iperf(c: vmkit.Instance, addr: str, port: int, seconds: int) -> float:
-    out = guest(c, ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J"], timeout=seconds + 60)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e6
+    out = guest(c, iperf3_client_argv(addr, port, seconds), timeout=seconds + 60)
+    return parse_iperf3(out) / 1e6
 
 
 def ping_ms(c: vmkit.Instance, addr: str) -> float:

@@ -618,7 +618,7 @@ class MachineConfig(_Model):
     boot: LinuxBoot
     storage: tuple[StorageDevice, ...] = ()
     hotplug_slots: Int = Field(default=2, ge=0, le=16,
-                               description="q35: empty PCIe root ports for attaching disks to a running VM")
+                               description="q35 and virt: empty PCIe root ports for attaching disks to a running VM")
     usb: Bool = Field(default=False, description="add an xHCI controller even without USB disks (for hot attach)")
     shares: tuple[Share, ...] = ()
     agent: Bool = Field(default=False, description="a virtio-serial channel for qemu-guest-agent (qga.sock)")
@@ -771,6 +771,10 @@ class MachineConfig(_Model):
             if self.max_memory is not None:
                 problems.append(Problem("max_memory", "QEMU 7.2's aarch64 virt machine cannot plug virtio-mem "
                                         "(QEMU 8.1 added it): leave max_memory out"))
+            for i, dev in enumerate(self.storage):
+                if dev.kind == "ide":
+                    problems.append(Problem(f"storage[{i}].kind", "ide needs a PC chipset's PIIX3 IDE controller, "
+                                            "which QEMU has no aarch64 build of: use sata, nvme or virtio-blk"))
             if self.display is not None and self.display.type == "virtio-vga":
                 problems.append(Problem("display.type", "virtio-vga is a PC VGA card QEMU has no aarch64 "
                                         "build of: use type: virtio-gpu"))

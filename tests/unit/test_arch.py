@@ -50,11 +50,17 @@ def test_aarch64_runs_on_virt_with_no_vcpu_hotplug_room() -> None:
     screen = cmdline.build_argv(arm(display={"type": "virtio-gpu"}), accel.AccelChoice("tcg", "test"),
                                 Runtime(qmp_fd=3, serial_fd=4))
     assert "virtio-keyboard-pci,id=kbd0" in screen  # virt has no PS/2 keyboard
+    # empty PCIe root ports on virt's pcie.0 take hot-plugged disks, as on q35
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "root-port" in argv[i + 1]] == [
+        "pcie-root-port,id=hotplug0,chassis=1,bus=pcie.0", "pcie-root-port,id=hotplug1,chassis=2,bus=pcie.0"]
 
 
 def test_what_qemu_cannot_give_an_aarch64_machine_is_refused_by_name() -> None:
     found = problems(cpus=1, max_cpus=4, max_memory="1G", memory="512M", machine="q35",
-                     display={"type": "virtio-vga"}, binfmt=["aarch64"])
+                     display={"type": "virtio-vga"}, binfmt=["aarch64"],
+                     storage=[{"attachment": {"type": "disk-image", "path": "/d/a.raw"}},
+                              {"kind": "ide", "attachment": {"type": "disk-image", "path": "/d/b.raw"}}])
+    assert "PIIX3 IDE controller" in found["storage[1].kind"] and "storage[0].kind" not in found
     assert "vCPU hot-plug" in found["max_cpus"]
     assert "virtio-mem" in found["max_memory"]
     assert "q35 is not a machine for aarch64" in found["machine"]
@@ -112,3 +118,26 @@ def test_create_picks_the_image_built_for_the_architecture(vmkit_home: Path) -> 
     assert res.returncode == ExitCode.BAD_INPUT
     assert "vmkit image build nosuch --arch aarch64" in " ".join(res.stderr.split())
     assert not (vmkit_home / "instances" / "a").exists() and not (vmkit_home / "instances" / "b").exists()
+
+
+def test_micro_recipe_sees_the_virt_machines_gpio_power_key(tmp_path: Path) -> None:
+    """The micro image's /init polls the PL061 power key where the kernel has the controller and sysfs
+    GPIO lines (Debian's arm64 cloud kernel: no gpio-keys driver); images of older recipes are outdated."""
+    from vmkit.host.images import micro
+    from vmkit.host.images.store import ImageManifest
+
+    (tmp_path / "boot").mkdir()
+    config = tmp_path / "boot" / "config-6.1.0-57-cloud-arm64"
+    config.write_text("CONFIG_GPIOLIB=y\nCONFIG_GPIO_PL061=y\nCONFIG_GPIO_SYSFS=y\n# CONFIG_KEYBOARD_GPIO is not set\n")
+    assert micro.gpio_power_key(tmp_path, "6.1.0-57-cloud-arm64")
+    config.write_text("CONFIG_GPIO_PL061=y\n# CONFIG_GPIO_SYSFS is not set\n")
+    assert not micro.gpio_power_key(tmp_path, "6.1.0-57-cloud-arm64")
+    assert not micro.gpio_power_key(tmp_path, "6.1.0-57-amd64")  # no config file
+    assert "/proc/device-tree/gpio-keys/poweroff/gpios" in micro.INIT_SCRIPT
+
+    def image(recipe: str | None) -> Any:
+        m = ImageManifest(name="micro-aarch64", kind="initramfs", source="apt: linux-image-6.1.0-57-cloud-arm64",
+                          kernel="vmlinuz", initrd="initrd.img", recipe=recipe)
+        return type("Img", (), {"manifest": m})()
+
+    assert micro.is_outdated(image(None)) and not micro.is_outdated(image(micro.RECIPE))

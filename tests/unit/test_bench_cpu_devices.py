@@ -209,3 +209,60 @@ def test_bench_disk_specs_are_sparse_files_with_kind_and_serial(tmp_path: Path) 
     assert specs[2] == f"{tmp_path}/sata.raw:format=raw:kind=sata:serial=vmkit-bench-sata"
     assert (tmp_path / "ide.raw").stat().st_size == 32 << 20
     assert all(len(s) <= 20 for s in devices.SERIALS.values())
+
+
+# --------------------------------------------------------------------------- network devices
+
+
+def test_parse_iperf3_reports_and_errors() -> None:
+    from vmkit.net.probes import iperf3_client_argv, parse_iperf3
+
+    assert parse_iperf3(read("iperf3-client.json")) > 0
+    with pytest.raises(ValueError, match="unable to connect to server"):
+        parse_iperf3(read("iperf3-refused.json"))
+    with pytest.raises(ValueError, match="no JSON report"):
+        parse_iperf3("iperf3: error - unable to connect\n")
+    assert iperf3_client_argv("10.0.0.1", 5201, 3, reverse=True) == [
+        "iperf3", "-c", "10.0.0.1", "-p", "5201", "-t", "3", "-J", "-R"]
+
+
+def net_report() -> devices.Report:
+    r = dev_report()
+    r.nics = [devices.Nic("virtio", "nv", "10.1.0.1"), devices.Nic("e1000", "ne", "10.2.0.1"),
+              devices.Nic("rtl8139", "nr", "10.3.0.1")]
+    send, receive = devices.FLOWS
+    r.net_rows = [devices.NetRow(send, {"virtio": devices.NetResult(2000e6), "e1000": devices.NetResult(500e6),
+                                        "rtl8139": devices.NetResult(error="no result within 63 s")}),
+                  devices.NetRow(receive, {"virtio": devices.NetResult(1000e6),
+                                           "e1000": devices.NetResult(250e6), "rtl8139": devices.NetResult(100e6)})]
+    return r
+
+
+def test_network_ratios_table_json_markdown_and_plot(tmp_path: Path) -> None:
+    r = net_report()
+    send, receive = devices.FLOWS
+    assert r.net_ratio("e1000", send) == pytest.approx(0.25)
+    assert r.net_ratio("rtl8139", send) is None
+    assert r.net_ratio("rtl8139", receive) == pytest.approx(0.1)
+    header, rows = devices.net_table_rows(r)
+    assert header == ["iperf3", "virtio-net", "e1000", "RTL8139"]
+    assert rows == [["TCP guest to host", "2,000 Mbit/s", "500 Mbit/s (0.25x)", "failed: no result within 63 s"],
+                    ["TCP host to guest", "1,000 Mbit/s", "250 Mbit/s (0.25x)", "100 Mbit/s (0.10x)"]]
+    assert any(line.startswith("network: iperf3 TCP") for line in devices.footer_lines(r))
+    data = json.loads(devices.write_json(r, tmp_path / "d.json").read_text())
+    net = data["network"]
+    assert net["skipped"] is None and [n["model"] for n in net["nics"]] == ["virtio", "e1000", "rtl8139"]
+    assert net["rows"][1]["ratio_to_virtio"] == {"virtio": 1.0, "e1000": 0.25, "rtl8139": 0.1}
+    assert net["rows"][0]["results"]["rtl8139"] == {"error": "no result within 63 s"}
+    assert "| TCP host to guest | 1,000 Mbit/s |" in devices.render_markdown(r)
+    assert devices.plot(r, tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+    r.nics, r.net_rows, r.net_skipped = [], [], "vmkit nat networks need root"
+    assert "network: skipped: vmkit nat networks need root" in devices.footer_lines(r)
+
+
+def test_nic_models_are_checked_by_option() -> None:
+    assert devices.check_nic_models(["rtl8139"]) == ["virtio", "rtl8139"]
+    with pytest.raises(ConfigError) as exc:
+        devices.run(devices.settings_for(quick=True), nics=["e1000", "ne2k"])
+    assert exc.value.problems[0].field == "--nic" and "ne2k" in exc.value.problems[0].message

@@ -424,6 +424,15 @@ def aarch64_skip(store: ImageStore) -> str | None:
     return None
 
 
+AARCH64_READY_TIMEOUT = 1200.0
+"""Seconds the aarch64 guest may take to boot (every instruction translated; 5 min were not enough at a
+load average of 23 on 2 cores)."""
+
+
+def _first_line(exc: VmkitError) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def aarch64_image() -> str:
     """The store name of the aarch64 build of the image (``vmkit image build debian-12 --arch aarch64``)."""
     return f"{IMAGE}-aarch64"
@@ -474,15 +483,22 @@ def run(settings: Settings, *, machine: str | None = None, targets: Sequence[str
                 if not store.exists(IMAGE):
                     row.skipped = f"no {IMAGE} image: build it with `vmkit image build {IMAGE}`"
                     continue
-                with guests.throwaway(f"cpu-{accel}", image=IMAGE, cpus=settings.threads, accel=accel,
-                                      progress=say) as name:
-                    _guest_rows(row, guests.guest_exec(name), name, bundle, settings, version, say)
+                try:
+                    with guests.throwaway(f"cpu-{accel}", image=IMAGE, cpus=settings.threads, accel=accel,
+                                          progress=say) as name:
+                        _guest_rows(row, guests.guest_exec(name), name, bundle, settings, version, say)
+                except VmkitError as exc:
+                    row.results = {t: Cell(error=_first_line(exc)) for t in settings.thread_counts}
             elif row.target == "aarch64-tcg":
                 row.skipped = aarch64_skip(store)
                 if row.skipped is None:
-                    with guests.throwaway("cpu-arm", image=IMAGE, cpus=settings.threads, accel="tcg",
-                                          arch="aarch64", progress=say) as name:
-                        _guest_rows(row, guests.guest_exec(name), name, None, settings, version, say)
+                    try:
+                        with guests.throwaway("cpu-arm", image=IMAGE, cpus=settings.threads, accel="tcg",
+                                              arch="aarch64", ready_timeout=AARCH64_READY_TIMEOUT,
+                                              progress=say) as name:
+                            _guest_rows(row, guests.guest_exec(name), name, None, settings, version, say)
+                    except VmkitError as exc:  # the other rows stand; this one says why it has no numbers
+                        row.results = {t: Cell(error=_first_line(exc)) for t in settings.thread_counts}
     report.finished = time.time()
     return report
 

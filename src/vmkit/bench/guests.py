@@ -138,17 +138,24 @@ def create_options_supported(field: str) -> bool:
 
 @contextlib.contextmanager
 def throwaway(what: str, *, image: str, cpus: int, memory: str = "1G", accel: str | None = None,
-              disks: list[str] | None = None, arch: str | None = None,
-              progress: Progress | None = None) -> Iterator[str]:
-    """Create and start a machine for one measurement; always deleted afterwards."""
+              disks: list[str] | None = None, arch: str | None = None, networks: list[str] | None = None,
+              ready_timeout: float | None = None, progress: Progress | None = None) -> Iterator[str]:
+    """Create and start a machine for one measurement; always deleted afterwards. ``ready_timeout``:
+    seconds the boot may take instead of the image's (an emulated foreign CPU on a loaded host)."""
     name = f"{PREFIX}{what}-{secrets.token_hex(3)}"
     extra = {"arch": arch} if arch is not None else {}
     opts = CreateOptions(name=name, cpus=cpus, memory=memory, image=image, accel=accel, disks=list(disks or []),
+                         networks=list(networks or []),
                          **extra)  # type: ignore[arg-type]  # arch exists where create_options_supported says so
     if progress is not None:
         progress(f"creating {name} from {image}")
     control.create_from_options(opts)
     try:
+        if ready_timeout is not None:
+            inst = control.get(name)
+            config = inst.load_config()
+            inst.save_config(config.model_copy(
+                update={"readiness": config.readiness.model_copy(update={"timeout": ready_timeout})}))
         if progress is not None:
             progress(f"booting {name}")
         say = progress

@@ -158,13 +158,19 @@ def devices(
     runtime: int | None = typer.Option(None, "--runtime", help="seconds per cell (default 10; quick 1)"),
     kind: list[str] | None = typer.Option(None, "--kind", help="device models to compare (repeatable; virtio-blk "
                                           "always runs): virtio-blk, nvme, sata, ide"),
+    nic: list[str] | None = typer.Option(None, "--nic", help="NIC models to compare (repeatable; virtio always "
+                                         "runs): virtio, e1000, rtl8139 (default: virtio and e1000)"),
+    no_network: bool = typer.Option(False, "--no-network", help="disks only: no NICs, no iperf3"),
     machine_name: str | None = typer.Option(None, "--machine", help="a running machine with scratch disks whose "
-                                            "serial is vmkit-bench-<kind> (overwritten!) instead of a throw-away one"),
+                                            "serial is vmkit-bench-<kind> (overwritten!) instead of a throw-away one; "
+                                            "its NICs on vmkit networks are measured too"),
     json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
     plot_path: Path | None = typer.Option(None, "--plot", help="also draw the ratios as a PNG bar chart here"),
 ) -> None:
     """fio inside a guest on a virtio-blk, an NVMe, an emulated SATA (AHCI) and an emulated IDE disk:
-    sequential and random reads and writes, and each model's throughput relative to virtio-blk."""
+    sequential and random reads and writes, and each model's throughput relative to virtio-blk; and
+    iperf3 between the guest and the host through a virtio-net and an emulated e1000 NIC (RTL8139 with
+    --nic), each on a vmkit nat network of its own (needs root), relative to virtio-net."""
     from rich.markup import escape
 
     from vmkit.bench import devices as devbench
@@ -175,13 +181,19 @@ def devices(
         task = bar.add_task("fio", total=None)
         try:
             report = client().bench_devices(settings, machine=machine_name, kinds=kinds,
-                                          progress=lambda m: bar.update(task, description=escape(m)))
+                                            nics=[] if no_network else (nic or devbench.DEFAULT_NICS),
+                                            progress=lambda m: bar.update(task, description=escape(m)))
         except KeyboardInterrupt:
             bar.stop()
-            err.print("interrupted: the throw-away guest and its scratch disks removed", highlight=False)
+            err.print("interrupted: the throw-away guest, its scratch disks and networks removed", highlight=False)
             raise typer.Exit(ExitCode.INTERRUPTED) from None
     header, rows = devbench.table_rows(report)
-    _draw("vmkit bench devices (fio in the guest; ratio to virtio-blk)", header, rows, devbench.footer_lines(report))
+    footer = devbench.footer_lines(report)
+    _draw("vmkit bench devices (fio in the guest; ratio to virtio-blk)", header, rows,
+          [] if report.net_rows else footer)
+    if report.net_rows:
+        nheader, nrows = devbench.net_table_rows(report)
+        _draw("network devices (iperf3 between the guest and the host; ratio to virtio-net)", nheader, nrows, footer)
     if json_path is not None:
         out.print(f"wrote {escape(str(devbench.write_json(report, json_path)))}", highlight=False)
     if plot_path is not None:

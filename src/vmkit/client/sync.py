@@ -385,13 +385,16 @@ class Client:
                           progress=progress)
 
     def bench_devices(self, settings: DevicesSettings, *, machine: str | None = None,
-                      kinds: Sequence[str] | None = None,
+                      kinds: Sequence[str] | None = None, nics: Sequence[str] | None = None,
                       progress: Callable[[str], None] | None = None) -> DevicesReport:
-        """fio on virtio-blk, NVMe, SATA and IDE disks in one guest (``vmkit bench devices``; see
-        :mod:`vmkit.bench.devices`, :func:`~vmkit.bench.devices.settings_for`)."""
+        """fio on virtio-blk, NVMe, SATA and IDE disks and iperf3 through virtio-net and e1000 NICs in
+        one guest (``vmkit bench devices``; see :mod:`vmkit.bench.devices`,
+        :func:`~vmkit.bench.devices.settings_for`). ``nics``: the NIC models (default virtio and e1000;
+        rtl8139 too if asked; empty: no network part)."""
         from vmkit.bench import devices as devbench
 
-        return self._call(devbench.run, settings, machine=machine, kinds=kinds or devbench.KINDS, progress=progress)
+        return self._call(devbench.run, settings, machine=machine, kinds=kinds or devbench.KINDS,
+                          nics=devbench.DEFAULT_NICS if nics is None else nics, progress=progress)
 
     # -- networks ----------------------------------------------------------------------------------
     def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",

@@ -74,3 +74,27 @@ GAPS = (  # from outside a machine (a lab host's namespace, root): ARGS are its 
 """An ICMP echo every ``interval`` seconds and a TCP session to an echo server (a line every tenth
 interval): the longest gap between ICMP replies is the downtime seen from outside, and the TCP
 session says whether an open connection survived. Used by the migration test and benchmark."""
+
+
+def iperf3_client_argv(address: str, port: int, seconds: int, *, reverse: bool = False) -> list[str]:
+    """iperf3's TCP client (one stream, JSON report): the guest sends, or with ``reverse`` receives."""
+    return ["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
+
+
+def parse_iperf3(stdout: str) -> float:
+    """An iperf3 client's ``-J`` report -> bits per second as received; ValueError naming what is wrong."""
+    import json
+
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        raise ValueError(f"iperf3 printed no JSON report ({(stdout.strip().splitlines() or ['no output'])[-1]})") \
+            from None
+    if not isinstance(data, dict):
+        raise ValueError("iperf3's report is not a JSON object")
+    if data.get("error"):
+        raise ValueError(f"iperf3: {data['error']}")
+    try:
+        return float(data["end"]["sum_received"]["bits_per_second"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("iperf3's report has no end.sum_received.bits_per_second") from None

@@ -3,7 +3,7 @@
 ``attach_disk`` checks the device as ``vm.yaml`` checks its storage (absolute path, an
 existing file it may open, not used by another disk), then adds the backend (QMP
 ``blockdev-add``) and the guest device (``device_add``): PCI kinds (virtio-blk, nvme) go into
-a free PCIe root port (the ``hotplug_slots`` of the configuration, q35), USB disks onto the
+a free PCIe root port (the ``hotplug_slots`` of the configuration, q35 and virt), USB disks onto the
 xHCI controller (``usb: true`` or a USB disk at boot). ``detach_disk`` asks the guest to
 release the device (``device_del``) and waits for QEMU's ``DEVICE_DELETED`` event (the
 guest's PCIe hot-plug driver takes about five seconds: the attention-button delay).
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from vmkit.config import DiskImage, MachineConfig, NbdAttachment, StorageDevice, device_problems
 from vmkit.errors import ConfigError, NotFoundError, Problem, QemuError, VmkitError, VmTimeoutError
 from vmkit.runtime.nbdwatch import NbdWatcher
-from vmkit.runtime.qemu.cmdline import blockdev_spec, device_id, device_spec
+from vmkit.runtime.qemu.cmdline import PCIE_MACHINES, blockdev_spec, device_id, device_spec
 
 log = logging.getLogger(__name__)
 _background: set[asyncio.Task[None]] = set()
@@ -69,8 +69,9 @@ def _used_ids(vm: HotplugMachine) -> set[str]:
 
 
 def _free_port(vm: HotplugMachine) -> str:
-    if vm.config.machine != "q35":
-        raise ConfigError.single("machine", "hot-plugging PCI disks needs machine: q35 (PCIe root ports)")
+    if vm.config.machine not in PCIE_MACHINES:
+        raise ConfigError.single("machine", "hot-plugging PCI disks needs PCIe root ports: machine q35 (x86_64) "
+                                 "or virt (aarch64), not pc")
     taken = {d.port for d in vm.hot_disks.values()}
     for i in range(vm.config.hotplug_slots):
         if f"hotplug{i}" not in taken:

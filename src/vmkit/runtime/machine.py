@@ -447,7 +447,7 @@ class VirtualMachine:
             raise QemuError(f"{self.config.name}: QEMU exited before the guest was ready "
                             f"({self.exit_info.reason if self.exit_info else 'unknown'}). Last console lines:\n{tail}")
         what = " and ".join(filter(None, [f"{ready.serial_marker!r} on the serial console" if ready.serial_marker
-                                          else "", "the guest agent answering" if ready.agent else ""]))
+                                          else "", "an answer from the guest agent" if ready.agent else ""]))
         raise VmTimeoutError(f"{self.config.name}: no {what} within {limit:.0f} s. Last console lines:\n{tail}")
 
     async def mount_sshfs(self, timeout: float | None = None) -> None:

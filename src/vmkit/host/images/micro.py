@@ -23,7 +23,12 @@ Other code (integration tests, the VM object, the supervisor) relies on exactly 
    QEMU's ``system_powerdown`` (ACPI power button press) then makes the guest print a line
    ``VMKIT-POWEROFF``, ``sync`` and ``poweroff -f``, so QEMU exits cleanly (status 0) within
    about a second. There is no ``/proc/acpi/event`` in modern kernels, so nothing else can see
-   the button. If no such device exists, init prints ``vmkit: no power button ...`` instead.
+   the button. On QEMU's aarch64 ``virt`` machine the power key is a line of its PL061 GPIO
+   controller (named in the device tree under ``gpio-keys``); a kernel without the gpio-keys
+   driver (Debian's arm64 cloud kernel) gets it through ``/sys/class/gpio`` instead: init exports
+   that line with a rising-edge interrupt, and a background loop looks at the interrupt's count
+   every 0.5 s (a press is a 100 ms pulse), with the same effect when it grows.
+   If no such device exists, init prints ``vmkit: no power button ...`` instead.
    A press that arrives before READY may be lost: callers should send ``system_powerdown``
    after READY, and fall back to ``quit``/kill after a timeout.
 3. Prints a line ``VMKIT-READY`` on the console (the kernel's ``console=``, ``ttyS0`` by
@@ -53,7 +58,8 @@ Guest layout: ``/etc/vmkit/modules`` lists the module files in load order;
 Manifest ``extra``: ``kernel_package`` / ``kernel_package_version`` (the concrete package),
 ``kernel_package_requested``, ``busybox_version``, ``modules`` (wanted modules included),
 ``modules_loaded`` (all included modules, load order), ``modules_builtin``, ``modules_missing``,
-``power_button`` (button and evdev available), ``markers``, ``build_seconds``.
+``power_button`` (button and evdev available, or the GPIO power key through sysfs), ``markers``,
+``build_seconds``; the manifest's ``recipe`` is :data:`RECIPE` (:func:`is_outdated`).
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ POWEROFF_MARKER = "VMKIT-POWEROFF"
 RUN_BEGIN_MARKER = "VMKIT-RUN-BEGIN"
 RUN_END_PREFIX = "VMKIT-RUN-END rc="
 TICK_PREFIX = "vmkit-tick "
+RECIPE = "micro/2"
+"""The version of this recipe (the /init above all): ``micro/2`` polls the virt machine's GPIO power key."""
 NO_POWER_BUTTON_MESSAGE = "vmkit: no power button input device; system_powerdown will not work"
 
 #: Longest ``vmkit.run=...`` parameter accepted (x86 kernels truncate the command line at 2048).
@@ -168,6 +176,46 @@ for ev in /sys/class/input/event*; do
             ;;
     esac
 done
+# QEMU's virt machine (aarch64) wires its power key to line N of a PL061 GPIO controller and names it
+# in the device tree (gpio-keys/poweroff/gpios: the controller's phandle, N, flags). A kernel without
+# the gpio-keys driver (Debian's cloud kernel) still has the controller: the line is exported through
+# sysfs with a rising-edge interrupt. system_powerdown raises the line for 100 ms only, so the loop
+# watches that interrupt's count in /proc/interrupts (shell built-ins only), not the line's value.
+gpio_presses() {
+    presses=0
+    while read -r irq counts; do
+        case "$counts" in
+            *pl061*gpiolib*)
+                for c in $counts; do
+                    case "$c" in ''|*[!0-9]*) break ;; esac
+                    presses=$((presses + c))
+                done ;;
+        esac
+    done < /proc/interrupts
+}
+keys=/proc/device-tree/gpio-keys/poweroff/gpios
+if [ "$buttons" -eq 0 ] && [ -r "$keys" ] && [ -d /sys/class/gpio ]; then
+    set -- $(od -An -v -tx1 "$keys")
+    if [ $# -ge 8 ]; then
+        phandle=$((0x$1$2$3$4)) line=$((0x$5$6$7$8))
+        for chip in /sys/class/gpio/gpiochip*; do
+            [ -r "$chip/device/of_node/phandle" ] || continue
+            set -- $(od -An -v -tx1 "$chip/device/of_node/phandle")
+            [ $# -eq 4 ] && [ $((0x$1$2$3$4)) -eq "$phandle" ] || continue
+            read -r base < "$chip/base"
+            gpio=$((base + line))
+            [ -d "/sys/class/gpio/gpio$gpio" ] || echo "$gpio" > /sys/class/gpio/export 2>/dev/null
+            if echo rising > "/sys/class/gpio/gpio$gpio/edge" 2>/dev/null; then
+                buttons=$((buttons + 1))
+                gpio_presses
+                ( before=$presses
+                  while gpio_presses; [ "$presses" -eq "$before" ]; do sleep 0.5; done
+                  poweroff_now ) &
+            fi
+        done
+    fi
+    set --
+fi
 [ "$buttons" -gt 0 ] || echo "vmkit: no power button input device; system_powerdown will not work"
 
 run=
@@ -478,6 +526,22 @@ def _build_lock(store: ImageStore, name: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def gpio_power_key(kernel_root: Path, version: str) -> bool:
+    """Whether the kernel (an unpacked package) can see the virt machine's GPIO power key without the
+    gpio-keys driver: the PL061 controller built in and GPIO lines in sysfs (see the /init)."""
+    try:
+        config = (kernel_root / "boot" / f"config-{version}").read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return {"CONFIG_GPIO_PL061=y", "CONFIG_GPIO_SYSFS=y"} <= set(config)
+
+
+def is_outdated(image: Image) -> bool:
+    """Whether ``image`` is a micro image built by an older recipe (its /init lacks what this one does)."""
+    return image.manifest.kind == "initramfs" and image.manifest.source.startswith("apt: ") \
+        and image.manifest.recipe != RECIPE
+
+
 def _find_kernel_tree(root: Path) -> tuple[Path, Path, str]:
     """(vmlinuz, modules dir, version) in an unpacked kernel package."""
     for base in (root / "lib" / "modules", root / "usr" / "lib" / "modules"):
@@ -601,7 +665,7 @@ def build_micro(
                 shutil.copyfile(vmlinuz, staging / "vmlinuz")
                 os.chmod(staging / "vmlinuz", 0o644)
                 found = {*mods.included, *mods.builtin}
-                power = "button" in found or "gpio_keys" in found
+                power = "button" in found or "gpio_keys" in found or gpio_power_key(kroot, version)
                 evdev = "evdev" in mods.included or "evdev" in mods.builtin
                 manifest = ImageManifest(
                     name=name,
@@ -613,6 +677,7 @@ def build_micro(
                     cmdline=cmdline_for(arch),
                     ready_marker=READY_MARKER,
                     kernel_version=version,
+                    recipe=RECIPE,
                     extra={
                         "kernel_package_requested": kernel_package,
                         "kernel_package": kinfo.name,

@@ -272,11 +272,16 @@ def storage_slots(config: MachineConfig) -> list[int]:
     return slots
 
 
+PCIE_MACHINES = ("q35", "virt")
+"""Machine types with a PCI Express host bridge ``pcie.0``: empty root ports there take hot-plugged disks."""
+
+
 def controller_args(config: MachineConfig) -> list[str]:
-    """Buses the devices need: PCIe root ports for hot-plug (q35), xHCI for USB storage, an AHCI
-    controller for sata disks and a PIIX3 IDE controller for ide disks (on q35 and pc alike)."""
+    """Buses the devices need: PCIe root ports for hot-plug (q35, and aarch64's virt, whose host
+    bridge is also ``pcie.0``), xHCI for USB storage, an AHCI controller for sata disks and a PIIX3
+    IDE controller for ide disks (on q35 and pc alike)."""
     out: list[str] = []
-    if config.machine == "q35":
+    if config.machine in PCIE_MACHINES:
         for i in range(config.hotplug_slots):
             out += ["-device", f"pcie-root-port,id=hotplug{i},chassis={i + 1},bus=pcie.0"]
     if any(d.kind == "usb-storage" for d in config.storage) or config.usb:
