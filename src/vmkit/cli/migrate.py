@@ -51,7 +51,8 @@ def migrate(
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
-    if offline and (copy_storage or shared_storage or postcopy or auto_converge or paused or verify or live or tls):
+    # (auto-converge is on by default: it is simply unused by an offline move)
+    if offline and (copy_storage or shared_storage or postcopy or paused or verify or live or tls):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
                                  "migration options do not apply")
     if live and paused:
