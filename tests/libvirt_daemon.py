@@ -159,6 +159,22 @@ def libvirt_daemon(root: Path, *, host_uuid: str | None = None, listen: str | No
 
 
 # -- libvirt hosts in network namespaces, reached over ssh ----------------------------------------------------------
+@contextlib.contextmanager
+def client_home(path: Path, image_cache: Path) -> Iterator[Path]:
+    """``VMKIT_HOME`` at ``path`` and the test image cache for a module's libvirt tests, and no
+    ``VMKIT_CONNECT`` from outside; the environment as it was afterwards, whatever happened."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VMKIT_HOME", str(path))
+    mp.setenv("VMKIT_IMAGE_CACHE", str(image_cache))
+    mp.delenv("VMKIT_CONNECT", raising=False)
+    try:
+        yield path
+    finally:
+        mp.undo()
+
+
 def ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
 

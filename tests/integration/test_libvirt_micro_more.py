@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import image_cache_dir, vmkit
-from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from libvirt_daemon import LibvirtDaemon, client_home, libvirt_daemon
 from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.timeout(900)
@@ -44,15 +44,8 @@ def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VMKIT_HOME", str(path))
-    mp.setenv("VMKIT_IMAGE_CACHE", str(image_cache_dir()))
-    mp.delenv("VMKIT_CONNECT", raising=False)
-    try:
+    with client_home(tmp_path_factory.mktemp("home"), image_cache_dir()) as path:
         yield path
-    finally:
-        mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vmkit.bench import guests
 from vmkit.errors import ConfigError, HostError, Problem, VmkitError
@@ -129,23 +129,15 @@ def parse_sysbench(stdout: str) -> Sample:
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(guests.BestOf):
     """A measurement, or why there is none."""
 
+    KEY: ClassVar[str] = "events_per_s"
+    DIGITS: ClassVar[int | None] = 2
     events_per_s: float = 0.0
     error: str | None = None
     samples: tuple[float, ...] = ()
     """Every run's events/s when the cell is the best of several."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"error": self.error}
-        return {"events_per_s": round(self.events_per_s, 2),
-                "runs": [round(x, 2) for x in self.samples or (self.events_per_s,)]}
 
 
 def best_of(run_once: Callable[[], Cell], times: int) -> Cell:

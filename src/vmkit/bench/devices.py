@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vmkit.backends.local import control, networks
 from vmkit.bench import guests
@@ -193,20 +193,12 @@ class Nic:
 
 
 @dataclass(frozen=True)
-class NetResult:
+class NetResult(guests.BestOf):
+    KEY: ClassVar[str] = "bits_per_s"
     bits_per_s: float = 0.0
     error: str | None = None
     samples: tuple[float, ...] = ()
     """Every run's bits/s (the best counts: a loaded host only ever slows a stream down)."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"error": self.error}
-        return {"bits_per_s": round(self.bits_per_s), "runs": [round(x) for x in self.samples or (self.bits_per_s,)]}
 
 
 @dataclass

@@ -27,7 +27,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from vmkit.backends.local import control
 from vmkit.config import MachineConfig
@@ -49,6 +49,32 @@ PREFIX = "vmkit-bench-"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BUNDLE_RUN = "run"
 _RUN_SCRIPT = ('#!/bin/sh\nd=$(dirname "$0")\nexec "$d/{loader}" --library-path "$d" "$d/{binary}" "$@"\n')
+
+
+class BestOf:
+    """What a table cell measured as the best of several runs, or why there is none: the part the cpu and
+    device benchmarks' cells share. A subclass is a frozen dataclass with the figure in the field named
+    ``KEY`` (rounded to ``DIGITS`` places in JSON, to a whole number with None) and ``error`` and
+    ``samples`` (every run's figure) fields."""
+
+    KEY: ClassVar[str]
+    DIGITS: ClassVar[int | None] = None
+    error: str | None
+    samples: tuple[float, ...]
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.KEY))
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        return {self.KEY: round(self.value, self.DIGITS),
+                "runs": [round(x, self.DIGITS) for x in self.samples or (self.value,)]}
 
 
 def format_ratio(x: float | None) -> str:
