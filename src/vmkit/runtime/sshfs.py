@@ -72,7 +72,9 @@ SSH_CONFIG = "ssh_config"
 # says so on stderr, and then waits for sshfs: the ssh session lives exactly as long as the mount.
 _GUEST_SCRIPT = f"""\
 mp=$1; shift
-if mountpoint -q "$mp"; then umount -l "$mp"; fi
+# a mount left by an earlier session (a resumed guest's) whose ssh is gone cannot even be stat'ed
+# ("Transport endpoint is not connected"): mountpoint says no to it, so that counts as a mount too
+if mountpoint -q "$mp" || ! stat "$mp" >/dev/null 2>&1; then umount -l "$mp" 2>/dev/null; fi
 mkdir -p "$mp" || exit 1
 command -v sshfs >/dev/null || {{ echo "sshfs is not installed in the guest" >&2; exit 127; }}
 exec 3<&0 4>&1

@@ -374,13 +374,19 @@ class LibvirtHost:
             self._wait_ready(name, cfg, log_from, timeout, progress)
         return Started(self.status(dom), restored)
 
-    def _add_forwards(self, dom: libvirt.virDomain, cfg: MachineConfig) -> None:
+    def _add_forwards(self, dom: libvirt.virDomain, cfg: MachineConfig, *, replace: bool = False) -> None:
         """The user-mode port forwards of vm.yaml, added to the domain's running QEMU (libvirt 9.0 has no
         element for them: HMP ``hostfwd_add`` through libvirt, :func:`vmkit.libvirt.domain.hostfwd_commands`).
-        The ports are on the libvirt host's addresses (its loopback for the SSH forward)."""
+        The ports are on the libvirt host's addresses (its loopback for the SSH forward). With ``replace``
+        each is removed first where it exists (a snapshot's revert may or may not have kept them)."""
         import libvirt_qemu
 
         for command in hostfwd_commands(cfg):
+            if replace:  # hostfwd_add NETDEV PROTO:ADDR:PORT-:GUEST -> hostfwd_remove NETDEV PROTO:ADDR:PORT
+                _, netdev, rule = command.split(" ", 2)
+                with translated("forward a port to", name=dom.name(), uri=self.uri):
+                    libvirt_qemu.qemuMonitorCommand(dom, f"hostfwd_remove {netdev} {rule.split('-')[0]}",
+                                                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
             with translated("forward a port to", name=dom.name(), uri=self.uri):
                 answer = libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
             if answer.strip():
@@ -516,8 +522,8 @@ class LibvirtHost:
         was = self.state(dom)
         with translated("revert to snapshot", name=tag, uri=self.uri):
             dom.revertToSnapshot(dom.snapshotLookupByName(tag, 0), 0)
-        if was not in _LIVE and self.state(dom) in _LIVE:  # a new QEMU: its forwards are added again
-            self._add_forwards(dom, self.config(name))
+        if self.state(dom) in _LIVE:  # libvirt may have started a new QEMU, or loaded the state into this one
+            self._add_forwards(dom, self.config(name), replace=was in _LIVE)
         return self.status(dom)
 
     def delete_snapshot(self, name: str, tag: str) -> None:
