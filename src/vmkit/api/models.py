@@ -387,7 +387,8 @@ class MemoryDigest(Response):
 
     page_size: int
     pages: int
-    digest: Base64Bytes = Field(description="8 bytes (BLAKE2b) per page, in address order; base64 in JSON")
+    digest: Base64Bytes = Field(description="8 bytes per page (a weighted sum of its 64-bit words, "
+                                            "vmkit.runtime.migration.page_hashes), in address order; base64 in JSON")
 
     @classmethod
     def of(cls, page_size: int, digest: bytes) -> MemoryDigest:
