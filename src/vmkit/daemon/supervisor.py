@@ -708,7 +708,7 @@ class Supervisor:
             raise refused
         self._live("set the memory balloon")
         with self.ops.shared("set the memory balloon", "moving the memory balloon"):
-            actual = min(await balloon.set_target(self.vm, target, timeout=body.timeout), self.config.memory)
+            actual = await balloon.set_target(self.vm, target, memory=self.config.memory, timeout=body.timeout)
         result = models.BalloonResult(target_bytes=target, actual_bytes=actual,
                                       reached=abs(actual - target) < balloon.CLOSE_ENOUGH)
         return web.json_response(result.model_dump(mode="json"))
@@ -780,9 +780,7 @@ class Supervisor:
         size: int | None = None
         guest = balloon.GuestMemory(None, None)
         if self.config.balloon:
-            # QEMU's figure counts the few KiB of RAM a TCG guest gets over its memory for safe migration
-            # (vmkit.runtime.qemu.dirtysync); the machine's memory is what it was configured with
-            size = min(await balloon.actual(self.vm), self.config.memory)
+            size = await balloon.actual(self.vm, self.config.memory)
             guest = await balloon.guest_memory(self.vm)
         threads = await vcputhreads.vcpu_threads(self.vm)
         cpu, steal = await asyncio.gather(self._cpu.percent(pid), self._steal.percent(pid, threads))

@@ -60,19 +60,21 @@ async def enable_stats(vm: Qmp) -> None:
                                  "value": STATS_POLL_SECONDS})
 
 
-async def actual(vm: Qmp) -> int:
-    """The guest's usable memory now (QMP ``query-balloon``), in bytes."""
+async def actual(vm: Qmp, memory: int) -> int:
+    """The guest's usable memory now (QMP ``query-balloon``), in bytes, at most ``memory`` (the
+    machine's configured memory: QEMU counts the few KiB a TCG guest's RAM gets over it for safe
+    migration, :mod:`vmkit.runtime.qemu.dirtysync`, which are not the user's to see)."""
     reply = await vm.execute("query-balloon")
-    return int(reply["actual"])
+    return min(int(reply["actual"]), memory)
 
 
-async def set_target(vm: Qmp, target: int, *, timeout: float) -> int:
+async def set_target(vm: Qmp, target: int, *, memory: int, timeout: float) -> int:
     """Set the balloon to ``target`` bytes and wait up to ``timeout`` s for the guest to get there;
-    returns the size it reached (the guest may stop short, or not run its driver)."""
+    returns the size it reached (the guest may stop short, or not run its driver; see :func:`actual`)."""
     await vm.execute("balloon", {"value": target})
     deadline = time.monotonic() + timeout
     while True:
-        now = await actual(vm)
+        now = await actual(vm, memory)
         if abs(now - target) < CLOSE_ENOUGH or time.monotonic() >= deadline:
             return now
         await asyncio.sleep(0.1)
