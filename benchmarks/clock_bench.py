@@ -66,8 +66,7 @@ class Case:
 
     def __init__(self, inst: vmkit.Instance, fixup: bool, vcpus: str) -> None:
         self.inst, self.fixup = inst, fixup
-        self.lines = [f"{self.label}: busy loops on {vcpus} vCPUs"]
-        print(self.lines[0], flush=True)
+        print(f"{self.label}: busy loops on {vcpus} vCPUs", flush=True)
         self.first, self.worst_unc = offset(inst)
         self.worst = self.last = 0.0
         self.largest = abs(self.first)
@@ -87,9 +86,8 @@ class Case:
         self.largest_later = max(self.largest_later, abs(off))
         if abs(self.last) > abs(self.worst):
             self.worst = self.last
-        self.lines.append(f"  {self.label:>3} {at:7.0f} s  offset {off:+.3f} s  drift {self.last:+.3f} s"
-                          f"  (+-{unc:.3f})")
-        print(self.lines[-1], flush=True)
+        print(f"  {self.label:>3} {at:7.0f} s  offset {off:+.3f} s  drift {self.last:+.3f} s"
+              f"  (+-{unc:.3f})", flush=True)
 
     @property
     def error(self) -> float:
