@@ -51,12 +51,14 @@ def edit_config(inst: vmkit.Instance, **fields: object) -> None:
     new.save(inst.directory / "vm.yaml")
 
 
-def debian(client: vmkit.Client, name: str, *, memory: str = "1G", cpus: int = 1, **fields: object) -> vmkit.Instance:
-    """A started debian-12 machine (its guest agent answers)."""
+def debian(client: vmkit.Client, name: str, *, memory: str = "1G", cpus: int = 1, cold: bool = False,
+           **fields: object) -> vmkit.Instance:
+    """A started debian-12 machine (its guest agent answers); ``cold``: booted even where a warm template
+    of the image would restore it (instant start)."""
     inst = client.create(name, image="debian-12", memory=memory, cpus=cpus)
     if fields:
         edit_config(inst, **fields)
-    inst.start(timeout=600)
+    inst.start(timeout=600, cold=cold)
     return inst
 
 

@@ -1,6 +1,7 @@
 """Density: N identical idle Debian guests with KSM (kernel same-page merging) off, then on.
 
-The guests boot one after another with KSM off (``run=2`` first: nothing of theirs is merged) and
+The guests boot one after another (cold: a warm template's clones would share its pages through the
+page cache before KSM starts; ``--warm`` measures them) with KSM off (``run=2`` first: nothing of theirs is merged) and
 idle until QEMU's resident memory is steady. Then ``vmkit host ksm on`` (``run=1``,
 ``pages_to_scan=5000``) and the benchmark watches for ``--duration`` seconds (the target is >= 30 %
 of their combined memory shared within 15 minutes):
@@ -21,7 +22,7 @@ of their combined memory shared within 15 minutes):
 KSM is host-wide: other programs' mergeable memory is scanned too, and its settings are put back
 as they were at the end.
 
-    .venv/bin/python benchmarks/density_bench.py [--guests 3] [--memory 1024] [--duration 900] [--every 30]
+    .venv/bin/python benchmarks/density_bench.py [--guests 3] [--memory 1024] [--duration 900] [--every 30] [--warm]
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=1024, help="each guest's memory in MiB")
     ap.add_argument("--duration", type=float, default=900.0, help="seconds to watch with KSM on (target: 15 min)")
     ap.add_argument("--every", type=float, default=30.0, help="seconds between two readings")
+    ap.add_argument("--warm", action="store_true",
+                    help="restore the guests from the image's warm template (instant start) instead of booting them: "
+                         "clones already share the template's pages through the page cache, KSM only sees their copies")
     args = ap.parse_args()
     before = ksm.status()
     ksmd = ksmd_pid()
@@ -146,7 +150,8 @@ def main() -> None:
     try:
         write_knob("run", ksm.RUN_UNMERGE)
         with scratch_home("vmkit-density-") as client:
-            insts = [debian(client, f"d{i}", memory=f"{args.memory}M") for i in range(args.guests)]
+            insts = [debian(client, f"d{i}", memory=f"{args.memory}M", cold=not args.warm)
+                     for i in range(args.guests)]
             for inst in insts:
                 settle_rss(inst, window=15)
             pids = [int(inst.status().qemu_pid or 0) for inst in insts]
@@ -180,7 +185,8 @@ def main() -> None:
         write_knob("pages_to_scan", before.pages_to_scan)
         write_knob("sleep_millisecs", before.sleep_millisecs)
         write_knob("run", before.run)
-    print(f"{args.guests} identical idle Debian guests of {args.memory} MiB; KSM off, then on "
+    how = "restored from the warm template" if args.warm else "booted (cold)"
+    print(f"{args.guests} identical idle Debian guests of {args.memory} MiB, {how}; KSM off, then on "
           f"(pages_to_scan={ksm.PAGES_TO_SCAN}, sleep_millisecs={ksm.SLEEP_MILLISECS}, smart_scan="
           f"{'n/a' if before.smart_scan is None else int(ksm.SMART_SCAN)}) for {args.duration:.0f} s")
     print(f"with KSM off: combined RSS {combined / MiB:.0f} MiB, of which guest RAM {combined_ram / MiB:.0f} MiB; "

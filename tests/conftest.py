@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from libvirt_daemon import LibvirtDaemon, client_home, libvirt_daemon
 from vmkit.host.images.micro import build_micro, build_micro_full
 from vmkit.host.images.store import Image, ImageStore
 
@@ -434,6 +435,20 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 LAB = Path(os.environ.get("VMKIT_LAB_DIR", "/tmp/vmklab"))
 """Where scripts/lab.sh keeps its hosts' files."""
 LAB_TARGET = "ssh://root@10.231.0.11"
+
+
+@pytest.fixture(scope="module")
+def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    """A libvirtd (with its virtlogd) of the test module's own, stopped after the module."""
+    with libvirt_daemon(tmp_path_factory.mktemp("libvirtd")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def lv_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A vmkit home of the module's own for its libvirt tests (``VMKIT_HOME``, the test image cache)."""
+    with client_home(tmp_path_factory.mktemp("home"), image_cache_dir()) as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import image_cache_dir, vmkit
-from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from libvirt_daemon import LibvirtDaemon
 from vmkit.host.images.store import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 NAME = "lvweb"
-
-
-@pytest.fixture(scope="module")
-def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
-    with libvirt_daemon(tmp_path_factory.mktemp("libvirtd")) as daemon:
-        yield daemon
 
 
 @pytest.fixture(scope="module")

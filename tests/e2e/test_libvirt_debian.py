@@ -8,24 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import vmkit
-from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from libvirt_daemon import LibvirtDaemon
 from vmkit import Client
 from vmkit.host.images.store import Image
 from vmkit.libvirt.domain import DomainFiles, domain_xml, hostfwd_commands
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
-    with libvirt_daemon(tmp_path_factory.mktemp("libvirt")) as daemon:
-        yield daemon
 
 
 @pytest.mark.timeout(1800)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_cache_dir, vmkit
-from libvirt_daemon import LibvirtDaemon, client_home, libvirt_daemon
+from conftest import vmkit
+from libvirt_daemon import LibvirtDaemon
 from vmkit.errors import ExitCode
 from vmkit.host.images.store import Image
 from vmkit.host.provision import free_port
@@ -26,19 +26,7 @@ PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
-    with libvirt_daemon(tmp_path_factory.mktemp("libvirtd")) as daemon:
-        yield daemon
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with client_home(tmp_path_factory.mktemp("home"), image_cache_dir()) as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def machine(lv: LibvirtDaemon, home: Path, micro_image: Image) -> Iterator[str]:
+def machine(lv: LibvirtDaemon, lv_home: Path, micro_image: Image) -> Iterator[str]:
     vmkit("--connect", lv.uri, "create", NAME, "--image", "micro", "--memory", "256M", "--port", f"{PORT}:8080")
     yield NAME
     vmkit("--connect", lv.uri, "delete", "--force", NAME, check=False)
@@ -138,7 +126,7 @@ def test_python_client_connect(lv: LibvirtDaemon, machine: str) -> None:
     assert virsh_state(lv, machine) == "shut off"
 
 
-def test_delete_removes_domain_and_volumes(lv: LibvirtDaemon, micro_image: Image, home: Path) -> None:
+def test_delete_removes_domain_and_volumes(lv: LibvirtDaemon, micro_image: Image, lv_home: Path) -> None:
     vmkit("--connect", lv.uri, "create", "lvgone", "--image", "micro", "--memory", "256M")
     vmkit("--connect", lv.uri, "start", "lvgone", "--timeout", "600")
     res = vmkit("--connect", lv.uri, "delete", "lvgone", check=False)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import vmkit
-from libvirt_daemon import LibvirtDaemon, libvirt_daemon
+from libvirt_daemon import LibvirtDaemon
 from vmkit import Client as vmkit_client
 from vmkit.config import PortForward, parse_config, port_is_free
 from vmkit.host.images.store import Image
@@ -22,12 +21,6 @@ from vmkit.host.provision import free_port
 from vmkit.libvirt.domain import NicTarget, config_from_domain_xml, domain_xml, hostfwd_commands
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
-    with libvirt_daemon(tmp_path_factory.mktemp("libvirt")) as daemon:
-        yield daemon
 
 
 def empty_root_ports(xml: str) -> int:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from conftest import image_cache_dir, vmkit
-from libvirt_daemon import LibvirtDaemon, client_home, libvirt_daemon
+from conftest import vmkit
+from libvirt_daemon import LibvirtDaemon, libvirt_daemon
 from vmkit.host.images.store import Image
 
 pytestmark = pytest.mark.timeout(900)
@@ -37,19 +37,7 @@ DHCP = (
 
 
 @pytest.fixture(scope="module")
-def lv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
-    with libvirt_daemon(tmp_path_factory.mktemp("libvirtd")) as daemon:
-        yield daemon
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with client_home(tmp_path_factory.mktemp("home"), image_cache_dir()) as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def tiny(lv: LibvirtDaemon, home: Path, micro_image: Image) -> Iterator[str]:
+def tiny(lv: LibvirtDaemon, lv_home: Path, micro_image: Image) -> Iterator[str]:
     """One running micro machine for the console, events, stop and aio tests."""
     vmkit("--connect", lv.uri, "create", "lvtiny", "--image", "micro", "--memory", "256M")
     try:
@@ -65,7 +53,7 @@ def running(lv: LibvirtDaemon, name: str) -> None:
 
 
 @ROOT
-def test_vmkit_network_gives_the_static_lease(lv: LibvirtDaemon, home: Path, micro_image: Image) -> None:
+def test_vmkit_network_gives_the_static_lease(lv: LibvirtDaemon, lv_home: Path, micro_image: Image) -> None:
     vmkit("network", "create", "lvnet", "--subnet", "10.118.23.0/24")
     try:
         vmkit("--connect", lv.uri, "create", "lvn1", "--image", "micro", "--memory", "256M", "--network", "lvnet",
@@ -87,7 +75,7 @@ def test_vmkit_network_gives_the_static_lease(lv: LibvirtDaemon, home: Path, mic
         vmkit("network", "delete", "lvnet", "--force", check=False)
 
 
-def test_a_rootless_network_is_refused_by_name(lv: LibvirtDaemon, home: Path, micro_image: Image) -> None:
+def test_a_rootless_network_is_refused_by_name(lv: LibvirtDaemon, lv_home: Path, micro_image: Image) -> None:
     vmkit("network", "create", "lvrl", "--mode", "rootless", "--subnet", "10.118.24.0/24")
     try:
         res = vmkit("--connect", lv.uri, "create", "lvn2", "--image", "micro", "--network", "lvrl", check=False)
@@ -222,7 +210,7 @@ def test_graceful_stop(lv: LibvirtDaemon, tiny: str) -> None:
     assert "VMKIT-POWEROFF" in vmkit("--connect", lv.uri, "console", tiny, "--log").stdout
 
 
-def test_offline_migration_copies_definition_and_disks(lv: LibvirtDaemon, home: Path, micro_image: Image,
+def test_offline_migration_copies_definition_and_disks(lv: LibvirtDaemon, lv_home: Path, micro_image: Image,
                                                       tmp_path: Path) -> None:
     data = tmp_path / "data.raw"
     with data.open("wb") as f:
