@@ -22,7 +22,8 @@ of their combined memory shared within 15 minutes):
 KSM is host-wide: other programs' mergeable memory is scanned too, and its settings are put back
 as they were at the end.
 
-    .venv/bin/python benchmarks/density_bench.py [--guests 3] [--memory 1024] [--duration 900] [--every 30] [--warm]
+    .venv/bin/python benchmarks/density_bench.py [--guests 3] [--memory 1024] [--duration 900] [--every 30]
+                                                 [--tcg-cache SIZE] [--warm]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -140,6 +142,8 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=1024, help="each guest's memory in MiB")
     ap.add_argument("--duration", type=float, default=900.0, help="seconds to watch with KSM on (target: 15 min)")
     ap.add_argument("--every", type=float, default=30.0, help="seconds between two readings")
+    ap.add_argument("--tcg-cache", metavar="SIZE", default=None,
+                    help="the guests' tcg_cache (QEMU's tb-size under TCG, e.g. 128M; default QEMU's 1G)")
     ap.add_argument("--warm", action="store_true",
                     help="restore the guests from the image's warm template (instant start) instead of booting them: "
                          "clones already share the template's pages through the page cache, KSM only sees their copies")
@@ -150,8 +154,12 @@ def main() -> None:
     try:
         write_knob("run", ksm.RUN_UNMERGE)
         with scratch_home("vmkit-density-") as client:
-            insts = [debian(client, f"d{i}", memory=f"{args.memory}M", cold=not args.warm)
-                     for i in range(args.guests)]
+            fields = {"tcg_cache": args.tcg_cache} if args.tcg_cache else {}
+            insts, boots = [], []
+            for i in range(args.guests):
+                t0 = time.monotonic()
+                insts.append(debian(client, f"d{i}", memory=f"{args.memory}M", cold=not args.warm, **fields))
+                boots.append(time.monotonic() - t0)
             for inst in insts:
                 settle_rss(inst, window=15)
             pids = [int(inst.status().qemu_pid or 0) for inst in insts]
@@ -189,6 +197,8 @@ def main() -> None:
     print(f"{args.guests} identical idle Debian guests of {args.memory} MiB, {how}; KSM off, then on "
           f"(pages_to_scan={ksm.PAGES_TO_SCAN}, sleep_millisecs={ksm.SLEEP_MILLISECS}, smart_scan="
           f"{'n/a' if before.smart_scan is None else int(ksm.SMART_SCAN)}) for {args.duration:.0f} s")
+    print(f"tcg_cache {args.tcg_cache or 'QEMU default (1G)'}; `vmkit start` to agent answering, median of the "
+          f"{args.guests} guests: {statistics.median(boots):.1f} s")
     print(f"with KSM off: combined RSS {combined / MiB:.0f} MiB, of which guest RAM {combined_ram / MiB:.0f} MiB; "
           "target: >= 30 % of the guest RAM merged within 15 min")
     print(load())

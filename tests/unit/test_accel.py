@@ -33,7 +33,7 @@ def test_kvm_intel_host_uses_kvm(dev: Path, tmp_path: Path) -> None:
     assert status.usable and "kvm_intel" in status.reason
     choice = choose("auto", dev=dev, sys_module=sysmod)
     assert choice.name == "kvm"
-    assert choice.argv == ["-accel", "kvm"] and choice.default_cpu == "host"
+    assert choice.argv() == ["-accel", "kvm"] and choice.default_cpu == "host"
 
 
 def test_kvm_amd_host_uses_kvm(dev: Path, tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_nested_pvm_host_uses_tcg_and_says_why(dev: Path, tmp_path: Path) -> Non
     choice = choose("auto", dev=dev, sys_module=sysmod)
     assert choice.name == "tcg"
     assert "kvm_pvm" in choice.reason and "TCG" in choice.reason
-    assert choice.argv == ["-accel", "tcg,thread=multi"] and choice.default_cpu == "max"
+    assert choice.argv() == ["-accel", "tcg,thread=multi"] and choice.default_cpu == "max"
 
 
 def test_pvm_wins_even_if_a_hardware_module_is_also_listed(dev: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import check_golden
 from vmkit.config import DiskImage, MachineConfig, StorageDevice, parse_config
+from vmkit.errors import ConfigError
 from vmkit.runtime.qemu import cmdline
 from vmkit.runtime.qemu.accel import AccelChoice
 from vmkit.runtime.qemu.cmdline import Runtime
@@ -254,6 +255,19 @@ def test_tcg_accel_args_and_default_cpu() -> None:
     argv = cmdline.base_args(config(), TCG)
     assert option_values(argv, "-accel") == ["tcg,thread=multi"]
     assert option_values(argv, "-cpu") == ["max"]
+
+
+def test_tcg_cache_sets_tb_size_under_tcg_only() -> None:
+    assert option_values(cmdline.base_args(config(tcg_cache="128M"), TCG), "-accel") == ["tcg,thread=multi,tb-size=128"]
+    assert option_values(cmdline.base_args(config(tcg_cache="128M"), KVM), "-accel") == ["kvm"]
+
+
+@pytest.mark.parametrize(("value", "needle"), [("100K", "whole number of MiB"), ("8M", "16M to 2G"),
+                                               ("4G", "16M to 2G")])
+def test_tcg_cache_out_of_range_is_refused_by_name(value: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(tcg_cache=value)
+    assert "tcg_cache" in str(err.value) and needle in str(err.value)
 
 
 def test_kvm_accel_args_and_default_cpu() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,11 @@ def test_user_forwards_left_to_the_caller() -> None:
     assert hostfwd_commands(c) == ["hostfwd_add hostua-net0 tcp:127.0.0.1:2222-:22",
                                    "hostfwd_add hostua-net0 udp:0.0.0.0:5353-:53"]
     assert hostfwd_commands(config(network=None)) == []
+
+
+def test_tcg_cache_becomes_libvirts_tb_cache_on_qemu_domains_only() -> None:
+    tcg = ET.fromstring(domain_xml(config(tcg_cache="128M"), domain_type="qemu"))
+    cache = tcg.find("features/tcg/tb-cache")
+    assert cache is not None and cache.text == "128" and cache.get("unit") == "MiB"
+    kvm = ET.fromstring(domain_xml(config(tcg_cache="128M", accel="kvm"), domain_type="kvm"))
+    assert kvm.find("features/tcg") is None

@@ -24,9 +24,11 @@ class AccelChoice:
     name: AccelName
     reason: str
 
-    @property
-    def argv(self) -> list[str]:
-        return ["-accel", "kvm"] if self.name == "kvm" else ["-accel", "tcg,thread=multi"]
+    def argv(self, tcg_cache: int | None = None) -> list[str]:
+        """QEMU's -accel option; ``tcg_cache`` (bytes): TCG's translation cache (tb-size), else QEMU's default."""
+        if self.name == "kvm":
+            return ["-accel", "kvm"]
+        return ["-accel", "tcg,thread=multi" + (f",tb-size={tcg_cache >> 20}" if tcg_cache else "")]
 
     @property
     def default_cpu(self) -> str:

@@ -103,7 +103,7 @@ def base_args(config: MachineConfig, accel: AccelChoice, machine_type: str | Non
     return [
         "-name", f"{opt_escape(config.name)},debug-threads=on",
         "-machine", machine,
-        *accel.argv,
+        *accel.argv(config.tcg_cache),
         "-cpu", cpu,
         "-smp", f"{config.cpus},maxcpus={config.cpu_ceiling}",
         "-m", memory_arg(config, ram_pad),
