@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import follow_events, vmkit, wait_until
 from vmkit.host.images.store import Image
@@ -84,3 +85,32 @@ def test_balloon_survives_save_and_restore(vmkit_home: Path, micro_image: Image)
     vmkit("start", "box")
     assert abs(int(stats("box")["balloon_bytes"]) - 128 * MiB) < MiB  # type: ignore[call-overload]
     vmkit("stop", "box", "--force")
+
+
+def code_cache_bytes(pid: int) -> int:
+    """The size of QEMU's TCG translation cache: its read-write-execute mappings."""
+    total = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        if perms == "rwxp":
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            total += hi - lo
+    return total
+
+
+def test_tcg_cache_bounds_qemus_translation_cache(vmkit_home: Path, micro_image: Image) -> None:
+    """vm.yaml's tcg_cache becomes QEMU's tb-size: its code cache is that big, not QEMU's 1 GiB default."""
+    vmkit("create", "tbbox", "--image", "micro", "--memory", "128M")
+    path = vmkit_home / "instances" / "tbbox" / "vm.yaml"
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "tcg_cache": "32M"}))
+    vmkit("start", "tbbox")
+    try:
+        pid = json.loads((vmkit_home / "instances" / "tbbox" / "state.json").read_text())["qemu_pid"]
+        assert 0 < code_cache_bytes(pid) <= 32 * MiB, code_cache_bytes(pid)
+    finally:
+        vmkit("stop", "tbbox", "--force", check=False)
+    data["tcg_cache"] = "8M"
+    path.write_text(yaml.safe_dump(data))
+    refused = vmkit("start", "tbbox", check=False)
+    assert refused.returncode == 2 and "tcg_cache" in refused.stderr and "16M to 2G" in refused.stderr
