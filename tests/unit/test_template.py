@@ -57,7 +57,8 @@ def tpl(tmp_path: Path) -> template.Template:
 
 def test_layout_ignores_what_differs_between_clones() -> None:
     a = config("web", network={"mode": "user", "mac": "52:54:00:aa:bb:cc",
-                               "forwards": [{"host_addr": "127.0.0.1", "host_port": 4022, "guest_port": 22}]})
+                               "forwards": [{"host_addr": "127.0.0.1", "host_port": 4022, "guest_port": 22}]},
+               tcg_cache=128 << 20)
     assert template.layout_digest(a, TCG) == template.layout_digest(config("db"), TCG)
 
 

@@ -134,13 +134,13 @@ def key(memory: int, cpus: int) -> str:
 
 
 _LAYOUT_OPTIONS = frozenset({"-machine", "-cpu", "-smp", "-m", "-device", "-object", "-accel"})
-_VARYING = ("mac=", "mem-path=", "share=", "guid=")
+_VARYING = ("mac=", "mem-path=", "share=", "guid=", "tb-size=")  # tb-size: TCG's code cache, in no state
 
 
 def layout(config: MachineConfig, accel: AccelChoice) -> list[str]:
     """The parts of the QEMU command line a saved device state depends on (machine, CPUs, memory,
     every device and memory backend), without what may differ between clones (names, file paths,
-    port forwards, MACs)."""
+    port forwards, MACs, the TCG code cache)."""
     argv = build_argv(config.model_copy(update={"name": TEMPLATE_NAME}), accel,
                       Runtime(qmp_fd=3, serial_fd=4, memory_file=Path(RAM),
                               ram_pad=migration.config_ram_pad(config, accel.name)))
