@@ -23,7 +23,7 @@ KSM is host-wide: other programs' mergeable memory is scanned too, and its setti
 as they were at the end.
 
     .venv/bin/python benchmarks/density_bench.py [--guests 3] [--memory 1024] [--duration 900] [--every 30]
-                                                 [--tcg-cache SIZE] [--warm]
+                                                 [--pages-to-scan N] [--tcg-cache SIZE] [--warm]
 """
 
 from __future__ import annotations
@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=1024, help="each guest's memory in MiB")
     ap.add_argument("--duration", type=float, default=900.0, help="seconds to watch with KSM on (target: 15 min)")
     ap.add_argument("--every", type=float, default=30.0, help="seconds between two readings")
+    ap.add_argument("--pages-to-scan", type=int, default=ksm.PAGES_TO_SCAN,
+                    help="KSM's pages per wake-up (`vmkit host ksm on --pages-to-scan`): fewer costs ksmd less CPU "
+                         "and merges later")
     ap.add_argument("--tcg-cache", metavar="SIZE", default=None,
                     help="the guests' tcg_cache (QEMU's tb-size under TCG, e.g. 128M; default QEMU's 1G)")
     ap.add_argument("--warm", action="store_true",
@@ -170,7 +173,7 @@ def main() -> None:
             n = args.guests
             rows.append(["off", "0", f"{r0 / n / MiB:.0f}", f"{ram0 / n / MiB:.0f}", f"{tcg0 / n / MiB:.0f}",
                          f"{p0 / n / MiB:.0f}", "0", "0.0 %", "0.0 %", "0.0", "-"])
-            ksm.enable()
+            ksm.enable(pages_to_scan=args.pages_to_scan)
             start, cpu0 = time.monotonic(), cpu_seconds(ksmd)
             reached: float | None = None
             while (elapsed := time.monotonic() - start) < args.duration:
@@ -195,7 +198,7 @@ def main() -> None:
         write_knob("run", before.run)
     how = "restored from the warm template" if args.warm else "booted (cold)"
     print(f"{args.guests} identical idle Debian guests of {args.memory} MiB, {how}; KSM off, then on "
-          f"(pages_to_scan={ksm.PAGES_TO_SCAN}, sleep_millisecs={ksm.SLEEP_MILLISECS}, smart_scan="
+          f"(pages_to_scan={args.pages_to_scan}, sleep_millisecs={ksm.SLEEP_MILLISECS}, smart_scan="
           f"{'n/a' if before.smart_scan is None else int(ksm.SMART_SCAN)}) for {args.duration:.0f} s")
     print(f"tcg_cache {args.tcg_cache or 'QEMU default (1G)'}; `vmkit start` to agent answering, median of the "
           f"{args.guests} guests: {statistics.median(boots):.1f} s")
