@@ -78,9 +78,15 @@ def _set_hotplug(name: str, cpus: int | None, memory: str | None, timeout: float
         if c.vcpus_online is None:
             out.print(f"[bold]{name}[/] is stopped: vm.yaml now says cpus: {c.cpus} (from its next start)")
         else:
-            what = (f", added vCPU {', '.join(map(str, c.added))}" if c.added else
-                    f", removed vCPU {', '.join(map(str, c.removed))}" if c.removed else "")
-            out.print(f"[bold]{name}[/]: {c.vcpus_online} vCPUs (of at most {c.max_cpus}){what}")
+            def ids(xs: list[int]) -> str:
+                return f"vCPU {', '.join(map(str, xs))}"
+
+            what = [f"added {ids(c.added)}" if c.added else "", f"removed {ids(c.removed)}" if c.removed else "",
+                    f"{ids(c.offlined)} offlined in the guest; unplugged at the next boot" if c.offlined else "",
+                    f"{ids(c.onlined)} back online in the guest" if c.onlined else ""]
+            shown = "; ".join(w for w in what if w)
+            out.print(f"[bold]{name}[/]: {c.vcpus_online} vCPUs (of at most {c.max_cpus})"
+                      + (f", {shown}" if shown else ""))
     if memory is not None:
         with _option("memory", "--memory"):
             m = inst.set_memory(memory, timeout=10.0 if timeout is None else timeout)

@@ -100,6 +100,7 @@ from vmkit.runtime.machine import VirtualMachine, VmEvent
 from vmkit.runtime.qemu.accel import AccelChoice
 from vmkit.runtime.qemu.cmdline import device_id
 from vmkit.runtime.states import VmState
+from vmkit.runtime.vcpus import refuse_parked
 from vmkit.state import key as keys
 from vmkit.state.file import (
     MAGIC,
@@ -411,6 +412,7 @@ def _refuse_unmigratable(vm: VirtualMachine, what: str) -> None:
             "shares", f"cannot {what}: QEMU cannot save the state of virtiofs shares ({', '.join(virtiofs)}); "
             "use 9p or sshfs shares for machines you save, or stop the machine instead")
     _refuse_hot_disks(vm, what)
+    refuse_parked(vm, what)
 
 
 def _refuse_hot_disks(vm: VirtualMachine, what: str) -> None:
