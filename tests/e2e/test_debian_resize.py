@@ -1,6 +1,7 @@
 """vCPUs and memory changed live on the Debian guest, as its user sees them: `nproc` follows
-`vmkit set --cpus` up and down (down under TCG: offlined in the guest through its agent), and MemTotal follows `vmkit set --memory` up and down (the image's
-udev rule brings hot-added CPUs and memory online; memory is onlined movable, so it can be unplugged).
+`vmkit set --cpus` up and down (down under TCG: offlined in the guest through its agent), and MemTotal
+follows `vmkit set --memory` up and down (the image's udev rule brings hot-added CPUs and memory online;
+memory is onlined movable, so it can be unplugged).
 One Debian machine serves every test here."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +70,16 @@ def qemu_pid() -> int:
     return pid
 
 
+def vcpu_affinity(pid: int) -> dict[int, set[int]]:
+    """Host CPUs each vCPU thread of QEMU ``pid`` may run on (QEMU names them ``CPU N/TCG``)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        m = re.fullmatch(r"CPU (\d+)/\w+", (task / "comm").read_text().strip())
+        if m:
+            found[int(m.group(1))] = os.sched_getaffinity(int(task.name))
+    return found
+
+
 def test_nproc_follows_set_cpus_up_down_up_and_a_new_boot(deb: Path) -> None:
     """Up live (device_add); down under TCG by offlining the surplus in the guest through its agent
     (QEMU 7.2 corrupts its heap when a vCPU is device_del'ed: none is); up again first brings the
@@ -91,6 +103,9 @@ def test_nproc_follows_set_cpus_up_down_up_and_a_new_boot(deb: Path) -> None:
         stats = json.loads(vmkit("stats", "deb", "--json").stdout)
         assert stats["vcpus_online"] == 1 and stats["vcpus"] == 1 and stats["vcpus_offlined"] == 2, stats
         assert yaml.safe_load((deb / "instances" / "deb" / "vm.yaml").read_text())["cpus"] == 1
+        # pinning: the running vCPUs take the list's CPUs in turn; the offlined (halted) ones take no turn
+        vmkit("set", "deb", "--cpu-pin", "0,1")
+        assert vcpu_affinity(pid) == {0: {0}, 1: {0, 1}, 2: {0, 1}}
         # a saved state would have 3 vCPUs, a restore boots 1: refused, naming the way out
         save = vmkit("save", "deb", check=False)
         assert save.returncode == 4 and "offlined in the guest" in save.stderr, save.stderr
@@ -102,6 +117,8 @@ def test_nproc_follows_set_cpus_up_down_up_and_a_new_boot(deb: Path) -> None:
         assert guest("cat", "/sys/devices/system/cpu/online") == "0-1"
         stats = json.loads(vmkit("stats", "deb", "--json").stdout)
         assert stats["vcpus_online"] == 2 and stats["vcpus_offlined"] == 1, stats
+        assert vcpu_affinity(pid) == {0: {0}, 1: {1}, 2: {0, 1}}  # vCPU 1 is back, and pinned
+        vmkit("set", "deb", "--cpu-pin", "none")  # unpinned again, for the tests after this one
         assert qemu_pid() == pid  # QEMU did not crash
     finally:
         events.kill()

@@ -42,7 +42,7 @@ def set_(
     cpu_weight: str | None = typer.Option(None, "--cpu-weight", help="CPU weight 1-10000 against other machines "
                                                                      "(default 100; none removes it)"),
     cpu_max: str | None = typer.Option(None, "--cpu-max", help="CPU cap in percent of one host core (e.g. 50)"),
-    cpu_pin: str | None = typer.Option(None, "--cpu-pin", help="host CPUs to run on, e.g. 0-1,3 (each vCPU "
+    cpu_pin: str | None = typer.Option(None, "--cpu-pin", help="host CPUs to run on, e.g. 0-1,3 (each running vCPU "
                                                                "pinned to one of them in turn)"),
     memory_min: str | None = typer.Option(None, "--memory-min", help="memory reservation (v2 memory.min; v1: "
                                                                      "soft limit)"),
