@@ -170,7 +170,8 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("KSM saved (whole host)", _mib(s.ksm_shared_bytes))
     table.add_row("memory plugged (virtio-mem)", "-" if s.max_memory_bytes is None else
                   f"{_mib(s.memory_plugged_bytes)} (at most {_mib(s.max_memory_bytes)} in all)")
-    table.add_row("vCPUs", f"{s.vcpus_online} (at most {s.max_cpus})")
+    parked = f"; {s.vcpus_offlined} more offlined in the guest, until the next boot" if s.vcpus_offlined else ""
+    table.add_row("vCPUs", f"{s.vcpus_online} (at most {s.max_cpus}{parked})")
     table.add_row("CPU", f"{s.cpu_percent:.1f} %")
     table.add_row("steal (vCPUs waiting)", "-" if s.steal_percent is None else f"{s.steal_percent:.1f} %")
     from vmkit.host.cgroups import summary
@@ -191,7 +192,7 @@ _TOP_HEADERS = {"vcpus": "vCPUs", "vcpus_online": "online", "cpu_percent": "CPU 
                 "guest_mem_available_bytes": "guest avail", "host_rss_bytes": "host RSS"}
 _HOST_WIDE = {"ksm_shared_bytes": "KSM saves {} on this host"}
 # Details `vmkit stats NAME` shows, too wide or too static for a live table of every machine.
-_TOP_HIDDEN = frozenset({"max_cpus", "max_memory_bytes", "cgroup", "cgroup_version", "cgroup_files"})
+_TOP_HIDDEN = frozenset({"max_cpus", "vcpus_offlined", "max_memory_bytes", "cgroup", "cgroup_version", "cgroup_files"})
 
 
 def _top_fields() -> list[str]:
