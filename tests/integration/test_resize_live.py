@@ -30,8 +30,9 @@ def vm_yaml(home: Path, name: str) -> dict[str, object]:
 
 
 def test_vcpus_added_and_removed_live(vmkit_home: Path, micro_image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The removal path, which vmkit refuses under TCG by default (QEMU 7.2 corrupts its heap): let through
-    here, where nothing risky (adding, saving) follows it."""
+    """The device_del removal path, which vmkit does not use under TCG by default (QEMU 7.2 corrupts its
+    heap; it offlines vCPUs in the guest instead): let through here, where nothing risky (adding, saving)
+    follows it."""
     monkeypatch.setenv("VMKIT_UNSAFE_TCG_VCPU_UNPLUG", "1")  # read by the supervisor `vmkit start` launches
     vmkit("create", "box", "--image", "micro", "--memory", "256M", "--max-cpus", "3")
     dry = vmkit("start", "box", "--dry-run").stdout

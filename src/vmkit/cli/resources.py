@@ -25,7 +25,8 @@ def set_(
     name: str,
     cpus: int | None = typer.Option(
         None, "--cpus", help="give it this many vCPUs (1 to its max_cpus), live; vm.yaml follows (a stopped "
-                             "machine gets them at its next start)"),
+                             "machine gets them at its next start). Lower under TCG: offlined in the guest "
+                             "through its agent, unplugged at the next boot"),
     memory: str | None = typer.Option(
         None, "--memory", help="give it this much memory (e.g. 3G: its boot memory up to its max_memory) through "
                                "its virtio-mem region, live; vm.yaml follows"),
