@@ -110,6 +110,9 @@ def test_nproc_follows_set_cpus_up_down_up_and_a_new_boot(deb: Path) -> None:
         save = vmkit("save", "deb", check=False)
         assert save.returncode == 4 and "offlined in the guest" in save.stderr, save.stderr
         assert "vmkit set deb --cpus 3" in save.stderr, save.stderr
+        stop_save = vmkit("stop", "deb", "--save", check=False)
+        assert stop_save.returncode == 4 and "offlined in the guest" in stop_save.stderr, stop_save.stderr
+        assert json.loads(vmkit("inspect", "deb").stdout)["runtime"]["state"] == "running"
 
         again = vmkit("set", "deb", "--cpus", "2")  # vCPU 1 back online, no device_add
         assert "vCPU 1 back online in the guest" in again.stdout and "added" not in again.stdout, again.stdout
