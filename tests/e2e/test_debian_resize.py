@@ -134,6 +134,18 @@ def test_nproc_follows_set_cpus_up_down_up_and_a_new_boot(deb: Path) -> None:
     assert offline["detail"]["note"] == "offlined in the guest; unplugged at the next boot"
     assert not [e for e in lines if e["kind"] == "qmp" and e["detail"].get("event") == "DEVICE_DELETED"]
 
+    # a reboot inside the same QEMU brings every vCPU it has online again, and vmkit says so
+    vmkit("exec", "deb", "--", "systemctl", "reboot", check=False)
+    deadline = time.monotonic() + 300
+    while json.loads(vmkit("stats", "deb", "--json").stdout)["vcpus_offlined"] != 0:  # QEMU's RESET came
+        assert time.monotonic() < deadline, "no guest reset seen"
+        time.sleep(1)
+    while vmkit("exec", "deb", "--", "nproc", check=False).stdout.strip() != "3":
+        assert time.monotonic() < deadline, "the rebooted guest did not answer with 3 CPUs"
+        time.sleep(2)
+    stats = json.loads(vmkit("stats", "deb", "--json").stdout)
+    assert stats["vcpus_online"] == 3 and stats["vcpus"] == 2 and qemu_pid() == pid, stats
+
     # the next boot starts with vm.yaml's cpus: the parked vCPU is gone for real
     vmkit("stop", "deb")
     assert "-smp 2,maxcpus=3" in vmkit("start", "deb", "--dry-run").stdout
