@@ -748,6 +748,7 @@ class Supervisor:
         self._live("change the vCPUs")
         before = self.config.cpus
         change: vcpus.CpuChange | None = None
+        parked = len(self.vm.vcpus_parked)
         with self.ops.shared("change the vCPUs", "changing the vCPUs"):
             async with self._resizing:
                 try:
@@ -758,8 +759,9 @@ class Supervisor:
                         if self.config.limits.cpus:  # vCPUs added, or back online: placed as the rest
                             await self._pin(self.config.limits)
                         if now != before:
-                            method = change.method if change else ("guest-offline" if self.vm.vcpus_parked
-                                                                   else "unplug")  # partly done, then failed
+                            method = change.method if change else (  # partly done, then failed
+                                ("guest-offline" if len(self.vm.vcpus_parked) > parked else "unplug") if now < before
+                                else "guest-online" if len(self.vm.vcpus_parked) < parked else "hotplug")
                             self.vm.emit("cpus-changed", cpus=now, vcpus_online=now, previous=before,
                                          method=method, note=vcpus.METHODS[method],
                                          offlined=sorted(self.vm.vcpus_parked))
