@@ -3,17 +3,23 @@ threads around parked vCPUs, and the refusal to save while vCPUs are parked."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, get_args
 
 import pytest
 
+from conftest import serving_unix
 from vmkit.api import models
-from vmkit.errors import StateError
+from vmkit.errors import ConfigError, StateError
 from vmkit.runtime import vcpus, vcputhreads
+from vmkit.runtime.guest.agent import GuestAgentError
+from vmkit.runtime.guest.channel import AgentChannel
 
 
 def test_every_method_has_words_and_is_in_the_api() -> None:
@@ -66,8 +72,86 @@ def test_parked_vcpus_take_no_turn_in_the_pinning(threads: list[int]) -> None:
     vcputhreads.unpin(threads, host)
 
 
-def _vm(parked: set[int]) -> Any:
-    return SimpleNamespace(vcpus_parked=parked, config=SimpleNamespace(name="box", cpus=1))
+def _vm(parked: set[int], agent: AgentChannel | None = None) -> Any:
+    return SimpleNamespace(vcpus_parked=parked, config=SimpleNamespace(name="box", cpus=1), agent=agent)
+
+
+class GuestCpus:
+    """qemu-guest-agent's side of ``guest-set-vcpus`` on a unix socket (protocol level): CPUs 0-2, of which
+    ``stubborn`` cannot be taken offline (the agent stops at the first it cannot change and returns how many
+    it did, as qga does); ``silent`` answers nothing after the sync (a hung agent)."""
+
+    def __init__(self, stubborn: frozenset[int] = frozenset(), silent: bool = False) -> None:
+        self.online = {0: True, 1: True, 2: True}
+        self.stubborn, self.silent = stubborn, silent
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            msg = json.loads(line.replace(b"\xff", b""))
+            args = msg.get("arguments", {})
+            if msg["execute"] == "guest-sync-delimited":
+                writer.write(b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n")
+            elif self.silent:
+                continue
+            elif msg["execute"] == "guest-set-vcpus":
+                done = 0
+                for v in args["vcpus"]:
+                    if v["logical-id"] in self.stubborn:
+                        break
+                    self.online[v["logical-id"]] = v["online"]
+                    done += 1
+                writer.write(json.dumps({"return": done}).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+
+def test_offline_and_back_online_through_the_agent(tmp_path: Path) -> None:
+    guest, path = GuestCpus(), tmp_path / "qga.sock"
+
+    async def run() -> None:
+        async with serving_unix(guest.handle, path):
+            vm = _vm(set(), AgentChannel(path))
+            await vcpus.guest_set_online(vm, [2, 1], False, 1)
+            assert vm.vcpus_parked == {1, 2} and guest.online == {0: True, 1: False, 2: False}
+            await vcpus.guest_set_online(vm, [1], True, 2)
+            assert vm.vcpus_parked == {2} and guest.online[1]
+            await vm.agent.close()
+
+    asyncio.run(run())
+
+
+def test_a_guest_that_keeps_a_vcpu_leaves_it_unparked_and_says_so(tmp_path: Path) -> None:
+    guest, path = GuestCpus(stubborn=frozenset({1})), tmp_path / "qga.sock"
+
+    async def run() -> None:
+        async with serving_unix(guest.handle, path):
+            vm = _vm(set(), AgentChannel(path))
+            with pytest.raises(GuestAgentError) as caught:
+                await vcpus.guest_set_online(vm, [2, 1], False, 1)
+            assert "took only 1 of vCPU(s) 2, 1 offline (for --cpus 1)" in caught.value.message
+            assert vm.vcpus_parked == {2}  # what the guest did, no more
+            await vm.agent.close()
+
+    asyncio.run(run())
+
+
+def test_no_agent_or_a_silent_one_is_refused_naming_cpus(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        asyncio.run(vcpus.guest_set_online(_vm(set()), [1], False, 1))
+    problem = refused.value.problems[0]
+    assert problem.field == "cpus" and "no agent channel" in problem.message and "TCG" in problem.message
+    guest, path = GuestCpus(silent=True), tmp_path / "qga.sock"
+
+    async def run() -> None:
+        async with serving_unix(guest.handle, path):
+            vm = _vm(set(), AgentChannel(path))
+            with pytest.raises(GuestAgentError) as caught:
+                await vcpus.guest_set_online(vm, [1], False, 1, timeout=0.5)
+            assert caught.value.timed_out and "--cpus 1" in caught.value.message and not vm.vcpus_parked
+            assert caught.value.hint is not None and "qemu-guest-agent" in caught.value.hint
+            await vm.agent.close()
+
+    asyncio.run(run())
 
 
 def test_a_state_is_not_saved_while_vcpus_are_parked() -> None:

@@ -166,7 +166,12 @@ def refuse_parked(vm: VirtualMachine, what: str) -> None:
         raise exc
 
 
-async def _guest_set_online(vm: VirtualMachine, ids: list[int], up: bool, count: int) -> None:
+AGENT_TIMEOUT = 15.0
+"""Seconds the guest agent gets to take vCPUs offline or online (a few hundred ms measured under TCG)."""
+
+
+async def guest_set_online(vm: VirtualMachine, ids: list[int], up: bool, count: int, *,
+                           timeout: float = AGENT_TIMEOUT) -> None:
     """Take the guest's vCPUs ``ids`` offline (``up`` False) or online through its agent
     (``guest-set-vcpus``); :attr:`VirtualMachine.vcpus_parked` follows what the agent did."""
     name = vm.config.name
@@ -177,7 +182,7 @@ async def _guest_set_online(vm: VirtualMachine, ids: list[int], up: bool, count:
                                  f"cpus for the next start (vmkit set {name} --cpus {count}) and start it again")
     request = [{"logical-id": i, "online": up} for i in ids]
     try:
-        done = int(await vm.agent.execute("guest-set-vcpus", {"vcpus": request}, timeout=15.0))
+        done = int(await vm.agent.execute("guest-set-vcpus", {"vcpus": request}, timeout=timeout))
     except GuestAgentError as exc:
         raise GuestAgentError(f"{name}: the guest agent could not take vCPU(s) {', '.join(map(str, ids))} "
                               f"{'online' if up else 'offline'} (for --cpus {count}): {exc.message}",
@@ -214,7 +219,7 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
             raise exc
         back = parked[:count - active]
         if back:
-            await _guest_set_online(vm, back, True, count)
+            await guest_set_online(vm, back, True, count)
         added = []
         for slot in [s for s in all_slots if s.qom_path is None][:count - len(filled)]:
             await vm.execute("device_add", {"driver": slot.driver, "id": f"{ID_PREFIX}{slot.index}", **slot.props})
@@ -225,7 +230,7 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     why = _refusal(vm)
     if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
         going_ids = sorted((s.index for s in filled if s.index not in vm.vcpus_parked), reverse=True)
-        await _guest_set_online(vm, going_ids[:active - count], False, count)
+        await guest_set_online(vm, going_ids[:active - count], False, count)
         return CpuChange(count, await online(vm), len(all_slots), offlined=tuple(going_ids[:active - count]))
     going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
     paths = {str(s.qom_path): s.index for s in going}
