@@ -1,5 +1,6 @@
 """vCPUs taken offline in the guest instead of unplugged (TCG): how the change is named, pinning of real
-threads around parked vCPUs, and the refusal to save while vCPUs are parked."""
+threads around parked vCPUs, the refusal to snapshot or migrate while vCPUs are parked, and a saved
+state's record of them."""
 
 from __future__ import annotations
 
@@ -154,9 +155,29 @@ def test_no_agent_or_a_silent_one_is_refused_naming_cpus(tmp_path: Path) -> None
     asyncio.run(run())
 
 
-def test_a_state_is_not_saved_while_vcpus_are_parked() -> None:
-    vcpus.refuse_parked(_vm(set()), "save its state")  # nothing parked: allowed
+def test_no_snapshot_or_migration_while_vcpus_are_parked() -> None:
+    vcpus.refuse_parked(_vm(set()), "snapshot the machine")  # nothing parked: allowed
     with pytest.raises(StateError) as caught:
-        vcpus.refuse_parked(_vm({1, 2}), "save its state")
-    assert "cannot save its state" in caught.value.message and "vCPU(s) 1, 2 offlined" in caught.value.message
+        vcpus.refuse_parked(_vm({1, 2}), "snapshot the machine")
+    assert "cannot snapshot the machine" in caught.value.message and "vCPU(s) 1, 2 offlined" in caught.value.message
     assert caught.value.hint is not None and "vmkit set box --cpus 3" in caught.value.hint
+
+
+def test_a_saved_state_counts_parked_vcpus_and_names_them() -> None:
+    """The fields a state's digest covers: unchanged without parked vCPUs (states saved before stay
+    valid); with them, ``cpus`` is what QEMU has (what the restore must boot) and they are named."""
+    from vmkit.config import parse_config
+    from vmkit.runtime.qemu.accel import AccelChoice
+    from vmkit.state.savestate import config_digest, machine_fields, moved_header
+
+    tcg = AccelChoice("tcg", "test")
+    cfg = parse_config({"name": "vm", "boot": {"kernel": "/k"}, "cpus": 1, "max_cpus": 3})
+    plain = machine_fields(cfg, tcg)
+    assert "vcpus_offline" not in plain and plain == machine_fields(cfg, tcg, offline=())
+    parked = machine_fields(cfg, tcg, offline={2, 1})
+    assert parked["cpus"] == 3 and parked["vcpus_offline"] == [1, 2]
+    assert {k: v for k, v in parked.items() if k not in ("cpus", "vcpus_offline")} == {
+        k: v for k, v in plain.items() if k != "cpus"}
+    # a state moved to another host keeps them
+    moved = moved_header({"machine": parked, "config_digest": config_digest(parked)}, cfg, tcg)
+    assert moved["machine"] == parked and moved["config_digest"] == config_digest(parked)

@@ -28,8 +28,10 @@ count again first brings parked vCPUs back online in the guest (``online: true``
 adds (``device_add``) only the rest. A machine without a guest agent is refused (naming ``cpus``), and
 so is one whose agent does not answer. A guest that reboots in the same QEMU brings every vCPU QEMU has
 online again: the machine forgets its parked vCPUs then (vm.yaml still says what the next boot has).
-A state cannot be saved (nor the machine migrated) while vCPUs are parked: the restore would boot
-``-smp CPUS``, fewer vCPUs than the state has (:func:`refuse_parked`).
+A saved state records the parked vCPUs (vmkit.state.savestate: ``vcpus_offline``), and its restore
+boots them too and parks them again (the guest has them offline in the memory it resumes). A snapshot
+(reverted, perhaps, in a QEMU booted with ``-smp CPUS``) and a migration (whose target boots from
+vm.yaml) are refused while vCPUs are parked (:func:`refuse_parked`).
 
 Where removing is safe (KVM), ``device_del`` is used as before. :data:`UNSAFE_TCG_UNPLUG` in the
 supervisor's environment makes TCG machines use ``device_del`` too (tests and benchmarks of that path);
@@ -155,8 +157,8 @@ class CpuChange:
 
 
 def refuse_parked(vm: VirtualMachine, what: str) -> None:
-    """A :class:`StateError` if the machine has parked vCPUs: a state saved now has more vCPUs than the
-    ``-smp`` the restore would boot with (vm.yaml's ``cpus``)."""
+    """A :class:`StateError` if the machine has parked vCPUs, for what cannot carry them: a snapshot (it may
+    be reverted in a QEMU booted with vm.yaml's ``cpus``) and a migration (whose target boots with it)."""
     if vm.vcpus_parked:
         ids = ", ".join(map(str, sorted(vm.vcpus_parked)))
         exc = StateError(what, f"running with vCPU(s) {ids} offlined in the guest (`vmkit set --cpus` lowered "
