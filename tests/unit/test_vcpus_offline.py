@@ -140,7 +140,7 @@ def test_no_agent_or_a_silent_one_is_refused_naming_cpus(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as refused:
         asyncio.run(vcpus.guest_set_online(_vm(set()), [1], False, 1))
     problem = refused.value.problems[0]
-    assert problem.field == "cpus" and "no agent channel" in problem.message and "TCG" in problem.message
+    assert problem.field == "cpus" and "no agent channel" in problem.message
     guest, path = GuestCpus(silent=True), tmp_path / "qga.sock"
 
     async def run() -> None:

@@ -74,9 +74,9 @@ def check_cpus(config: MachineConfig, count: int, *, field: str = "cpus") -> int
 
 
 def unplug_refusal(accel: str, qemu_version: tuple[int, int, int] | None) -> str | None:
-    """Why a machine on ``accel`` under this QEMU cannot have vCPUs removed live (None: it can). Plain
-    QEMU 10.0.2 survives removals under TCG, but vmkit has not been validated on it (a save after a
-    removal hung there once): every TCG machine is refused for now."""
+    """Why a machine on ``accel`` under this QEMU cannot have vCPUs removed with ``device_del`` (None: it
+    can). Plain QEMU 10.0.2 survives removals under TCG, but vmkit has not been validated on it (a save
+    after a removal hung there once): every TCG machine parks vCPUs in the guest instead, for now."""
     if accel != "tcg":
         return None
     shown = ".".join(map(str, qemu_version)) if qemu_version else "of unknown version"
@@ -178,10 +178,8 @@ async def guest_set_online(vm: VirtualMachine, ids: list[int], up: bool, count: 
     (``guest-set-vcpus``); :attr:`VirtualMachine.vcpus_parked` follows what the agent did."""
     name = vm.config.name
     if vm.agent is None:
-        raise ConfigError.single("cpus", f"{count} vCPUs: {name} runs on TCG, where vmkit takes vCPUs away "
-                                 "by offlining them in the guest through its guest agent (QEMU 7.2 crashes after "
-                                 "a vCPU is unplugged), and it has no agent channel (agent: false); stop it, lower "
-                                 f"cpus for the next start (vmkit set {name} --cpus {count}) and start it again")
+        raise ConfigError.single("cpus", f"{count} vCPUs: taking vCPUs offline or online in the guest needs its "
+                                 f"guest agent, and {name} has no agent channel (agent: false)")
     request = [{"logical-id": i, "online": up} for i in ids]
     try:
         done = int(await vm.agent.execute("guest-set-vcpus", {"vcpus": request}, timeout=timeout))
@@ -230,7 +228,13 @@ async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> 
     if count == active:
         return CpuChange(count, active, len(all_slots))
     why = _refusal(vm)
-    if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
+    if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":  # no device_del: park them in the guest
+        if vm.agent is None:
+            name = vm.config.name
+            raise ConfigError.single("cpus", f"{count} vCPUs: {name} is {why}, so vmkit takes vCPUs away by "
+                                     "offlining them in the guest through its guest agent, and it has no agent "
+                                     "channel (agent: false): stop it, lower cpus for the next start (vmkit set "
+                                     f"{name} --cpus {count}) and start it again")
         going_ids = sorted((s.index for s in filled if s.index not in vm.vcpus_parked), reverse=True)
         await guest_set_online(vm, going_ids[:active - count], False, count)
         return CpuChange(count, await online(vm), len(all_slots), offlined=tuple(going_ids[:active - count]))
