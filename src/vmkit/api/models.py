@@ -422,15 +422,30 @@ class CpusRequest(Request):
                            description="seconds to wait for the guest to release vCPUs it gives up")
 
 
+CpuMethod = Literal["hotplug", "unplug", "guest-offline", "guest-online", "guest-online+hotplug", "unchanged",
+                    "next-boot"]
+"""How ``vmkit set --cpus`` made a change (vmkit.runtime.vcpus.METHODS says each in words)."""
+
+
 class CpusResult(Response):
     """The vCPUs after the change (also written to vm.yaml as ``cpus``, what the next boot starts with)."""
 
     cpus: int = Field(description="the vCPUs asked for")
-    vcpus_online: int | None = Field(description="the vCPUs QEMU has now (None: the machine is stopped, and "
-                                                 "only vm.yaml changed)")
+    vcpus_online: int | None = Field(description="the vCPUs the guest can run on now: QEMU's, less those offlined "
+                                                 "in the guest (None: the machine is stopped, and only vm.yaml "
+                                                 "changed)")
     max_cpus: int = Field(description="the most the machine can have while it runs")
     added: list[int] = Field(description="indexes of the vCPUs added")
     removed: list[int] = Field(description="indexes of the vCPUs removed")
+    offlined: list[int] = Field(default_factory=list, description="indexes of the vCPUs taken offline in the guest "
+                                "through its agent (under TCG, instead of removing them): QEMU keeps them, halted, "
+                                "until the next boot, which starts with cpus")
+    onlined: list[int] = Field(default_factory=list, description="indexes of offlined vCPUs brought back online in "
+                               "the guest")
+    method: CpuMethod = Field(default="unchanged", description="how the change was made: device_add, "
+                    "device_del, offlined in the guest (unplugged at the next boot), brought back online in the "
+                    "guest (then device_add for the rest), nothing to do, or vm.yaml only (a stopped machine)")
+    note: str = Field(default="", description="the method in words")
 
 
 class MemoryRequest(Request):
@@ -471,7 +486,10 @@ class MachineStats(Response):
     ksm_merged_bytes: int | None = Field(default=None, description="this machine's memory that KSM merged with "
                                                                   "identical pages (Linux 6.1+; None where unknown)")
     vcpus: int = Field(description="configured virtual CPUs (vm.yaml's cpus, which `vmkit set --cpus` changes)")
-    vcpus_online: int = Field(description="the vCPUs QEMU has now (query-cpus-fast)")
+    vcpus_online: int = Field(description="the vCPUs the guest can run on now: QEMU's (query-cpus-fast), less "
+                                          "those vmkit offlined in the guest")
+    vcpus_offlined: int = Field(default=0, description="vCPUs QEMU still has, halted, that `vmkit set --cpus` "
+                                                       "offlined in the guest (under TCG); gone at the next boot")
     max_cpus: int = Field(description="the most vCPUs the machine can have while it runs")
     memory_plugged_bytes: int | None = Field(description="memory the guest has plugged into its virtio-mem "
                                                          "region, above memory_bytes; None without one")
@@ -625,7 +643,7 @@ class Event(Response):
     ``guest-stopped``, ``stopped-with-error``, ``qmp`` (any other QEMU event, named in
     ``detail.event``), ``share-failed``, ``nbd-*`` (disk connection changes), ``clock-fixed``,
     ``limits-changed`` (``detail``: ``limits`` now in force, ``cgroup``, ``written``),
-    ``cpus-changed`` (``detail``: ``cpus``, ``vcpus_online``, ``previous``), ``memory-changed``
+    ``cpus-changed`` (``detail``: ``cpus``, ``vcpus_online``, ``previous``, ``method``, ``note``), ``memory-changed``
     (``detail``: ``memory_bytes``, ``plugged_bytes``)..."""
 
     kind: str

@@ -25,7 +25,8 @@ def set_(
     name: str,
     cpus: int | None = typer.Option(
         None, "--cpus", help="give it this many vCPUs (1 to its max_cpus), live; vm.yaml follows (a stopped "
-                             "machine gets them at its next start)"),
+                             "machine gets them at its next start). Lower under TCG: offlined in the guest "
+                             "through its agent, unplugged at the next boot"),
     memory: str | None = typer.Option(
         None, "--memory", help="give it this much memory (e.g. 3G: its boot memory up to its max_memory) through "
                                "its virtio-mem region, live; vm.yaml follows"),
@@ -42,7 +43,7 @@ def set_(
     cpu_weight: str | None = typer.Option(None, "--cpu-weight", help="CPU weight 1-10000 against other machines "
                                                                      "(default 100; none removes it)"),
     cpu_max: str | None = typer.Option(None, "--cpu-max", help="CPU cap in percent of one host core (e.g. 50)"),
-    cpu_pin: str | None = typer.Option(None, "--cpu-pin", help="host CPUs to run on, e.g. 0-1,3 (each vCPU "
+    cpu_pin: str | None = typer.Option(None, "--cpu-pin", help="host CPUs to run on, e.g. 0-1,3 (each running vCPU "
                                                                "pinned to one of them in turn)"),
     memory_min: str | None = typer.Option(None, "--memory-min", help="memory reservation (v2 memory.min; v1: "
                                                                      "soft limit)"),
@@ -78,9 +79,15 @@ def _set_hotplug(name: str, cpus: int | None, memory: str | None, timeout: float
         if c.vcpus_online is None:
             out.print(f"[bold]{name}[/] is stopped: vm.yaml now says cpus: {c.cpus} (from its next start)")
         else:
-            what = (f", added vCPU {', '.join(map(str, c.added))}" if c.added else
-                    f", removed vCPU {', '.join(map(str, c.removed))}" if c.removed else "")
-            out.print(f"[bold]{name}[/]: {c.vcpus_online} vCPUs (of at most {c.max_cpus}){what}")
+            def ids(xs: list[int]) -> str:
+                return f"vCPU {', '.join(map(str, xs))}"
+
+            what = [f"added {ids(c.added)}" if c.added else "", f"removed {ids(c.removed)}" if c.removed else "",
+                    f"{ids(c.offlined)} offlined in the guest; unplugged at the next boot" if c.offlined else "",
+                    f"{ids(c.onlined)} back online in the guest" if c.onlined else ""]
+            shown = "; ".join(w for w in what if w)
+            out.print(f"[bold]{name}[/]: {c.vcpus_online} vCPUs (of at most {c.max_cpus})"
+                      + (f", {shown}" if shown else ""))
     if memory is not None:
         with _option("memory", "--memory"):
             m = inst.set_memory(memory, timeout=10.0 if timeout is None else timeout)
@@ -164,7 +171,8 @@ def stats(name: str, as_json: bool = typer.Option(False, "--json", help="machine
     table.add_row("KSM saved (whole host)", _mib(s.ksm_shared_bytes))
     table.add_row("memory plugged (virtio-mem)", "-" if s.max_memory_bytes is None else
                   f"{_mib(s.memory_plugged_bytes)} (at most {_mib(s.max_memory_bytes)} in all)")
-    table.add_row("vCPUs", f"{s.vcpus_online} (at most {s.max_cpus})")
+    parked = f"; {s.vcpus_offlined} more offlined in the guest, until the next boot" if s.vcpus_offlined else ""
+    table.add_row("vCPUs", f"{s.vcpus_online} (at most {s.max_cpus}{parked})")
     table.add_row("CPU", f"{s.cpu_percent:.1f} %")
     table.add_row("steal (vCPUs waiting)", "-" if s.steal_percent is None else f"{s.steal_percent:.1f} %")
     from vmkit.host.cgroups import summary
@@ -185,7 +193,7 @@ _TOP_HEADERS = {"vcpus": "vCPUs", "vcpus_online": "online", "cpu_percent": "CPU 
                 "guest_mem_available_bytes": "guest avail", "host_rss_bytes": "host RSS"}
 _HOST_WIDE = {"ksm_shared_bytes": "KSM saves {} on this host"}
 # Details `vmkit stats NAME` shows, too wide or too static for a live table of every machine.
-_TOP_HIDDEN = frozenset({"max_cpus", "max_memory_bytes", "cgroup", "cgroup_version", "cgroup_files"})
+_TOP_HIDDEN = frozenset({"max_cpus", "vcpus_offlined", "max_memory_bytes", "cgroup", "cgroup_version", "cgroup_files"})
 
 
 def _top_fields() -> list[str]:

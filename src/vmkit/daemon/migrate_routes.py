@@ -40,7 +40,7 @@ from aiohttp import web
 from vmkit.api import models
 from vmkit.daemon.state_routes import Supervisor, body_as, unexpected_error
 from vmkit.errors import QemuError, StateError, VmkitError, VmTimeoutError, error_fields
-from vmkit.runtime import migration
+from vmkit.runtime import migration, vcpus
 from vmkit.runtime.states import VmState
 from vmkit.state import savestate
 
@@ -134,6 +134,7 @@ class MigrateRoutes:
         if vm.state not in (VmState.RUNNING, VmState.PAUSED) or self.completed_to is not None:
             raise StateError("migrate the machine", "migrated, waiting to finish" if self.completed_to else
                              vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
+        vcpus.refuse_parked(vm, "migrate the machine")
         safety = await migration.machine_safety(vm)
         if body.method == "live" and not safety.live and not body.verified:
             from vmkit.errors import ConfigError

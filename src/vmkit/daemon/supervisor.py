@@ -60,7 +60,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import WSMsgType, web
 
@@ -346,7 +346,7 @@ class Supervisor:
             if self.cgroup is not None:
                 vcputhreads.unpin(threads, self.cgroup.driver.host_cpus())
             return []
-        placed = vcputhreads.pin(threads, limits.cpus)
+        placed = vcputhreads.pin(threads, limits.cpus, parked=self.vm.vcpus_parked)
         return [placed[t] for t in threads if t in placed]
 
     async def _h_limits(self, request: web.Request) -> web.Response:
@@ -747,6 +747,8 @@ class Supervisor:
         vcpus.check_cpus(self.config, body.cpus)
         self._live("change the vCPUs")
         before = self.config.cpus
+        change: vcpus.CpuChange | None = None
+        parked = len(self.vm.vcpus_parked)
         with self.ops.shared("change the vCPUs", "changing the vCPUs"):
             async with self._resizing:
                 try:
@@ -754,10 +756,20 @@ class Supervisor:
                 finally:
                     with contextlib.suppress(VmkitError):
                         now = await self._sync_cpus()
+                        if self.config.limits.cpus:  # vCPUs added, or back online: placed as the rest
+                            await self._pin(self.config.limits)
                         if now != before:
-                            self.vm.emit("cpus-changed", cpus=now, vcpus_online=now, previous=before)
+                            method = change.method if change else (  # partly done, then failed
+                                ("guest-offline" if len(self.vm.vcpus_parked) > parked else "unplug") if now < before
+                                else "guest-online" if len(self.vm.vcpus_parked) < parked else "hotplug")
+                            self.vm.emit("cpus-changed", cpus=now, vcpus_online=now, previous=before,
+                                         method=method, note=vcpus.METHODS[method],
+                                         offlined=sorted(self.vm.vcpus_parked))
+        assert change is not None
         result = models.CpusResult(cpus=body.cpus, vcpus_online=change.online, max_cpus=change.ceiling,
-                                   added=list(change.added), removed=list(change.removed))
+                                   added=list(change.added), removed=list(change.removed),
+                                   offlined=list(change.offlined), onlined=list(change.onlined),
+                                   method=cast(models.CpuMethod, change.method), note=vcpus.METHODS[change.method])
         return web.json_response(result.model_dump(mode="json"))
 
     async def _h_memory(self, request: web.Request) -> web.Response:
@@ -783,14 +795,15 @@ class Supervisor:
             size = await balloon.actual(self.vm, self.config.memory)
             guest = await balloon.guest_memory(self.vm)
         threads = await vcputhreads.vcpu_threads(self.vm)
-        cpu, steal = await asyncio.gather(self._cpu.percent(pid), self._steal.percent(pid, threads))
+        running = [t for i, t in enumerate(threads) if i not in self.vm.vcpus_parked]  # parked ones are halted
+        cpu, steal = await asyncio.gather(self._cpu.percent(pid), self._steal.percent(pid, running))
         group = self.cgroup
         plugged = (await hotmem.plugged(self.vm)).plugged if self.config.max_memory is not None else None
         stats = models.MachineStats(
             balloon_bytes=size, memory_bytes=self.config.memory, guest_mem_total_bytes=guest.total,
             guest_mem_available_bytes=guest.available, host_rss_bytes=balloon.rss_bytes(pid),
             ksm_shared_bytes=ksm.shared_bytes(), ksm_merged_bytes=balloon.ksm_merged_bytes(pid),
-            vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm),
+            vcpus=self.config.cpus, vcpus_online=await vcpus.online(self.vm), vcpus_offlined=len(self.vm.vcpus_parked),
             max_cpus=self.config.cpu_ceiling, memory_plugged_bytes=plugged, max_memory_bytes=self.config.max_memory,
             cpu_percent=cpu, steal_percent=steal, limits=self.config.limits,
             cgroup=group.path if group else None, cgroup_version=group.driver.version if group else None,

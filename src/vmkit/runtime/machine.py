@@ -137,6 +137,8 @@ class VirtualMachine:
         """The file the guest's RAM maps copy-on-write (a warm template's, which other clones map too)."""
         self.vcpus_removed = 0
         """vCPUs this QEMU process was asked to remove (vmkit.runtime.vcpus: under TCG none are added after)."""
+        self.vcpus_parked: set[int] = set()
+        """vCPUs QEMU has that vmkit took offline in the guest (vmkit.runtime.vcpus), until the next boot."""
         self.shares = ShareDaemons(config, workdir, self._emit, self._gone_or_stopping)
         self.agent: AgentChannel | None = AgentChannel(workdir / AGENT_SOCKET_NAME) if config.agent else None
         """The one connection to the guest agent, shared by every caller (see vmkit.runtime.guest.channel)."""
@@ -277,6 +279,7 @@ class VirtualMachine:
         self.unplugs.clear()
         self.detached_late.clear()
         self.vcpus_removed = 0
+        self.vcpus_parked.clear()
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ser_parent, ser_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -573,6 +576,8 @@ class VirtualMachine:
                 self._set_state(VmState.STOPPING, reason=data.get("reason", "shutdown"))
             elif name == "GUEST_PANICKED":
                 self._panicked = True
+            elif name == "RESET":  # the guest reboots and brings every vCPU QEMU has online
+                self.vcpus_parked.clear()
             elif name == "VSERPORT_CHANGE" and data.get("id") == AGENT_PORT_ID:
                 if data.get("open"):
                     self._agent_port_open.set()

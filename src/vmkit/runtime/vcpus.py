@@ -18,11 +18,24 @@ Under TCG, QEMU 7.2 corrupts its own heap when a vCPU is removed: at the next ch
 memory map (the next ``device_add`` of a vCPU, a save's ``migrate``, ``quit``) it crashes, with SIGSEGV
 or glibc's "double free or corruption" in ``free()`` under ``memory_region_transaction_commit``; the
 guest itself runs on until then. No setting of 7.2 avoids it (single-threaded TCG fails at the removal
-itself); see docs/notes/tcg-vcpu-unplug.md and scripts/tcg_vcpu_unplug_repro.py. :func:`set_cpus`
-therefore refuses to remove vCPUs from a TCG machine (a :class:`~vmkit.errors.StateError` naming the
-QEMU version and saying to stop it, lower ``cpus`` and start it again) unless :data:`UNSAFE_TCG_UNPLUG`
-is set in the supervisor's environment (tests and benchmarks of the removal path); after such a
-removal it still refuses to add vCPUs. Under KVM both directions are live.
+itself); see docs/notes/tcg-vcpu-unplug.md and scripts/tcg_vcpu_unplug_repro.py. So under TCG
+:func:`set_cpus` never removes a vCPU with ``device_del``: as libvirt's ``virsh setvcpus --guest`` does, it takes
+the surplus vCPUs (the highest-numbered online ones) offline *inside the guest* through the guest agent
+(``guest-set-vcpus`` with ``online: false``). QEMU keeps their threads, halted (they cost next to
+nothing); the machine keeps them *parked* (:attr:`VirtualMachine.vcpus_parked`), vm.yaml's ``cpus`` says
+the lower count, and the next boot, which starts with ``-smp CPUS``, no longer has them. Raising the
+count again first brings parked vCPUs back online in the guest (``online: true``), lowest first, and
+adds (``device_add``) only the rest. A machine without a guest agent is refused (naming ``cpus``), and
+so is one whose agent does not answer. A guest that reboots in the same QEMU brings every vCPU QEMU has
+online again: the machine forgets its parked vCPUs then (vm.yaml still says what the next boot has).
+A saved state records the parked vCPUs (vmkit.state.savestate: ``vcpus_offline``), and its restore
+boots them too and parks them again (the guest has them offline in the memory it resumes). A snapshot
+(reverted, perhaps, in a QEMU booted with ``-smp CPUS``) and a migration (whose target boots from
+vm.yaml) are refused while vCPUs are parked (:func:`refuse_parked`).
+
+Where removing is safe (KVM), ``device_del`` is used as before. :data:`UNSAFE_TCG_UNPLUG` in the
+supervisor's environment makes TCG machines use ``device_del`` too (tests and benchmarks of that path);
+after such a removal adding vCPUs is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from typing import Any
 
 from vmkit.config import MAX_VCPUS, MachineConfig
 from vmkit.errors import ConfigError, StateError, VmTimeoutError
+from vmkit.runtime.guest.agent import GuestAgentError
 from vmkit.runtime.machine import VirtualMachine
 from vmkit.runtime.migration import parse_version
 
@@ -60,9 +74,9 @@ def check_cpus(config: MachineConfig, count: int, *, field: str = "cpus") -> int
 
 
 def unplug_refusal(accel: str, qemu_version: tuple[int, int, int] | None) -> str | None:
-    """Why a machine on ``accel`` under this QEMU cannot have vCPUs removed live (None: it can). Plain
-    QEMU 10.0.2 survives removals under TCG, but vmkit has not been validated on it (a save after a
-    removal hung there once): every TCG machine is refused for now."""
+    """Why a machine on ``accel`` under this QEMU cannot have vCPUs removed with ``device_del`` (None: it
+    can). Plain QEMU 10.0.2 survives removals under TCG, but vmkit has not been validated on it (a save
+    after a removal hung there once): every TCG machine parks vCPUs in the guest instead, for now."""
     if accel != "tcg":
         return None
     shown = ".".join(map(str, qemu_version)) if qemu_version else "of unknown version"
@@ -95,48 +109,136 @@ async def slots(vm: VirtualMachine) -> list[Slot]:
     return [Slot(i, str(s["type"]), dict(s["props"]), s.get("qom-path")) for i, s in enumerate(ordered)]
 
 
-async def online(vm: VirtualMachine) -> int:
-    """How many vCPUs QEMU has now (``query-cpus-fast``)."""
+async def present(vm: VirtualMachine) -> int:
+    """How many vCPUs QEMU has now (``query-cpus-fast``), parked ones included."""
     return len(await vm.execute("query-cpus-fast"))
+
+
+async def online(vm: VirtualMachine) -> int:
+    """How many vCPUs the guest can run on: QEMU's, less those parked (offlined in the guest by
+    :func:`set_cpus`)."""
+    return await present(vm) - len(vm.vcpus_parked)
+
+
+METHODS = {
+    "hotplug": "hot-plugged (device_add)",
+    "unplug": "unplugged (device_del)",
+    "guest-offline": "offlined in the guest; unplugged at the next boot",
+    "guest-online": "brought back online in the guest",
+    "guest-online+hotplug": "parked vCPUs brought back online in the guest, the rest hot-plugged (device_add)",
+    "unchanged": "unchanged",
+}
+"""How :func:`set_cpus` made the change (``CpusResult.method``), and the sentence that says so."""
 
 
 @dataclass(frozen=True)
 class CpuChange:
     requested: int
     online: int
-    """vCPUs QEMU has after the change."""
+    """vCPUs the guest can run on after the change (QEMU's less the parked ones)."""
     ceiling: int
     added: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
+    offlined: tuple[int, ...] = ()
+    """vCPUs taken offline in the guest (parked: QEMU keeps them until the next boot)."""
+    onlined: tuple[int, ...] = ()
+    """Parked vCPUs brought back online in the guest."""
+
+    @property
+    def method(self) -> str:
+        """A key of :data:`METHODS`."""
+        if self.offlined:
+            return "guest-offline"
+        if self.removed:
+            return "unplug"
+        if self.onlined:
+            return "guest-online+hotplug" if self.added else "guest-online"
+        return "hotplug" if self.added else "unchanged"
+
+
+def refuse_parked(vm: VirtualMachine, what: str) -> None:
+    """A :class:`StateError` if the machine has parked vCPUs, for what cannot carry them: a snapshot (it may
+    be reverted in a QEMU booted with vm.yaml's ``cpus``) and a migration (whose target boots with it)."""
+    if vm.vcpus_parked:
+        ids = ", ".join(map(str, sorted(vm.vcpus_parked)))
+        exc = StateError(what, f"running with vCPU(s) {ids} offlined in the guest (`vmkit set --cpus` lowered "
+                         "it under TCG), which QEMU keeps until the next boot", ["without offlined vCPUs"])
+        exc.hint = (f"stop it and start it again (it boots with cpus: {vm.config.cpus}), or bring them back with "
+                    f"`vmkit set {vm.config.name} --cpus {vm.config.cpus + len(vm.vcpus_parked)}` first")
+        raise exc
+
+
+AGENT_TIMEOUT = 15.0
+"""Seconds the guest agent gets to take vCPUs offline or online (a few hundred ms measured under TCG)."""
+
+
+async def guest_set_online(vm: VirtualMachine, ids: list[int], up: bool, count: int, *,
+                           timeout: float = AGENT_TIMEOUT) -> None:
+    """Take the guest's vCPUs ``ids`` offline (``up`` False) or online through its agent
+    (``guest-set-vcpus``); :attr:`VirtualMachine.vcpus_parked` follows what the agent did."""
+    name = vm.config.name
+    if vm.agent is None:
+        raise ConfigError.single("cpus", f"{count} vCPUs: taking vCPUs offline or online in the guest needs its "
+                                 f"guest agent, and {name} has no agent channel (agent: false)")
+    request = [{"logical-id": i, "online": up} for i in ids]
+    try:
+        done = int(await vm.agent.execute("guest-set-vcpus", {"vcpus": request}, timeout=timeout))
+    except GuestAgentError as exc:
+        raise GuestAgentError(f"{name}: the guest agent could not take vCPU(s) {', '.join(map(str, ids))} "
+                              f"{'online' if up else 'offline'} (for --cpus {count}): {exc.message}",
+                              hint="is qemu-guest-agent running in the guest? (`vmkit exec` needs it too); "
+                                   "or stop the machine, lower cpus and start it again",
+                              timed_out=exc.timed_out, error_class=exc.error_class) from None
+    for i in ids[:done]:
+        if up:
+            vm.vcpus_parked.discard(i)
+        else:
+            vm.vcpus_parked.add(i)
+    if done < len(ids):
+        raise GuestAgentError(f"{name}: the guest took only {done} of vCPU(s) {', '.join(map(str, ids))} "
+                              f"{'online' if up else 'offline'} (for --cpus {count})",
+                              hint="the guest refused the rest (see its kernel log)")
 
 
 async def set_cpus(vm: VirtualMachine, count: int, *, timeout: float = 30.0) -> CpuChange:
-    """Give the running machine ``count`` vCPUs; waits up to ``timeout`` s for the guest to release
-    the ones it gives up (:class:`VmTimeoutError` if it keeps some)."""
+    """Give the running machine ``count`` vCPUs the guest can run on; waits up to ``timeout`` s for the
+    guest to release the ones it gives up (:class:`VmTimeoutError` if it keeps some). Under TCG the
+    surplus is parked (offlined in the guest), see the module's docs."""
     check_cpus(vm.config, count)
     all_slots = await slots(vm)
     filled = [s for s in all_slots if s.qom_path is not None]
-    if count > len(filled):
-        if vm.vcpus_removed and _refusal(vm):
+    vm.vcpus_parked &= {s.index for s in filled}
+    parked = sorted(vm.vcpus_parked)
+    active = len(filled) - len(parked)
+    if count > active:
+        if vm.vcpus_removed and count > len(filled) and _refusal(vm):
             exc = StateError("add vCPUs", f"running on TCG and has removed {vm.vcpus_removed} vCPU(s) since it "
                              "started (its QEMU crashes adding one after that)", ["freshly started"])
             exc.hint = (f"stop it and start it again (vm.yaml already says cpus: {len(filled)}), then add "
                         "them; or save it (vmkit stop --save) and start it")
             raise exc
+        back = parked[:count - active]
+        if back:
+            await guest_set_online(vm, back, True, count)
         added = []
         for slot in [s for s in all_slots if s.qom_path is None][:count - len(filled)]:
             await vm.execute("device_add", {"driver": slot.driver, "id": f"{ID_PREFIX}{slot.index}", **slot.props})
             added.append(slot.index)
-        return CpuChange(count, await online(vm), len(all_slots), added=tuple(added))
-    going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
-    if not going:
-        return CpuChange(count, len(filled), len(all_slots))
+        return CpuChange(count, await online(vm), len(all_slots), added=tuple(added), onlined=tuple(back))
+    if count == active:
+        return CpuChange(count, active, len(all_slots))
     why = _refusal(vm)
-    if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":
-        exc = StateError("remove vCPUs live", why, ["running on KVM"])
-        exc.hint = (f"stop it, lower its vCPUs for the next start (vmkit set {vm.config.name} --cpus {count}) "
-                    "and start it again")
-        raise exc
+    if why and os.environ.get(UNSAFE_TCG_UNPLUG) != "1":  # no device_del: park them in the guest
+        if vm.agent is None:
+            name = vm.config.name
+            raise ConfigError.single("cpus", f"{count} vCPUs: {name} is {why}, so vmkit takes vCPUs away by "
+                                     "offlining them in the guest through its guest agent, and it has no agent "
+                                     "channel (agent: false): stop it, lower cpus for the next start (vmkit set "
+                                     f"{name} --cpus {count}) and start it again")
+        going_ids = sorted((s.index for s in filled if s.index not in vm.vcpus_parked), reverse=True)
+        await guest_set_online(vm, going_ids[:active - count], False, count)
+        return CpuChange(count, await online(vm), len(all_slots), offlined=tuple(going_ids[:active - count]))
+    going = sorted(filled, key=lambda s: s.index, reverse=True)[:len(filled) - count]
     paths = {str(s.qom_path): s.index for s in going}
     vm.vcpus_removed += len(going)  # asked for: a refused eject can still complete later
     async with vm.subscribe() as events:

@@ -3,7 +3,9 @@
 **Pinning** (``limits.cpu_pin``): vCPU *i* is pinned to the *i*-th CPU of the list, round robin
 (``sched_setaffinity`` on the thread ids QMP ``query-cpus-fast`` gives); QEMU's other threads
 (main loop, I/O, RCU, virtiofsd's) keep the whole list, which the machine's cpuset already imposes.
-A vCPU added live is pinned the next time the limits are set or the stats are read.
+A vCPU added live, or brought back online in the guest, is pinned when ``vmkit set --cpus`` returns.
+vCPUs offlined in the guest (parked, see vmkit.runtime.vcpus) take no turn in the round robin and may
+run anywhere in the list (they are halted), and steal is averaged over the running vCPUs only.
 
 **Steal**: under TCG the guest sees no steal time of its own, so vmkit measures it on the host:
 the time each vCPU thread was runnable but waiting for a host CPU (``/proc/PID/task/TID/schedstat``,
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 
@@ -31,15 +33,23 @@ async def vcpu_threads(vm: Qmp) -> list[int]:
     return [int(c["thread-id"]) for c in sorted(reply, key=lambda c: int(c.get("cpu-index", 0)))]
 
 
-def pin(threads: Sequence[int], cpus: Sequence[int]) -> dict[int, int]:
-    """Pin vCPU thread *i* to ``cpus[i % len(cpus)]``; returns thread id -> CPU (a thread that is gone
-    is skipped). An empty ``cpus`` undoes nothing: the cpuset's list applies."""
+def pin(threads: Sequence[int], cpus: Sequence[int], *, parked: Collection[int] = ()) -> dict[int, int]:
+    """Pin the vCPU threads the guest runs on to ``cpus``, round robin in vCPU order; returns thread id ->
+    CPU (a thread that is gone is skipped). An empty ``cpus`` undoes nothing: the cpuset's list applies.
+    vCPUs whose index is in ``parked`` (offlined in the guest: their threads are halted) do not take a
+    turn, so the running ones spread over ``cpus`` as a machine booted with that many would; they may run
+    on any CPU of ``cpus`` and are left out of the result (they are placed when they come back online)."""
     placed: dict[int, int] = {}
     if not cpus:
         return placed
+    turn = 0
     for i, tid in enumerate(threads):
-        cpu = cpus[i % len(cpus)]
         with contextlib.suppress(ProcessLookupError):
+            if i in parked:
+                os.sched_setaffinity(tid, set(cpus))
+                continue
+            cpu = cpus[turn % len(cpus)]
+            turn += 1
             os.sched_setaffinity(tid, {cpu})
             placed[tid] = cpu
     return placed

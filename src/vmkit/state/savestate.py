@@ -42,8 +42,9 @@ must boot what it booted from), the storage devices without their paths (kind, f
 mode, serial: disks may move, their identities are checked separately), the shared-folder devices (type
 and tag; not the host folder), the guest agent channel, the hot-plug ports and USB controller, whether
 there is a NIC and its MAC, whether there is a virtio-rng and a virtio-balloon, the display (device
-and boot-time size) and the NICs on vmkit networks (model and MAC; these two fields are there only
-for a machine that has them). Left out on
+and boot-time size), the NICs on vmkit networks (model and MAC) and the vCPUs parked offline in the
+guest (``vcpus_offline``, with ``cpus`` counting them: see vmkit.runtime.vcpus; a restore boots them
+and parks them again); these three fields are there only for a machine that has them. Left out on
 purpose: the name, port forwards (host side only), mem-merge (host side only), serial logging, readiness and the
 image name. The fields themselves are stored in the header too (``machine``; not authenticated by
 themselves, but checked against the authenticated digest before use) so that a mismatch can name the
@@ -73,7 +74,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +101,7 @@ from vmkit.runtime.machine import VirtualMachine, VmEvent
 from vmkit.runtime.qemu.accel import AccelChoice
 from vmkit.runtime.qemu.cmdline import device_id
 from vmkit.runtime.states import VmState
+from vmkit.runtime.vcpus import refuse_parked
 from vmkit.state import key as keys
 from vmkit.state.file import (
     MAGIC,
@@ -184,8 +186,10 @@ class VmStateHeader(StateHeader):
 # --------------------------------------------------------------------------- the header
 
 
-def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
-    """The configuration fields that the configuration digest covers (see the module docstring)."""
+def machine_fields(config: MachineConfig, accel: AccelChoice, *, offline: Collection[int] = ()) -> dict[str, Any]:
+    """The configuration fields that the configuration digest covers (see the module docstring).
+    ``offline``: vCPUs QEMU has but the guest took offline (parked, see vmkit.runtime.vcpus): the state
+    has ``cpus`` + those, and a restore boots them all and parks these again."""
     data = config.to_dict()
     storage = []
     for dev in data.get("storage") or []:
@@ -216,7 +220,18 @@ def machine_fields(config: MachineConfig, accel: AccelChoice) -> dict[str, Any]:
         fields["display"] = data["display"]
     if config.networks:  # NICs on vmkit networks: devices the guest has (only when there are some, as above)
         fields["networks"] = [{"model": n.model, "mac": n.mac} for n in config.networks]
+    if offline:  # vCPUs parked in the guest (only when there are some, as above)
+        fields["cpus"] = data["cpus"] + len(offline)
+        fields["vcpus_offline"] = sorted(offline)
     return fields
+
+
+def saved_offline(path: Path, saved: StateHeader) -> list[int]:
+    """The vCPUs that were parked (offline in the guest) when ``path`` was saved, from its stored fields
+    (trusted only if they hash to the authenticated digest)."""
+    fields = _stored_fields(path, saved.config_digest) or {}
+    offline = fields.get("vcpus_offline")
+    return sorted(int(i) for i in offline) if isinstance(offline, list) else []
 
 
 def _canonical(obj: Any) -> bytes:
@@ -232,7 +247,9 @@ def moved_header(document: dict[str, Any], config: MachineConfig, accel: AccelCh
     """The header of a state file whose machine moved to another host (``vmkit migrate --offline``):
     the same state, described for ``config`` there (its paths, its disks as copied, which the state
     was taken with: the move carried both together)."""
-    fields = machine_fields(config, accel)
+    moved = document.get("machine")
+    offline = moved.get("vcpus_offline") if isinstance(moved, dict) else None  # parked vCPUs travel along
+    fields = machine_fields(config, accel, offline=[int(i) for i in offline] if isinstance(offline, list) else ())
     return {**document, "machine": fields, "config_digest": config_digest(fields),
             "disks": [d.model_dump(mode="json") for d in disk_identities(config)]}
 
@@ -277,7 +294,7 @@ async def current_header(vm: VirtualMachine, *, path: Path | None = None) -> VmS
     """The header describing ``vm`` as it is now (QEMU must be running: live state)."""
     if vm.qmp is None:
         raise StateError("describe the machine state", vm.state.value, ["running", "paused"])
-    fields = machine_fields(vm.config, vm.accel)
+    fields = machine_fields(vm.config, vm.accel, offline=vm.vcpus_parked)
     return VmStateHeader(
         qemu_version=vm.qmp.qemu_version,
         machine_type=await machine_type(vm),
@@ -384,7 +401,7 @@ def precheck(path: Path, config: MachineConfig, accel: AccelChoice, *, force: bo
     """
     path = Path(path).absolute()
     saved = read_verified_header(path, key)
-    fields = machine_fields(config, accel)
+    fields = machine_fields(config, accel, offline=saved_offline(path, saved))
     expected = VmStateHeader(qemu_version=saved.qemu_version, machine_type=saved.machine_type,
                              config_digest=config_digest(fields), ram_bytes=config.memory,
                              disks=disk_identities(config, path=path), machine=fields)
@@ -724,6 +741,10 @@ async def restore_state(vm: VirtualMachine, path: Path, progress: ProgressCallba
     saved = await asyncio.to_thread(precheck, path, vm.config, vm.accel, force=force, key=key)
     await asyncio.to_thread(prefetch, path)  # the disk reads the file while QEMU starts
     pinned = pinned_machine_type(vm.config, saved.machine_type)
+    offline = saved_offline(path, saved)
+    configured = vm.config
+    if offline:  # QEMU starts with the vCPUs the state has; the guest has the parked ones offline
+        vm.config = configured.model_copy(update={"cpus": configured.cpus + len(offline)})
     try:
         await vm.start(incoming=True, machine_type=pinned)
     except QemuError as exc:
@@ -732,6 +753,9 @@ async def restore_state(vm: VirtualMachine, path: Path, progress: ProgressCallba
         raise IncompatibleQemu(path, saved_version=saved.qemu_version, saved_machine=saved.machine_type,
                                current_version="(the installed one)", current_machine=vm.config.machine,
                                reason=f"this QEMU does not have machine type {saved.machine_type}") from exc
+    finally:
+        vm.config = configured
+    vm.vcpus_parked.update(offline)
     try:
         expected = await current_header(vm, path=path)
         check_header(saved, expected, path=path, force=force)
@@ -907,6 +931,7 @@ async def create_snapshot(vm: VirtualMachine, tag: str) -> SnapshotInfo:
     if vm.state not in (VmState.RUNNING, VmState.PAUSED):
         raise StateError("create a snapshot", vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
     _refuse_unmigratable(vm, "snapshot the machine")
+    refuse_parked(vm, "snapshot the machine")  # a revert in a QEMU booted with cpus would lack them
     if any(s.tag == tag for s in await list_snapshots(vm)):
         raise AlreadyExistsError("snapshot", tag, hint=f"delete it first (vmkit snapshot delete {vm.config.name} "
                                  f"{tag}) or pick another tag")

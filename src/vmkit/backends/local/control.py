@@ -545,7 +545,8 @@ def set_cpus(name: str, count: int, *, timeout: float = 30.0, field: str = "cpus
         data = client(name).call("POST", "/v1/cpus", {"cpus": count, "timeout": timeout}, timeout=timeout + 15)
         return models.CpusResult.model_validate(data)
     _edit_stopped(inst, field, cpus=count)
-    return models.CpusResult(cpus=count, vcpus_online=None, max_cpus=config.cpu_ceiling, added=[], removed=[])
+    return models.CpusResult(cpus=count, vcpus_online=None, max_cpus=config.cpu_ceiling, added=[], removed=[],
+                             method="next-boot", note="in vm.yaml, from the next start")
 
 
 def set_memory(name: str, size: int | str, *, timeout: float = 10.0, field: str = "memory") -> models.MemoryResult:
