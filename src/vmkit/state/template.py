@@ -566,18 +566,17 @@ def _any_case(text: str) -> str:
 
 
 def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
-    """Shell lines giving the guest's interface that has the template's MAC the clone's own (see
-    :func:`clone_config`), in the network configuration too (cloud-init matches the NIC by its MAC). The
-    interface's name is left in ``$nic``."""
+    """Shell lines finding the guest's interface that has the template's MAC (its name left in ``$nic``;
+    :func:`identity_script` gives it the clone's MAC, see :func:`clone_config`) and putting the clone's MAC
+    in the network configuration (cloud-init matches the NIC by its MAC)."""
     own = nic_mac(config)
     if template_mac is None or own is None or own.lower() == template_mac.lower():
         return []
     old, new = template_mac.lower(), own.lower()
-    return [  # builtins, but for `ip` (and `sed` where a file names the MAC)
+    return [  # builtins (but `sed` where a file names the MAC)
         "nic=; for i in /sys/class/net/*; do read a < $i/address || continue",
         f"  if [ \"$a\" = {_q(old)} ]; then nic=${{i##*/}}; fi; done",
         '[ -n "$nic" ] || { echo "no interface has the template\'s MAC" >&2; exit 3; }',
-        f"ip link set dev \"$nic\" address {_q(new)}",
         "set --; for f in /etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/* "
         "/etc/systemd/network/* /run/systemd/network/*; do [ -f \"$f\" ] || continue",
         f"  while IFS= read -r l; do case \"$l\" in *{_any_case(old)}*) set -- \"$@\" \"$f\"; break;; esac",
@@ -666,8 +665,9 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"echo {_q(machine_id)} > /etc/machine-id",
     ]
     own_mac = mac_lines(config, template_mac)
+    set_mac = f"\"$nic\" {(nic_mac(config) or '').replace(':', '')}" if own_mac else "- -"  # (perl's arguments)
     if own_mac:
-        lines += [_step("mac"), *own_mac]
+        lines += [_step("find-nic"), *own_mac]
     lines += [_step("ssh-host-keys")]
     paths = []
     for k in host_keys.keys:
@@ -688,21 +688,24 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"[ -z \"$new\" ] || chown {provision.USER}: {keys_dir}/authorized_keys",
         "[ -d /run/vmkit ] || mkdir -p /run/vmkit",
         f"echo {_q(instance_id)} > /run/vmkit/instance-id",
-        _step("rng-and-clock"),
-        # the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host
-        # bytes (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG); and the
-        # clock, in the same program (perl-base is in every Debian; it starts in a fraction of python3's
-        # time under TCG)
-        "perl -e 'my ($hex, $host, $started, $nr) = @ARGV; "
+        _step("rng-clock-mac"),
+        # one program (perl-base is in every Debian; it starts in a fraction of python3's time under TCG):
+        # - the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host bytes
+        #   (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG);
+        # - the clock (clock_settime);
+        # - the NIC's MAC (SIOCSIFHWADDR: `ip link set address` without starting ip; virtio-net takes it up)
+        "perl -e 'my ($hex, $host, $started, $nr, $if, $mac) = @ARGV; "
         "open(my $f, \">\", \"/dev/random\") or die \"open: $!\"; my $b = pack(\"H*\", $hex); "
         "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
         "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; "
-        "exit 0 if $host eq \"-\"; "
-        "open(my $u, \"<\", \"/proc/uptime\") or die \"uptime: $!\"; my ($up) = split(/ /, <$u>); "
-        "my $ns = $host + int(($up - $started / 100) * 1e9); "
-        "syscall($nr, 0, pack(\"qq\", int($ns / 1000000000), $ns % 1000000000)) == 0 or die \"clock_settime: $!\";' "
+        "if ($host ne \"-\") { open(my $u, \"<\", \"/proc/uptime\") or die \"uptime: $!\"; "
+        "my ($up) = split(/ /, <$u>); my $ns = $host + int(($up - $started / 100) * 1e9); "
+        "syscall($nr, 0, pack(\"qq\", int($ns / 1000000000), $ns % 1000000000)) == 0 "
+        "or die \"clock_settime: $!\"; } "
+        "if ($if ne \"-\") { socket(my $s, 2, 2, 0) or die \"socket: $!\"; "
+        "ioctl($s, 0x8924, pack(\"a16 S a14\", $if, 1, pack(\"H12\", $mac))) or die \"SIOCSIFHWADDR $if: $!\"; }' "
         f"{entropy.hex() or '00'} {host_time_ns if host_time_ns is not None else '-'} \"$started\" "
-        f"{CLOCK_SETTIME.get(config.arch, 0)}",
+        f"{CLOCK_SETTIME.get(config.arch, 0)} {set_mac}",
         # no reload of sshd: it is re-executed for every connection, and reads the host keys then
         # (OpenSSH 9.2, Debian 12): the first connection already gets the new ones
     ]
