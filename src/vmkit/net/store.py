@@ -233,13 +233,14 @@ class NetworkStore:
 
     def _write_dnsmasq(self, net: NetworkDef, *, restart: bool) -> None:
         d = self.dir(net.name)
-        text = dnsmasq_conf(net, self.members(net.name), d)
+        members = self.members(net.name)
+        text = dnsmasq_conf(net, members, d)
         conf = d / "dnsmasq.conf"
         changed = not conf.is_file() or conf.read_text() != text
         if changed:
             atomic_write(conf, text, 0o600)
         if restart or changed:
-            system.start_dnsmasq(d)
+            system.start_dnsmasq(d, {m.address: m.mac for m in members.machines.values()})
 
     def _teardown(self, net: NetworkDef) -> list[str]:
         d = self.dir(net.name)
