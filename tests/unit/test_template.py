@@ -179,22 +179,22 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
     assert "echo web-1 > /proc/sys/kernel/hostname\n" in script and "ffffffff" in script and "i-abc" in script
     assert host.keys[0].public_openssh in script and user.public_openssh in script
-    assert "ip link" not in script and script.endswith(" 227 - -\n" + template._step("end") + "\n")  # no MAC to set
+    assert "ip link" not in script and script.endswith(" 227 - - 0 -\n" + template._step("end") + "\n")  # no MAC to set
     with_mac = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32,
                                         template_mac="52:54:00:00:00:01")
-    assert '"$nic" 525400123456\n' in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
+    assert '"$nic" 525400123456 0 -\n' in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
     assert subprocess.run(["sh", "-n"], input=with_mac, text=True, check=False).returncode == 0
     assert "networkctl" not in with_mac  # user-mode NAT: the lease moves with the MAC
     # the clock: the host's time (ns) and the clock_settime system call, in the RNG's perl
     timed = template.identity_script(cfg, tmp_path, entropy=b"\x02", machine_id="0" * 32, host_time_ns=123456789)
-    assert ' 02 123456789 "$started" 227 - -' in timed
+    assert ' 02 123456789 "$started" 227 - - 0 -' in timed
     assert ' 02 - "$started"' in template.identity_script(cfg, tmp_path, entropy=b"\x02", machine_id="0" * 32)
-    # a clone on a vmkit network: its DNS, DHCP again with its MAC as client id, until its address is there
+    # a clone on a vmkit network: its DNS, DHCP again with its MAC as client id, up, until its address is there
     lan = template.identity_script(on_lan(name="web-1"), tmp_path, entropy=b"", machine_id="0" * 32,
                                    template_mac="52:54:00:00:00:01",
                                    nic=template.CloneNic(address="10.1.2.5", resolv_conf="nameserver 10.1.2.1\n"))
-    assert '"$nic" 525400770001' in lan and "ClientIdentifier=mac" in lan and "networkctl reconfigure" in lan
-    assert "nameserver 10.1.2.1" in lan and " inet 10.1.2.5/" in lan
+    assert '"$nic" 525400770001 1 10.1.2.5\n' in lan and "ClientIdentifier=mac" in lan and "networkctl reload" in lan
+    assert "nameserver 10.1.2.1" in lan and lan.index('ip link set dev "$nic" down') < lan.index("perl -e")
     assert subprocess.run(["sh", "-n"], input=lan, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")

@@ -587,25 +587,61 @@ def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
 
 
 def network_lines(nic: CloneNic) -> list[str]:
-    """Shell lines that move the guest's interface ``$nic`` (its MAC already the clone's) from the template's
-    user-mode NAT to the vmkit network: its DNS, the template's lease dropped, DHCP again as a new client (its
-    MAC as client id: networkd's default DUID comes from the machine-id it read at boot, the template's, the
-    same in every clone), and, on a network with DHCP, until the address is there."""
-    lines = []
+    """Shell lines that take the guest's interface ``$nic`` (still the template's MAC) off the template's
+    user-mode NAT for the vmkit network: down (networkd stops its DHCP client), DHCP as a new client (its MAC as
+    client id: networkd's default DUID comes from the machine-id it read at boot, the template's, the same in
+    every clone), its DNS. :data:`PERL` then gives it the clone's MAC, brings it up (one DHCP exchange, for the
+    static lease) and waits until the address is there."""
+    lines = ["ip link set dev \"$nic\" down",
+             "for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
+             "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
+             "  printf '[DHCPv4]\\nClientIdentifier=mac\\n' > \"$d/vmkit-clone.conf\"; done",
+             "networkctl reload"]
     if nic.resolv_conf is not None:
         lines.append(f"printf '%s' {_q(nic.resolv_conf)} > /etc/resolv.conf")
-    lines += [
-        "ip -4 addr flush dev \"$nic\"",
-        "for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
-        "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
-        "  printf '[DHCPv4]\\nClientIdentifier=mac\\n' > \"$d/vmkit-clone.conf\"; done",
-        "networkctl reload && networkctl reconfigure \"$nic\"",
-    ]
-    if nic.address is not None:
-        lines += ["/lib/systemd/systemd-networkd-wait-online -q -i \"$nic\" -4 --timeout=60",
-                  f"ip -4 -o addr show dev \"$nic\" | grep -q ' inet {nic.address}/' "
-                  f"|| {{ echo \"$nic has no address {nic.address}\" >&2; exit 4; }}"]
     return lines
+
+
+PERL = """my ($hex, $host, $started, $nr, $if, $mac, $up, $addr) = @ARGV;
+open(my $f, ">", "/dev/random") or die "open /dev/random: $!";
+my $b = pack("H*", $hex);
+ioctl($f, 0x40085203, pack("ii", length($b) * 8, length($b)) . $b) or die "RNDADDENTROPY: $!";
+ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
+if ($host ne "-") {
+  open(my $u, "<", "/proc/uptime") or die "uptime: $!"; my ($t) = split(/ /, <$u>);
+  my $ns = $host + int(($t - $started / 100) * 1e9);
+  syscall($nr, 0, pack("qq", int($ns / 1000000000), $ns % 1000000000)) == 0 or die "clock_settime: $!";
+}
+if ($if ne "-") {
+  socket(my $s, 2, 2, 0) or die "socket: $!";
+  ioctl($s, 0x8924, pack("a16 S a14", $if, 1, pack("H12", $mac))) or die "SIOCSIFHWADDR $if: $!";
+  if ($up) {
+    my $r = pack("a16 x24", $if); ioctl($s, 0x8913, $r) or die "SIOCGIFFLAGS $if: $!";
+    ioctl($s, 0x8914, pack("a16 s x22", $if, unpack("x16 s", $r) | 1)) or die "SIOCSIFFLAGS $if: $!";
+  }
+}
+if ($addr ne "-") {
+  my $end = time + 60;
+  while (1) {
+    open(my $t, "<", "/proc/net/fib_trie") or die "fib_trie: $!"; local $/; my $x = <$t>; close $t;
+    last if $x =~ /-- \\Q$addr\\E\\n\\s+\\/32 host LOCAL/;
+    die "$if has no address $addr after 60 s\\n" if time > $end;
+    select(undef, undef, undef, 0.02);
+  }
+}
+"""
+"""What the identity script runs in perl (perl-base is in every Debian; it starts in a fraction of python3's
+time under TCG), one program for:
+
+- the kernel RNG: the clone's state equals every other clone's until it reseeds. Fresh host bytes are added
+  (credited: RNDADDENTROPY) and every CPU's generator reseeded (RNDRESEEDCRNG);
+- the clock (clock_settime) to the host's time plus the time since the shell started;
+- the NIC's MAC (SIOCSIFHWADDR: what `ip link set address` does, without starting ip; virtio-net takes it
+  while up), and for a clone on a vmkit network the NIC up again (SIOCSIFFLAGS) and a wait until its static
+  lease is one of the guest's addresses (/proc/net/fib_trie, every 20 ms, at most 60 s).
+
+Arguments: entropy (hex), host time (ns) or ``-``, the shell's start (clock ticks), clock_settime's number,
+interface or ``-``, MAC (hex), 1 to bring the interface up, the address to wait for or ``-``."""
 
 
 def hosts_lines(name: str, path: str = "/etc/hosts") -> list[str]:
@@ -665,9 +701,14 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         f"echo {_q(machine_id)} > /etc/machine-id",
     ]
     own_mac = mac_lines(config, template_mac)
-    set_mac = f"\"$nic\" {(nic_mac(config) or '').replace(':', '')}" if own_mac else "- -"  # (perl's arguments)
+    network = nic is not None and bool(own_mac)  # the template's NIC, now on a vmkit network
+    set_mac = (f"\"$nic\" {(nic_mac(config) or '').replace(':', '')} {int(network)} "  # (perl's arguments)
+               f"{(nic.address if nic is not None else None) or '-'}") if own_mac else "- - 0 -"
     if own_mac:
         lines += [_step("find-nic"), *own_mac]
+    if network:
+        assert nic is not None
+        lines += [_step("network"), *network_lines(nic)]
     lines += [_step("ssh-host-keys")]
     paths = []
     for k in host_keys.keys:
@@ -689,28 +730,11 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         "[ -d /run/vmkit ] || mkdir -p /run/vmkit",
         f"echo {_q(instance_id)} > /run/vmkit/instance-id",
         _step("rng-clock-mac"),
-        # one program (perl-base is in every Debian; it starts in a fraction of python3's time under TCG):
-        # - the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host bytes
-        #   (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG);
-        # - the clock (clock_settime);
-        # - the NIC's MAC (SIOCSIFHWADDR: `ip link set address` without starting ip; virtio-net takes it up)
-        "perl -e 'my ($hex, $host, $started, $nr, $if, $mac) = @ARGV; "
-        "open(my $f, \">\", \"/dev/random\") or die \"open: $!\"; my $b = pack(\"H*\", $hex); "
-        "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
-        "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; "
-        "if ($host ne \"-\") { open(my $u, \"<\", \"/proc/uptime\") or die \"uptime: $!\"; "
-        "my ($up) = split(/ /, <$u>); my $ns = $host + int(($up - $started / 100) * 1e9); "
-        "syscall($nr, 0, pack(\"qq\", int($ns / 1000000000), $ns % 1000000000)) == 0 "
-        "or die \"clock_settime: $!\"; } "
-        "if ($if ne \"-\") { socket(my $s, 2, 2, 0) or die \"socket: $!\"; "
-        "ioctl($s, 0x8924, pack(\"a16 S a14\", $if, 1, pack(\"H12\", $mac))) or die \"SIOCSIFHWADDR $if: $!\"; }' "
-        f"{entropy.hex() or '00'} {host_time_ns if host_time_ns is not None else '-'} \"$started\" "
-        f"{CLOCK_SETTIME.get(config.arch, 0)} {set_mac}",
+        f"perl -e {_q(PERL)} {entropy.hex() or '00'} {host_time_ns if host_time_ns is not None else '-'} "
+        f"\"$started\" {CLOCK_SETTIME.get(config.arch, 0)} {set_mac}",
         # no reload of sshd: it is re-executed for every connection, and reads the host keys then
         # (OpenSSH 9.2, Debian 12): the first connection already gets the new ones
     ]
-    if nic is not None and own_mac:
-        lines += [_step("network"), *network_lines(nic)]
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
         # machine's own seed (the block cache still holds the template's: dropped first)
