@@ -194,7 +194,8 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
                                    template_mac="52:54:00:00:00:01",
                                    nic=template.CloneNic(address="10.1.2.5", resolv_conf="nameserver 10.1.2.1\n"))
     assert '"$nic" 525400770001 1 10.1.2.5\n' in lan and "ClientIdentifier=mac" in lan and "networkctl reload" in lan
-    assert "nameserver 10.1.2.1" in lan and lan.index('ip link set dev "$nic" down') < lan.index("perl -e")
+    assert "nameserver 10.1.2.1" in lan
+    assert lan.index('ip link set dev "$nic" down address 52:54:00:77:00:01') < lan.index("perl -e")
     assert subprocess.run(["sh", "-n"], input=lan, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")

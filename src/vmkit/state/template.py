@@ -586,13 +586,15 @@ def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
     ]
 
 
-def network_lines(nic: CloneNic) -> list[str]:
-    """Shell lines that take the guest's interface ``$nic`` (still the template's MAC) off the template's
-    user-mode NAT for the vmkit network: down (networkd stops its DHCP client), DHCP as a new client (its MAC as
-    client id: networkd's default DUID comes from the machine-id it read at boot, the template's, the same in
-    every clone), its DNS. :data:`PERL` then gives it the clone's MAC, brings it up (one DHCP exchange, for the
-    static lease) and waits until the address is there."""
-    lines = ["ip link set dev \"$nic\" down",
+def network_lines(nic: CloneNic, mac: str) -> list[str]:
+    """Shell lines that take the guest's interface ``$nic`` off the template's user-mode NAT for the vmkit
+    network: down (networkd stops its DHCP client) with the clone's MAC (before networkd makes its new DHCP
+    client: one made with the template's MAC asks for an address first, and dnsmasq's ping check of the
+    dynamic address it offers holds every answer for 3 s), DHCP as a new client (its MAC as client id:
+    networkd's default DUID comes from the machine-id it read at boot, the template's, the same in every
+    clone), its DNS. :data:`PERL` then brings it up (one DHCP exchange, for the static lease) and waits until
+    the address is there."""
+    lines = [f"ip link set dev \"$nic\" down address {_q(mac)}",
              "for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
              "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
              "  printf '[DHCPv4]\\nClientIdentifier=mac\\n' > \"$d/vmkit-clone.conf\"; done",
@@ -708,7 +710,7 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         lines += [_step("find-nic"), *own_mac]
     if network:
         assert nic is not None
-        lines += [_step("network"), *network_lines(nic)]
+        lines += [_step("network"), *network_lines(nic, nic_mac(config) or "")]
     lines += [_step("ssh-host-keys")]
     paths = []
     for k in host_keys.keys:
