@@ -18,7 +18,8 @@ The template is made first if the image has no current one (``vmkit image warm``
 ``--profile`` runs only warm starts and prints the median of each phase: in the calling process until
 the supervisor process exists, the supervisor's own start until ``POST /v1/start``, then the phases the
 supervisor reports (QEMU started, device state loaded, resumed, the identity script, which also sets the
-clock), each step of the identity script as the guest timed it (its /proc/uptime at each step's start) and the
+clock), each step of the identity script as the guest timed it (its /proc/uptime at each step's start; "shell":
+from the shell's start, as its /proc/PID/stat says, to its first step) and the
 rest of the script's time (the agent starting the shell, the host's polls), the way back to the caller, and the
 ``hostname`` check.
 """
@@ -97,7 +98,7 @@ def profile(client: vmkit.Client, args: argparse.Namespace) -> None:
         row.update({f"  identity script in the guest: {k}": v for k, v in steps.items()})
         if steps:
             rest = t["personalize_seconds"] - sum(steps.values())
-            row["  identity script: the rest (agent, shell start, polls)"] = rest
+            row["  identity script: the rest (the agent starting the shell, polls)"] = rest
         row["back to the caller"] = returned - t["began_at"] - sum(phases.values())
         row["hostname check (vmkit exec)"] = checked - returned
         row["total"] = checked - began

@@ -696,6 +696,8 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         "set -e",
         # when this shell started (clock ticks since boot: field 22 of its stat), for the clock below
         "read -r st < /proc/$$/stat; set -f; set -- ${st##*) }; set +f; started=${20}",
+        # (a first mark: when the agent started this shell)
+        f'echo "{STEP} shell $((started / 100)).$((started % 100 / 10))$((started % 10))" >&2',
         _step("hostname"),
         f"echo {_q(name)} > /proc/sys/kernel/hostname",
         f"echo {_q(name)} > /etc/hostname",
