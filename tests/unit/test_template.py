@@ -197,6 +197,7 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert "nameserver 10.1.2.1" in lan
     assert lan.index('ip link set dev "$nic" down address 52:54:00:77:00:01') < lan.index("perl -e")
     assert subprocess.run(["sh", "-n"], input=lan, text=True, check=False).returncode == 0
+    assert subprocess.run(["sh", "-n"], input=template.TEMPLATE_SETTLE, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)

@@ -89,6 +89,12 @@ SPARE_NETDEV = "template-nat"
 """A clone whose NIC is on a vmkit network (:func:`moves_nic`) loads the template's user-mode NAT state (QEMU's
 ``slirp`` section: a stream section nothing takes fails the load) into a user-mode netdev of this name without a
 NIC, deleted once the state is loaded."""
+CLIENT_ID_DROPIN = "vmkit-clone.conf"
+CLIENT_ID_TEXT = "[DHCPv4]\nClientIdentifier=mac\n"
+"""A drop-in for the guest's systemd-networkd ``.network`` files: DHCP with the NIC's MAC as client id. Without
+it networkd's client id is a DUID made of the machine-id it read at boot: in a clone, the template's, the same
+for every clone, and dnsmasq keys its leases by client id. A template gets it before it is saved
+(:data:`TEMPLATE_SETTLE`); a clone of an older template on a vmkit network, at its start (:func:`network_lines`)."""
 _MIGRATION_TIMEOUT = 300.0
 BUILD_READY_TIMEOUT = 1200.0
 """Seconds the template's boot may take until its agent answers."""
@@ -321,9 +327,7 @@ async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _S
             say("waiting for cloud-init to finish")
             await guest_exec(vm.agent, ["cloud-init", "status", "--wait"], timeout=config.readiness.timeout)
             # the throw-away login key goes; what the guest wrote reaches its disk
-            # (emptied, not removed: a clone writes its key into the user's file, nothing to chown)
-            await guest_exec(vm.agent, ["/bin/sh", "-c", f": > /home/{provision.USER}/.ssh/authorized_keys; "
-                                                         "mkdir -p /run/vmkit; sync"], timeout=60)
+            await guest_exec(vm.agent, ["/bin/sh", "-c", TEMPLATE_SETTLE], timeout=120)
         boot_seconds = time.monotonic() - booted
         say("saving the running state")
         await vm.pause()
@@ -338,6 +342,21 @@ async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _S
         await vm.stop(timeout=10)
     return _Saved(version, mtype, round(boot_seconds, 2))
 
+
+TEMPLATE_SETTLE = "\n".join([
+    # the throw-away login key goes (emptied, not removed: a clone writes its key into the user's file, nothing
+    # to chown)
+    f": > /home/{provision.USER}/.ssh/authorized_keys",
+    "mkdir -p /run/vmkit",
+    # DHCP by MAC (see CLIENT_ID_DROPIN), read by networkd now: its link is configured again before the save
+    "r=; for f in /etc/systemd/network/*.network; do [ -f \"$f\" ] || continue; mkdir -p \"$f.d\"",
+    f"  printf {shlex.quote(CLIENT_ID_TEXT)} > \"$f.d/{CLIENT_ID_DROPIN}\"; r=1; done",
+    'if [ -n "$r" ]; then networkctl reload; sleep 2',
+    "  /lib/systemd/systemd-networkd-wait-online --timeout=60 || true; fi",
+    # what the guest wrote reaches its disk
+    "sync",
+]) + "\n"
+"""What the template's guest runs once it is ready, before it is saved."""
 
 _LEFTOVERS = ("ssh", provision.SEED, "known_hosts", "ssh_config", "qga.sock", "serial.log", "qemu.pid", "qemu.log")
 
@@ -595,10 +614,12 @@ def network_lines(nic: CloneNic, mac: str) -> list[str]:
     clone), its DNS. :data:`PERL` then brings it up (one DHCP exchange, for the static lease) and waits until
     the address is there."""
     lines = [f"ip link set dev \"$nic\" down address {_q(mac)}",
-             "for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
+             # a template made by vmkit has the drop-in already (networkd read it before the save); else here
+             "r=; for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
+             f"  if [ -f \"$f.d/{CLIENT_ID_DROPIN}\" ]; then continue; fi",
              "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
-             "  printf '[DHCPv4]\\nClientIdentifier=mac\\n' > \"$d/vmkit-clone.conf\"; done",
-             "networkctl reload"]
+             f"  printf {_q(CLIENT_ID_TEXT)} > \"$d/{CLIENT_ID_DROPIN}\"; r=1; done",
+             '[ -z "$r" ] || networkctl reload']
     if nic.resolv_conf is not None:
         lines.append(f"printf '%s' {_q(nic.resolv_conf)} > /etc/resolv.conf")
     return lines
