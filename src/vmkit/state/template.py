@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit.config import MachineConfig
+from vmkit.config import MachineConfig, Network
 from vmkit.errors import ImageError, VmkitError
 from vmkit.fsutil import atomic_write, fsync_path
 from vmkit.host import paths, provision
@@ -550,13 +550,11 @@ def clone_nic_config(config: MachineConfig) -> MachineConfig:
     """``config`` as the template sees its devices: a machine whose one NIC is on a vmkit network runs it in the
     template's NIC slot (the same device at the same PCI address, on a tap instead of user-mode NAT), so its
     layout is the template's with that NIC as the user-mode one."""
-    if config.user_nic is not None or len(config.networks) != 1 or config.network is None:
+    if not moves_nic(config):
         return config
     iface = config.networks[0]
-    return config.model_copy(update={
-        "network": config.network.model_copy(update={"mode": "user", "mac": iface.mac, "model": iface.model,
-                                                     "forwards": ()}),
-        "networks": ()})
+    return config.model_copy(update={"network": Network(mode="user", mac=iface.mac, model=iface.model),
+                                     "networks": ()})
 
 
 def moves_nic(config: MachineConfig) -> bool:
@@ -620,6 +618,8 @@ def network_lines(nic: CloneNic, mac: str) -> list[str]:
              "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
              f"  printf {_q(CLIENT_ID_TEXT)} > \"$d/{CLIENT_ID_DROPIN}\"; r=1; done",
              '[ -z "$r" ] || networkctl reload']
+    if nic.address is None:  # no DHCP there (rootless): nothing takes the template's NAT address away
+        lines.append("ip -4 addr flush dev \"$nic\"")
     if nic.resolv_conf is not None:
         lines.append(f"printf '%s' {_q(nic.resolv_conf)} > /etc/resolv.conf")
     return lines
