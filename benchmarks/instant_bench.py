@@ -17,8 +17,11 @@ The template is made first if the image has no current one (``vmkit image warm``
 
 ``--profile`` runs only warm starts and prints the median of each phase: in the calling process until
 the supervisor process exists, the supervisor's own start until ``POST /v1/start``, then the phases the
-supervisor reports (QEMU started, device state loaded, resumed, the identity script with the clock set
-beside it), the way back to the caller, and the ``hostname`` check.
+supervisor reports (QEMU started, device state loaded, resumed, the identity script, which also sets the
+clock), each step of the identity script as the guest timed it (its /proc/uptime at each step's start; "shell":
+from the shell's start, as its /proc/PID/stat says, to its first step) and the
+rest of the script's time (the agent starting the shell, the host's polls), the way back to the caller, and the
+``hostname`` check.
 """
 
 from __future__ import annotations
@@ -64,11 +67,19 @@ def ready_with_hostname(inst: vmkit.Instance, *, cold: bool, timeout: float = 90
     raise SystemExit(f"{inst.name}: hostname never became {inst.name}")
 
 
+NETWORK = "ibench"
+
+
+def nics(args: argparse.Namespace) -> dict[str, object]:
+    """``--network``: the machines' one NIC is on a vmkit nat network (``vmkit create --network NETWORK``)."""
+    return {"networks": [NETWORK]} if args.network else {}
+
+
 def profile(client: vmkit.Client, args: argparse.Namespace) -> None:
     """Where the seconds of a warm start go (medians over ``--runs``)."""
     runs: list[dict[str, float]] = []
     for i in range(args.runs):
-        inst = client.create(f"p{i}", image=args.image, memory=args.memory, cpus=args.cpus)
+        inst = client.create(f"p{i}", image=args.image, memory=args.memory, cpus=args.cpus, **nics(args))
         began = time.time()
         result = inst.start(timeout=900)
         returned = time.time()
@@ -83,6 +94,11 @@ def profile(client: vmkit.Client, args: argparse.Namespace) -> None:
                "supervisor start-up, until POST /v1/start": t["began_at"] - t["process_started"]}
         row.update(phases)
         row.update({f"  of which, side by side: {k}": v for k, v in t.get("parallel", {}).items()})
+        steps: dict[str, float] = t.get("identity_steps", {})
+        row.update({f"  identity script in the guest: {k}": v for k, v in steps.items()})
+        if steps:
+            rest = t["personalize_seconds"] - sum(steps.values())
+            row["  identity script: the rest (the agent starting the shell, polls)"] = rest
         row["back to the caller"] = returned - t["began_at"] - sum(phases.values())
         row["hostname check (vmkit exec)"] = checked - returned
         row["total"] = checked - began
@@ -104,51 +120,65 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=15.0, help="seconds the guests idle before memory is read")
     ap.add_argument("--quick", action="store_true", help="1 run each, memory with 2 guests")
     ap.add_argument("--profile", action="store_true", help="only warm starts: the median time of each phase")
+    ap.add_argument("--network", action="store_true", help="the machines' one NIC on a vmkit nat network (start "
+                    "and profile; root): a clone's start then includes its DHCP lease")
     args = ap.parse_args()
     runs, counts = (1, [2]) if args.quick else (args.runs, [int(c) for c in args.counts.split(",")])
     print(f"# instant start: {args.image}, {args.memory}, {args.cpus} vCPU; {load()}")
     with scratch_home("vmkit-instant-") as client:
         tpl, made = client.warm_image(args.image, memory=args.memory, cpus=args.cpus)
         print(f"# template {tpl.path} ({'made now' if made else 'current'}; its boot took {tpl.boot_seconds:.0f} s)")
-        if args.profile:
-            profile(client, args)
-            return
-        warm_s: list[float] = []
-        cold_s: list[float] = []
-        for i in range(runs):
-            for cold, samples in ((False, warm_s), (True, cold_s)):
-                inst = client.create(f"{'c' if cold else 'w'}{i}", image=args.image, memory=args.memory,
-                                     cpus=args.cpus)
-                samples.append(ready_with_hostname(patient(inst, cold=cold), cold=cold))
-                inst.stop(force=True)
-                inst.delete(force=True)
-        (wm, wb), (cm, cb) = med_best(warm_s), med_best(cold_s)
-        print_table(["start to ready with its hostname", "median s", "best s", "runs"],
-                    [["warm (cloned from the template)", f"{wm:.2f}", f"{wb:.2f}", runs],
-                     ["cold (booted)", f"{cm:.2f}", f"{cb:.2f}", runs]])
-        print(f"speed-up: {cm / wm:.1f}x (median), {cb / wb:.1f}x (best); target: warm <= 2 s, >= 10x")
-        print()
-        rows = []
-        for n in counts:
-            sums = {}
-            for cold in (False, True):
-                machines = [patient(client.create(f"m{'c' if cold else 'w'}{i}", image=args.image, memory=args.memory,
-                                                  cpus=args.cpus), cold=cold) for i in range(n)]
-                with ThreadPoolExecutor(n) as pool:  # started side by side (as guests of a busy host are)
-                    list(pool.map(lambda m, c=cold: m.start(cold=c, timeout=1800), machines))
-                time.sleep(args.settle)
-                pids = [m.status().qemu_pid for m in machines]
-                mem = [proc_mem(p) for p in pids if p is not None]
-                sums[cold] = (sum(p for p, _ in mem), sum(r for _, r in mem))
-                for m in machines:
-                    m.stop(force=True)
-                    m.delete(force=True)
-            (wp, wr), (cp, cr) = sums[False], sums[True]
-            rows.append([n, f"{wp / MiB:.0f}", f"{wr / MiB:.0f}", f"{cp / MiB:.0f}", f"{cr / MiB:.0f}",
-                         f"{(cp - wp) / MiB:.0f} ({1 - wp / cp:.0%})" if cp else "-"])
-        print_table(["guests", "clones Pss MiB", "clones RSS MiB", "cold Pss MiB", "cold RSS MiB", "saved (Pss)"],
-                    rows, left=1)
+        if args.network:
+            client.create_network(NETWORK, mode="nat")
+        try:
+            bench(client, args, runs, counts)
+        finally:
+            if args.network:
+                for inst in client.list():
+                    inst.delete(force=True)
+                client.delete_network(NETWORK, force=True)
 
+
+def bench(client: vmkit.Client, args: argparse.Namespace, runs: int, counts: list[int]) -> None:
+    """The profile, or the start times and the memory."""
+    if args.profile:
+        profile(client, args)
+        return
+    warm_s: list[float] = []
+    cold_s: list[float] = []
+    for i in range(runs):
+        for cold, samples in ((False, warm_s), (True, cold_s)):
+            inst = client.create(f"{'c' if cold else 'w'}{i}", image=args.image, memory=args.memory,
+                                 cpus=args.cpus, **nics(args))
+            samples.append(ready_with_hostname(patient(inst, cold=cold), cold=cold))
+            inst.stop(force=True)
+            inst.delete(force=True)
+    (wm, wb), (cm, cb) = med_best(warm_s), med_best(cold_s)
+    print_table(["start to ready with its hostname", "median s", "best s", "runs"],
+                [["warm (cloned from the template)", f"{wm:.2f}", f"{wb:.2f}", runs],
+                 ["cold (booted)", f"{cm:.2f}", f"{cb:.2f}", runs]])
+    print(f"speed-up: {cm / wm:.1f}x (median), {cb / wb:.1f}x (best); target: warm <= 2 s, >= 10x")
+    print()
+    rows = []
+    for n in counts:
+        sums = {}
+        for cold in (False, True):
+            machines = [patient(client.create(f"m{'c' if cold else 'w'}{i}", image=args.image, memory=args.memory,
+                                              cpus=args.cpus), cold=cold) for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:  # started side by side (as guests of a busy host are)
+                list(pool.map(lambda m, c=cold: m.start(cold=c, timeout=1800), machines))
+            time.sleep(args.settle)
+            pids = [m.status().qemu_pid for m in machines]
+            mem = [proc_mem(p) for p in pids if p is not None]
+            sums[cold] = (sum(p for p, _ in mem), sum(r for _, r in mem))
+            for m in machines:
+                m.stop(force=True)
+                m.delete(force=True)
+        (wp, wr), (cp, cr) = sums[False], sums[True]
+        rows.append([n, f"{wp / MiB:.0f}", f"{wr / MiB:.0f}", f"{cp / MiB:.0f}", f"{cr / MiB:.0f}",
+                     f"{(cp - wp) / MiB:.0f} ({1 - wp / cp:.0%})" if cp else "-"])
+    print_table(["guests", "clones Pss MiB", "clones RSS MiB", "cold Pss MiB", "cold RSS MiB", "saved (Pss)"],
+                rows, left=1)
 
 if __name__ == "__main__":
     main()

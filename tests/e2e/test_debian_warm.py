@@ -6,6 +6,11 @@ their own random streams right after the start; the kernel logged its vmgenid re
 (runcmd) runs in a clone. One template for the file (made once per image, QEMU and layout; later runs
 find it current).
 
+Clones on a vmkit network (``--network NAME``, their one NIC) start from the same template: the template's NIC
+runs on the network's tap with the clone's MAC, and when ``vmkit start`` returns the clone has its static lease
+(not the template's NAT address), is reached by name from another clone and by SSH through the host, its clock
+is the host's, and it saves and resumes as a machine of its vm.yaml.
+
 Which reseed makes the streams differ, the test cannot tell: the kernel reseeds when vmgenid's GUID
 changes, and vmkit adds 64 host bytes and forces a reseed. With vmkit's step removed, two clones of the
 same name (the same GUID) still read different first bytes (tried by hand): Linux 6.1's reseed also
@@ -15,7 +20,9 @@ mixes in RDRAND (which TCG serves from the host's randomness) or, without it, th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +31,7 @@ import pytest
 from conftest import vmkit, warm_template
 from vmkit.api.models import WarmTemplate
 from vmkit.host.images.store import Image
+from vmkit.net.probes import PING
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +94,40 @@ def test_two_clones_have_their_own_identity_and_random_streams(debian_template: 
         vmkit("stop", n)
     # no clone gave pages back through the template's file (free page reporting is off in clones)
     assert (ram.stat().st_mtime_ns, ram.stat().st_blocks) == untouched, "a clone wrote into the template's RAM"
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(os.geteuid() != 0, reason="bridged networks need root")
+def test_clones_on_a_vmkit_network_have_their_lease_and_are_reached_by_name(debian_template: WarmTemplate,
+                                                                           vmkit_home: Path) -> None:
+    vmkit("network", "create", "wlab", "--mode", "nat")
+    try:
+        for n in ("na", "nb"):
+            vmkit("create", n, "--image", "debian-12", "--network", "wlab")
+        lease = {m["machine"]: m["address"] for m in json.loads(vmkit("network", "inspect", "wlab").stdout)["machines"]}
+        for n in ("na", "nb"):
+            started = vmkit("start", n)
+            assert "cloned from the warm template" in " ".join(started.stdout.split()), started.stdout + started.stderr
+            # what start promises: the static lease is there when it returns, the template's NAT address gone
+            addresses = guest(n, "ip -4 -o addr show scope global")
+            assert f"inet {lease[n]}/" in addresses and "10.0.2.15" not in addresses, addresses
+            shown = json.loads(vmkit("inspect", n).stdout)
+            assert "cloned from the warm template" in shown["runtime"]["reason"]
+            assert f"link/ether {shown['config']['networks'][0]['mac']} " in guest(n, "ip -o link show")
+            assert abs(float(guest(n, "date +%s.%N")) - time.time()) < 3, "the clone's clock is not the host's"
+        for me, peer in (("na", "nb"), ("nb", "na")):  # by name, NAME and NAME.DOMAIN (the network's dnsmasq)
+            assert guest(me, f"getent hosts {peer}.wlab").split()[0] == lease[peer]
+            assert vmkit("exec", me, "--", "python3", "-c", PING, peer, "2").stdout.split()[0] == lease[peer]
+        ssh = subprocess.run(["ssh", "-F", str(vmkit_home / "instances" / "na" / "ssh_config"), "na", "--", "hostname"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert ssh.returncode == 0 and ssh.stdout.strip() == "na", ssh.stderr  # its own host key, through the host
+        # the clone's devices are its vm.yaml's (the template's NAT netdev went): it saves and resumes
+        vmkit("save", "na")
+        resumed = vmkit("start", "na")
+        assert "resuming na from its saved state" in " ".join((resumed.stdout + resumed.stderr).split()), resumed.stderr
+        assert f"inet {lease['na']}/" in guest("na", "ip -4 -o addr show scope global")
+        assert guest("na", "hostname") == "na"
+    finally:
+        for n in ("na", "nb"):
+            vmkit("delete", n, "--force", check=False)
+        vmkit("network", "delete", "wlab", "--force", check=False)

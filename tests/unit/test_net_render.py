@@ -173,3 +173,19 @@ def test_seed_writes_the_networks_resolver_at_every_boot() -> None:
     assert user_data["bootcmd"][0][-1] == text and "/etc/resolv.conf" in user_data["bootcmd"][0][2]
     plain = render_seed(SeedSpec(instance_id="i-1", hostname="web", authorized_keys=("ssh-ed25519 AAAA x",)))
     assert "resolv.conf" not in plain.user_data
+
+
+def test_a_reused_address_loses_the_stale_lease_of_the_machine_that_left(tmp_path: Path) -> None:
+    """A machine that left the network keeps its lease in dnsmasq's file until it expires; a new machine given
+    its address would get another one from dnsmasq ("leased to ..."). The restart drops such leases."""
+    from vmkit.net.system import drop_stale_leases
+
+    leases = tmp_path / "leases"
+    gone = "1796590000 52:54:00:aa:aa:aa 10.117.0.2 old 01:52:54:00:aa:aa:aa"
+    mine = "1796590000 52:54:00:bb:bb:bb 10.117.0.3 b 01:52:54:00:bb:bb:bb"
+    dynamic = "1796590000 52:54:00:cc:cc:cc 10.117.0.200 * *"
+    leases.write_text(f"{gone}\n{mine}\n{dynamic}\n")
+    reserved = {"10.117.0.2": "52:54:00:dd:dd:dd", "10.117.0.3": "52:54:00:BB:BB:BB"}
+    assert drop_stale_leases(leases, reserved) == [gone]
+    assert leases.read_text() == f"{mine}\n{dynamic}\n"
+    assert drop_stale_leases(leases, reserved) == [] and drop_stale_leases(tmp_path / "none", reserved) == []

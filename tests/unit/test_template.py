@@ -104,9 +104,35 @@ def test_machines_that_do_not_fit_are_told_how_to_get_a_template(tpl: template.T
     reasons = template.unusable_reasons(tpl, config(memory=2 << 30), TCG, image=image(), qemu_version=(7, 2, 22))
     assert any("vmkit image warm debian-12 --memory 2048M --cpus 1" in r for r in reasons)
     assert template.unusable_reasons(tpl, config(balloon=False), TCG, image=image(), qemu_version=(7, 2, 22))
-    nets = config(networks=[{"network": "lan"}])
-    assert any("vmkit network has a NIC" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
-                                                                        qemu_version=(7, 2, 22)))
+    nets = config(networks=[{"network": "lan"}])  # user-mode NAT and a vmkit network: two NICs
+    assert any("this machine has 2 NICs" in r for r in template.unusable_reasons(tpl, nets, TCG, image=image(),
+                                                                               qemu_version=(7, 2, 22)))
+
+
+def on_lan(name: str = "web", **fields: object) -> MachineConfig:
+    """A machine whose one NIC is on the vmkit network ``lan`` (``vmkit create --network lan``)."""
+    nic = {"network": "lan", "mac": "52:54:00:77:00:01", "address": "10.1.2.5", **fields}
+    return config(name, network={"mode": "none", "mac": "52:54:00:12:34:56"}, networks=[nic])
+
+
+def test_a_machine_on_one_vmkit_network_runs_the_templates_nic_there(tpl: template.Template) -> None:
+    fits = on_lan()
+    assert template.moves_nic(fits) and template.nic_mac(fits) == "52:54:00:77:00:01"
+    assert template.layout_digest(template.clone_nic_config(fits), TCG) == tpl.manifest.layout
+    assert template.unusable_reasons(tpl, fits, TCG, image=image(), qemu_version=(7, 2, 22)) == []
+    e1000 = template.unusable_reasons(tpl, on_lan(model="e1000"), TCG, image=image(), qemu_version=(7, 2, 22))
+    assert any("devices differ" in r for r in e1000)
+    two = config(network={"mode": "none"}, networks=[{"network": "lan"}, {"network": "wan"}])
+    assert any("2 NICs" in r for r in template.unusable_reasons(tpl, two, TCG, image=image(), qemu_version=(7, 2, 22)))
+    blind = on_lan().model_copy(update={"agent": False})
+    assert any("guest agent" in r for r in template.unusable_reasons(tpl, blind, TCG, image=image(),
+                                                                     qemu_version=(7, 2, 22)))
+    # the template's NAT state goes into a spare user-mode netdev, and the NIC is the network's (a tap)
+    from vmkit.runtime.qemu.cmdline import NicBackend
+    argv = build_argv(fits, TCG, Runtime(qmp_fd=3, serial_fd=4, nics=(NicBackend(tap_fd=9),),
+                                         spare_netdev=template.SPARE_NETDEV))
+    assert f"user,id={template.SPARE_NETDEV},restrict=on" in argv and "tap,id=vnet0,fd=9" in argv
+    assert not any(a.startswith("user,id=net0") for a in argv)
 
 
 def test_clones_with_an_agent_keep_their_own_mac(tpl: template.Template) -> None:
@@ -154,14 +180,49 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
     assert "echo web-1 > /proc/sys/kernel/hostname\n" in script and "ffffffff" in script and "i-abc" in script
     assert host.keys[0].public_openssh in script and user.public_openssh in script
-    assert "ip link" not in script  # no template MAC given: nothing to change
+    assert "ip link" not in script and script.endswith(" 227 - - 0 -\n" + template._step("end") + "\n")  # no MAC to set
     with_mac = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32,
                                         template_mac="52:54:00:00:00:01")
-    assert "address 52:54:00:12:34:56" in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
+    assert '"$nic" 525400123456 0 -\n' in with_mac and "s/52:54:00:00:00:01/52:54:00:12:34:56/gI" in with_mac
     assert subprocess.run(["sh", "-n"], input=with_mac, text=True, check=False).returncode == 0
+    assert "networkctl" not in with_mac  # user-mode NAT: the lease moves with the MAC
+    # the clock: the host's time (ns) and the clock_settime system call, in the RNG's perl
+    timed = template.identity_script(cfg, tmp_path, entropy=b"\x02", machine_id="0" * 32, host_time_ns=123456789)
+    assert ' 02 123456789 "$started" 227 - - 0 -' in timed
+    assert ' 02 - "$started"' in template.identity_script(cfg, tmp_path, entropy=b"\x02", machine_id="0" * 32)
+    # a clone on a vmkit network: its DNS, DHCP again with its MAC as client id, up, until its address is there
+    lan = template.identity_script(on_lan(name="web-1"), tmp_path, entropy=b"", machine_id="0" * 32,
+                                   template_mac="52:54:00:00:00:01",
+                                   nic=template.CloneNic(address="10.1.2.5", resolv_conf="nameserver 10.1.2.1\n"))
+    assert '"$nic" 525400770001 1 10.1.2.5\n' in lan and "ClientIdentifier=mac" in lan and "networkctl reload" in lan
+    assert "nameserver 10.1.2.1" in lan
+    assert lan.index('ip link set dev "$nic" down address 52:54:00:77:00:01') < lan.index("perl -e")
+    assert subprocess.run(["sh", "-n"], input=lan, text=True, check=False).returncode == 0
+    assert subprocess.run(["sh", "-n"], input=template.TEMPLATE_SETTLE, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)
+
+
+def test_identity_steps_are_timed_from_their_marks() -> None:
+    err = (f"{template.STEP} hostname 10.00\n{template.STEP} mac 10.25\nip: oops\n"
+           f"{template.STEP} rng-and-clock 10.75\n{template.STEP} end 11.00\n")
+    assert template.step_seconds(err) == ({"hostname": 0.25, "mac": 0.5, "rng-and-clock": 0.25}, "ip: oops")
+
+
+def test_the_script_finds_a_mac_in_any_case_and_its_marks_run(tmp_path: Path) -> None:
+    """The MAC search and the step marks with dash (the guest's /bin/sh), on files in ``tmp_path``."""
+    (tmp_path / "a.network").write_text("[Match]\nMACAddress=52:54:00:AB:CD:0E\n")
+    (tmp_path / "b.network").write_text("[Match]\nName=en*\n")
+    lines = template.mac_lines(config(network={"mode": "user", "mac": "52:54:00:12:34:56"}), "52:54:00:ab:cd:0e")
+    search = [ln.replace("/etc/systemd/network/*", f"{tmp_path}/*") for ln in lines[3:]]
+    script = "\n".join(["set -e", template._step("mac"), *search, template._step("end")]) + "\n"
+    done = subprocess.run(["dash", "-s"], input=script, text=True, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a.network").read_text() == "[Match]\nMACAddress=52:54:00:12:34:56\n"
+    assert (tmp_path / "b.network").read_text() == "[Match]\nName=en*\n"
+    steps, rest = template.step_seconds(done.stderr)
+    assert list(steps) == ["mac"] and rest == ""
 
 
 def test_hosts_gets_the_name_word_by_word(tmp_path: Path) -> None:

@@ -145,7 +145,9 @@ class Started(Response):
     template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
                                             "of the warm template the machine was cloned from; phases (seconds "
                                             "of each step in order), parallel (steps beside the last), "
-                                            "process_started and began_at (the supervisor's, wall clock)")
+                                            "identity_steps (seconds of each step of the identity script, as "
+                                            "the guest timed them), process_started and began_at (the "
+                                            "supervisor's, wall clock)")
     clock: ClockFix | None = None
 
 
@@ -697,7 +699,7 @@ class StartResult(Response):
     snapshot: str | None = None
     template: dict[str, Any] | None = Field(default=None, description="path, restore_seconds, personalize_seconds "
                                             "of the warm template it was cloned from; phases, parallel, "
-                                            "process_started, began_at (see Started)")
+                                            "identity_steps, process_started, began_at (see Started)")
     clock: ClockFix | None = None
     fallback: str | None = Field(default=None, description="why the saved state or warm template was not used "
                                                            "(a cold boot instead)")

@@ -47,6 +47,7 @@ from vmkit.api import models
 from vmkit.config import validate_model
 from vmkit.errors import ConfigError, StateError, VmkitError, error_fields
 from vmkit.host.instance import Instance, Status
+from vmkit.net.store import NetworkStore
 from vmkit.runtime.machine import VirtualMachine
 from vmkit.runtime.states import VmState
 from vmkit.state import savestate, template
@@ -128,25 +129,34 @@ async def _start_from_template(sup: Supervisor, path: str, emit: Callable[[dict[
     await vm.resume()
     phases.mark("resumed")
 
-    async def clock_fix() -> savestate.ClockResult:
-        began = time.monotonic()
-        result = await savestate.fix_guest_clock(vm)
-        phases.beside("clock set through the agent", time.monotonic() - began)
-        return result
-
-    # the two go through the one agent connection, command by command: the clock is set while the
-    # identity script runs (nothing in the script depends on the time)
-    own, clock = await asyncio.gather(  # on failure the start fails: QEMU is ended
-        template.personalize(vm, sup.instance.dir, template_mac=tpl.manifest.mac), clock_fix())
-    phases.beside("identity script", own.seconds)
+    own = await template.personalize(vm, sup.instance.dir, template_mac=tpl.manifest.mac,  # fails: QEMU is ended
+                                     nic=_clone_nic(sup))
+    if own.clock_set:  # by the identity script, in the same program as the RNG's reseed
+        clock = savestate.ClockResult(True, vm.clock_behind_seconds, "guest clock set to the host's time by the "
+                                      "identity script")
+    else:
+        clock = await savestate.fix_guest_clock(vm)
     phases.mark("identity script and clock")
-    log.info("%s: warm start phases: %s", vm.config.name, phases.render())
+    log.info("%s: warm start phases: %s; the identity script's steps in the guest: %s", vm.config.name,
+             phases.render(), ", ".join(f"{k} {v:.3f} s" for k, v in own.steps.items()))
     emit({"started": {"template": {"path": path, "restore_seconds": round(restored, 3),
                                    "personalize_seconds": round(own.seconds, 3),
                                    "phases": phases.as_dict(), "parallel": phases.parallel,
+                                   "identity_steps": own.steps,
                                    "process_started": template.process_started(),
                                    "began_at": round(time.time() - (time.monotonic() - sup.start_began), 3)},
                       "clock": clock.to_dict()}})
+
+
+def _clone_nic(sup: Supervisor) -> template.CloneNic | None:
+    """The clone's NIC on its vmkit network, when it runs the template's NIC there (:func:`template.moves_nic`)."""
+    config = sup.vm.config
+    if not template.moves_nic(config):
+        return None
+    store = NetworkStore(sup.instance.root.parent / "networks")
+    iface = config.networks[0]
+    net = store.get(iface.network)
+    return template.CloneNic(address=iface.address if net.bridged else None, resolv_conf=store.resolv_conf(config))
 
 
 class OperationGate:

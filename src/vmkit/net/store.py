@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vmkit.config import NetworkInterface, NicModel, check_network_name, validate_model
+from vmkit.config import MachineConfig, NetworkInterface, NicModel, check_network_name, validate_model
 from vmkit.errors import AlreadyExistsError, ConfigError, HostError, NotFoundError
 from vmkit.fsutil import atomic_write
 from vmkit.host import paths
@@ -49,6 +49,10 @@ from vmkit.runtime.qemu.cmdline import NicBackend
 
 DEF_FILE = "network.json"
 MEMBERS_FILE = "members.json"
+
+
+SLIRP_DNS = "10.0.2.3"
+"""QEMU user-mode NAT's DNS forwarder."""
 
 
 class NetworkMember(BaseModel):
@@ -229,13 +233,14 @@ class NetworkStore:
 
     def _write_dnsmasq(self, net: NetworkDef, *, restart: bool) -> None:
         d = self.dir(net.name)
-        text = dnsmasq_conf(net, self.members(net.name), d)
+        members = self.members(net.name)
+        text = dnsmasq_conf(net, members, d)
         conf = d / "dnsmasq.conf"
         changed = not conf.is_file() or conf.read_text() != text
         if changed:
             atomic_write(conf, text, 0o600)
         if restart or changed:
-            system.start_dnsmasq(d)
+            system.start_dnsmasq(d, {m.address: m.mac for m in members.machines.values()})
 
     def _teardown(self, net: NetworkDef) -> list[str]:
         d = self.dir(net.name)
@@ -330,6 +335,22 @@ class NetworkStore:
         )
 
     # -- a machine's NICs (the supervisor) --------------------------------------------------------------
+    def resolv_conf(self, config: MachineConfig) -> str | None:
+        """The guest's /etc/resolv.conf on its vmkit networks: each bridged network's dnsmasq (its gateway)
+        and domain, then QEMU's user-mode DNS if the machine also has that NIC. None: nothing to change."""
+        servers, domains = [], []
+        for iface in config.networks:
+            net = self.get(iface.network)
+            if net.bridged:
+                servers.append(str(net.gateway))
+                domains.append(net.domain)
+        if config.user_nic is not None:
+            servers.append(SLIRP_DNS)
+        if not servers:
+            return None
+        text = f"search {' '.join(domains)}\n" if domains else ""
+        return text + "".join(f"nameserver {x}\n" for x in servers[:3])
+
     def attach(self, instance_dir: Path, machine: str, ifaces: tuple[NetworkInterface, ...]) -> tuple[NicBackend, ...]:
         """Bring each network up, (re)register the machine, and open its NICs' host ends: a tap on the
         bridge (an open descriptor for QEMU) or, rootless, a datagram socket path beside the switch's.

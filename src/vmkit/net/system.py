@@ -200,10 +200,36 @@ def dnsmasq_processes() -> list[tuple[int, Path]]:
     return out
 
 
-def start_dnsmasq(netdir: Path) -> int:
+def drop_stale_leases(leases: Path, reserved: dict[str, str]) -> list[str]:
+    """Remove from dnsmasq's lease file (``leases``, dnsmasq stopped) every lease of an address ``reserved``
+    (address: MAC) for another MAC: a machine that left the network, whose address went to a new machine.
+    dnsmasq would keep it until it expires, and give the new machine another address than its static one
+    ("not using configured address ... because it is leased to ..."). Returns the lines removed."""
+    try:
+        lines = leases.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    kept, dropped = [], []
+    for line in lines:
+        f = line.split()  # expiry MAC address hostname client-id
+        if len(f) >= 3 and f[2] in reserved and f[1].lower() != reserved[f[2]].lower():
+            dropped.append(line)
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = leases.with_name(leases.name + ".tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in kept))
+        os.replace(tmp, leases)
+    return dropped
+
+
+def start_dnsmasq(netdir: Path, reserved: dict[str, str] | None = None) -> int:
     """Start (or restart) the network's dnsmasq on ``netdir/dnsmasq.conf``; it runs on its own
-    (daemon) until :func:`stop_dnsmasq`."""
+    (daemon) until :func:`stop_dnsmasq`. ``reserved`` (address: MAC, the static leases): leases of those
+    addresses held by other MACs are dropped first (:func:`drop_stale_leases`)."""
     stop_dnsmasq(netdir)
+    if reserved:
+        drop_stale_leases(netdir / "leases", reserved)
     conf = netdir / "dnsmasq.conf"
     _run(["dnsmasq", f"--conf-file={conf}"])
     deadline = time.monotonic() + 5

@@ -256,7 +256,8 @@ class VirtualMachine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, *, paused: bool = False, incoming: bool = False, machine_type: str | None = None,
-                    memory_file: Path | None = None, memory_shared: bool = False, ram_pad: int | None = None) -> None:
+                    memory_file: Path | None = None, memory_shared: bool = False, ram_pad: int | None = None,
+                    spare_netdev: str | None = None) -> None:
         """Launch QEMU, open QMP, subscribe to events, and (unless ``paused``) run the guest.
 
         ``incoming=True`` starts QEMU waiting for a migration stream (``-incoming defer``).
@@ -266,6 +267,8 @@ class VirtualMachine:
         ``ram_pad``: bytes of RAM over the configured memory (None: what this host's QEMU needs for
         correct dirty tracking, :func:`vmkit.runtime.qemu.dirtysync.config_ram_pad`; a migration's target
         takes the source's).
+        ``spare_netdev``: a user-mode netdev of that name without a NIC (it takes a warm template's NAT state,
+        :data:`vmkit.state.template.SPARE_NETDEV`).
         """
         self._require("start", VmState.STOPPED, VmState.ERROR)
         self._set_state(VmState.STARTING)
@@ -287,7 +290,8 @@ class VirtualMachine:
             ram_pad = dirtysync.config_ram_pad(self.config, self.accel.name, self.qemu_binary)
         runtime = Runtime(qmp_fd=qmp_child.fileno(), serial_fd=ser_child.fileno(),
                           pidfile=self.workdir / "qemu.pid", share_dir=self.workdir, machine_type=machine_type,
-                          nics=self.nics, memory_file=memory_file, memory_shared=memory_shared, ram_pad=ram_pad)
+                          nics=self.nics, memory_file=memory_file, memory_shared=memory_shared, ram_pad=ram_pad,
+                          spare_netdev=spare_netdev)
         argv = self.argv(runtime)
         if incoming:
             argv += ["-incoming", "defer"]

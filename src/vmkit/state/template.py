@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit.config import MachineConfig
+from vmkit.config import MachineConfig, Network
 from vmkit.errors import ImageError, VmkitError
 from vmkit.fsutil import atomic_write, fsync_path
 from vmkit.host import paths, provision
@@ -85,6 +85,16 @@ USED_REFERENCE = "template.used.json"
 TEMPLATE_NAME = "vmkit-template"
 """The generic name (and hostname) a template boots with."""
 _FD_NAME = "vmkit-template"
+SPARE_NETDEV = "template-nat"
+"""A clone whose NIC is on a vmkit network (:func:`moves_nic`) loads the template's user-mode NAT state (QEMU's
+``slirp`` section: a stream section nothing takes fails the load) into a user-mode netdev of this name without a
+NIC, deleted once the state is loaded."""
+CLIENT_ID_DROPIN = "vmkit-clone.conf"
+CLIENT_ID_TEXT = "[DHCPv4]\nClientIdentifier=mac\n"
+"""A drop-in for the guest's systemd-networkd ``.network`` files: DHCP with the NIC's MAC as client id. Without
+it networkd's client id is a DUID made of the machine-id it read at boot: in a clone, the template's, the same
+for every clone, and dnsmasq keys its leases by client id. A template gets it before it is saved
+(:data:`TEMPLATE_SETTLE`); a clone of an older template on a vmkit network, at its start (:func:`network_lines`)."""
 _MIGRATION_TIMEOUT = 300.0
 BUILD_READY_TIMEOUT = 1200.0
 """Seconds the template's boot may take until its agent answers."""
@@ -219,16 +229,20 @@ def unusable_reasons(tpl: Template, config: MachineConfig, accel: AccelChoice, *
         out.append(f"the machine has {config.memory >> 20} MiB and {config.cpus} vCPUs, the template "
                    f"{m.memory >> 20} MiB and {m.cpus} (`vmkit image warm {m.image} --memory "
                    f"{config.memory >> 20}M --cpus {config.cpus}` makes one that fits)")
-    elif layout_digest(config, accel) != m.layout:
+    elif layout_digest(clone_nic_config(config), accel) != m.layout:
         out.append("the machine's devices differ from the template's (disks, NICs, display, balloon, limits "
-                   "of memory or vCPUs): only a machine created as `vmkit create NAME --image IMAGE` fits")
+                   "of memory or vCPUs): only a machine created as `vmkit create NAME --image IMAGE` fits, "
+                   "or with one --network NAME (a virtio NIC)")
     if config.needs_shared_memory:
         out.append("virtiofs shares need the guest's RAM shared with virtiofsd (vhost-user maps it through its "
                    "file), and a clone maps the template's RAM copy-on-write: the pages it has written are its "
                    "own and virtiofsd would not see them (use a 9p share, or --cold)")
-    if config.networks:
-        out.append("a machine on a vmkit network has a NIC the template's saved devices lack, and QEMU loads saved "
-                   "devices only into the same devices (a NIC hot-plugged after the restore is not built yet)")
+    if config.networks and not moves_nic(config):
+        out.append("a clone runs the template's one NIC, on user-mode NAT or on one vmkit network: this machine has "
+                   f"{len(config.networks) + (config.user_nic is not None)} NICs (QEMU loads saved devices only into "
+                   "the same devices; NICs hot-plugged after the restore are not built)")
+    elif config.networks and not config.agent:
+        out.append("a clone's NIC on a vmkit network gets its address through the guest agent: this machine has none")
     return out
 
 
@@ -313,8 +327,7 @@ async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _S
             say("waiting for cloud-init to finish")
             await guest_exec(vm.agent, ["cloud-init", "status", "--wait"], timeout=config.readiness.timeout)
             # the throw-away login key goes; what the guest wrote reaches its disk
-            await guest_exec(vm.agent, ["/bin/sh", "-c", f"rm -f /home/{provision.USER}/.ssh/authorized_keys; "
-                                                         "mkdir -p /run/vmkit; sync"], timeout=60)
+            await guest_exec(vm.agent, ["/bin/sh", "-c", TEMPLATE_SETTLE], timeout=120)
         boot_seconds = time.monotonic() - booted
         say("saving the running state")
         await vm.pause()
@@ -329,6 +342,21 @@ async def _boot_and_save(vm: VirtualMachine, staging: Path, say: Progress) -> _S
         await vm.stop(timeout=10)
     return _Saved(version, mtype, round(boot_seconds, 2))
 
+
+TEMPLATE_SETTLE = "\n".join([
+    # the throw-away login key goes (emptied, not removed: a clone writes its key into the user's file, nothing
+    # to chown)
+    f": > /home/{provision.USER}/.ssh/authorized_keys",
+    "mkdir -p /run/vmkit",
+    # DHCP by MAC (see CLIENT_ID_DROPIN), read by networkd now: its link is configured again before the save
+    "r=; for f in /etc/systemd/network/*.network; do [ -f \"$f\" ] || continue; mkdir -p \"$f.d\"",
+    f"  printf {shlex.quote(CLIENT_ID_TEXT)} > \"$f.d/{CLIENT_ID_DROPIN}\"; r=1; done",
+    'if [ -n "$r" ]; then networkctl reload; sleep 2',
+    "  /lib/systemd/systemd-networkd-wait-online --timeout=60 || true; fi",
+    # what the guest wrote reaches its disk
+    "sync",
+]) + "\n"
+"""What the template's guest runs once it is ready, before it is saved."""
 
 _LEFTOVERS = ("ssh", provision.SEED, "known_hosts", "ssh_config", "qga.sock", "serial.log", "qemu.pid", "qemu.log")
 
@@ -384,7 +412,11 @@ def clone_config(config: MachineConfig, tpl: Template) -> MachineConfig:
     the clone's MAC over the template's in both before QEMU loads them, and :func:`identity_script`
     gives the guest's interface that MAC: the lease stays 10.0.2.15 and renews under the new MAC.
     A machine without an agent cannot change its guest's interface: it keeps the template's MAC (alone
-    behind its own user-mode NAT; machines on vmkit networks are not started from templates)."""
+    behind its own user-mode NAT; a machine on a vmkit network is cloned only with its agent).
+
+    A machine whose one NIC is on a vmkit network runs that NIC in the template's NIC slot (see
+    :func:`clone_nic_config`): the clone's MAC goes into the NIC's device state as above, and the identity
+    script moves the guest's interface onto the network (:func:`network_lines`)."""
     if config.network is None or tpl.manifest.mac is None or config.agent:
         return config
     return config.model_copy(update={"network": config.network.model_copy(update={"mac": tpl.manifest.mac})})
@@ -399,7 +431,7 @@ def device_state(tpl: Template, config: MachineConfig) -> int:
     template's MAC replaced by the clone's wherever it occurs (the NIC's address and filter table,
     slirp's DHCP lease); both are 6 bytes, so the stream's layout is unchanged."""
     data = tpl.devices.read_bytes()
-    own = config.network.mac if config.network is not None else None
+    own = nic_mac(config)
     if tpl.manifest.mac is not None and own is not None and own.lower() != tpl.manifest.mac.lower():
         old, new = mac_bytes(tpl.manifest.mac), mac_bytes(own)
         if old not in data:
@@ -480,7 +512,9 @@ async def restore(vm: VirtualMachine, tpl: Template, phases: Phases | None = Non
     """Start the STOPPED machine ``vm`` from ``tpl``: its RAM mapped copy-on-write, its device state
     loaded; the machine is PAUSED afterwards (:func:`personalize` it after resuming)."""
     phases = phases or Phases(time.monotonic())
-    await vm.start(incoming=True, machine_type=tpl.manifest.machine_type, memory_file=tpl.ram, memory_shared=False)
+    spare = SPARE_NETDEV if moves_nic(vm.config) else None
+    await vm.start(incoming=True, machine_type=tpl.manifest.machine_type, memory_file=tpl.ram, memory_shared=False,
+                   spare_netdev=spare)
     phases.mark("QEMU started")
     try:
         await migration.set_capabilities(vm, x_ignore_shared=True)
@@ -496,30 +530,141 @@ async def restore(vm: VirtualMachine, tpl: Template, phases: Phases | None = Non
         phases.mark("device state loaded")
         # off again: the clone's own saves and migrations carry its RAM (the template file is not theirs)
         await migration.set_capabilities(vm, x_ignore_shared=False)
+        if spare is not None:  # its user-mode NAT state is loaded: gone, so that the machine is its vm.yaml again
+            await vm.execute("netdev_del", {"id": spare})
     except BaseException:
         await vm.shutdown(timeout=2)
         raise
     vm.guest_clock_stopped_at = tpl.manifest.created  # its clock stood still since the template was saved
 
 
+def nic_mac(config: MachineConfig) -> str | None:
+    """The MAC of the clone's NIC in the template's NIC slot: its user-mode NIC's or, on a machine whose
+    one NIC is on a vmkit network, that NIC's (the template's NIC moved onto the network: :func:`clone_nic_config`)."""
+    if config.user_nic is not None:
+        return config.user_nic.mac
+    return config.networks[0].mac if config.networks else None
+
+
+def clone_nic_config(config: MachineConfig) -> MachineConfig:
+    """``config`` as the template sees its devices: a machine whose one NIC is on a vmkit network runs it in the
+    template's NIC slot (the same device at the same PCI address, on a tap instead of user-mode NAT), so its
+    layout is the template's with that NIC as the user-mode one."""
+    if not moves_nic(config):
+        return config
+    iface = config.networks[0]
+    return config.model_copy(update={"network": Network(mode="user", mac=iface.mac, model=iface.model),
+                                     "networks": ()})
+
+
+def moves_nic(config: MachineConfig) -> bool:
+    """Whether a clone of ``config`` runs the template's NIC on a vmkit network (see :func:`clone_nic_config`):
+    its QEMU then takes the template's user-mode NAT state on a spare netdev (:data:`SPARE_NETDEV`)."""
+    return config.user_nic is None and len(config.networks) == 1
+
+
+@dataclass(frozen=True)
+class CloneNic:
+    """The template's NIC in a clone on a vmkit network (the supervisor knows the network)."""
+
+    address: str | None
+    """The static lease it gets (None: the network hands out none, rootless: nothing to wait for)."""
+    resolv_conf: str | None
+    """The guest's /etc/resolv.conf there (the network's DNS), as a cold boot writes it."""
+
+
 def _q(value: str) -> str:
     return shlex.quote(value)
 
 
+def _any_case(text: str) -> str:
+    """A shell pattern matching ``text`` in any case (hex MACs in files may be upper-case)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in text)
+
+
 def mac_lines(config: MachineConfig, template_mac: str | None) -> list[str]:
-    """Shell lines giving the guest's interface that has the template's MAC the clone's own (see
-    :func:`clone_config`), in the network configuration too (cloud-init matches the NIC by its MAC)."""
-    own = config.network.mac if config.network is not None else None
+    """Shell lines finding the guest's interface that has the template's MAC (its name left in ``$nic``;
+    :func:`identity_script` gives it the clone's MAC, see :func:`clone_config`) and putting the clone's MAC
+    in the network configuration (cloud-init matches the NIC by its MAC)."""
+    own = nic_mac(config)
     if template_mac is None or own is None or own.lower() == template_mac.lower():
         return []
     old, new = template_mac.lower(), own.lower()
-    return [  # (shell builtins where they do: each program started costs tens of ms under TCG)
-        "for i in /sys/class/net/*; do read a < $i/address || continue",
-        f"  if [ \"$a\" = {_q(old)} ]; then ip link set dev \"${{i##*/}}\" address {_q(new)}; fi; done",
-        "set -- $(grep -lis " + _q(old) + " /etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/* "
-        "/etc/systemd/network/* /run/systemd/network/* 2>/dev/null) || true",
+    return [  # builtins (but `sed` where a file names the MAC)
+        "nic=; for i in /sys/class/net/*; do read a < $i/address || continue",
+        f"  if [ \"$a\" = {_q(old)} ]; then nic=${{i##*/}}; fi; done",
+        '[ -n "$nic" ] || { echo "no interface has the template\'s MAC" >&2; exit 3; }',
+        "set --; for f in /etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/* "
+        "/etc/systemd/network/* /run/systemd/network/*; do [ -f \"$f\" ] || continue",
+        f"  while IFS= read -r l; do case \"$l\" in *{_any_case(old)}*) set -- \"$@\" \"$f\"; break;; esac",
+        "  done < \"$f\"",
+        "done",
         f"[ $# -eq 0 ] || sed -i 's/{old}/{new}/gI' \"$@\"",
     ]
+
+
+def network_lines(nic: CloneNic, mac: str) -> list[str]:
+    """Shell lines that take the guest's interface ``$nic`` off the template's user-mode NAT for the vmkit
+    network: down (networkd stops its DHCP client) with the clone's MAC (before networkd makes its new DHCP
+    client: one made with the template's MAC asks for an address first, and dnsmasq's ping check of the
+    dynamic address it offers holds every answer for 3 s), DHCP as a new client (its MAC as client id:
+    networkd's default DUID comes from the machine-id it read at boot, the template's, the same in every
+    clone), its DNS. :data:`PERL` then brings it up (one DHCP exchange, for the static lease) and waits until
+    the address is there."""
+    lines = [f"ip link set dev \"$nic\" down address {_q(mac)}",
+             # a template made by vmkit has the drop-in already (networkd read it before the save); else here
+             "r=; for f in /etc/systemd/network/*.network /run/systemd/network/*.network; do [ -f \"$f\" ] || continue",
+             f"  if [ -f \"$f.d/{CLIENT_ID_DROPIN}\" ]; then continue; fi",
+             "  d=/run/systemd/network/${f##*/}.d; [ -d \"$d\" ] || mkdir -p \"$d\"",
+             f"  printf {_q(CLIENT_ID_TEXT)} > \"$d/{CLIENT_ID_DROPIN}\"; r=1; done",
+             '[ -z "$r" ] || networkctl reload']
+    if nic.address is None:  # no DHCP there (rootless): nothing takes the template's NAT address away
+        lines.append("ip -4 addr flush dev \"$nic\"")
+    if nic.resolv_conf is not None:
+        lines.append(f"printf '%s' {_q(nic.resolv_conf)} > /etc/resolv.conf")
+    return lines
+
+
+PERL = """my ($hex, $host, $started, $nr, $if, $mac, $up, $addr) = @ARGV;
+open(my $f, ">", "/dev/random") or die "open /dev/random: $!";
+my $b = pack("H*", $hex);
+ioctl($f, 0x40085203, pack("ii", length($b) * 8, length($b)) . $b) or die "RNDADDENTROPY: $!";
+ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
+if ($host ne "-") {
+  open(my $u, "<", "/proc/uptime") or die "uptime: $!"; my ($t) = split(/ /, <$u>);
+  my $ns = $host + int(($t - $started / 100) * 1e9);
+  syscall($nr, 0, pack("qq", int($ns / 1000000000), $ns % 1000000000)) == 0 or die "clock_settime: $!";
+}
+if ($if ne "-") {
+  socket(my $s, 2, 2, 0) or die "socket: $!";
+  ioctl($s, 0x8924, pack("a16 S a14", $if, 1, pack("H12", $mac))) or die "SIOCSIFHWADDR $if: $!";
+  if ($up) {
+    my $r = pack("a16 x24", $if); ioctl($s, 0x8913, $r) or die "SIOCGIFFLAGS $if: $!";
+    ioctl($s, 0x8914, pack("a16 s x22", $if, unpack("x16 s", $r) | 1)) or die "SIOCSIFFLAGS $if: $!";
+  }
+}
+if ($addr ne "-") {
+  my $end = time + 60;
+  while (1) {
+    open(my $t, "<", "/proc/net/fib_trie") or die "fib_trie: $!"; local $/; my $x = <$t>; close $t;
+    last if $x =~ /-- \\Q$addr\\E\\n\\s+\\/32 host LOCAL/;
+    die "$if has no address $addr after 60 s\\n" if time > $end;
+    select(undef, undef, undef, 0.02);
+  }
+}
+"""
+"""What the identity script runs in perl (perl-base is in every Debian; it starts in a fraction of python3's
+time under TCG), one program for:
+
+- the kernel RNG: the clone's state equals every other clone's until it reseeds. Fresh host bytes are added
+  (credited: RNDADDENTROPY) and every CPU's generator reseeded (RNDRESEEDCRNG);
+- the clock (clock_settime) to the host's time plus the time since the shell started;
+- the NIC's MAC (SIOCSIFHWADDR: what `ip link set address` does, without starting ip; virtio-net takes it
+  while up), and for a clone on a vmkit network the NIC up again (SIOCSIFFLAGS) and a wait until its static
+  lease is one of the guest's addresses (/proc/net/fib_trie, every 20 ms, at most 60 s).
+
+Arguments: entropy (hex), host time (ns) or ``-``, the shell's start (clock ticks), clock_settime's number,
+interface or ``-``, MAC (hex), 1 to bring the interface up, the address to wait for or ``-``."""
 
 
 def hosts_lines(name: str, path: str = "/etc/hosts") -> list[str]:
@@ -535,81 +680,145 @@ def hosts_lines(name: str, path: str = "/etc/hosts") -> list[str]:
     ]
 
 
+STEP = "vmkit-step"
+"""What the identity script writes to its stderr as each step begins: ``vmkit-step NAME UPTIME`` (the guest's
+/proc/uptime, read by a shell builtin); :func:`personalize` makes each step's seconds of them."""
+
+CLOCK_SETTIME = {"x86_64": 227, "aarch64": 112}
+"""The clock_settime system call's number (the identity script sets the clock through perl's ``syscall``)."""
+
+
+def _step(name: str) -> str:
+    return f'read t _ < /proc/uptime; echo "{STEP} {name} $t" >&2'
+
+
 def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str,
-                    template_mac: str | None = None) -> str:
+                    template_mac: str | None = None, nic: CloneNic | None = None,
+                    host_time_ns: int | None = None) -> str:
     """The shell script (run as root by the guest agent) that makes a fresh clone this machine.
 
+    ``host_time_ns``: the host's time as the script is sent: the script sets the guest's clock to it plus the
+    time since the shell started (the agent starts it as the request arrives; the kernel's clock only, as
+    the guest agent's guest-set-time does before it runs ``hwclock`` to write the RTC, which QEMU's RTC
+    does not need: it follows the host's clock).
+
     Every value comes from vmkit's own files (names are validated, keys are OpenSSH text) and is
-    quoted with :func:`shlex.quote`."""
+    quoted with :func:`shlex.quote`. Each step writes a mark (:data:`STEP`) to stderr."""
     name = config.name
     host_keys = keys.HostKeys.load(instance_dir / "ssh" / "host")
     user_key = keys.load_keypair(instance_dir / "ssh" / "id_ed25519")
     meta = read_seed_iso(instance_dir / provision.SEED).get("meta-data", b"").decode()
     instance_id = next((ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("instance-id:")), "")
     home = f"/home/{provision.USER}"
+    keys_dir = f"{home}/.ssh"
     # Shell builtins wherever they do: a program started costs 50 to 300 ms in a clone (TCG translates
     # its code anew in the clone's fresh QEMU).
     lines = [
         "set -e",
+        # when this shell started (clock ticks since boot: field 22 of its stat), for the clock below
+        "read -r st < /proc/$$/stat; set -f; set -- ${st##*) }; set +f; started=${20}",
+        # (a first mark: when the agent started this shell)
+        f'echo "{STEP} shell $((started / 100)).$((started % 100 / 10))$((started % 10))" >&2',
+        _step("hostname"),
         f"echo {_q(name)} > /proc/sys/kernel/hostname",
         f"echo {_q(name)} > /etc/hostname",
         *hosts_lines(name),
         f"echo {_q(machine_id)} > /etc/machine-id",
-        *mac_lines(config, template_mac),
-        "rm -f /etc/ssh/ssh_host_*",
     ]
+    own_mac = mac_lines(config, template_mac)
+    network = nic is not None and bool(own_mac)  # the template's NIC, now on a vmkit network
+    set_mac = (f"\"$nic\" {(nic_mac(config) or '').replace(':', '')} {int(network)} "  # (perl's arguments)
+               f"{(nic.address if nic is not None else None) or '-'}") if own_mac else "- - 0 -"
+    if own_mac:
+        lines += [_step("find-nic"), *own_mac]
+    if network:
+        assert nic is not None
+        lines += [_step("network"), *network_lines(nic, nic_mac(config) or "")]
+    lines += [_step("ssh-host-keys")]
+    paths = []
     for k in host_keys.keys:
         path = f"/etc/ssh/ssh_host_{k.key_type}_key"
+        paths.append(path)
         lines += [f"umask 077; printf '%s' {_q(k.private_openssh)} > {path}; umask 022",
                   f"printf '%s\\n' {_q(k.public_openssh)} > {path}.pub"]
-    lines += [
-        f"[ -d {home}/.ssh ] || install -d -m 700 -o {provision.USER} -g {provision.USER} {home}/.ssh",
-        f"umask 077; printf '%s\\n' {_q(user_key.public_openssh)} > {home}/.ssh/authorized_keys; umask 022",
-        f"chown {provision.USER}: {home}/.ssh/authorized_keys",
+    kept = " | ".join(f"{p} | {p}.pub" for p in paths) or "''"
+    lines += [  # the template's keys of other types go (rm only when there are some)
+        f"set --; for f in /etc/ssh/ssh_host_*; do case \"$f\" in {kept}) ;;",
+        "  *) [ ! -e \"$f\" ] || set -- \"$@\" \"$f\";; esac; done",
+        "[ $# -eq 0 ] || rm -f \"$@\"",
+        _step("user-key"),
+        f"[ -d {keys_dir} ] || install -d -m 700 -o {provision.USER} -g {provision.USER} {keys_dir}",
+        # a template keeps the file, empty and the user's (written into, it stays so); else it is made here
+        f"if [ -f {keys_dir}/authorized_keys ]; then new=; else new=1; fi",
+        f"umask 077; printf '%s\\n' {_q(user_key.public_openssh)} > {keys_dir}/authorized_keys; umask 022",
+        f"[ -z \"$new\" ] || chown {provision.USER}: {keys_dir}/authorized_keys",
         "[ -d /run/vmkit ] || mkdir -p /run/vmkit",
         f"echo {_q(instance_id)} > /run/vmkit/instance-id",
-        # the kernel RNG: the clone's state equals every other clone's until it reseeds. Add fresh host
-        # bytes (credited: RNDADDENTROPY) and force a reseed of every CPU's generator (RNDRESEEDCRNG).
-        # (perl-base is in every Debian; it starts in a fraction of python3's time under TCG)
-        "perl -e 'open(my $f, \">\", \"/dev/random\") or die \"open: $!\"; my $b = pack(\"H*\", $ARGV[0]); "
-        "ioctl($f, 0x40085203, pack(\"ii\", length($b) * 8, length($b)) . $b) or die \"RNDADDENTROPY: $!\"; "
-        "ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";' "
-        f"{entropy.hex()}",
+        _step("rng-clock-mac"),
+        f"perl -e {_q(PERL)} {entropy.hex() or '00'} {host_time_ns if host_time_ns is not None else '-'} "
+        f"\"$started\" {CLOCK_SETTIME.get(config.arch, 0)} {set_mac}",
         # no reload of sshd: it is re-executed for every connection, and reads the host keys then
         # (OpenSSH 9.2, Debian 12): the first connection already gets the new ones
     ]
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
         # machine's own seed (the block cache still holds the template's: dropped first)
-        lines += ["sync; echo 3 > /proc/sys/vm/drop_caches",
+        lines += [_step("user-data"),
+                  "sync; echo 3 > /proc/sys/vm/drop_caches",
                   "cloud-init clean >/dev/null",
                   "cloud-init init >/dev/null 2>&1",
                   "cloud-init modules --mode config >/dev/null 2>&1",
                   "cloud-init modules --mode final >/dev/null 2>&1"]
+    lines.append(_step("end"))
     return "\n".join(lines) + "\n"
+
+
+def step_seconds(stderr: str) -> tuple[dict[str, float], str]:
+    """Each step's seconds from the identity script's marks (see :data:`STEP`), and the rest of its stderr."""
+    marks: list[tuple[str, float]] = []
+    rest = []
+    for line in stderr.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == STEP:
+            with contextlib.suppress(ValueError):
+                marks.append((parts[1], float(parts[2])))
+                continue
+        rest.append(line)
+    steps: dict[str, float] = {}
+    for (name, at), (_, nxt) in itertools.pairwise(marks):
+        steps[name] = round(steps.get(name, 0.0) + nxt - at, 3)
+    return steps, "\n".join(rest)
 
 
 @dataclass(frozen=True)
 class Personalized:
     seconds: float
     machine_id: str
+    steps: dict[str, float]
+    """Seconds of each step of the identity script, in the guest (:func:`step_seconds`)."""
+    clock_set: bool
+    """The script set the guest's clock to the host's."""
 
 
-async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: str | None = None) -> Personalized:
-    """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent."""
+async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: str | None = None,
+                      nic: CloneNic | None = None) -> Personalized:
+    """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent; the
+    script also sets the guest's clock (on an architecture whose clock_settime vmkit knows)."""
     if vm.agent is None:
-        return Personalized(0.0, "")
+        return Personalized(0.0, "", {}, False)
     started = time.monotonic()
     machine_id = uuid.uuid4().hex
+    sets_clock = vm.config.arch in CLOCK_SETTIME
+    timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 120.0
     script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id,
-                             template_mac=template_mac)
-    timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 60.0
+                             template_mac=template_mac, nic=nic, host_time_ns=time.time_ns() if sets_clock else None)
     result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout, max_poll=0.05)
+    steps, stderr = step_seconds(result.stderr.decode(errors="replace"))
     if result.exit_code != 0:
         raise VmkitError(f"{vm.config.name}: the clone could not be given its own identity (exit "
-                         f"{result.exit_code}): {result.stderr.decode(errors='replace')[-400:]}",
+                         f"{result.exit_code}): {stderr[-400:]}",
                          hint=f"start it cold: vmkit stop {vm.config.name} && vmkit start --cold {vm.config.name}")
-    return Personalized(time.monotonic() - started, machine_id)
+    return Personalized(time.monotonic() - started, machine_id, steps, sets_clock)
 
 
 def describe(tpl: Template) -> dict[str, Any]:

@@ -104,25 +104,6 @@ def check_can_start(config: MachineConfig) -> None:
                                      "bridge); run vmkit as root, or put the machine on a rootless network")
 
 
-SLIRP_DNS = "10.0.2.3"
-"""QEMU user-mode NAT's DNS forwarder."""
-
-
 def resolv_conf(config: MachineConfig) -> str | None:
-    """The guest's /etc/resolv.conf on its vmkit networks: each bridged network's dnsmasq (its gateway)
-    and domain, then QEMU's user-mode DNS if the machine also has that NIC. None: nothing to change."""
-    if not config.networks:
-        return None
-    s = store()
-    servers, domains = [], []
-    for iface in config.networks:
-        net = s.get(iface.network)
-        if net.bridged:
-            servers.append(str(net.gateway))
-            domains.append(net.domain)
-    if config.user_nic is not None:
-        servers.append(SLIRP_DNS)
-    if not servers:
-        return None
-    text = f"search {' '.join(domains)}\n" if domains else ""
-    return text + "".join(f"nameserver {x}\n" for x in servers[:3])
+    """The guest's /etc/resolv.conf on its vmkit networks (:meth:`NetworkStore.resolv_conf`)."""
+    return store().resolv_conf(config) if config.networks else None

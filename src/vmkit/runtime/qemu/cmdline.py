@@ -67,6 +67,9 @@ class Runtime:
     """Bytes of RAM added to the configured memory (:func:`vmkit.runtime.migration.ram_pad`: QEMU before
     9.0 tracks the dirty pages of a TCG guest correctly only in a RAM block whose length is no multiple
     of 64 pages). The guest sees them as RAM."""
+    spare_netdev: str | None = None
+    """A user-mode netdev of this name without a NIC (``restrict=on``): it takes the user-mode NAT state of a
+    warm template whose NIC a clone runs on a vmkit network (:mod:`vmkit.state.template`)."""
 
     def virtiofs_socket(self, tag: str) -> Path:
         return (self.share_dir or Path(".")) / f"virtiofs-{tag}.sock"
@@ -453,6 +456,8 @@ def build_argv(config: MachineConfig, accel: AccelChoice, runtime: Runtime,
         argv += network_args(config.user_nic)
     for i, iface in enumerate(config.networks):
         argv += nic_args(i, iface, runtime.nics[i] if i < len(runtime.nics) else NicBackend())
+    if runtime.spare_netdev is not None:
+        argv += ["-netdev", f"user,id={runtime.spare_netdev},restrict=on"]
     if config.agent:
         argv += agent_args(runtime)
     if config.entropy:
