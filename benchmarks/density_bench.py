@@ -3,8 +3,8 @@
 The guests boot one after another (cold: a warm template's clones would share its pages through the
 page cache before KSM starts; ``--warm`` measures them) with KSM off (``run=2`` first: nothing of theirs is merged) and
 idle until QEMU's resident memory is steady. Then ``vmkit host ksm on`` (``run=1``,
-``pages_to_scan=5000``) and the benchmark watches for ``--duration`` seconds (the target is >= 30 %
-of their combined memory shared within 15 minutes):
+``pages_to_scan=500``, or ``--pages-to-scan``) and the benchmark watches for ``--duration`` seconds
+(the target is >= 30 % of their combined memory shared within 15 minutes):
 
 - host memory per guest: the proportional set size (Pss in /proc/PID/smaps_rollup) of each QEMU: a
   page KSM merged between k guests counts 1/k in each (RSS would count it k times);

@@ -114,3 +114,32 @@ def test_tcg_cache_bounds_qemus_translation_cache(vmkit_home: Path, micro_image:
     path.write_text(yaml.safe_dump(data))
     refused = vmkit("start", "tbbox", check=False)
     assert refused.returncode == 2 and "tcg_cache" in refused.stderr and "16M to 2G" in refused.stderr
+
+
+def test_ksm_merges_identical_guests_and_leaves_an_opted_out_one_alone(vmkit_home: Path, micro_image: Image) -> None:
+    """`vmkit host ksm on` merges two identical guests' pages (host status and each machine's stats say
+    so); a machine with memory_merge: false keeps all of its own; KSM's settings are put back after."""
+    knobs = Path("/sys/kernel/mm/ksm")
+    saved = {k: (knobs / k).read_text() for k in ("pages_to_scan", "sleep_millisecs", "smart_scan", "run")
+             if (knobs / k).is_file()}
+    for name in ("ka", "kb", "kc"):
+        vmkit("create", name, "--image", "micro", "--memory", "128M")
+    path = vmkit_home / "instances" / "kc" / "vm.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "memory_merge": False}))
+    try:
+        for name in ("ka", "kb", "kc"):
+            vmkit("start", name)
+        on = json.loads(vmkit("host", "ksm", "on", "--pages-to-scan", "1000", "--json").stdout)
+        assert on["mode"] == "on" and on["pages_to_scan"] == 1000
+        assert wait_until(lambda: all((stats(n)["ksm_merged_bytes"] or 0) > 4 * MiB  # type: ignore[operator]
+                                      for n in ("ka", "kb")), 180, interval=2), [stats(n) for n in ("ka", "kb")]
+        status = json.loads(vmkit("host", "ksm", "status", "--json").stdout)
+        assert status["pages_sharing"] > 0 and status["saved_bytes"] > 4 * MiB
+        assert stats("kc")["ksm_merged_bytes"] == 0
+        assert "saved" in vmkit("host", "ksm", "status").stdout
+    finally:
+        for name in ("ka", "kb", "kc"):
+            vmkit("stop", name, "--force", check=False)
+        for knob in ("pages_to_scan", "sleep_millisecs", "smart_scan", "run"):
+            if knob in saved:
+                (knobs / knob).write_text(saved[knob])
