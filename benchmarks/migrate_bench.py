@@ -10,10 +10,12 @@ plain QMP, and the correctness check (every memory page compared after each migr
 Cases: an idle guest and one dirtying memory (two busybox loops rewriting 16 MiB tmpfs files); vmkit
 with its defaults (live pre-copy: its TCG guests' RAM is padded so QEMU 7.2 tracks their dirty pages,
 vmkit.runtime.qemu.dirtysync; auto-converge on), --tls, --paused, --no-auto-converge, --postcopy, 2
-vCPUs; and plain QMP (two bare QEMUs, `migrate` and `query-migrate` by hand). The plain QMP cases with
-2 vCPUs, `thread=single` or `RAM +8 KiB` show what QEMU 7.2 does by itself: --check counts the runs
-that lost pages (unpadded RAM loses them with 1 or 2 vCPUs and with single-threaded TCG; padded RAM
-did not). --check compares every page after each run (the guest paused meanwhile).
+vCPUs, an idle Debian guest (debian-12, its overlay disk copied too: --copy-storage; no plain QMP
+row, which would need the disk mirror by hand); and plain QMP (two bare QEMUs, `migrate` and
+`query-migrate` by hand). The plain QMP cases with 2 vCPUs, `thread=single` or `RAM +8 KiB` show
+what QEMU 7.2 does by itself: --check counts the runs that lost pages (unpadded RAM loses them with 1
+or 2 vCPUs and with single-threaded TCG; padded RAM did not). --check compares every page after each
+run (the guest paused meanwhile).
 
 Fair end to end: vmkit's clock runs for its whole `vmkit migrate` command (a new process: Python's
 start and vmkit's imports, the target prepared over ssh, the copy, the take-over, the source's QEMU
@@ -169,16 +171,36 @@ def wait_log(path: Path, marker: str, timeout: float = 240) -> str:
     raise RuntimeError(f"{path}: no {marker!r} within {timeout:.0f} s")
 
 
+DEBIAN_ECHO = ("import socket, threading\n"
+               "def serve(c):\n"
+               "    while (b := c.recv(4096)):\n"
+               "        c.sendall(b)\n"
+               "s = socket.create_server(('', 7000))\n"
+               "while True:\n"
+               "    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()\n")
+"""The TCP echo server of the Debian guest (its python3) for the prober's session."""
+
+
 def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags: list[str],
-              verify: bool) -> dict[str, Any]:
-    vmkit("create", name, "--image", "micro", "--memory", memory, "--cpus", str(cpus), "--network", NET,
-          "--cmdline", cmdline(dirty), home=home)
+              verify: bool, *, debian: bool = False) -> dict[str, Any]:
+    if debian:  # the full distribution: its overlay disk is copied too (--copy-storage)
+        vmkit("create", name, "--image", "debian-12", "--memory", memory, "--cpus", str(cpus), "--network", NET,
+              home=home)
+    else:
+        vmkit("create", name, "--image", "micro", "--memory", memory, "--cpus", str(cpus), "--network", NET,
+              "--cmdline", cmdline(dirty), home=home)
     prober: Prober | None = None
     try:
         vmkit("start", name, home=home)
-        log = wait_log(home / "instances" / name / "serial.log", "DIRTIER-UP")
-        address = log.split("ECHO-UP ", 1)[1].split("/", 1)[0]
-        time.sleep(2)
+        if debian:  # started: its agent answers
+            address = json.loads(vmkit("inspect", name, home=home).stdout)["config"]["networks"][0]["address"]
+            vmkit("exec", name, "--", "sh", "-c", f"setsid python3 -c {shlex.quote(DEBIAN_ECHO)} </dev/null "
+                  ">/dev/null 2>&1 &", home=home)
+            time.sleep(10)  # the guest settles after its boot (cloud-init, timers)
+        else:
+            log = wait_log(home / "instances" / name / "serial.log", "DIRTIER-UP")
+            address = log.split("ECHO-UP ", 1)[1].split("/", 1)[0]
+            time.sleep(2)
         prober = Prober(address)
         t0 = time.monotonic()
         res = vmkit("migrate", name, TARGET, *(["--verify"] if verify else []), "--json", *flags, home=home,
@@ -329,6 +351,7 @@ CASES: list[tuple[str, int, bool, list[str] | None]] = [
     ("idle, vmkit --tls", 1, False, ["--tls"]),
     ("idle, vmkit --paused", 1, False, ["--paused"]),
     ("idle, plain QMP live", 1, False, None),
+    ("idle Debian, vmkit default (live), --copy-storage", 1, False, ["--copy-storage"]),
     ("dirtying, vmkit default (live)", 1, True, []),
     ("dirtying, vmkit --no-auto-converge", 1, True, ["--no-auto-converge"]),
     ("dirtying, vmkit --paused", 1, True, ["--paused"]),
@@ -361,8 +384,8 @@ def main() -> int:
     cases = [c for c in CASES if any(o in c[0] for o in args.only.split("|")) and (not args.check or c[2])]
     try:
         span_up(home)
-        print(f"# migrate_bench: micro guest, {args.memory}, {runs} run(s) per case; load: "
-              f"{Path('/proc/loadavg').read_text().split()[:3]}")
+        print(f"# migrate_bench: micro guests (Debian where the case says), {args.memory}, {runs} run(s) per case; "
+              f"load: {Path('/proc/loadavg').read_text().split()[:3]}")
         print("# gap: longest silence of ICMP echoes (every 10 ms) from another host during the migration; "
               "tcp: an open TCP session survived")
         hdr = (f"{'case':48} {'method':18} {'total ms':>9} {'QEMU downtime':>13} {'gap ms':>7} {'paused ms':>9} "
@@ -378,7 +401,8 @@ def main() -> int:
             for i in range(runs):
                 name = f"mb{i}"
                 try:
-                    r = (run_vmkit(home, name, args.memory, cpus, dirty, flags, bool(args.check)) if flags is not None
+                    r = (run_vmkit(home, name, args.memory, cpus, dirty, flags, bool(args.check),
+                                   debian="Debian" in label) if flags is not None
                          else asyncio.run(plain_qmp(work, args.memory, cpus, dirty, bool(args.check),
                                                     thread="single" if "thread=single" in label else "multi",
                                                     pad="RAM +8 KiB" in label)))
