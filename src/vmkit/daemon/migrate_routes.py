@@ -4,8 +4,10 @@
 Routes (errors as everywhere else)::
 
     POST /v1/migrate          MigrateRequest -> NDJSON: progress and note lines, then one result or error.
-                              Sends the machine to the QEMU waiting at ``uri``. On success the guest
-                              stays paused here (QEMU's ``postmigrate``) until one of:
+                              Sends the machine to the QEMU waiting at ``uri``. The moment QEMU says
+                              the copy completed, a ``completed`` line (the caller may let the target
+                              run the guest), then the report. On success the guest stays paused here
+                              (QEMU's ``postmigrate``) until one of:
     POST /v1/migrate/finish   the target runs it: QEMU here ends ("migrated to ...").
     POST /v1/migrate/cancel   cancel a migration in flight, or take back a completed one that the target
                               did not take over: the guest runs on here, as before.
@@ -223,6 +225,9 @@ class MigrateRoutes:
                     self._cancel.clear()
                 info = await migration.query(vm)
                 status = str(info.get("status", "none"))
+                if status == "completed":  # first: the target may take over now (the figures and report follow)
+                    await _line(resp, {"completed": True})
+                    info = await migration.final_figures(vm, info)
                 prog = migration.progress_of(info)
                 throttled = max(throttled, int(prog["throttle_percent"] or 0))
                 now = time.monotonic()
@@ -260,7 +265,7 @@ class MigrateRoutes:
         ram = info.get("ram") or {}
         total_ms = info.get("total-time")
         downtime_ms = info.get("downtime")
-        if not total_ms:  # QEMU 7.2 reported 0 for a live pre-copy over TLS (twice of three here)
+        if not total_ms:  # still none after final_figures (seen over TLS when the status was polled)
             total_ms = round((time.monotonic() - sent_at) * 1000)
             downtime_ms = None
             await note(f"QEMU reported no times for this migration: total time {total_ms} ms as vmkit measured "

@@ -134,6 +134,18 @@ async def wait_status_change(events: asyncio.Queue[VmEvent], timeout: float) -> 
             return
 
 
+async def final_figures(vm: VirtualMachine, info: dict[str, Any], wait: float = 2.0) -> dict[str, Any]:
+    """``query-migrate`` of a completed migration once QEMU has its final figures: QEMU 7.2 sets the
+    status (and sends its MIGRATION event) a moment before it fills in ``total-time`` and
+    ``downtime``, so a query at the event can find neither. Asked again every 10 ms for up to
+    ``wait`` seconds; then as it is."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while not info.get("total-time") and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        info = await query(vm)
+    return info
+
+
 def progress_of(info: dict[str, Any]) -> dict[str, Any]:
     """The figures a user follows while it runs."""
     ram = info.get("ram") or {}
