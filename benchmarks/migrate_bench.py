@@ -401,9 +401,11 @@ def main() -> int:
         medians: dict[str, dict[str, float]] = {}
         phases: dict[str, dict[str, float]] = {}
         p95s: dict[str, dict[str, float]] = {}
-        for label, cpus, dirty, flags in cases:
-            results = []
-            for i in range(runs):
+        # run i of every case, then run i + 1 of every case: the cases compared side by side see the same
+        # load (other users of the host come and go; run one case after the other, and its rows did not)
+        every: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in cases}
+        for i in range(runs):
+            for label, cpus, dirty, flags in cases:
                 name = f"mb{i}"
                 try:
                     r = (run_vmkit(home, name, args.memory, cpus, dirty, flags, bool(args.check),
@@ -413,7 +415,10 @@ def main() -> int:
                                                     pad="RAM +8 KiB" in label)))
                 except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                     r = {"error": str(exc)[:100]}
-                results.append(r)
+                r["load"] = float(Path("/proc/loadavg").read_text().split()[0])
+                every[label].append(r)
+        for label, _cpus, _dirty, flags in cases:
+            results = every[label]
             ok = [r for r in results if "error" not in r]
             errs = [r["error"] for r in results if "error" in r]
             if not ok:
@@ -448,8 +453,9 @@ def main() -> int:
                   f"{shown:>9}" + (f" {p95('downtime_ms'):12.0f} {p95('gap_ms'):8.0f}" if runs > 1 else "")
                   + (f"  ({len(errs)} failed: {errs[0]})" if errs else ""))
             if runs > 1 and not args.check:  # each run's longest silences (an outlier shows with its next ones)
-                print(f"{'':48} gaps per run, longest 3 (ms): "
-                      + "; ".join("/".join(f"{g:.0f}" for g in r.get("gaps_ms", [])) for r in ok))
+                print(f"{'':48} per run, the 3 longest gaps in ms (load average after the run): "
+                      + "; ".join("/".join(f"{g:.0f}" for g in r.get("gaps_ms", [])) + f" ({r['load']:.1f})"
+                                  for r in ok))
         for a, b in (("idle, vmkit default (live)", "idle, plain QMP live"),
                      ("idle, vmkit default (live)", "idle, plain QMP live, RAM +8 KiB"),  # the same QEMU setup
                      ("dirtying, vmkit default (live)", "dirtying, plain QMP live"),
