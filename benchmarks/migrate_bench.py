@@ -356,7 +356,7 @@ CASES: list[tuple[str, int, bool, list[str] | None]] = [
     ("idle, vmkit --paused", 1, False, ["--paused"]),
     ("idle, plain QMP live", 1, False, None),
     ("idle, plain QMP live, RAM +8 KiB", 1, False, None),  # vmkit's padded RAM by hand: its dirty syncs' cost
-    ("idle Debian, vmkit default (live), --copy-storage", 1, False, ["--copy-storage"]),
+    ("idle Debian, vmkit --copy-storage (live)", 1, False, ["--copy-storage"]),
     ("dirtying, vmkit default (live)", 1, True, []),
     ("dirtying, vmkit --no-auto-converge", 1, True, ["--no-auto-converge"]),
     ("dirtying, vmkit --paused", 1, True, ["--paused"]),
