@@ -352,12 +352,14 @@ class MigrationReport(Response):
 
 
 class MigrateLine(Response):
-    """One line of the migration's NDJSON stream: ``progress`` and ``note`` lines, then exactly one
-    ``result`` or ``error``."""
+    """One line of the migration's NDJSON stream: ``progress`` and ``note`` lines, ``completed`` once
+    (the moment QEMU says the copy completed), then exactly one ``result`` or ``error``."""
 
     progress: MigrationProgress | None = None
     disks: Progress | None = Field(default=None, description="the disk mirrors: bytes copied of the total")
     note: str | None = None
+    completed: bool | None = Field(default=None, description="QEMU says the copy completed (the guest stands "
+                                   "paused here): the target may run it now; the report follows")
     result: MigrationReport | None = None
     error: ErrorDetail | None = None
 

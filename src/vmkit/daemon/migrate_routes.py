@@ -4,8 +4,10 @@
 Routes (errors as everywhere else)::
 
     POST /v1/migrate          MigrateRequest -> NDJSON: progress and note lines, then one result or error.
-                              Sends the machine to the QEMU waiting at ``uri``. On success the guest
-                              stays paused here (QEMU's ``postmigrate``) until one of:
+                              Sends the machine to the QEMU waiting at ``uri``. The moment QEMU says
+                              the copy completed, a ``completed`` line (the caller may let the target
+                              run the guest), then the report. On success the guest stays paused here
+                              (QEMU's ``postmigrate``) until one of:
     POST /v1/migrate/finish   the target runs it: QEMU here ends ("migrated to ...").
     POST /v1/migrate/cancel   cancel a migration in flight, or take back a completed one that the target
                               did not take over: the guest runs on here, as before.
@@ -211,39 +213,45 @@ class MigrateRoutes:
         if body.mirror:
             await note(f"copying {len(body.mirror)} disk(s) to the target while the guest runs")
             disk_bytes = await self._mirror(body.mirror, resp, tls=body.tls)
-        sent_at = time.monotonic()
-        await vm.execute("migrate", {"uri": body.uri})
-        postcopy_started = False
-        info: dict[str, Any] = {}
-        last_shown = 0.0
-        throttled = 0  # the most auto-converge throttled the guest (query-migrate drops it at the end)
-        while True:
-            if self._cancel.is_set():
-                await vm.execute("migrate_cancel")
-                self._cancel.clear()
-            info = await migration.query(vm)
-            status = str(info.get("status", "none"))
-            prog = migration.progress_of(info)
-            throttled = max(throttled, int(prog["throttle_percent"] or 0))
-            now = time.monotonic()
-            if now - last_shown >= 0.5 or status in migration.TERMINAL:
-                last_shown = now
-                await _line(resp, {"progress": prog})
-            if status in migration.TERMINAL:
-                break
-            if status == "active" and body.postcopy and not postcopy_started and prog["rounds"] >= 2:
-                await vm.execute("migrate-start-postcopy")
-                postcopy_started = self._postcopy = True
-                method = "postcopy"
-                await note("switched to post-copy after the first round: the target runs the guest now")
-            elif (status == "active" and prog["rounds"] > body.max_rounds and vm.state == VmState.RUNNING
-                  and not postcopy_started):
-                await vm.pause()
-                paused_at = time.monotonic()
-                method = "paused"
-                await note(f"not converging after {prog['rounds']} rounds (the guest dirties "
-                           f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
-            await asyncio.sleep(POLL)
+        async with vm.subscribe() as events:  # from before `migrate`: no MIGRATION event is missed
+            sent_at = time.monotonic()
+            await vm.execute("migrate", {"uri": body.uri})
+            postcopy_started = False
+            info: dict[str, Any] = {}
+            last_shown = 0.0
+            throttled = 0  # the most auto-converge throttled the guest (query-migrate drops it at the end)
+            while True:
+                if self._cancel.is_set():
+                    await vm.execute("migrate_cancel")
+                    self._cancel.clear()
+                info = await migration.query(vm)
+                status = str(info.get("status", "none"))
+                if status == "completed":  # first: the target may take over now (the figures and report follow)
+                    await _line(resp, {"completed": True})
+                    info = await migration.final_figures(vm, info)
+                prog = migration.progress_of(info)
+                throttled = max(throttled, int(prog["throttle_percent"] or 0))
+                now = time.monotonic()
+                if now - last_shown >= 0.5 or status in migration.TERMINAL:
+                    last_shown = now
+                    await _line(resp, {"progress": prog})
+                if status in migration.TERMINAL:
+                    break
+                if status == "active" and body.postcopy and not postcopy_started and prog["rounds"] >= 2:
+                    await vm.execute("migrate-start-postcopy")
+                    postcopy_started = self._postcopy = True
+                    method = "postcopy"
+                    await note("switched to post-copy after the first round: the target runs the guest now")
+                elif (status == "active" and prog["rounds"] > body.max_rounds and vm.state == VmState.RUNNING
+                      and not postcopy_started):
+                    await vm.pause()
+                    paused_at = time.monotonic()
+                    method = "paused"
+                    await note(f"not converging after {prog['rounds']} rounds (the guest dirties "
+                               f"{prog['dirty_pages_rate']} pages/s): paused it so the copy completes")
+                # QEMU's MIGRATION event wakes this at once: the completion reaches the target's take-over
+                # without a poll's delay (the poll is for the progress figures)
+                await migration.wait_status_change(events, POLL)
         status = str(info.get("status"))
         throttled = max(throttled, int(info.get("cpu-throttle-percentage") or 0))
         if throttled:
@@ -258,7 +266,7 @@ class MigrateRoutes:
         ram = info.get("ram") or {}
         total_ms = info.get("total-time")
         downtime_ms = info.get("downtime")
-        if not total_ms:  # QEMU 7.2 reported 0 for a live pre-copy over TLS (twice of three here)
+        if not total_ms:  # still none after final_figures (seen over TLS when the status was polled)
             total_ms = round((time.monotonic() - sent_at) * 1000)
             downtime_ms = None
             await note(f"QEMU reported no times for this migration: total time {total_ms} ms as vmkit measured "
@@ -367,18 +375,19 @@ class MigrateRoutes:
             raise StateError("take over a migrated machine", vm.state.value,
                              ["a machine started for an incoming migration"])
         deadline = time.monotonic() + body.timeout
-        while True:
-            if vm.state not in (VmState.PAUSED, VmState.RUNNING):
-                raise StateError("take over the migrated machine", vm.state.value, [VmState.PAUSED.value])
-            status = str((await migration.query(vm)).get("status", "none"))
-            if status == "completed" or (status == "postcopy-active" and vm.state == VmState.RUNNING):
-                break
-            if status in ("failed", "cancelled"):
-                raise QemuError(f"{vm.config.name}: the incoming migration {status}")
-            if time.monotonic() > deadline:
-                raise VmTimeoutError(f"{vm.config.name}: the incoming migration is still {status} after "
-                                     f"{body.timeout:.0f} s")
-            await asyncio.sleep(0.01)
+        async with vm.subscribe() as events:  # the incoming QEMU's MIGRATION events: no poll's delay
+            while True:
+                if vm.state not in (VmState.PAUSED, VmState.RUNNING):
+                    raise StateError("take over the migrated machine", vm.state.value, [VmState.PAUSED.value])
+                status = str((await migration.query(vm)).get("status", "none"))
+                if status == "completed" or (status == "postcopy-active" and vm.state == VmState.RUNNING):
+                    break
+                if status in ("failed", "cancelled"):
+                    raise QemuError(f"{vm.config.name}: the incoming migration {status}")
+                if time.monotonic() > deadline:
+                    raise VmTimeoutError(f"{vm.config.name}: the incoming migration is still {status} after "
+                                         f"{body.timeout:.0f} s")
+                await migration.wait_status_change(events, 0.1)
         tls_dir = self.sup.instance.dir / migration.TLS_DIR
         if tls_dir.exists():  # the stream is over: its certificates go
             await migration.drop_tls(vm)

@@ -9,7 +9,11 @@
 3. With ``verify``, both sides hash every page of the guest's memory; any difference is a lost page,
    and the migration is taken back (the machine runs on here, the copy there is removed).
 4. The target runs the guest (commit), then the supervisor here ends QEMU (``POST /v1/migrate/finish``)
-   and the instance directory stays as ``migrated`` until ``vmkit delete``.
+   and the instance directory stays as ``migrated`` until ``vmkit delete``. Without ``verify`` the
+   commit goes the moment this host's QEMU says the copy completed (the supervisor's ``completed``
+   line), so the guest's pause is QEMU's downtime plus one message to the target; should this host's
+   part fail after that, the target's answer decides: if it ran the guest, the copy here stays
+   paused for good (never two running copies), else it runs on here.
 
 Every failure before the target runs the guest (it cannot be reached, lacks the image or machine
 type or disk space, dies mid-way, a cancel or Ctrl-C) ends with the machine running here as it was
@@ -260,6 +264,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     remote = Remote(host)
     api = SupervisorClient(inst.api_socket, timeout=3600)
     committed = False
+    committing = False  # the target was told to run the guest (it answers "running" once it does)
     completed = False
     try:
         remote.send("prepare", man.model_dump(mode="json"))
@@ -274,7 +279,14 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         emit({"step": f"the target waits at {uri}: sending"})
         request = _request(opts, uri, man, dict(ready.get("disks") or {}))
         sending = time.monotonic()
-        report = _send(api, {**request, "verified": True} if verified else request, emit)
+
+        def take_over() -> None:  # the moment the copy completed (unless every page is compared first)
+            nonlocal committing
+            committing = True
+            remote.send("commit")
+
+        report = _send(api, {**request, "verified": True} if verified else request, emit,
+                       on_completed=None if opts.verify else take_over)
         completed = True
         phases["copy"] = time.monotonic() - sending
         out = Outcome(name=name, target=host.uri, report=report, phases=phases)
@@ -293,7 +305,9 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
                                      hint="the machine runs on here; the copy on the target was removed")
             phases["verify"] = time.monotonic() - checking
         taking = time.monotonic()
-        remote.send("commit")
+        if not committing:
+            committing = True
+            remote.send("commit")
         remote.answer("running", COMMIT_WAIT)
         committed = True
         phases["takeover"] = time.monotonic() - taking
@@ -310,12 +324,26 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         emit({"step": f"{name} runs on {host.uri}"})
         return out
     except BaseException as exc:
+        if not committed and committing and _ran_there(remote):
+            committed = True  # the guest ran there: the copy here must never run again
+            raise MigrationError(f"{name} runs on {host.uri} now, but this host's part of the migration failed "
+                                 f"after the switch-over: {exc}", hint=f"the copy here stays paused and must not run "
+                                 f"again: `vmkit delete --force {name}` removes it") from exc
         if not committed:
             _take_back(api, completed, exc)
         raise
     finally:
         tls.remove(inst.dir)
         remote.close(abort=not committed)
+
+
+def _ran_there(remote: Remote) -> bool:
+    """After a failure here, once the target was told to take over: whether it ran the guest."""
+    try:
+        remote.answer("running", COMMIT_WAIT)
+    except (VmkitError, KeyboardInterrupt):
+        return False
+    return True
 
 
 def _target_phases(ready: dict[str, Any], waited: float) -> dict[str, float]:
@@ -327,11 +355,18 @@ def _target_phases(ready: dict[str, Any], waited: float) -> dict[str, float]:
             "qemu_start": start}
 
 
-def _send(api: SupervisorClient, body: dict[str, Any], emit: Event) -> models.MigrationReport:
+def _send(api: SupervisorClient, body: dict[str, Any], emit: Event,
+          on_completed: Callable[[], None] | None = None) -> models.MigrationReport:
+    """Follow the supervisor's ``POST /v1/migrate``; ``on_completed`` is called the moment QEMU says
+    the copy completed (before the report: the target need not wait for it)."""
     async def follow() -> dict[str, Any] | None:
         async for line in api.stream("POST", "/v1/migrate", body, timeout=24 * 3600):
             if "result" in line or "error" in line:
                 return line
+            if line.get("completed"):
+                if on_completed is not None:
+                    on_completed()
+                continue
             emit(line)
         return None
 

@@ -46,7 +46,7 @@ from vmkit.runtime.qemu.dirtysync import parse_version as parse_version
 from vmkit.runtime.qemu.dirtysync import ram_pad as ram_pad
 
 if TYPE_CHECKING:
-    from vmkit.runtime.machine import VirtualMachine
+    from vmkit.runtime.machine import VirtualMachine, VmEvent
 
 PAGE = 4096
 DIGEST_BYTES = 8
@@ -117,6 +117,33 @@ async def query(vm: VirtualMachine) -> dict[str, Any]:
     """``query-migrate``: QEMU's whole account of the migration (``{}`` before any)."""
     info = await vm.execute("query-migrate")
     return dict(info) if isinstance(info, dict) else {}
+
+
+async def wait_status_change(events: asyncio.Queue[VmEvent], timeout: float) -> None:
+    """Wait until QEMU reports that the migration's status changed (its ``MIGRATION`` event, with the
+    ``events`` capability on) or the machine's state did, or ``timeout`` seconds have passed.
+    ``events``: a subscription of the machine (:meth:`VirtualMachine.subscribe`), opened before the
+    status was last read, so no change between that read and this wait is missed."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            ev = await asyncio.wait_for(events.get(), left)
+        except TimeoutError:
+            return
+        if ev.kind != "qmp" or ev.detail.get("event") == "MIGRATION":
+            return
+
+
+async def final_figures(vm: VirtualMachine, info: dict[str, Any], wait: float = 2.0) -> dict[str, Any]:
+    """``query-migrate`` of a completed migration once QEMU has its final figures: QEMU 7.2 sets the
+    status (and sends its MIGRATION event) a moment before it fills in ``total-time`` and
+    ``downtime``, so a query at the event can find neither. Asked again every 10 ms for up to
+    ``wait`` seconds; then as it is."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while not info.get("total-time") and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        info = await query(vm)
+    return info
 
 
 def progress_of(info: dict[str, Any]) -> dict[str, Any]:
