@@ -334,3 +334,26 @@ def test_tls_certificates_for_one_migration(tmp_path: Path) -> None:
     assert d.stat().st_mode & 0o777 == 0o700 and all(p.stat().st_mode & 0o777 == 0o600 for p in d.iterdir())
     tls.remove(tmp_path)
     assert not d.exists()
+
+
+def test_pages_the_guest_reported_free_are_told_apart_from_lost_ones(tmp_path: Path) -> None:
+    """A whole aligned 2 MiB block of zeros on the source (the guest reported it free, QEMU discarded it
+    there) that differs on the target is given back, not lost; a zero page elsewhere that differs, or a
+    block with one non-zero page, is lost."""
+    n = migration.REPORT_BLOCK_PAGES
+    source = bytearray(b"".join(bytes([1 + i % 200]) * migration.PAGE for i in range(3 * n)))
+    source[n * migration.PAGE:2 * n * migration.PAGE] = bytes(n * migration.PAGE)  # block 1: discarded here
+    target = bytearray(b"\x07" * len(source))  # what was sent before: differs everywhere
+    target[:n * migration.PAGE] = source[:n * migration.PAGE]  # block 0 arrived whole
+    target[2 * n * migration.PAGE:] = source[2 * n * migration.PAGE:]  # and block 2 too ...
+    target[(2 * n + 5) * migration.PAGE] ^= 1  # ... but for one page the migration lost
+    (tmp_path / "s").write_bytes(source)
+    (tmp_path / "t").write_bytes(target)
+    got = migration.compare_pages(migration._hash_pages(tmp_path / "s"), migration._hash_pages(tmp_path / "t"))
+    assert got.given_back == list(range(n, 2 * n)) and got.lost == [2 * n + 5]
+    source[(n + 9) * migration.PAGE] = 1  # the block is no longer all zeros: its differences are losses
+    (tmp_path / "s").write_bytes(source)
+    got = migration.compare_pages(migration._hash_pages(tmp_path / "s"), migration._hash_pages(tmp_path / "t"))
+    assert got.given_back == [] and len(got.lost) == n + 1
+    half = bytes(migration._hash_pages(tmp_path / "s"))[:(n // 2) * migration.DIGEST_BYTES]  # no whole block
+    assert migration.compare_pages(bytes(len(half)), half).given_back == []
