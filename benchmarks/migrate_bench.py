@@ -146,15 +146,20 @@ def span_down(home: Path) -> None:
 class Prober:
     """vmkit.net.probes.GAPS on the observer host: ICMP every 10 ms, a TCP echo session."""
 
-    def __init__(self, address: str) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", OBSERVER_NS, "python3", "-c", GAPS, address, "7000",
-                                      "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if line != "PROBING":
+    def __init__(self, address: str, attempts: int = 3) -> None:
+        for attempt in range(attempts):  # the guest's echo server may not take the connection yet
+            self.proc = subprocess.Popen(["ip", "netns", "exec", OBSERVER_NS, "python3", "-c", GAPS, address,
+                                          "7000", "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline().strip()
+            if line == "PROBING":
+                return
             self.proc.kill()
-            raise RuntimeError(f"the prober did not start: {line} {self.proc.communicate()[1][-300:]}")
+            error = (self.proc.communicate()[1].strip().splitlines() or ["?"])[-1]
+            if attempt == attempts - 1:
+                raise RuntimeError(f"the prober did not start: {line} {error}")
+            time.sleep(2)
 
     def result(self, settle: float = 1.5) -> dict[str, Any]:
         time.sleep(settle)  # the guest answers again on the target
