@@ -225,7 +225,7 @@ def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags:
                 "own_s": out["seconds"], "total_ms": rep["total_time_ms"], "downtime_ms": rep["downtime_ms"],
                 "paused_ms": rep["paused_ms"], "rounds": rep["rounds"], "mib": rep["transferred_bytes"] / 2**20,
                 "method": rep["method"] + ("(redone)" if redone else ""), "bad": out["bad_pages"],  # None: unchecked
-                "freed": sum(int(n.split()[0]) for n in out["notes"] if "whole 2 MiB blocks the guest" in n),
+                "freed": out["pages_given_back"] or 0,
                 "gap_ms": seen["max_gap_ms"], "gaps_ms": seen["gaps_ms"][:3], "tcp": seen["tcp"]["error"] is None}
     finally:
         if prober is not None:

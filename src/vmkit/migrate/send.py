@@ -84,6 +84,8 @@ class Outcome:
     report: models.MigrationReport
     seconds: float = 0.0
     bad_pages: int | None = None
+    pages_given_back: int | None = None
+    """Pages that differ only because the guest reported them free during the copy (not lost)."""
     pages_checked: int | None = None
     notes: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
@@ -94,7 +96,8 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "seconds": round(self.seconds, 3),
-                "bad_pages": self.bad_pages, "pages_checked": self.pages_checked, "notes": self.notes,
+                "bad_pages": self.bad_pages, "pages_given_back": self.pages_given_back,
+                "pages_checked": self.pages_checked, "notes": self.notes,
                 "phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "report": self.report.model_dump(mode="json")}
 
@@ -298,7 +301,7 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
             there = models.MemoryDigest.model_validate(remote.answer("digest", COMMIT_WAIT))
             compared = migration.compare_pages(here.digest, there.digest)
             bad = compared.lost
-            out.bad_pages, out.pages_checked = len(bad), here.pages
+            out.bad_pages, out.pages_given_back, out.pages_checked = len(bad), len(compared.given_back), here.pages
             if compared.given_back:
                 out.notes.append(f"{len(compared.given_back)} more pages differ, in whole 2 MiB blocks the guest "
                                  "had reported free while the copy ran (zeros here, the source's QEMU discarded "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.errors import HostError
+from vmkit.fsutil import atomic_write
 from vmkit.net.definition import BRIDGE_PREFIX, TABLE_PREFIX, TAP_PREFIX, NetworkDef, bridge_mac, bridge_name
 
 ALIAS_PREFIX = "vmkit:"
@@ -218,9 +219,7 @@ def drop_stale_leases(leases: Path, reserved: dict[str, str]) -> list[str]:
         else:
             kept.append(line)
     if dropped:
-        tmp = leases.with_name(leases.name + ".tmp")
-        tmp.write_text("".join(f"{ln}\n" for ln in kept))
-        os.replace(tmp, leases)
+        atomic_write(leases, "".join(f"{ln}\n" for ln in kept))
     return dropped
 
 
