@@ -53,7 +53,7 @@ def test_two_clones_have_their_own_identity_and_random_streams(debian_template: 
     user_data.write_text("#cloud-config\nruncmd:\n  - [sh, -c, 'echo ran-$(hostname) > /run/warm-runcmd']\n")
     ram = Path(debian_template.path) / "ram"
     untouched = (ram.stat().st_mtime_ns, ram.stat().st_blocks)
-    vmkit("create", "wa", "--image", "debian-12")
+    vmkit("create", "wa", "--image", "debian-12", "--disk", "3G")  # larger than the template's disk
     vmkit("create", "wb", "--image", "debian-12", "--user-data", str(user_data))
     # each reads 32 bytes of /dev/urandom right after its start: the RNG state came from the template
     first_bytes = {}
@@ -90,6 +90,10 @@ def test_two_clones_have_their_own_identity_and_random_streams(debian_template: 
         assert "inet 10.0.2.15/" in guest(n, "ip -o -4 addr show"), "the clone lost its address"
     assert macs["wa"] != macs["wb"]
     assert guest("wb", "cat /run/warm-runcmd") == "ran-wb"  # its own user-data ran
+    # wa's disk was made larger than the template's: the guest sees it, and its root filesystem was grown
+    assert int(guest("wa", "lsblk -bdno SIZE /dev/vda")) == 3 << 30
+    assert int(guest("wa", "df -B1 --output=size / | tail -1")) > int(2.5 * (1 << 30))
+    assert int(guest("wb", "lsblk -bdno SIZE /dev/vda")) < 3 << 30  # the image's own size
     for n in ("wa", "wb"):
         vmkit("stop", n)
     # no clone gave pages back through the template's file (free page reporting is off in clones)

@@ -200,6 +200,12 @@ def test_identity_script_quotes_everything_and_parses(tmp_path: Path) -> None:
     assert subprocess.run(["sh", "-n"], input=lan, text=True, check=False).returncode == 0
     assert subprocess.run(["sh", "-n"], input=template.TEMPLATE_SETTLE, text=True, check=False).returncode == 0
     assert "cloud-init clean" not in script  # no user-data of its own: cloud-init does not run again
+    # a root disk made larger than the template's: wait for the kernel to see 3 GiB, then grow the filesystem
+    assert "grow-root" not in script
+    grown = template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32, root_grown_to=3 << 30)
+    assert f"{template.STEP} grow-root" in grown and '-lt 6291456 ]' in grown and 'resize2fs "/dev/$part"' in grown
+    assert grown.index("grow-root") > grown.index("perl -e")  # after the RNG's reseed and the clock
+    assert subprocess.run(["sh", "-n"], input=grown, text=True, check=False).returncode == 0
     (tmp_path / provision.EXTRA_USER_DATA).write_text("#cloud-config\nruncmd: [[touch, /x]]\n")
     assert "cloud-init clean" in template.identity_script(cfg, tmp_path, entropy=b"", machine_id="0" * 32)
 

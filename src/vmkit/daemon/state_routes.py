@@ -129,8 +129,9 @@ async def _start_from_template(sup: Supervisor, path: str, emit: Callable[[dict[
     await vm.resume()
     phases.mark("resumed")
 
+    grown = await template.grow_root_disk(vm, tpl) if tpl.manifest.has_disk else None
     own = await template.personalize(vm, sup.instance.dir, template_mac=tpl.manifest.mac,  # fails: QEMU is ended
-                                     nic=_clone_nic(sup))
+                                     nic=_clone_nic(sup), root_grown_to=grown)
     if own.clock_set:  # by the identity script, in the same program as the RNG's reseed
         clock = savestate.ClockResult(True, vm.clock_behind_seconds, "guest clock set to the host's time by the "
                                       "identity script")

@@ -694,13 +694,17 @@ def _step(name: str) -> str:
 
 def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes, machine_id: str,
                     template_mac: str | None = None, nic: CloneNic | None = None,
-                    host_time_ns: int | None = None) -> str:
+                    host_time_ns: int | None = None, root_grown_to: int | None = None) -> str:
     """The shell script (run as root by the guest agent) that makes a fresh clone this machine.
 
     ``host_time_ns``: the host's time as the script is sent: the script sets the guest's clock to it plus the
     time since the shell started (the agent starts it as the request arrives; the kernel's clock only, as
     the guest agent's guest-set-time does before it runs ``hwclock`` to write the RTC, which QEMU's RTC
     does not need: it follows the host's clock).
+
+    ``root_grown_to``: the clone's root disk is larger than the template's (``vmkit create --disk``), this many
+    bytes (:func:`grow_root_disk` told the guest): the script waits until the kernel sees it and grows the root
+    filesystem, as cloud-init's growpart and resizefs do at a cold boot.
 
     Every value comes from vmkit's own files (names are validated, keys are OpenSSH text) and is
     quoted with :func:`shlex.quote`. Each step writes a mark (:data:`STEP`) to stderr."""
@@ -760,6 +764,8 @@ def identity_script(config: MachineConfig, instance_dir: Path, *, entropy: bytes
         # no reload of sshd: it is re-executed for every connection, and reads the host keys then
         # (OpenSSH 9.2, Debian 12): the first connection already gets the new ones
     ]
+    if root_grown_to is not None:
+        lines += [_step("grow-root"), *grow_root_lines(root_grown_to)]
     if (instance_dir / provision.EXTRA_USER_DATA).exists():
         # its own user-data (users, files, runcmd): cloud-init runs again, as for a new instance, from the
         # machine's own seed (the block cache still holds the template's: dropped first)
@@ -801,7 +807,7 @@ class Personalized:
 
 
 async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: str | None = None,
-                      nic: CloneNic | None = None) -> Personalized:
+                      nic: CloneNic | None = None, root_grown_to: int | None = None) -> Personalized:
     """Make the running clone ``vm`` its own (see :func:`identity_script`), through its guest agent; the
     script also sets the guest's clock (on an architecture whose clock_settime vmkit knows)."""
     if vm.agent is None:
@@ -811,7 +817,8 @@ async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: s
     sets_clock = vm.config.arch in CLOCK_SETTIME
     timeout = 600.0 if (instance_dir / provision.EXTRA_USER_DATA).exists() else 120.0
     script = identity_script(vm.config, instance_dir, entropy=secrets.token_bytes(64), machine_id=machine_id,
-                             template_mac=template_mac, nic=nic, host_time_ns=time.time_ns() if sets_clock else None)
+                             template_mac=template_mac, nic=nic, host_time_ns=time.time_ns() if sets_clock else None,
+                             root_grown_to=root_grown_to)
     result = await guest_exec(vm.agent, ["/bin/sh", "-s"], stdin=script.encode(), timeout=timeout, max_poll=0.05)
     steps, stderr = step_seconds(result.stderr.decode(errors="replace"))
     if result.exit_code != 0:
@@ -819,6 +826,51 @@ async def personalize(vm: VirtualMachine, instance_dir: Path, *, template_mac: s
                          f"{result.exit_code}): {stderr[-400:]}",
                          hint=f"start it cold: vmkit stop {vm.config.name} && vmkit start --cold {vm.config.name}")
     return Personalized(time.monotonic() - started, machine_id, steps, sets_clock)
+
+
+GROW_WAIT_SECONDS = 10
+"""How long the identity script waits for the guest's kernel to see its root disk grow."""
+
+
+def grow_root_lines(size: int) -> list[str]:
+    """Shell lines that wait until the disk under ``/`` has ``size`` bytes in the guest's eyes, then grow the
+    partition under ``/`` (if it is one: ``growpart``, from cloud-guest-utils) and the filesystem on it (ext2/3/4:
+    ``resize2fs``, xfs: ``xfs_growfs``; both work on a mounted filesystem)."""
+    sectors = size // 512
+    return [
+        # the device under / by its numbers (/proc/mounts may say /dev/root), and its filesystem's type
+        'while read -r id parent majmin root mnt rest; do [ "$mnt" != / ] || break; done < /proc/self/mountinfo',
+        'while read -r dev mnt fstype rest; do [ "$mnt" != / ] || break; done < /proc/mounts',
+        'part=$(basename "$(readlink -f "/sys/dev/block/$majmin")"); disk=$part; num=',
+        'if [ -e "/sys/class/block/$part/partition" ]; then read -r num < "/sys/class/block/$part/partition"; '
+        'disk=$(basename "$(readlink -f "/sys/class/block/$part/..")"); fi',
+        f'i=0; while read -r now < "/sys/class/block/$disk/size" && [ "$now" -lt {sectors} ]; do',
+        f'  i=$((i + 1)); [ $i -le {GROW_WAIT_SECONDS * 20} ] || {{ echo "the guest\'s kernel still sees $now '
+        f'sectors on /dev/$disk, not {sectors}" >&2; exit 1; }}; sleep 0.05',
+        "done",
+        '[ -z "$num" ] || growpart "/dev/$disk" "$num" >/dev/null',
+        'case "$fstype" in ext[234]) resize2fs "/dev/$part" >/dev/null 2>&1;; xfs) xfs_growfs / >/dev/null;;',
+        '  *) echo "vmkit: the root filesystem ($fstype) was not grown: grow it yourself" >&2;; esac',
+    ]
+
+
+async def grow_root_disk(vm: VirtualMachine, tpl: Template) -> int | None:
+    """A clone's root disk made larger than the template's (``vmkit create --disk``): QEMU serves the larger
+    overlay, but the guest's kernel read the disk's size when the template booted. ``block_resize`` to the size it
+    already has makes QEMU tell the guest (virtio's configuration-change interrupt; measured on QEMU 7.2: the
+    kernel logs "detected capacity change" at once). Returns the new size (None: the disk is the template's size)."""
+    for dev in await vm.execute("query-block"):
+        inserted = dev.get("inserted") or {}
+        image = inserted.get("image") or {}
+        backing = image.get("backing-image") or {}
+        if backing.get("filename") != str(tpl.disk):
+            continue
+        size, base = int(image.get("virtual-size", 0)), int(backing.get("virtual-size", 0))
+        if size <= base:
+            return None
+        await vm.execute("block_resize", {"node-name": inserted["node-name"], "size": size})
+        return size
+    return None
 
 
 def describe(tpl: Template) -> dict[str, Any]:
