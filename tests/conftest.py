@@ -282,6 +282,15 @@ def processes_mentioning(needle: str) -> list[int]:
     return pids
 
 
+def command_line(pid: int) -> str:
+    """A process's command line and working directory, for a message ("?" once it is gone)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return f"{' '.join(a.decode(errors='replace') for a in argv)[:300]} (in {os.readlink(f'/proc/{pid}/cwd')})"
+    except OSError:
+        return "?"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -319,7 +328,11 @@ def vmkit_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) 
     for elsewhere in ("VMKIT_CONNECT", "VMKIT_HOST"):  # this host's vmkit, whatever another test left set
         monkeypatch.delenv(elsewhere, raising=False)
     yield home
-    leftovers = processes_mentioning(str(home))
+    # a process still ending (a helper its supervisor has just signalled) gets a moment; one still there is an orphan
+    deadline = time.monotonic() + 5
+    while (leftovers := processes_mentioning(str(home))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = [f"{pid} {command_line(pid)}" for pid in leftovers]
     for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -329,7 +342,7 @@ def vmkit_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) 
             print(f"\n===== {log} (last 40 lines) =====")
             print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
     shutil.rmtree(home, ignore_errors=True)
-    assert not leftovers, f"processes outlived the test: {leftovers}"
+    assert not leftovers, f"processes outlived the test: {described}"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAB, vmkit, wait_until
+from conftest import LAB, vmkit, vmkit_process, wait_until
 from vmkit.host.images import micro
 from vmkit.host.images.store import Image
 
@@ -245,6 +245,47 @@ def test_every_failure_leaves_the_machine_running_on_the_source(vmkit_home: Path
     assert proc.returncode != 0 and re.search(r"migration (failed|cancelled)", err), err
     still_here(subprocess.CompletedProcess([], proc.returncode, "", err), proc.returncode, "the migration")
     vmkit("stop", "--force", "mf")
+
+
+def test_a_failure_at_the_switch_over_never_leaves_two_running_copies(vmkit_home: Path, micro_image: Image,
+                                                                     lab: str, on_target: list[str]) -> None:
+    from vmkit.migrate.send import FAULT_ENV
+
+    make("mt")
+    on_target.append("mt")
+
+    def refused_here(hint: str) -> None:
+        assert state_of("mt") == "paused"
+        for args in (("resume", "mt"), ("save", "mt"), ("snapshot", "create", "mt", "s1")):
+            res = vmkit(*args, check=False)
+            assert res.returncode == 4 and f"migrated to {lab}" in " ".join(res.stderr.split()), res.stderr
+            assert hint in " ".join(res.stderr.split()), res.stderr
+
+    # `vmkit migrate` is killed the moment the copy completed, before the target was told to run the guest:
+    # the target removes what it made (its receiver's input closed), the copy here waits paused and refuses to run
+    killed = vmkit_process("migrate", "mt", lab, check=False, env={FAULT_ENV: "before-takeover"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert wait_until(lambda: "mt" not in target_rows(lab), 60), "the target kept the machine"
+    assert wait_until(lambda: not target_qemus("mt"), 30), "a QEMU was left on the target"
+    refused_here("vmkit migrate --cancel mt")
+    back = vmkit("migrate", "--cancel", "mt")  # the target does not have it: taken back
+    assert "took back mt: it is running here" in " ".join(back.stdout.split())
+    assert state_of("mt") == "running"
+    ticking_on("mt", vmkit_home)
+    assert vmkit("migrate", "--cancel", "mt", check=False).returncode == 4  # nothing to cancel now
+
+    # ending the copy here fails once the target runs the guest: it runs there, and this copy never runs again
+    failed = vmkit_process("migrate", "mt", lab, check=False, env={FAULT_ENV: "after-takeover"})
+    assert failed.returncode == 18 and f"mt runs on {lab} now" in " ".join(failed.stderr.split()), failed.stderr
+    assert target_rows(lab)["mt"]["state"] == "running"
+    tgt_log = vmkit("--host", lab, "console", "mt", "--log", "--until", r"vmkit-tick \d+\n", "--timeout", "60").stdout
+    assert last_tick(tgt_log) >= 0
+    refused_here("vmkit delete --force mt")
+    cancel = vmkit("migrate", "--cancel", "mt", check=False)  # the target has it: not taken back
+    assert cancel.returncode == 18 and "must not run again" in " ".join(cancel.stderr.split()), cancel.stderr
+    assert state_of("mt") == "paused"
+    vmkit("delete", "--force", "mt")
+    assert target_rows(lab)["mt"]["state"] == "running"  # the one copy left
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

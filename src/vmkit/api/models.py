@@ -316,6 +316,9 @@ class MigrateRequest(Request):
     max_rounds: int = Field(default=30, strict=True, ge=2, le=100_000,
                             description="after this many rounds without converging, pause the guest so the "
                                         "copy completes (the migration never runs forever)")
+    host: str | None = Field(default=None, max_length=512, pattern=r"^ssh://[^\s]+$",
+                             description="the target host's vmkit (ssh://[user@]HOST[:PORT]): named in messages, and "
+                                         "asked by `vmkit migrate --cancel` whether it took the machine over")
 
 
 class MigrationProgress(Response):
@@ -384,6 +387,9 @@ class MigrationInfo(Response):
     method_reason: str = Field(default="", description="why that method (see `vmkit doctor`)")
     ram_pad: int | None = Field(default=None, description="bytes of RAM over the configured memory (the target's "
                                                           "QEMU needs the same; None: it does not run)")
+    handed_to: str | None = Field(default=None, description="the source side after a completed migration that was "
+                                  "neither finished nor taken back: the target it went to (the guest stays paused "
+                                  "here; resume, save and snapshots are refused)")
 
 
 class MemoryDigest(Response):

@@ -19,8 +19,14 @@ def _size(n: int) -> str:
 
 
 def migrate(
+    ctx: typer.Context,
     name: str,
-    target: str = typer.Argument(..., metavar="ssh://[user@]HOST[:PORT]", help="the host to move it to"),
+    target: str | None = typer.Argument(None, metavar="ssh://[user@]HOST[:PORT]",
+                                        help="the host to move it to (none with --cancel)"),
+    cancel: bool = typer.Option(False, "--cancel", help="cancel its migration in flight, or take back a completed "
+                                "one its target did not take over (`vmkit migrate` was killed): it runs here again"),
+    force: bool = typer.Option(False, "--force", help="with --cancel: take it back without asking the target "
+                               "(only if you know the target does not run it)"),
     offline: bool = typer.Option(False, "--offline",
                                  help="move a stopped or saved machine (disks; its saved state re-encrypted there)"),
     copy_storage: bool = typer.Option(False, "--copy-storage",
@@ -51,6 +57,20 @@ def migrate(
     """Move a running machine to another host; it keeps running (live migration)."""
     from vmkit.errors import ConfigError
 
+    if cancel:
+        if target is not None:
+            raise ConfigError.single("--cancel", "give no target: the machine's own migration is cancelled")
+        done = machine(name).cancel_migration(force=force)
+        if as_json:
+            print_json(done)
+        else:
+            out.print(f"{'took back' if done['taken_back'] else 'cancelled the migration of'} [bold]{name}[/]: it is "
+                      f"{done['state']} here", highlight=False)
+        return
+    if force:
+        raise ConfigError.single("--force", "only with --cancel")
+    if target is None:
+        raise ConfigError.single("TARGET", "give the host to move it to: ssh://[user@]HOST[:PORT]")
     # (auto-converge is on by default: it is simply unused by an offline move)
     if offline and (copy_storage or shared_storage or postcopy or paused or verify or live or tls):
         raise ConfigError.single("--offline", "an offline move copies the disks and the saved state; the live "
@@ -59,6 +79,10 @@ def migrate(
         raise ConfigError.single("--live", "give --live or --paused, not both")
     if copy_storage and shared_storage:
         raise ConfigError.single("--copy-storage", "give --copy-storage or --shared-storage, not both")
+    from vmkit.migrate import early
+
+    early.prestart(target)  # the target's vmkit starts while this one loads the rest
+    ctx.call_on_close(lambda: early.drop(target))  # not adopted (the command failed before reaching it): ended
     handle = machine(name)
     if offline:
         moved = handle.move(target, on_event=lambda line: None if as_json else err.print(str(line.get("step", "")),

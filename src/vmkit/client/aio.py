@@ -209,6 +209,9 @@ class Instance:
             bandwidth_bytes=bandwidth_bytes, auto_converge=auto_converge, postcopy=postcopy, max_rounds=max_rounds,
             verify=verify, shared_storage=shared_storage, copy_storage=copy_storage, on_event=on_event)
 
+    async def cancel_migration(self, *, force: bool = False) -> dict[str, Any]:
+        return await asyncio.to_thread(self._sync.cancel_migration, force=force)
+
     async def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None
                    ) -> dict[str, Any]:
         return await asyncio.to_thread(self._sync.move, target, on_event=on_event)

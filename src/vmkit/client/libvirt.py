@@ -198,6 +198,10 @@ class LibvirtInstance(Instance):
         return self._call(self._host.migrate, self.name, target, copy_storage=copy_storage, method=method,
                           bandwidth_mib=bw, on_event=on_event)
 
+    def cancel_migration(self, *, force: bool = False) -> dict[str, Any]:
+        raise ConfigError.single("--cancel", "a libvirt migration ends with its `vmkit migrate` command (Ctrl-C "
+                                 "cancels it) or `virsh domjobabort NAME`; libvirt takes a failed one back itself")
+
     def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         return self._call(self._host.migrate, self.name, target, offline=True, on_event=on_event)
 

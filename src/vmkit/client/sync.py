@@ -624,6 +624,14 @@ class Instance:
                             shared_storage=shared_storage, copy_storage=copy_storage, tls=tls)
         return self._call(send.migrate, self.name, target, opts, on_event=on_event).to_dict()
 
+    def cancel_migration(self, *, force: bool = False) -> dict[str, Any]:
+        """Cancel the machine's migration in flight, or take back a completed one that its target did not take
+        over (the guest runs here again); refused while the target has the machine, or cannot be asked unless
+        ``force`` (see :func:`vmkit.migrate.send.cancel`)."""
+        from vmkit.migrate import send
+
+        return self._call(send.cancel, self.name, force=force)
+
     def move(self, target: str, *, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move the stopped or saved machine to ``target`` (``vmkit migrate --offline``): disks, files
         and its saved state (re-encrypted there for that user), so that starting it there resumes it."""

@@ -120,7 +120,8 @@ class MigrateRoutes:
         return web.json_response(models.MigrationInfo(
             state=vm.state.value, status=str(q.get("status", "none")), query=q,
             method=safety.method if safety else "unknown", method_reason=safety.reason if safety else "",
-            ram_pad=blocks["mem"] - vm.config.memory if "mem" in blocks else None).model_dump(mode="json"))
+            ram_pad=blocks["mem"] - vm.config.memory if "mem" in blocks else None,
+            handed_to=self.completed_to).model_dump(mode="json"))
 
     async def digest(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)
@@ -175,8 +176,8 @@ class MigrateRoutes:
                 self._running = False
                 if body.tls:
                     await migration.drop_tls(vm)
-            self.completed_to = body.uri
-            self.sup.status.reason = f"migrated to {body.uri}: waiting for the target to take over"
+            self.completed_to = body.host or body.uri
+            self.sup.status.reason = f"migrated to {self.completed_to}: waiting for the target to take over"
             self.sup.instance.write_status(self.sup.status)
             await _line(resp, {"result": report.model_dump(mode="json")}, last=True)
             return resp
@@ -417,6 +418,18 @@ class MigrateRoutes:
         self.sup.instance.write_status(self.sup.status)
         return web.json_response({**self.sup.status.to_dict(), "clock": clock or {
             "corrected": False, "behind_seconds": None, "message": "the guest ran on (post-copy)"}})
+
+    def refuse_handed_over(self, operation: str) -> None:
+        """After a completed migration not yet finished or taken back, the target may run the guest: this paused
+        copy must not run, nor be saved or snapshotted (a second copy, restored later). Refused with what to do."""
+        if self.completed_to is None:
+            return
+        name = self.sup.vm.config.name
+        err = StateError(operation, f"migrated to {self.completed_to} (paused here until the target takes over)",
+                         ["running or paused here"])
+        err.hint = (f"if it runs there (vmkit --host {self.completed_to} list), end this copy: vmkit delete --force "
+                    f"{name}; if not, take it back: vmkit migrate --cancel {name}")
+        raise err
 
     async def cancel(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)

@@ -53,6 +53,11 @@ from vmkit.runtime.states import VmState
 from vmkit.state import savestate, template
 
 
+class HandOver(Protocol):
+    def refuse_handed_over(self, operation: str) -> None:
+        """Refuse ``operation`` while a completed outgoing migration waits for the target to take over."""
+
+
 class Supervisor(Protocol):
     """What these routes need of the supervisor (:class:`vmkit.daemon.supervisor.Supervisor`)."""
 
@@ -62,6 +67,9 @@ class Supervisor(Protocol):
     ops: OperationGate
     exit_reason: str | None
     start_began: float
+
+    @property
+    def migration(self) -> HandOver: ...
 
 log = logging.getLogger("vmkit.daemon.supervisor")
 
@@ -237,6 +245,7 @@ class StateRoutes:
         vm = self.sup.vm
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
             raise StateError("save the machine state", vm.state.value, [VmState.RUNNING.value, VmState.PAUSED.value])
+        self.sup.migration.refuse_handed_over("save the machine state")
         target_check = functools.partial(savestate.check_save_target, own=self.sup.instance, force=body.force)
         target_check(path)  # before the machine is paused: a refused target leaves it as it was
         with self.sup.ops.exclusive("save the machine state", f"saving its state to {path}"):
@@ -286,6 +295,7 @@ class StateRoutes:
 
     async def snapshot_create(self, request: web.Request) -> web.Response:
         tag = (await body_as(request, models.SnapshotCreate)).tag
+        self.sup.migration.refuse_handed_over("create a snapshot")
         with self.sup.ops.exclusive("create a snapshot", f"creating snapshot {tag!r}"):
             info = await savestate.create_snapshot(self.sup.vm, tag)
         return web.json_response(info.to_dict())
@@ -293,6 +303,7 @@ class StateRoutes:
     async def snapshot_revert(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)
         tag = request.match_info["tag"]
+        self.sup.migration.refuse_handed_over("revert to a snapshot")
         with self.sup.ops.exclusive("revert to a snapshot", f"reverting to snapshot {tag!r}"):
             clock = await savestate.revert_snapshot(self.sup.vm, tag)
         return web.json_response({"tag": tag, "state": self.sup.vm.state.value,

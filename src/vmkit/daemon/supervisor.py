@@ -555,6 +555,7 @@ class Supervisor:
 
     async def _h_resume(self, request: web.Request) -> web.Response:
         await body_as(request, models.Empty)
+        self.migration.refuse_handed_over("resume the machine")
         with self.ops.shared("resume", "resuming"):
             clock = await savestate.resume_and_fix_clock(self.vm)  # it stood still while paused
             if self.vm.sshfs.shares and not self.vm.sshfs.links:  # started or restored paused: mount them now

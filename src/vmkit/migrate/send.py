@@ -27,7 +27,9 @@ import base64
 import contextlib
 import dataclasses
 import json
+import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -45,7 +47,7 @@ from vmkit.errors import ConfigError, MigrationError, StateError, VmkitError, er
 from vmkit.host.images import qemuimg
 from vmkit.host.instance import Instance
 from vmkit.host.provision import is_cloud_instance
-from vmkit.migrate import tls
+from vmkit.migrate import early, tls
 from vmkit.migrate.receive import DiskToCopy, Manifest
 from vmkit.runtime import migration
 from vmkit.runtime.qemu.cmdline import device_id
@@ -108,9 +110,7 @@ class Remote:
     def __init__(self, host: ssh.SshHost) -> None:
         self.host = host
         try:
-            self.proc = subprocess.Popen(host.vmkit_argv(["migrate-receive"]), stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                         start_new_session=True)  # Ctrl-C reaches this process, not ssh
+            self.proc = early.adopt(host) or early.spawn(host)
         except FileNotFoundError:
             raise MigrationError("ssh is not installed", hint="apt-get install openssh-client") from None
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -211,13 +211,13 @@ def manifest(inst: Instance, opts: Options) -> Manifest:
                     postcopy=opts.postcopy, disks=disks, networks=subnets, tls=opts.tls)
 
 
-def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str]) -> dict[str, Any]:
+def _request(opts: Options, uri: str, man: Manifest, targets: dict[str, str], host: str) -> dict[str, Any]:
     mirror = [models.MirrorDisk(node=d.node, target=targets[d.node], sync="top" if d.backing else "full")
               for d in man.disks]
     return models.MigrateRequest(
         uri=uri, mirror=mirror, method=opts.method, downtime_limit_ms=opts.downtime_limit_ms,
         bandwidth_bytes=opts.bandwidth_bytes, auto_converge=opts.auto_converge, postcopy=opts.postcopy,
-        max_rounds=opts.max_rounds, tls=opts.tls).model_dump(mode="json", exclude_defaults=True)
+        max_rounds=opts.max_rounds, tls=opts.tls, host=host).model_dump(mode="json", exclude_defaults=True)
 
 
 def migrate(name: str, target: str, opts: Options | None = None, *, on_event: Event | None = None) -> Outcome:
@@ -280,11 +280,12 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
                                      hint="update vmkit there, or migrate without --tls")
             tls.write(inst.dir, {n: base64.b64decode(v) for n, v in ready["tls"].items()}, tls.CLIENT_FILES)
         emit({"step": f"the target waits at {uri}: sending"})
-        request = _request(opts, uri, man, dict(ready.get("disks") or {}))
+        request = _request(opts, uri, man, dict(ready.get("disks") or {}), host.uri)
         sending = time.monotonic()
 
         def take_over() -> None:  # the moment the copy completed (unless every page is compared first)
             nonlocal committing
+            _fault("before-takeover")
             committing = True
             remote.send("commit")
 
@@ -320,8 +321,14 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
         committed = True
         phases["takeover"] = time.monotonic() - taking
         ending = time.monotonic()
-        api.call("POST", "/v1/migrate/finish", {"target": host.uri})
-        control.wait_unsupervised(inst, 30)
+        try:
+            _fault("after-takeover")
+            api.call("POST", "/v1/migrate/finish", {"target": host.uri})
+            control.wait_unsupervised(inst, 30)
+        except (VmkitError, SupervisorGone, OSError) as exc:
+            raise MigrationError(f"{name} runs on {host.uri} now, but ending its copy here failed: {exc}",
+                                 hint=f"the copy here stays paused and must not run again (vmkit refuses to resume "
+                                 f"it): `vmkit delete --force {name}` removes it") from exc
         with contextlib.suppress(VmkitError, OSError):  # its static leases here moved with it
             networks.leave_all(inst.load_config())
         marker = inst.dir / "migrated.json"
@@ -343,6 +350,67 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
     finally:
         tls.remove(inst.dir)
         remote.close(abort=not committed)
+
+
+FAULT_ENV = "VMKIT_TEST_FAULT"
+"""Failure injection for the tests of what a failure at the worst moment leaves (unset in normal use):
+``before-takeover``: this process is killed (SIGKILL) the moment the copy completed, before the target is told
+to run the guest; ``after-takeover``: ending the copy here fails once the target runs the guest."""
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) != point:
+        return
+    if point == "before-takeover":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise MigrationError(f"injected failure ({FAULT_ENV}={point})")
+
+
+def cancel(name: str, *, force: bool = False) -> dict[str, Any]:
+    """``vmkit migrate --cancel NAME``: cancel the machine's migration in flight (the guest runs on here), or take
+    back a completed one whose target did not take over (``vmkit migrate`` was killed at that moment): the guest
+    runs here again. Refused while the target has the machine (it may run it: never two running copies), and when
+    the target cannot be asked, unless ``force``."""
+    inst = control.get(name)
+    status = inst.reconcile()
+    if not inst.is_supervised():
+        raise StateError(f"cancel the migration of {name}", status.state, ["migrating", "migrated (not taken over)"])
+    api = SupervisorClient(inst.api_socket, timeout=60)
+    info = models.MigrationInfo.model_validate(api.call("GET", "/v1/migration"))
+    if info.handed_to is None:
+        if info.status in (*migration.TERMINAL, "none"):  # nothing in flight
+            raise StateError(f"cancel the migration of {name}", f"{info.state} (migration {info.status})",
+                             ["migrating", "migrated (not taken over)"])
+        api.call("POST", "/v1/migrate/cancel")
+        return {"name": name, "cancelled": True, "taken_back": False, "state": _state_after(api)}
+    if not force:
+        if not info.handed_to.startswith("ssh://"):  # sent by another client of the API: no host to ask
+            raise MigrationError(f"{name} was sent to {info.handed_to}; vmkit cannot ask that QEMU's host whether it "
+                                 "runs the machine", hint=f"only if you know it does not: vmkit migrate --cancel "
+                                 f"--force {name}")
+        host = ssh.parse(info.handed_to, field="TARGET")
+        res = host.run(["list", "--json"], timeout=60)
+        if res.returncode != 0:
+            why = (res.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            raise MigrationError(f"{name}: cannot ask {host.uri} whether it runs the machine: {why}",
+                                 hint=f"only if you know it does not: vmkit migrate --cancel --force {name}")
+        there = {str(r.get("name")): r for r in json.loads(res.stdout or b"[]")}
+        if name in there:
+            raise MigrationError(f"{name} is on {host.uri} ({there[name].get('state')}): the migration was taken "
+                                 "over there, this copy must not run again",
+                                 hint=f"end the copy here: vmkit delete --force {name}")
+    api.call("POST", "/v1/migrate/cancel")
+    return {"name": name, "cancelled": True, "taken_back": True, "state": _state_after(api)}
+
+
+def _state_after(api: SupervisorClient) -> str:
+    """The machine's state once its supervisor has settled after a cancel (running or paused)."""
+    for _ in range(300):
+        st = models.MigrationInfo.model_validate(api.call("GET", "/v1/migration"))
+        if st.handed_to is None and st.status in (*migration.TERMINAL, "none"):
+            return st.state
+        time.sleep(0.1)
+    return st.state
 
 
 def _ran_there(remote: Remote) -> bool:
