@@ -217,7 +217,8 @@ def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags:
         wall = time.monotonic() - t0
         seen, prober = prober.result(), None
         if res.returncode != 0:
-            return {"error": (res.stderr.strip().splitlines() or ["?"])[-1][:100], "wall_s": wall}
+            lines = res.stderr.strip().splitlines() or ["?"]  # the error's own line, not its hint
+            return {"error": next((ln for ln in lines if ln.startswith("error:")), lines[-1])[:400], "wall_s": wall}
         out = json.loads(res.stdout)
         rep = out["report"]
         redone = any("done again with the guest paused" in n for n in out["notes"])

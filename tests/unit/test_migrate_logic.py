@@ -351,6 +351,9 @@ def test_pages_the_guest_reported_free_are_told_apart_from_lost_ones(tmp_path: P
     (tmp_path / "t").write_bytes(target)
     got = migration.compare_pages(migration._hash_pages(tmp_path / "s"), migration._hash_pages(tmp_path / "t"))
     assert got.given_back == list(range(n, 2 * n)) and got.lost == [2 * n + 5]
+    digest = migration._hash_pages(tmp_path / "s")
+    assert migration.describe_pages(digest, got.lost) == "0 of them zeros on the source, in 1 2 MiB block"
+    assert migration.describe_pages(digest, [n, n + 1, 0]) == "2 of them zeros on the source, in 2 2 MiB blocks"
     source[(n + 9) * migration.PAGE] = 1  # the block is no longer all zeros: its differences are losses
     (tmp_path / "s").write_bytes(source)
     got = migration.compare_pages(migration._hash_pages(tmp_path / "s"), migration._hash_pages(tmp_path / "t"))

@@ -310,8 +310,9 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
             if bad:
                 shown = ", ".join(hex(p * here.page_size) for p in bad[:8])
                 raise PagesLost(f"{name}: {len(bad)} of {here.pages} memory pages differ on the target "
-                                     f"(at {shown}{' ...' if len(bad) > 8 else ''}): the migration lost them",
-                                     hint="the machine runs on here; the copy on the target was removed")
+                                f"(at {shown}{' ...' if len(bad) > 8 else ''}; "
+                                f"{migration.describe_pages(here.digest, bad)}): the migration lost them",
+                                hint="the machine runs on here; the copy on the target was removed")
             phases["verify"] = time.monotonic() - checking
         taking = time.monotonic()
         if not committing:

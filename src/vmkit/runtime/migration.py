@@ -292,6 +292,16 @@ class PageComparison:
     difference there is no loss."""
 
 
+def describe_pages(source: bytes, pages: list[int]) -> str:
+    """What ``pages`` (page numbers) look like on the source, to tell a write the migration lost (the source has
+    the guest's newer content) from a page the guest had freed (zeros there): how many are zeros on the source,
+    and how many 2 MiB blocks they fall in."""
+    d, zero = DIGEST_BYTES, bytes(DIGEST_BYTES)
+    zeros = sum(source[p * d:(p + 1) * d] == zero for p in pages)
+    blocks = len({p // REPORT_BLOCK_PAGES for p in pages})
+    return f"{zeros} of them zeros on the source, in {blocks} 2 MiB block{'s' if blocks != 1 else ''}"
+
+
 def compare_pages(source: bytes, target: bytes) -> PageComparison:
     """:func:`bad_pages` of a migration's two memory digests, split into lost and given back. A block
     counts as given back only if it is whole, aligned and every page of it is zero on the source:
