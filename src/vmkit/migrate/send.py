@@ -405,10 +405,11 @@ def cancel(name: str, *, force: bool = False) -> dict[str, Any]:
 
 
 def _state_after(api: SupervisorClient) -> str:
-    """The machine's state once its supervisor has settled after a cancel (running or paused)."""
+    """The machine's state once its supervisor has settled after a cancel: the migration over (a completed one
+    taken back keeps QEMU's status ``completed``) and the guest running or paused here (up to 30 s)."""
     for _ in range(300):
-        st = models.MigrationInfo.model_validate(api.call("GET", "/v1/migration"))
-        if st.handed_to is None and st.status in (*migration.TERMINAL, "none"):
+        st = models.MigrationInfo.model_validate(api.call("GET", "/v1/migration", timeout=30))
+        if st.handed_to is None and st.status in (*migration.TERMINAL, "none") and st.state in ("running", "paused"):
             return st.state
         time.sleep(0.1)
     return st.state
@@ -467,11 +468,7 @@ def _take_back(api: SupervisorClient, completed: bool, exc: BaseException) -> No
         if info["status"] in ("active", "setup", "device", "pre-switchover", "completed") or completed:
             api.call("POST", "/v1/migrate/cancel", timeout=60)
             if isinstance(exc, KeyboardInterrupt):  # the stream was cut: wait for the supervisor to settle
-                for _ in range(300):
-                    st = api.call("GET", "/v1/migration", timeout=30)
-                    if st["status"] in ("cancelled", "failed", "none") and st["state"] in ("running", "paused"):
-                        break
-                    time.sleep(0.1)
+                _state_after(api)
 
 
 CHUNK = 1 << 20
