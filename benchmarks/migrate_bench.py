@@ -210,22 +210,43 @@ def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags:
             log = wait_log(home / "instances" / name / "serial.log", "DIRTIER-UP")
             address = log.split("ECHO-UP ", 1)[1].split("/", 1)[0]
             time.sleep(2)
+        if "@cold" in flags:  # no warm receiver on the target: this run's `vmkit migrate-receive` starts Python
+            subprocess.run(["ip", "netns", "exec", TARGET_NS, "pkill", "-x", "vmkit-receiver"], check=False)
+            time.sleep(0.5)
+        if "@api" in flags:  # a program that has used vmkit before: its modules imported (once per program)
+            import importlib
+
+            from vmkit import Client
+            from vmkit.errors import VmkitError
+
+            importlib.import_module("vmkit.migrate.send")
         prober = Prober(address)
         t0 = time.monotonic()
-        res = vmkit("migrate", name, TARGET, *(["--verify"] if verify else []), "--json", *flags, home=home,
-                    check=False)
-        wall = time.monotonic() - t0
-        seen, prober = prober.result(), None
-        if res.returncode != 0:
-            lines = res.stderr.strip().splitlines() or ["?"]  # the error's own line, not its hint
-            return {"error": next((ln for ln in lines if ln.startswith("error:")), lines[-1])[:400], "wall_s": wall}
-        out = json.loads(res.stdout)
+        if "@api" in flags:  # what such a program pays: no command started, no ssh prestarted
+            try:
+                out = Client(home=home).get(name).migrate(TARGET, verify=verify)
+            except VmkitError as exc:
+                prober.result()
+                return {"error": str(exc)[:400], "wall_s": time.monotonic() - t0}
+            wall = time.monotonic() - t0
+            seen, prober = prober.result(), None
+        else:
+            res = vmkit("migrate", name, TARGET, *(["--verify"] if verify else []), "--json",
+                        *(f for f in flags if not f.startswith("@")), home=home, check=False)
+            wall = time.monotonic() - t0
+            seen, prober = prober.result(), None
+            if res.returncode != 0:
+                lines = res.stderr.strip().splitlines() or ["?"]  # the error's own line, not its hint
+                return {"error": next((ln for ln in lines if ln.startswith("error:")), lines[-1])[:400],
+                        "wall_s": wall}
+            out = json.loads(res.stdout)
         rep = out["report"]
         redone = any("done again with the guest paused" in n for n in out["notes"])
         return {"wall_s": wall, "phases": out.get("phases", {}), "cli_s": wall - out["seconds"],
                 "own_s": out["seconds"], "total_ms": rep["total_time_ms"], "downtime_ms": rep["downtime_ms"],
                 "paused_ms": rep["paused_ms"], "rounds": rep["rounds"], "mib": rep["transferred_bytes"] / 2**20,
-                "method": rep["method"] + ("(redone)" if redone else ""), "bad": out["bad_pages"],  # None: unchecked
+                "method": rep["method"] + ("(redone)" if redone else ""), "bad": out["bad_pages"],
+                "receiver": out.get("receiver", "cold"),  # None: unchecked
                 "freed": out["pages_given_back"] or 0,
                 "gap_ms": seen["max_gap_ms"], "gaps_ms": seen["gaps_ms"][:3], "tcp": seen["tcp"]["error"] is None}
     finally:
@@ -362,6 +383,8 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
 CASES: list[tuple[str, int, bool, list[str] | None]] = [
     # label, vCPUs, dirtier, vmkit flags (None: plain QMP)
     ("idle, vmkit default (live)", 1, False, []),
+    ("idle, vmkit default, cold receiver", 1, False, ["@cold"]),  # the target's warm receiver ended first
+    ("idle, vmkit API (Client.migrate)", 1, False, ["@api"]),  # called from a running program
     ("idle, vmkit --tls", 1, False, ["--tls"]),
     ("idle, vmkit --paused", 1, False, ["--paused"]),
     ("idle, plain QMP live", 1, False, None),
@@ -397,6 +420,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vmkit-mqmp-"))
     runs = args.check or args.runs
     cases = [c for c in CASES if any(o in c[0] for o in args.only.split("|")) and (not args.check or c[2])]
+    os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")  # the API case runs in this process
     try:
         span_up(home)
         print(f"# migrate_bench: micro guests (Debian where the case says), {args.memory}, {runs} run(s) per case; "
@@ -410,6 +434,7 @@ def main() -> int:
         print("-" * len(hdr))
         medians: dict[str, dict[str, float]] = {}
         phases: dict[str, dict[str, float]] = {}
+        warmed: dict[str, str] = {}
         p95s: dict[str, dict[str, float]] = {}
         # run i of every case, then run i + 1 of every case: the cases compared side by side see the same
         # load (other users of the host come and go; run one case after the other, and its rows did not)
@@ -454,6 +479,7 @@ def main() -> int:
                 names = list(ok[0].get("phases", {}))
                 phases[label] = {"cli": med("cli_s"), **{n: statistics.median(float(r["phases"].get(n, 0.0))
                                                                           for r in ok) for n in names}}
+                warmed[label] = f"{sum(r.get('receiver') == 'warm' for r in ok)}/{len(ok)}"
             else:
                 phases[label] = {"start target QEMU (ssh)": med("qemu_start_s"), "copy": med("copy_s")}
             p95s[label] = {k: p95(k) for k in ("downtime_ms", "gap_ms")}
@@ -470,20 +496,28 @@ def main() -> int:
                                   for r in ok))
         for a, b in (("idle, vmkit default (live)", "idle, plain QMP live"),
                      ("idle, vmkit default (live)", "idle, plain QMP live, RAM +8 KiB"),  # the same QEMU setup
+                     ("idle, vmkit default, cold receiver", "idle, plain QMP live"),
+                     ("idle, vmkit API (Client.migrate)", "idle, plain QMP live"),
+                     ("idle, vmkit API (Client.migrate)", "idle, plain QMP live, RAM +8 KiB"),
                      ("dirtying, vmkit default (live)", "dirtying, plain QMP live"),
                      ("dirtying, vmkit default (live)", "dirtying, plain QMP live, RAM +8 KiB")):
             if a in medians and b in medians:
                 qemu = medians[a]["total_ms"] / medians[b]["total_ms"]
                 whole = medians[a]["wall_s"] / medians[b]["wall_s"]
                 own = medians[a]["own_s"] / medians[b]["wall_s"]
-                print(f"ratio {a.split(', ')[1]} / {b.split(', ', 1)[1]} ({a.split(',')[0]}): "
+                if "API" in a:  # no command: its wall clock is the call's
+                    print(f"ratio {a.split(', ', 1)[1]} / {b.split(', ', 1)[1]} ({a.split(',')[0]}): QEMU total time "
+                          f"{qemu:.2f}x, end to end {whole:.2f}x (the call, ssh to the target included); target 1.10x")
+                    continue
+                print(f"ratio {a.split(', ', 1)[1]} / {b.split(', ', 1)[1]} ({a.split(',')[0]}): "
                       f"QEMU total time {qemu:.2f}x, "
                       f"end to end {whole:.2f}x (the vmkit command) and {own:.2f}x (vmkit's own clock, without the "
                       "command's start and exit); target 1.10x. Plain QMP end to end: the target QEMU started over "
                       "ssh, migrate, until the target says completed")
         print("# where the end-to-end time goes (medians, s; vmkit: cli = the vmkit command's own start and exit)")
         for label, parts in phases.items():
-            print(f"{label:48} " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in parts.items()))
+            print(f"{label:48} " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in parts.items())
+                  + (f"; warm receiver {warmed[label]}" if label in warmed else ""))
         for label, vals in p95s.items():
             if label.startswith("idle"):
                 print(f"p95 {label}: QEMU downtime {vals['downtime_ms']:.0f} ms, seen from outside "

@@ -2,8 +2,9 @@
 
 It imports nothing but the standard library before it knows the command: ``vmkit list`` into a
 pipe is served by :mod:`vmkit.cli.plain` without typer, rich or pydantic (about what ``virsh list``
-costs), and ``migrate-receive`` (the target's half of ``vmkit migrate``) by :mod:`vmkit.migrate.receive`
-without typer or rich; everything else, and ``list`` on a terminal, goes to the typer app (:mod:`vmkit.cli.app`).
+costs), and ``migrate-receive`` (the target's half of ``vmkit migrate``) by a warm receiver
+(:mod:`vmkit.migrate.warm`) or :mod:`vmkit.migrate.receive` without typer or rich; everything else, and
+``list`` on a terminal, goes to the typer app (:mod:`vmkit.cli.app`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ def main(argv: list[str] | None = None) -> None:
         if plain.list_machines(as_json=len(args) == 2):
             return
     if host is None and connect is None and args == ["migrate-receive"]:
-        # the target's half of `vmkit migrate`, run over ssh: no typer or rich (the copy waits for it)
-        from vmkit.migrate import receive
+        # the target's half of `vmkit migrate`, run over ssh: a warm receiver's child if one is up (no Python
+        # start here, vmkit.migrate.warm), else this process without typer or rich (the copy waits for it)
+        from vmkit.migrate import warm
 
-        sys.exit(receive.serve())
+        status = warm.run_warm()
+        if status is None:
+            from vmkit.migrate import receive
+
+            warm.detach()  # the next one is warm
+            status = receive.serve()
+        sys.exit(status)
     from vmkit.cli.app import run
 
     helping = not args or args[0] in ("--help", "--version")

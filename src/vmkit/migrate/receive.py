@@ -161,10 +161,16 @@ def check_networks(config: MachineConfig, subnets: dict[str, str]) -> None:
             raise taken
 
 
+WARM = False
+"""Whether this receiver is the child of a warm receiver (:mod:`vmkit.migrate.warm`), not a command of its own."""
+STARTED_BY = "self"
+"""The process whose age :func:`_process_age` gives: a warm receiver's child gives its connecting command's."""
+
+
 def _process_age() -> float:
-    """Seconds since this process started (Python's start and vmkit's imports, for the timings)."""
+    """Seconds since this command started (Python's start and vmkit's imports, for the timings)."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(Path(f"/proc/{STARTED_BY}/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
         return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
@@ -268,7 +274,7 @@ class Receiver:
         starting = time.monotonic()
         control.start(manifest.name, plan=plan, timeout=120)
         ready["timings"] = {"prepare_s": round(starting - began, 3), "receiver_up_s": round(age, 3),
-                            "qemu_start_s": round(time.monotonic() - starting, 3)}
+                            "qemu_start_s": round(time.monotonic() - starting, 3), "warm": WARM}
         if nbd_port is not None:
             host = f"[{address}]" if ":" in address else address
             ready["disks"] = {d.node: f"nbd://{host}:{nbd_port}/{d.node}" for d in manifest.disks}
@@ -389,9 +395,9 @@ def serve(inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
                 raise ConfigError.single("<stdin>", "each line is one JSON object with one key")
             (kind, body), = msg.items()
             if kind == "prepare":
-                rx.prepare(Manifest.model_validate(body))
+                rx.prepare(validate_model(Manifest, body, context="migration manifest"))
             elif kind == "offline":
-                rx.prepare(Manifest.model_validate(body), offline=True)
+                rx.prepare(validate_model(Manifest, body, context="migration manifest"), offline=True)
             elif kind == "chunk" and rx.offline:
                 rx.chunk(str(body["path"]), int(body["offset"]), base64.b64decode(body["data"]))
             elif kind == "size" and rx.offline:

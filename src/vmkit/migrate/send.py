@@ -95,12 +95,15 @@ class Outcome:
     the target), qemu_start (the target's QEMU waiting), copy (the migration itself), verify (the
     page check, if any), takeover (until the target runs the guest), source_end (QEMU here ends, its
     network leases released)."""
+    receiver: str = "cold"
+    """``warm``: the target's half was a warm receiver's child (:mod:`vmkit.migrate.warm`), no Python start
+    there; ``cold``: a ``vmkit migrate-receive`` of its own."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "seconds": round(self.seconds, 3),
                 "bad_pages": self.bad_pages, "pages_given_back": self.pages_given_back,
                 "pages_checked": self.pages_checked, "notes": self.notes,
-                "phases": {k: round(v, 3) for k, v in self.phases.items()},
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}, "receiver": self.receiver,
                 "report": self.report.model_dump(mode="json")}
 
 
@@ -293,7 +296,8 @@ def _migrate(name: str, target: str, opts: Options, emit: Event, *, verified: bo
                        on_completed=None if opts.verify else take_over)
         completed = True
         phases["copy"] = time.monotonic() - sending
-        out = Outcome(name=name, target=host.uri, report=report, phases=phases)
+        out = Outcome(name=name, target=host.uri, report=report, phases=phases,
+                      receiver="warm" if (ready.get("timings") or {}).get("warm") else "cold")
         checking = time.monotonic()
         if opts.verify:
             emit({"step": "comparing every page of memory on both hosts"})

@@ -1,0 +1,312 @@
+"""A warm receiver on the target: the target's half of ``vmkit migrate`` without Python's start.
+
+A cold ``vmkit migrate-receive`` (run over ssh by the source) spends about a second importing what it needs
+before it can answer. So the first one, once it has imported all of it, forks a *warm receiver*: a daemon of
+this user (named ``vmkit-receiver`` in ``ps -e``) listening on ``DATA_DIR/run/migrate-receive.sock`` (0600 in a
+0700 directory; a caller of another uid is refused). The next ``vmkit migrate-receive`` is then only the
+command's entry (:mod:`vmkit.cli.main`, the standard library): it connects, hands over its standard input,
+output and error (SCM_RIGHTS) with its environment and working directory, and waits for the exit status.
+The warm receiver forks a child that runs :func:`vmkit.migrate.receive.serve` on those descriptors, in a
+session of its own, exactly as the cold command would.
+
+It is what ssh's ``ControlPersist`` is to ssh's handshake: it ends after ``VMKIT_RECEIVER_PERSIST`` seconds
+without a connection (default 600; ``0`` starts none), when vmkit's code on the host changes (a connection
+from another build is refused, the command then runs cold and forks a new one), or on SIGTERM
+(``pkill -x vmkit-receiver``). A child already serving a migration is not affected by its end.
+
+This module imports only the standard library and :mod:`vmkit.host.paths` on the connecting side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+PERSIST_ENV = "VMKIT_RECEIVER_PERSIST"
+DEFAULT_PERSIST = 600.0
+NAME = "vmkit-receiver"
+_HEADER_MAX = 1 << 20
+
+
+def persist_seconds() -> float:
+    """How long a warm receiver waits for the next connection (0: no warm receiver)."""
+    raw = os.environ.get(PERSIST_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_PERSIST
+    except ValueError:
+        return DEFAULT_PERSIST
+    return max(0.0, value)
+
+
+def run_dir() -> Path:
+    from vmkit.host import paths
+
+    return paths.data_dir() / "run"
+
+
+def socket_path() -> Path:
+    return run_dir() / "migrate-receive.sock"
+
+
+def build_id() -> str:
+    """This vmkit's build: its version, where it is and when its receiver code last changed."""
+    from vmkit.version import __version__
+
+    here = Path(__file__).resolve()
+    stamps = [int(p.stat().st_mtime_ns) for p in (here, here.with_name("receive.py"), here.with_name("send.py"))
+              if p.exists()]
+    return f"{__version__}:{here.parent}:{max(stamps, default=0)}:{sys.executable}"
+
+
+# -- the connecting side: `vmkit migrate-receive` with a warm receiver up -------------------------------------
+def _send_line(sock: socket.socket, payload: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = (json.dumps(payload) + "\n").encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def _read_line(sock: socket.socket, timeout: float | None) -> dict[str, Any] | None:
+    """One JSON line from ``sock`` (None: it closed first, or ``timeout`` passed)."""
+    buf = b""
+    sock.settimeout(timeout)
+    try:
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            buf += chunk
+            if len(buf) > _HEADER_MAX:
+                return None
+    except (TimeoutError, OSError):
+        return None
+    try:
+        msg = json.loads(buf)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+def run_warm() -> int | None:
+    """Have a warm receiver serve this command; its exit status, or None when there is none to take it (no
+    socket, another build, disabled): the caller then runs the receiver itself, cold."""
+    if persist_seconds() <= 0:
+        return None
+    try:
+        path = socket_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except Exception:  # any trouble finding it: run cold, which says what is wrong
+        return None
+    with sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return None
+        try:
+            mask = os.umask(0o077)
+            os.umask(mask)
+            _send_line(sock, {"build": build_id(), "env": dict(os.environ), "cwd": os.getcwd(), "umask": mask,
+                              "pid": os.getpid()}, [0, 1, 2])
+        except OSError:
+            return None
+        taken = _read_line(sock, None)  # no timeout: a child serving while this one ran cold would share stdin
+        if taken is None or "serving" not in taken:
+            return None  # another build (it ends), or it could not fork: nothing was read from stdin yet
+        done = _read_line(sock, None)
+    if done is None or not isinstance(done.get("status"), int):
+        sys.stderr.write("vmkit migrate-receive: the warm receiver's child ended without a status\n")
+        return 1
+    return int(done["status"])
+
+
+# -- the warm receiver ---------------------------------------------------------------------------------------
+def detach() -> None:
+    """Fork the warm receiver from this cold ``vmkit migrate-receive`` (which has imported everything by now),
+    unless one is up, it is disabled, or a fork is unsafe here. Never fails the caller."""
+    seconds = persist_seconds()
+    if seconds <= 0 or not hasattr(socket, "recv_fds"):
+        return
+    from vmkit.backends.local import spawn
+
+    if not spawn.can_fork():
+        return
+    try:
+        directory = run_dir()
+        from vmkit.host import paths
+
+        paths.ensure_private_dir(directory)
+        lock = os.open(directory / "migrate-receive.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except Exception:  # a warm receiver is only a speed-up
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # one is up (it holds the lock for its whole life)
+        os.close(lock)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    first = os.fork()
+    if first != 0:
+        os.close(lock)  # the daemon keeps its own copy (and the lock with it)
+        os.waitpid(first, 0)
+        return
+    code = 0
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        _daemon(lock, directory, seconds)
+    except BaseException:  # the daemon never returns into the caller's code
+        code = 1
+    os._exit(code)
+
+
+def _quiet_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _daemon(lock: int, directory: Path, seconds: float) -> None:
+    from vmkit.backends.local import spawn
+
+    _quiet_stdio()
+    os.chdir("/")
+    os.umask(0o077)
+    spawn._set_name(NAME)
+    path = directory / "migrate-receive.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a dead one's (the lock says none is up)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(8)
+    me = build_id()
+
+    def end(*_: object) -> None:
+        raise _Ended
+
+    signal.signal(signal.SIGTERM, end)
+    signal.signal(signal.SIGINT, end)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its children are reaped by the kernel
+    try:
+        while True:
+            ready, _, _ = select.select([listener], [], [], seconds)
+            if not ready:
+                break  # idle for the whole persist time
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                if not _serve_one(conn, me):
+                    break
+    except _Ended:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(OSError):
+            path.unlink()  # ours: the lock kept every other warm receiver from binding it
+        listener.close()
+        os.close(lock)
+
+
+class _Ended(Exception):
+    """SIGTERM or SIGINT reached the warm receiver."""
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _serve_one(conn: socket.socket, me: str) -> bool:
+    """Take one connection: fork its receiver. False: this warm receiver should end (another build)."""
+    fds: list[int] = []
+    try:
+        if _peer_uid(conn) != os.getuid():
+            return True
+        conn.settimeout(10)
+        data, fds, _, _ = socket.recv_fds(conn, _HEADER_MAX, 3)
+        while not data.endswith(b"\n") and len(data) < _HEADER_MAX:
+            more = conn.recv(65536)
+            if not more:
+                return True
+            data += more
+        header = json.loads(data)
+        if not isinstance(header, dict) or len(fds) != 3:
+            return True
+        if header.get("build") != me:
+            _send_line(conn, {"stale": me})
+            return False
+        pid = os.fork()
+        if pid == 0:
+            _child(conn, fds, header)  # never returns
+        return True
+    except (OSError, ValueError):
+        return True
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _child(conn: socket.socket, fds: list[int], header: dict[str, Any]) -> None:
+    """In the forked child: become what the cold command would be, serve, report the status, exit."""
+    import io
+
+    code = 1
+    try:
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        env = header.get("env")
+        if isinstance(env, dict):
+            os.environ.clear()
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+        with contextlib.suppress(OSError, TypeError):
+            os.chdir(str(header.get("cwd") or "/"))
+        mask = header.get("umask")
+        os.umask(mask if isinstance(mask, int) and 0 <= mask <= 0o777 else 0o022)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        from vmkit.migrate import receive
+
+        receive.WARM = True
+        if isinstance(header.get("pid"), int):
+            receive.STARTED_BY = str(header["pid"])  # its timings count from the command's start
+        _send_line(conn, {"serving": os.getpid()})
+
+        try:
+            code = receive.serve()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # said on stderr, as the cold command would
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            _send_line(conn, {"status": code})
+    finally:
+        os._exit(code)
