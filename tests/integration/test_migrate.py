@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -60,6 +61,19 @@ def target_qemus(name: str | None = None) -> list[int]:
         try:
             argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
             if b"qemu-system" in argv[0] and (name is None or f"{name},debug-threads=on".encode() in argv):
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+
+
+def warm_receivers() -> list[int]:
+    """The warm receivers (vmkit.migrate.warm) in the target's namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", "vmklab1"], capture_output=True, text=True).stdout.split()
+    out = []
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/comm").read_text().strip() == "vmkit-receiver":
                 out.append(int(p))
         except OSError:
             pass
@@ -178,6 +192,11 @@ def test_a_guest_dirtying_faster_than_the_link_can_be_cancelled_or_still_moves(
                            timeout=800).stdout)
     rep = out["report"]
     assert rep["query"]["status"] == "completed" and target_rows(lab)["md"]["state"] == "running"
+    # the cancelled migration's receiver (cold, or itself warm) left a warm one: this one started no Python there
+    assert out["receiver"] == "warm", out
+    assert warm_receivers(), "no vmkit-receiver runs on the target"
+    sock = LAB / "vmklab1" / "home" / "run" / "migrate-receive.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
     notes = " ".join(rep["notes"])
     if rep["method"] == "live":  # auto-converge made it converge
         assert rep["throttle_percent"] and "auto-converge slowed the guest's vCPUs" in notes, rep
