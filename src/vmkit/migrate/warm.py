@@ -193,6 +193,10 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
     os.chmod(path, 0o600)
     listener.listen(8)
     me = build_id()
+    with contextlib.suppress(Exception):  # what a forked supervisor imports (the target's QEMU starts sooner)
+        import importlib
+
+        importlib.import_module("vmkit.daemon.supervisor")
 
     def end(*_: object) -> None:
         raise _Ended
