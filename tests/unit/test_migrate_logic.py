@@ -360,3 +360,17 @@ def test_pages_the_guest_reported_free_are_told_apart_from_lost_ones(tmp_path: P
     assert got.given_back == [] and len(got.lost) == n + 1
     half = bytes(migration._hash_pages(tmp_path / "s"))[:(n // 2) * migration.DIGEST_BYTES]  # no whole block
     assert migration.compare_pages(bytes(len(half)), half).given_back == []
+
+
+def test_the_phases_add_up_to_the_wait_when_the_receiver_was_prestarted() -> None:
+    """A receiver started before the migration's clock (vmkit migrate spawns it while it loads) counts only the
+    part of its start the source waited for; one started after it counts whole, and ssh is the rest."""
+    from vmkit.migrate.send import _target_phases
+
+    timings = {"prepare_s": 0.04, "qemu_start_s": 0.12, "receiver_up_s": 0.9}
+    early = _target_phases({"timings": timings}, waited=0.36)
+    assert early["receiver_start"] == pytest.approx(0.2) and early["ssh"] == pytest.approx(0.0)
+    assert sum(early.values()) == pytest.approx(0.36)
+    late = _target_phases({"timings": {**timings, "receiver_up_s": 0.05}}, waited=0.6)
+    assert late["receiver_start"] == pytest.approx(0.05) and late["ssh"] == pytest.approx(0.39)
+    assert _target_phases({}, waited=0.3) == {"ssh": 0.3, "receiver_start": 0.0, "prepare": 0.0, "qemu_start": 0.0}

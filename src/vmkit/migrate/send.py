@@ -433,6 +433,7 @@ def _target_phases(ready: dict[str, Any], waited: float) -> dict[str, float]:
     got = ready.get("timings")
     t: dict[str, Any] = got if isinstance(got, dict) else {}
     prepare, start, up = (float(t.get(k, 0.0)) for k in ("prepare_s", "qemu_start_s", "receiver_up_s"))
+    up = min(up, max(0.0, waited - prepare - start))  # started before this clock (prestarted): only what was waited
     return {"ssh": max(0.0, waited - prepare - start - up), "receiver_start": up, "prepare": prepare,
             "qemu_start": start}
 
