@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -503,3 +504,32 @@ def test_the_python_client_acts_on_another_host(vmkit_home: Path, micro_image: I
     inst.stop(force=True)
     inst.delete()
     assert there.rows() == []
+
+
+def test_commands_to_another_host_share_one_ssh_connection(vmkit_home: Path, lab: str) -> None:
+    """As ssh's ControlPersist: the commands to one host reuse one connection (no new handshake: ssh, told to
+    say what it does, says it asked the master for a session); with VMKIT_SSH_PERSIST=0 each connects anew."""
+    with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as short:  # a socket's path is short
+        config = Path(short) / "ssh_config"
+        config.write_text(f"LogLevel DEBUG1\nInclude {LAB / 'ssh_config'}\n")
+        env: dict[str, str | None] = {"XDG_RUNTIME_DIR": short, "VMKIT_SSH_PERSIST": "30",
+                                      "VMKIT_SSH_CONFIG": str(config)}
+        said = []
+        for _ in range(3):
+            res = vmkit("--host", lab, "list", "--json", env=env)
+            assert isinstance(json.loads(res.stdout), list), res.stderr
+            said.append(res.stderr)
+        assert "Connecting to" in said[0]  # the first one connects, and its connection stays as the master
+        for err in said[1:]:
+            assert "mux_client_request_session" in err and "Connecting to" not in err, err
+        sockets = [p for p in (Path(short) / "vmkit" / "ssh").iterdir()]
+        assert len(sockets) == 1 and stat.S_ISSOCK(sockets[0].stat().st_mode)
+        assert stat.S_IMODE(sockets[0].parent.stat().st_mode) == 0o700
+        done = subprocess.run(["ssh", "-F", str(config), "-o", f"ControlPath={sockets[0]}", "-O", "exit",
+                               "root@10.231.0.11"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr  # a master was up; it ends now
+        off = {**env, "VMKIT_SSH_PERSIST": "0"}
+        for _ in range(2):
+            err = vmkit("--host", lab, "list", "--json", env=off).stderr
+            assert "Connecting to" in err and "mux_client" not in err, err
+        assert not list((Path(short) / "vmkit" / "ssh").iterdir())

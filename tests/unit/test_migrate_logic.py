@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -374,3 +376,43 @@ def test_the_phases_add_up_to_the_wait_when_the_receiver_was_prestarted() -> Non
     late = _target_phases({"timings": {**timings, "receiver_up_s": 0.05}}, waited=0.6)
     assert late["receiver_start"] == pytest.approx(0.05) and late["ssh"] == pytest.approx(0.39)
     assert _target_phases({}, waited=0.3) == {"ssh": 0.3, "receiver_start": 0.0, "prepare": 0.0, "qemu_start": 0.0}
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path (a socket's path must fit in 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as d:
+        yield Path(d)
+
+
+def test_ssh_shares_one_connection_per_host_in_a_private_directory(monkeypatch: pytest.MonkeyPatch,
+                                                                   short_tmp: Path) -> None:
+    """Like ControlPersist: a master connection per host, its socket in a 0700 directory of this user;
+    VMKIT_SSH_PERSIST sets how long it outlives its last command, 0 turns sharing off."""
+    tmp_path = short_tmp
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("VMKIT_SSH_PERSIST", raising=False)
+    argv = ssh.parse("ssh://h").ssh_argv(["true"])
+    assert f"ControlPath={runtime}/vmkit/ssh/%C" in argv and "ControlMaster=auto" in argv
+    assert "ControlPersist=60" in argv
+    assert oct((runtime / "vmkit" / "ssh").stat().st_mode & 0o777) == oct(0o700)
+    monkeypatch.setenv("VMKIT_SSH_PERSIST", "5")
+    assert "ControlPersist=5" in ssh.parse("ssh://h").ssh_argv(["true"])
+    monkeypatch.setenv("VMKIT_SSH_PERSIST", "0")
+    assert not any(a.startswith("Control") for a in ssh.parse("ssh://h").ssh_argv(["true"]))
+    monkeypatch.setenv("VMKIT_SSH_PERSIST", "a minute")
+    with pytest.raises(ConfigError) as err:
+        ssh.parse("ssh://h").ssh_argv(["true"])
+    assert err.value.exit_code == 2 and "VMKIT_SSH_PERSIST" in str(err.value)
+    monkeypatch.delenv("VMKIT_SSH_PERSIST")
+    deep = tmp_path / ("d" * 60)  # the socket's path would not fit in a sockaddr_un: nothing shared
+    deep.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    assert not any(a.startswith("Control") for a in ssh.parse("ssh://h").ssh_argv(["true"]))
+    open_dir = tmp_path / "open"  # another user could plant sockets there: nothing shared
+    (open_dir / "vmkit" / "ssh").mkdir(parents=True)
+    open_dir.chmod(0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(open_dir))
+    assert not any(a.startswith("Control") for a in ssh.parse("ssh://h").ssh_argv(["true"]))

@@ -59,6 +59,7 @@ def _run_remote(uri: str, args: list[str]) -> None:
     argv = target.vmkit_argv(args, tty=interactive)
     sys.stdout.flush()
     try:
+        os.chdir("/")  # the remote command has no use for it; a shared connection's master keeps it
         os.execvp(argv[0], argv)  # noqa: S606 - an argv list, no shell
     except FileNotFoundError:
         raise VmkitError("ssh is not installed", hint="apt-get install openssh-client") from None
