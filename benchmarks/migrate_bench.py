@@ -27,6 +27,12 @@ clock (`seconds` of `vmkit migrate --json`: from the machine found to its source
 command's start and exit, what a long-running program calling vmkit.Client pays) to plain QMP's; then
 where the time goes, per phase.
 
+The target's half: after a run, the target keeps a warm receiver (vmkit.migrate.warm), so later runs
+start no Python there; the case "cold receiver" ends it before each run. vmkit's ssh connections are
+shared (vmkit.backends.ssh; kept for the whole run here); the case "plain QMP live, shared ssh" keeps
+plain QMP's too. The case "vmkit API (Client.migrate)" calls the Python client from this process (its
+modules imported once): what a program scripting vmkit pays, against a program scripting QMP.
+
 Downtime seen from outside: every guest is on a network that spans the lab's hosts (`mbspan`, the
 same network on this machine and the target, joined by `scripts/lab.sh link`), runs a TCP echo
 server, and a prober on the lab's third host (vmklab2) sends it an ICMP echo every 10 ms and a line
@@ -80,6 +86,8 @@ TARGET_NS, TARGET_ADDR = "vmklab1", "10.231.0.11"
 TARGET = f"ssh://root@{TARGET_ADDR}"
 NET, NET_SUBNET, OBSERVER_NS, OBSERVER = "mbspan", "10.119.10.0/24", "vmklab2", "10.119.10.250/24"
 PLAIN_ADDR = "10.119.10.200"
+PERSIST = 3600
+"""Seconds a shared ssh connection outlives its last use (vmkit's and the plain case's that shares one)."""
 DHCP = ("ip link set eth0 up; printf '#!/bin/sh\\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface\\n"
         "exit 0\\n' > /tmp/dh; chmod +x /tmp/dh; udhcpc -i eth0 -q -n -t 20 -T 1 -s /tmp/dh >/dev/null 2>&1; ")
 STATIC = f"ip link set eth0 up; ip addr add {PLAIN_ADDR}/24 dev eth0; "
@@ -282,7 +290,7 @@ def _tap_to_bridge(tap: str, ns: str | None) -> None:
 
 
 async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool, *, thread: str = "multi",
-                    pad: bool = False) -> dict[str, Any]:
+                    pad: bool = False, shared: bool = False) -> dict[str, Any]:
     """The same migration with two bare QEMUs and QMP by hand (no vmkit). ``check``: the target stays
     paused after completion and both RAMs are compared; else it runs the guest at once. ``thread``:
     TCG's threading (``single``: one thread runs every vCPU); ``pad``: the RAM is 8 KiB larger, so its
@@ -301,7 +309,10 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
     src_argv = [*base, "-netdev", nic + "vmkmb-src", "-serial", f"file:{src_log}", "-qmp",
                 f"unix:{work}/src.qmp,server=on,wait=off"]
     # what a user without vmkit does on the target host: start QEMU there over ssh, waiting (-incoming)
-    dst_argv = ["ssh", "-F", str(LAB / "ssh_config"), "-o", "BatchMode=yes", "-T", f"root@{TARGET_ADDR}",
+    # shared: the ssh connection of the run before is reused (ControlPersist, as vmkit's own ssh does)
+    mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={work}/cm-%C", "-o", f"ControlPersist={PERSIST}"]
+    dst_argv = ["ssh", "-F", str(LAB / "ssh_config"), "-o", "BatchMode=yes", *(mux if shared else []), "-T",
+                f"root@{TARGET_ADDR}",
                 shlex.join([*base, "-netdev", nic + "vmkmb-dst", "-serial", f"file:{dst_log}", "-qmp",
                             f"unix:{work}/dst.qmp,server=on,wait=off", "-incoming", f"tcp:{TARGET_ADDR}:{port}",
                             "-pidfile", str(work / "dst.pid"), *(["-S"] if check else [])])]
@@ -389,6 +400,7 @@ CASES: list[tuple[str, int, bool, list[str] | None]] = [
     ("idle, vmkit --paused", 1, False, ["--paused"]),
     ("idle, plain QMP live", 1, False, None),
     ("idle, plain QMP live, RAM +8 KiB", 1, False, None),  # vmkit's padded RAM by hand: its dirty syncs' cost
+    ("idle, plain QMP live, shared ssh", 1, False, None),  # its ssh connection kept between runs, as vmkit's
     ("idle Debian, vmkit --copy-storage (live)", 1, False, ["--copy-storage"]),
     ("dirtying, vmkit default (live)", 1, True, []),
     ("dirtying, vmkit --no-auto-converge", 1, True, ["--no-auto-converge"]),
@@ -421,6 +433,10 @@ def main() -> int:
     runs = args.check or args.runs
     cases = [c for c in CASES if any(o in c[0] for o in args.only.split("|")) and (not args.check or c[2])]
     os.environ["VMKIT_SSH_CONFIG"] = str(LAB / "ssh_config")  # the API case runs in this process
+    # vmkit's shared ssh connections (vmkit.backends.ssh): kept for the whole run (a case's runs are minutes
+    # apart; vmkit's default keeps one 60 s), in a directory of this run's, ended at its end
+    os.environ["VMKIT_SSH_PERSIST"] = str(PERSIST)
+    os.environ["XDG_RUNTIME_DIR"] = str(work)
     try:
         span_up(home)
         print(f"# migrate_bench: micro guests (Debian where the case says), {args.memory}, {runs} run(s) per case; "
@@ -447,7 +463,7 @@ def main() -> int:
                                    debian="Debian" in label) if flags is not None
                          else asyncio.run(plain_qmp(work, args.memory, cpus, dirty, bool(args.check),
                                                     thread="single" if "thread=single" in label else "multi",
-                                                    pad="RAM +8 KiB" in label)))
+                                                    pad="RAM +8 KiB" in label, shared="shared ssh" in label)))
                 except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                     r = {"error": str(exc)[:100]}
                 r["load"] = float(Path("/proc/loadavg").read_text().split()[0])
@@ -499,6 +515,7 @@ def main() -> int:
                      ("idle, vmkit default, cold receiver", "idle, plain QMP live"),
                      ("idle, vmkit API (Client.migrate)", "idle, plain QMP live"),
                      ("idle, vmkit API (Client.migrate)", "idle, plain QMP live, RAM +8 KiB"),
+                     ("idle, vmkit API (Client.migrate)", "idle, plain QMP live, shared ssh"),
                      ("dirtying, vmkit default (live)", "dirtying, plain QMP live"),
                      ("dirtying, vmkit default (live)", "dirtying, plain QMP live, RAM +8 KiB")):
             if a in medians and b in medians:
@@ -525,6 +542,9 @@ def main() -> int:
         print(f"# load after: {Path('/proc/loadavg').read_text().split()[:3]}")
     finally:
         span_down(home)
+        for sock in [*work.glob("cm-*"), *(work / "vmkit" / "ssh").glob("*")]:  # the shared ssh connections
+            subprocess.run(["ssh", "-F", str(LAB / "ssh_config"), "-o", f"ControlPath={sock}", "-O", "exit",
+                            f"root@{TARGET_ADDR}"], capture_output=True, check=False, timeout=30)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         lab_leave(lab_fd, brought)
