@@ -42,7 +42,9 @@ def persist_seconds() -> float:
     raw = os.environ.get(PERSIST_ENV, "")
     try:
         value = float(raw) if raw.strip() else DEFAULT_PERSIST
-    except ValueError:
+    except ValueError:  # said on stderr (the source shows it if the migration fails), not fatal to it
+        sys.stderr.write(f"vmkit migrate-receive: {PERSIST_ENV}={raw!r} is not a number of seconds; "
+                         f"using {DEFAULT_PERSIST:.0f}\n")
         return DEFAULT_PERSIST
     return max(0.0, value)
 
