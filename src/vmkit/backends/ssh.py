@@ -33,6 +33,10 @@ PERSIST_ENV = "VMKIT_SSH_PERSIST"
 DEFAULT_PERSIST = 60
 _SOCKET_MAX = 100
 """Longest control socket path used (Linux allows 107 bytes; ssh adds a suffix while it makes one)."""
+RUN_IN = "/"
+"""The working directory every ssh to another host runs in: a shared connection's master keeps the directory of
+the command that started it (ssh calls ``daemon(1, 1)``), which would pin a machine's directory for its lifetime.
+The remote command never uses it."""
 _HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$|^\[[0-9A-Fa-f:.]+\]$")
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
@@ -82,7 +86,7 @@ class SshHost:
         """Run the remote ``vmkit ARGS`` and wait for it (its output captured)."""
         try:
             return subprocess.run(self.vmkit_argv(args), input=input, capture_output=True, timeout=timeout,
-                                  check=False, cwd="/")  # a shared connection's master keeps this cwd
+                                  check=False, cwd=RUN_IN)
         except FileNotFoundError:
             raise VmkitError("ssh is not installed", hint="apt-get install openssh-client") from None
         except subprocess.TimeoutExpired:

@@ -50,7 +50,7 @@ def _root(
 def _run_remote(uri: str, args: list[str]) -> None:
     """The command runs on that host's vmkit: this process becomes ``ssh`` (its output, its exit code).
     Returns only when ``uri`` names this host (no remote backend)."""
-    from vmkit.backends import resolve
+    from vmkit.backends import resolve, ssh
 
     target = resolve(uri)
     if target is None:
@@ -59,7 +59,7 @@ def _run_remote(uri: str, args: list[str]) -> None:
     argv = target.vmkit_argv(args, tty=interactive)
     sys.stdout.flush()
     try:
-        os.chdir("/")  # the remote command has no use for it; a shared connection's master keeps it
+        os.chdir(ssh.RUN_IN)  # a shared connection's master keeps the directory it started in
         os.execvp(argv[0], argv)  # noqa: S606 - an argv list, no shell
     except FileNotFoundError:
         raise VmkitError("ssh is not installed", hint="apt-get install openssh-client") from None

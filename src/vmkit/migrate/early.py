@@ -18,8 +18,7 @@ def spawn(host: ssh.SshHost) -> subprocess.Popen[str]:
     """The target's ``vmkit migrate-receive`` over ssh: JSON lines on its stdin and stdout. In a session of its
     own, so a Ctrl-C reaches this process only (which then tells the receiver to undo what it made)."""
     return subprocess.Popen(host.vmkit_argv(["migrate-receive"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
-                            cwd="/")  # a shared connection's master (vmkit.backends.ssh) keeps this cwd
+                            stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True, cwd=ssh.RUN_IN)
 
 
 def prestart(target: str) -> None:
