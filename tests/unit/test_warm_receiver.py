@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,10 +57,10 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def wait_for(check: object, timeout: float = 10.0) -> bool:
+def wait_for(check: Callable[[], object], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return True
         time.sleep(0.05)
     return False
@@ -103,6 +103,9 @@ def test_the_next_command_is_served_by_a_child_of_the_warm_receiver(home: Path, 
     (child,) = children_of(daemon)
     assert os.readlink(f"/proc/{child}/cwd") == str(elsewhere)
     assert os.readlink(f"/proc/{child}/fd/0") == os.readlink(f"/proc/{second.pid}/fd/0")
+    # not the warm receiver's lock (a migration served after it ended would keep a new one from starting)
+    held = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
+    assert str(home / "run" / "migrate-receive.lock") not in held
     out, err = second.communicate(json.dumps({"abort": {}}) + "\n", timeout=30)
     assert json.loads(out.splitlines()[-1]) == {"aborted": {}}
     assert second.returncode == 1, err
@@ -146,3 +149,19 @@ def test_sigterm_or_another_build_ends_it(home: Path) -> None:
     os.kill(pid, signal.SIGTERM)
     assert wait_for(lambda: not daemons(home))
     assert not sock.exists()
+
+
+def test_a_changed_module_file_makes_its_code_stale(tmp_path: Path) -> None:
+    """The warm receiver compares the files of the vmkit modules it loaded with what is on disk now: an edit
+    (or an upgrade with the same version) makes it refuse the next command and end."""
+    stamps = warm._code_stamps()
+    assert warm.__file__ in stamps and not warm._changed(stamps)
+    assert not any("pytest" in f for f in stamps)  # only vmkit's own modules
+    f = tmp_path / "mod.py"
+    f.write_text("x = 1\n")
+    mine = {str(f): f.stat().st_mtime_ns}
+    assert not warm._changed(mine)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert warm._changed(mine)
+    f.unlink()
+    assert warm._changed({str(f): 0})

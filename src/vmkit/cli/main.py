@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         # start here, vmkit.migrate.warm), else this process without typer or rich (the copy waits for it)
         from vmkit.migrate import warm
 
-        status = warm.run_warm()
+        seconds = warm.persist_seconds()
+        status = warm.run_warm(seconds)
         if status is None:
             from vmkit.migrate import receive
 
-            warm.detach()  # the next one is warm
+            warm.detach(seconds)  # the next one is warm
             status = receive.serve()
         sys.exit(status)
     from vmkit.cli.app import run

@@ -10,9 +10,10 @@ The warm receiver forks a child that runs :func:`vmkit.migrate.receive.serve` on
 session of its own, exactly as the cold command would.
 
 It is what ssh's ``ControlPersist`` is to ssh's handshake: it ends after ``VMKIT_RECEIVER_PERSIST`` seconds
-without a connection (default 600; ``0`` starts none), when vmkit's code on the host changes (a connection
-from another build is refused, the command then runs cold and forks a new one), or on SIGTERM
-(``pkill -x vmkit-receiver``). A child already serving a migration is not affected by its end.
+without a connection (default 600; ``0`` starts none), when vmkit's code on the host changes (another vmkit
+connects, or a file of a vmkit module it has loaded changed: the command is refused, runs cold and forks a new
+one), or on SIGTERM (``pkill -x vmkit-receiver``). A child already serving a migration is not affected by its
+end.
 
 This module imports only the standard library and :mod:`vmkit.host.paths` on the connecting side.
 """
@@ -34,6 +35,7 @@ from typing import Any
 PERSIST_ENV = "VMKIT_RECEIVER_PERSIST"
 DEFAULT_PERSIST = 600.0
 NAME = "vmkit-receiver"
+SOCKET = "migrate-receive.sock"
 _HEADER_MAX = 1 << 20
 
 
@@ -55,18 +57,34 @@ def run_dir() -> Path:
     return paths.data_dir() / "run"
 
 
-def socket_path() -> Path:
-    return run_dir() / "migrate-receive.sock"
-
-
 def build_id() -> str:
-    """This vmkit's build: its version, where it is and when its receiver code last changed."""
+    """Which vmkit this is: its version, where it is installed and the Python running it. (Whether the code of
+    the same install changed since the warm receiver loaded it, the warm receiver checks: :func:`_changed`.)"""
     from vmkit.version import __version__
 
-    here = Path(__file__).resolve()
-    stamps = [int(p.stat().st_mtime_ns) for p in (here, here.with_name("receive.py"), here.with_name("send.py"))
-              if p.exists()]
-    return f"{__version__}:{here.parent}:{max(stamps, default=0)}:{sys.executable}"
+    return f"{__version__}:{Path(__file__).resolve().parent}:{sys.executable}"
+
+
+def _code_stamps() -> dict[str, int]:
+    """The file of every vmkit module this process has loaded, with its modification time."""
+    stamps = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if (name == "vmkit" or name.startswith("vmkit.")) and file:
+            with contextlib.suppress(OSError):
+                stamps[file] = os.stat(file).st_mtime_ns
+    return stamps
+
+
+def _changed(stamps: dict[str, int]) -> bool:
+    """Whether any of those files changed (or went) since: the code this process runs is not what is installed."""
+    for file, mtime in stamps.items():
+        try:
+            if os.stat(file).st_mtime_ns != mtime:
+                return True
+        except OSError:
+            return True
+    return False
 
 
 # -- the connecting side: `vmkit migrate-receive` with a warm receiver up -------------------------------------
@@ -78,10 +96,11 @@ def _send_line(sock: socket.socket, payload: dict[str, Any], fds: list[int] | No
         sock.sendall(data)
 
 
-def _read_line(sock: socket.socket, timeout: float | None) -> dict[str, Any] | None:
-    """One JSON line from ``sock`` (None: it closed first, or ``timeout`` passed)."""
+def _read_line(sock: socket.socket) -> dict[str, Any] | None:
+    """One JSON line from ``sock``, waiting as long as it takes (None: it closed first). No timeout: a child
+    serving while this command ran cold would share its stdin."""
     buf = b""
-    sock.settimeout(timeout)
+    sock.settimeout(None)
     try:
         while not buf.endswith(b"\n"):
             chunk = sock.recv(4096)
@@ -99,13 +118,14 @@ def _read_line(sock: socket.socket, timeout: float | None) -> dict[str, Any] | N
     return msg if isinstance(msg, dict) else None
 
 
-def run_warm() -> int | None:
+def run_warm(seconds: float) -> int | None:
     """Have a warm receiver serve this command; its exit status, or None when there is none to take it (no
-    socket, another build, disabled): the caller then runs the receiver itself, cold."""
-    if persist_seconds() <= 0:
+    socket, another build, ``seconds`` (:func:`persist_seconds`) 0): the caller then runs the receiver itself,
+    cold."""
+    if seconds <= 0:
         return None
     try:
-        path = socket_path()
+        path = run_dir() / SOCKET
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except Exception:  # any trouble finding it: run cold, which says what is wrong
         return None
@@ -121,10 +141,10 @@ def run_warm() -> int | None:
                               "pid": os.getpid()}, [0, 1, 2])
         except OSError:
             return None
-        taken = _read_line(sock, None)  # no timeout: a child serving while this one ran cold would share stdin
+        taken = _read_line(sock)
         if taken is None or "serving" not in taken:
             return None  # another build (it ends), or it could not fork: nothing was read from stdin yet
-        done = _read_line(sock, None)
+        done = _read_line(sock)
     if done is None or not isinstance(done.get("status"), int):
         sys.stderr.write("vmkit migrate-receive: the warm receiver's child ended without a status\n")
         return 1
@@ -132,10 +152,10 @@ def run_warm() -> int | None:
 
 
 # -- the warm receiver ---------------------------------------------------------------------------------------
-def detach() -> None:
+def detach(seconds: float) -> None:
     """Fork the warm receiver from this cold ``vmkit migrate-receive`` (which has imported everything by now),
-    unless one is up, it is disabled, or a fork is unsafe here. Never fails the caller."""
-    seconds = persist_seconds()
+    waiting ``seconds`` for each next command, unless one is up, ``seconds`` is 0, or a fork is unsafe here.
+    Never fails the caller."""
     if seconds <= 0 or not hasattr(socket, "recv_fds"):
         return
     from vmkit.backends.local import spawn
@@ -186,8 +206,8 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
     _quiet_stdio()
     os.chdir("/")
     os.umask(0o077)
-    spawn._set_name(NAME)
-    path = directory / "migrate-receive.sock"
+    spawn.set_name(NAME)
+    path = directory / SOCKET
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a dead one's (the lock says none is up)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -199,6 +219,7 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
         import importlib
 
         importlib.import_module("vmkit.daemon.supervisor")
+    stamps = _code_stamps()
 
     def end(*_: object) -> None:
         raise _Ended
@@ -217,7 +238,7 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
             except OSError:
                 continue
             with conn:
-                if not _serve_one(conn, me):
+                if not _serve_one(conn, me, stamps, own=(listener.fileno(), lock)):
                     break
     except _Ended:
         pass
@@ -238,8 +259,9 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def _serve_one(conn: socket.socket, me: str) -> bool:
-    """Take one connection: fork its receiver. False: this warm receiver should end (another build)."""
+def _serve_one(conn: socket.socket, me: str, stamps: dict[str, int], *, own: tuple[int, ...]) -> bool:
+    """Take one connection: fork its receiver (which closes ``own``, the warm receiver's listening socket and
+    lock). False: this warm receiver should end (another vmkit connected, or its own code changed on disk)."""
     fds: list[int] = []
     try:
         if _peer_uid(conn) != os.getuid():
@@ -254,11 +276,13 @@ def _serve_one(conn: socket.socket, me: str) -> bool:
         header = json.loads(data)
         if not isinstance(header, dict) or len(fds) != 3:
             return True
-        if header.get("build") != me:
+        if header.get("build") != me or _changed(stamps):
             _send_line(conn, {"stale": me})
             return False
         pid = os.fork()
         if pid == 0:
+            for fd in own:  # else a migration served after the warm receiver ended would keep its lock
+                os.close(fd)
             _child(conn, fds, header)  # never returns
         return True
     except (OSError, ValueError):
@@ -271,14 +295,12 @@ def _serve_one(conn: socket.socket, me: str) -> bool:
 
 def _child(conn: socket.socket, fds: list[int], header: dict[str, Any]) -> None:
     """In the forked child: become what the cold command would be, serve, report the status, exit."""
-    import io
+    from vmkit.backends.local import spawn
 
     code = 1
     try:
         os.setsid()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        spawn.reset_signals(signal.SIGHUP, signal.SIGCHLD)  # the warm receiver ignores those
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -290,9 +312,7 @@ def _child(conn: socket.socket, fds: list[int], header: dict[str, Any]) -> None:
             os.chdir(str(header.get("cwd") or "/"))
         mask = header.get("umask")
         os.umask(mask if isinstance(mask, int) and 0 <= mask <= 0o777 else 0o022)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        spawn.rebind_stdio()
         from vmkit.migrate import receive
 
         receive.WARM = True

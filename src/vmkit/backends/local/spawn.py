@@ -156,12 +156,32 @@ def start_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cw
     return ForkedProcess(int(data))
 
 
-def _set_name(name: str) -> None:
+def set_name(name: str) -> None:
     """This process's name (prctl PR_SET_NAME; what ``ps -e`` and /proc/PID/comm show)."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def reset_signals(*ignored: signal.Signals) -> None:
+    """In a forked child: the handlers a new interpreter starts with (SIGINT raises KeyboardInterrupt, every other
+    signal this process handled gets its default action), and the default action for ``ignored`` too."""
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            handler = signal.getsignal(sig)
+            if sig == signal.SIGINT:
+                signal.signal(sig, signal.default_int_handler)
+            elif callable(handler) or sig in ignored:
+                signal.signal(sig, signal.SIG_DFL)
+
+
+def rebind_stdio() -> None:
+    """In a forked child whose descriptors 0, 1 and 2 were just replaced: ``sys.stdin``, ``sys.stdout`` and
+    ``sys.stderr`` on them (line-buffered output), not on the parent's buffers."""
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
 
 
 def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd: Path,
@@ -173,13 +193,7 @@ def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd
         faulthandler.disable()
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for sig in signal.valid_signals():
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                handler = signal.getsignal(sig)
-                if sig == signal.SIGINT:
-                    signal.signal(sig, signal.default_int_handler)
-                elif callable(handler):
-                    signal.signal(sig, signal.SIG_DFL)
+        reset_signals()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
@@ -192,9 +206,7 @@ def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd
                 low = fd + 1
         for fd in keep:
             os.set_inheritable(fd, True)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        rebind_stdio()
         for logger in [logging.root, *(v for v in logging.root.manager.loggerDict.values()
                                        if isinstance(v, logging.Logger))]:
             logger.handlers.clear()
@@ -207,7 +219,7 @@ def _run_supervisor(args: list[str], *, pass_fds: tuple[int, ...], log: int, cwd
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [MODULE, *args]
-        _set_name(COMM)
+        set_name(COMM)
         try:
             runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
             code = 0
