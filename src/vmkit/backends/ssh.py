@@ -9,7 +9,7 @@ never interactive (``BatchMode``): a key or an agent must do.
 
 Connections are shared, as ssh's ``ControlMaster``/``ControlPersist`` do (what Ansible and Lima
 set): the first command to a host leaves a master connection (``ssh: ... [mux]`` in ``ps``) that
-the next ones reuse without a new handshake (about 0.35 s here), for ``VMKIT_SSH_PERSIST``
+the next ones reuse without a new handshake, for ``VMKIT_SSH_PERSIST``
 seconds after the last one (default 60; ``0`` turns it off and leaves ``~/.ssh/config`` alone).
 Its sockets are in ``$XDG_RUNTIME_DIR/vmkit/ssh`` (else ``~/.cache/vmkit/ssh``), a directory of
 this user with mode 0700; where that path is too long for a socket, nothing is shared.

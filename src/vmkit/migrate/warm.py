@@ -1,6 +1,6 @@
 """A warm receiver on the target: the target's half of ``vmkit migrate`` without Python's start.
 
-A cold ``vmkit migrate-receive`` (run over ssh by the source) spends about a second importing what it needs
+A cold ``vmkit migrate-receive`` (run over ssh by the source) spends most of its start importing what it needs
 before it can answer. So the first one, once it has imported all of it, forks a *warm receiver*: a daemon of
 this user (named ``vmkit-receiver`` in ``ps -e``) listening on ``DATA_DIR/run/migrate-receive.sock`` (0600 in a
 0700 directory; a caller of another uid is refused). The next ``vmkit migrate-receive`` is then only the
