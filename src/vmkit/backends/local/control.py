@@ -353,13 +353,15 @@ def stop(name: str, *, force: bool = False, timeout: float = 30.0) -> Status:
 
 
 def wait_unsupervised(inst: Instance, timeout: float) -> None:
-    """Wait until the instance's supervisor has exited (its lock is free).
+    """Wait until the instance's supervisor has exited (its lock is free, and its process gone).
 
     The kernel says when the process ends (a pidfd becomes readable), so nothing polls; the lock is
-    checked once more afterwards (it is released as the process exits)."""
+    checked once more afterwards. The supervisor releases its lock just before it exits, so a free lock
+    alone does not mean it is gone: its recorded pid is waited for while that process still runs in the
+    instance's directory (a supervisor does; a reused pid does not)."""
     deadline = time.monotonic() + timeout
-    pid = inst.read_status().supervisor_pid if inst.is_supervised() else None
-    if pid is not None:
+    pid = inst.read_status().supervisor_pid
+    if pid is not None and _runs_in(pid, inst.dir):
         with contextlib.suppress(ProcessLookupError, OSError):
             fd = os.pidfd_open(pid)
             try:
@@ -371,6 +373,13 @@ def wait_unsupervised(inst: Instance, timeout: float) -> None:
             raise VmTimeoutError(f"{inst.name}: the supervisor did not exit within {timeout:.0f} s",
                                  hint=f"see {inst.supervisor_log}")
         time.sleep(0.05)
+
+
+def _runs_in(pid: int, directory: Path) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == directory.resolve()
+    except OSError:
+        return False
 
 
 def delete(name: str, *, force: bool = False) -> None:
