@@ -2,7 +2,9 @@
 """How fast the commands a user types all day answer: ``vmkit --help``, ``vmkit list`` (empty, and
 with 50 machines defined), ``vmkit list --json``, ``vmkit inspect``, side by side with ``virsh list
 --all`` with the same number of domains defined where libvirt is installed (skipped, with the
-reason, where not).
+reason, where not); then commands that ask a running machine's supervisor (``vmkit stats``,
+``vmkit pause`` and ``resume``) on a micro guest, where its image is built (skipped where not), and
+the time a command spends after its work is done, exiting (with and without vmkit's ``gc.freeze``).
 
 Each command runs ``--repeat`` times (after one untimed warm-up, which also fills ``vmkit list``'s
 cache of the machines' sizes) as a fresh process with its output to a pipe, the way a script runs
@@ -31,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VMKIT = [str(Path(sys.executable).with_name("vmkit"))]
 
 
-def timed(argv: list[str], env: dict[str, str], repeat: int) -> list[float]:
-    subprocess.run(argv, env=env, capture_output=True, check=True)  # warm the page cache
+def timed(argv: list[str], env: dict[str, str], repeat: int, *, warm: bool = True) -> list[float]:
+    if warm:
+        subprocess.run(argv, env=env, capture_output=True, check=True)  # warm the page cache
     samples = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -55,6 +58,34 @@ def define_machines(home: Path, n: int) -> None:
         inst = Instance.create(parse_config({"name": f"m{i:03d}", "memory": "256M",
                                              "boot": {"kernel": str(kernel)}}), home / "instances")
         os.utime(inst.config_path, (before, before))
+
+
+def running_machine(home: Path) -> tuple[str | None, str]:
+    """A micro guest started in ``home`` (its name), or None and why not."""
+    env = {**os.environ, "VMKIT_HOME": str(home)}
+    made = subprocess.run([*VMKIT, "create", "r0", "--image", "micro", "--memory", "256M"], env=env,
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        return None, (made.stderr.strip().splitlines() or ["?"])[0]
+    subprocess.run([*VMKIT, "start", "r0"], env=env, capture_output=True, check=True, timeout=300)
+    return "r0", ""
+
+
+EXIT_PROBE = "import gc, vmkit.cli.app, vmkit.client.sync, vmkit.migrate.send\n"
+"""What `vmkit migrate` has loaded by its end."""
+
+
+def exit_cost(repeat: int) -> list[tuple[str, float, float]]:
+    """The interpreter's exit after what `vmkit migrate` imports, plain and after ``gc.freeze()`` (what
+    vmkit.cli.main does): the wall time of such a process minus that of the same process ended by
+    ``os._exit`` right after its imports (median minus median, best minus best)."""
+    def runs(tail: str) -> tuple[float, float]:
+        return med_best(timed([sys.executable, "-c", EXIT_PROBE + tail], dict(os.environ), repeat))
+
+    quick_m, quick_b = runs("import os; os._exit(0)")
+    return [(label, m - quick_m, b - quick_b) for label, (m, b) in
+            (("exit after `vmkit migrate`'s imports", runs("pass")),
+             ("the same, after gc.freeze()", runs("gc.freeze()")))]
 
 
 def virsh_domains(n: int) -> tuple[list[float] | None, str]:
@@ -104,6 +135,25 @@ def main() -> None:
             rows.append(["vmkit list / virsh list", f"{lm / m:.2f}x", "", "<= 2.00x", verdict])
         else:
             rows.append([f"virsh list: skipped ({why})", "", "", "", ""])
+        name, why = running_machine(empty) if not ARGS.no_guest else (None, "--no-guest")
+        if name is None:
+            rows.append([f"commands on a running machine: skipped ({why})", "", "", "", ""])
+        else:
+            try:
+                m, b = med_best(timed([*VMKIT, "stats", name, "--json"], env0, ARGS.repeat))
+                rows.append([f"vmkit stats {name} --json (running)", f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
+                pauses: list[float] = []
+                resumes: list[float] = []
+                for _ in range(ARGS.repeat):
+                    pauses += timed([*VMKIT, "pause", name], env0, 1, warm=False)
+                    resumes += timed([*VMKIT, "resume", name], env0, 1, warm=False)
+                for what, samples in (("pause", pauses), ("resume", resumes)):
+                    m, b = med_best(samples)
+                    rows.append([f"vmkit {what} {name}", f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
+            finally:
+                subprocess.run([*VMKIT, "delete", "--force", name], env=env0, capture_output=True)
+        for label, m, b in exit_cost(ARGS.repeat):
+            rows.append([label, f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
     print(f"wall time of a fresh process, median and best of {ARGS.repeat} runs, milliseconds "
           f"(load average {os.getloadavg()[0]:.2f})")
     print_table(["command", "median", "best", "target", ""], rows)
@@ -113,5 +163,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--machines", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--no-guest", action="store_true", help="skip the commands on a running micro guest")
     ARGS = parser.parse_args()
     main()

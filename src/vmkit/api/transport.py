@@ -3,20 +3,32 @@
 Errors come back as the same exception families the supervisor raised (by exit code), so a
 caller catches :class:`~vmkit.errors.StateError` whether it used the library directly or
 went through a supervisor.
+
+The blocking calls (:meth:`SupervisorClient.call`, :meth:`SupervisorClient.lines`) use the standard
+library's ``http.client`` on the socket: a command that makes a few calls starts no event loop and
+does not import aiohttp (about a sixth of a second of every command's start,
+``benchmarks/cli_bench.py``). The coroutines (streams, transfers, the console's WebSocket, everything
+``vmkit.aio`` does) use aiohttp, imported on their first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
-from collections.abc import AsyncIterator, Callable
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmkit.api import speccheck
 from vmkit.errors import VmkitError, VmTimeoutError, error_from_fields
+
+if TYPE_CHECKING:
+    import aiohttp
+
+_T = TypeVar("_T")
 
 
 class SupervisorGone(VmkitError):
@@ -32,12 +44,32 @@ def _raise_from(body: dict[str, Any]) -> None:
     raise error_from_fields(body.get("error") or {})
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """``http.client`` on a unix socket (the ``Host`` header says ``vmkit``, as aiohttp's requests do)."""
+
+    def __init__(self, socket_path: Path, timeout: float | None) -> None:
+        super().__init__("vmkit", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class SupervisorClient:
     def __init__(self, socket_path: Path, timeout: float = 60.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 
     def _session(self, timeout: float | None = None) -> aiohttp.ClientSession:
+        import aiohttp
+
         conn = aiohttp.UnixConnector(path=str(self.socket_path))
         t = aiohttp.ClientTimeout(total=timeout if timeout is not None else self.timeout)
         return aiohttp.ClientSession(connector=conn, timeout=t)
@@ -50,6 +82,8 @@ class SupervisorClient:
         return await self._json_answer(method, path, timeout, json=body)
 
     async def _json_answer(self, method: str, path: str, timeout: float | None, **send: Any) -> Any:
+        import aiohttp
+
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", **send) as r:
                 data: Any = await r.json(content_type=None)
@@ -65,11 +99,39 @@ class SupervisorClient:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
-        return asyncio.run(self.request(method, path, body, timeout))
+        """:meth:`request`, blocking (no event loop: not to be called from a coroutine)."""
+        if speccheck.enabled():
+            speccheck.check(method, path, request=body)
+        with self._exchange(method, path, body, timeout) as ex:
+            data: Any = json.loads(ex.read())
+        _check_answer(method, path, ex.status, data)
+        return data
+
+    def lines(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """:meth:`stream`, blocking: the answer's JSON lines as they come. Leaving the loop early
+        closes the connection (the supervisor sees its client gone)."""
+        check = speccheck.enabled()
+        if check:
+            speccheck.check(method, path, request=body)
+        with self._exchange(method, path, body, timeout) as ex:
+            if ex.status >= 400:
+                _check_answer(method, path, ex.status, json.loads(ex.read()))
+            while line := ex.readline():
+                if line.strip():
+                    item = json.loads(line)
+                    if check:
+                        speccheck.check(method, path, status=ex.status, response=item, media="application/x-ndjson")
+                    yield item
+
+    def _exchange(self, method: str, path: str, body: dict[str, Any] | None, timeout: float | None) -> _Exchange:
+        return _Exchange(self.socket_path, method, path, body, self.timeout if timeout is None else timeout)
 
     async def stream(self, method: str, path: str, body: dict[str, Any] | None = None,
                      timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """A request whose answer is newline-delimited JSON (e.g. progress, then a result)."""
+        import aiohttp
+
         check = speccheck.enabled()
         if check:
             speccheck.check(method, path, request=body)
@@ -96,6 +158,8 @@ class SupervisorClient:
         """``GET`` a binary stream (e.g. ``/v1/files``), piece by piece.
 
         A stream that ends early (the supervisor failed mid-way) raises instead of ending short."""
+        import aiohttp
+
         total = 0
         try:
             async with self._session(timeout) as s, s.get(f"http://vmkit{path}", params=params) as r:
@@ -156,3 +220,69 @@ class SupervisorClient:
                         break
             finally:
                 sender.cancel()
+
+
+def _check_answer(method: str, path: str, status: int, data: Any) -> None:
+    if speccheck.enabled():
+        speccheck.check(method, path, status=status, response=data)
+    if status >= 400:
+        _raise_from(data)
+
+
+class _Exchange:
+    """One blocking request on its own connection: sent on ``with``, the connection closed after.
+    Its reads raise vmkit's errors: :class:`VmTimeoutError` past the request's time limit (``timeout``
+    seconds in all, as aiohttp's ``total``; 0: none), :class:`SupervisorGone` if the supervisor is not
+    there or hangs up."""
+
+    def __init__(self, socket_path: Path, method: str, path: str, body: dict[str, Any] | None,
+                 timeout: float) -> None:
+        self.socket_path, self.method, self.path, self.body = socket_path, method, path, body
+        self.until = time.monotonic() + timeout if timeout else None
+        self.conn = _UnixConnection(socket_path, self._left())
+        self.status = 0
+        self.response: http.client.HTTPResponse | None = None
+
+    def _left(self) -> float | None:
+        if self.until is None:
+            return None
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise self._failed(TimeoutError())
+        return left
+
+    def _failed(self, exc: BaseException) -> VmkitError:
+        if isinstance(exc, TimeoutError):
+            return VmTimeoutError(f"the supervisor did not answer {self.method} {self.path} in time")
+        return _gone(self.socket_path, exc)
+
+    def _wait(self, step: Callable[[], _T]) -> _T:
+        try:
+            if self.conn.sock is not None:
+                self.conn.sock.settimeout(self._left())
+            return step()
+        except (http.client.HTTPException, OSError) as exc:  # OSError: what aiohttp's connector errors wrap
+            raise self._failed(exc) from exc
+
+    def __enter__(self) -> _Exchange:
+        headers = {"Content-Type": "application/json"} if self.body is not None else {}
+        data = json.dumps(self.body).encode() if self.body is not None else None
+        try:
+            self._wait(lambda: self.conn.request(self.method, self.path, body=data, headers=headers))
+            self.response = self._wait(self.conn.getresponse)
+        except BaseException:
+            self.conn.close()
+            raise
+        self.status = self.response.status
+        return self
+
+    def read(self) -> bytes:
+        assert self.response is not None
+        return self._wait(self.response.read)
+
+    def readline(self) -> bytes:
+        assert self.response is not None
+        return self._wait(self.response.readline)
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()

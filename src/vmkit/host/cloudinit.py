@@ -49,7 +49,6 @@ from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import pycdlib
 import yaml
 
 from vmkit.errors import ConfigError, ImageError, Problem
@@ -354,6 +353,8 @@ def write_seed_iso(path: Path, files: SeedFiles | Mapping[str, str | bytes]) -> 
     entries = files.as_dict() if isinstance(files, SeedFiles) else dict(files)
     if META_DATA not in entries or USER_DATA not in entries:
         raise ConfigError.single("seed", "a NoCloud seed needs at least meta-data and user-data")
+    import pycdlib  # imported here: a command that only reads configurations does not load it
+
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=VOLUME_LABEL, joliet=3, rock_ridge="1.09")
     try:
@@ -380,6 +381,8 @@ def make_seed_iso(path: Path, spec: SeedSpec) -> SeedFiles:
 
 def read_seed_iso(path: Path) -> dict[str, bytes]:
     """Read a seed ISO back: ``{name: content}`` by Rock Ridge name (Joliet if there is no RR)."""
+    import pycdlib
+
     iso = pycdlib.PyCdlib()
     try:
         iso.open(str(path))
@@ -408,6 +411,8 @@ def read_seed_iso(path: Path) -> dict[str, bytes]:
 
 def volume_label(path: Path) -> tuple[str, str | None]:
     """The ISO's primary volume identifier and its Joliet one (None without Joliet)."""
+    import pycdlib
+
     iso = pycdlib.PyCdlib()
     iso.open(str(path))
     try:

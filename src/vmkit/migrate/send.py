@@ -22,7 +22,6 @@ and nothing left on the target (its receiver removes what it made when its stdin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -442,8 +441,8 @@ def _send(api: SupervisorClient, body: dict[str, Any], emit: Event,
           on_completed: Callable[[], None] | None = None) -> models.MigrationReport:
     """Follow the supervisor's ``POST /v1/migrate``; ``on_completed`` is called the moment QEMU says
     the copy completed (before the report: the target need not wait for it)."""
-    async def follow() -> dict[str, Any] | None:
-        async for line in api.stream("POST", "/v1/migrate", body, timeout=24 * 3600):
+    def follow() -> dict[str, Any] | None:
+        for line in api.lines("POST", "/v1/migrate", body, timeout=24 * 3600):
             if "result" in line or "error" in line:
                 return line
             if line.get("completed"):
@@ -454,7 +453,7 @@ def _send(api: SupervisorClient, body: dict[str, Any], emit: Event,
         return None
 
     try:
-        final = asyncio.run(follow())
+        final = follow()
     except SupervisorGone:
         final = None
     if final is None:

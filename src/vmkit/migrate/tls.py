@@ -7,6 +7,9 @@ and hands the CA and client files to the source in its answer, over the SSH conn
 the migration. Each side writes its files there (0600, in a 0700 directory) for QEMU's
 ``tls-creds-x509`` object (``verify-peer``: each side checks the other's certificate against the
 CA), and removes them when the migration has ended. Nobody else ever trusts that CA.
+
+cryptography is imported by :func:`make` only: the source, which only writes and removes files, does
+not pay for it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import ipaddress
 import os
 import shutil
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from vmkit.runtime.migration import TLS_DIR as DIR
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
@@ -31,10 +34,14 @@ VALID = datetime.timedelta(days=1)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -42,6 +49,10 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
           *, ca: bool = False, usage: x509.ObjectIdentifier | None = None,
           address: str | None = None) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -70,6 +81,10 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, sign
 def make(address: str) -> dict[str, bytes]:
     """Certificates for one migration to a QEMU listening at ``address``: file name -> PEM (the
     server's and the client's files; ``ca-cert.pem`` is shared)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     ca_key, server_key, client_key = _key(), _key(), _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmkit migration CA")])
     ca = _cert("vmkit migration CA", ca_key, ca_name, ca_key, ca=True)

@@ -207,28 +207,29 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
     os.chdir("/")
     os.umask(0o077)
     spawn.set_name(NAME)
-    path = directory / SOCKET
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a dead one's (the lock says none is up)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
-    listener.listen(8)
-    me = build_id()
-    with contextlib.suppress(Exception):  # what a forked supervisor imports (the target's QEMU starts sooner)
-        import importlib
-
-        importlib.import_module("vmkit.daemon.supervisor")
-    stamps = _code_stamps()
 
     def end(*_: object) -> None:
         raise _Ended
 
+    # before the socket exists: a SIGTERM from then on removes it (the pre-imports below take a while)
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGINT, end)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its children are reaped by the kernel
+    path = directory / SOCKET
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a dead one's (the lock says none is up)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(8)
+        me = build_id()
+        with contextlib.suppress(Exception):  # what a forked supervisor imports (the target's QEMU starts sooner)
+            import importlib
+
+            importlib.import_module("vmkit.daemon.supervisor")
+        stamps = _code_stamps()
         while True:
             ready, _, _ = select.select([listener], [], [], seconds)
             if not ready:
@@ -244,14 +245,16 @@ def _daemon(lock: int, directory: Path, seconds: float) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with contextlib.suppress(OSError):
             path.unlink()  # ours: the lock kept every other warm receiver from binding it
         listener.close()
         os.close(lock)
 
 
-class _Ended(Exception):
-    """SIGTERM or SIGINT reached the warm receiver."""
+class _Ended(BaseException):
+    """SIGTERM or SIGINT reached the warm receiver (a BaseException: no ``except Exception`` on the way
+    swallows it)."""
 
 
 def _peer_uid(conn: socket.socket) -> int:
