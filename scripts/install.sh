@@ -55,6 +55,16 @@ if ! command -v docker >/dev/null; then
   rm -rf "$tmp"
 fi
 
+# libvirtd's QEMU driver looks up the user Debian built it for (libvirt-qemu) even when qemu.conf names
+# another, and fails without it. libvirt-daemon-system creates it, with services this host cannot run
+# (no systemd); the tests' private libvirtd needs only the user and the directories it mounts over.
+if ! getent passwd libvirt-qemu >/dev/null; then
+  echo "==> adding the system user libvirt-qemu (libvirtd's QEMU driver needs it)"
+  as_root useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin \
+    --comment "Libvirt Qemu" libvirt-qemu
+fi
+as_root mkdir -p /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
+
 # binfmt_misc (no systemd here to mount it): the arm64 image build runs maintainer scripts under qemu-aarch64
 if [ -d /proc/sys/fs/binfmt_misc ] && [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
   as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
