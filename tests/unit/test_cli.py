@@ -285,6 +285,25 @@ def test_list_imports_no_operations(tmp_path: Path) -> None:
     assert [m for m in listed if m.startswith(operations)] == []
 
 
+def test_a_command_for_a_machines_supervisor_imports_no_aiohttp_or_builder(tmp_path: Path) -> None:
+    """`vmkit stop`, `pause`, `stats`, `migrate`... go through the client and the local backend, whose
+    calls to the supervisor use http.client (vmkit.api.transport): no aiohttp, no event loop, and none
+    of what only creating machines, templates, keys or seeds need (cli_bench.py has the timings)."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert vmkit(tmp_path, "create", "a", "--kernel", str(kernel)).code == 0
+    for argv in (["stop", "a"], ["pause", "a"], ["stats", "a"]):
+        loaded = _imported_by(tmp_path, "from vmkit.cli.main import main\n"
+                                        "with contextlib.redirect_stderr(io.StringIO()) as err, "
+                                        "contextlib.suppress(SystemExit):\n"
+                                        f"    main({argv!r})\n"
+                                        "assert 'stopped' in err.getvalue(), err.getvalue()")
+        assert "vmkit.backends.local.control" in loaded and "vmkit.api.transport" in loaded, argv
+        assert [m for m in loaded if m.startswith(("aiohttp", "pycdlib", "cryptography", "vmkit.host.builder",
+                                                   "vmkit.state", "vmkit.runtime.machine",
+                                                   "vmkit.backends.local.statectl"))] == [], argv
+
+
 def test_list_into_a_pipe_imports_only_the_standard_library(tmp_path: Path) -> None:
     """`vmkit list` not on a terminal, once it knows the machines' sizes: no typer, rich, pydantic or
     yaml (what makes it as quick as `virsh list`; the timings are benchmarks/cli_bench.py's)."""

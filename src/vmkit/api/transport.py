@@ -18,7 +18,7 @@ import http.client
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -103,12 +103,13 @@ class SupervisorClient:
         if speccheck.enabled():
             speccheck.check(method, path, request=body)
         with self._exchange(method, path, body, timeout) as ex:
-            data: Any = json.loads(ex.read())
+            raw = ex.read()
+        data: Any = json.loads(raw) if raw.strip() else None  # as aiohttp's json() of an empty body
         _check_answer(method, path, ex.status, data)
         return data
 
     def lines(self, method: str, path: str, body: dict[str, Any] | None = None,
-              timeout: float | None = None) -> Iterator[dict[str, Any]]:
+              timeout: float | None = None) -> Generator[dict[str, Any], None, None]:
         """:meth:`stream`, blocking: the answer's JSON lines as they come. Leaving the loop early
         closes the connection (the supervisor sees its client gone)."""
         check = speccheck.enabled()
@@ -202,6 +203,8 @@ class SupervisorClient:
 
         ``on_connected`` runs once the stream is subscribed (no output after that is missed).
         """
+        import aiohttp
+
         async with self._session(timeout=0) as s, s.ws_connect("http://vmkit/v1/console") as ws:
             if on_connected is not None:
                 on_connected()

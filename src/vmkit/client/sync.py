@@ -581,10 +581,12 @@ class Instance:
     def stop(self, *, force: bool = False, save: bool = False, timeout: float = 30.0) -> models.RuntimeStatus:
         """ACPI power button, then a hard stop after ``timeout`` s (``force``: hard stop now;
         ``save``: save the running state first, so that :meth:`start` resumes it)."""
-        from vmkit.backends.local import control, statectl
-
         if save:
+            from vmkit.backends.local import statectl
+
             return _status(self._call(statectl.save, self.name, keep_running=False).status)
+        from vmkit.backends.local import control
+
         return _status(self._call(control.stop, self.name, force=force, timeout=timeout))
 
     def pause(self) -> models.RuntimeStatus:

@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
 from vmkit.errors import ConfigError, VmkitError
 from vmkit.fsutil import atomic_write
 
@@ -81,6 +78,9 @@ def _pub_path(private_path: Path) -> Path:
 
 def generate_keypair(key_type: KeyType = "ed25519", *, comment: str = "") -> KeyPair:
     """A fresh key pair of ``key_type`` with ``comment`` on the public line."""
+    from cryptography.hazmat.primitives import serialization  # here: reading key files needs no cryptography
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if key_type == "ed25519":
         private = ed25519.Ed25519PrivateKey.generate()
@@ -108,6 +108,8 @@ def load_keypair(private_path: Path) -> KeyPair:
     except OSError as exc:
         raise SshKeyError(f"cannot read SSH key {private_path}: {exc.strerror}",
                         hint="recreate the instance's keys") from exc
+    from cryptography.hazmat.primitives import serialization
+
     try:
         private = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -56,7 +56,6 @@ from vmkit.errors import (
     error_from_fields,
 )
 from vmkit.host import cgroups, paths
-from vmkit.host.builder import CreateOptions, config_from_options, disk_size_option, parse_disk, random_mac
 from vmkit.host.images.store import Image, ImageStore
 from vmkit.host.instance import LIVE, Instance, Status, take_exclusive
 from vmkit.host.provision import (
@@ -71,13 +70,16 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
-from vmkit.runtime import balloon, display, hotmem, migration, vcpus
+from vmkit.runtime import balloon, display, migration
 from vmkit.runtime.guest.execute import ExecResult
 from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
 from vmkit.runtime.qemu import accel as accel_mod
 from vmkit.runtime.qemu.cmdline import Runtime, build_argv
 from vmkit.runtime.serial import read_log, rotated_path
-from vmkit.state import template
+
+if TYPE_CHECKING:  # imported where used: `vmkit stop`, `pause`, `stats` or `migrate` need none of them
+    from vmkit.host.builder import CreateOptions
+    from vmkit.state import template
 
 Progress = Callable[[str], None]
 
@@ -102,6 +104,8 @@ def create(config: MachineConfig) -> Instance:
 
 def usable_template(config: MachineConfig, image: Image) -> template.Template | None:
     """The warm template a new machine ``config`` of ``image`` starts from (None: it boots cold)."""
+    from vmkit.state import template
+
     tpl = template.find(image.name, config.memory, config.cpus)
     if tpl is None or template.unusable_reasons(tpl, config, accel_mod.choose(config.accel.value), image=image,
                                                 qemu_version=migration.host_qemu_version()):
@@ -112,6 +116,9 @@ def usable_template(config: MachineConfig, image: Image) -> template.Template | 
 def create_from_options(opts: CreateOptions) -> Instance:
     """``vmkit create``: build the configuration and the instance directory; for cloud images also
     the overlay disk, keys and NoCloud seed. All or nothing: a failure leaves no directory."""
+    from vmkit.host.builder import config_from_options, disk_size_option
+    from vmkit.state import template
+
     config = config_from_options(opts)
     if config.image is None:
         return create(config)
@@ -196,6 +203,8 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
         gone.hint = f"it runs there: `vmkit --host {inst.migrated_to} list`; `vmkit delete {name}` removes this copy"
         raise gone
     if plan is None or plan.template is None:  # any other start moves its disk on from a warm template's
+        from vmkit.state import template
+
         template.consume_reference(inst.dir)
     config = inst.load_config()
     config, moved = claim_ssh_port(inst.dir, config)
@@ -488,6 +497,8 @@ def list_disks(name: str) -> list[dict[str, Any]]:
 
 def attach_disk(name: str, spec: str, *, disk_id: str | None = None) -> dict[str, Any]:
     """Attach a disk (a ``--disk`` style SPEC) to a running instance; returns its id."""
+    from vmkit.host.builder import parse_disk
+
     try:
         device = parse_disk(spec)
     except ValueError as exc:
@@ -549,6 +560,8 @@ def set_cpus(name: str, count: int, *, timeout: float = 30.0, field: str = "cpus
     config = inst.load_config()
     if isinstance(count, bool) or not isinstance(count, int):
         raise ConfigError.single(field, f"{count!r} is not a number of vCPUs: give a whole number, e.g. 2")
+    from vmkit.runtime import vcpus
+
     vcpus.check_cpus(config, count, field=field)
     if _running(inst):
         data = client(name).call("POST", "/v1/cpus", {"cpus": count, "timeout": timeout}, timeout=timeout + 15)
@@ -567,6 +580,8 @@ def set_memory(name: str, size: int | str, *, timeout: float = 10.0, field: str 
         raise ConfigError.single(field, str(exc)) from None
     inst = get(name)
     config = inst.load_config()
+    from vmkit.runtime import hotmem
+
     requested = hotmem.check_memory(config, total, field=field)
     assert config.max_memory is not None  # check_memory says so otherwise
     if _running(inst):
@@ -815,6 +830,8 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
                 kept.append(fwd.model_copy(update={"host_port": free_port(fwd.host_addr)}))
             else:
                 notes.append(f"port forward {fwd} not copied (the host port belongs to {src})")
+        from vmkit.host.builder import random_mac
+
         network = network.model_copy(update={"mac": random_mac(), "forwards": tuple(kept)})
     fresh_nics = tuple(n.model_copy(update={"mac": None, "address": None}) for n in config.networks)
     new_config = config.model_copy(update={"name": validate_name(dst), "storage": tuple(storage),
