@@ -1,8 +1,10 @@
 """What the memory and clock benchmarks share: a throw-away vmkit home, Debian guests made through
-the public client, and readings of the host (QEMU's RSS, /proc)."""
+the public client, and readings of the host (QEMU's RSS, /proc); and for the benchmarks that drive
+bare QEMUs (migrate_bench, dirtysync_bench), a QMP connection that waits for QEMU's socket."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -10,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import vmkit
 from vmkit.config import MachineConfig
@@ -90,3 +93,18 @@ def settle_rss(inst: vmkit.Instance, *, window: float = 10.0, tolerance: int = 8
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+async def qmp_connect(path: str | Path, attempts: int = 200) -> Any:
+    """A ``qemu.qmp`` client connected to the QMP socket at ``path``, waiting (50 ms at a time) for
+    the QEMU that is starting to make it."""
+    from qemu.qmp import ConnectError, QMPClient
+
+    for _ in range(attempts):
+        client = QMPClient("bench")
+        try:
+            await client.connect(str(path))
+            return client
+        except ConnectError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"no QMP at {path}")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _guests import qmp_connect
 from _table import print_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,15 +50,7 @@ def qemu(image: Path, memory: str, workdir: Path, side: str, extra: list[str]) -
 
 
 async def migrate(workdir: Path, port: int) -> dict[str, int]:
-    from qemu.qmp import ConnectError, QMPClient
-
-    for _ in range(100):  # QEMU makes its socket as it starts
-        qmp = QMPClient("bench")
-        try:
-            await qmp.connect(str(workdir / "src.qmp"))
-            break
-        except ConnectError:
-            await asyncio.sleep(0.1)
+    qmp = await qmp_connect(workdir / "src.qmp")
     await asyncio.sleep(3)  # the guest boots and settles (idle from then on)
     await qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
     while True:

@@ -76,7 +76,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _guests import qmp_connect  # noqa: E402
 from vmkit.config import parse_size  # noqa: E402
 from vmkit.host.images import micro  # noqa: E402
 from vmkit.net.probes import GAPS  # noqa: E402
@@ -266,19 +268,6 @@ def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags:
 
 
 # -- plain QMP ------------------------------------------------------------------------------------------
-async def _qmp(path: str) -> Any:
-    from qemu.qmp import QMPClient
-
-    c = QMPClient("bench")
-    for _ in range(200):
-        try:
-            await c.connect(path)
-            return c
-        except (OSError, Exception):
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"no QMP at {path}")
-
-
 def _tap_to_bridge(tap: str, ns: str | None) -> None:
     """Put QEMU's tap on the span network's bridge (in the host's namespace ``ns``)."""
     pre = ["ip", "-n", ns] if ns else ["ip"]
@@ -323,7 +312,7 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
     dst: subprocess.Popen[bytes] | None = None
     prober: Prober | None = None
     try:
-        s_qmp = await _qmp(f"{work}/src.qmp")
+        s_qmp = await qmp_connect(f"{work}/src.qmp")
         _tap_to_bridge("vmkmb-src", None)
         await asyncio.to_thread(wait_log, src_log, "DIRTIER-UP")
         await asyncio.sleep(2)
@@ -331,7 +320,7 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
         await s_qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         t_start = time.monotonic()  # end to end: from here (the target QEMU not started yet) to `cont` there
         dst = subprocess.Popen(dst_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
-        d_qmp = await _qmp(f"{work}/dst.qmp")
+        d_qmp = await qmp_connect(f"{work}/dst.qmp")
         _tap_to_bridge("vmkmb-dst", TARGET_NS)
         started = time.monotonic() - t_start
         t0 = time.monotonic()

@@ -6,9 +6,9 @@ went through a supervisor.
 
 The blocking calls (:meth:`SupervisorClient.call`, :meth:`SupervisorClient.lines`) use the standard
 library's ``http.client`` on the socket: a command that makes a few calls starts no event loop and
-does not import aiohttp (about a sixth of a second of every command's start,
-``benchmarks/cli_bench.py``). The coroutines (streams, transfers, the console's WebSocket, everything
-``vmkit.aio`` does) use aiohttp, imported on their first use.
+does not import aiohttp (``benchmarks/cli_bench.py`` times such commands). The coroutines (streams,
+transfers, the console's WebSocket, everything ``vmkit.aio`` does) use aiohttp, imported on their
+first use.
 """
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ def _gone(socket_path: Path, exc: BaseException) -> SupervisorGone:
 
 def _raise_from(body: dict[str, Any]) -> None:
     raise error_from_fields(body.get("error") or {})
+
+
+def _timed_out(method: str, path: str) -> VmTimeoutError:
+    return VmTimeoutError(f"the supervisor did not answer {method} {path} in time")
+
+
+def _check_answer(method: str, path: str, status: int, data: Any) -> None:
+    """The answer checked against the API document (in the tests), and an error answer raised."""
+    if speccheck.enabled():
+        speccheck.check(method, path, status=status, response=data)
+    if status >= 400:
+        _raise_from(data)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -88,13 +100,10 @@ class SupervisorClient:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", **send) as r:
                 data: Any = await r.json(content_type=None)
         except TimeoutError as exc:
-            raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+            raise _timed_out(method, path) from exc
         except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
             raise _gone(self.socket_path, exc) from exc
-        if speccheck.enabled():
-            speccheck.check(method, path, status=r.status, response=data)
-        if r.status >= 400:
-            _raise_from(data)
+        _check_answer(method, path, r.status, data)
         return data
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
@@ -139,10 +148,7 @@ class SupervisorClient:
         try:
             async with self._session(timeout) as s, s.request(method, f"http://vmkit{path}", json=body) as r:
                 if r.status >= 400:
-                    data = await r.json(content_type=None)
-                    if check:
-                        speccheck.check(method, path, status=r.status, response=data)
-                    _raise_from(data)
+                    _check_answer(method, path, r.status, await r.json(content_type=None))
                 async for line in r.content:
                     if line.strip():
                         item = json.loads(line)
@@ -151,7 +157,7 @@ class SupervisorClient:
                                             media="application/x-ndjson")
                         yield item
         except TimeoutError as exc:
-            raise VmTimeoutError(f"the supervisor did not answer {method} {path} in time") from exc
+            raise _timed_out(method, path) from exc
         except (aiohttp.ClientError, FileNotFoundError, ConnectionError) as exc:
             raise _gone(self.socket_path, exc) from exc
 
@@ -165,10 +171,7 @@ class SupervisorClient:
         try:
             async with self._session(timeout) as s, s.get(f"http://vmkit{path}", params=params) as r:
                 if r.status >= 400:
-                    data = await r.json(content_type=None)
-                    if speccheck.enabled():
-                        speccheck.check("GET", path, status=r.status, response=data)
-                    _raise_from(data)
+                    _check_answer("GET", path, r.status, await r.json(content_type=None))
                 async for piece in r.content.iter_chunked(1 << 20):
                     total += len(piece)
                     yield piece
@@ -225,13 +228,6 @@ class SupervisorClient:
                 sender.cancel()
 
 
-def _check_answer(method: str, path: str, status: int, data: Any) -> None:
-    if speccheck.enabled():
-        speccheck.check(method, path, status=status, response=data)
-    if status >= 400:
-        _raise_from(data)
-
-
 class _Exchange:
     """One blocking request on its own connection: sent on ``with``, the connection closed after.
     Its reads raise vmkit's errors: :class:`VmTimeoutError` past the request's time limit (``timeout``
@@ -256,7 +252,7 @@ class _Exchange:
 
     def _failed(self, exc: BaseException) -> VmkitError:
         if isinstance(exc, TimeoutError):
-            return VmTimeoutError(f"the supervisor did not answer {self.method} {self.path} in time")
+            return _timed_out(self.method, self.path)
         return _gone(self.socket_path, exc)
 
     def _wait(self, step: Callable[[], _T]) -> _T:
