@@ -4,7 +4,9 @@ with 50 machines defined), ``vmkit list --json``, ``vmkit inspect``, side by sid
 --all`` with the same number of domains defined where libvirt is installed (skipped, with the
 reason, where not); then commands that ask a running machine's supervisor (``vmkit stats``,
 ``vmkit pause`` and ``resume``) on a micro guest, where its image is built (skipped where not), and
-the time a command spends after its work is done, exiting (with and without vmkit's ``gc.freeze``).
+the time ``vmkit migrate``'s imports take (with Python's default collector thresholds and the
+CLI's), and the time a command spends after its work is done, exiting (with and without vmkit's
+``gc.freeze``). vmkit runs byte-compiled, as installed.
 
 Each command runs ``--repeat`` times (after one untimed warm-up, which also fills ``vmkit list``'s
 cache of the machines' sizes) as a fresh process with its output to a pipe, the way a script runs
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _table import med_best, print_table
+from _table import as_installed, med_best, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 VMKIT = [str(Path(sys.executable).with_name("vmkit"))]
@@ -69,6 +71,26 @@ def running_machine(home: Path) -> tuple[str | None, str]:
         return None, (made.stderr.strip().splitlines() or ["?"])[0]
     subprocess.run([*VMKIT, "start", "r0"], env=env, capture_output=True, check=True, timeout=300)
     return "r0", ""
+
+
+IMPORT_PROBE = ("import gc, sys, time\n"
+                "from vmkit.cli import main\n"  # the entry point (the standard library only)
+                "thresholds = getattr(main, '_GC_THRESHOLDS', gc.get_threshold())  # older vmkit: the default\n"
+                "t = time.perf_counter()\n"
+                "if sys.argv[1] == 'cli': gc.set_threshold(*thresholds)\n"
+                "import vmkit.cli.app, vmkit.cli.migrate, vmkit.client.sync, vmkit.migrate.send\n"
+                "print(time.perf_counter() - t)\n")
+
+
+def import_cost(repeat: int) -> list[tuple[str, float, float]]:
+    """How long importing what `vmkit migrate` loads takes (measured inside the process), with Python's
+    default collector thresholds and with the CLI's (vmkit.cli.main._GC_THRESHOLDS)."""
+    def runs(mode: str) -> tuple[float, float]:
+        return med_best([float(subprocess.run([sys.executable, "-c", IMPORT_PROBE, mode], capture_output=True,
+                                              text=True, check=True).stdout) for _ in range(repeat)])
+
+    return [("imports of `vmkit migrate`, default GC thresholds", *runs("default")),
+            ("the same, the CLI's GC thresholds", *runs("cli"))]
 
 
 EXIT_PROBE = ("import gc, sys, time, vmkit.cli.app, vmkit.client.sync, vmkit.migrate.send\n"  # what `vmkit migrate`
@@ -157,7 +179,7 @@ def main() -> None:
                     rows.append([f"vmkit {what} {name}", f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
             finally:
                 subprocess.run([*VMKIT, "delete", "--force", name], env=env0, capture_output=True)
-        for label, m, b in exit_cost(ARGS.repeat):
+        for label, m, b in [*import_cost(ARGS.repeat), *exit_cost(ARGS.repeat)]:
             rows.append([label, f"{m * 1000:.0f}", f"{b * 1000:.0f}", "", ""])
     print(f"wall time of a fresh process, median and best of {ARGS.repeat} runs, milliseconds "
           f"(load average {os.getloadavg()[0]:.2f})")
@@ -170,4 +192,5 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--no-guest", action="store_true", help="skip the commands on a running micro guest")
     ARGS = parser.parse_args()
+    as_installed(ROOT / "src")
     main()

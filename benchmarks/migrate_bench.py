@@ -79,6 +79,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _guests import qmp_connect  # noqa: E402
+from _table import as_installed  # noqa: E402
 from vmkit.config import parse_size  # noqa: E402
 from vmkit.host.images import micro  # noqa: E402
 from vmkit.net.probes import GAPS  # noqa: E402
@@ -415,6 +416,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only cases whose label contains this (or one of these, "
                     "separated by |)")
     args = ap.parse_args()
+    as_installed(REPO / "src")  # the vmkit commands timed run byte-compiled, as installed
     if os.geteuid() != 0:
         print("needs root (network namespaces): run as root", file=sys.stderr)
         return 2

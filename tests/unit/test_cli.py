@@ -299,9 +299,43 @@ def test_a_command_for_a_machines_supervisor_imports_no_aiohttp_or_builder(tmp_p
                                         f"    main({argv!r})\n"
                                         "assert 'stopped' in err.getvalue(), err.getvalue()")
         assert "vmkit.backends.local.control" in loaded and "vmkit.api.transport" in loaded, argv
-        assert [m for m in loaded if m.startswith(("aiohttp", "pycdlib", "cryptography", "vmkit.host.builder",
-                                                   "vmkit.state", "vmkit.runtime.machine",
-                                                   "vmkit.backends.local.statectl"))] == [], argv
+        assert [m for m in loaded if m.startswith(("aiohttp", "asyncio", "pycdlib", "cryptography",
+                                                   "vmkit.host.builder", "vmkit.host.cloudinit", "vmkit.state",
+                                                   "vmkit.runtime.machine", "vmkit.backends.local.statectl"))] == [], argv
+
+
+def test_the_migrate_command_loads_no_event_loop_seed_or_state_code(tmp_path: Path) -> None:
+    """What `vmkit migrate` imports on the source (the command, the client, vmkit.migrate.send): no asyncio or
+    aiohttp (its supervisor calls are blocking, vmkit.api.transport), no seed-making (cloud-init, pycdlib) and no
+    state-file code (cryptography), which only other commands need (cli_bench.py times these imports)."""
+    loaded = _imported_by(tmp_path, "import vmkit.cli.app, vmkit.cli.migrate, vmkit.client.sync, vmkit.migrate.send")
+    assert "vmkit.migrate.receive" in loaded and "vmkit.backends.local.control" in loaded
+    assert [m for m in loaded if m.startswith(("aiohttp", "asyncio", "pycdlib", "cryptography", "vmkit.host.cloudinit",
+                                               "vmkit.state", "vmkit.runtime.machine"))] == []
+
+
+def test_migrate_starts_the_targets_receiver_before_parsing_and_ends_it_when_the_command_fails(tmp_path: Path) -> None:
+    """`vmkit migrate NAME ssh://...` spawns the target's receiver (over ssh) before typer and the migration code
+    load (vmkit.cli.main, vmkit.migrate.early); a command that then fails, here on a bad option, ends it: no ssh
+    process is left behind. --help and --cancel spawn none."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    spawned = tmp_path / "spawned"
+    fake = bin_dir / "ssh"  # records its pid and its arguments, then waits as a receiver would
+    fake.write_text(f"#!/bin/sh\necho $$ \"$*\" >> {spawned}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "VMKIT_HOME": str(tmp_path / "home"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    bad = subprocess.run([*ENTRY, "migrate", "m", "ssh://root@192.0.2.7", "--bandwidth", "0"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--bandwidth" in bad.stderr
+    lines = spawned.read_text().splitlines()
+    assert len(lines) == 1 and "192.0.2.7" in lines[0] and "migrate-receive" in lines[0]
+    pid = int(lines[0].split()[0])
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    spawned.unlink()
+    for argv in (["migrate", "m", "ssh://root@192.0.2.7", "--help"], ["migrate", "m", "--cancel"]):
+        subprocess.run([*ENTRY, *argv], env=env, capture_output=True, timeout=60)
+        assert not spawned.exists(), argv
 
 
 def test_list_into_a_pipe_imports_only_the_standard_library(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ first use.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import socket
@@ -26,6 +25,8 @@ from vmkit.api import speccheck
 from vmkit.errors import VmkitError, VmTimeoutError, error_from_fields
 
 if TYPE_CHECKING:
+    import asyncio
+
     import aiohttp
 
 _T = TypeVar("_T")
@@ -206,6 +207,8 @@ class SupervisorClient:
 
         ``on_connected`` runs once the stream is subscribed (no output after that is missed).
         """
+        import asyncio
+
         import aiohttp
 
         async with self._session(timeout=0) as s, s.ws_connect("http://vmkit/v1/console") as ws:

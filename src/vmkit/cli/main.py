@@ -15,6 +15,8 @@ import sys
 from typing import Any
 
 _QUICK_LIST = (["list"], ["list", "--json"])
+_GC_THRESHOLDS = (100_000, 50, 100)
+"""The collector's thresholds in a command: a young collection per 100,000 new objects (default 700)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     run (``benchmarks/cli_bench.py``, "exit"). Files are still flushed and closed, atexit handlers and
     ``finally`` blocks still run; only objects kept alive by a reference cycle alone are not
     finalized, as Python never promises at exit anyway.
+
+    While it starts, the collector runs less often (:data:`_GC_THRESHOLDS`): importing what a command
+    needs makes hundreds of thousands of objects and hardly any garbage, and the default thresholds
+    traced them all again and again (``benchmarks/cli_bench.py``, "imports"). Cycles are still collected.
     """
+    gc.set_threshold(*_GC_THRESHOLDS)
     try:
         _main(argv)
     finally:
@@ -57,10 +64,27 @@ def _main(argv: list[str] | None) -> None:
             warm.detach(seconds)  # the next one is warm
             status = receive.serve()
         sys.exit(status)
+    target = _migration_target(args) if host is None and connect is None else None
+    if target is not None:  # its receiver starts on the target while typer and the migration code load here
+        from vmkit.migrate import early
+
+        early.prestart(target)
     from vmkit.cli.app import run
 
     helping = not args or args[0] in ("--help", "--version")
-    run(args, host=None if helping else host, connect=None if helping else connect)
+    try:
+        run(args, host=None if helping else host, connect=None if helping else connect)
+    finally:
+        if target is not None:
+            early.drop(target)  # unless the migration adopted it: the command failed before reaching the target
+
+
+def _migration_target(args: list[str]) -> str | None:
+    """The target of ``vmkit migrate NAME ssh://...`` (not with --help or --cancel), so that its receiver can
+    start before this process loads the rest (:mod:`vmkit.migrate.early`; the command starts it there otherwise)."""
+    if not args or args[0] != "migrate" or any(a in ("--help", "--cancel") for a in args):
+        return None
+    return next((a for a in args[2:] if a.startswith("ssh://")), None)
 
 
 def _remote_host(args: list[str]) -> tuple[str | None, list[str]]:

@@ -24,16 +24,18 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmkit.config import MachineConfig, Share, port_is_free
 from vmkit.errors import ConfigError
 from vmkit.fsutil import atomic_write
 from vmkit.host import sshkeys as keys
-from vmkit.host.cloudinit import FstabEntry, SeedSpec, make_seed_iso, new_instance_id
 from vmkit.host.images import qemuimg
 from vmkit.host.images.store import Image
 from vmkit.runtime.qemu.cmdline import NINEP_MSIZE
+
+if TYPE_CHECKING:
+    from vmkit.host.cloudinit import FstabEntry
 
 USER = "vmkit"
 DISK = "disk.qcow2"
@@ -106,6 +108,8 @@ def provision(instance_dir: Path, config: MachineConfig, image: Image, options: 
               *, base: Path | None = None) -> None:
     """Write the overlay disk, keys, seed, known_hosts and ssh_config for a new instance. ``base``: the
     disk to make the overlay on instead of the image's (a warm template's, see vmkit.state.template)."""
+    from vmkit.host import cloudinit
+
     assert image.disk is not None
     size = options.disk_size
     if base is not None:
@@ -115,7 +119,7 @@ def provision(instance_dir: Path, config: MachineConfig, image: Image, options: 
                                backing_format=image.manifest.disk_format or "qcow2", size=size)
     if options.user_data is not None:  # kept so that clones get the same extra user-data
         atomic_write(instance_dir / EXTRA_USER_DATA, options.user_data, 0o600)
-    write_identity(instance_dir, config, options, new_instance_id())
+    write_identity(instance_dir, config, options, cloudinit.new_instance_id())
 
 
 def fstab_entry(share: Share, tag: str) -> FstabEntry | None:
@@ -125,6 +129,8 @@ def fstab_entry(share: Share, tag: str) -> FstabEntry | None:
     shares (the host enforces it anyway). 9p uses ``cache=mmap`` (as Lima does): with the default
     ``cache=none`` the guest kernel refuses writable shared mmap on the share (EINVAL).
     """
+    from vmkit.host.cloudinit import FstabEntry
+
     ro = ",ro" if share.read_only else ""
     if share.type == "virtiofs":
         return FstabEntry(tag, share.mount_point(), "virtiofs", f"defaults,nofail{ro}")
@@ -155,6 +161,8 @@ def guest_uid(env: Mapping[str, str] | None = None, uid: int | None = None) -> i
 
 def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOptions, instance_id: str) -> None:
     """Keys, seed, known_hosts and ssh_config: everything that makes this instance itself (clones redo it)."""
+    from vmkit.host import cloudinit
+
     ssh_dir = instance_dir / "ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     user_key = keys.generate_keypair(comment=f"vmkit@{config.name}")
@@ -163,7 +171,7 @@ def write_identity(instance_dir: Path, config: MachineConfig, options: CloudOpti
     host_keys.write(ssh_dir / "host")
     port = ssh_port(config)
     keys.write_known_hosts(instance_dir / "known_hosts", host_keys, port)
-    make_seed_iso(instance_dir / SEED, SeedSpec(
+    cloudinit.make_seed_iso(instance_dir / SEED, cloudinit.SeedSpec(
         instance_id=instance_id, hostname=config.name, authorized_keys=(user_key.public_openssh,),
         host_keys=host_keys, user=USER, mac=config.network.mac if config.network else None,
         extra_user_data=options.user_data, mounts=boot_mounts(config), uid=guest_uid(),
@@ -235,6 +243,8 @@ def is_cloud_instance(instance_dir: Path) -> bool:
 
 def reidentify(instance_dir: Path, config: MachineConfig, *, resolv_conf: str | None = None) -> None:
     """A clone's own identity: new instance-id, user and host keys, seed (same extra user-data)."""
+    from vmkit.host import cloudinit
+
     extra = instance_dir / EXTRA_USER_DATA
     options = CloudOptions(user_data=extra.read_text() if extra.exists() else None, resolv_conf=resolv_conf)
-    write_identity(instance_dir, config, options, new_instance_id())
+    write_identity(instance_dir, config, options, cloudinit.new_instance_id())

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,9 @@ from vmkit.host.instance import Instance
 from vmkit.migrate import tls
 from vmkit.net.store import NetworkStore
 from vmkit.runtime import migration
-from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
+
+if TYPE_CHECKING:
+    from vmkit.state.file import StateFileWriter
 
 COMMIT_WAIT = 120.0
 """How long the commit waits for QEMU here to report the migration completed (seconds)."""
@@ -308,6 +310,7 @@ class Receiver:
         from vmkit.runtime.qemu import accel as accel_mod
         from vmkit.state import key as keys
         from vmkit.state import savestate
+        from vmkit.state.file import DEFAULT_COMPRESSION_LEVEL, StateFileWriter
 
         assert self.inst is not None and self.offline
         config = self.inst.load_config()

@@ -29,7 +29,6 @@ reads as zeros on the source and as its old content on the target, where the gue
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -49,6 +48,8 @@ from vmkit.runtime.qemu.dirtysync import parse_version as parse_version
 from vmkit.runtime.qemu.dirtysync import ram_pad as ram_pad
 
 if TYPE_CHECKING:
+    import asyncio
+
     from vmkit.runtime.machine import VirtualMachine, VmEvent
 
 PAGE = 4096
@@ -127,6 +128,8 @@ async def wait_status_change(events: asyncio.Queue[VmEvent], timeout: float) -> 
     ``events`` capability on) or the machine's state did, or ``timeout`` seconds have passed.
     ``events``: a subscription of the machine (:meth:`VirtualMachine.subscribe`), opened before the
     status was last read, so no change between that read and this wait is missed."""
+    import asyncio
+
     deadline = asyncio.get_running_loop().time() + timeout
     while (left := deadline - asyncio.get_running_loop().time()) > 0:
         try:
@@ -142,6 +145,8 @@ async def final_figures(vm: VirtualMachine, info: dict[str, Any], wait: float = 
     status (and sends its MIGRATION event) a moment before it fills in ``total-time`` and
     ``downtime``, so a query at the event can find neither. Asked again every 10 ms for up to
     ``wait`` seconds; then as it is."""
+    import asyncio
+
     deadline = asyncio.get_running_loop().time() + wait
     while not info.get("total-time") and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
@@ -215,6 +220,8 @@ async def memory_digest(vm: VirtualMachine, scratch: Path) -> bytes:
 
     The RAM is saved with ``pmemsave`` to ``scratch`` (0600, deleted afterwards). Guest RAM of up to
     2 GiB sits at guest-physical 0 on both of QEMU's x86 machines, so 0..memory is all of it."""
+    import asyncio
+
     size = vm.config.memory
     if size > (2 << 30):
         raise QemuError(f"{vm.config.name}: the memory check covers guests of up to 2 GiB (this one has "

@@ -7,7 +7,6 @@ parses arguments, calls these, and renders.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
@@ -70,15 +69,13 @@ from vmkit.host.provision import (
     ssh_port,
 )
 from vmkit.host.provision import ssh_argv as cloud_ssh_argv
-from vmkit.runtime import balloon, display, migration
-from vmkit.runtime.guest.execute import ExecResult
-from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
+from vmkit.runtime import migration
 from vmkit.runtime.qemu import accel as accel_mod
 from vmkit.runtime.qemu.cmdline import Runtime, build_argv
-from vmkit.runtime.serial import read_log, rotated_path
 
 if TYPE_CHECKING:  # imported where used: `vmkit stop`, `pause`, `stats` or `migrate` need none of them
     from vmkit.host.builder import CreateOptions
+    from vmkit.runtime.guest.execute import ExecResult
     from vmkit.state import template
 
 Progress = Callable[[str], None]
@@ -194,6 +191,10 @@ def start(name: str, *, progress: Progress | None = None, timeout: float | None 
     :class:`vmkit.api.models.StartRequest`). ``progress`` receives the guest's last console line
     while it boots; ``on_message`` the other interim lines (restore progress, what was restored).
     """
+    import asyncio
+
+    from vmkit.runtime.serial import rotated_path
+
     inst = get(name)
     status = inst.reconcile()
     if inst.is_supervised():
@@ -409,6 +410,10 @@ def wait_console(name: str, pattern: str, timeout: float = 60.0) -> str:
 
     Follows the live console stream (no polling); a stopped machine's log is checked once.
     """
+    import asyncio
+
+    from vmkit.runtime.serial import read_log
+
     inst = get(name)
     rx = re.compile(pattern, re.MULTILINE)
 
@@ -465,6 +470,8 @@ def attach_console(name: str, input_fd: int, on_output: Callable[[bytes], None],
     the user detaches or the machine stops (``detach`` defaults to :data:`DETACH`). ``on_connected``
     runs once the console is reached (a machine that is not running raises :class:`StateError` before).
     """
+    import asyncio
+
     api = client(name)
     detach = detach or DETACH
 
@@ -517,6 +524,8 @@ def detach_disk(name: str, disk_id: str, *, timeout: float = 30.0) -> None:
 def set_balloon(name: str, size: int | str, *, timeout: float = 10.0, field: str = "size") -> models.BalloonResult:
     """Move the running guest's usable memory to ``size`` (bytes, or ``512M``) with its balloon; waits up
     to ``timeout`` s for the guest to get there. ``field`` names the input in errors."""
+    from vmkit.runtime import balloon
+
     try:
         target = parse_size(size)
     except ValueError as exc:
@@ -662,6 +671,8 @@ def _display_client(name: str) -> SupervisorClient:
 
 def screenshot(name: str) -> bytes:
     """The running machine's screen now, as PNG bytes."""
+    import asyncio
+
     api = _display_client(name)
 
     async def fetch() -> bytes:
@@ -672,6 +683,8 @@ def screenshot(name: str) -> bytes:
 
 def send_keys(name: str, keys: list[str], *, hold_ms: int = 50) -> models.KeysSent:
     """Press ``keys`` in turn (QEMU key names; ``ctrl-alt-delete`` pressed together)."""
+    from vmkit.runtime import display
+
     for i, combo in enumerate(keys):
         display.parse_combo(combo, field=f"KEY {i + 1}")  # bad names are refused before anything is sent
     data = _display_client(name).call("POST", "/v1/keys", {"keys": keys, "hold_ms": hold_ms})
@@ -680,6 +693,8 @@ def send_keys(name: str, keys: list[str], *, hold_ms: int = 50) -> models.KeysSe
 
 def type_text(name: str, text: str, *, hold_ms: int = 50) -> models.KeysSent:
     """Type ``text`` on the machine's keyboard (US layout)."""
+    from vmkit.runtime import display
+
     display.text_keys(text, field="TEXT")
     data = _display_client(name).call("POST", "/v1/type", {"text": text, "hold_ms": hold_ms})
     return models.KeysSent.model_validate(data)
@@ -691,6 +706,8 @@ def display_info(name: str) -> models.DisplayInfo:
 
 def resize_display(name: str, size: str, *, timeout: float = 10.0) -> models.DisplayResized:
     """Ask the running guest for display size ``size`` (``WIDTHxHEIGHT``)."""
+    from vmkit.runtime import display
+
     width, height = display.parse_size(size)
     data = _display_client(name).call("POST", "/v1/display", {"width": width, "height": height, "timeout": timeout},
                                       timeout=timeout + 15)
@@ -726,6 +743,8 @@ def list_mounts(name: str) -> list[dict[str, Any]]:
 
 def exec_in_guest(name: str, argv: list[str], *, timeout: float = 60.0, stdin: bytes | None = None) -> ExecResult:
     """Run a command in a running guest through its agent."""
+    from vmkit.runtime.guest.execute import ExecResult
+
     inst = get(name)
     config = inst.load_config()
     status = inst.reconcile()
@@ -863,6 +882,10 @@ def clone(src: str, dst: str) -> tuple[Instance, list[str]]:
 
 def copy(src: str, dst: str) -> int:
     """``vmkit cp``: exactly one side is ``NAME:/guest/path``; the other a host path. Returns bytes copied."""
+    import asyncio
+
+    from vmkit.runtime.guest.files import STAT_ARGV, copy_in, copy_out, parse_guest_mode
+
     src_guest, dst_guest = guest_side(src), guest_side(dst)
     if (src_guest is None) == (dst_guest is None):
         raise ConfigError.single("SRC/DST", "give exactly one guest side as NAME:/path "
