@@ -12,7 +12,18 @@ and the last with the guest stopped (part of QEMU's downtime). QEMU runs the fir
 big lock, so a guest whose devices need that lock (its network, its timers) stalls meanwhile; the
 first is what benchmarks/migrate_bench.py sees as the longest silence of a padded guest.
 
-    python benchmarks/dirtysync_bench.py [--memory 1G] [--runs 3]
+    python benchmarks/dirtysync_bench.py [--memory 1G] [--runs 3] [--qemu-dir DIR]
+
+``--qemu-dir`` runs another QEMU build: ``DIR/qemu-system-x86_64``, for example a script that runs
+QEMU 10.0 from bookworm-backports unpacked in /opt/q10 (``apt-get download
+qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports
+qemu-system-data/bookworm-backports``, then ``dpkg-deb -x`` each into /opt/q10)::
+
+    #!/bin/sh
+    QEMU_MODULE_DIR=/nonexistent exec /opt/q10/usr/bin/qemu-system-x86_64 \
+        -L /opt/q10/usr/share/qemu -L /usr/share/seabios "$@"
+
+There (QEMU 9.0 and later) the fast path is correct, so the first row is what a migration costs.
 
 Needs the micro image (VMKIT_IMAGE_CACHE or ./.cache/images) and qemu-system-x86_64.
 """
@@ -40,8 +51,12 @@ TRACE = re.compile(r"^\d+@(\d+\.\d+):(migration_bitmap_sync_start|migration_bitm
                    r"migration_completion_vm_stop)")
 
 
+QEMU = ["qemu-system-x86_64"]
+"""The QEMU command (--qemu): the host's by default."""
+
+
 def qemu(image: Path, memory: str, workdir: Path, side: str, extra: list[str]) -> subprocess.Popen[bytes]:
-    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "1",
+    argv = [*QEMU, "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "1",
             "-m", memory, "-nodefaults", "-no-user-config", "-display", "none", "-kernel", str(image / "vmlinuz"),
             "-initrd", str(image / "initrd.img"), "-append", "console=ttyS0 quiet", "-msg", "timestamp=on",
             "-qmp", f"unix:{workdir / side}.qmp,server=on,wait=off", *extra]
@@ -99,7 +114,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", default="1G", help="the guest's RAM as configured (M or G)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--qemu-dir", type=Path, metavar="DIR",
+                        help="run DIR/qemu-system-x86_64 (another QEMU build, or a script that runs one)")
     args = parser.parse_args()
+    if args.qemu_dir is not None:
+        QEMU[:] = [str(args.qemu_dir / "qemu-system-x86_64")]
     image = Path(os.environ.get("VMKIT_IMAGE_CACHE", REPO / ".cache" / "images")) / "micro"
     if not (image / "vmlinuz").exists():
         print(f"no micro image in {image}: build it with `vmkit image build micro`", file=sys.stderr)
@@ -108,7 +127,7 @@ def main() -> int:
     kib = size << (20 if unit == "G" else 10)
     cases = [(f"{args.memory} as configured (fast sync path: loses pages before QEMU 9.0)", f"{kib}K"),
              (f"{args.memory} + {PAD_KIB} KiB (vmkit's pad: page by page, correct)", f"{kib + PAD_KIB}K")]
-    version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([*QEMU, "--version"], capture_output=True, text=True).stdout
     print(f"# idle micro guest, 1 vCPU, TCG, {args.runs} runs per case, medians; {version.splitlines()[0]}; "
           f"load {os.getloadavg()[0]:.2f}")
     rows = []

@@ -92,6 +92,19 @@ NET, NET_SUBNET, OBSERVER_NS, OBSERVER = "mbspan", "10.119.10.0/24", "vmklab2", 
 PLAIN_ADDR = "10.119.10.200"
 PERSIST = 3600
 """Seconds a shared ssh connection outlives its last use (vmkit's and the plain case's that shares one)."""
+PLAIN_QEMU = ["qemu-system-x86_64"]
+"""The QEMU of the plain QMP cases, on both hosts: the host's, or --qemu-dir's."""
+
+
+def use_qemu_dir(qemu_dir: Path) -> None:
+    """Every QEMU of this run is ``qemu_dir``'s: the plain cases run it by path; vmkit finds its QEMU on PATH,
+    so ``qemu_dir`` goes first on the PATH of the vmkit commands here and of the target's vmkit (run over ssh)."""
+    PLAIN_QEMU[:] = [str(qemu_dir / "qemu-system-x86_64")]
+    os.environ["PATH"] = f"{qemu_dir}:{os.environ['PATH']}"
+    prepend = f'PATH={shlex.quote(str(qemu_dir))}:"$PATH" exec vmkit "$@"'
+    os.environ["VMKIT_REMOTE_VMKIT"] = shlex.join(["sh", "-c", prepend, "vmkit"])
+
+
 DHCP = ("ip link set eth0 up; printf '#!/bin/sh\\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface\\n"
         "exit 0\\n' > /tmp/dh; chmod +x /tmp/dh; udhcpc -i eth0 -q -n -t 20 -T 1 -s /tmp/dh >/dev/null 2>&1; ")
 STATIC = f"ip link set eth0 up; ip addr add {PLAIN_ADDR}/24 dev eth0; "
@@ -258,6 +271,7 @@ def run_vmkit(home: Path, name: str, memory: str, cpus: int, dirty: bool, flags:
                 "own_s": out["seconds"], "total_ms": rep["total_time_ms"], "downtime_ms": rep["downtime_ms"],
                 "paused_ms": rep["paused_ms"], "rounds": rep["rounds"], "mib": rep["transferred_bytes"] / 2**20,
                 "method": rep["method"] + ("(redone)" if redone else ""), "bad": out["bad_pages"],
+                "reason": rep["method_reason"],
                 "receiver": out.get("receiver", "cold"),  # None: unchecked
                 "freed": out["pages_given_back"] or 0,
                 "gap_ms": seen["max_gap_ms"], "gaps_ms": seen["gaps_ms"][:3], "tcp": seen["tcp"]["error"] is None}
@@ -290,7 +304,7 @@ async def plain_qmp(work: Path, memory: str, cpus: int, dirty: bool, check: bool
     img = Path(os.environ.get("VMKIT_IMAGE_CACHE", REPO / ".cache" / "images")) / "micro"
     mem_mib = parse_size(memory) >> 20
     mem_arg = f"{(mem_mib << 10) + 8}k" if pad else str(mem_mib)
-    base = ["qemu-system-x86_64", "-accel", f"tcg,thread={thread}", "-M", "q35", "-cpu", "max", "-m", mem_arg,
+    base = [*PLAIN_QEMU, "-accel", f"tcg,thread={thread}", "-M", "q35", "-cpu", "max", "-m", mem_arg,
             "-smp", str(cpus), "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
             "-append", f"console=ttyS0 panic=-1 quiet {cmdline(dirty, STATIC)}", "-display", "none", "-nodefaults",
             "-no-user-config", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:6d:62:01"]
@@ -415,7 +429,12 @@ def main() -> int:
                     help="correctness mode: N runs of the dirtying cases, bad pages counted")
     ap.add_argument("--only", default="", help="run only cases whose label contains this (or one of these, "
                     "separated by |)")
+    ap.add_argument("--qemu-dir", type=Path, metavar="DIR",
+                    help="run DIR/qemu-system-x86_64 on both hosts, in vmkit's cases and the plain ones (another "
+                    "QEMU build, or a script that runs one: see benchmarks/dirtysync_bench.py)")
     args = ap.parse_args()
+    if args.qemu_dir is not None:
+        use_qemu_dir(args.qemu_dir.resolve())
     as_installed(REPO / "src")  # the vmkit commands timed run byte-compiled, as installed
     if os.geteuid() != 0:
         print("needs root (network namespaces): run as root", file=sys.stderr)
@@ -434,6 +453,8 @@ def main() -> int:
         span_up(home)
         print(f"# migrate_bench: micro guests (Debian where the case says), {args.memory}, {runs} run(s) per case; "
               f"load: {Path('/proc/loadavg').read_text().split()[:3]}")
+        version = subprocess.run([*PLAIN_QEMU, "--version"], capture_output=True, text=True).stdout
+        print(f"# {(version.splitlines() or ['?'])[0]}")
         print("# gap: longest silence of ICMP echoes (every 10 ms) from another host during the migration; "
               "tcp: an open TCP session survived")
         hdr = (f"{'case':48} {'method':18} {'total ms':>9} {'QEMU downtime':>13} {'gap ms':>7} {'paused ms':>9} "
@@ -499,6 +520,8 @@ def main() -> int:
                   + (f"  ({len(errs)} failed: {errs[0]})" if errs else "")
                   + (f"  (+{freed} pages differing in 2 MiB blocks the guest reported free, not counted)"
                      if (freed := sum(int(r.get("freed") or 0) for r in ok)) else ""))
+            for reason in sorted({str(r["reason"]) for r in ok if r.get("reason")}):  # QEMU's version included
+                print(f"{'':48} vmkit's method: {reason}")
             if runs > 1 and not args.check:  # each run's longest silences (an outlier shows with its next ones)
                 print(f"{'':48} per run, the 3 longest gaps in ms (load average after the run): "
                       + "; ".join("/".join(f"{g:.0f}" for g in r.get("gaps_ms", [])) + f" ({r['load']:.1f})"
