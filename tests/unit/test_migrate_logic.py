@@ -325,6 +325,8 @@ def test_tls_certificates_for_one_migration(tmp_path: Path) -> None:
         assert cert.issuer == ca.subject
         cert.verify_directly_issued_by(ca)
         assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+        key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage)  # what QEMU 10.0 checks, critical
+        assert key_usage.critical and key_usage.value.digital_signature and key_usage.value.key_encipherment
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.231.0.11"]

@@ -64,7 +64,9 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, sign
                                           content_commitment=False, key_encipherment=False, data_encipherment=False,
                                           key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
     else:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
+        # QEMU's certificate check (crypto/tlscredsx509.c) wants digital signature and key encipherment in a
+        # critical key usage of a server or client certificate: 10.0 refuses one without, whatever the key type
+        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
                                           crl_sign=False, content_commitment=False, data_encipherment=False,
                                           key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
     if usage is not None:
