@@ -4,9 +4,8 @@ with 50 machines defined), ``vmkit list --json``, ``vmkit inspect``, side by sid
 --all`` with the same number of domains defined where libvirt is installed (skipped, with the
 reason, where not); then commands that ask a running machine's supervisor (``vmkit stats``,
 ``vmkit pause`` and ``resume``) on a micro guest, where its image is built (skipped where not), and
-the time ``vmkit migrate``'s imports take (with Python's default collector thresholds and the
-CLI's), and the time a command spends after its work is done, exiting (with and without vmkit's
-``gc.freeze``). vmkit runs byte-compiled, as installed.
+the time ``vmkit migrate``'s imports take, and the time a command spends after its work is done,
+exiting (with and without vmkit's ``gc.freeze``). vmkit runs byte-compiled, as installed.
 
 Each command runs ``--repeat`` times (after one untimed warm-up, which also fills ``vmkit list``'s
 cache of the machines' sizes) as a fresh process with its output to a pipe, the way a script runs
@@ -73,24 +72,18 @@ def running_machine(home: Path) -> tuple[str | None, str]:
     return "r0", ""
 
 
-IMPORT_PROBE = ("import gc, sys, time\n"
+IMPORT_PROBE = ("import time\n"
                 "from vmkit.cli import main\n"  # the entry point (the standard library only)
-                "thresholds = getattr(main, '_GC_THRESHOLDS', gc.get_threshold())  # older vmkit: the default\n"
                 "t = time.perf_counter()\n"
-                "if sys.argv[1] == 'cli': gc.set_threshold(*thresholds)\n"
                 "import vmkit.cli.app, vmkit.cli.migrate, vmkit.client.sync, vmkit.migrate.send\n"
                 "print(time.perf_counter() - t)\n")
 
 
 def import_cost(repeat: int) -> list[tuple[str, float, float]]:
-    """How long importing what `vmkit migrate` loads takes (measured inside the process), with Python's
-    default collector thresholds and with the CLI's (vmkit.cli.main._GC_THRESHOLDS)."""
-    def runs(mode: str) -> tuple[float, float]:
-        return med_best([float(subprocess.run([sys.executable, "-c", IMPORT_PROBE, mode], capture_output=True,
-                                              text=True, check=True).stdout) for _ in range(repeat)])
-
-    return [("imports of `vmkit migrate`, default GC thresholds", *runs("default")),
-            ("the same, the CLI's GC thresholds", *runs("cli"))]
+    """How long importing what `vmkit migrate` loads takes (measured inside the process)."""
+    return [("imports of `vmkit migrate`", *med_best([float(subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True).stdout)
+        for _ in range(repeat)]))]
 
 
 EXIT_PROBE = ("import gc, sys, time, vmkit.cli.app, vmkit.client.sync, vmkit.migrate.send\n"  # what `vmkit migrate`

@@ -15,8 +15,6 @@ import sys
 from typing import Any
 
 _QUICK_LIST = (["list"], ["list", "--json"])
-_GC_THRESHOLDS = (100_000, 50, 100)
-"""The collector's thresholds in a command: a young collection per 100,000 new objects (default 700)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,12 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     run (``benchmarks/cli_bench.py``, "exit"). Files are still flushed and closed, atexit handlers and
     ``finally`` blocks still run; only objects kept alive by a reference cycle alone are not
     finalized, as Python never promises at exit anyway.
-
-    While it starts, the collector runs less often (:data:`_GC_THRESHOLDS`): importing what a command
-    needs makes hundreds of thousands of objects and hardly any garbage, and the default thresholds
-    traced them all again and again (``benchmarks/cli_bench.py``, "imports"). Cycles are still collected.
     """
-    gc.set_threshold(*_GC_THRESHOLDS)
     try:
         _main(argv)
     finally:
