@@ -72,11 +72,12 @@ def running_machine(home: Path) -> tuple[str | None, str]:
     return "r0", ""
 
 
+MIGRATE_IMPORTS = "import vmkit.cli.app, vmkit.cli.migrate, vmkit.client.sync, vmkit.migrate.send\n"
+"""What `vmkit migrate` has loaded by the time it starts migrating."""
 IMPORT_PROBE = ("import time\n"
                 "from vmkit.cli import main\n"  # the entry point (the standard library only)
                 "t = time.perf_counter()\n"
-                "import vmkit.cli.app, vmkit.cli.migrate, vmkit.client.sync, vmkit.migrate.send\n"
-                "print(time.perf_counter() - t)\n")
+                + MIGRATE_IMPORTS + "print(time.perf_counter() - t)\n")
 
 
 def import_cost(repeat: int) -> list[tuple[str, float, float]]:
@@ -86,8 +87,8 @@ def import_cost(repeat: int) -> list[tuple[str, float, float]]:
         for _ in range(repeat)]))]
 
 
-EXIT_PROBE = ("import gc, sys, time, vmkit.cli.app, vmkit.client.sync, vmkit.migrate.send\n"  # what `vmkit migrate`
-              "print(time.time(), flush=True)\n")  # has loaded by its end; then the moment its work is done
+EXIT_PROBE = ("import gc, time\n" + MIGRATE_IMPORTS
+              + "print(time.time(), flush=True)\n")  # the moment its work is done
 
 
 def exit_cost(repeat: int) -> list[tuple[str, float, float]]:

@@ -52,7 +52,7 @@ TRACE = re.compile(r"^\d+@(\d+\.\d+):(migration_bitmap_sync_start|migration_bitm
 
 
 QEMU = ["qemu-system-x86_64"]
-"""The QEMU command (--qemu): the host's by default."""
+"""The QEMU command: the host's, or --qemu-dir's."""
 
 
 def qemu(image: Path, memory: str, workdir: Path, side: str, extra: list[str]) -> subprocess.Popen[bytes]:
