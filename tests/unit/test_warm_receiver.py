@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,6 +123,35 @@ def test_the_next_command_is_served_by_a_child_of_the_warm_receiver(home: Path, 
     _, err = third.communicate(BAD, timeout=30)
     assert third.returncode == 2, err
     assert daemons(home) == [daemon]  # the same one served both
+
+
+def test_a_status_that_comes_with_the_serving_line_is_not_lost(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child whose migration ends at once (a refused manifest) can send "serving" and its status in one
+    segment: the command takes both and exits with that status, and does not run cold on the stdin the child
+    has already read (which gave a second, "aborted" answer and exit status 1)."""
+    monkeypatch.setenv("VMKIT_HOME", str(home))
+    run = home / "run"
+    run.mkdir(mode=0o700)
+    got: list[dict[str, object]] = []
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(run / warm.SOCKET))
+        listener.listen(1)
+
+        def child() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+                for fd in fds:
+                    os.close(fd)
+                got.append(json.loads(data))
+                conn.sendall(b'{"serving": 4242}\n{"status": 2}\n')
+
+        server = threading.Thread(target=child)
+        server.start()
+        status = warm.run_warm(30)
+        server.join(10)
+    assert status == 2
+    assert got and got[0]["build"] == warm.build_id() and got[0]["cwd"] == os.getcwd()
 
 
 def test_it_ends_when_idle_and_none_is_started_when_disabled(home: Path) -> None:

@@ -30,7 +30,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 PERSIST_ENV = "VMKIT_RECEIVER_PERSIST"
 DEFAULT_PERSIST = 600.0
@@ -96,23 +96,19 @@ def _send_line(sock: socket.socket, payload: dict[str, Any], fds: list[int] | No
         sock.sendall(data)
 
 
-def _read_line(sock: socket.socket) -> dict[str, Any] | None:
-    """One JSON line from ``sock``, waiting as long as it takes (None: it closed first). No timeout: a child
-    serving while this command ran cold would share its stdin."""
-    buf = b""
-    sock.settimeout(None)
+def _read_line(reader: BinaryIO) -> dict[str, Any] | None:
+    """The next JSON line the warm receiver's side sent, waiting as long as it takes (None: it closed first).
+    ``reader`` is the socket's buffered reader: the child's "serving" and "status" lines can come in one
+    segment when its migration ends at once (a refused manifest), and the second must not be lost. No timeout:
+    a child serving while this command ran cold would share its stdin."""
     try:
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                return None
-            buf += chunk
-            if len(buf) > _HEADER_MAX:
-                return None
+        raw = reader.readline(_HEADER_MAX + 1)
     except (TimeoutError, OSError):
         return None
+    if not raw.endswith(b"\n"):
+        return None  # closed first, or too long
     try:
-        msg = json.loads(buf)
+        msg = json.loads(raw)
     except ValueError:
         return None
     return msg if isinstance(msg, dict) else None
@@ -141,10 +137,12 @@ def run_warm(seconds: float) -> int | None:
                               "pid": os.getpid()}, [0, 1, 2])
         except OSError:
             return None
-        taken = _read_line(sock)
-        if taken is None or "serving" not in taken:
-            return None  # another build (it ends), or it could not fork: nothing was read from stdin yet
-        done = _read_line(sock)
+        sock.settimeout(None)
+        with sock.makefile("rb") as reader:
+            taken = _read_line(reader)
+            if taken is None or "serving" not in taken:
+                return None  # another build (it ends), or it could not fork: nothing was read from stdin yet
+            done = _read_line(reader)
     if done is None or not isinstance(done.get("status"), int):
         sys.stderr.write("vmkit migrate-receive: the warm receiver's child ended without a status\n")
         return 1
