@@ -181,3 +181,31 @@ def test_a_saved_state_counts_parked_vcpus_and_names_them() -> None:
     # a state moved to another host keeps them
     moved = moved_header({"machine": parked, "config_digest": config_digest(parked)}, cfg, tcg)
     assert moved["machine"] == parked and moved["config_digest"] == config_digest(parked)
+
+
+def test_a_removal_waits_until_both_of_qemus_lists_have_let_the_vcpu_go() -> None:
+    """QEMU can show a vCPU's slot empty (``query-hotpluggable-cpus``) while ``query-cpus-fast`` still lists
+    its CPU (its thread is still ending; the last ``DEVICE_DELETED`` comes after): the removal is done only
+    when both agree, so the count vmkit reports and writes to vm.yaml is the one the command gave (a
+    ``cpus-changed`` event once said 2 vCPUs where ``vmkit set --cpus 1`` said 1)."""
+    props = [{"socket-id": i, "core-id": 0, "thread-id": 0} for i in range(2)]
+    lagging = {"left": 3}  # query-cpus-fast answers with the old CPU this many times
+
+    async def execute(cmd: str, args: object = None) -> Any:
+        if cmd == "query-hotpluggable-cpus":  # slot 1 already empty
+            return [{"type": "qemu64-x86_64-cpu", "props": props[1]},
+                    {"type": "qemu64-x86_64-cpu", "props": props[0], "qom-path": "/machine/unattached/device[0]"}]
+        assert cmd == "query-cpus-fast"
+        lagging["left"] -= 1
+        return [{"cpu-index": 0}, {"cpu-index": 1}] if lagging["left"] >= 0 else [{"cpu-index": 0}]
+
+    async def run() -> int:
+        vm = SimpleNamespace(execute=execute, vcpus_parked=set())
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        for _ in range(3):  # the lapic's DEVICE_DELETED and such: each wakes the wait, which looks again
+            events.put_nowait(SimpleNamespace(kind="qmp", detail={"event": "DEVICE_DELETED"}))
+        await vcpus._wait_released(vm, events, {"/machine/peripheral/vcpu1"}, timeout=10)  # type: ignore[arg-type]
+        return await vcpus.online(vm)  # type: ignore[arg-type]
+
+    assert asyncio.run(run()) == 1
+    assert lagging["left"] < 0
