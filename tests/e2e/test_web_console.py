@@ -74,8 +74,12 @@ def wait_console(text: str, timeout: float = 60) -> None:
 
 def test_cli_screen_login_prompt_and_sizes(desk: Path, tmp_path: Path) -> None:
     assert vmkit("exec", NAME, "--", "systemctl", "is-active", "getty@tty1.service").stdout.strip() == "active"
-    boot = shot(tmp_path, "boot")
-    assert (boot["w"], boot["h"]) == (1280, 800) and boot["lit"] > 0  # the login prompt
+    # the login prompt: getty@ is "active" before agetty has drawn it (Type=idle waits for the boot's last
+    # jobs, and the VT is cleared first), so the screen can still be black for a few seconds
+    deadline = time.monotonic() + 30
+    while (boot := shot(tmp_path, "boot"))["lit"] == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert (boot["w"], boot["h"]) == (1280, 800) and boot["lit"] > 0, boot
     info = json.loads(vmkit("display", NAME, "--json").stdout)
     assert info == {"type": "virtio-vga", "width": 1280, "height": 800, "boot_width": 1280, "boot_height": 800}
 
