@@ -116,9 +116,10 @@ def migration_check(accel: str) -> Check:
     pad = migration.ram_pad(accel, version)
     safety = migration.live_safety(accel, version, [(1 << 30) + pad])  # any machine vmkit starts here
     detail = (f"live pre-copy ({safety.reason})" if safety.live else f"machines are copied paused: {safety.reason}")
-    hint = None if safety.live else "live pre-copy needs KVM or QEMU >= 9.0 (vmkit migrate --live verifies every " \
-                                    "page instead)"
-    if safety.live and pad:
+    hint = None
+    if not safety.live:
+        hint = "live pre-copy needs KVM or QEMU >= 9.0 (vmkit migrate --live verifies every page instead)"
+    elif pad:
         detail += (f"; each machine gets {pad >> 10} KiB more RAM for it, and machines with hot-pluggable memory "
                    "(max_memory) are copied with the guest paused. The pad makes QEMU's first dirty-page sync go "
                    "page by page under its big lock: the guest's network and timers stall while it runs, when a "
